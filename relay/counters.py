@@ -1,0 +1,61 @@
+"""
+Plain integer counters owned by the data path.
+
+The per-message path only does C{counter += n} on these; the metrics module
+reads them through OpenTelemetry observable instruments at scrape time. An
+OpenTelemetry C{Counter.add()} per relayed packet would cost more than the
+relaying itself.
+"""
+
+from collections import Counter
+
+
+class RelayCounters:
+    """
+    Counters of the peer side of one relay process.
+
+    @ivar transferReceivedBytes: bytes of Transport messages received from
+        peers (Go: relay_transfer_received_bytes_total).
+    @ivar transferSentBytes: bytes of Transport messages written to peers or
+        handed to the fabric (Go: relay_transfer_sent_bytes_total).
+    @ivar reconnections: peers that authenticated while an older connection
+        with the same id was stored (Go: relay_peer_reconnections_total).
+    @ivar dropped: messages dropped, by reason (C{unknown_peer},
+        C{slow_consumer}, C{too_large_for_datagram}, ...).
+    @ivar handshakeRejects: failed handshakes, by reason (C{bad_version},
+        C{not_auth}, C{legacy_hello}, C{malformed}, C{bad_token},
+        C{expired_token}, C{timeout}, C{too_large}, ...).
+    @ivar protocolErrors: authenticated peers closed for a protocol error,
+        by reason.
+    @ivar connections: open connections (authenticated or not), by transport
+        (C{websocket}, C{quic}).
+    """
+
+    def __init__(self):
+        self.transferReceivedBytes = 0
+        self.transferSentBytes = 0
+        self.reconnections = 0
+        self.dropped = Counter()
+        self.handshakeRejects = Counter()
+        self.protocolErrors = Counter()
+        self.connections = Counter()
+
+
+class ClusterCounters:
+    """
+    Counters of the inter-pod fabric.
+
+    @ivar forwards: FWD attempts by result (C{ok}, C{peer_not_found},
+        C{stream_gone}, C{send_error}).
+    @ivar helloRejects: refused inter-pod streams by reason (PROTOCOL.md 3).
+    @ivar pingsSent: PING frames sent.
+    @ivar pingsLost: PINGs whose PONG did not arrive in time.
+    @ivar dropped: frames or queued packets dropped, by reason.
+    """
+
+    def __init__(self):
+        self.forwards = Counter()
+        self.helloRejects = Counter()
+        self.pingsSent = 0
+        self.pingsLost = 0
+        self.dropped = Counter()
