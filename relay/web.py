@@ -1,0 +1,169 @@
+"""
+The HTTP side of the metrics port: C{/metrics}, C{/healthz} and C{/readyz}.
+
+Why it is written this way:
+
+  - C{/metrics} renders in the reactor thread. The counters it reads are plain
+    integers and C{collections.Counter}s that only the reactor thread writes;
+    C{prometheus_client.twisted.MetricsResource} would collect in a thread pool
+    and could iterate a C{Counter} while the data path adds a key to it. A
+    collection is a few dozen small series, far cheaper than the thread hop.
+  - Kubernetes needs two different answers. C{/healthz} (liveness) says the
+    process and its reactor still answer: failing it gets the pod killed.
+    C{/readyz} (readiness) says the pod should receive new peers: the peer
+    listener is up, cluster discovery ran once, and the pod is not draining.
+  - A scrape every few seconds must not write an access-log line each time:
+    requests are logged at debug level only.
+"""
+
+from prometheus_client.exposition import choose_encoder
+from twisted.logger import Logger
+from twisted.web import resource, server
+from twisted.web.server import GzipEncoderFactory
+from twisted.web.resource import EncodingResourceWrapper
+
+_log = Logger()
+
+_TEXT_PLAIN = b"text/plain; charset=utf-8"
+
+
+class Readiness:
+    """
+    Whether this pod should be sent new peers, from three flags the service
+    sets as it starts and stops.
+
+    @ivar listenerUp: the peer listener is accepting connections.
+    @ivar discoveryDone: cluster discovery completed its first pass (always
+        True in single-pod mode).
+    @ivar draining: the process is shutting down; once set, the pod stays
+        unready.
+    """
+
+    def __init__(self, clusterMode=False):
+        """
+        @param clusterMode: True when the inter-pod fabric runs, so readiness
+            also waits for the first discovery pass.
+        """
+        self.listenerUp = False
+        self.discoveryDone = not clusterMode
+        self.draining = False
+
+    def __call__(self):
+        """
+        @return: C{(ready, reason)}, reason being C{"ok"} when ready.
+        """
+        if self.draining:
+            return False, "draining"
+        if not self.listenerUp:
+            return False, "peer listener not up"
+        if not self.discoveryDone:
+            return False, "cluster discovery has not completed a pass"
+        return True, "ok"
+
+
+class MetricsResource(resource.Resource):
+    """
+    The Prometheus exposition of one registry, in the format the scraper's
+    C{Accept} header asks for (text 0.0.4 or OpenMetrics).
+    """
+
+    isLeaf = True
+
+    def __init__(self, registry):
+        super().__init__()
+        self._registry = registry
+
+    def render_GET(self, request):
+        encoder, contentType = choose_encoder(request.getHeader("accept"))
+        request.setHeader(b"content-type", contentType.encode("ascii"))
+        return encoder(self._registry)
+
+
+class HealthResource(resource.Resource):
+    """
+    Liveness: answers 200 as long as the reactor turns.
+    """
+
+    isLeaf = True
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", _TEXT_PLAIN)
+        return b"ok\n"
+
+
+class ReadinessResource(resource.Resource):
+    """
+    Readiness: 200 when the readiness callable says so, 503 with its reason
+    otherwise.
+    """
+
+    isLeaf = True
+
+    def __init__(self, readiness):
+        """
+        @param readiness: a callable returning a bool or C{(bool, reason)},
+            such as a L{Readiness}.
+        """
+        super().__init__()
+        self._readiness = readiness
+
+    def render_GET(self, request):
+        answer = self._readiness()
+        if isinstance(answer, tuple):
+            ready, reason = answer
+        else:
+            ready, reason = bool(answer), "ok" if answer else "not ready"
+        request.setHeader(b"content-type", _TEXT_PLAIN)
+        request.setHeader(b"cache-control", b"no-store")
+        if not ready:
+            request.setResponseCode(503)
+        return reason.encode("utf-8") + b"\n"
+
+
+class _QuietSite(server.Site):
+    """
+    A Site that keeps scrapes and probes out of the log at info level.
+    """
+
+    noisy = False
+
+    def log(self, request):
+        _log.debug(
+            "metrics port: {method} {uri} {code}",
+            method=request.method.decode("ascii", "replace"),
+            uri=request.uri.decode("ascii", "replace"),
+            code=request.code,
+        )
+
+
+def makeMetricsRoot(registry, readiness):
+    """
+    The resource tree of the metrics port.
+
+    @param registry: the C{prometheus_client.CollectorRegistry} to expose
+        (L{relay.metrics.RelayMetrics.registry}).
+    @param readiness: see L{ReadinessResource}.
+    """
+    root = resource.Resource()
+    root.putChild(
+        b"metrics",
+        EncodingResourceWrapper(MetricsResource(registry), [GzipEncoderFactory()]),
+    )
+    root.putChild(b"healthz", HealthResource())
+    root.putChild(b"readyz", ReadinessResource(readiness))
+    return root
+
+
+def makeMetricsSite(registry, readiness, reactor=None):
+    """
+    The C{twisted.web} factory to listen with on the metrics port, e.g.
+    C{strports.service("tcp:9090", makeMetricsSite(...))}.
+
+    @param registry: see L{makeMetricsRoot}.
+    @param readiness: see L{ReadinessResource}.
+    @param reactor: the L{IReactorTime} for connection timeouts; the global
+        reactor when None.
+    """
+    return _QuietSite(
+        makeMetricsRoot(registry, readiness), timeout=60, reactor=reactor
+    )

@@ -1,0 +1,222 @@
+"""
+Tests for L{relay.web}: the metrics port's resources, driven through a real
+L{twisted.web.server.Site} over an in-memory transport.
+"""
+
+import gzip
+
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.trial import unittest
+
+from relay.counters import RelayCounters
+from relay.metrics import RelayMetrics
+from relay.web import Readiness, makeMetricsSite
+
+
+def request(site, path, headers=(), method=b"GET"):
+    """
+    Send one HTTP/1.0 request to C{site} and parse what it wrote.
+
+    @return: C{(status code, {lower-case header name: value}, body)}.
+    """
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    lines = [method + b" " + path + b" HTTP/1.0", b"Host: relay"]
+    lines.extend(name + b": " + value for name, value in headers)
+    channel.dataReceived(b"\r\n".join(lines) + b"\r\n\r\n")
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    statusLine, *headerLines = head.split(b"\r\n")
+    parsed = {}
+    for line in headerLines:
+        name, _, value = line.partition(b":")
+        parsed[name.strip().lower()] = value.strip()
+    channel.connectionLost(None)
+    return int(statusLine.split(b" ")[1]), parsed, body
+
+
+class WebFixture(unittest.TestCase):
+    def setUp(self):
+        self.counters = RelayCounters()
+        self.metrics = RelayMetrics(self.counters, lambda: (2, 1, 1))
+        self.addCleanup(self.metrics.shutdown)
+        self.readiness = Readiness()
+        self.clock = Clock()
+        self.site = makeMetricsSite(
+            self.metrics.registry, self.readiness, reactor=self.clock
+        )
+
+
+class MetricsTests(WebFixture):
+    """
+    /metrics serves the registry.
+    """
+
+    def test_scrape(self):
+        """
+        A plain scrape gets the text format with the relay's series.
+        """
+        self.counters.transferSentBytes = 4096
+        code, headers, body = request(self.site, b"/metrics")
+        self.assertEqual(code, 200)
+        self.assertTrue(headers[b"content-type"].startswith(b"text/plain"))
+        values = {
+            sample.name: sample.value
+            for family in text_string_to_metric_families(body.decode("utf-8"))
+            for sample in family.samples
+        }
+        self.assertEqual(values["relay_transfer_sent_bytes_total"], 4096)
+        self.assertEqual(values["relay_peers"], 2)
+
+    def test_scrapeFollowsCounters(self):
+        """
+        Each scrape reads the counters anew.
+        """
+        self.counters.transferReceivedBytes = 10
+        first = request(self.site, b"/metrics")[2]
+        self.counters.transferReceivedBytes += 5
+        second = request(self.site, b"/metrics")[2]
+        self.assertIn(b"\nrelay_transfer_received_bytes_total{", first)
+        self.assertIn(b"} 10.0\n", first)
+        self.assertIn(b"} 15.0\n", second)
+
+    def test_openMetrics(self):
+        """
+        A scraper asking for OpenMetrics gets it.
+        """
+        code, headers, body = request(
+            self.site,
+            b"/metrics",
+            [(b"Accept", b"application/openmetrics-text; version=1.0.0")],
+        )
+        self.assertEqual(code, 200)
+        self.assertTrue(
+            headers[b"content-type"].startswith(b"application/openmetrics-text")
+        )
+        self.assertTrue(body.endswith(b"# EOF\n"))
+
+    def test_gzip(self):
+        """
+        Prometheus asks for gzip and gets it.
+        """
+        code, headers, body = request(
+            self.site, b"/metrics", [(b"Accept-Encoding", b"gzip")]
+        )
+        self.assertEqual(code, 200)
+        self.assertEqual(headers[b"content-encoding"], b"gzip")
+        self.assertIn(b"relay_peers_idle", gzip.decompress(body))
+
+    def test_postRefused(self):
+        """
+        Only GET (and HEAD) are served.
+        """
+        self.assertEqual(request(self.site, b"/metrics", method=b"POST")[0], 405)
+
+    def test_unknownPath(self):
+        """
+        Other paths are not found.
+        """
+        self.assertEqual(request(self.site, b"/nothing")[0], 404)
+
+
+class HealthTests(WebFixture):
+    """
+    /healthz answers while the process runs, whatever the readiness.
+    """
+
+    def test_healthz(self):
+        """
+        200 and "ok", even while draining.
+        """
+        self.readiness.draining = True
+        code, headers, body = request(self.site, b"/healthz")
+        self.assertEqual((code, body), (200, b"ok\n"))
+        self.assertTrue(headers[b"content-type"].startswith(b"text/plain"))
+
+
+class ReadinessTests(WebFixture):
+    """
+    /readyz follows the readiness flags.
+    """
+
+    def test_notReadyBeforeListener(self):
+        """
+        503 until the peer listener is up.
+        """
+        code, _, body = request(self.site, b"/readyz")
+        self.assertEqual((code, body), (503, b"peer listener not up\n"))
+
+    def test_readySinglePod(self):
+        """
+        In single-pod mode, the listener being up is enough.
+        """
+        self.readiness.listenerUp = True
+        code, headers, body = request(self.site, b"/readyz")
+        self.assertEqual((code, body), (200, b"ok\n"))
+        self.assertEqual(headers[b"cache-control"], b"no-store")
+
+    def test_clusterWaitsForDiscovery(self):
+        """
+        In cluster mode, readiness also waits for the first discovery pass.
+        """
+        readiness = Readiness(clusterMode=True)
+        site = makeMetricsSite(self.metrics.registry, readiness, reactor=self.clock)
+        readiness.listenerUp = True
+        code, _, body = request(site, b"/readyz")
+        self.assertEqual(
+            (code, body), (503, b"cluster discovery has not completed a pass\n")
+        )
+        readiness.discoveryDone = True
+        self.assertEqual(request(site, b"/readyz")[0], 200)
+
+    def test_draining(self):
+        """
+        A draining pod is unready even with everything up.
+        """
+        self.readiness.listenerUp = True
+        self.readiness.draining = True
+        code, _, body = request(self.site, b"/readyz")
+        self.assertEqual((code, body), (503, b"draining\n"))
+
+    def test_plainCallable(self):
+        """
+        Any callable returning a bool can stand for the readiness.
+        """
+        answers = [False]
+        site = makeMetricsSite(
+            self.metrics.registry, lambda: answers[0], reactor=self.clock
+        )
+        self.assertEqual(request(site, b"/readyz")[:3:2], (503, b"not ready\n"))
+        answers[0] = True
+        self.assertEqual(request(site, b"/readyz")[:3:2], (200, b"ok\n"))
+
+
+class QuietLogTests(WebFixture):
+    """
+    Scrapes and probes leave no log line above debug.
+    """
+
+    def test_noInfoLines(self):
+        """
+        The site started as a listening port starts it, then served a scrape
+        and both probes: only debug events, one per request.
+        """
+        self.site.doStart()
+        self.addCleanup(self.site.doStop)
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.readiness.listenerUp = True
+        for path in (b"/metrics", b"/healthz", b"/readyz"):
+            request(self.site, path)
+        self.assertEqual(
+            [e for e in events if e.get("log_level", LogLevel.info) > LogLevel.debug],
+            [],
+        )
+        self.assertEqual(
+            [e["uri"] for e in events if e.get("log_namespace") == "relay.web"],
+            ["/metrics", "/healthz", "/readyz"],
+        )
