@@ -1,0 +1,183 @@
+"""
+The relay: the peers connected to this process and the routing between them.
+
+L{Relay} is what every session talks to: it authenticates (through its token
+validator), stores peers, routes Transport messages locally or hands them to
+the inter-pod fabric, and runs subscriptions. It knows nothing of WebSocket or
+QUIC. This module also holds the start-up rules that are not protocol: the
+instance URL and TLS options.
+"""
+
+from urllib.parse import urlsplit
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from relay import messages as m
+from relay.counters import RelayCounters
+from relay.interfaces import ILocalPeers
+
+SHUTDOWN_WRITE_TIMEOUT = 3.0
+
+
+class ConfigurationError(Exception):
+    """
+    A setting the relay cannot start with; the message is for the operator.
+    """
+
+
+def instanceURL(exposedAddress, tls):
+    """
+    The URL peers are told to reach this relay instance at.
+
+    No scheme gives C{rel://} (C{rels://} with TLS); a scheme must be C{rel}
+    or C{rels}; more than one C{://} is invalid; the result must parse as a
+    URL with a host.
+
+    @raise ConfigurationError: otherwise.
+    """
+    parts = exposedAddress.split("://")
+    if len(parts) > 2:
+        raise ConfigurationError(f"invalid exposed address {exposedAddress!r}: more than one '://'")
+    url = exposedAddress if len(parts) == 2 else ("rels://" if tls else "rel://") + exposedAddress
+    try:
+        split = urlsplit(url)
+        split.port
+    except ValueError as e:
+        raise ConfigurationError(f"invalid exposed address {exposedAddress!r}: {e}") from None
+    if split.scheme not in ("rel", "rels"):
+        raise ConfigurationError(f"invalid exposed address {exposedAddress!r}: scheme must be rel or rels, not {split.scheme!r}")
+    if not split.hostname or any(c.isspace() for c in url):
+        raise ConfigurationError(f"invalid exposed address {exposedAddress!r}: no host")
+    return url
+
+
+def _noop(value):
+    pass
+
+
+@implementer(ILocalPeers)
+class Relay:
+    """
+    Peers connected here and what passes between them.
+
+    @ivar store: the L{relay.store.Store}.
+    @ivar forwarder: an L{ICrossPodForwarder} in cluster mode, else None.
+    @ivar counters: the L{RelayCounters} the data path increments.
+    @ivar recordAuthenticationTime: called with milliseconds per handshake.
+    @ivar recordStoreTime: called with milliseconds per store update.
+    """
+
+    _log = Logger()
+
+    def __init__(self, validator, instanceURL, clock, store, healthCheckThreshold=1, counters=None):
+        self.validator = validator
+        self.instanceURL = instanceURL
+        self.authResponse = m.encodeAuthResponse(instanceURL)
+        self.clock = clock
+        self.store = store
+        self.healthCheckThreshold = healthCheckThreshold
+        self.counters = counters if counters is not None else RelayCounters()
+        self.forwarder = None
+        self.recordAuthenticationTime = _noop
+        self.recordStoreTime = _noop
+        self.draining = False
+
+    def register(self, session, startedAt):
+        """
+        Store a freshly authenticated session, replacing an older connection
+        of the same peer, and tell whoever waits for it.
+        """
+        now = self.clock.seconds()
+        session.registeredAt = now
+        old = self.store.add(session)
+        if old is not None:
+            self.counters.reconnections += 1
+            self._log.info("{peer}: reconnected, closing the previous connection {old}", peer=session, old=old)
+            old.close()
+        else:
+            self._log.info("{peer}: connected", peer=session)
+        self.store.cameOnline(session.peerID)
+        if self.forwarder is not None:
+            self.forwarder.peerConnected(session)
+        done = self.clock.seconds()
+        self.recordStoreTime((done - now) * 1000)
+        self.recordAuthenticationTime((done - startedAt) * 1000)
+
+    def unregister(self, session):
+        """
+        A stored session ended: forget it and its interests.
+        """
+        self.store.dropSubscriber(session)
+        if self.store.remove(session):
+            self._log.info("{peer}: disconnected", peer=session)
+            self.store.wentOffline(session.peerID)
+            if self.forwarder is not None:
+                self.forwarder.peerDisconnected(session)
+
+    def route(self, destinationID, message):
+        """
+        Deliver a stamped Transport message to C{destinationID}.
+        """
+        peer = self.store.peers.get(destinationID)
+        if peer is not None:
+            if peer.sendMessage(message):
+                self.counters.transferSentBytes += len(message)
+        elif self.forwarder is not None:
+            self.counters.transferSentBytes += len(message)
+            self.forwarder.forward(destinationID, message)
+        else:
+            self.counters.dropped["unknown_peer"] += 1
+
+    def subscribe(self, session, ids):
+        online = self.store.subscribe(session, ids)
+        if online:
+            session.peersOnline(online)
+        if self.forwarder is not None and len(online) < len(ids):
+            known = set(online)
+            for pid in ids:
+                if pid not in known:
+                    self.forwarder.locate(pid).addCallback(self._located, session, pid)
+
+    def _located(self, found, session, pid):
+        if found and not session.closed and self.store.takeOnlineInterest(session, pid):
+            session.peersOnline([pid])
+
+    def unsubscribe(self, session, ids):
+        self.store.unsubscribe(session, ids)
+
+    # ILocalPeers, for the fabric
+
+    def localPeer(self, peerID):
+        return self.store.peers.get(peerID)
+
+    def localPeers(self):
+        return list(self.store.peers.values())
+
+    def peerOnlineElsewhere(self, peerID):
+        if peerID not in self.store.peers:
+            self.store.cameOnline(peerID)
+
+    def peerGoneElsewhere(self, peerID):
+        if peerID not in self.store.peers:
+            self.store.wentOffline(peerID)
+
+    # Shutdown
+
+    def shutdown(self):
+        """
+        Send Close to every peer and close it; fire when all are gone or
+        after the write timeout.
+        """
+        self.draining = True
+        sessions = list(self.store.peers.values())
+        self._log.info("shutting down: closing {count} peer connections", count=len(sessions))
+        waits = []
+        for session in sessions:
+            waits.append(session.link.whenClosed())
+            session.closeGracefully()
+        done = defer.DeferredList(waits, consumeErrors=True)
+        done.addTimeout(SHUTDOWN_WRITE_TIMEOUT, self.clock)
+        done.addErrback(lambda f: None)
+        return done

@@ -1,0 +1,271 @@
+"""
+C{twistd relay}: the command line and the service tree it builds.
+
+The options mirror the Go relay's flags so a deployment switches by changing
+its image: every option also comes from C{OZ_<OPTION_IN_UPPER_SNAKE>}, and a
+flag beats the variable.
+"""
+
+import os
+import sys
+
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import defer
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    Logger,
+    jsonFileLogObserver,
+    textFileLogObserver,
+)
+from twisted.python import usage
+from twisted.python.components import Componentized
+
+from relay.auth import TokenValidator
+from relay.peer import DEFAULT_HIGH_WATER, PeerWebSocketFactory
+from relay.server import ConfigurationError, Relay, instanceURL
+from relay.store import Store
+
+ENV_PREFIX = "OZ_"
+HC_THRESHOLD_VARIABLE = "OZ_RELAY_HC_ATTEMPT_THRESHOLD"
+
+LOG_LEVELS = {
+    "trace": LogLevel.debug,
+    "debug": LogLevel.debug,
+    "info": LogLevel.info,
+    "warn": LogLevel.warn,
+    "warning": LogLevel.warn,
+    "error": LogLevel.error,
+    "fatal": LogLevel.critical,
+    "panic": LogLevel.critical,
+}
+
+
+def variableFor(option):
+    """
+    The environment variable that sets C{option}: C{auth-secret} is
+    C{OZ_AUTH_SECRET}.
+    """
+    return ENV_PREFIX + option.upper().replace("-", "_")
+
+
+def parseHostPort(value, what):
+    """
+    C{host:port}, C{:port} or C{[v6]:port} into C{(host, port)}; an empty host
+    means every interface.
+    """
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise usage.UsageError(f"--{what} must be host:port, not {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def _nonNegativeInt(value, what):
+    try:
+        number = int(value)
+    except ValueError:
+        raise usage.UsageError(f"--{what} must be an integer, not {value!r}") from None
+    if number < 0:
+        raise usage.UsageError(f"--{what} must not be negative")
+    return number
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "A relay for openZro / NetBird agents. Every option can also be set "
+        "with the environment variable OZ_<OPTION_IN_UPPER_SNAKE>, e.g. "
+        "OZ_AUTH_SECRET; a flag beats the variable."
+    )
+
+    optParameters = [
+        ["listen-address", "l", ":443", "host:port the peer listener (WebSocket, and QUIC with TLS) binds."],
+        ["exposed-address", "e", None, "Address peers reach this instance at (host:port, rel://… or rels://…). Required."],
+        ["auth-secret", "s", None, "Secret shared with the management server. Required."],
+        ["tls-cert-file", "c", None, "PEM certificate (chain) for TLS on the peer listener."],
+        ["tls-key-file", "k", None, "PEM private key for --tls-cert-file."],
+        ["letsencrypt-data-dir", "d", None, "Let's Encrypt state directory (not supported yet)."],
+        ["letsencrypt-domains", "a", None, "Comma-separated domains for Let's Encrypt (not supported yet)."],
+        ["letsencrypt-email", None, None, "Let's Encrypt account e-mail (not supported yet)."],
+        ["metrics-port", None, "9090", "Port of the metrics and health HTTP endpoint; 0 turns it off."],
+        ["log-level", None, "info", "trace, debug, info, warn or error."],
+        ["log-file", None, "console", "'console' for standard output, or a file path."],
+        ["log-format", None, "text", "text, or json for one JSON object per line."],
+        ["peer-buffer-limit", None, str(DEFAULT_HIGH_WATER), "Bytes queued for one slow peer before messages to it are dropped."],
+        ["cluster-headless", None, "", "Headless Service name (or comma-separated names/IPs) of the relay pods; empty = single-pod mode."],
+        ["cluster-port", None, "7090", "Inter-pod TCP port, the same on every pod."],
+        ["cluster-listen-address", None, None, "host:port the inter-pod listener binds (default 0.0.0.0:<cluster-port>)."],
+        ["pod-ip", None, None, "This pod's IP (default: the POD_IP variable). Required with --cluster-headless."],
+        ["cluster-auth-secret", None, "", "Secret authenticating inter-pod HELLO frames, the same on every pod."],
+        ["cluster-discovery-interval", None, "10", "Seconds between discovery passes."],
+    ]
+
+    optFlags = [
+        ["letsencrypt-aws-route53", None, "Use Route 53 DNS-01 for Let's Encrypt (not supported)."],
+    ]
+
+    def __init__(self, environ=None):
+        super().__init__()
+        environ = os.environ if environ is None else environ
+        self._environ = environ
+        self._invalidValue = False
+        # Variables become defaults; the command line, parsed afterwards,
+        # overrides them.
+        for name, *_ in self.optParameters:
+            value = environ.get(variableFor(name))
+            if value is not None:
+                self[name] = value
+        for name, *_ in self.optFlags:
+            value = environ.get(variableFor(name))
+            if value is not None:
+                self[name] = value.strip().lower() in ("1", "true", "yes", "on")
+
+    def getUsage(self, width=None):
+        # After a bad value the one line naming it is the message; twistd
+        # would print the whole usage above it.
+        return "" if self._invalidValue else super().getUsage(width)
+
+    def postOptions(self):
+        try:
+            self._checkValues()
+        except usage.UsageError:
+            self._invalidValue = True
+            raise
+
+    def _checkValues(self):
+        for required in ("exposed-address", "auth-secret"):
+            if not self[required]:
+                raise usage.UsageError(f"--{required} (or {variableFor(required)}) is required")
+        if self["letsencrypt-aws-route53"]:
+            raise usage.UsageError("--letsencrypt-aws-route53: Route 53 DNS-01 is not supported by this relay")
+        if self["letsencrypt-domains"] or self["letsencrypt-data-dir"]:
+            raise usage.UsageError("--letsencrypt-*: Let's Encrypt certificates are not supported yet; use --tls-cert-file and --tls-key-file")
+        if bool(self["tls-cert-file"]) != bool(self["tls-key-file"]):
+            raise usage.UsageError("--tls-cert-file and --tls-key-file go together")
+        self["tls"] = bool(self["tls-cert-file"])
+        self["tls-options"] = None
+        if self["tls"]:
+            from relay.tls import loadCertificateOptions
+
+            try:
+                self["tls-options"] = loadCertificateOptions(self["tls-cert-file"], self["tls-key-file"])
+            except ConfigurationError as e:
+                raise usage.UsageError(str(e)) from None
+        self["listen"] = parseHostPort(self["listen-address"], "listen-address")
+        self["metrics-port"] = _nonNegativeInt(self["metrics-port"], "metrics-port")
+        if self["metrics-port"] > 65535:
+            raise usage.UsageError("--metrics-port must be a port number")
+        self["peer-buffer-limit"] = _nonNegativeInt(self["peer-buffer-limit"], "peer-buffer-limit")
+        level = self["log-level"].lower()
+        if level not in LOG_LEVELS:
+            raise usage.UsageError(f"--log-level must be one of trace, debug, info, warn, error, not {self['log-level']!r}")
+        self["log-level"] = level
+        if self["log-format"] not in ("text", "json"):
+            raise usage.UsageError(f"--log-format must be text or json, not {self['log-format']!r}")
+        threshold = self._environ.get(HC_THRESHOLD_VARIABLE, "1")
+        try:
+            self["hc-attempt-threshold"] = max(1, int(threshold))
+        except ValueError:
+            raise usage.UsageError(f"{HC_THRESHOLD_VARIABLE} must be an integer, not {threshold!r}") from None
+        try:
+            self["instance-url"] = instanceURL(self["exposed-address"], self["tls"])
+        except ConfigurationError as e:
+            raise usage.UsageError(str(e)) from None
+        self._clusterOptions()
+
+    def _clusterOptions(self):
+        self["cluster-port"] = _nonNegativeInt(self["cluster-port"], "cluster-port")
+        try:
+            interval = float(self["cluster-discovery-interval"])
+        except ValueError:
+            interval = 0
+        if not interval > 0:
+            raise usage.UsageError("--cluster-discovery-interval must be a positive number of seconds")
+        self["cluster-discovery-interval"] = interval
+        if not self["cluster-headless"]:
+            return
+        self["pod-ip"] = self["pod-ip"] or self._environ.get("POD_IP")
+        if not self["pod-ip"]:
+            raise usage.UsageError("--pod-ip (or OZ_POD_IP or POD_IP) is required with --cluster-headless")
+        address = self["cluster-listen-address"] or f"0.0.0.0:{self['cluster-port']}"
+        self["cluster-listen"] = parseHostPort(address, "cluster-listen-address")
+
+
+def _serverEndpoint(reactor, host, port, contextFactory=None):
+    if contextFactory is not None:
+        return SSL4ServerEndpoint(reactor, port, contextFactory, interface=host)
+    if ":" in host:
+        return TCP6ServerEndpoint(reactor, port, interface=host)
+    return TCP4ServerEndpoint(reactor, port, interface=host)
+
+
+def makeLogObserver(options, stream=None):
+    """
+    The observer for C{--log-file}, C{--log-format} and C{--log-level}.
+    """
+    if stream is None:
+        stream = sys.stdout if options["log-file"] == "console" else open(options["log-file"], "a", encoding="utf-8")
+    observer = jsonFileLogObserver(stream) if options["log-format"] == "json" else textFileLogObserver(stream)
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LOG_LEVELS[options["log-level"]])
+    return FilteringLogObserver(observer, [predicate])
+
+
+class RelayService(service.MultiService):
+    """
+    The whole relay process: peer listener, metrics endpoint, fabric.
+
+    Shutdown order: stop the fabric, tell every peer Close, then stop
+    listening.
+    """
+
+    _log = Logger()
+
+    def __init__(self, relay, logObserver=None):
+        super().__init__()
+        self.relay = relay
+        self.logObserver = logObserver
+        self.peerListener = None
+
+    def setServiceParent(self, parent):
+        # twistd's AppLogger uses an ILogObserver component of the
+        # application when there is one: the documented way for an
+        # application to choose its logging.
+        if self.logObserver is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self.logObserver)
+        super().setServiceParent(parent)
+
+    def startService(self):
+        self._log.info("relay instance URL: {url}", url=self.relay.instanceURL)
+        super().startService()
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        self.relay.draining = True
+        yield self.relay.shutdown()
+        yield super().stopService()
+
+
+def makeService(options, reactor=None):
+    if reactor is None:
+        from twisted.internet import reactor
+    relay = Relay(
+        validator=TokenValidator(options["auth-secret"], reactor),
+        instanceURL=options["instance-url"],
+        clock=reactor,
+        store=Store(),
+        healthCheckThreshold=options["hc-attempt-threshold"],
+    )
+    top = RelayService(relay, makeLogObserver(options))
+    factory = PeerWebSocketFactory(relay, reactor, highWater=options["peer-buffer-limit"])
+    host, port = options["listen"]
+    peers = StreamServerEndpointService(_serverEndpoint(reactor, host, port, options["tls-options"]), factory)
+    peers._raiseSynchronously = True
+    peers.setServiceParent(top)
+    top.peerListener = peers
+    return top

@@ -1,0 +1,146 @@
+"""
+Who is connected to this relay, and who wants to hear about whom.
+
+The store maps peer ids to their live connection. A peer that authenticates
+again replaces its older connection; a connection that ends only removes the
+entry if it is still the stored one, so a late close of a replaced connection
+never takes a reconnected peer offline.
+
+Interest (PROTOCOL.md 2.2): a subscriber's interest in an id is consumed when
+it is told the id came online (once per subscription), and kept for going
+offline. Everything here runs in the reactor thread, so notifications are
+delivered synchronously and in the order the events happened.
+"""
+
+
+class Subscriber:
+    """
+    One peer's interest sets.
+
+    @ivar online: ids whose coming online this subscriber wants to hear of.
+    @ivar offline: ids whose going offline this subscriber wants to hear of.
+    """
+
+    __slots__ = ("peer", "online", "offline")
+
+    def __init__(self, peer):
+        self.peer = peer
+        self.online = set()
+        self.offline = set()
+
+
+class Store:
+    """
+    Connected peers by id and the subscriptions between them.
+
+    Peers are L{relay.interfaces.IPeerConnection} providers that also have
+    C{peersOnline(ids)} and C{peersWentOffline(ids)} (see
+    L{relay.session.PeerSession}).
+    """
+
+    def __init__(self):
+        self.peers = {}
+        self._subscribers = {}
+        # id -> subscribers interested in it, so that an event costs one dict
+        # lookup however many peers are connected.
+        self._interested = {}
+
+    def __len__(self):
+        return len(self.peers)
+
+    def get(self, pid):
+        return self.peers.get(pid)
+
+    def add(self, peer):
+        """
+        Store C{peer}, replacing any connection stored under its id.
+
+        @return: the replaced connection, or None. The caller closes it.
+        """
+        old = self.peers.get(peer.peerID)
+        self.peers[peer.peerID] = peer
+        return old
+
+    def remove(self, peer):
+        """
+        Forget C{peer} if it is still the stored connection for its id.
+
+        @return: True if it was removed (the id went offline).
+        """
+        if self.peers.get(peer.peerID) is peer:
+            del self.peers[peer.peerID]
+            return True
+        return False
+
+    def subscribe(self, peer, ids):
+        """
+        Register C{peer}'s interest in C{ids}.
+
+        @return: the ids among them that are connected here, in order.
+        """
+        sub = self._subscribers.get(peer)
+        if sub is None:
+            sub = self._subscribers[peer] = Subscriber(peer)
+        for pid in ids:
+            sub.online.add(pid)
+            sub.offline.add(pid)
+            self._interested.setdefault(pid, set()).add(sub)
+        return [pid for pid in ids if pid in self.peers]
+
+    def unsubscribe(self, peer, ids):
+        sub = self._subscribers.get(peer)
+        if sub is None:
+            return
+        for pid in ids:
+            sub.online.discard(pid)
+            sub.offline.discard(pid)
+            self._forget(sub, pid)
+
+    def takeOnlineInterest(self, peer, pid):
+        """
+        Consume C{peer}'s online interest in C{pid}, if it has one.
+
+        @return: True if it had (the caller then tells it C{pid} is online).
+        """
+        sub = self._subscribers.get(peer)
+        if sub is None or pid not in sub.online:
+            return False
+        sub.online.discard(pid)
+        return True
+
+    def dropSubscriber(self, peer):
+        """
+        Forget every interest C{peer} registered (its connection ended).
+        """
+        sub = self._subscribers.pop(peer, None)
+        if sub is None:
+            return
+        for pid in sub.online | sub.offline:
+            self._forget(sub, pid)
+
+    def _forget(self, sub, pid):
+        subs = self._interested.get(pid)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._interested[pid]
+
+    def cameOnline(self, pid):
+        """
+        Tell everyone waiting for C{pid} that it is online, consuming their
+        online interest.
+        """
+        for sub in list(self._interested.get(pid, ())):
+            if pid in sub.online:
+                sub.online.discard(pid)
+                if pid not in sub.offline:
+                    self._forget(sub, pid)
+                sub.peer.peersOnline([pid])
+
+    def wentOffline(self, pid):
+        """
+        Tell everyone interested in C{pid} that it went offline.
+        """
+        for sub in list(self._interested.get(pid, ())):
+            if pid in sub.offline:
+                sub.peer.peersWentOffline([pid])
