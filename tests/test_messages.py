@@ -1,0 +1,113 @@
+"""
+Peer protocol v1 codec, against the test vectors of PROTOCOL.md section 4.
+"""
+
+from twisted.trial import unittest
+
+from relay import messages as m
+from relay.auth import generateToken
+
+ID_A = bytes.fromhex("7368612dbdb94c73d53c44023a715a2970a10c4d54fa9550b70fd9d34cc4b0a2de5ddcbe")
+TOKEN = bytes.fromhex(
+    "01171b78c230f8924ea423b2db791f90effa360b02a58889d318e4aba5bdfb2eff31383933343536303030"
+)
+
+
+class VectorTests(unittest.TestCase):
+    def test_peerID(self):
+        self.assertEqual(m.peerID("peer-a"), ID_A)
+
+    def test_humanID(self):
+        self.assertEqual(m.humanID(ID_A), "sha-vblMc9U8RAI6cVopcKEMTVT6lVC3D9nTTMSwot5d3L4=")
+
+    def test_humanIDOfGarbage(self):
+        self.assertEqual(m.humanID(b"\x00\xff"), "invalid:00ff")
+
+    def test_token(self):
+        self.assertEqual(generateToken("relay-secret", 1893456000), TOKEN)
+
+    def test_auth(self):
+        message = m.encodeAuth(ID_A, TOKEN)
+        self.assertEqual(message, bytes.fromhex("01062112a442") + ID_A + TOKEN)
+        self.assertEqual(len(message), 85)
+        self.assertEqual(m.decodeAuth(message), (ID_A, TOKEN))
+
+    def test_authResponse(self):
+        message = m.encodeAuthResponse("rel://127.0.0.1:33080")
+        self.assertEqual(message, bytes.fromhex("010772656c3a2f2f3132372e302e302e313a3333303830"))
+        self.assertEqual(m.decodeAuthResponse(message), "rel://127.0.0.1:33080")
+
+    def test_transport(self):
+        idB = m.peerID("peer-b")
+        sent = m.encodeTransport(idB, b"hello")
+        self.assertEqual(sent, bytes.fromhex("0103") + idB + b"hello")
+        self.assertEqual(m.stampTransport(sent, ID_A), bytes.fromhex("0103") + ID_A + bytes.fromhex("68656c6c6f"))
+        self.assertEqual(m.decodeTransport(sent), (idB, b"hello"))
+
+
+class HeaderTests(unittest.TestCase):
+    def test_clientTypes(self):
+        for kind in (1, 3, 4, 5, 6, 8, 9):
+            self.assertEqual(m.messageType(bytes((1, kind))), kind)
+
+    def test_serverOnlyTypes(self):
+        for kind in (0, 2, 7, 10, 11, 12, 255):
+            e = self.assertRaises(m.MessageError, m.messageType, bytes((1, kind)))
+            self.assertEqual(e.reason, "bad_type")
+
+    def test_badVersion(self):
+        e = self.assertRaises(m.MessageError, m.messageType, b"\x02\x03")
+        self.assertEqual(e.reason, "bad_version")
+
+    def test_short(self):
+        for message in (b"", b"\x01"):
+            e = self.assertRaises(m.MessageError, m.messageType, message)
+            self.assertEqual(e.reason, "malformed")
+
+    def test_authShort(self):
+        e = self.assertRaises(m.MessageError, m.decodeAuth, bytes.fromhex("01062112a442") + ID_A[:35])
+        self.assertEqual(e.reason, "malformed")
+
+    def test_authBadMagic(self):
+        e = self.assertRaises(m.MessageError, m.decodeAuth, bytes.fromhex("01062112a443") + ID_A + TOKEN)
+        self.assertEqual(e.reason, "bad_magic")
+
+    def test_transportShort(self):
+        self.assertRaises(m.MessageError, m.decodeTransport, b"\x01\x03" + ID_A[:35])
+
+    def test_transportTooLarge(self):
+        m.encodeTransport(ID_A, b"x" * (8820 - 38))
+        e = self.assertRaises(m.MessageError, m.encodeTransport, ID_A, b"x" * (8820 - 37))
+        self.assertEqual(e.reason, "too_large")
+
+    def test_authResponseTooLarge(self):
+        self.assertRaises(m.MessageError, m.encodeAuthResponse, "rel://" + "a" * 8190)
+
+
+class IDListTests(unittest.TestCase):
+    def ids(self, count):
+        return [m.peerID(f"peer-{i}") for i in range(count)]
+
+    def test_empty(self):
+        self.assertEqual(m.encodeIDList(m.PEERS_ONLINE, []), [])
+
+    def test_one(self):
+        self.assertEqual(m.encodeIDList(m.PEERS_ONLINE, [ID_A]), [b"\x01\x0a" + ID_A])
+
+    def test_chunking(self):
+        ids = self.ids(489)
+        messages = m.encodeIDList(m.PEERS_WENT_OFFLINE, ids)
+        self.assertEqual([len(x) for x in messages], [2 + 244 * 36, 2 + 244 * 36, 2 + 36])
+        self.assertEqual(len(messages[0]), 8786)
+        self.assertTrue(all(x[:2] == b"\x01\x0b" for x in messages))
+        self.assertEqual(sum((m.decodeIDList(x) for x in messages), []), ids)
+
+    def test_maxFits(self):
+        self.assertLessEqual(2 + m.MAX_IDS_PER_MESSAGE * m.ID_SIZE, m.MAX_MESSAGE_SIZE)
+
+    def test_malformed(self):
+        e = self.assertRaises(m.MessageError, m.decodeIDList, b"\x01\x08" + ID_A + b"x")
+        self.assertEqual(e.reason, "malformed")
+
+    def test_badID(self):
+        self.assertRaises(m.MessageError, m.encodeIDList, m.PEERS_ONLINE, [b"short"])

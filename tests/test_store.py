@@ -1,0 +1,103 @@
+"""
+The store of connected peers and the subscriptions between them.
+"""
+
+from twisted.trial import unittest
+
+from relay.messages import peerID
+from relay.store import Store
+
+A, B, C = peerID("a"), peerID("b"), peerID("c")
+
+
+class FakePeer:
+    def __init__(self, pid):
+        self.peerID = pid
+        self.events = []
+
+    def peersOnline(self, ids):
+        self.events.append(("online", list(ids)))
+
+    def peersWentOffline(self, ids):
+        self.events.append(("offline", list(ids)))
+
+
+class StoreTests(unittest.TestCase):
+    def setUp(self):
+        self.store = Store()
+
+    def test_addAndGet(self):
+        a = FakePeer(A)
+        self.assertIsNone(self.store.add(a))
+        self.assertIs(self.store.get(A), a)
+        self.assertEqual(len(self.store), 1)
+
+    def test_replace(self):
+        old, new = FakePeer(A), FakePeer(A)
+        self.store.add(old)
+        self.assertIs(self.store.add(new), old)
+        self.assertIs(self.store.get(A), new)
+
+    def test_removeOnlyIfSame(self):
+        old, new = FakePeer(A), FakePeer(A)
+        self.store.add(old)
+        self.store.add(new)
+        self.assertFalse(self.store.remove(old))
+        self.assertIs(self.store.get(A), new)
+        self.assertTrue(self.store.remove(new))
+        self.assertIsNone(self.store.get(A))
+        self.assertFalse(self.store.remove(new))
+
+    def test_subscribeReportsOnline(self):
+        watcher, b = FakePeer(C), FakePeer(B)
+        self.store.add(b)
+        self.assertEqual(self.store.subscribe(watcher, [A, B]), [B])
+
+    def test_onlineInterestConsumedOnce(self):
+        watcher = FakePeer(C)
+        self.store.subscribe(watcher, [A])
+        self.store.cameOnline(A)
+        self.store.cameOnline(A)
+        self.assertEqual(watcher.events, [("online", [A])])
+
+    def test_offlineInterestKept(self):
+        watcher = FakePeer(C)
+        self.store.subscribe(watcher, [A])
+        self.store.wentOffline(A)
+        self.store.cameOnline(A)
+        self.store.wentOffline(A)
+        self.assertEqual(watcher.events, [("offline", [A]), ("online", [A]), ("offline", [A])])
+
+    def test_unsubscribe(self):
+        watcher = FakePeer(C)
+        self.store.subscribe(watcher, [A, B])
+        self.store.unsubscribe(watcher, [A])
+        self.store.cameOnline(A)
+        self.store.wentOffline(A)
+        self.store.cameOnline(B)
+        self.assertEqual(watcher.events, [("online", [B])])
+
+    def test_dropSubscriber(self):
+        watcher = FakePeer(C)
+        self.store.subscribe(watcher, [A])
+        self.store.dropSubscriber(watcher)
+        self.store.cameOnline(A)
+        self.assertEqual(watcher.events, [])
+        self.assertEqual(self.store._interested, {})
+
+    def test_takeOnlineInterest(self):
+        watcher = FakePeer(C)
+        self.store.subscribe(watcher, [A])
+        self.assertTrue(self.store.takeOnlineInterest(watcher, A))
+        self.assertFalse(self.store.takeOnlineInterest(watcher, A))
+        self.store.cameOnline(A)
+        self.assertEqual(watcher.events, [])
+
+    def test_manySubscribersInOrder(self):
+        watchers = [FakePeer(peerID(f"w{i}")) for i in range(3)]
+        for w in watchers:
+            self.store.subscribe(w, [A])
+        self.store.cameOnline(A)
+        self.store.wentOffline(A)
+        for w in watchers:
+            self.assertEqual(w.events, [("online", [A]), ("offline", [A])])
