@@ -1,0 +1,366 @@
+"""
+Frame and payload codecs of the inter-pod protocol (ADR-0014, PROTOCOL.md 3).
+
+Pure functions over C{bytes}: no I/O, no clock of their own (the caller passes
+"now"), so every byte layout can be checked against the test vectors without a
+reactor. Every decoding failure is a L{FrameError} whose C{reason} is a metric
+label; decoders raise nothing else.
+
+Frame: C{[type u8][length u16][payload]}, all integers big-endian.
+
+HELLO v2 body: C{[version=2][addr_len u8][announce addr][unix seconds u64]
+[hmac_len u8 = 0 or 32][hmac]}, hmac = HMAC-SHA256(cluster secret as given,
+everything before hmac_len).
+"""
+
+import base64
+import hashlib
+import hmac
+import struct
+from dataclasses import dataclass
+
+HELLO = 0x00
+WHO_HAS = 0x01
+I_HAVE = 0x02
+# Beyond: presence push. Original pods ignore unknown types.
+PEER_GONE = 0x03
+FWD = 0x14
+PING = 0x20
+PONG = 0x21
+
+FRAME_NAMES = {
+    HELLO: "HELLO",
+    WHO_HAS: "WHO_HAS",
+    I_HAVE: "I_HAVE",
+    PEER_GONE: "PEER_GONE",
+    FWD: "FWD",
+    PING: "PING",
+    PONG: "PONG",
+}
+
+HEADER_SIZE = 3
+MAX_PAYLOAD = 0xFFFF
+PEER_ID_SIZE = 36
+PEER_ID_PREFIX = b"sha-"
+
+HELLO_VERSION = 2
+HELLO_HMAC_SIZE = 32
+HELLO_MAX_ADDRESS = 255
+HELLO_WINDOW = 300
+
+# Transport message header of the peer protocol: version 1, type 3.
+TRANSPORT_HEADER = b"\x01\x03"
+TRANSPORT_MIN_SIZE = 2 + PEER_ID_SIZE
+
+# HELLO rejection reasons (PROTOCOL.md 3); the transport adds the last two.
+HMAC_MISMATCH = "hmac_mismatch"
+UNSIGNED_BUT_REQUIRED = "unsigned_but_required"
+SIGNED_BUT_UNSUPPORTED = "signed_but_unsupported"
+STALE_TIMESTAMP = "stale_timestamp"
+MALFORMED = "malformed"
+TIMEOUT = "timeout"
+FIRST_FRAME_NOT_HELLO = "first_frame_not_hello"
+
+_HEADER = struct.Struct(">BH")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+
+
+class FrameError(Exception):
+    """
+    A frame or payload that cannot be accepted.
+
+    @ivar reason: a short label (a HELLO rejection reason, or C{malformed}).
+    """
+
+    def __init__(self, reason, detail=""):
+        Exception.__init__(self, reason, detail)
+        self.reason = reason
+        self.detail = detail
+
+    def __str__(self):
+        if self.detail:
+            return f"{self.reason}: {self.detail}"
+        return self.reason
+
+
+def peerIDOf(name):
+    """
+    The 36-byte peer id of a peer name (PROTOCOL.md 1).
+    """
+    if isinstance(name, str):
+        name = name.encode("utf-8")
+    return PEER_ID_PREFIX + hashlib.sha256(name).digest()
+
+
+def humanID(peerID):
+    """
+    The human form of a peer id for logs: C{"sha-" + base64(id[4:])}.
+    """
+    return "sha-" + base64.b64encode(bytes(peerID[4:])).decode("ascii")
+
+
+def frameName(frameType):
+    return FRAME_NAMES.get(frameType, f"0x{frameType:02x}")
+
+
+# Frame layer
+
+
+def encodeFrame(frameType, payload=b""):
+    """
+    One whole frame.
+
+    @raise FrameError: (C{malformed}) if the payload does not fit a frame.
+    """
+    if len(payload) > MAX_PAYLOAD:
+        raise FrameError(MALFORMED, f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    return _HEADER.pack(frameType, len(payload)) + payload
+
+
+class FrameReader:
+    """
+    Reassemble whole frames from byte chunks split at any boundary.
+
+    The buffer never holds more than one incomplete frame (at most
+    C{HEADER_SIZE + MAX_PAYLOAD} bytes), because every complete frame is
+    handed out at once.
+    """
+
+    def __init__(self):
+        self._buffer = bytearray()
+
+    def feed(self, data):
+        """
+        @return: a list of C{(frameType, payload)} for every frame completed
+            by C{data}, in order.
+        """
+        buffer = self._buffer
+        buffer += data
+        frames = []
+        offset = 0
+        available = len(buffer)
+        while available - offset >= HEADER_SIZE:
+            frameType, length = _HEADER.unpack_from(buffer, offset)
+            end = offset + HEADER_SIZE + length
+            if end > available:
+                break
+            frames.append((frameType, bytes(buffer[offset + HEADER_SIZE:end])))
+            offset = end
+        if offset:
+            del buffer[:offset]
+        return frames
+
+    def pending(self):
+        """
+        @return: how many bytes of an incomplete frame are buffered.
+        """
+        return len(self._buffer)
+
+
+# Payloads
+
+
+@dataclass(frozen=True)
+class Hello:
+    address: str
+    timestamp: int
+    signed: bool
+
+
+@dataclass(frozen=True)
+class WhoHas:
+    peerID: bytes
+
+
+@dataclass(frozen=True)
+class IHave:
+    peerID: bytes
+    seqno: int
+
+
+@dataclass(frozen=True)
+class PeerGone:
+    peerID: bytes
+
+
+@dataclass(frozen=True)
+class Fwd:
+    destinationID: bytes
+    message: bytes
+
+
+@dataclass(frozen=True)
+class Ping:
+    pass
+
+
+@dataclass(frozen=True)
+class Pong:
+    pass
+
+
+@dataclass(frozen=True)
+class Unknown:
+    """
+    A frame type this pod does not know (or the reserved OPEN..CLOSE):
+    callers ignore it, for forward compatibility.
+    """
+
+    frameType: int
+    payload: bytes
+
+
+def _asBytes(secret):
+    if secret is None:
+        return b""
+    if isinstance(secret, str):
+        return secret.encode("utf-8")
+    return bytes(secret)
+
+
+def encodeHello(address, timestamp, secret):
+    """
+    A HELLO v2 payload announcing C{address} (C{host:port}).
+
+    @param timestamp: unix seconds (int).
+    @param secret: the cluster secret as given (str or bytes); empty for an
+        unsigned HELLO.
+    """
+    encoded = address.encode("utf-8")
+    if not encoded or len(encoded) > HELLO_MAX_ADDRESS:
+        raise FrameError(MALFORMED, f"announce address of {len(encoded)} bytes")
+    body = bytes((HELLO_VERSION, len(encoded))) + encoded + _U64.pack(int(timestamp))
+    key = _asBytes(secret)
+    if key:
+        return body + bytes((HELLO_HMAC_SIZE,)) + hmac.new(key, body, hashlib.sha256).digest()
+    return body + b"\x00"
+
+
+def decodeHello(payload, secret, now):
+    """
+    Parse and authenticate a HELLO v2 payload.
+
+    The signature policy is checked before the timestamp, so an unauthenticated
+    timestamp never decides the reason.
+
+    @param secret: the cluster secret as given; empty if this pod has none.
+    @param now: unix seconds (int or float).
+    @return: a L{Hello}.
+    @raise FrameError: with one of the HELLO rejection reasons.
+    """
+    size = len(payload)
+    if size < 2:
+        raise FrameError(MALFORMED, f"HELLO of {size} bytes")
+    if payload[0] != HELLO_VERSION:
+        raise FrameError(MALFORMED, f"HELLO version {payload[0]}")
+    addressLength = payload[1]
+    bodyEnd = 2 + addressLength + 8
+    if addressLength == 0 or size < bodyEnd + 1:
+        raise FrameError(MALFORMED, f"HELLO of {size} bytes with addr_len {addressLength}")
+    hmacLength = payload[bodyEnd]
+    if hmacLength not in (0, HELLO_HMAC_SIZE):
+        raise FrameError(MALFORMED, f"HELLO hmac_len {hmacLength}")
+    if size != bodyEnd + 1 + hmacLength:
+        raise FrameError(MALFORMED, f"HELLO of {size} bytes, expected {bodyEnd + 1 + hmacLength}")
+    try:
+        address = bytes(payload[2:2 + addressLength]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise FrameError(MALFORMED, "HELLO address is not UTF-8") from None
+    (timestamp,) = _U64.unpack_from(payload, 2 + addressLength)
+
+    key = _asBytes(secret)
+    if key:
+        if hmacLength == 0:
+            raise FrameError(UNSIGNED_BUT_REQUIRED, f"unsigned HELLO from {address!r}")
+        expected = hmac.new(key, bytes(payload[:bodyEnd]), hashlib.sha256).digest()
+        if not hmac.compare_digest(expected, bytes(payload[bodyEnd + 1:])):
+            raise FrameError(HMAC_MISMATCH, f"HELLO from {address!r}")
+    elif hmacLength:
+        raise FrameError(SIGNED_BUT_UNSUPPORTED, f"signed HELLO from {address!r} but no cluster secret here")
+
+    if abs(now - timestamp) > HELLO_WINDOW:
+        raise FrameError(STALE_TIMESTAMP, f"HELLO from {address!r} is {int(now - timestamp)} s off")
+    return Hello(address, timestamp, bool(hmacLength))
+
+
+def helloFrame(address, timestamp, secret):
+    return encodeFrame(HELLO, encodeHello(address, timestamp, secret))
+
+
+def whoHasFrame(peerID):
+    return encodeFrame(WHO_HAS, _checkID(peerID))
+
+
+def iHaveFrame(peerID, seqno):
+    return encodeFrame(I_HAVE, _checkID(peerID) + _U32.pack(seqno & 0xFFFFFFFF))
+
+
+def peerGoneFrame(peerID):
+    return encodeFrame(PEER_GONE, _checkID(peerID))
+
+
+def fwdFrame(destinationID, message):
+    return encodeFrame(FWD, _checkID(destinationID) + message)
+
+
+def pingFrame():
+    return encodeFrame(PING)
+
+
+def pongFrame():
+    return encodeFrame(PONG)
+
+
+def _checkID(peerID):
+    if len(peerID) != PEER_ID_SIZE:
+        raise FrameError(MALFORMED, f"peer id of {len(peerID)} bytes")
+    return bytes(peerID)
+
+
+def _exactID(name, payload):
+    if len(payload) != PEER_ID_SIZE:
+        raise FrameError(MALFORMED, f"{name} of {len(payload)} bytes, expected {PEER_ID_SIZE}")
+    return bytes(payload)
+
+
+def _empty(name, payload, value):
+    if payload:
+        raise FrameError(MALFORMED, f"{name} of {len(payload)} bytes, expected 0")
+    return value
+
+
+def decodePayload(frameType, payload):
+    """
+    Decode the payload of any frame but HELLO (which needs the secret and the
+    clock: see L{decodeHello}).
+
+    @return: a L{WhoHas}, L{IHave}, L{PeerGone}, L{Fwd}, L{Ping}, L{Pong},
+        L{Unknown} (for any type not listed, including HELLO).
+    @raise FrameError: (C{malformed}) for a known type with a bad payload.
+    """
+    if frameType == FWD:
+        if len(payload) < PEER_ID_SIZE:
+            raise FrameError(MALFORMED, f"FWD of {len(payload)} bytes, shorter than an id")
+        return Fwd(bytes(payload[:PEER_ID_SIZE]), bytes(payload[PEER_ID_SIZE:]))
+    if frameType == WHO_HAS:
+        return WhoHas(_exactID("WHO_HAS", payload))
+    if frameType == I_HAVE:
+        if len(payload) != PEER_ID_SIZE + 4:
+            raise FrameError(MALFORMED, f"I_HAVE of {len(payload)} bytes, expected {PEER_ID_SIZE + 4}")
+        return IHave(bytes(payload[:PEER_ID_SIZE]), _U32.unpack_from(payload, PEER_ID_SIZE)[0])
+    if frameType == PEER_GONE:
+        return PeerGone(_exactID("PEER_GONE", payload))
+    if frameType == PING:
+        return _empty("PING", payload, Ping())
+    if frameType == PONG:
+        return _empty("PONG", payload, Pong())
+    return Unknown(frameType, bytes(payload))
+
+
+def isTransportMessage(message):
+    """
+    Whether C{message} looks like a whole peer-protocol Transport message,
+    the only thing a FWD may carry to a peer.
+    """
+    return len(message) >= TRANSPORT_MIN_SIZE and message[:2] == TRANSPORT_HEADER

@@ -1,0 +1,247 @@
+"""
+Tests for L{relay.cluster.frames}: the PROTOCOL.md section 4 vectors byte for
+byte, reassembly at every split, every HELLO rejection reason, and malformed
+payloads.
+"""
+
+import hashlib
+import hmac
+import struct
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from relay.cluster import frames
+
+PEER_A = bytes.fromhex("7368612dbdb94c73d53c44023a715a2970a10c4d54fa9550b70fd9d34cc4b0a2de5ddcbe")
+PEER_B = frames.peerIDOf("peer-b")
+HELLO_SIGNED = bytes.fromhex(
+    "000038020d31302e302e352e373a373039300000000070dbd880201bee1d331b5b7c7437589964feb412360caba9"
+    "c354c2a163d5c401ba76aa0a27"
+)
+HELLO_UNSIGNED = bytes.fromhex("000018020d31302e302e352e373a373039300000000070dbd88000")
+TS = 1893456000
+TRANSPORT_AS_DELIVERED = b"\x01\x03" + PEER_A + b"hello"
+
+
+class PeerIDTests(SynchronousTestCase):
+    def test_peerID(self):
+        self.assertEqual(frames.peerIDOf("peer-a"), PEER_A)
+        self.assertEqual(frames.peerIDOf(b"peer-a"), PEER_A)
+        self.assertEqual(len(PEER_B), 36)
+
+    def test_humanID(self):
+        self.assertEqual(frames.humanID(PEER_A), "sha-vblMc9U8RAI6cVopcKEMTVT6lVC3D9nTTMSwot5d3L4=")
+
+
+class VectorTests(SynchronousTestCase):
+    def test_helloSigned(self):
+        self.assertEqual(frames.helloFrame("10.0.5.7:7090", TS, "cluster-secret"), HELLO_SIGNED)
+        self.assertEqual(frames.helloFrame("10.0.5.7:7090", TS, b"cluster-secret"), HELLO_SIGNED)
+
+    def test_helloUnsigned(self):
+        self.assertEqual(frames.helloFrame("10.0.5.7:7090", TS, ""), HELLO_UNSIGNED)
+        self.assertEqual(frames.helloFrame("10.0.5.7:7090", TS, None), HELLO_UNSIGNED)
+
+    def test_iHave(self):
+        self.assertEqual(frames.iHaveFrame(PEER_A, 42), bytes.fromhex("020028") + PEER_A + bytes.fromhex("0000002a"))
+
+    def test_fwd(self):
+        expected = bytes.fromhex("14004f") + PEER_B + bytes.fromhex("0103") + PEER_A + bytes.fromhex("68656c6c6f")
+        self.assertEqual(frames.fwdFrame(PEER_B, TRANSPORT_AS_DELIVERED), expected)
+
+    def test_decodeVectors(self):
+        [(t, payload)] = frames.FrameReader().feed(HELLO_SIGNED)
+        self.assertEqual(t, frames.HELLO)
+        hello = frames.decodeHello(payload, "cluster-secret", TS)
+        self.assertEqual(hello, frames.Hello("10.0.5.7:7090", TS, True))
+        [(t, payload)] = frames.FrameReader().feed(HELLO_UNSIGNED)
+        self.assertEqual(frames.decodeHello(payload, "", TS), frames.Hello("10.0.5.7:7090", TS, False))
+        [(t, payload)] = frames.FrameReader().feed(frames.iHaveFrame(PEER_A, 42))
+        self.assertEqual(frames.decodePayload(t, payload), frames.IHave(PEER_A, 42))
+        [(t, payload)] = frames.FrameReader().feed(frames.fwdFrame(PEER_B, TRANSPORT_AS_DELIVERED))
+        self.assertEqual(frames.decodePayload(t, payload), frames.Fwd(PEER_B, TRANSPORT_AS_DELIVERED))
+
+    def test_otherFrames(self):
+        self.assertEqual(frames.whoHasFrame(PEER_A), b"\x01\x00\x24" + PEER_A)
+        self.assertEqual(frames.peerGoneFrame(PEER_A), b"\x03\x00\x24" + PEER_A)
+        self.assertEqual(frames.pingFrame(), b"\x20\x00\x00")
+        self.assertEqual(frames.pongFrame(), b"\x21\x00\x00")
+        self.assertEqual(frames.decodePayload(frames.WHO_HAS, PEER_A), frames.WhoHas(PEER_A))
+        self.assertEqual(frames.decodePayload(frames.PEER_GONE, PEER_A), frames.PeerGone(PEER_A))
+        self.assertEqual(frames.decodePayload(frames.PING, b""), frames.Ping())
+        self.assertEqual(frames.decodePayload(frames.PONG, b""), frames.Pong())
+
+    def test_seqnoWraps(self):
+        self.assertEqual(frames.iHaveFrame(PEER_A, 2**32 + 5)[-4:], b"\x00\x00\x00\x05")
+        self.assertEqual(frames.decodePayload(frames.I_HAVE, PEER_A + b"\xff\xff\xff\xff").seqno, 2**32 - 1)
+
+
+class FrameReaderTests(SynchronousTestCase):
+    def test_everySplit(self):
+        """
+        Three frames split at every pair of boundaries come out whole and in
+        order.
+        """
+        stream = HELLO_SIGNED + frames.pingFrame() + frames.fwdFrame(PEER_B, TRANSPORT_AS_DELIVERED)
+        expected = [
+            (frames.HELLO, HELLO_SIGNED[3:]),
+            (frames.PING, b""),
+            (frames.FWD, PEER_B + TRANSPORT_AS_DELIVERED),
+        ]
+        for i in range(len(stream) + 1):
+            for j in range(i, len(stream) + 1, 7):
+                reader = frames.FrameReader()
+                out = reader.feed(stream[:i]) + reader.feed(stream[i:j]) + reader.feed(stream[j:])
+                self.assertEqual(out, expected)
+                self.assertEqual(reader.pending(), 0)
+
+    def test_byteByByte(self):
+        stream = frames.iHaveFrame(PEER_A, 1) * 3
+        reader = frames.FrameReader()
+        out = []
+        for i in range(len(stream)):
+            out += reader.feed(stream[i:i + 1])
+        self.assertEqual(out, [(frames.I_HAVE, PEER_A + b"\x00\x00\x00\x01")] * 3)
+
+    def test_largestFrame(self):
+        payload = b"x" * frames.MAX_PAYLOAD
+        data = frames.encodeFrame(0x7F, payload)
+        self.assertEqual(data[:3], b"\x7f\xff\xff")
+        reader = frames.FrameReader()
+        self.assertEqual(reader.feed(data[:-1]), [])
+        self.assertEqual(reader.pending(), 3 + frames.MAX_PAYLOAD - 1)
+        self.assertEqual(reader.feed(data[-1:]), [(0x7F, payload)])
+
+    def test_tooLarge(self):
+        e = self.assertRaises(frames.FrameError, frames.encodeFrame, frames.FWD, b"x" * 65536)
+        self.assertEqual(e.reason, frames.MALFORMED)
+
+    def test_emptyPayload(self):
+        self.assertEqual(frames.FrameReader().feed(b"\x20\x00\x00\x21\x00"), [(frames.PING, b"")])
+
+
+def _hello(address=b"10.0.5.7:7090", ts=TS, secret=b"", version=2, hmacLen=None, sig=None, addrLen=None):
+    body = bytes((version, len(address) if addrLen is None else addrLen)) + address + struct.pack(">Q", ts)
+    if sig is None and secret:
+        sig = hmac.new(secret, body, hashlib.sha256).digest()
+    sig = sig or b""
+    return body + bytes((len(sig) if hmacLen is None else hmacLen,)) + sig
+
+
+class HelloTests(SynchronousTestCase):
+    def assertRejected(self, payload, secret, now, reason):
+        e = self.assertRaises(frames.FrameError, frames.decodeHello, payload, secret, now)
+        self.assertEqual(e.reason, reason)
+        return e
+
+    def test_roundTrip(self):
+        payload = frames.encodeHello("[fd00::1]:7090", TS, "s")
+        self.assertEqual(frames.decodeHello(payload, "s", TS), frames.Hello("[fd00::1]:7090", TS, True))
+
+    def test_secretAsGiven(self):
+        """
+        The HMAC key is the cluster secret itself, not a hash of it.
+        """
+        self.assertEqual(frames.decodeHello(_hello(secret=b"cluster-secret"), "cluster-secret", TS).signed, True)
+        hashed = hashlib.sha256(b"cluster-secret").digest()
+        self.assertRejected(_hello(secret=hashed), "cluster-secret", TS, frames.HMAC_MISMATCH)
+
+    def test_hmacMismatch(self):
+        self.assertRejected(_hello(secret=b"other-secret"), "cluster-secret", TS, frames.HMAC_MISMATCH)
+        tampered = bytearray(HELLO_SIGNED[3:])
+        tampered[5] ^= 1
+        self.assertRejected(bytes(tampered), "cluster-secret", TS, frames.HMAC_MISMATCH)
+
+    def test_unsignedButRequired(self):
+        self.assertRejected(HELLO_UNSIGNED[3:], "cluster-secret", TS, frames.UNSIGNED_BUT_REQUIRED)
+
+    def test_signedButUnsupported(self):
+        self.assertRejected(HELLO_SIGNED[3:], "", TS, frames.SIGNED_BUT_UNSUPPORTED)
+        self.assertRejected(HELLO_SIGNED[3:], None, TS, frames.SIGNED_BUT_UNSUPPORTED)
+
+    def test_window(self):
+        """
+        Exactly 5 minutes off either way is accepted; one second more is stale.
+        """
+        for now in (TS - 300, TS + 300, TS + 300.0):
+            frames.decodeHello(HELLO_SIGNED[3:], "cluster-secret", now)
+            frames.decodeHello(HELLO_UNSIGNED[3:], "", now)
+        for now in (TS - 301, TS + 301, TS + 300.5, 0):
+            self.assertRejected(HELLO_SIGNED[3:], "cluster-secret", now, frames.STALE_TIMESTAMP)
+            self.assertRejected(HELLO_UNSIGNED[3:], "", now, frames.STALE_TIMESTAMP)
+
+    def test_authenticationBeforeTimestamp(self):
+        """
+        A forged HELLO is counted as a forgery even when also stale.
+        """
+        self.assertRejected(_hello(secret=b"wrong", ts=5), "cluster-secret", TS, frames.HMAC_MISMATCH)
+
+    def test_malformed(self):
+        good = _hello()
+        cases = [
+            b"",
+            b"\x02",
+            good[:-1],
+            good + b"\x00",
+            _hello(version=1),
+            _hello(version=3),
+            _hello(address=b""),
+            _hello(addrLen=200),
+            _hello(addrLen=3),
+            _hello(sig=b"x" * 16),
+            _hello(sig=b"x" * 32, hmacLen=31),
+            _hello(secret=b"s")[:-1],
+            _hello(address=b"\xff\xfe:1"),
+        ]
+        for payload in cases:
+            for secret in ("", "s"):
+                self.assertRejected(payload, secret, TS, frames.MALFORMED)
+
+    def test_encodeBadAddress(self):
+        self.assertRaises(frames.FrameError, frames.encodeHello, "", TS, "")
+        self.assertRaises(frames.FrameError, frames.encodeHello, "x" * 256, TS, "")
+        self.assertEqual(len(frames.encodeHello("x" * 255, TS, "")), 2 + 255 + 8 + 1)
+
+
+class PayloadTests(SynchronousTestCase):
+    def assertMalformed(self, frameType, payload):
+        e = self.assertRaises(frames.FrameError, frames.decodePayload, frameType, payload)
+        self.assertEqual(e.reason, frames.MALFORMED)
+
+    def test_wrongLengths(self):
+        for size in (0, 35, 37, 40):
+            self.assertMalformed(frames.WHO_HAS, b"x" * size)
+            self.assertMalformed(frames.PEER_GONE, b"x" * size)
+        for size in (0, 36, 39, 41):
+            self.assertMalformed(frames.I_HAVE, b"x" * size)
+        for size in (0, 1, 35):
+            self.assertMalformed(frames.FWD, b"x" * size)
+        self.assertMalformed(frames.PING, b"x")
+        self.assertMalformed(frames.PONG, b"x")
+
+    def test_fwdJustAnID(self):
+        self.assertEqual(frames.decodePayload(frames.FWD, PEER_B), frames.Fwd(PEER_B, b""))
+
+    def test_unknownTypes(self):
+        """
+        Unknown and reserved types decode to L{frames.Unknown}, whatever the
+        payload; HELLO is not decoded here.
+        """
+        for frameType in (0x04, 0x10, 0x11, 0x12, 0x13, 0x15, 0x22, 0xFF, frames.HELLO):
+            self.assertEqual(frames.decodePayload(frameType, b"\x00abc"), frames.Unknown(frameType, b"\x00abc"))
+
+    def test_badIDOnEncode(self):
+        self.assertRaises(frames.FrameError, frames.whoHasFrame, b"short")
+        self.assertRaises(frames.FrameError, frames.fwdFrame, b"short", b"")
+
+    def test_isTransportMessage(self):
+        self.assertTrue(frames.isTransportMessage(TRANSPORT_AS_DELIVERED))
+        self.assertTrue(frames.isTransportMessage(b"\x01\x03" + PEER_A))
+        self.assertFalse(frames.isTransportMessage(b"\x01\x03" + PEER_A[:-1]))
+        self.assertFalse(frames.isTransportMessage(b"\x01\x04" + PEER_A))
+        self.assertFalse(frames.isTransportMessage(b""))
+
+    def test_frameError(self):
+        e = frames.FrameError(frames.MALFORMED, "why")
+        self.assertEqual(str(e), "malformed: why")
+        self.assertEqual(str(frames.FrameError(frames.TIMEOUT)), "timeout")
