@@ -15,10 +15,11 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from relay import messages as m
-from relay.session import HANDSHAKE_TIMEOUT, PeerSession
+from relay.session import PeerSession
 
 PATH = "/relay"
 DEFAULT_HIGH_WATER = 1024 * 1024
+CLOSE_TIMEOUT = 3.0
 
 
 @implementer(IPushProducer)
@@ -59,6 +60,7 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
     _log = Logger()
     transportName = "websocket"
     session = None
+    _closeTimeout = None
 
     def connectionMade(self):
         super().connectionMade()
@@ -74,6 +76,8 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
 
     def connectionLost(self, reason):
         super().connectionLost(reason)
+        if self._closeTimeout is not None and self._closeTimeout.active():
+            self._closeTimeout.cancel()
         self.factory.relay.counters.connections[self.transportName] -= 1
         self.session.linkLost()
         waiters, self._closeWaiters = self._closeWaiters, None
@@ -85,7 +89,7 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
             self._log.info("{where}: refused WebSocket upgrade for path {path!r}", where=self.peerAddress, path=request.path)
             raise ConnectionDeny(ConnectionDeny.NOT_FOUND)
         origin = request.headers.get("origin")
-        if origin and _originHost(origin) != request.host.lower():
+        if origin and _originHost(origin) != request.headers.get("host", "").strip().lower():
             self._log.info("{where}: refused WebSocket upgrade from origin {origin!r}", where=self.peerAddress, origin=origin)
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN)
         return None
@@ -122,6 +126,7 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
     def closeGracefully(self):
         self.writeMessage(m.CLOSE_MESSAGE)
         self.sendClose(1000)
+        self._closeTimeout = self.factory.relay.clock.callLater(CLOSE_TIMEOUT, self.dropConnection, abort=True)
 
     def whenClosed(self):
         """
@@ -159,13 +164,16 @@ class PeerWebSocketFactory(WebSocketServerFactory):
         super().__init__(server="relay", reactor=reactor)
         self.relay = relay
         self.highWater = highWater
+        # Both handshake timeouts run on the relay's clock instead of
+        # Autobahn's (txaio's global loop): the session's 10 s limit starts at
+        # TCP accept and covers the upgrade, and closeGracefully bounds the
+        # close handshake.
         self.setProtocolOptions(
             maxFramePayloadSize=m.MAX_MESSAGE_SIZE,
             maxMessagePayloadSize=m.MAX_MESSAGE_SIZE,
-            openHandshakeTimeout=HANDSHAKE_TIMEOUT,
-            closeHandshakeTimeout=3,
+            openHandshakeTimeout=0,
+            closeHandshakeTimeout=0,
             failByDrop=True,
             autoPingInterval=0,
             requireMaskedClientFrames=True,
-            applyMask=False,
         )

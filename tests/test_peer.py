@@ -1,0 +1,231 @@
+"""
+Peers over WebSocket: the Autobahn protocol and factory, driven through
+string transports with hand-made RFC 6455 frames.
+"""
+
+import os
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionLost
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+
+from relay import messages as m
+from relay.peer import PeerWebSocketFactory
+from tests.helpers import authMessage, makeRelay
+
+A, B = m.peerID("peer-a"), m.peerID("peer-b")
+
+UPGRADE = (
+    "GET {path} HTTP/1.1\r\n"
+    "Host: relay.example:443\r\n"
+    "Upgrade: websocket\r\n"
+    "Connection: Upgrade\r\n"
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    "Sec-WebSocket-Version: 13\r\n"
+    "{extra}\r\n"
+)
+
+
+def clientFrame(payload, opcode=2, fin=True, mask=None):
+    """
+    A masked client frame (RFC 6455 section 5.2).
+    """
+    mask = os.urandom(4) if mask is None else mask
+    n = len(payload)
+    if n < 126:
+        header = bytes((0x80 * fin | opcode, 0x80 | n))
+    elif n < 65536:
+        header = bytes((0x80 * fin | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
+    else:
+        header = bytes((0x80 * fin | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
+    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def serverFrames(data):
+    """
+    C{(opcode, payload)} of every whole unmasked frame in C{data}.
+    """
+    frames = []
+    while len(data) >= 2:
+        opcode, n = data[0] & 0x0F, data[1] & 0x7F
+        offset = 2
+        if n == 126:
+            n, offset = int.from_bytes(data[2:4], "big"), 4
+        elif n == 127:
+            n, offset = int.from_bytes(data[2:10], "big"), 10
+        assert not data[1] & 0x80, "server frames are not masked"
+        frames.append((opcode, data[offset : offset + n]))
+        data = data[offset + n :]
+    return frames
+
+
+class Peer:
+    """
+    One client connection to the factory under test.
+    """
+
+    def __init__(self, factory, port):
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", port))
+        self.protocol = factory.buildProtocol(self.transport.getPeer())
+        self.protocol.makeConnection(self.transport)
+
+    def upgrade(self, path="/relay", extra=""):
+        self.protocol.dataReceived(UPGRADE.format(path=path, extra=extra).encode())
+        response, _, rest = self.transport.value().partition(b"\r\n\r\n")
+        self.transport.clear()
+        self.pending = rest
+        return response.split(b"\r\n")[0]
+
+    def send(self, message, **kw):
+        self.protocol.dataReceived(clientFrame(message, **kw))
+
+    def received(self):
+        data, self.pending = self.pending + self.transport.value(), b""
+        self.transport.clear()
+        return serverFrames(data)
+
+    def messages(self):
+        return [payload for opcode, payload in self.received() if opcode == 2]
+
+    @property
+    def closed(self):
+        return self.transport.disconnecting or self.transport.disconnected
+
+
+class WebSocketTests(unittest.TestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.relay = makeRelay(self.clock)
+        self.factory = PeerWebSocketFactory(self.relay, self.clock, highWater=20000)
+        self.ports = iter(range(40000, 50000))
+
+    def peer(self):
+        return Peer(self.factory, next(self.ports))
+
+    def authenticated(self, name):
+        peer = self.peer()
+        self.assertIn(b"101", peer.upgrade())
+        peer.send(authMessage(name))
+        self.assertEqual(peer.messages(), [self.relay.authResponse])
+        return peer
+
+    def test_wrongPathRefused(self):
+        peer = self.peer()
+        status = peer.upgrade(path="/relay/x")
+        self.assertIn(b"404", status)
+        self.assertTrue(peer.closed)
+
+    def test_rootPathRefused(self):
+        self.assertIn(b"404", self.peer().upgrade(path="/"))
+
+    def test_foreignOriginRefused(self):
+        status = self.peer().upgrade(extra="Origin: https://evil.example\r\n")
+        self.assertIn(b"403", status)
+
+    def test_sameOriginAccepted(self):
+        status = self.peer().upgrade(extra="Origin: https://relay.example:443\r\n")
+        self.assertIn(b"101", status)
+
+    def test_exchange(self):
+        a, b = self.authenticated("peer-a"), self.authenticated("peer-b")
+        a.send(m.encodeTransport(B, b"hello"))
+        self.assertEqual(b.messages(), [b"\x01\x03" + A + b"hello"])
+        b.send(m.encodeTransport(A, b"x" * 1400))
+        self.assertEqual(a.messages(), [b"\x01\x03" + B + b"x" * 1400])
+        self.assertEqual(self.relay.counters.connections["websocket"], 2)
+
+    def test_fragmentedMessage(self):
+        a, b = self.authenticated("peer-a"), self.authenticated("peer-b")
+        message = m.encodeTransport(B, b"fragmented")
+        a.send(message[:10], fin=False)
+        a.send(message[10:], opcode=0)
+        self.assertEqual(b.messages(), [b"\x01\x03" + A + b"fragmented"])
+
+    def test_pingAnswered(self):
+        a = self.authenticated("peer-a")
+        a.send(b"are you there", opcode=9)
+        self.assertEqual(a.received(), [(10, b"are you there")])
+
+    def assertOnlyAClosed(self, a, b):
+        self.assertTrue(a.closed)
+        self.assertFalse(b.closed)
+        b.send(m.encodeTransport(B, b"self"))
+        self.assertEqual(b.messages(), [b"\x01\x03" + B + b"self"])
+
+    def test_textMessageCloses(self):
+        a, b = self.authenticated("peer-a"), self.authenticated("peer-b")
+        a.send(b"\x01\x05", opcode=1)
+        self.assertOnlyAClosed(a, b)
+        self.assertEqual(self.relay.counters.protocolErrors["text_message"], 1)
+
+    def test_oversizedFrameCloses(self):
+        a, b = self.authenticated("peer-a"), self.authenticated("peer-b")
+        a.send(m.encodeTransport(B, b"")[:38] + b"x" * (8821 - 38))
+        self.assertOnlyAClosed(a, b)
+        self.assertEqual(b.messages(), [])
+
+    def test_oversizedFragmentedMessageCloses(self):
+        a, b = self.authenticated("peer-a"), self.authenticated("peer-b")
+        a.send(m.encodeTransport(B, b"x" * 5000), fin=False)
+        a.send(b"y" * 5000, opcode=0)
+        self.assertOnlyAClosed(a, b)
+
+    def test_handshakeFailureSendsNothing(self):
+        a = self.peer()
+        a.upgrade()
+        a.send(authMessage("peer-a", secret="wrong"))
+        self.assertEqual(a.received(), [])
+        self.assertTrue(a.closed)
+
+    def test_handshakeTimeoutCoversUpgrade(self):
+        a = self.peer()
+        self.clock.advance(10)
+        self.assertTrue(a.closed)
+        self.assertEqual(self.relay.counters.handshakeRejects["timeout"], 1)
+
+    def test_connectionLostUnregisters(self):
+        a = self.authenticated("peer-a")
+        a.protocol.connectionLost(Failure(ConnectionLost("gone")))
+        self.assertIsNone(self.relay.store.get(A))
+        self.assertEqual(self.relay.counters.connections["websocket"], 0)
+
+    def test_slowConsumerDropsAndCounts(self):
+        a, b = self.authenticated("peer-a"), self.authenticated("peer-b")
+        b.transport.producer.pauseProducing()
+        message = m.encodeTransport(B, b"x" * 1400)
+        for _ in range(20):
+            a.send(message)
+        # 20000 bytes of backlog hold 13 frames of 1442 bytes; the rest drop.
+        self.assertEqual(len(b.messages()), 13)
+        self.assertEqual(self.relay.counters.dropped["slow_consumer"], 7)
+        b.transport.producer.resumeProducing()
+        a.send(message)
+        self.assertEqual(len(b.messages()), 1)
+
+    def test_slowConsumerDoesNotAffectOthers(self):
+        a, b, c = self.authenticated("peer-a"), self.authenticated("peer-b"), self.authenticated("peer-c")
+        b.transport.producer.pauseProducing()
+        for _ in range(30):
+            a.send(m.encodeTransport(B, b"x" * 1400))
+            a.send(m.encodeTransport(m.peerID("peer-c"), b"y"))
+        self.assertEqual(len(c.messages()), 30)
+
+    def test_gracefulShutdown(self):
+        a = self.authenticated("peer-a")
+        self.relay.shutdown()
+        frames = a.received()
+        self.assertEqual(frames[0], (2, b"\x01\x04"))
+        self.assertEqual(frames[1][0], 8)
+        self.assertEqual(frames[1][1][:2], (1000).to_bytes(2, "big"))
+
+    def test_gracefulShutdownBoundedByTimeout(self):
+        a = self.authenticated("peer-a")
+        self.relay.shutdown()
+        self.assertFalse(a.transport.disconnected)
+        self.clock.advance(2.9)
+        self.assertFalse(a.transport.disconnecting)
+        self.clock.advance(0.1)
+        self.assertTrue(a.closed)
