@@ -44,9 +44,9 @@ def loadCertificateOptions(certFile, keyFile, now=None):
     if (now or datetime.now(timezone.utc)) > notAfter:
         raise ConfigurationError(f"TLS certificate in {certFile!r} expired on {notAfter:%Y-%m-%d}")
     context = SSL.Context(SSL.TLS_METHOD)
-    context.use_certificate(leaf)
-    context.use_privatekey(key)
     try:
+        context.use_certificate(leaf)
+        context.use_privatekey(key)
         context.check_privatekey()
     except SSL.Error:
         raise ConfigurationError(f"TLS key in {keyFile!r} does not match the certificate in {certFile!r}") from None

@@ -1,0 +1,147 @@
+"""
+The command line, the environment variables and the service tree.
+"""
+
+import io
+import json
+
+from twisted.internet.task import Clock
+from twisted.logger import Logger, LogLevel
+from twisted.python import usage
+from twisted.trial import unittest
+
+from relay.server import ConfigurationError, instanceURL
+from relay.service import Options, RelayService, makeLogObserver, makeService, variableFor
+
+REQUIRED = ["--exposed-address", "127.0.0.1:33080", "--auth-secret", "s3cret"]
+
+
+def parse(argv, environ=None):
+    options = Options(environ or {})
+    options.parseOptions(argv)
+    return options
+
+
+class InstanceURLTests(unittest.TestCase):
+    def test_noScheme(self):
+        self.assertEqual(instanceURL("relay.example:443", False), "rel://relay.example:443")
+        self.assertEqual(instanceURL("relay.example:443", True), "rels://relay.example:443")
+
+    def test_explicitScheme(self):
+        self.assertEqual(instanceURL("rels://relay.example:443", False), "rels://relay.example:443")
+        self.assertEqual(instanceURL("rel://10.0.0.1:80", True), "rel://10.0.0.1:80")
+
+    def test_wrongScheme(self):
+        self.assertRaises(ConfigurationError, instanceURL, "https://relay.example", False)
+
+    def test_twoSchemes(self):
+        self.assertRaises(ConfigurationError, instanceURL, "rel://rel://x", False)
+
+    def test_unparsable(self):
+        for bad in ("rel://", "rel://host:port", "rel://ho st:1", ":443x"):
+            self.assertRaises(ConfigurationError, instanceURL, bad, False)
+
+
+class OptionsTests(unittest.TestCase):
+    def test_defaults(self):
+        options = parse(REQUIRED)
+        self.assertEqual(options["listen"], ("", 443))
+        self.assertEqual(options["metrics-port"], 9090)
+        self.assertEqual(options["log-level"], "info")
+        self.assertEqual(options["log-file"], "console")
+        self.assertEqual(options["instance-url"], "rel://127.0.0.1:33080")
+        self.assertEqual(options["hc-attempt-threshold"], 1)
+        self.assertEqual(options["cluster-port"], 7090)
+        self.assertFalse(options["tls"])
+
+    def test_shortFlags(self):
+        options = parse(["-e", "relay.example:443", "-s", "x", "-l", "127.0.0.1:8443"])
+        self.assertEqual(options["listen"], ("127.0.0.1", 8443))
+        self.assertEqual(options["instance-url"], "rel://relay.example:443")
+
+    def test_environment(self):
+        options = parse([], {"OZ_EXPOSED_ADDRESS": "relay.example:443", "OZ_AUTH_SECRET": "x", "OZ_LISTEN_ADDRESS": ":33080", "OZ_METRICS_PORT": "0", "OZ_RELAY_HC_ATTEMPT_THRESHOLD": "3"})
+        self.assertEqual(options["listen"], ("", 33080))
+        self.assertEqual(options["metrics-port"], 0)
+        self.assertEqual(options["hc-attempt-threshold"], 3)
+
+    def test_flagBeatsVariable(self):
+        options = parse(REQUIRED + ["--listen-address", ":1"], {"OZ_LISTEN_ADDRESS": ":2"})
+        self.assertEqual(options["listen"], ("", 1))
+
+    def test_variableNames(self):
+        self.assertEqual(variableFor("auth-secret"), "OZ_AUTH_SECRET")
+        self.assertEqual(variableFor("cluster-discovery-interval"), "OZ_CLUSTER_DISCOVERY_INTERVAL")
+
+    def assertUsage(self, argv, fragment, environ=None):
+        e = self.assertRaises(usage.UsageError, parse, argv, environ)
+        self.assertIn(fragment, str(e))
+
+    def test_missingRequired(self):
+        self.assertUsage(["--auth-secret", "x"], "--exposed-address (or OZ_EXPOSED_ADDRESS) is required")
+        self.assertUsage(["--exposed-address", "a:1"], "--auth-secret (or OZ_AUTH_SECRET) is required")
+
+    def test_invalidValues(self):
+        self.assertUsage(REQUIRED + ["--listen-address", "443"], "--listen-address must be host:port")
+        self.assertUsage(REQUIRED + ["--metrics-port", "x"], "--metrics-port must be an integer")
+        self.assertUsage(REQUIRED + ["--log-level", "loud"], "--log-level must be one of")
+        self.assertUsage(REQUIRED + ["--log-format", "xml"], "--log-format must be text or json")
+        self.assertUsage(["--exposed-address", "ftp://x:1", "--auth-secret", "x"], "scheme must be rel or rels")
+        self.assertUsage(REQUIRED, "OZ_RELAY_HC_ATTEMPT_THRESHOLD must be an integer", {"OZ_RELAY_HC_ATTEMPT_THRESHOLD": "many"})
+
+    def test_tlsFilesGoTogether(self):
+        self.assertUsage(REQUIRED + ["--tls-cert-file", "/x"], "go together")
+
+    def test_letsEncryptNotYet(self):
+        self.assertUsage(REQUIRED + ["--letsencrypt-domains", "relay.example"], "not supported yet")
+        self.assertUsage(REQUIRED + ["--letsencrypt-aws-route53"], "Route 53 DNS-01 is not supported")
+
+    def test_clusterNeedsPodIP(self):
+        self.assertUsage(REQUIRED + ["--cluster-headless", "relay-headless"], "--pod-ip")
+
+    def test_podIPFromDownwardAPI(self):
+        options = parse(REQUIRED + ["--cluster-headless", "relay-headless"], {"POD_IP": "10.0.0.7"})
+        self.assertEqual(options["pod-ip"], "10.0.0.7")
+        self.assertEqual(options["cluster-listen"], ("0.0.0.0", 7090))
+
+    def test_usageQuietAfterBadValue(self):
+        options = Options({})
+        self.assertRaises(usage.UsageError, options.parseOptions, ["--auth-secret", "x"])
+        self.assertEqual(options.getUsage(), "")
+
+
+class LoggingTests(unittest.TestCase):
+    def emit(self, argv, level, **fields):
+        stream = io.StringIO()
+        observer = makeLogObserver(parse(REQUIRED + argv), stream)
+        Logger(observer=observer).emit(level, "hello {who}", who="peer", **fields)
+        return stream.getvalue()
+
+    def test_levelFilters(self):
+        self.assertEqual(self.emit(["--log-level", "warn"], LogLevel.info), "")
+        self.assertIn("hello peer", self.emit(["--log-level", "warn"], LogLevel.error))
+
+    def test_traceShowsDebug(self):
+        self.assertIn("hello peer", self.emit(["--log-level", "trace"], LogLevel.debug))
+
+    def test_json(self):
+        line = self.emit(["--log-format", "json"], LogLevel.info)
+        self.assertEqual(json.loads(line.strip("\x1e"))["who"], "peer")
+
+
+class ServiceTests(unittest.TestCase):
+    def test_tree(self):
+        clock = Clock()
+        top = makeService(parse(REQUIRED + ["--listen-address", "127.0.0.1:0"]), reactor=clock)
+        self.assertIsInstance(top, RelayService)
+        self.assertEqual(top.relay.instanceURL, "rel://127.0.0.1:33080")
+        self.assertIs(top.peerListener.parent, top)
+
+    def test_logObserverGivenToApplication(self):
+        from twisted.application.service import Application
+        from twisted.logger import ILogObserver
+
+        application = Application("relay")
+        top = makeService(parse(REQUIRED), reactor=Clock())
+        top.setServiceParent(application)
+        self.assertIs(application.getComponent(ILogObserver), top.logObserver)
