@@ -1,0 +1,588 @@
+"""
+The inter-pod TCP streams: one long-lived stream per pod pair (ADR-0014).
+
+A L{ClusterTransport} owns every stream of this pod, keyed by the remote pod's
+announced address (C{host:port} of its inter-pod listener): the dialer's HELLO
+tells the acceptor that address, since the connection's ephemeral source port
+cannot be dialed back. L{ClusterStream} is the Twisted protocol of one stream;
+it parses frames, answers PING, and hands the frames the fabric cares about
+(WHO_HAS, I_HAVE, PEER_GONE, FWD) to a handler (the forwarder).
+
+Rules kept here (PROTOCOL.md 3): the dialer sends HELLO first; the acceptor
+drops a stream whose first frame is not a valid HELLO or that sends none within
+10 s, counting the reason; unknown frame types are ignored; a known type with a
+malformed payload closes the stream.
+
+Beyond the Go original:
+  - Two pods dialing each other at once keep the same one stream: the one
+    dialed by the lower announce address (both pods compare the same two
+    strings). A second stream dialed from the same side as the live one is
+    closed, as in Go.
+  - PING/PONG keepalive: a stream whose remote has answered a PING before and
+    then misses a PONG deadline is closed; a remote that never answered (an
+    original pod ignores PING) is never closed for it.
+  - Writes are bounded: the stream is a streaming producer of its TCP
+    transport; while the transport is paused, frames wait in a queue, and a
+    FWD that would take that queue over the high-water mark is dropped.
+"""
+
+import ipaddress
+from collections import deque
+
+from twisted.internet import defer
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    connectProtocol,
+)
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
+
+from relay.cluster import frames
+
+DEFAULT_PORT = 7090
+HELLO_TIMEOUT = 10.0
+DIAL_TIMEOUT = 5.0
+PING_INTERVAL = 15.0
+PONG_TIMEOUT = 10.0
+HIGH_WATER = 4 * 1024 * 1024
+CLOSE_TIMEOUT = 3.0
+
+# Results of ClusterStream.send.
+SENT = "sent"
+SLOW = "slow"
+GONE = "gone"
+
+_log = Logger()
+
+
+class IStreamHandler(Interface):
+    """
+    What the transport tells the layer above it (the forwarder).
+    """
+
+    def streamUp(stream):
+        """
+        C{stream} became the live stream to C{stream.address}.
+        """
+
+    def streamDown(stream):
+        """
+        The live stream C{stream} ended.
+        """
+
+    def frameReceived(stream, frame):
+        """
+        A decoded L{frames.WhoHas}, L{frames.IHave}, L{frames.PeerGone} or
+        L{frames.Fwd} arrived on a live stream.
+        """
+
+
+def splitAddress(address):
+    """
+    Split C{host:port} (C{[v6]:port} for IPv6) into C{(host, port)}.
+
+    @raise ValueError: if it is not that.
+    """
+    host, sep, port = address.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"not host:port: {address!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    portNumber = int(port)
+    if not 0 < portNumber < 65536:
+        raise ValueError(f"bad port in {address!r}")
+    return host, portNumber
+
+
+def joinAddress(host, port):
+    """
+    The C{host:port} form of an address, brackets around an IPv6 literal.
+    """
+    if ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+def tcpEndpoint(reactor, address, timeout=DIAL_TIMEOUT):
+    """
+    A client endpoint for C{host:port}: plain TCP for IP literals, a
+    L{HostnameEndpoint} for names.
+    """
+    host, port = splitAddress(address)
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return HostnameEndpoint(reactor, host, port, timeout=timeout)
+    if ip.version == 6:
+        return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
+    return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+
+
+@implementer(IPushProducer)
+class ClusterStream(Protocol):
+    """
+    One inter-pod TCP stream.
+
+    @ivar address: the remote pod's announced address (the registry key);
+        known at once for a stream we dialed, after HELLO for an accepted one.
+    @ivar dialedByUs: whether this pod dialed the stream.
+    @ivar established: whether the stream may carry fabric frames (dialed
+        and connected, or accepted with a valid HELLO).
+    @ivar answersPing: whether the remote has answered a PING.
+    """
+
+    def __init__(self, owner, dialedAddress=None):
+        self.owner = owner
+        self.address = dialedAddress
+        self.dialedByUs = dialedAddress is not None
+        self.established = False
+        self.answersPing = False
+        self.closing = False
+        self.connected = False
+        self._reader = frames.FrameReader()
+        self._queue = deque()
+        self._queued = 0
+        self._paused = False
+        self._helloTimer = None
+        self._pinger = None
+        self._pongTimer = None
+        self._whenClosed = []
+
+    def __repr__(self):
+        side = "dialed" if self.dialedByUs else "accepted"
+        return f"<ClusterStream {side} {self.address or self._peerName()}>"
+
+    def _peerName(self):
+        try:
+            peer = self.transport.getPeer()
+            return f"{peer.host}:{peer.port}"
+        except Exception:
+            return "?"
+
+    # Connection life
+
+    def connectionMade(self):
+        self.connected = True
+        self.owner._connections.add(self)
+        self.transport.registerProducer(self, True)
+        if self.dialedByUs:
+            self._write(frames.helloFrame(self.owner.announceAddress, int(self.owner.clock.seconds()), self.owner.secret))
+            self._establish()
+        else:
+            self._helloTimer = self.owner.clock.callLater(self.owner.helloTimeout, self._helloTimedOut)
+
+    def connectionLost(self, reason):
+        self.connected = False
+        self.closing = True
+        self._queue.clear()
+        self._queued = 0
+        for call in (self._helloTimer, self._pongTimer):
+            if call is not None and call.active():
+                call.cancel()
+        self._helloTimer = self._pongTimer = None
+        if self._pinger is not None and self._pinger.running:
+            self._pinger.stop()
+        self._pinger = None
+        self.owner._connectionEnded(self)
+        waiters, self._whenClosed = self._whenClosed, []
+        for d in waiters:
+            d.callback(None)
+
+    def whenClosed(self):
+        """
+        @return: a L{Deferred} firing when the connection is gone.
+        """
+        if not self.connected:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._whenClosed.append(d)
+        return d
+
+    def close(self):
+        """
+        End the stream, dropping whatever is still queued.
+        """
+        if self.closing or not self.connected:
+            return
+        self.closing = True
+        self._queue.clear()
+        self._queued = 0
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
+
+    def abort(self):
+        """
+        End the stream at once (the remote is not reading or not answering).
+        """
+        self.closing = True
+        self._queue.clear()
+        self._queued = 0
+        if self.connected:
+            self.transport.abortConnection()
+
+    def _establish(self):
+        self.established = True
+        if not self.owner._register(self):
+            return
+        self._pinger = LoopingCall(self._ping)
+        self._pinger.clock = self.owner.clock
+        self._pinger.start(self.owner.pingInterval, now=False)
+
+    # HELLO, acceptor side
+
+    def _helloTimedOut(self):
+        self._helloTimer = None
+        self._rejectHello(frames.TIMEOUT, f"no HELLO within {self.owner.helloTimeout:g} s")
+
+    def _rejectHello(self, reason, detail):
+        self.owner.counters.helloRejects[reason] += 1
+        _log.warn(
+            "cluster: rejecting inter-pod stream from {peer}: {reason} ({detail})",
+            peer=self._peerName(),
+            reason=reason,
+            detail=detail,
+        )
+        self.close()
+
+    def _acceptHello(self, frameType, payload):
+        if self._helloTimer is not None and self._helloTimer.active():
+            self._helloTimer.cancel()
+        self._helloTimer = None
+        if frameType != frames.HELLO:
+            self._rejectHello(frames.FIRST_FRAME_NOT_HELLO, f"first frame was {frames.frameName(frameType)}")
+            return
+        try:
+            hello = frames.decodeHello(payload, self.owner.secret, self.owner.clock.seconds())
+        except frames.FrameError as e:
+            self._rejectHello(e.reason, e.detail)
+            return
+        self.address = hello.address
+        _log.debug("cluster: HELLO from {peer} announcing {address}", peer=self._peerName(), address=hello.address)
+        self._establish()
+
+    # Reading
+
+    def dataReceived(self, data):
+        for frameType, payload in self._reader.feed(data):
+            if self.closing:
+                return
+            if not self.established:
+                self._acceptHello(frameType, payload)
+                continue
+            self._frameReceived(frameType, payload)
+
+    def _frameReceived(self, frameType, payload):
+        if frameType == frames.HELLO:
+            _log.debug("cluster: ignoring a repeated HELLO on {stream}", stream=self)
+            return
+        try:
+            frame = frames.decodePayload(frameType, payload)
+        except frames.FrameError as e:
+            self.owner.counters.dropped["malformed_frame"] += 1
+            _log.warn("cluster: closing {stream}: {error}", stream=self, error=e)
+            self.abort()
+            return
+        if isinstance(frame, frames.Unknown):
+            return
+        if isinstance(frame, frames.Ping):
+            self._write(frames.pongFrame())
+            return
+        if isinstance(frame, frames.Pong):
+            self._pongReceived()
+            return
+        handler = self.owner.handler
+        if handler is None:
+            return
+        try:
+            handler.frameReceived(self, frame)
+        except Exception:
+            _log.failure("cluster: handling {name} from {stream}", name=frames.frameName(frameType), stream=self)
+
+    # Keepalive
+
+    def _ping(self):
+        if self._pongTimer is not None or self.closing:
+            return
+        if self.send(frames.pingFrame()) != SENT:
+            return
+        self.owner.counters.pingsSent += 1
+        self._pongTimer = self.owner.clock.callLater(self.owner.pongTimeout, self._pongMissed)
+
+    def _pongReceived(self):
+        self.answersPing = True
+        if self._pongTimer is not None:
+            self._pongTimer.cancel()
+            self._pongTimer = None
+
+    def _pongMissed(self):
+        self._pongTimer = None
+        self.owner.counters.pingsLost += 1
+        if self.answersPing:
+            _log.warn(
+                "cluster: closing {stream}: no PONG within {timeout:g} s",
+                stream=self,
+                timeout=self.owner.pongTimeout,
+            )
+            self.abort()
+
+    # Writing
+
+    def send(self, data, droppable=False):
+        """
+        Write one encoded frame.
+
+        @param droppable: whether the frame may be dropped when the stream
+            is slow (FWD); control frames always queue, and a stream whose
+            queue reaches twice the high-water mark is aborted as stuck.
+        @return: L{SENT}, L{SLOW} (dropped, counted) or L{GONE}.
+        """
+        if self.closing or not self.connected:
+            return GONE
+        if not self._paused and not self._queue:
+            self.transport.write(data)
+            return SENT
+        size = len(data)
+        highWater = self.owner.highWater
+        if droppable and self._queued + size > highWater:
+            self.owner.counters.dropped["slow_stream"] += 1
+            return SLOW
+        if self._queued + size > 2 * highWater:
+            self.owner.counters.dropped["stream_overflow"] += 1
+            _log.warn("cluster: closing {stream}: it has not drained {size} queued bytes", stream=self, size=self._queued)
+            self.abort()
+            return GONE
+        self._queue.append(data)
+        self._queued += size
+        return SENT
+
+    def _write(self, data):
+        self.send(data)
+
+    def queuedBytes(self):
+        return self._queued
+
+    # IPushProducer, driven by our own TCP transport's write buffer
+
+    def pauseProducing(self):
+        self._paused = True
+
+    def resumeProducing(self):
+        self._paused = False
+        queue = self._queue
+        while queue and not self._paused and self.connected:
+            data = queue.popleft()
+            self._queued -= len(data)
+            self.transport.write(data)
+
+    def stopProducing(self):
+        self._queue.clear()
+        self._queued = 0
+
+
+class _AcceptingFactory(Factory):
+    def __init__(self, owner):
+        self.owner = owner
+
+    def buildProtocol(self, addr):
+        return ClusterStream(self.owner)
+
+
+class ClusterTransport:
+    """
+    Every inter-pod stream of this pod, keyed by announced address.
+
+    @ivar handler: the L{IStreamHandler} told about streams and frames (set
+        after construction: the forwarder needs the transport first).
+    """
+
+    def __init__(
+        self,
+        announceAddress,
+        secret,
+        clock,
+        counters,
+        endpointFactory,
+        handler=None,
+        helloTimeout=HELLO_TIMEOUT,
+        dialTimeout=DIAL_TIMEOUT,
+        pingInterval=PING_INTERVAL,
+        pongTimeout=PONG_TIMEOUT,
+        highWater=HIGH_WATER,
+    ):
+        """
+        @param announceAddress: C{host:port} this pod sends in its HELLO.
+        @param secret: the cluster secret as given (str or bytes), may be empty.
+        @param clock: an L{IReactorTime}; its C{seconds()} is wall-clock time
+            (HELLO timestamps).
+        @param counters: a L{relay.counters.ClusterCounters}.
+        @param endpointFactory: called with C{host:port}, returns an
+            L{IStreamClientEndpoint} to dial it.
+        """
+        self.announceAddress = announceAddress
+        self.secret = secret
+        self.clock = clock
+        self.counters = counters
+        self.endpointFactory = endpointFactory
+        self.handler = handler
+        self.helloTimeout = helloTimeout
+        self.dialTimeout = dialTimeout
+        self.pingInterval = pingInterval
+        self.pongTimeout = pongTimeout
+        self.highWater = highWater
+        self._streams = {}
+        self._connections = set()
+        self._dialing = {}
+        self._attempts = {}
+        self._stopped = False
+
+    def serverFactory(self):
+        """
+        @return: the L{Factory} to listen with.
+        """
+        return _AcceptingFactory(self)
+
+    # Lookups
+
+    def stream(self, address):
+        """
+        @return: the live stream to C{address}, or None.
+        """
+        stream = self._streams.get(address)
+        if stream is None or stream.closing:
+            return None
+        return stream
+
+    def liveStreams(self):
+        return [s for s in self._streams.values() if not s.closing]
+
+    def streamCount(self):
+        return len(self.liveStreams())
+
+    def isDialing(self, address):
+        return address in self._dialing
+
+    # Dialing
+
+    def dial(self, address):
+        """
+        Open a stream to C{address} unless one is live or being dialed.
+
+        @return: a L{Deferred} firing with the L{ClusterStream} once connected
+            (HELLO sent), or failing if the dial fails or times out.
+        """
+        live = self.stream(address)
+        if live is not None:
+            return defer.succeed(live)
+        if self._stopped:
+            return defer.fail(RuntimeError("cluster transport stopped"))
+        d = defer.Deferred()
+        waiters = self._dialing.get(address)
+        if waiters is not None:
+            waiters.append(d)
+        else:
+            self._dialing[address] = [d]
+            self._startDial(address)
+        return d
+
+    def _startDial(self, address):
+        stream = ClusterStream(self, dialedAddress=address)
+        try:
+            endpoint = self.endpointFactory(address)
+            connecting = connectProtocol(endpoint, stream)
+        except Exception as e:
+            connecting = defer.fail(e)
+        self._attempts[address] = connecting
+        connecting.addTimeout(self.dialTimeout, self.clock)
+        connecting.addBoth(self._dialFinished, address)
+
+    def _dialFinished(self, result, address):
+        self._attempts.pop(address, None)
+        for d in self._dialing.pop(address, []):
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+
+    # Registry
+
+    def _preferred(self, existing, new):
+        """
+        Which of two streams to the same pod to keep: whoever dialed, one
+        stream per pod pair, chosen the same way on both pods.
+        """
+        if existing.dialedByUs == new.dialedByUs:
+            return existing
+        lowerIsUs = self.announceAddress < new.address
+        if lowerIsUs == new.dialedByUs:
+            return new
+        return existing
+
+    def _register(self, stream):
+        """
+        A stream finished its handshake: make it the live stream to its
+        address, or close it as a duplicate.
+
+        @return: whether C{stream} is now the live stream.
+        """
+        if self._stopped:
+            stream.close()
+            return False
+        existing = self.stream(stream.address)
+        if existing is not None and existing is not stream:
+            keep = self._preferred(existing, stream)
+            drop = stream if keep is existing else existing
+            _log.info(
+                "cluster: two streams to {address}: keeping {keep}, closing {drop}",
+                address=stream.address,
+                keep=keep,
+                drop=drop,
+            )
+            drop.close()
+            if keep is existing:
+                return False
+        else:
+            _log.info("cluster: stream up: {stream}", stream=stream)
+        self._streams[stream.address] = stream
+        if self.handler is not None:
+            self.handler.streamUp(stream)
+        return True
+
+    def _connectionEnded(self, stream):
+        self._connections.discard(stream)
+        if stream.address is not None and self._streams.get(stream.address) is stream:
+            del self._streams[stream.address]
+            _log.info("cluster: stream down: {stream}", stream=stream)
+            if self.handler is not None:
+                self.handler.streamDown(stream)
+
+    # Shutdown
+
+    def stop(self):
+        """
+        Cancel dials and close every stream.
+
+        @return: a L{Deferred} firing once every connection is gone (streams
+            still open after L{CLOSE_TIMEOUT} are aborted).
+        """
+        self._stopped = True
+        for connecting in list(self._attempts.values()):
+            connecting.cancel()
+        connections = list(self._connections)
+        waits = [c.whenClosed() for c in connections]
+        for c in connections:
+            c.close()
+        timer = self.clock.callLater(CLOSE_TIMEOUT, lambda: [c.abort() for c in connections if c.connected])
+        done = defer.DeferredList(waits, consumeErrors=True)
+
+        def cancelTimer(result):
+            if timer.active():
+                timer.cancel()
+            return None
+
+        return done.addBoth(cancelTimer)
