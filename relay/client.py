@@ -16,6 +16,8 @@ from twisted.logger import Logger
 from relay import messages as m
 from relay.auth import generateToken
 
+CLOSE_TIMEOUT = 3.0
+
 
 class RelayClientProtocol(WebSocketClientProtocol):
     """
@@ -108,11 +110,9 @@ class RelayClientProtocol(WebSocketClientProtocol):
         """
         Subscribe to C{peerID} and wait for the relay to report it online.
         """
-        from twisted.internet import reactor
-
         self.subscribe([peerID])
         while True:
-            kind, ids = yield self.events.get().addTimeout(timeout, reactor)
+            kind, ids = yield self.events.get().addTimeout(timeout, self.factory.reactor)
             if kind == "online" and peerID in ids:
                 return
 
@@ -122,7 +122,14 @@ class RelayClientProtocol(WebSocketClientProtocol):
         """
         self.sendMessage(m.CLOSE_MESSAGE, isBinary=True)
         self.sendClose(1000)
-        return self.whenLost()
+        timer = self.factory.reactor.callLater(CLOSE_TIMEOUT, self.dropConnection, abort=True)
+
+        def lost(result):
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return self.whenLost().addBoth(lost)
 
 
 class RelayClientFactory(WebSocketClientFactory):
@@ -134,7 +141,9 @@ class RelayClientFactory(WebSocketClientFactory):
         self.peerID = peerID
         self.token = token
         self.authenticated = defer.Deferred()
-        self.setProtocolOptions(openHandshakeTimeout=10, closeHandshakeTimeout=3, failByDrop=True)
+        # Timeouts run on our reactor (connect() and close()), not on
+        # Autobahn's txaio timers, so a test's reactor is left clean.
+        self.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0, failByDrop=True)
 
     def clientConnectionFailed(self, connector, reason):
         if not self.authenticated.called:

@@ -226,9 +226,10 @@ class RelayService(service.MultiService):
 
     _log = Logger()
 
-    def __init__(self, relay, logObserver=None):
+    def __init__(self, relay, logObserver=None, reactor=None):
         super().__init__()
         self.relay = relay
+        self.reactor = reactor
         self.logObserver = logObserver
         self.peerListener = None
 
@@ -249,6 +250,11 @@ class RelayService(service.MultiService):
         self.relay.draining = True
         yield self.relay.shutdown()
         yield super().stopService()
+        # twistd re-raises the signal that stopped it once the reactor is
+        # done (exit status 143 for SIGTERM). A drained relay exits normally:
+        # 0 is what Kubernetes and systemd should record for a planned stop.
+        if getattr(self.reactor, "_exitSignal", None) is not None:
+            self.reactor._exitSignal = None
 
 
 def makeService(options, reactor=None):
@@ -261,7 +267,7 @@ def makeService(options, reactor=None):
         store=Store(),
         healthCheckThreshold=options["hc-attempt-threshold"],
     )
-    top = RelayService(relay, makeLogObserver(options))
+    top = RelayService(relay, makeLogObserver(options), reactor)
     factory = PeerWebSocketFactory(relay, reactor, highWater=options["peer-buffer-limit"])
     host, port = options["listen"]
     peers = StreamServerEndpointService(_serverEndpoint(reactor, host, port, options["tls-options"]), factory)
