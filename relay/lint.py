@@ -193,6 +193,11 @@ def schemaProblems(document, source, versions):
             problems.append(f"{what}: {path}: {e.message} (Kubernetes {e.version})")
         except utils.SchemaNotFoundError as e:
             problems.append(f"{what}: {e.message}")
+        except (utils.VersionNotSupportedError, IndexError):
+            problems.append(
+                f"{what}: this kubernetes-validate has no schemas for "
+                f"Kubernetes {version}"
+            )
     return problems
 
 

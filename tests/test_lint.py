@@ -270,6 +270,21 @@ class ShippedManifestTests(unittest.TestCase):
             ],
         )
 
+    def test_unknownVersion(self):
+        """
+        A Kubernetes version without schemas is a problem, not a crash.
+        """
+        document = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}}
+        self.assertEqual(
+            lint.schemaProblems(document, "c.yaml", ("1.2", "9.99")),
+            [
+                "c.yaml: ConfigMap/c: this kubernetes-validate has no schemas "
+                "for Kubernetes 1.2",
+                "c.yaml: ConfigMap/c: this kubernetes-validate has no schemas "
+                "for Kubernetes 9.99",
+            ],
+        )
+
     def test_notYaml(self):
         """
         A file that is not YAML is one problem, not a crash.
