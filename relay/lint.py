@@ -85,7 +85,8 @@ def dockerfileVariables(text, source="Dockerfile"):
             continue
         if start is None:
             start = number
-        if logical and stripped.startswith("#"):
+        if logical and (not stripped or stripped.startswith("#")):
+            # Docker skips comment and empty lines inside a continuation.
             continue
         if stripped.endswith("\\"):
             logical += stripped[:-1] + " "

@@ -90,6 +90,7 @@ class DockerfileTests(unittest.TestCase):
                 "ENV PATH=/opt/bin:$PATH \\",
                 "    OZ_LOG_LEVEL=info \\",
                 "    # a comment inside the instruction",
+                "",
                 '    OZ_EXPOSED_ADDRESS="relay example:443"',
                 "ENV OZ_LEGACY some value",
                 "env OZ_LOWER=1",
@@ -101,8 +102,8 @@ class DockerfileTests(unittest.TestCase):
             [
                 ("OZ_LOG_LEVEL", "D:4"),
                 ("OZ_EXPOSED_ADDRESS", "D:4"),
-                ("OZ_LEGACY", "D:8"),
-                ("OZ_LOWER", "D:9"),
+                ("OZ_LEGACY", "D:9"),
+                ("OZ_LOWER", "D:10"),
             ],
         )
 
