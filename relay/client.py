@@ -19,6 +19,12 @@ from relay.auth import generateToken
 CLOSE_TIMEOUT = 3.0
 
 
+class HandshakeRefused(Exception):
+    """
+    The relay did not authenticate us; it never says why (PROTOCOL.md 2.1).
+    """
+
+
 class RelayClientProtocol(WebSocketClientProtocol):
     """
     One peer's connection to a relay.
@@ -76,7 +82,7 @@ class RelayClientProtocol(WebSocketClientProtocol):
     def connectionLost(self, reason):
         super().connectionLost(reason)
         if not self.factory.authenticated.called:
-            self.factory.authenticated.errback(reason)
+            self.factory.authenticated.errback(HandshakeRefused("the relay closed the connection without an AuthResponse (wrong secret, expired token or not a relay?)"))
         waiters, self._lostWaiters = self._lostWaiters, None
         for d in waiters:
             d.callback(None)
