@@ -1,0 +1,264 @@
+"""
+Cross-pod delivery: the relay's L{ICrossPodForwarder}, and the handler of the
+frames sibling pods send.
+
+Outgoing: a Transport message for a peer not connected here goes as a FWD
+frame to the pod the locator names. While that pod is being looked up, the
+destination's packets wait in a small bounded queue (order kept) instead of
+blocking the sender's other traffic, as the original's synchronous lookup
+did; the whole forward gives up after 5 s.
+
+Incoming: FWD delivers the embedded message byte for byte to the local peer
+named by the frame; WHO_HAS and I_HAVE go to the locator.
+
+Presence push (Beyond): a peer connecting here is announced to every sibling
+as an unsolicited I_HAVE, a new stream gets a snapshot of local peers, and a
+peer leaving is announced as PEER_GONE (0x03, ignored by original pods), so
+first packets need no broadcast and remote subscribers learn of departures.
+"""
+
+from collections import deque
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from relay.cluster import frames
+from relay.cluster.locator import seqnoOf
+from relay.cluster.transport import GONE, SENT, IStreamHandler
+from relay.interfaces import ICrossPodForwarder
+
+FORWARD_TIMEOUT = 5.0
+QUEUE_PACKETS = 16
+QUEUE_BYTES = 2 * 1024 * 1024
+
+_log = Logger()
+
+
+class _Waiting:
+    """
+    Packets for one destination whose pod is being looked up.
+    """
+
+    __slots__ = ("packets", "timer")
+
+    def __init__(self):
+        self.packets = deque()
+        self.timer = None
+
+
+@implementer(ICrossPodForwarder, IStreamHandler)
+class Forwarder:
+    """
+    Local-or-remote delivery over a L{relay.cluster.transport.ClusterTransport}
+    and a L{relay.cluster.locator.Locator}.
+    """
+
+    def __init__(
+        self,
+        transport,
+        locator,
+        localPeers,
+        clock,
+        counters,
+        forwardTimeout=FORWARD_TIMEOUT,
+        queuePackets=QUEUE_PACKETS,
+        queueBytes=QUEUE_BYTES,
+    ):
+        """
+        @param localPeers: an L{relay.interfaces.ILocalPeers}.
+        @param counters: a L{relay.counters.ClusterCounters}.
+        @param queuePackets: most packets waiting for one destination.
+        @param queueBytes: most bytes waiting for all destinations together.
+        """
+        self.transport = transport
+        self.locator = locator
+        self.localPeers = localPeers
+        self.clock = clock
+        self.counters = counters
+        self.forwardTimeout = forwardTimeout
+        self.queuePackets = queuePackets
+        self.queueBytes = queueBytes
+        self._waiting = {}
+        self._waitingBytes = 0
+
+    # ICrossPodForwarder
+
+    def forward(self, destinationID, message):
+        try:
+            self._forward(destinationID, message)
+        except Exception:
+            self.counters.forwards["send_error"] += 1
+            _log.failure("cluster: forwarding to {peer}", peer=frames.humanID(destinationID))
+
+    def _forward(self, destinationID, message):
+        peer = self.localPeers.localPeer(destinationID)
+        if peer is not None:
+            peer.sendMessage(message)
+            self.counters.forwards["ok"] += 1
+            return
+        waiting = self._waiting.get(destinationID)
+        if waiting is not None:
+            self._enqueue(waiting, message)
+            return
+        address = self.locator.cached(destinationID)
+        if address is not None:
+            self._send(destinationID, address, message)
+            return
+        if not self.transport.liveStreams():
+            self.counters.forwards["peer_not_found"] += 1
+            return
+        waiting = self._waiting[destinationID] = _Waiting()
+        self._enqueue(waiting, message)
+        waiting.timer = self.clock.callLater(self.forwardTimeout, self._giveUp, destinationID, waiting)
+        self.locator.lookup(destinationID).addCallback(self._located, destinationID, waiting)
+
+    def _enqueue(self, waiting, message):
+        if len(waiting.packets) >= self.queuePackets or self._waitingBytes + len(message) > self.queueBytes:
+            self.counters.dropped["lookup_queue_full"] += 1
+            return
+        waiting.packets.append(message)
+        self._waitingBytes += len(message)
+
+    def _release(self, destinationID, waiting):
+        """
+        Take C{waiting} out of the queues.
+
+        @return: its packets, or None if it was already released.
+        """
+        if self._waiting.get(destinationID) is not waiting:
+            return None
+        del self._waiting[destinationID]
+        if waiting.timer is not None and waiting.timer.active():
+            waiting.timer.cancel()
+        packets = waiting.packets
+        self._waitingBytes -= sum(len(p) for p in packets)
+        return packets
+
+    def _located(self, address, destinationID, waiting):
+        packets = self._release(destinationID, waiting)
+        if packets is None:
+            return
+        for message in packets:
+            peer = self.localPeers.localPeer(destinationID)
+            if peer is not None:
+                peer.sendMessage(message)
+                self.counters.forwards["ok"] += 1
+            elif address is None:
+                self.counters.forwards["peer_not_found"] += 1
+            else:
+                self._send(destinationID, address, message)
+
+    def _giveUp(self, destinationID, waiting):
+        waiting.timer = None
+        packets = self._release(destinationID, waiting)
+        if packets:
+            _log.debug(
+                "cluster: gave up forwarding {count} packets to {peer}",
+                count=len(packets),
+                peer=frames.humanID(destinationID),
+            )
+            self.counters.forwards["peer_not_found"] += len(packets)
+
+    def _send(self, destinationID, address, message):
+        stream = self.transport.stream(address)
+        if stream is None:
+            self.locator.invalidate(destinationID)
+            self.counters.forwards["stream_gone"] += 1
+            return
+        try:
+            result = stream.send(frames.fwdFrame(destinationID, message), droppable=True)
+        except Exception:
+            self.locator.invalidate(destinationID)
+            self.counters.forwards["send_error"] += 1
+            _log.failure("cluster: FWD to {stream}", stream=stream)
+            return
+        if result == SENT:
+            self.counters.forwards["ok"] += 1
+        elif result == GONE:
+            self.locator.invalidate(destinationID)
+            self.counters.forwards["stream_gone"] += 1
+
+    def locate(self, peerID):
+        if self.localPeers.localPeer(peerID) is not None:
+            return defer.succeed(True)
+        address = self.locator.cached(peerID)
+        if address is not None and self.transport.stream(address) is not None:
+            return defer.succeed(True)
+        d = self.locator.lookup(peerID)
+        d.addCallback(lambda found: found is not None)
+        d.addTimeout(self.forwardTimeout, self.clock)
+        d.addErrback(lambda failure: False)
+        return d
+
+    def peerConnected(self, peer):
+        self.locator.invalidate(peer.peerID)
+        self._broadcast(frames.iHaveFrame(peer.peerID, seqnoOf(peer.registeredAt)))
+
+    def peerDisconnected(self, peer):
+        current = self.localPeers.localPeer(peer.peerID)
+        if current is not None and current is not peer:
+            return
+        self._broadcast(frames.peerGoneFrame(peer.peerID))
+
+    def _broadcast(self, frame):
+        for stream in self.transport.liveStreams():
+            stream.send(frame)
+
+    # IStreamHandler
+
+    def streamUp(self, stream):
+        for peer in list(self.localPeers.localPeers()):
+            stream.send(frames.iHaveFrame(peer.peerID, seqnoOf(peer.registeredAt)))
+
+    def streamDown(self, stream):
+        self.locator.invalidatePod(stream.address)
+
+    def frameReceived(self, stream, frame):
+        if isinstance(frame, frames.Fwd):
+            self._fwdReceived(stream, frame)
+        elif isinstance(frame, frames.WhoHas):
+            self.locator.whoHasReceived(stream, frame.peerID)
+        elif isinstance(frame, frames.IHave):
+            changed, solicited = self.locator.iHaveReceived(stream.address, frame.peerID, frame.seqno)
+            if changed and not solicited:
+                self.localPeers.peerOnlineElsewhere(frame.peerID)
+        elif isinstance(frame, frames.PeerGone):
+            self._peerGoneReceived(stream, frame.peerID)
+
+    def _fwdReceived(self, stream, frame):
+        if not frames.isTransportMessage(frame.message):
+            self.counters.dropped["fwd_not_transport"] += 1
+            _log.debug("cluster: FWD from {stream} carries no Transport message, dropped", stream=stream)
+            return
+        peer = self.localPeers.localPeer(frame.destinationID)
+        if peer is None:
+            self.counters.dropped["fwd_peer_not_here"] += 1
+            _log.debug(
+                "cluster: FWD from {stream} for {peer}, not connected here, dropped",
+                stream=stream,
+                peer=frames.humanID(frame.destinationID),
+            )
+            return
+        peer.sendMessage(frame.message)
+
+    def _peerGoneReceived(self, stream, peerID):
+        entry = self.locator.cachedEntry(peerID)
+        if entry is not None and entry.address != stream.address:
+            # The peer has since been announced by another pod.
+            return
+        self.locator.invalidate(peerID)
+        self.localPeers.peerGoneElsewhere(peerID)
+
+    def stop(self):
+        """
+        Drop every waiting packet (shutdown).
+        """
+        for destinationID, waiting in list(self._waiting.items()):
+            packets = self._release(destinationID, waiting)
+            if packets:
+                self.counters.dropped["shutdown"] += len(packets)
+
+    def waitingPackets(self, destinationID):
+        waiting = self._waiting.get(destinationID)
+        return 0 if waiting is None else len(waiting.packets)
