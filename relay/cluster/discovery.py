@@ -1,0 +1,197 @@
+"""
+Finding sibling pods: a periodic pass over the headless service name.
+
+Every pass (the first at once, then every 10 s) resolves the configured
+names (a comma-separated list of DNS names or IP literals) to all their
+addresses, drops this pod's own IP, and dials each listed address at the
+cluster port. Beyond the original, which only dials addresses that newly
+appear, every listed address without a live stream is dialed again, with an
+exponential backoff after failed dials. Vanished addresses need nothing:
+their streams end by themselves.
+
+A DNS failure is logged at debug and retried at the next pass. C{hasRun}
+tells readiness whether at least one pass has completed.
+"""
+
+import ipaddress
+
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IResolutionReceiver
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from relay.cluster.transport import joinAddress
+
+DISCOVERY_INTERVAL = 10.0
+MAX_BACKOFF = 160.0
+
+_log = Logger()
+
+
+@implementer(IResolutionReceiver)
+class _Addresses:
+    """
+    Collects the addresses of one L{IHostnameResolver} resolution.
+    """
+
+    def __init__(self):
+        self.hosts = []
+        self.done = defer.Deferred()
+
+    def resolutionBegan(self, resolutionInProgress):
+        pass
+
+    def addressResolved(self, address):
+        self.hosts.append(address.host)
+
+    def resolutionComplete(self):
+        self.done.callback(self.hosts)
+
+
+def _ipLiteral(text):
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+class Discovery:
+    """
+    Keep a stream open to every pod the headless name lists.
+    """
+
+    def __init__(
+        self,
+        headless,
+        port,
+        podIP,
+        transport,
+        resolver,
+        clock,
+        interval=DISCOVERY_INTERVAL,
+        maxBackoff=MAX_BACKOFF,
+    ):
+        """
+        @param headless: comma-separated DNS names and/or IP literals.
+        @param port: the cluster port to dial on each address.
+        @param podIP: this pod's IP, never dialed.
+        @param transport: a L{relay.cluster.transport.ClusterTransport}.
+        @param resolver: an L{IHostnameResolver} (C{reactor.nameResolver}).
+        @param clock: an L{IReactorTime}.
+        """
+        self.names = [n.strip() for n in headless.split(",") if n.strip()]
+        self.port = port
+        self.podIP = podIP
+        self._podIP = _ipLiteral(podIP)
+        self.transport = transport
+        self.resolver = resolver
+        self.clock = clock
+        self.interval = interval
+        self.maxBackoff = maxBackoff
+        self.hasRun = False
+        self.known = set()
+        self._failures = {}
+        self._loop = None
+
+    def start(self):
+        if self._loop is not None:
+            return
+        self._loop = LoopingCall(self.runPass)
+        self._loop.clock = self.clock
+        self._loop.start(self.interval, now=True).addErrback(
+            lambda f: _log.failure("cluster discovery stopped", failure=f)
+        )
+
+    def stop(self):
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+
+    # One pass
+
+    def runPass(self):
+        """
+        Resolve, then dial what has no live stream.
+
+        @return: a L{Deferred} firing (never failing) when the pass is done.
+        """
+        d = defer.gatherResults([self._resolve(name) for name in self.names])
+        d.addCallback(self._dialAll)
+        d.addErrback(lambda f: _log.failure("cluster discovery pass failed", failure=f))
+        d.addBoth(self._passDone)
+        return d
+
+    def _passDone(self, result):
+        self.hasRun = True
+
+    def _resolve(self, name):
+        if _ipLiteral(name) is not None:
+            return defer.succeed([name])
+        receiver = _Addresses()
+        d = receiver.done
+        try:
+            self.resolver.resolveHostName(receiver, name, 0, [IPv4Address, IPv6Address], "TCP")
+        except Exception as e:
+            d = defer.fail(e)
+        d.addTimeout(self.interval / 2, self.clock)
+
+        def failed(failure):
+            _log.debug("cluster discovery: resolving {name} failed: {error}", name=name, error=failure.value)
+            return []
+
+        def resolved(hosts):
+            if not hosts:
+                _log.debug("cluster discovery: {name} resolved to no address", name=name)
+            return hosts
+
+        return d.addCallbacks(resolved, failed)
+
+    def _isSelf(self, host):
+        ip = _ipLiteral(host)
+        if ip is not None and self._podIP is not None:
+            return ip == self._podIP
+        return host == self.podIP
+
+    def _dialAll(self, results):
+        addresses = set()
+        for hosts in results:
+            for host in hosts:
+                if host and not self._isSelf(host):
+                    addresses.add(joinAddress(host, self.port))
+        addresses.discard(self.transport.announceAddress)
+        if addresses != self.known:
+            _log.info(
+                "cluster discovery: {names} lists {count} other pods: {addresses}",
+                names=",".join(self.names),
+                count=len(addresses),
+                addresses=" ".join(sorted(addresses)),
+            )
+        self.known = addresses
+        for address in list(self._failures):
+            if address not in addresses:
+                del self._failures[address]
+        now = self.clock.seconds()
+        for address in sorted(addresses):
+            if self.transport.stream(address) is not None or self.transport.isDialing(address):
+                continue
+            failures = self._failures.get(address)
+            if failures is not None and now < failures[1]:
+                continue
+            self.transport.dial(address).addCallbacks(self._dialed, self._dialFailed, (address,), None, (address,))
+
+    def _dialed(self, stream, address):
+        self._failures.pop(address, None)
+
+    def _dialFailed(self, failure, address):
+        count = self._failures.get(address, (0, 0))[0] + 1
+        delay = min(self.interval * 2 ** (count - 1), self.maxBackoff)
+        self._failures[address] = (count, self.clock.seconds() + delay)
+        _log.debug(
+            "cluster discovery: dialing {address} failed ({count} in a row, next in {delay:g} s): {error}",
+            address=address,
+            count=count,
+            delay=delay,
+            error=failure.value,
+        )
