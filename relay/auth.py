@@ -9,13 +9,16 @@ learns who the peer is beyond its id.
 """
 
 import hmac
+import re
 from hashlib import sha256
 
 ALGO_HMAC_SHA256 = 1
 SIGNATURE_SIZE = 32
 MIN_PAYLOAD_SIZE = 10
-# A unix time in decimal never needs more; a longer payload is not a time.
-MAX_PAYLOAD_SIZE = 20
+# Go's strconv.ParseInt(payload, 10, 64): optional sign, decimal digits
+# (leading zeros allowed, so no length limit), within int64.
+_EXPIRY = re.compile(rb"[+-]?[0-9]+\Z")
+INT64_MAX = 2**63 - 1
 
 
 class AuthError(Exception):
@@ -75,12 +78,15 @@ class TokenValidator:
         if token[0] != ALGO_HMAC_SHA256:
             raise AuthError("unknown_algo")
         payload = token[1 + SIGNATURE_SIZE :]
-        if not MIN_PAYLOAD_SIZE <= len(payload) <= MAX_PAYLOAD_SIZE:
+        if len(payload) < MIN_PAYLOAD_SIZE:
             raise AuthError("malformed")
         expected = hmac.new(self._key, payload, sha256).digest()
         if not hmac.compare_digest(token[1 : 1 + SIGNATURE_SIZE], expected):
             raise AuthError("bad_signature")
-        if not payload.isdigit():
+        if not _EXPIRY.match(payload):
             raise AuthError("malformed")
-        if self._clock.seconds() > int(payload):
+        expiry = int(payload)
+        if abs(expiry) > INT64_MAX:
+            raise AuthError("malformed")
+        if self._clock.seconds() > expiry:
             raise AuthError("expired")

@@ -68,6 +68,21 @@ class TokenTests(unittest.TestCase):
         token = b"\x01" + hmac.new(tokenKey("relay-secret"), payload, sha256).digest() + payload
         self.assertEqual(self.reason(token), "malformed")
 
+    def signed(self, payload):
+        return b"\x01" + hmac.new(tokenKey("relay-secret"), payload, sha256).digest() + payload
+
+    def test_leadingZerosAsGoParseInt(self):
+        self.validator.validate(self.signed(b"0" * 100 + str(EXPIRY).encode()))
+
+    def test_signedPlus(self):
+        self.validator.validate(self.signed(b"+" + str(EXPIRY).encode()))
+
+    def test_negativeIsExpired(self):
+        self.assertEqual(self.reason(self.signed(b"-" + str(EXPIRY).encode())), "expired")
+
+    def test_beyondInt64(self):
+        self.assertEqual(self.reason(self.signed(str(2**63).encode())), "malformed")
+
     def test_secretNotInRepr(self):
         self.assertNotIn("relay-secret", repr(self.validator))
         self.assertNotIn("relay-secret", repr(vars(self.validator)))

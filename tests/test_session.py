@@ -7,7 +7,11 @@ from twisted.trial import unittest
 
 from relay import messages as m
 from relay.session import PeerSession
-from tests.helpers import NOW, FakeLink, authMessage, connect, makeRelay
+import hmac
+from hashlib import sha256
+
+from relay.auth import generateToken, tokenKey
+from tests.helpers import NOW, SECRET, FakeLink, authMessage, connect, makeRelay
 
 A, B, C = m.peerID("peer-a"), m.peerID("peer-b"), m.peerID("peer-c")
 
@@ -71,10 +75,13 @@ class HandshakeTests(unittest.TestCase):
     def test_tooLarge(self):
         self.assertRejected(authMessage("peer-a") + b"x" * (213 - 85), "too_large")
 
-    def test_212BytesIsNotTooLarge(self):
-        message = authMessage("peer-a") + b"0" * (212 - 85)
+    def test_212BytesAccepted(self):
+        token = generateToken(SECRET, NOW + 60)
+        payload = token[33:].rjust(212 - 42 - 33, b"0")
+        message = m.encodeAuth(A, token[:1] + hmac.new(tokenKey(SECRET), payload, sha256).digest() + payload)
         self.assertEqual(len(message), 212)
-        self.assertRejected(message, "malformed")
+        session, link = self.handshake(message)
+        self.assertEqual(session.peerID, A)
 
     def test_timeout(self):
         session = PeerSession(self.relay, FakeLink())
