@@ -30,12 +30,7 @@ import ipaddress
 from collections import deque
 
 from twisted.internet import defer
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    connectProtocol,
-)
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
@@ -386,11 +381,28 @@ class ClusterStream(Protocol):
 
 
 class _AcceptingFactory(Factory):
+    noisy = False
+
     def __init__(self, owner):
         self.owner = owner
 
     def buildProtocol(self, addr):
         return ClusterStream(self.owner)
+
+
+class _DialingFactory(Factory):
+    """
+    Builds the one stream of one dial (L{connectProtocol} without the
+    start/stop log lines every re-dial would print).
+    """
+
+    noisy = False
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def buildProtocol(self, addr):
+        return self.stream
 
 
 class ClusterTransport:
@@ -493,8 +505,7 @@ class ClusterTransport:
     def _startDial(self, address):
         stream = ClusterStream(self, dialedAddress=address)
         try:
-            endpoint = self.endpointFactory(address)
-            connecting = connectProtocol(endpoint, stream)
+            connecting = self.endpointFactory(address).connect(_DialingFactory(stream))
         except Exception as e:
             connecting = defer.fail(e)
         self._attempts[address] = connecting

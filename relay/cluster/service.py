@@ -1,0 +1,171 @@
+"""
+The inter-pod fabric as one Twisted service, ready to hang under the relay's
+MultiService.
+
+It assembles the transport (streams), the locator (WHO_HAS / I_HAVE), the
+forwarder (FWD, presence push) and discovery (headless name), listens on the
+cluster port, and is itself the relay's L{ICrossPodForwarder}.
+"""
+
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from relay.cluster.discovery import Discovery
+from relay.cluster.forwarder import Forwarder
+from relay.cluster.locator import Locator
+from relay.cluster.transport import ClusterTransport, joinAddress, splitAddress, tcpEndpoint
+from relay.interfaces import ICrossPodForwarder
+
+_ENDPOINT_PREFIXES = ("tcp:", "tcp6:", "unix:", "systemd:")
+
+_log = Logger()
+
+
+def listeningEndpoint(reactor, listenAddress):
+    """
+    A server endpoint for C{host:port} (empty host: every IPv4 interface;
+    C{[v6]:port} for IPv6), or a Twisted endpoint string such as C{tcp:7090}.
+    """
+    if listenAddress.startswith(_ENDPOINT_PREFIXES):
+        return serverFromString(reactor, listenAddress)
+    if listenAddress.startswith(":"):
+        listenAddress = "0.0.0.0" + listenAddress
+    host, port = splitAddress(listenAddress)
+    if ":" in host:
+        return TCP6ServerEndpoint(reactor, port, interface=host)
+    return TCP4ServerEndpoint(reactor, port, interface=host)
+
+
+@implementer(ICrossPodForwarder)
+class ClusterService(MultiService):
+    """
+    The inter-pod fabric of one relay pod (ADR-0014).
+
+    @ivar transport: the L{ClusterTransport}.
+    @ivar locator: the L{Locator}.
+    @ivar forwarder: the L{Forwarder}.
+    @ivar discovery: the L{Discovery}.
+    @ivar port: the listening port once listening, else None.
+    @ivar whenListening: a L{Deferred} that fires with the listening port
+        (or fails) once L{startService} ran.
+    """
+
+    def __init__(
+        self,
+        localPeers,
+        podIP,
+        clusterPort,
+        listenAddress,
+        headless,
+        secret,
+        discoveryInterval,
+        counters,
+        reactor,
+        lookupObserver=None,
+    ):
+        """
+        @param localPeers: the relay, as L{relay.interfaces.ILocalPeers}.
+        @param podIP: this pod's IP (announced, and never dialed).
+        @param clusterPort: the inter-pod port of every pod (int).
+        @param listenAddress: where to listen, C{host:port} or an endpoint
+            string.
+        @param headless: comma-separated DNS names and/or IP literals
+            listing the pods.
+        @param secret: the cluster secret as given (str or bytes); empty
+            means unsigned HELLO (a warning is logged at start).
+        @param discoveryInterval: seconds between discovery passes.
+        @param counters: a L{relay.counters.ClusterCounters}.
+        @param reactor: provides IReactorTCP, IReactorTime and a
+            C{nameResolver}.
+        @param lookupObserver: called with the seconds of each broadcast
+            lookup, or None.
+        """
+        MultiService.__init__(self)
+        self.reactor = reactor
+        self.listenAddress = listenAddress
+        self.secret = secret
+        self.counters = counters
+        self.announceAddress = joinAddress(podIP, clusterPort)
+        self.transport = ClusterTransport(
+            self.announceAddress,
+            secret,
+            reactor,
+            counters,
+            endpointFactory=lambda address: tcpEndpoint(reactor, address),
+        )
+        self.locator = Locator(self.transport, localPeers, reactor, lookupObserver=lookupObserver)
+        self.forwarder = Forwarder(self.transport, self.locator, localPeers, reactor, counters)
+        self.transport.handler = self.forwarder
+        self.discovery = Discovery(
+            headless,
+            clusterPort,
+            podIP,
+            self.transport,
+            reactor.nameResolver,
+            reactor,
+            interval=discoveryInterval,
+        )
+        self.port = None
+        self.whenListening = None
+
+    def startService(self):
+        MultiService.startService(self)
+        if not self.secret:
+            _log.warn(
+                "cluster: NO CLUSTER SECRET: inter-pod HELLO frames are unsigned and any host that "
+                "reaches the cluster port can join the fabric; restrict it with a NetworkPolicy "
+                "or set a cluster secret"
+            )
+        endpoint = listeningEndpoint(self.reactor, self.listenAddress)
+        self.whenListening = endpoint.listen(self.transport.serverFactory())
+        self.whenListening.addCallbacks(self._listening, self._listenFailed)
+        self.discovery.start()
+
+    def _listening(self, port):
+        self.port = port
+        _log.info(
+            "cluster: listening on {listen}, announcing {announce}",
+            listen=self.listenAddress,
+            announce=self.announceAddress,
+        )
+        return port
+
+    def _listenFailed(self, failure):
+        _log.failure("cluster: cannot listen on {listen}", failure=failure, listen=self.listenAddress)
+        return failure
+
+    def stopService(self):
+        self.discovery.stop()
+        self.forwarder.stop()
+        self.locator.stop()
+        waits = [defer.maybeDeferred(MultiService.stopService, self)]
+        if self.port is not None:
+            port, self.port = self.port, None
+            waits.append(defer.maybeDeferred(port.stopListening))
+        waits.append(self.transport.stop())
+        return defer.DeferredList(waits, consumeErrors=True).addCallback(lambda _: None)
+
+    # Metrics and readiness
+
+    def streamCount(self):
+        return self.transport.streamCount()
+
+    def discoveryHasRun(self):
+        return self.discovery.hasRun
+
+    # ICrossPodForwarder
+
+    def forward(self, destinationID, message):
+        self.forwarder.forward(destinationID, message)
+
+    def locate(self, peerID):
+        return self.forwarder.locate(peerID)
+
+    def peerConnected(self, peer):
+        self.forwarder.peerConnected(peer)
+
+    def peerDisconnected(self, peer):
+        self.forwarder.peerDisconnected(peer)
