@@ -24,11 +24,14 @@ from twisted.logger import (
 )
 from twisted.python import usage
 from twisted.python.components import Componentized
+from twisted.python.failure import Failure
 
 from relay.auth import TokenValidator
+from relay.metrics import RelayMetrics, splitActiveIdle
 from relay.peer import DEFAULT_HIGH_WATER, PeerWebSocketFactory
 from relay.server import ConfigurationError, Relay, instanceURL
 from relay.store import Store
+from relay.web import Readiness, makeMetricsSite
 
 ENV_PREFIX = "OZ_"
 HC_THRESHOLD_VARIABLE = "OZ_RELAY_HC_ATTEMPT_THRESHOLD"
@@ -218,20 +221,27 @@ def makeLogObserver(options, stream=None):
 
 class RelayService(service.MultiService):
     """
-    The whole relay process: peer listener, metrics endpoint, fabric.
+    The whole relay process: the peer listener, the metrics endpoint (a
+    child service) and, in cluster mode, the fabric.
 
-    Shutdown order: stop the fabric, tell every peer Close, then stop
-    listening.
+    Start: the fabric, then the peer listener (bound in
+    C{privilegedStartService}, before twistd drops privileges).
+    Stop: readiness goes 503, the fabric stops, the peer listener closes,
+    every peer is told Close, then the children stop.
     """
 
     _log = Logger()
 
-    def __init__(self, relay, logObserver=None, reactor=None):
+    def __init__(self, relay, peerEndpoint, peerFactory, readiness, logObserver=None, reactor=None, cluster=None):
         super().__init__()
         self.relay = relay
-        self.reactor = reactor
+        self.peerEndpoint = peerEndpoint
+        self.peerFactory = peerFactory
+        self.readiness = readiness
         self.logObserver = logObserver
-        self.peerListener = None
+        self.reactor = reactor
+        self.cluster = cluster
+        self.peerPort = None
 
     def setServiceParent(self, parent):
         # twistd's AppLogger uses an ILogObserver component of the
@@ -241,13 +251,32 @@ class RelayService(service.MultiService):
             parent.setComponent(ILogObserver, self.logObserver)
         super().setServiceParent(parent)
 
+    def privilegedStartService(self):
+        outcome = []
+        self.peerEndpoint.listen(self.peerFactory).addBoth(outcome.append)
+        if not outcome or isinstance(outcome[0], Failure):
+            reason = outcome[0].getErrorMessage() if outcome else "listening did not complete"
+            self._log.critical("cannot start the peer listener: {reason}", reason=reason)
+            raise SystemExit(f"relay: cannot start the peer listener: {reason}")
+        self.peerPort = outcome[0]
+        super().privilegedStartService()
+
     def startService(self):
-        self._log.info("relay instance URL: {url}", url=self.relay.instanceURL)
+        if self.peerPort is None:
+            self.privilegedStartService()
+        if self.cluster is not None:
+            self.cluster.startService()
+        self.readiness.listenerUp = True
+        self._log.info("relay listening on {address}, instance URL {url}", address=_describe(self.peerPort.getHost()), url=self.relay.instanceURL)
         super().startService()
 
     @defer.inlineCallbacks
     def stopService(self):
-        self.relay.draining = True
+        self.readiness.draining = True
+        if self.cluster is not None:
+            yield self.cluster.stopService()
+        if self.peerPort is not None:
+            yield self.peerPort.stopListening()
         yield self.relay.shutdown()
         yield super().stopService()
         # twistd re-raises the signal that stopped it once the reactor is
@@ -257,21 +286,44 @@ class RelayService(service.MultiService):
             self.reactor._exitSignal = None
 
 
+def _describe(address):
+    return f"{getattr(address, 'host', '?')}:{getattr(address, 'port', '?')}"
+
+
+def _peerStats(store, clock):
+    def stats():
+        active, idle = splitActiveIdle((peer.lastTransport for peer in store.peers.values()), clock.seconds())
+        return len(store), active, idle
+
+    return stats
+
+
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
+    store = Store()
     relay = Relay(
         validator=TokenValidator(options["auth-secret"], reactor),
         instanceURL=options["instance-url"],
         clock=reactor,
-        store=Store(),
+        store=store,
         healthCheckThreshold=options["hc-attempt-threshold"],
     )
-    top = RelayService(relay, makeLogObserver(options), reactor)
-    factory = PeerWebSocketFactory(relay, reactor, highWater=options["peer-buffer-limit"])
+    readiness = Readiness(clusterMode=bool(options["cluster-headless"]))
+    metrics = RelayMetrics(relay.counters, _peerStats(store, reactor))
+    relay.recordAuthenticationTime = metrics.recordAuthenticationTime
+    relay.recordStoreTime = metrics.recordStoreTime
     host, port = options["listen"]
-    peers = StreamServerEndpointService(_serverEndpoint(reactor, host, port, options["tls-options"]), factory)
-    peers._raiseSynchronously = True
-    peers.setServiceParent(top)
-    top.peerListener = peers
+    top = RelayService(
+        relay,
+        _serverEndpoint(reactor, host, port, options["tls-options"]),
+        PeerWebSocketFactory(relay, reactor, highWater=options["peer-buffer-limit"]),
+        readiness,
+        logObserver=makeLogObserver(options),
+        reactor=reactor,
+    )
+    top.metrics = metrics
+    if options["metrics-port"]:
+        site = makeMetricsSite(metrics.registry, readiness, reactor=reactor)
+        StreamServerEndpointService(TCP4ServerEndpoint(reactor, options["metrics-port"]), site).setServiceParent(top)
     return top

@@ -135,7 +135,8 @@ class ServiceTests(unittest.TestCase):
         top = makeService(parse(REQUIRED + ["--listen-address", "127.0.0.1:0"]), reactor=clock)
         self.assertIsInstance(top, RelayService)
         self.assertEqual(top.relay.instanceURL, "rel://127.0.0.1:33080")
-        self.assertIs(top.peerListener.parent, top)
+        self.assertIsNone(top.peerPort)
+        self.assertFalse(top.readiness()[0])
 
     def test_logObserverGivenToApplication(self):
         from twisted.application.service import Application
