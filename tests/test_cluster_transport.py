@@ -698,3 +698,15 @@ class RegistryTests(SynchronousTestCase):
         self.assertTrue(tr1.disconnected)
         lose(one)
         self.assertIsNone(self.successResultOf(d))
+
+
+class SocketOptionTests(SynchronousTestCase):
+    def test_noDelayAndKeepAlive(self):
+        owner = makeTransport()
+        proto = owner.serverFactory().buildProtocol(None)
+        tr = StringTransport()
+        options = []
+        tr.setTcpNoDelay = lambda enabled: options.append(("nodelay", enabled))
+        tr.setTcpKeepAlive = lambda enabled: options.append(("keepalive", enabled))
+        proto.makeConnection(tr)
+        self.assertEqual(options, [("nodelay", True), ("keepalive", True)])

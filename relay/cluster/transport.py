@@ -165,6 +165,13 @@ class ClusterStream(Protocol):
     def connectionMade(self):
         self.connected = True
         self.owner._connections.add(self)
+        # Relayed WireGuard packets are small and latency-bound (Go's
+        # net.Conn has no Nagle either); keepalive finds dead peers that
+        # never answer PING.
+        for option in ("setTcpNoDelay", "setTcpKeepAlive"):
+            setter = getattr(self.transport, option, None)
+            if setter is not None:
+                setter(True)
         self.transport.registerProducer(self, True)
         if self.dialedByUs:
             self._write(frames.helloFrame(self.owner.announceAddress, int(self.owner.clock.seconds()), self.owner.secret))
