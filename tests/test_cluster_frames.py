@@ -116,6 +116,14 @@ class FrameReaderTests(SynchronousTestCase):
         e = self.assertRaises(frames.FrameError, frames.encodeFrame, frames.FWD, b"x" * 65536)
         self.assertEqual(e.reason, frames.MALFORMED)
 
+    def test_nextHeader(self):
+        reader = frames.FrameReader()
+        self.assertIsNone(reader.nextHeader())
+        reader.feed(b"\x02\x00")
+        self.assertIsNone(reader.nextHeader())
+        reader.feed(b"\x28")
+        self.assertEqual(reader.nextHeader(), (frames.I_HAVE, 40))
+
     def test_emptyPayload(self):
         self.assertEqual(frames.FrameReader().feed(b"\x20\x00\x00\x21\x00"), [(frames.PING, b"")])
 

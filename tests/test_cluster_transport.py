@@ -710,3 +710,39 @@ class SocketOptionTests(SynchronousTestCase):
         tr.setTcpKeepAlive = lambda enabled: options.append(("keepalive", enabled))
         proto.makeConnection(tr)
         self.assertEqual(options, [("nodelay", True), ("keepalive", True)])
+
+
+class EarlyRejectTests(SynchronousTestCase):
+    """
+    A stranger's first frame is refused from its header alone.
+    """
+
+    def test_notHelloHeader(self):
+        owner = makeTransport()
+        proto, tr = accept(owner)
+        proto.dataReceived(b"\x14\xff\xff" + b"x" * 100)
+        self.assertTrue(tr.disconnecting)
+        self.assertEqual(dict(owner.counters.helloRejects), {frames.FIRST_FRAME_NOT_HELLO: 1})
+        owner.clock.advance(20)
+        self.assertEqual(dict(owner.counters.helloRejects), {frames.FIRST_FRAME_NOT_HELLO: 1})
+
+    def test_oversizedHello(self):
+        owner = makeTransport()
+        proto, tr = accept(owner)
+        proto.dataReceived(b"\x00\x01")
+        self.assertFalse(tr.disconnecting)
+        proto.dataReceived(b"\x2b")  # 299 bytes: one more than the largest HELLO
+        self.assertTrue(tr.disconnecting)
+        self.assertEqual(dict(owner.counters.helloRejects), {frames.MALFORMED: 1})
+        owner.clock.advance(20)
+        self.assertEqual(dict(owner.counters.helloRejects), {frames.MALFORMED: 1})
+
+    def test_largestHelloWaitedFor(self):
+        owner = makeTransport()
+        proto, tr = accept(owner)
+        hello = frames.helloFrame("h" * 250 + ":7090", NOW, SECRET)
+        self.assertEqual(len(hello), 3 + frames.HELLO_MAX_PAYLOAD)
+        proto.dataReceived(hello[:-1])
+        self.assertFalse(tr.disconnecting)
+        proto.dataReceived(hello[-1:])
+        self.assertIs(owner.stream("h" * 250 + ":7090"), proto)

@@ -47,6 +47,7 @@ HELLO_VERSION = 2
 HELLO_HMAC_SIZE = 32
 HELLO_MAX_ADDRESS = 255
 HELLO_WINDOW = 300
+HELLO_MAX_PAYLOAD = 2 + HELLO_MAX_ADDRESS + 8 + 1 + HELLO_HMAC_SIZE
 
 # Transport message header of the peer protocol: version 1, type 3.
 TRANSPORT_HEADER = b"\x01\x03"
@@ -150,6 +151,15 @@ class FrameReader:
         if offset:
             del buffer[:offset]
         return frames
+
+    def nextHeader(self):
+        """
+        @return: C{(frameType, length)} of the frame being reassembled, or
+            None while fewer than C{HEADER_SIZE} bytes are buffered.
+        """
+        if len(self._buffer) < HEADER_SIZE:
+            return None
+        return _HEADER.unpack_from(self._buffer, 0)
 
     def pending(self):
         """

@@ -252,10 +252,13 @@ class ClusterStream(Protocol):
         )
         self.close()
 
-    def _acceptHello(self, frameType, payload):
+    def _helloCancelTimer(self):
         if self._helloTimer is not None and self._helloTimer.active():
             self._helloTimer.cancel()
         self._helloTimer = None
+
+    def _acceptHello(self, frameType, payload):
+        self._helloCancelTimer()
         if frameType != frames.HELLO:
             self._rejectHello(frames.FIRST_FRAME_NOT_HELLO, f"first frame was {frames.frameName(frameType)}")
             return
@@ -278,6 +281,23 @@ class ClusterStream(Protocol):
                 self._acceptHello(frameType, payload)
                 continue
             self._frameReceived(frameType, payload)
+        if not self.established and not self.closing:
+            self._checkHelloHeader()
+
+    def _checkHelloHeader(self):
+        """
+        Refuse a stranger's first frame from its header alone, rather than
+        buffer up to 64 KiB of something that cannot be a HELLO.
+        """
+        header = self._reader.nextHeader()
+        if header is None:
+            return
+        frameType, length = header
+        if frameType != frames.HELLO:
+            self._acceptHello(frameType, b"")
+        elif length > frames.HELLO_MAX_PAYLOAD:
+            self._helloCancelTimer()
+            self._rejectHello(frames.MALFORMED, f"HELLO of {length} bytes")
 
     def _frameReceived(self, frameType, payload):
         if frameType == frames.HELLO:
