@@ -8,6 +8,8 @@ import hashlib
 import hmac
 import struct
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from relay.cluster import frames
@@ -253,3 +255,53 @@ class PayloadTests(SynchronousTestCase):
         e = frames.FrameError(frames.MALFORMED, "why")
         self.assertEqual(str(e), "malformed: why")
         self.assertEqual(str(frames.FrameError(frames.TIMEOUT)), "timeout")
+
+
+class PropertyTests(SynchronousTestCase):
+    """
+    Decoders raise L{frames.FrameError} and nothing else, whatever the bytes;
+    reassembly does not depend on how the bytes are split.
+    """
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.binary(max_size=400), st.sampled_from(["", "cluster-secret"]), st.integers(0, 2**64 - 1))
+    def test_decodeHelloOnlyFrameError(self, payload, secret, now):
+        try:
+            hello = frames.decodeHello(payload, secret, now)
+        except frames.FrameError as e:
+            self.assertIn(e.reason, _HELLO_REASONS)
+        else:
+            self.assertEqual(frames.encodeHello(hello.address, hello.timestamp, secret), payload)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.integers(0, 255), st.binary(max_size=100))
+    def test_decodePayloadOnlyFrameError(self, frameType, payload):
+        try:
+            frames.decodePayload(frameType, payload)
+        except frames.FrameError as e:
+            self.assertEqual(e.reason, frames.MALFORMED)
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        st.lists(st.tuples(st.integers(0, 255), st.binary(max_size=300)), max_size=8),
+        st.lists(st.integers(0, 3000), max_size=10),
+    )
+    def test_anySplit(self, frameList, cuts):
+        data = b"".join(frames.encodeFrame(t, p) for t, p in frameList)
+        reader = frames.FrameReader()
+        out = []
+        previous = 0
+        for cut in sorted(c for c in cuts if c <= len(data)) + [len(data)]:
+            out += reader.feed(data[previous:cut])
+            previous = cut
+        self.assertEqual(out, frameList)
+        self.assertEqual(reader.pending(), 0)
+
+
+_HELLO_REASONS = {
+    frames.HMAC_MISMATCH,
+    frames.UNSIGNED_BUT_REQUIRED,
+    frames.SIGNED_BUT_UNSUPPORTED,
+    frames.STALE_TIMESTAMP,
+    frames.MALFORMED,
+}
