@@ -360,6 +360,39 @@ class HandshakeTests(RelayTestCase):
         self.assertEqual(first, self.authResponse)
 
     @defer.inlineCallbacks
+    def test_fragmentedAuthAccepted(self):
+        """
+        An Auth split over several WebSocket frames (with a ping between
+        them, RFC 6455 5.4) is one message.
+        """
+        client = yield self.upgraded()
+        auth = authMessage(peerID("peer-a"))
+        client.sendFrame(wsraw.OP_BINARY, auth[:10], fin=False)
+        client.sendPing(b"mid")
+        client.sendFrame(wsraw.OP_CONTINUATION, auth[10:50], fin=False)
+        client.sendFrame(wsraw.OP_CONTINUATION, auth[50:], fin=True)
+        self.assertEqual((yield client.nextMessage()), self.authResponse)
+
+    @defer.inlineCallbacks
+    def test_authAndTransportInOneWrite(self):
+        """
+        A Transport written right behind the Auth (same TCP segment, before
+        the AuthResponse) is handled after the handshake and delivered.
+        """
+        b = yield self.peer("peer-b")
+        a = yield self.upgraded()
+        a.sendRaw(
+            wsraw.encodeFrame(wsraw.OP_BINARY, authMessage(peerID("peer-a")))
+            + wsraw.encodeFrame(
+                wsraw.OP_BINARY, transportMessage(peerID("peer-b"), b"right away")
+            )
+        )
+        self.assertEqual((yield a.nextMessage()), self.authResponse)
+        self.assertEqual(
+            (yield b.nextMessage()), transportMessage(peerID("peer-a"), b"right away")
+        )
+
+    @defer.inlineCallbacks
     def test_handshakeAt212BytesAccepted(self):
         """
         A 212-byte Auth is within the handshake limit.  The only way to make
@@ -499,6 +532,17 @@ class HandshakeFailureTests(RelayTestCase):
     def test_firstMessageHuge(self):
         return self._failedHandshake(
             authMessage(peerID("victim")) + b"\x00" * (MAX_MESSAGE + 100)
+        )
+
+    def test_firstMessageOver212BytesFragmented(self):
+        """
+        The 212-byte limit is on the message, not on a frame.
+        """
+        pad = MAX_HANDSHAKE + 1 - (2 + 4 + 36 + 1 + 32) - len(str(EXPIRY))
+        token = makeToken(payload=b"0" * pad + str(EXPIRY).encode())
+        auth = authMessage(peerID("victim"), token)
+        return self._failedHandshake(
+            None, frames=lambda v: v.sendFragmented(auth, [100, 100])
         )
 
     @defer.inlineCallbacks
@@ -773,6 +817,24 @@ class SubscriptionTests(RelayTestCase):
         self.assertEqual((yield a.nextMessage()), peersOnline([c.id]))
 
     @defer.inlineCallbacks
+    def test_subscriberLeaves(self):
+        """
+        A subscriber that leaves is forgotten: the peer it watched comes and
+        goes without trouble for anyone, and a new connection of the
+        subscriber's id starts with no interest.
+        """
+        s = yield self.peer("subscriber")
+        c = yield self.peer("peer-c")
+        s.sendMessage(subscribeMessage([peerID("peer-b")]))
+        yield self.assertAlive(s, c)
+        yield s.abort()
+        b = yield self.peer("peer-b")
+        yield self.assertAlive(b, c)
+        s2 = yield self.peer("subscriber")
+        yield b.abort()
+        yield self.assertAlive(s2, c)  # no PeersWentOffline for s2
+
+    @defer.inlineCallbacks
     def _connectMany(self, count):
         names = ["many-%03d" % i for i in range(count)]
         peers = yield defer.gatherResults([self.peer(n) for n in names])
@@ -857,6 +919,37 @@ class ProtocolErrorTests(RelayTestCase):
             lambda v: v.sendFragmented(
                 transportMessage(peerID("peer-b"), os.urandom(MAX_MESSAGE)),
                 [4000, 4000],
+            )
+        )
+
+    def test_oversize64BitLength(self):
+        """
+        A 70000-byte message (64-bit frame length) is refused, not buffered.
+        """
+        return self._protocolError(
+            lambda v: v.sendMessage(
+                transportMessage(peerID("peer-b"), os.urandom(70000))
+            )
+        )
+
+    def test_unmaskedClientFrame(self):
+        """
+        RFC 6455 5.1: a server closes on an unmasked client frame.
+        """
+        return self._protocolError(
+            lambda v: v.sendFrame(
+                wsraw.OP_BINARY, transportMessage(peerID("peer-b"), b"x"), mask=False
+            )
+        )
+
+    def test_reservedBitsSet(self):
+        """
+        RFC 6455 5.2: RSV bits without a negotiated extension fail the
+        connection.
+        """
+        return self._protocolError(
+            lambda v: v.sendFrame(
+                wsraw.OP_BINARY, transportMessage(peerID("peer-b"), b"x"), rsv=4
             )
         )
 
