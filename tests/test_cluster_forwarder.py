@@ -147,6 +147,16 @@ class ForwardTests(ForwarderTestMixin, SynchronousTestCase):
         self.forwarder.forward(PEER_C, big)
         self.assertEqual(self.forwarder.waitingPackets(PEER_C), 2)
 
+    def test_concurrentLookupsBounded(self):
+        forwarder = Forwarder(self.transport, self.locator, self.local, self.clock, self.counters, maxLookups=2)
+        for peerID in (PEER_A, PEER_B, PEER_C):
+            forwarder.forward(peerID, transportMessage(PEER_A))
+        self.assertEqual(self.counters.dropped["lookup_queue_full"], 1)
+        self.assertEqual(self.b.sent, [frames.whoHasFrame(PEER_A), frames.whoHasFrame(PEER_B)])
+        self.clock.advance(0.2)
+        forwarder.forward(PEER_C, transportMessage(PEER_A))
+        self.assertEqual(self.b.sent[-1], frames.whoHasFrame(PEER_C))
+
     def test_notFound(self):
         for n in range(3):
             self.forwarder.forward(PEER_B, transportMessage(PEER_A, bytes([n])))

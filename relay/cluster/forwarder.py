@@ -31,6 +31,7 @@ from relay.interfaces import ICrossPodForwarder
 FORWARD_TIMEOUT = 5.0
 QUEUE_PACKETS = 16
 QUEUE_BYTES = 2 * 1024 * 1024
+MAX_LOOKUPS = 1024
 
 _log = Logger()
 
@@ -64,12 +65,15 @@ class Forwarder:
         forwardTimeout=FORWARD_TIMEOUT,
         queuePackets=QUEUE_PACKETS,
         queueBytes=QUEUE_BYTES,
+        maxLookups=MAX_LOOKUPS,
     ):
         """
         @param localPeers: an L{relay.interfaces.ILocalPeers}.
         @param counters: a L{relay.counters.ClusterCounters}.
         @param queuePackets: most packets waiting for one destination.
         @param queueBytes: most bytes waiting for all destinations together.
+        @param maxLookups: most destinations being looked up at once (a
+            sender spraying random ids must not start a broadcast each).
         """
         self.transport = transport
         self.locator = locator
@@ -79,6 +83,7 @@ class Forwarder:
         self.forwardTimeout = forwardTimeout
         self.queuePackets = queuePackets
         self.queueBytes = queueBytes
+        self.maxLookups = maxLookups
         self._waiting = {}
         self._waitingBytes = 0
 
@@ -107,6 +112,9 @@ class Forwarder:
             return
         if not self.transport.liveStreams():
             self.counters.forwards["peer_not_found"] += 1
+            return
+        if len(self._waiting) >= self.maxLookups:
+            self.counters.dropped["lookup_queue_full"] += 1
             return
         waiting = self._waiting[destinationID] = _Waiting()
         self._enqueue(waiting, message)
