@@ -5,7 +5,7 @@ joined in memory; and L{relay.cluster.service}, which wires it all.
 """
 
 from twisted.internet import defer
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import CannotListenError, ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
@@ -19,6 +19,7 @@ from relay.cluster.service import ClusterService
 from relay.cluster.transport import GONE, SLOW, ClusterStream, ClusterTransport, IStreamHandler
 from relay.counters import ClusterCounters
 from relay.interfaces import ICrossPodForwarder
+from tests.test_cluster_discovery import FakeResolver
 from tests.test_cluster_locator import FakeLocalPeers, FakePeer, FakeTransport
 from tests.test_cluster_transport import FakeEndpoints, Wire
 
@@ -520,7 +521,7 @@ class ClusterServiceTests(SynchronousTestCase):
         service.startService()
         [(port, factory, backlog, interface)] = self.reactor.tcpServers
         self.assertEqual((port, interface), (7090, "0.0.0.0"))
-        self.assertIsNotNone(self.successResultOf(service.whenListening))
+        self.assertIsNotNone(service.port)
         [(host, port, clientFactory, timeout, bindAddress)] = self.reactor.tcpClients
         self.assertEqual((host, port), ("10.0.0.2", 7090))
         self.assertTrue(service.discoveryHasRun())
@@ -536,6 +537,32 @@ class ClusterServiceTests(SynchronousTestCase):
         self.assertEqual(service.streamCount(), 1)
         accepted = factory.buildProtocol(None)
         self.assertIsInstance(accepted, ClusterStream)
+
+    def test_cannotListen(self):
+        service = self.makeService()
+
+        def refuse(port, factory, backlog=50, interface=""):
+            raise CannotListenError(interface, port, OSError(98, "Address already in use"))
+
+        self.reactor.listenTCP = refuse
+        self.assertRaises(CannotListenError, service.startService)
+        self.assertFalse(service.running)
+        self.assertEqual(self.reactor.tcpClients, [])
+        [critical] = [e for e in self.logged if e.get("log_level") == LogLevel.critical]
+        self.assertIn("Address already in use", critical["reason"])
+
+    def test_whenDiscoveryRan(self):
+        service = self.makeService(headless="relay-internal")
+        service.discovery.resolver = FakeResolver({"relay-internal": ["10.0.0.2"]})
+        service.discovery.resolver.hold.add("relay-internal")
+        d = service.whenDiscoveryRan()
+        service.startService()
+        self.assertNoResult(d)
+        self.assertFalse(service.discoveryHasRun())
+        service.discovery.resolver.held["relay-internal"].resolutionComplete()
+        self.assertIsNone(self.successResultOf(d))
+        self.assertTrue(service.discoveryHasRun())
+        self.assertIsNone(self.successResultOf(service.whenDiscoveryRan()))
 
     def test_emptySecretWarns(self):
         service = self.makeService(secret="")

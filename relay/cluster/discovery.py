@@ -94,6 +94,7 @@ class Discovery:
         self.known = set()
         self._failures = {}
         self._loop = None
+        self._whenRun = []
 
     def start(self):
         if self._loop is not None:
@@ -123,8 +124,21 @@ class Discovery:
         d.addBoth(self._passDone)
         return d
 
+    def whenRun(self):
+        """
+        @return: a L{Deferred} firing once the first pass has completed.
+        """
+        if self.hasRun:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._whenRun.append(d)
+        return d
+
     def _passDone(self, result):
         self.hasRun = True
+        waiters, self._whenRun = self._whenRun, []
+        for d in waiters:
+            d.callback(None)
 
     def _resolve(self, name):
         if _ipLiteral(name) is not None:

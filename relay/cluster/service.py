@@ -11,6 +11,7 @@ from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay.cluster.discovery import Discovery
@@ -48,9 +49,7 @@ class ClusterService(MultiService):
     @ivar locator: the L{Locator}.
     @ivar forwarder: the L{Forwarder}.
     @ivar discovery: the L{Discovery}.
-    @ivar port: the listening port once listening, else None.
-    @ivar whenListening: a L{Deferred} that fires with the listening port
-        (or fails) once L{startService} ran.
+    @ivar port: the listening port once started, else None.
     """
 
     def __init__(
@@ -109,7 +108,6 @@ class ClusterService(MultiService):
             interval=discoveryInterval,
         )
         self.port = None
-        self.whenListening = None
 
     def startService(self):
         MultiService.startService(self)
@@ -119,23 +117,24 @@ class ClusterService(MultiService):
                 "reaches the cluster port can join the fabric; restrict it with a NetworkPolicy "
                 "or set a cluster secret"
             )
-        endpoint = listeningEndpoint(self.reactor, self.listenAddress)
-        self.whenListening = endpoint.listen(self.transport.serverFactory())
-        self.whenListening.addCallbacks(self._listening, self._listenFailed)
-        self.discovery.start()
-
-    def _listening(self, port):
-        self.port = port
+        outcome = []
+        listeningEndpoint(self.reactor, self.listenAddress).listen(self.transport.serverFactory()).addBoth(outcome.append)
+        if not outcome or isinstance(outcome[0], Failure):
+            # Stream endpoints listen at once: refuse to start rather than
+            # run a pod its siblings cannot reach.
+            reason = outcome[0].getErrorMessage() if outcome else "listening did not complete"
+            _log.critical("cluster: cannot listen on {listen}: {reason}", listen=self.listenAddress, reason=reason)
+            MultiService.stopService(self)
+            if outcome:
+                outcome[0].raiseException()
+            raise RuntimeError(f"cluster: listening on {self.listenAddress} did not complete")
+        self.port = outcome[0]
         _log.info(
             "cluster: listening on {listen}, announcing {announce}",
             listen=self.listenAddress,
             announce=self.announceAddress,
         )
-        return port
-
-    def _listenFailed(self, failure):
-        _log.failure("cluster: cannot listen on {listen}", failure=failure, listen=self.listenAddress)
-        return failure
+        self.discovery.start()
 
     def stopService(self):
         self.discovery.stop()
@@ -155,6 +154,13 @@ class ClusterService(MultiService):
 
     def discoveryHasRun(self):
         return self.discovery.hasRun
+
+    def whenDiscoveryRan(self):
+        """
+        @return: a L{Deferred} firing once discovery has completed its first
+            pass (for readiness).
+        """
+        return self.discovery.whenRun()
 
     # ICrossPodForwarder
 
