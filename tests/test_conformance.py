@@ -761,6 +761,32 @@ class SubscriptionTests(RelayTestCase):
         yield self.assertAlive(a, c)
 
     @defer.inlineCallbacks
+    def test_subscribedWhileOnline(self):
+        """
+        The immediate reply to a subscription does not consume the online
+        interest (it is not a "later" coming online): after going offline
+        the id's first return is still reported, once; later returns are
+        not, going offline always is.  (Go: the reply path never touches
+        interestedPeersForOnline.)
+        """
+        a = yield self.peer("peer-a")
+        c = yield self.peer("peer-c")
+        b = yield self.peer("peer-b")
+        a.sendMessage(subscribeMessage([b.id]))
+        self.assertEqual((yield a.nextMessage()), peersOnline([b.id]))
+        yield b.abort()
+        self.assertEqual((yield a.nextMessage()), peersWentOffline([b.id]))
+        b = yield self.peer("peer-b")
+        self.assertEqual((yield a.nextMessage()), peersOnline([b.id]))
+        yield b.abort()
+        self.assertEqual((yield a.nextMessage()), peersWentOffline([b.id]))
+        b = yield self.peer("peer-b")
+        yield self.assertDelivered(b, a)
+        yield b.abort()
+        self.assertEqual((yield a.nextMessage()), peersWentOffline([b.id]))
+        yield self.assertAlive(a, c)
+
+    @defer.inlineCallbacks
     def test_wentOfflineOnWebSocketClose(self):
         a = yield self.peer("peer-a")
         b = yield self.peer("peer-b")
@@ -1071,3 +1097,23 @@ class ReconnectionTests(RelayTestCase):
         # a2 is the registered connection: its leaving is reported.
         yield a2.abort()
         self.assertEqual((yield s.nextMessage()), peersWentOffline([a2.id]))
+
+    @defer.inlineCallbacks
+    def test_replacementCountsAsComingOnline(self):
+        """
+        With online interest still pending (subscribed while peer-a was
+        online), a replacing connection of peer-a is a successful handshake
+        of peer-a, which the Go relay announces as coming online: the
+        subscriber gets PeersOnline once, and no PeersWentOffline for the
+        replaced connection.
+        """
+        a1 = yield self.peer("peer-a")
+        b = yield self.peer("peer-b")
+        s = yield self.peer("subscriber")
+        s.sendMessage(subscribeMessage([a1.id]))
+        self.assertEqual((yield s.nextMessage()), peersOnline([a1.id]))
+        a2 = yield self.peer("peer-a")
+        yield a1.whenClosed()
+        self.assertEqual((yield s.nextMessage()), peersOnline([a2.id]))
+        yield self.assertDelivered(b, s)
+        yield self.assertDelivered(a2, s)
