@@ -1060,6 +1060,27 @@ class HTTPTests(RelayTestCase):
         self.assertEqual(client.status, 403)
 
     @defer.inlineCallbacks
+    def test_originNull403(self):
+        client = yield self.open(extraHeaders=[("Origin", "null")])
+        self.assertEqual(client.status, 403)
+
+    @defer.inlineCallbacks
+    def test_originHostMatchesWhateverTheScheme(self):
+        """
+        Only the Origin's host[:port] is compared with Host (Go's
+        coder/websocket: strings.EqualFold(r.Host, originURL.Host)).
+        """
+        statuses = {}
+        for origin in [
+            "https://127.0.0.1:%d" % (self.relay.port,),
+            "HTTP://127.0.0.1:%d" % (self.relay.port,),
+            "chrome-extension://127.0.0.1:%d" % (self.relay.port,),
+        ]:
+            client = yield self.open(extraHeaders=[("Origin", origin)])
+            statuses[origin] = client.status
+        self.assertEqual(set(statuses.values()), {101}, statuses)
+
+    @defer.inlineCallbacks
     def test_originMatchingHostAccepted(self):
         client = yield self.open(
             extraHeaders=[("Origin", "http://127.0.0.1:%d" % (self.relay.port,))]
