@@ -88,5 +88,6 @@ class TokenValidator:
         expiry = int(payload)
         if abs(expiry) > INT64_MAX:
             raise AuthError("malformed")
-        if self._clock.seconds() > expiry:
+        # Whole seconds, as Go compares time.Now().Unix() with the expiry.
+        if int(self._clock.seconds()) > expiry:
             raise AuthError("expired")

@@ -114,7 +114,7 @@ class PeerSession:
         size = len(message)
         if size >= m.TRANSPORT_HEADER_SIZE and message[1] == m.TRANSPORT and message[0] == m.VERSION:
             if size > m.MAX_MESSAGE_SIZE:
-                self._protocolError("too_large", f"{size}-byte message")
+                self.protocolError("too_large", f"{size}-byte message")
                 return
             relay = self.relay
             relay.counters.transferReceivedBytes += size
@@ -124,10 +124,10 @@ class PeerSession:
         try:
             kind = m.messageType(message)
         except m.MessageError as e:
-            self._protocolError(e.reason, str(e))
+            self.protocolError(e.reason, str(e))
             return
         if size > m.MAX_MESSAGE_SIZE:
-            self._protocolError("too_large", f"{size}-byte message")
+            self.protocolError("too_large", f"{size}-byte message")
         elif kind == m.HEALTH_CHECK:
             self._acked = True
             self._missed = 0
@@ -150,9 +150,9 @@ class PeerSession:
         elif kind == m.AUTH:
             self._log.warn("{peer}: ignored a second auth message", peer=self)
         else:
-            self._protocolError("bad_type", f"{m.NAMES[kind]} after the handshake")
+            self.protocolError("bad_type", f"{m.NAMES[kind]} after the handshake")
 
-    def _protocolError(self, reason, detail):
+    def protocolError(self, reason, detail):
         self._log.warn("{peer}: protocol error, closing: {detail}", peer=self, detail=detail)
         self.relay.counters.protocolErrors[reason] += 1
         self._close()

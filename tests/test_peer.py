@@ -95,7 +95,7 @@ class Peer:
         return self.transport.disconnecting or self.transport.disconnected
 
 
-class WebSocketTests(unittest.TestCase):
+class PeerTestCase(unittest.TestCase):
     def setUp(self):
         self.clock = Clock()
         self.relay = makeRelay(self.clock)
@@ -112,6 +112,14 @@ class WebSocketTests(unittest.TestCase):
         self.assertEqual(peer.messages(), [self.relay.authResponse])
         return peer
 
+    def assertOnlyAClosed(self, a, b):
+        self.assertTrue(a.closed)
+        self.assertFalse(b.closed)
+        b.send(m.encodeTransport(B, b"self"))
+        self.assertEqual(b.messages(), [b"\x01\x03" + B + b"self"])
+
+
+class WebSocketTests(PeerTestCase):
     def test_wrongPathRefused(self):
         peer = self.peer()
         status = peer.upgrade(path="/relay/x")
@@ -148,12 +156,6 @@ class WebSocketTests(unittest.TestCase):
         a = self.authenticated("peer-a")
         a.send(b"are you there", opcode=9)
         self.assertEqual(a.received(), [(10, b"are you there")])
-
-    def assertOnlyAClosed(self, a, b):
-        self.assertTrue(a.closed)
-        self.assertFalse(b.closed)
-        b.send(m.encodeTransport(B, b"self"))
-        self.assertEqual(b.messages(), [b"\x01\x03" + B + b"self"])
 
     def test_textMessageCloses(self):
         a, b = self.authenticated("peer-a"), self.authenticated("peer-b")
@@ -229,3 +231,98 @@ class WebSocketTests(unittest.TestCase):
         self.assertFalse(a.transport.disconnecting)
         self.clock.advance(0.1)
         self.assertTrue(a.closed)
+
+
+class LeanPathTests(PeerTestCase):
+    """
+    The lean frame path against the RFC 6455 cases it must leave to
+    Autobahn or get exactly right itself.
+    """
+
+    def pair(self):
+        return self.authenticated("peer-a"), self.authenticated("peer-b")
+
+    def transports(self, count, size=100):
+        return [m.encodeTransport(B, (b"%05d" % i) * (size // 5)) for i in range(count)]
+
+    def expected(self, sent):
+        return [m.stampTransport(x, A) for x in sent]
+
+    def test_manyFramesInOneRead(self):
+        a, b = self.pair()
+        sent = self.transports(50, size=1400)
+        a.protocol.dataReceived(b"".join(clientFrame(x) for x in sent))
+        self.assertEqual(b.messages(), self.expected(sent))
+
+    def test_splitAtEveryBoundary(self):
+        a, b = self.pair()
+        sent = self.transports(3, size=200) + [m.encodeTransport(B, b"")]
+        stream = b"".join(clientFrame(x) for x in sent)
+        for cut in range(1, len(stream)):
+            a.protocol.dataReceived(stream[:cut])
+            a.protocol.dataReceived(stream[cut:])
+            self.assertEqual(b.messages(), self.expected(sent), f"cut at {cut}")
+
+    def test_byteByByte(self):
+        a, b = self.pair()
+        sent = self.transports(3, size=300)
+        for byte in b"".join(clientFrame(x) for x in sent):
+            a.protocol.dataReceived(bytes((byte,)))
+        self.assertEqual(b.messages(), self.expected(sent))
+
+    def test_controlFrameBetween(self):
+        a, b = self.pair()
+        sent = self.transports(4)
+        a.protocol.dataReceived(clientFrame(sent[0]) + clientFrame(sent[1]) + clientFrame(b"ping!", opcode=9) + clientFrame(sent[2]))
+        a.protocol.dataReceived(clientFrame(sent[3]))
+        self.assertEqual(b.messages(), self.expected(sent))
+        self.assertEqual(a.received(), [(10, b"ping!")])
+
+    def test_fragmentedBetween(self):
+        a, b = self.pair()
+        sent = self.transports(3)
+        a.protocol.dataReceived(
+            clientFrame(sent[0]) + clientFrame(sent[1][:20], fin=False) + clientFrame(sent[1][20:], opcode=0) + clientFrame(sent[2])
+        )
+        self.assertEqual(b.messages(), self.expected(sent))
+
+    def test_sixteenBitLength(self):
+        a, b = self.pair()
+        sent = [m.encodeTransport(B, b"z" * (8820 - 38))]
+        a.send(sent[0])
+        self.assertEqual(b.messages(), self.expected(sent))
+
+    def test_unmaskedFrameFails(self):
+        a, b = self.pair()
+        a.protocol.dataReceived(bytes((0x82, 40)) + m.encodeTransport(B, b"xx"))
+        self.assertOnlyAClosed(a, b)
+
+    def test_reservedBitFails(self):
+        a, b = self.pair()
+        frame = bytearray(clientFrame(m.encodeTransport(B, b"xx")))
+        frame[0] |= 0x40
+        a.protocol.dataReceived(bytes(frame))
+        self.assertOnlyAClosed(a, b)
+
+    def test_framesAfterProtocolErrorIgnored(self):
+        a, b = self.pair()
+        sent = self.transports(2)
+        a.protocol.dataReceived(clientFrame(sent[0]) + clientFrame(b"\x02\x03" + B) + clientFrame(sent[1]))
+        self.assertEqual(b.messages(), self.expected(sent[:1]))
+        self.assertTrue(a.closed)
+
+    def test_closeFrameAnswered(self):
+        a, b = self.pair()
+        a.send((1000).to_bytes(2, "big") + b"bye", opcode=8)
+        frames = a.received()
+        self.assertEqual(frames[0][0], 8)
+        self.assertTrue(a.closed)
+        self.assertFalse(b.closed)
+
+    def test_serverFramesUnmaskedWithMinimalHeader(self):
+        a, b = self.pair()
+        a.send(m.encodeTransport(B, b"x" * 87))
+        raw = b.transport.value()
+        self.assertEqual(raw[:2], bytes((0x82, 125)))
+        a.send(m.encodeTransport(B, b"x" * 88))
+        self.assertEqual(b.transport.value()[127:131], bytes((0x82, 126, 0, 126)))
