@@ -177,7 +177,7 @@ class BackoffTests(SynchronousTestCase):
     def test_backoff(self):
         """
         After n failed dials in a row the address waits interval * 2**(n-1)
-        (at most 160 s); a successful dial resets it.
+        (at most 160 s) from the last dial.
         """
         discovery, streams, resolver, clock = makeDiscovery(table={"relay-internal": ["10.0.0.2"]})
         discovery.start()
@@ -190,9 +190,35 @@ class BackoffTests(SynchronousTestCase):
                 streams.refuse("10.0.0.2:7090")
         gaps = [b - a for a, b in zip(dialTimes, dialTimes[1:])]
         self.assertEqual(gaps[:7], [10, 20, 40, 80, 160, 160, 160])
-        last = dialTimes[-1]
-        clock.advance(last + 160 - clock.seconds())
+        discovery.stop()
+
+    def test_shortLivedStreamsBackOff(self):
+        """
+        A dial that connects but whose stream is gone by the next pass (a
+        sibling refusing our HELLO) backs off like a refused dial.
+        """
+        discovery, streams, resolver, clock = makeDiscovery(table={"relay-internal": ["10.0.0.2"]})
+        discovery.start()
+        dialTimes = []
+        for i in range(80):
+            if streams.pending:
+                dialTimes.append(clock.seconds())
+                streams.connect("10.0.0.2:7090")
+                streams.live.clear()
+            clock.advance(10)
+        gaps = [b - a for a, b in zip(dialTimes, dialTimes[1:])]
+        self.assertEqual(gaps[:6], [10, 20, 40, 80, 160, 160])
+        discovery.stop()
+
+    def test_liveAtAPassResets(self):
+        discovery, streams, resolver, clock = makeDiscovery(table={"relay-internal": ["10.0.0.2"]})
+        discovery.start()
+        streams.refuse("10.0.0.2:7090")
+        clock.advance(10)
+        streams.refuse("10.0.0.2:7090")
+        clock.advance(30)
         streams.connect("10.0.0.2:7090")
+        clock.advance(10)
         streams.live.clear()
         clock.advance(10)
         self.assertIn("10.0.0.2:7090", streams.pending)

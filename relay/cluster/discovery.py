@@ -6,8 +6,9 @@ names (a comma-separated list of DNS names or IP literals) to all their
 addresses, drops this pod's own IP, and dials each listed address at the
 cluster port. Beyond the original, which only dials addresses that newly
 appear, every listed address without a live stream is dialed again, with an
-exponential backoff after failed dials. Vanished addresses need nothing:
-their streams end by themselves.
+exponential backoff after failed dials (a dial that connected but whose stream
+was gone by the next pass, such as one refused at HELLO, counts as failed).
+Vanished addresses need nothing: their streams end by themselves.
 
 A DNS failure is logged at debug and retried at the next pass. C{hasRun}
 tells readiness whether at least one pass has completed.
@@ -48,6 +49,19 @@ class _Addresses:
 
     def resolutionComplete(self):
         self.done.callback(self.hosts)
+
+
+class _Redial:
+    """
+    Dialing history of one listed address without a live stream.
+    """
+
+    __slots__ = ("failures", "dialedAt", "connected")
+
+    def __init__(self):
+        self.failures = 0
+        self.dialedAt = 0.0
+        self.connected = False
 
 
 def _ipLiteral(text):
@@ -92,7 +106,7 @@ class Discovery:
         self.maxBackoff = maxBackoff
         self.hasRun = False
         self.known = set()
-        self._failures = {}
+        self._redial = {}
         self._loop = None
         self._whenRun = []
 
@@ -183,29 +197,41 @@ class Discovery:
                 addresses=" ".join(sorted(addresses)),
             )
         self.known = addresses
-        for address in list(self._failures):
+        for address in list(self._redial):
             if address not in addresses:
-                del self._failures[address]
+                del self._redial[address]
         now = self.clock.seconds()
         for address in sorted(addresses):
-            if self.transport.stream(address) is not None or self.transport.isDialing(address):
+            if self.transport.stream(address) is not None:
+                self._redial.pop(address, None)
                 continue
-            failures = self._failures.get(address)
-            if failures is not None and now < failures[1]:
+            if self.transport.isDialing(address):
                 continue
-            self.transport.dial(address).addCallbacks(self._dialed, self._dialFailed, (address,), None, (address,))
+            state = self._redial.get(address)
+            if state is None:
+                state = self._redial[address] = _Redial()
+            elif state.connected:
+                # Connected, then gone before this pass (refused HELLO, say):
+                # as much a failure as a refused connection.
+                state.connected = False
+                state.failures += 1
+            if state.failures and now < state.dialedAt + self._backoff(state.failures):
+                continue
+            state.dialedAt = now
+            self.transport.dial(address).addCallbacks(self._dialed, self._dialFailed, (state,), None, (address, state))
 
-    def _dialed(self, stream, address):
-        self._failures.pop(address, None)
+    def _backoff(self, failures):
+        return min(self.interval * 2 ** (failures - 1), self.maxBackoff)
 
-    def _dialFailed(self, failure, address):
-        count = self._failures.get(address, (0, 0))[0] + 1
-        delay = min(self.interval * 2 ** (count - 1), self.maxBackoff)
-        self._failures[address] = (count, self.clock.seconds() + delay)
+    def _dialed(self, stream, state):
+        state.connected = True
+
+    def _dialFailed(self, failure, address, state):
+        state.failures += 1
         _log.debug(
             "cluster discovery: dialing {address} failed ({count} in a row, next in {delay:g} s): {error}",
             address=address,
-            count=count,
-            delay=delay,
+            count=state.failures,
+            delay=self._backoff(state.failures),
             error=failure.value,
         )
