@@ -576,6 +576,9 @@ class ClusterServiceTests(SynchronousTestCase):
             ("127.0.0.1:7092", (7092, "127.0.0.1")),
             ("[::]:7093", (7093, "::")),
             ("tcp:7094:interface=127.0.0.2", (7094, "127.0.0.2")),
+            (("10.0.0.1", 7095), (7095, "10.0.0.1")),
+            (("", 7096), (7096, "0.0.0.0")),
+            (("::", 7097), (7097, "::")),
         ):
             self.reactor.tcpServers.clear()
             service = self.makeService(listenAddress=listenAddress, headless="10.0.0.1")

@@ -28,13 +28,18 @@ _log = Logger()
 def listeningEndpoint(reactor, listenAddress):
     """
     A server endpoint for C{host:port} (empty host: every IPv4 interface;
-    C{[v6]:port} for IPv6), or a Twisted endpoint string such as C{tcp:7090}.
+    C{[v6]:port} for IPv6), a C{(host, port)} tuple, or a Twisted endpoint
+    string such as C{tcp:7090}.
     """
-    if listenAddress.startswith(_ENDPOINT_PREFIXES):
+    if isinstance(listenAddress, tuple):
+        host, port = listenAddress
+    elif listenAddress.startswith(_ENDPOINT_PREFIXES):
         return serverFromString(reactor, listenAddress)
-    if listenAddress.startswith(":"):
-        listenAddress = "0.0.0.0" + listenAddress
-    host, port = splitAddress(listenAddress)
+    else:
+        if listenAddress.startswith(":"):
+            listenAddress = "0.0.0.0" + listenAddress
+        host, port = splitAddress(listenAddress)
+    host = host or "0.0.0.0"
     if ":" in host:
         return TCP6ServerEndpoint(reactor, port, interface=host)
     return TCP4ServerEndpoint(reactor, port, interface=host)
@@ -69,8 +74,8 @@ class ClusterService(MultiService):
         @param localPeers: the relay, as L{relay.interfaces.ILocalPeers}.
         @param podIP: this pod's IP (announced, and never dialed).
         @param clusterPort: the inter-pod port of every pod (int).
-        @param listenAddress: where to listen, C{host:port} or an endpoint
-            string.
+        @param listenAddress: where to listen: C{host:port}, C{(host, port)}
+            or an endpoint string.
         @param headless: comma-separated DNS names and/or IP literals
             listing the pods.
         @param secret: the cluster secret as given (str or bytes); empty
@@ -84,6 +89,8 @@ class ClusterService(MultiService):
         """
         MultiService.__init__(self)
         self.reactor = reactor
+        if isinstance(listenAddress, tuple):
+            listenAddress = joinAddress(listenAddress[0] or "0.0.0.0", listenAddress[1])
         self.listenAddress = listenAddress
         self.secret = secret
         self.counters = counters
