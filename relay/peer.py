@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from relay import messages as m
+from relay.limits import ConnectionGate
 from relay.session import PeerSession
 
 try:
@@ -90,26 +91,53 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
     def connectionMade(self):
         super().connectionMade()
         address = self.transport.getPeer()
-        self.peerAddress = f"{getattr(address, 'host', '?')}:{getattr(address, 'port', '?')}"
+        host = getattr(address, "host", "?")
+        self.peerAddress = f"{host}:{getattr(address, 'port', '?')}"
         self._congestion = _Congestion()
         self.transport.registerProducer(self._congestion, True)
         self._closeWaiters = []
+        self._ticket = None
         self.factory.relay.counters.connections[self.transportName] += 1
+        # Behind a trusted proxy the source address is only known from the
+        # upgrade request's X-Real-IP (onConnect).
+        if not self.factory.gate.isTrustedProxy(host) and not self._admit(host):
+            self.transport.abortConnection()
+            return
         # The session starts at TCP accept, so its handshake timeout covers
         # the WebSocket upgrade as well as the wait for Auth.
         self.session = PeerSession(self.factory.relay, self)
+
+    def _admit(self, address):
+        reason = self.factory.gate.admit(address)
+        if reason is not None:
+            self._log.warn("{where}: connection refused: {reason}", where=self.peerAddress, reason=reason)
+            self.factory.relay.counters.handshakeRejects[reason] += 1
+            return False
+        self._ticket = address
+        return True
 
     def connectionLost(self, reason):
         super().connectionLost(reason)
         if self._closeTimeout is not None and self._closeTimeout.active():
             self._closeTimeout.cancel()
         self.factory.relay.counters.connections[self.transportName] -= 1
-        self.session.linkLost()
+        if self._ticket is not None:
+            self.factory.gate.release(self._ticket)
+        if self.session is not None:
+            self.session.linkLost()
         waiters, self._closeWaiters = self._closeWaiters, None
         for d in waiters:
             d.callback(None)
 
     def onConnect(self, request):
+        if self.session is None:
+            raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE)
+        if self._ticket is None:
+            realIP = request.headers.get("x-real-ip", "").strip()
+            if realIP:
+                self.peerAddress = f"{realIP}:{request.headers.get('x-real-port', '?').strip()} via {self.peerAddress}"
+            if not self._admit(realIP or self.transport.getPeer().host):
+                raise ConnectionDeny(429, "too many connections")
         if request.path != PATH:
             self._log.info("{where}: refused WebSocket upgrade for path {path!r}", where=self.peerAddress, path=request.path)
             raise ConnectionDeny(ConnectionDeny.NOT_FOUND)
@@ -124,6 +152,8 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
         self._fast = True
 
     def dataReceived(self, data):
+        if self.session is None:
+            return
         if self._fast:
             data = self._leanFrames(data)
             if not data:
@@ -240,15 +270,17 @@ class PeerWebSocketFactory(WebSocketServerFactory):
     @ivar relay: the L{relay.server.Relay} sessions talk to.
     @ivar highWater: bytes queued for a slow peer beyond Twisted's own buffer
         before further messages to it are dropped.
+    @ivar gate: the L{ConnectionGate} admitting connections by address.
     """
 
     protocol = PeerWebSocketProtocol
     noisy = False
 
-    def __init__(self, relay, reactor, highWater=DEFAULT_HIGH_WATER):
+    def __init__(self, relay, reactor, highWater=DEFAULT_HIGH_WATER, gate=None):
         super().__init__(server="relay", reactor=reactor)
         self.relay = relay
         self.highWater = highWater
+        self.gate = gate if gate is not None else ConnectionGate(relay.limits, reactor)
         # Both handshake timeouts run on the relay's clock instead of
         # Autobahn's (txaio's global loop): the session's 10 s limit starts at
         # TCP accept and covers the upgrade, and closeGracefully bounds the

@@ -17,6 +17,7 @@ from zope.interface import implementer
 from relay import messages as m
 from relay.counters import RelayCounters
 from relay.interfaces import ILocalPeers
+from relay.limits import Limits
 
 SHUTDOWN_WRITE_TIMEOUT = 3.0
 
@@ -67,6 +68,8 @@ class Relay:
     @ivar counters: the L{RelayCounters} the data path increments.
     @ivar recordAuthenticationTime: called with milliseconds per handshake.
     @ivar recordStoreTime: called with milliseconds per store update.
+    @ivar limits: the L{Limits} sessions enforce.
+    @ivar pendingHandshakes: connections that have not authenticated yet.
     """
 
     _log = Logger()
@@ -83,6 +86,8 @@ class Relay:
         self.recordAuthenticationTime = _noop
         self.recordStoreTime = _noop
         self.draining = False
+        self.limits = Limits()
+        self.pendingHandshakes = 0
 
     def register(self, session, startedAt):
         """

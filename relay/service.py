@@ -27,6 +27,7 @@ from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
 from relay.auth import TokenValidator
+from relay.limits import ConnectionGate, Limits, parseNetworks
 from relay.metrics import RelayMetrics, splitActiveIdle
 from relay.peer import DEFAULT_HIGH_WATER, PeerWebSocketFactory
 from relay.server import ConfigurationError, Relay, instanceURL
@@ -101,6 +102,12 @@ class Options(usage.Options):
         ["log-file", None, "console", "'console' for standard output, or a file path."],
         ["log-format", None, "text", "text, or json for one JSON object per line."],
         ["peer-buffer-limit", None, str(DEFAULT_HIGH_WATER), "Bytes queued for one slow peer before messages to it are dropped."],
+        ["max-peers", None, "50000", "Authenticated peers in all; 0 = no limit."],
+        ["max-pending-handshakes", None, "2048", "Connections waiting to authenticate; 0 = no limit."],
+        ["max-connections-per-ip", None, "1000", "Open connections from one source address (CGNAT puts many agents behind one); 0 = no limit."],
+        ["connection-rate-per-ip", None, "100", "New connections per second from one source address (bursts of twice that); 0 = no limit."],
+        ["peer-rate-limit", None, "0", "Inbound transport bytes per second from one peer; excess is dropped; 0 = no limit."],
+        ["trusted-proxies", None, "", "Comma-separated addresses/networks of proxies whose X-Real-IP header names the source address."],
         ["cluster-headless", None, "", "Headless Service name (or comma-separated names/IPs) of the relay pods; empty = single-pod mode."],
         ["cluster-port", None, "7090", "Inter-pod TCP port, the same on every pod."],
         ["cluster-listen-address", None, None, "host:port the inter-pod listener binds (default 0.0.0.0:<cluster-port>)."],
@@ -165,6 +172,20 @@ class Options(usage.Options):
         if self["metrics-port"] > 65535:
             raise usage.UsageError("--metrics-port must be a port number")
         self["peer-buffer-limit"] = _nonNegativeInt(self["peer-buffer-limit"], "peer-buffer-limit")
+        for name in ("max-peers", "max-pending-handshakes", "max-connections-per-ip", "connection-rate-per-ip", "peer-rate-limit"):
+            self[name] = _nonNegativeInt(self[name], name)
+        try:
+            trusted = parseNetworks(self["trusted-proxies"])
+        except ValueError as e:
+            raise usage.UsageError(f"--trusted-proxies: {e}") from None
+        self["limits"] = Limits(
+            maxPeers=self["max-peers"],
+            maxPending=self["max-pending-handshakes"],
+            maxPerIP=self["max-connections-per-ip"],
+            ratePerIP=self["connection-rate-per-ip"],
+            peerByteRate=self["peer-rate-limit"],
+            trustedProxies=trusted,
+        )
         level = self["log-level"].lower()
         if level not in LOG_LEVELS:
             raise usage.UsageError(f"--log-level must be one of trace, debug, info, warn, error, not {self['log-level']!r}")
@@ -266,6 +287,7 @@ class RelayService(service.MultiService):
             self.privilegedStartService()
         if self.cluster is not None:
             self.cluster.startService()
+        self.peerFactory.gate.start()
         self.readiness.listenerUp = True
         self._log.info("relay listening on {address}, instance URL {url}", address=_describe(self.peerPort.getHost()), url=self.relay.instanceURL)
         super().startService()
@@ -277,6 +299,7 @@ class RelayService(service.MultiService):
             yield self.cluster.stopService()
         if self.peerPort is not None:
             yield self.peerPort.stopListening()
+        self.peerFactory.gate.stop()
         yield self.relay.shutdown()
         yield super().stopService()
         # twistd re-raises the signal that stopped it once the reactor is
@@ -309,6 +332,8 @@ def makeService(options, reactor=None):
         store=store,
         healthCheckThreshold=options["hc-attempt-threshold"],
     )
+    relay.limits = options["limits"]
+    gate = ConnectionGate(relay.limits, reactor)
     readiness = Readiness(clusterMode=bool(options["cluster-headless"]))
     metrics = RelayMetrics(relay.counters, _peerStats(store, reactor))
     relay.recordAuthenticationTime = metrics.recordAuthenticationTime
@@ -317,7 +342,7 @@ def makeService(options, reactor=None):
     top = RelayService(
         relay,
         _serverEndpoint(reactor, host, port, options["tls-options"]),
-        PeerWebSocketFactory(relay, reactor, highWater=options["peer-buffer-limit"]),
+        PeerWebSocketFactory(relay, reactor, highWater=options["peer-buffer-limit"], gate=gate),
         readiness,
         logObserver=makeLogObserver(options),
         reactor=reactor,

@@ -20,6 +20,7 @@ from zope.interface import implementer
 from relay import messages as m
 from relay.auth import AuthError
 from relay.interfaces import IPeerConnection
+from relay.limits import TokenBucket
 
 HANDSHAKE_TIMEOUT = 10.0
 HEALTH_CHECK_INTERVAL = 25.0
@@ -53,6 +54,19 @@ class PeerSession:
         self._healthTimeout = None
         self._acked = False
         self._missed = 0
+        self._handshakeTimer = None
+        self._bucket = None
+        self._pending = False
+        limits = relay.limits
+        if limits.maxPending and relay.pendingHandshakes >= limits.maxPending:
+            self._log.warn("{where}: refused: {count} connections already waiting to authenticate", where=link.peerAddress, count=relay.pendingHandshakes)
+            relay.counters.handshakeRejects["max_pending"] += 1
+            self.closed = True
+            self.messageReceived = _ignore
+            link.closeLink()
+            return
+        relay.pendingHandshakes += 1
+        self._pending = True
         self._handshakeTimer = relay.clock.callLater(HANDSHAKE_TIMEOUT, self._handshakeTimedOut)
         self.messageReceived = self._handshake
 
@@ -91,8 +105,16 @@ class PeerSession:
         except (m.MessageError, AuthError) as e:
             self._log.warn("{where}: handshake rejected: {reason}", where=where, reason=e.reason)
             return e.reason
+        relay = self.relay
+        limits = relay.limits
+        if limits.maxPeers and len(relay.store) >= limits.maxPeers and pid not in relay.store.peers:
+            self._log.warn("{where}: handshake rejected: {count} peers connected, the limit", where=where, count=len(relay.store))
+            return "max_peers"
         self._handshakeTimer.cancel()
         self._handshakeTimer = None
+        self._settled()
+        if limits.peerByteRate:
+            self._bucket = TokenBucket(limits.peerByteRate, max(limits.peerByteRate, m.MAX_MESSAGE_SIZE), relay.clock.seconds())
         self.peerID = pid
         self.messageReceived = self._authenticated
         # AuthResponse and registration in one reactor turn: nothing can reach
@@ -117,8 +139,11 @@ class PeerSession:
                 self.protocolError("too_large", f"{size}-byte message")
                 return
             relay = self.relay
+            now = self.lastTransport = relay.clock.seconds()
+            if self._bucket is not None and not self._bucket.take(size, now):
+                relay.counters.dropped["rate_limited"] += 1
+                return
             relay.counters.transferReceivedBytes += size
-            self.lastTransport = relay.clock.seconds()
             relay.route(message[m.HEADER_SIZE : m.TRANSPORT_HEADER_SIZE], message[:m.HEADER_SIZE] + self.peerID + message[m.TRANSPORT_HEADER_SIZE:])
             return
         try:
@@ -233,9 +258,18 @@ class PeerSession:
         """
         self.closed = True
         self._stopTimers()
+        self._settled()
         self.messageReceived = _ignore
         if self.peerID is not None:
             self.relay.unregister(self)
+
+    def _settled(self):
+        """
+        No longer waiting to authenticate (authenticated, or gone).
+        """
+        if self._pending:
+            self._pending = False
+            self.relay.pendingHandshakes -= 1
 
 
 def _ignore(message):

@@ -146,3 +146,21 @@ class ServiceTests(unittest.TestCase):
         top = makeService(parse(REQUIRED), reactor=Clock())
         top.setServiceParent(application)
         self.assertIs(application.getComponent(ILogObserver), top.logObserver)
+
+
+class LimitOptionsTests(unittest.TestCase):
+    def test_defaults(self):
+        limits = parse(REQUIRED)["limits"]
+        self.assertEqual((limits.maxPeers, limits.maxPending, limits.maxPerIP, limits.ratePerIP, limits.peerByteRate), (50000, 2048, 1000, 100, 0))
+        self.assertEqual(limits.trustedProxies, ())
+
+    def test_fromEnvironment(self):
+        limits = parse(REQUIRED, {"OZ_MAX_PEERS": "10", "OZ_TRUSTED_PROXIES": "10.0.0.0/8"})["limits"]
+        self.assertEqual(limits.maxPeers, 10)
+        self.assertEqual(len(limits.trustedProxies), 1)
+
+    def test_invalid(self):
+        e = self.assertRaises(usage.UsageError, parse, REQUIRED + ["--trusted-proxies", "10.0.0.0/33"])
+        self.assertIn("--trusted-proxies", str(e))
+        e = self.assertRaises(usage.UsageError, parse, REQUIRED + ["--max-peers", "-1"])
+        self.assertIn("--max-peers must not be negative", str(e))
