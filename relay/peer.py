@@ -213,7 +213,10 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
 
     def onClose(self, wasClean, code, reason):
         if code is not None and code != 1000 and self.session is not None and not self.session.closed:
-            self._log.warn("{peer}: WebSocket closed with code {code}: {reason}", peer=self.session, code=code, reason=reason)
+            # 1006 (the TCP connection just went away) is how most agents
+            # leave: it is news, not a warning.
+            level = self._log.info if code == 1006 else self._log.warn
+            level("{peer}: WebSocket closed with code {code}: {reason}", peer=self.session, code=code, reason=reason)
             if code == 1009:
                 self.factory.relay.counters.protocolErrors["too_large"] += 1
 

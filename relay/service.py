@@ -27,6 +27,7 @@ from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
 from relay.auth import TokenValidator
+from relay.counters import ClusterCounters
 from relay.limits import ConnectionGate, Limits, parseNetworks
 from relay.metrics import RelayMetrics, splitActiveIdle
 from relay.peer import DEFAULT_HIGH_WATER, PeerWebSocketFactory
@@ -335,7 +336,32 @@ def makeService(options, reactor=None):
     relay.limits = options["limits"]
     gate = ConnectionGate(relay.limits, reactor)
     readiness = Readiness(clusterMode=bool(options["cluster-headless"]))
-    metrics = RelayMetrics(relay.counters, _peerStats(store, reactor))
+    cluster = clusterCounters = None
+    if options["cluster-headless"]:
+        from relay.cluster.service import ClusterService
+
+        clusterCounters = ClusterCounters()
+        cluster = ClusterService(
+            relay,
+            options["pod-ip"],
+            options["cluster-port"],
+            options["cluster-listen"],
+            options["cluster-headless"],
+            options["cluster-auth-secret"],
+            options["cluster-discovery-interval"],
+            clusterCounters,
+            reactor,
+        )
+        relay.forwarder = cluster
+        cluster.whenDiscoveryRan().addCallback(lambda _: setattr(readiness, "discoveryDone", True))
+    metrics = RelayMetrics(
+        relay.counters,
+        _peerStats(store, reactor),
+        clusterCounters,
+        cluster.streamCount if cluster is not None else None,
+    )
+    if cluster is not None:
+        cluster.locator.lookupObserver = metrics.recordLookupDuration
     relay.recordAuthenticationTime = metrics.recordAuthenticationTime
     relay.recordStoreTime = metrics.recordStoreTime
     host, port = options["listen"]
@@ -346,6 +372,7 @@ def makeService(options, reactor=None):
         readiness,
         logObserver=makeLogObserver(options),
         reactor=reactor,
+        cluster=cluster,
     )
     top.metrics = metrics
     if options["metrics-port"]:
