@@ -12,6 +12,7 @@ before a later message from another peer whose sending the server processed
 afterwards; so when that later message arrives first, the other never will.
 """
 
+import atexit
 import hashlib
 import hmac
 import os
@@ -231,14 +232,31 @@ class VectorTests(unittest.SynchronousTestCase):
 class RelayTestCase(unittest.TestCase):
     """
     Base: a fresh relay per test, clients cleaned up before it stops.
+
+    With C{shareRelay}, the tests of a class share one relay (restarted if
+    it died) to save startup time; each test then gets its own peer-id
+    namespace (L{pid}) so that tests cannot see each other's peers.
     """
 
     timeout = 45
+    shareRelay = False
 
     def setUp(self):
-        self.relay = RelayProcess(os.path.abspath(self.mktemp() + ".log"))
-        self.relay.start()
-        self.addCleanup(self._stopRelay)
+        if self.shareRelay:
+            cls = type(self)
+            relay = cls.__dict__.get("_sharedRelay")
+            if relay is None or relay.process.poll() is not None:
+                relay = RelayProcess(os.path.abspath("relay-%s.log" % (cls.__name__,)))
+                relay.start()
+                cls._sharedRelay = relay
+                atexit.register(relay.stop)
+            self.relay = relay
+            self.namespace = hashlib.sha256(self.id().encode()).hexdigest()[:12] + "/"
+        else:
+            self.relay = RelayProcess(os.path.abspath(self.mktemp() + ".log"))
+            self.relay.start()
+            self.addCleanup(self._stopRelay)
+            self.namespace = ""
         self.clients = []
         self.addCleanup(self._dropClients)
         self.instanceURL = b"rel://127.0.0.1:%d" % (self.relay.port,)
@@ -247,6 +265,12 @@ class RelayTestCase(unittest.TestCase):
 
     def _stopRelay(self):
         self.relay.stop()
+
+    def pid(self, name):
+        """
+        The id of C{name} in this test's namespace.
+        """
+        return peerID(self.namespace + name)
 
     def _dropClients(self):
         return defer.DeferredList(
@@ -279,11 +303,11 @@ class RelayTestCase(unittest.TestCase):
         An authenticated peer: asserts the AuthResponse byte for byte.
         """
         client = yield self.upgraded()
-        client.sendMessage(authMessage(peerID(name)))
+        client.sendMessage(authMessage(self.pid(name)))
         response = yield client.nextMessage()
         self.assertEqual(response, self.authResponse)
         client.name = name
-        client.id = peerID(name)
+        client.id = self.pid(name)
         return client
 
     def unique(self, label=b"x"):
@@ -418,6 +442,8 @@ class HandshakeFailureTests(RelayTestCase):
     other authenticated peers keep exchanging traffic.
     """
 
+    shareRelay = True
+
     @defer.inlineCallbacks
     def _failedHandshake(self, first, frames=None):
         a = yield self.peer("peer-a")
@@ -431,28 +457,28 @@ class HandshakeFailureTests(RelayTestCase):
         yield self.assertAlive(a, b)
         # The victim's id was never registered: traffic to it goes nowhere,
         # and a subscription to it reports nothing online.
-        a.sendMessage(subscribeMessage([peerID("victim")]))
+        a.sendMessage(subscribeMessage([self.pid("victim")]))
         yield self.assertDelivered(b, a)
         return victim
 
     def test_wrongVersion(self):
         return self._failedHandshake(
-            msg(AUTH, MAGIC + peerID("victim") + makeToken(), version=2)
+            msg(AUTH, MAGIC + self.pid("victim") + makeToken(), version=2)
         )
 
     def test_versionZero(self):
         return self._failedHandshake(
-            msg(AUTH, MAGIC + peerID("victim") + makeToken(), version=0)
+            msg(AUTH, MAGIC + self.pid("victim") + makeToken(), version=0)
         )
 
     def test_wrongFirstTypeTransport(self):
-        return self._failedHandshake(transportMessage(peerID("peer-a"), b"hello"))
+        return self._failedHandshake(transportMessage(self.pid("peer-a"), b"hello"))
 
     def test_wrongFirstTypeHealthCheck(self):
         return self._failedHandshake(msg(HEALTH_CHECK))
 
     def test_wrongFirstTypeSubscribe(self):
-        return self._failedHandshake(subscribeMessage([peerID("peer-a")]))
+        return self._failedHandshake(subscribeMessage([self.pid("peer-a")]))
 
     def test_shortOnlyHeader(self):
         return self._failedHandshake(msg(AUTH))
@@ -464,14 +490,14 @@ class HandshakeFailureTests(RelayTestCase):
         return self._failedHandshake(msg(AUTH, MAGIC))
 
     def test_shortTruncatedID(self):
-        return self._failedHandshake(msg(AUTH, MAGIC + peerID("victim")[:20]))
+        return self._failedHandshake(msg(AUTH, MAGIC + self.pid("victim")[:20]))
 
     def test_shortNoToken(self):
-        return self._failedHandshake(msg(AUTH, MAGIC + peerID("victim")))
+        return self._failedHandshake(msg(AUTH, MAGIC + self.pid("victim")))
 
     def test_shortTruncatedToken(self):
         return self._failedHandshake(
-            msg(AUTH, MAGIC + peerID("victim") + makeToken()[:20])
+            msg(AUTH, MAGIC + self.pid("victim") + makeToken()[:20])
         )
 
     def test_emptyFirstMessage(self):
@@ -479,17 +505,17 @@ class HandshakeFailureTests(RelayTestCase):
 
     def test_wrongMagic(self):
         return self._failedHandshake(
-            msg(AUTH, b"\x21\x12\xa4\x43" + peerID("victim") + makeToken())
+            msg(AUTH, b"\x21\x12\xa4\x43" + self.pid("victim") + makeToken())
         )
 
     def test_badSignature(self):
         token = bytearray(makeToken())
         token[5] ^= 0x01
-        return self._failedHandshake(authMessage(peerID("victim"), bytes(token)))
+        return self._failedHandshake(authMessage(self.pid("victim"), bytes(token)))
 
     def test_wrongSecret(self):
         return self._failedHandshake(
-            authMessage(peerID("victim"), makeToken(secret=b"other-secret"))
+            authMessage(self.pid("victim"), makeToken(secret=b"other-secret"))
         )
 
     def test_keyIsHashedSecret(self):
@@ -499,24 +525,24 @@ class HandshakeFailureTests(RelayTestCase):
         payload = str(EXPIRY).encode()
         sig = hmac.new(SECRET, payload, hashlib.sha256).digest()
         return self._failedHandshake(
-            authMessage(peerID("victim"), b"\x01" + sig + payload)
+            authMessage(self.pid("victim"), b"\x01" + sig + payload)
         )
 
     def test_expiredToken(self):
         return self._failedHandshake(
-            authMessage(peerID("victim"), makeToken(expiry=int(time.time()) - 60))
+            authMessage(self.pid("victim"), makeToken(expiry=int(time.time()) - 60))
         )
 
     def test_unknownAlgo(self):
-        return self._failedHandshake(authMessage(peerID("victim"), makeToken(algo=2)))
+        return self._failedHandshake(authMessage(self.pid("victim"), makeToken(algo=2)))
 
     def test_algoZero(self):
-        return self._failedHandshake(authMessage(peerID("victim"), makeToken(algo=0)))
+        return self._failedHandshake(authMessage(self.pid("victim"), makeToken(algo=0)))
 
     def test_legacyHello(self):
         # magic, id, then something shaped like gob-encoded auth data.
         gob = bytes.fromhex("1aff8103010108417574684d736701ff8200") + os.urandom(20)
-        return self._failedHandshake(msg(HELLO, MAGIC + peerID("victim") + gob))
+        return self._failedHandshake(msg(HELLO, MAGIC + self.pid("victim") + gob))
 
     def test_firstMessageOver212Bytes(self):
         """
@@ -525,13 +551,13 @@ class HandshakeFailureTests(RelayTestCase):
         """
         pad = MAX_HANDSHAKE + 1 - (2 + 4 + 36 + 1 + 32) - len(str(EXPIRY))
         token = makeToken(payload=b"0" * pad + str(EXPIRY).encode())
-        auth = authMessage(peerID("victim"), token)
+        auth = authMessage(self.pid("victim"), token)
         self.assertEqual(len(auth), MAX_HANDSHAKE + 1)
         return self._failedHandshake(auth)
 
     def test_firstMessageHuge(self):
         return self._failedHandshake(
-            authMessage(peerID("victim")) + b"\x00" * (MAX_MESSAGE + 100)
+            authMessage(self.pid("victim")) + b"\x00" * (MAX_MESSAGE + 100)
         )
 
     def test_firstMessageOver212BytesFragmented(self):
@@ -540,7 +566,7 @@ class HandshakeFailureTests(RelayTestCase):
         """
         pad = MAX_HANDSHAKE + 1 - (2 + 4 + 36 + 1 + 32) - len(str(EXPIRY))
         token = makeToken(payload=b"0" * pad + str(EXPIRY).encode())
-        auth = authMessage(peerID("victim"), token)
+        auth = authMessage(self.pid("victim"), token)
         return self._failedHandshake(
             None, frames=lambda v: v.sendFragmented(auth, [100, 100])
         )
@@ -552,7 +578,7 @@ class HandshakeFailureTests(RelayTestCase):
         even a WebSocket close frame) after the 101.
         """
         victim = yield self._failedHandshake(
-            authMessage(peerID("victim"), makeToken(algo=2))
+            authMessage(self.pid("victim"), makeToken(algo=2))
         )
         self.assertEqual(victim.bytesAfterUpgrade, 0, victim.closeFrames)
 
@@ -913,6 +939,8 @@ class ProtocolErrorTests(RelayTestCase):
     learns it went offline.
     """
 
+    shareRelay = True
+
     @defer.inlineCallbacks
     def _protocolError(self, send):
         a = yield self.peer("peer-a")
@@ -936,14 +964,14 @@ class ProtocolErrorTests(RelayTestCase):
     def test_oversizeMessage(self):
         return self._protocolError(
             lambda v: v.sendMessage(
-                transportMessage(peerID("peer-b"), os.urandom(MAX_MESSAGE - 38 + 1))
+                transportMessage(self.pid("peer-b"), os.urandom(MAX_MESSAGE - 38 + 1))
             )
         )
 
     def test_oversizeFragmented(self):
         return self._protocolError(
             lambda v: v.sendFragmented(
-                transportMessage(peerID("peer-b"), os.urandom(MAX_MESSAGE)),
+                transportMessage(self.pid("peer-b"), os.urandom(MAX_MESSAGE)),
                 [4000, 4000],
             )
         )
@@ -954,7 +982,7 @@ class ProtocolErrorTests(RelayTestCase):
         """
         return self._protocolError(
             lambda v: v.sendMessage(
-                transportMessage(peerID("peer-b"), os.urandom(70000))
+                transportMessage(self.pid("peer-b"), os.urandom(70000))
             )
         )
 
@@ -964,7 +992,7 @@ class ProtocolErrorTests(RelayTestCase):
         """
         return self._protocolError(
             lambda v: v.sendFrame(
-                wsraw.OP_BINARY, transportMessage(peerID("peer-b"), b"x"), mask=False
+                wsraw.OP_BINARY, transportMessage(self.pid("peer-b"), b"x"), mask=False
             )
         )
 
@@ -975,14 +1003,14 @@ class ProtocolErrorTests(RelayTestCase):
         """
         return self._protocolError(
             lambda v: v.sendFrame(
-                wsraw.OP_BINARY, transportMessage(peerID("peer-b"), b"x"), rsv=4
+                wsraw.OP_BINARY, transportMessage(self.pid("peer-b"), b"x"), rsv=4
             )
         )
 
     def test_wrongVersion(self):
         return self._protocolError(
             lambda v: v.sendMessage(
-                msg(TRANSPORT, peerID("peer-b") + b"hello", version=2)
+                msg(TRANSPORT, self.pid("peer-b") + b"hello", version=2)
             )
         )
 
@@ -1002,12 +1030,12 @@ class ProtocolErrorTests(RelayTestCase):
 
     def test_type10PeersOnline(self):
         return self._protocolError(
-            lambda v: v.sendMessage(peersOnline([peerID("peer-b")]))
+            lambda v: v.sendMessage(peersOnline([self.pid("peer-b")]))
         )
 
     def test_type11PeersWentOffline(self):
         return self._protocolError(
-            lambda v: v.sendMessage(peersWentOffline([peerID("peer-b")]))
+            lambda v: v.sendMessage(peersWentOffline([self.pid("peer-b")]))
         )
 
     def test_type12(self):
@@ -1032,6 +1060,171 @@ class ProtocolErrorTests(RelayTestCase):
             lambda v: v.sendMessage(msg(HEALTH_CHECK, version=2))
         )
         self.assertEqual(victim.closeFrames, [])
+
+
+class WireTests(RelayTestCase):
+    """
+    RFC 6455 framing as a relay peer meets it: frame boundaries anywhere,
+    fragments, control frames between them, length encodings.
+    """
+
+    shareRelay = True
+
+    @defer.inlineCallbacks
+    def pair(self):
+        a = yield self.peer("peer-a")
+        b = yield self.peer("peer-b")
+        return a, b
+
+    @defer.inlineCallbacks
+    def test_lengthEncodingBoundaries(self):
+        """
+        Messages of 0..2 around the 7-bit/16-bit length boundary (125, 126,
+        127 bytes) and the largest (8820) cross the relay both ways intact.
+        """
+        a, b = yield self.pair()
+        for size in [38, 39, 124, 125, 126, 127, 128, 4000, 8819, 8820]:
+            payload = os.urandom(size - 38)
+            a.sendMessage(transportMessage(b.id, payload))
+            self.assertEqual((yield b.nextMessage()), transportMessage(a.id, payload))
+            b.sendMessage(transportMessage(a.id, payload))
+            self.assertEqual((yield a.nextMessage()), transportMessage(b.id, payload))
+        self.assertEqual(a.violations + b.violations, [])
+
+    @defer.inlineCallbacks
+    def test_manyFramesInOneWrite(self):
+        a, b = yield self.pair()
+        payloads = [os.urandom(i * 37 % 600) for i in range(200)]
+        a.sendRaw(
+            b"".join(
+                wsraw.encodeFrame(wsraw.OP_BINARY, transportMessage(b.id, p))
+                for p in payloads
+            )
+        )
+        for p in payloads:
+            self.assertEqual((yield b.nextMessage()), transportMessage(a.id, p))
+
+    @defer.inlineCallbacks
+    def test_framesSplitAtEveryByte(self):
+        """
+        Frames arriving a byte at a time (7-bit, 16-bit lengths, and a
+        fragmented message with a ping inside) are reassembled.
+        """
+        a, b = yield self.pair()
+        small = transportMessage(b.id, b"tiny")
+        large = transportMessage(b.id, os.urandom(300))
+        frag = transportMessage(b.id, os.urandom(50))
+        data = (
+            wsraw.encodeFrame(wsraw.OP_BINARY, small)
+            + wsraw.encodeFrame(wsraw.OP_BINARY, large)
+            + wsraw.encodeFrame(wsraw.OP_BINARY, frag[:20], fin=False)
+            + wsraw.encodeFrame(wsraw.OP_PING, b"p")
+            + wsraw.encodeFrame(wsraw.OP_CONTINUATION, frag[20:], fin=True)
+        )
+        yield a.sendSlowly(data, 1)
+        for m in (small, large, frag):
+            self.assertEqual((yield b.nextMessage()), a.id.join([m[:2], m[38:]]))
+        yield self.assertAlive(a, b)
+        self.assertEqual(a.pongs, [b"p"])
+
+    @defer.inlineCallbacks
+    def test_fragmentsWithControlFramesBetween(self):
+        a, b = yield self.pair()
+        m = transportMessage(b.id, os.urandom(1000))
+        a.sendFrame(wsraw.OP_BINARY, m[:1], fin=False)
+        a.sendPing(b"1")
+        a.sendFrame(wsraw.OP_CONTINUATION, m[1:500], fin=False)
+        a.sendFrame(wsraw.OP_PONG, b"unsolicited")
+        a.sendFrame(wsraw.OP_CONTINUATION, b"", fin=False)
+        a.sendPing(b"2")
+        a.sendFrame(wsraw.OP_CONTINUATION, m[500:], fin=True)
+        self.assertEqual((yield b.nextMessage()), transportMessage(a.id, m[38:]))
+        yield self.assertAlive(a, b)
+        self.assertEqual(a.pongs, [b"1", b"2"])
+
+    @defer.inlineCallbacks
+    def test_pingMaximumPayload(self):
+        a, b = yield self.pair()
+        payload = os.urandom(125)
+        a.sendPing(payload)
+        yield self.assertAlive(a, b)
+        self.assertEqual(a.pongs, [payload])
+
+    @defer.inlineCallbacks
+    def test_closeFrameAnswered(self):
+        """
+        RFC 6455 5.5.1: a client's close frame is answered with a close frame,
+        then the server closes the TCP connection.
+        """
+        a, b = yield self.pair()
+        a.sendClose(1000)
+        yield a.whenClosed()
+        self.assertEqual(len(a.closeFrames), 1)
+        self.assertIn(a.closeFrames[0][:2], (b"", b"\x03\xe8"))
+
+    @defer.inlineCallbacks
+    def _wireError(self, send):
+        a = yield self.peer("peer-a")
+        b = yield self.peer("peer-b")
+        victim = yield self.peer("victim")
+        a.sendMessage(subscribeMessage([victim.id]))
+        self.assertEqual((yield a.nextMessage()), peersOnline([victim.id]))
+        seen = len(victim.messages)
+        send(victim, b)
+        yield self.assertClosedSilently(victim, since=seen)
+        self.assertEqual((yield a.nextMessage()), peersWentOffline([victim.id]))
+        yield self.assertAlive(a, b)
+
+    def test_continuationWithoutStart(self):
+        return self._wireError(
+            lambda v, b: v.sendFrame(
+                wsraw.OP_CONTINUATION, transportMessage(b.id, b"x"), fin=True
+            )
+        )
+
+    def test_newMessageInsideFragmentedOne(self):
+        def send(v, b):
+            m = transportMessage(b.id, b"0123456789")
+            v.sendFrame(wsraw.OP_BINARY, m[:10], fin=False)
+            v.sendFrame(wsraw.OP_BINARY, m, fin=True)
+
+        return self._wireError(send)
+
+    def test_textContinuation(self):
+        """
+        A fragmented text message is still a text message: protocol error.
+        """
+
+        def send(v, b):
+            v.sendFrame(wsraw.OP_TEXT, b"\x01\x03", fin=False)
+            v.sendFrame(wsraw.OP_CONTINUATION, b.id + b"hi", fin=True)
+
+        return self._wireError(send)
+
+    def test_fragmentedControlFrame(self):
+        return self._wireError(lambda v, b: v.sendFrame(wsraw.OP_PING, b"x", fin=False))
+
+    def test_controlFrameTooLong(self):
+        return self._wireError(lambda v, b: v.sendPing(b"x" * 126))
+
+    def test_reservedOpcode(self):
+        return self._wireError(
+            lambda v, b: v.sendFrame(0x3, transportMessage(b.id, b"x"))
+        )
+
+    def test_oversizeSplitAtEveryByte(self):
+        """
+        An over-limit message sent slowly is refused as soon as its header
+        shows the length (the relay does not wait for the whole of it).
+        """
+        return self._wireError(
+            lambda v, b: v.sendSlowly(
+                wsraw.encodeFrame(
+                    wsraw.OP_BINARY, transportMessage(b.id, b"\x00" * 9000)
+                )[:64],
+                1,
+            )
+        )
 
 
 class HTTPTests(RelayTestCase):

@@ -381,6 +381,22 @@ class RawWebSocketClient(protocol.Protocol):
     def sendRaw(self, data):
         self.transport.write(data)
 
+    @defer.inlineCallbacks
+    def sendSlowly(self, data, chunkSize=1):
+        """
+        Write C{data} C{chunkSize} bytes at a time, one reactor turn apart
+        and with Nagle off, so the server sees frames split at every byte
+        boundary (partial headers, masks and payloads).
+        """
+        from twisted.internet.task import deferLater
+
+        self.transport.setTcpNoDelay(True)
+        for i in range(0, len(data), chunkSize):
+            if self.isClosed:
+                return
+            self.transport.write(data[i : i + chunkSize])
+            yield deferLater(self.clock, 0, lambda: None)
+
     def abort(self):
         """
         Drop the TCP connection now; returns a Deferred for its end.
