@@ -1,0 +1,1025 @@
+"""
+Peers over QUIC: relay messages in RFC 9221 DATAGRAM frames (PROTOCOL.md 2.3).
+
+Agents race QUIC against WebSocket and keep the winner, so a relay that only
+speaks WebSocket is slower for every agent that would have won with QUIC. This
+module serves the QUIC side on the UDP twin of the peer port: TLS 1.3 with ALPN
+C{nb-quic}, one relay message per DATAGRAM frame, no streams, and every QUIC
+connection is the link of an ordinary L{PeerSession}, so a QUIC peer and a
+WebSocket peer are the same kind of peer to the store and to each other.
+
+aioquic does the QUIC work sans I/O: a L{QuicConnection} per client is fed the
+UDP datagrams for its connection ids and the reactor's timers, and hands back
+datagrams to send. One Twisted L{DatagramProtocol} owns the socket and
+dispatches by destination connection id; there is no asyncio loop and no
+thread. Sending is batched: a write marks its connection dirty and one
+C{callLater(0)} flushes every dirty connection after the current reactor turn,
+so a burst of messages read in one C{doRead} leaves in as few packets as
+congestion control allows.
+
+Sizes follow quic-go as the Go agents configure it: UDP payloads of at most
+1452 bytes (the agents' initial packet size and their read buffer), so a
+message travels only if it fits one packet to that peer; one that does not is
+dropped and counted, never truncated. The advertised C{max_datagram_frame_size}
+admits an 8820-byte relay message; a larger DATAGRAM frame is a protocol
+violation that closes that connection. The idle timeout is quic-go's server
+default (30 s); quic-go agents ask for 4 min and keep alive every
+min(30 s, idle/2), so they ping every 15 s, and the relay's own health check
+(every 25 s) keeps other clients alive.
+
+A few numbers aioquic keeps private are read here (the peer's
+C{max_datagram_frame_size}, its connection id, the pending-datagram queue and
+whether the connection is closing); they are all in L{_QuicDriver}, and the
+supported aioquic range is pinned for them.
+"""
+
+import logging
+import os
+import socket
+import struct
+import time
+from collections import Counter, deque
+
+from aioquic.buffer import Buffer, size_uint_var
+from aioquic.quic import events
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection, QuicConnectionState
+from aioquic.quic.packet import (
+    QuicErrorCode,
+    QuicPacketType,
+    encode_quic_retry,
+    encode_quic_version_negotiation,
+    pull_quic_header,
+)
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from twisted.application import service
+from twisted.internet import defer, error
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
+
+from relay import messages as m
+from relay.auth import generateToken
+from relay.server import ConfigurationError
+from relay.session import PeerSession
+
+# aioquic reports every refused handshake through the standard library's
+# logging; without a handler those lines would reach stderr through Python's
+# last-resort handler, bypassing the relay's log. An application that
+# configures logging still gets them.
+logging.getLogger("quic").addHandler(logging.NullHandler())
+
+ALPN = "nb-quic"
+
+# quic-go's InitialPacketSize as both Go ends set it, and the size of the
+# buffer a Go peer reads each UDP packet into: no packet of ours is larger.
+MAX_UDP_PAYLOAD = 1452
+# RFC 9000 section 14.1: the smallest datagram that may carry a client Initial
+# or earn a Version Negotiation or Retry answer.
+MIN_INITIAL_SIZE = 1200
+# The largest UDP datagram read from the socket (Twisted's default of 8192
+# would cut off a DATAGRAM frame holding an 8820-byte message).
+MAX_READ_SIZE = 65535
+SOCKET_BUFFER_SIZE = 4 * 1024 * 1024
+
+# A DATAGRAM frame (type 0x31, a length, the data) that carries one
+# 8820-byte message: the transport parameter counts the whole frame.
+MAX_DATAGRAM_FRAME_SIZE = 1 + size_uint_var(m.MAX_MESSAGE_SIZE) + m.MAX_MESSAGE_SIZE
+# What quic-go advertises (protocol.MaxDatagramFrameSize); the client helper
+# advertises the same so tests see the relay through an agent's eyes.
+AGENT_MAX_DATAGRAM_FRAME_SIZE = 16383
+
+IDLE_TIMEOUT = 30.0
+CLIENT_IDLE_TIMEOUT = 240.0
+CLIENT_KEEPALIVE = 15.0
+
+CONNECTION_ID_LENGTH = 8
+AEAD_TAG_SIZE = 16
+# A 1-RTT packet's header as aioquic builds it: first byte, the peer's
+# connection id, a 2-byte packet number.
+SHORT_HEADER_SIZE = 3
+
+DEFAULT_HIGH_WATER = 1024 * 1024
+CLOSE_TIMEOUT = 3.0
+RETRY_TOKEN_LIFETIME = 10.0
+
+# Application error codes in CONNECTION_CLOSE. Go agents read 0 as "closed
+# by the server" (relay/client/dialer/quic/conn.go) and anything else as an
+# error; both make them reconnect.
+CLOSE_NORMAL = 0x0
+CLOSE_ERROR = 0x1
+
+
+def _payloadRoom(frameSpace):
+    """
+    The largest datagram payload whose DATAGRAM frame (type, varint length,
+    data) fits in C{frameSpace} bytes.
+    """
+    best = 0
+    for lengthSize in (1, 2, 4):
+        room = frameSpace - 1 - lengthSize
+        if room > best and size_uint_var(room) <= lengthSize:
+            best = room
+    return best
+
+
+def formatAddress(addr):
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def serverConfiguration(certFile, keyFile):
+    """
+    The aioquic configuration of the relay's QUIC listener.
+
+    @raise ConfigurationError: unreadable or invalid certificate or key.
+    """
+    configuration = QuicConfiguration(
+        alpn_protocols=[ALPN],
+        is_client=False,
+        connection_id_length=CONNECTION_ID_LENGTH,
+        idle_timeout=IDLE_TIMEOUT,
+        max_datagram_size=MAX_UDP_PAYLOAD,
+        max_datagram_frame_size=MAX_DATAGRAM_FRAME_SIZE,
+    )
+    try:
+        configuration.load_cert_chain(certFile, keyFile)
+    except OSError as e:
+        raise ConfigurationError(f"cannot read TLS files {certFile!r} / {keyFile!r} for QUIC: {e.strerror}") from None
+    except (ValueError, TypeError, IndexError) as e:
+        raise ConfigurationError(f"invalid TLS certificate or key for QUIC in {certFile!r} / {keyFile!r}: {e}") from None
+    return configuration
+
+
+class _QuicDriver:
+    """
+    Drives one aioquic L{QuicConnection} from Twisted: datagrams in, events
+    out, datagrams to send, and its one timer on the injected clock.
+
+    Subclasses implement C{_event(event)}, C{_scheduleFlush()},
+    C{_sendDatagram(data, addr)} and C{_failed()}.
+    """
+
+    _log = Logger()
+
+    def __init__(self, quic, clock):
+        self.quic = quic
+        self._clock = clock
+        self._timer = None
+        self._dirty = False
+        self._gone = False
+        # aioquic internals, read in this class only.
+        self._pending = quic._datagrams_pending
+        self._queued = deque()
+        self._queuedBytes = 0
+
+    def _isClosing(self):
+        return self.quic._close_event is not None
+
+    def _remoteMaxDatagramFrameSize(self):
+        return self.quic._remote_max_datagram_frame_size
+
+    def _packetRoom(self):
+        """
+        The largest payload of one DATAGRAM frame in a packet to the peer now.
+        """
+        return _payloadRoom(MAX_UDP_PAYLOAD - SHORT_HEADER_SIZE - len(self.quic._peer_cid.cid) - AEAD_TAG_SIZE)
+
+    def _receivedNothing(self):
+        """
+        True while no packet of this connection has decrypted.
+        """
+        return self.quic._state is QuicConnectionState.FIRSTFLIGHT
+
+    # Driving
+
+    def receive(self, data, addr):
+        try:
+            self.quic.receive_datagram(data, addr, self._clock.seconds())
+            self._events()
+        except Exception:
+            self._log.failure("QUIC connection from {where}: failed handling a datagram", where=formatAddress(addr))
+            self._failed()
+        self._needFlush()
+
+    def _events(self):
+        nextEvent = self.quic.next_event
+        event = nextEvent()
+        while event is not None:
+            self._event(event)
+            event = nextEvent()
+
+    def _needFlush(self):
+        if not self._dirty:
+            self._dirty = True
+            self._scheduleFlush()
+
+    def queueDatagram(self, message):
+        self.quic.send_datagram_frame(message)
+        self._queued.append(len(message))
+        self._queuedBytes += len(message)
+        self._needFlush()
+
+    def flush(self):
+        """
+        Send what aioquic has ready and re-arm the timer.
+        """
+        self._dirty = False
+        if self._gone:
+            return
+        try:
+            self._transmit()
+        except Exception:
+            self._log.failure("QUIC connection: failed sending")
+            self._failed()
+        self._armTimer()
+
+    def _transmit(self):
+        send = self._sendDatagram
+        for data, addr in self.quic.datagrams_to_send(self._clock.seconds()):
+            send(data, addr)
+        pending = self._pending
+        queued = self._queued
+        while len(queued) > len(pending):
+            self._queuedBytes -= queued.popleft()
+        if pending and len(pending[0]) > self._packetRoom():
+            # The peer's connection id grew since this message was accepted:
+            # aioquic would retry it forever and hold back the rest.
+            pending.popleft()
+            self._queuedBytes -= queued.popleft()
+            self._droppedTooLarge()
+
+    def _droppedTooLarge(self):
+        pass
+
+    def _armTimer(self):
+        at = self.quic.get_timer()
+        timer = self._timer
+        if at is None:
+            if timer is not None:
+                timer.cancel()
+                self._timer = None
+            return
+        delay = max(0.0, at - self._clock.seconds())
+        if timer is None:
+            self._timer = self._clock.callLater(delay, self._timerFired)
+        elif timer.getTime() != at:
+            timer.reset(delay)
+
+    def _timerFired(self):
+        self._timer = None
+        try:
+            self.quic.handle_timer(self._clock.seconds())
+            self._events()
+        except Exception:
+            self._log.failure("QUIC connection: failed handling its timer")
+            self._failed()
+        self.flush()
+
+    def _stopTimer(self):
+        self._gone = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+class QuicPeerLink(_QuicDriver):
+    """
+    One client's QUIC connection, the link of its L{PeerSession}.
+
+    @ivar session: the L{PeerSession}, from the first valid Initial packet on
+        (its 10 s handshake limit covers the QUIC and TLS handshake too).
+    @ivar connectionIDs: this connection's ids in the protocol's table.
+    """
+
+    transportName = "quic"
+
+    def __init__(self, protocol, quic, addr):
+        super().__init__(quic, protocol.clock)
+        self._protocol = protocol
+        self._relay = protocol.relay
+        self.peerAddress = formatAddress(addr)
+        self.session = None
+        self.connectionIDs = set()
+        self._open = False
+        self._down = False
+        self._graceful = False
+        self._gracefulTimer = None
+        self._frameRoom = 0
+        self._room = 0
+        self._cidLength = None
+        self._closedHere = False
+        self._closeWaiters = []
+
+    def __repr__(self):
+        return f"<QuicPeerLink {self.peerAddress}>"
+
+    def start(self):
+        self._relay.counters.connections[self.transportName] += 1
+        self.session = PeerSession(self._relay, self)
+
+    # Events from aioquic
+
+    def _event(self, event):
+        kind = type(event)
+        if kind is events.DatagramFrameReceived:
+            if self._open:
+                self.session.messageReceived(event.data)
+        elif kind is events.HandshakeCompleted:
+            self._handshakeCompleted()
+        elif kind is events.ConnectionIdIssued:
+            self._protocol.addConnectionID(event.connection_id, self)
+        elif kind is events.ConnectionIdRetired:
+            self._protocol.removeConnectionID(event.connection_id, self)
+        elif kind is events.ConnectionTerminated:
+            self._terminated(event)
+        elif kind in (events.StreamDataReceived, events.StreamReset, events.StopSendingReceived):
+            # The protocol has no streams. A client that opens one is not an
+            # agent; closing at once frees what aioquic would buffer for it.
+            self._protocol.counters["stream_refused"] += 1
+            self._log.info("{where}: QUIC client opened a stream; closing", where=self.peerAddress)
+            self._close(CLOSE_ERROR, "streams are not supported")
+        if not self._down and self._isClosing():
+            self._linkDown()
+
+    def _handshakeCompleted(self):
+        remote = self._remoteMaxDatagramFrameSize()
+        if not remote:
+            self._protocol.counters["no_datagrams"] += 1
+            self._log.info("{where}: QUIC client did not enable datagrams; closing", where=self.peerAddress)
+            self._close(CLOSE_ERROR, "datagrams are required")
+            return
+        self._frameRoom = _payloadRoom(remote)
+        self._open = True
+
+    def _terminated(self, event):
+        if not self._closedHere and (event.error_code != CLOSE_NORMAL or event.reason_phrase == "Idle timeout"):
+            self._log.info(
+                "{where}: QUIC connection ended: code {code:#x} {reason!r}",
+                where=self.peerAddress,
+                code=event.error_code,
+                reason=event.reason_phrase,
+            )
+        self._forget()
+
+    # The link interface of PeerSession
+
+    def writeMessage(self, message):
+        if not self._open:
+            return False
+        size = len(message)
+        if len(self.quic._peer_cid.cid) != self._cidLength:
+            self._cidLength = len(self.quic._peer_cid.cid)
+            self._room = min(self._frameRoom, self._packetRoom())
+        if size > self._room:
+            self._relay.counters.dropped["too_large_for_datagram"] += 1
+            return False
+        if self._queuedBytes + size > self._protocol.highWater:
+            self._relay.counters.dropped["slow_consumer"] += 1
+            return False
+        self.queueDatagram(message)
+        return True
+
+    def closeLink(self):
+        self._close(CLOSE_ERROR, "closed by the relay")
+
+    def closeGracefully(self):
+        """
+        Send Close, then close with code 0 once it has left (or after
+        L{CLOSE_TIMEOUT} if congestion holds it back).
+        """
+        if self._down:
+            return
+        if not self._open:
+            self._close(CLOSE_NORMAL, "relay shutting down")
+            return
+        self._open = False
+        self._graceful = True
+        self.queueDatagram(m.CLOSE_MESSAGE)
+        self._gracefulTimer = self._clock.callLater(CLOSE_TIMEOUT, self._close, CLOSE_NORMAL, "relay shutting down")
+
+    def whenClosed(self):
+        """
+        @return: a Deferred that fires once the connection is closed.
+        """
+        if self._closeWaiters is None:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._closeWaiters.append(d)
+        return d
+
+    # Life and death
+
+    def flush(self):
+        super().flush()
+        if self._graceful and not self._pending:
+            self._close(CLOSE_NORMAL, "relay shutting down")
+
+    def _droppedTooLarge(self):
+        self._relay.counters.dropped["too_large_for_datagram"] += 1
+
+    def _scheduleFlush(self):
+        self._protocol.scheduleFlush(self)
+
+    def _sendDatagram(self, data, addr):
+        self._protocol.sendDatagram(data, addr)
+
+    def _close(self, code, reason):
+        self._open = False
+        self._graceful = False
+        if self._gracefulTimer is not None:
+            if self._gracefulTimer.active():
+                self._gracefulTimer.cancel()
+            self._gracefulTimer = None
+        if not self._isClosing():
+            self._closedHere = True
+            self.quic.close(error_code=code, reason_phrase=reason)
+            self._needFlush()
+        self._linkDown()
+
+    def _failed(self):
+        """
+        aioquic raised: send CONNECTION_CLOSE if it still can, and forget the
+        connection, whose state can no longer be trusted.
+        """
+        try:
+            self._close(QuicErrorCode.INTERNAL_ERROR, "internal error")
+            for data, addr in self.quic.datagrams_to_send(self._clock.seconds()):
+                self._sendDatagram(data, addr)
+        except Exception:
+            self._log.failure("QUIC connection from {where}: failed closing", where=self.peerAddress)
+        self._forget()
+
+    def _linkDown(self):
+        if self._down or self.session is None:
+            return
+        self._down = True
+        self._open = False
+        if self.session is not None:
+            self._relay.counters.connections[self.transportName] -= 1
+            self.session.linkLost()
+        waiters, self._closeWaiters = self._closeWaiters, None
+        for d in waiters:
+            d.callback(None)
+
+    def _forget(self):
+        self._stopTimer()
+        self._protocol.forget(self)
+        self._linkDown()
+
+
+class _RetryTokens:
+    """
+    Address-validation tokens for Retry packets (RFC 9000 section 8.1.2):
+    the client's address, its original destination id, our Retry source id
+    and the time, sealed with a per-process key.
+    """
+
+    def __init__(self, clock):
+        self._clock = clock
+        self._aead = AESGCM(AESGCM.generate_key(bit_length=128))
+
+    def create(self, addr, originalCID, retryCID):
+        plain = _addressBytes(addr) + bytes([len(originalCID)]) + originalCID + bytes([len(retryCID)]) + retryCID + struct.pack("!d", self._clock.seconds())
+        nonce = os.urandom(12)
+        return nonce + self._aead.encrypt(nonce, plain, None)
+
+    def validate(self, addr, destinationCID, token):
+        """
+        @return: the original destination connection id.
+        @raise ValueError: forged, for another address or id, or expired.
+        """
+        try:
+            plain = self._aead.decrypt(token[:12], token[12:], None)
+        except (InvalidTag, ValueError):
+            raise ValueError("invalid token") from None
+        address = _addressBytes(addr)
+        if not plain.startswith(address):
+            raise ValueError("address mismatch")
+        rest = plain[len(address) :]
+        originalCID = rest[1 : 1 + rest[0]]
+        rest = rest[1 + rest[0] :]
+        retryCID = rest[1 : 1 + rest[0]]
+        (issued,) = struct.unpack("!d", rest[1 + rest[0] :])
+        if retryCID != destinationCID:
+            raise ValueError("connection id mismatch")
+        if not 0 <= self._clock.seconds() - issued <= RETRY_TOKEN_LIFETIME:
+            raise ValueError("expired")
+        return originalCID
+
+
+def _addressBytes(addr):
+    host = addr[0].encode("ascii")
+    return bytes([len(host)]) + host + struct.pack("!H", addr[1])
+
+
+class QuicPeerProtocol(DatagramProtocol):
+    """
+    The UDP socket of the QUIC listener: demultiplexes datagrams to
+    connections by destination connection id, and accepts new connections.
+
+    @ivar links: connection id to L{QuicPeerLink}.
+    @ivar counters: packets and connections refused, by reason
+        (C{malformed}, C{unknown_connection}, C{version_negotiation},
+        C{not_initial}, C{initial_too_small}, C{undecryptable_initial},
+        C{retry_sent}, C{invalid_token}, C{stream_refused}, C{no_datagrams},
+        C{send_failed}).
+    """
+
+    _log = Logger()
+    noisy = False
+
+    def __init__(self, relay, clock, configuration, highWater=DEFAULT_HIGH_WATER, retry=False):
+        self.relay = relay
+        self.clock = clock
+        self.configuration = configuration
+        self.highWater = highWater
+        self.links = {}
+        self.counters = Counter()
+        self._retry = _RetryTokens(clock) if retry else None
+        self._dirty = []
+        self._flushCall = None
+
+    def startProtocol(self):
+        sock = getattr(self.transport, "socket", None)
+        if sock is not None:
+            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_SIZE)
+                except OSError:
+                    pass
+
+    def datagramReceived(self, data, addr):
+        try:
+            self._dispatch(data, addr)
+        except Exception:
+            self.counters["malformed"] += 1
+            self._log.failure("QUIC: dropped a datagram from {where}", where=formatAddress(addr))
+
+    def _dispatch(self, data, addr):
+        if not data:
+            self.counters["malformed"] += 1
+            return
+        if not data[0] & 0x80:
+            link = self.links.get(data[1 : 1 + CONNECTION_ID_LENGTH])
+            if link is None:
+                # No stateless reset: aioquic draws its reset tokens at
+                # random per connection, so a forgotten connection cannot
+                # be reset; the client's idle timeout ends it.
+                self.counters["unknown_connection"] += 1
+            else:
+                link.receive(data, addr)
+            return
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=CONNECTION_ID_LENGTH)
+        except ValueError:
+            self.counters["malformed"] += 1
+            return
+        if header.packet_type == QuicPacketType.VERSION_NEGOTIATION:
+            self.counters["malformed"] += 1
+            return
+        if header.version not in self.configuration.supported_versions:
+            if len(data) >= MIN_INITIAL_SIZE:
+                self.counters["version_negotiation"] += 1
+                self.sendDatagram(
+                    encode_quic_version_negotiation(
+                        source_cid=header.destination_cid,
+                        destination_cid=header.source_cid,
+                        supported_versions=self.configuration.supported_versions,
+                    ),
+                    addr,
+                )
+            else:
+                self.counters["malformed"] += 1
+            return
+        link = self.links.get(header.destination_cid)
+        if link is not None:
+            link.receive(data, addr)
+            return
+        if header.packet_type != QuicPacketType.INITIAL:
+            self.counters["not_initial"] += 1
+            return
+        if len(data) < MIN_INITIAL_SIZE:
+            self.counters["initial_too_small"] += 1
+            return
+        self._accept(header, data, addr)
+
+    def _accept(self, header, data, addr):
+        originalCID = header.destination_cid
+        retryCID = None
+        if self._retry is not None:
+            if not header.token:
+                retryCID = os.urandom(CONNECTION_ID_LENGTH)
+                self.counters["retry_sent"] += 1
+                self.sendDatagram(
+                    encode_quic_retry(
+                        version=header.version,
+                        source_cid=retryCID,
+                        destination_cid=header.source_cid,
+                        original_destination_cid=header.destination_cid,
+                        retry_token=self._retry.create(addr, header.destination_cid, retryCID),
+                    ),
+                    addr,
+                )
+                return
+            try:
+                originalCID = self._retry.validate(addr, header.destination_cid, header.token)
+            except ValueError:
+                self.counters["invalid_token"] += 1
+                return
+            retryCID = header.destination_cid
+        quic = QuicConnection(
+            configuration=self.configuration,
+            original_destination_connection_id=originalCID,
+            retry_source_connection_id=retryCID,
+        )
+        link = QuicPeerLink(self, quic, addr)
+        link.receive(data, addr)
+        if link._receivedNothing():
+            # Looked like an Initial, did not decrypt: garbage, or a packet
+            # for a connection this process forgot. Keep no state for it.
+            self.counters["undecryptable_initial"] += 1
+            link._forget()
+            return
+        self.addConnectionID(header.destination_cid, link)
+        self.addConnectionID(quic.host_cid, link)
+        if link._isClosing():
+            # Refused in its first flight (no common ALPN, bad TLS): the
+            # connection stays only to repeat its CONNECTION_CLOSE.
+            self.counters["handshake_failed"] += 1
+            return
+        link.start()
+
+    # For the links
+
+    def addConnectionID(self, cid, link):
+        self.links[cid] = link
+        link.connectionIDs.add(cid)
+
+    def removeConnectionID(self, cid, link):
+        if self.links.get(cid) is link:
+            del self.links[cid]
+        link.connectionIDs.discard(cid)
+
+    def forget(self, link):
+        for cid in link.connectionIDs:
+            if self.links.get(cid) is link:
+                del self.links[cid]
+        link.connectionIDs.clear()
+
+    def scheduleFlush(self, link):
+        self._dirty.append(link)
+        if self._flushCall is None:
+            self._flushCall = self.clock.callLater(0, self.flush)
+
+    def flush(self):
+        self._flushCall = None
+        dirty, self._dirty = self._dirty, []
+        for link in dirty:
+            link.flush()
+
+    def sendDatagram(self, data, addr):
+        if self.transport is None:
+            return
+        try:
+            self.transport.write(data, addr)
+        except (OSError, error.MessageLengthError):
+            # A full socket buffer is packet loss; QUIC recovers from it.
+            self.counters["send_failed"] += 1
+
+    def closeAll(self):
+        """
+        Close every connection now (code 0) and send the CONNECTION_CLOSE
+        frames; forget them all.
+        """
+        links = {id(link): link for link in self.links.values()}.values()
+        for link in list(links):
+            try:
+                link._close(CLOSE_NORMAL, "relay shutting down")
+                link.flush()
+            except Exception:
+                self._log.failure("QUIC: failed closing {link}", link=link)
+            link._forget()
+        if self._flushCall is not None and self._flushCall.active():
+            self._flushCall.cancel()
+        self._flushCall = None
+        self._dirty = []
+
+
+class QuicService(service.Service):
+    """
+    The QUIC listener of the peer port (UDP, same host and port as the
+    WebSocket listener), for a L{relay.server.Relay}.
+
+    Stop it after L{relay.server.Relay.shutdown}, so QUIC peers receive their
+    Close message first; stopping closes whatever is left and frees the port.
+
+    @ivar protocol: the L{QuicPeerProtocol}.
+    @ivar port: the listening UDP port while running.
+    """
+
+    _log = Logger()
+
+    def __init__(self, relay, reactor, host, port, certFile, keyFile, highWater=DEFAULT_HIGH_WATER, retry=False):
+        self.relay = relay
+        self.reactor = reactor
+        self.host = host
+        self.portNumber = port
+        self.certFile = certFile
+        self.keyFile = keyFile
+        self.protocol = QuicPeerProtocol(relay, reactor, serverConfiguration(certFile, keyFile), highWater=highWater, retry=retry)
+        self.port = None
+
+    def privilegedStartService(self):
+        self._listen()
+        super().privilegedStartService()
+
+    def startService(self):
+        if self.port is None:
+            self._listen()
+        super().startService()
+
+    def _listen(self):
+        """
+        @raise twisted.internet.error.CannotListenError: the UDP port is taken.
+        """
+        self.port = self.reactor.listenUDP(self.portNumber, self.protocol, interface=self.host, maxPacketSize=MAX_READ_SIZE)
+        address = self.port.getHost()
+        self._log.info("QUIC listening on udp {address}", address=formatAddress((address.host, address.port)))
+
+    def stopService(self):
+        super().stopService()
+        self.protocol.closeAll()
+        port, self.port = self.port, None
+        if port is None:
+            return defer.succeed(None)
+        return defer.maybeDeferred(port.stopListening)
+
+    def reloadCertificate(self, certFile=None, keyFile=None):
+        """
+        Serve new connections with the certificate now in the files (or in
+        new ones); existing connections keep theirs.
+
+        @raise ConfigurationError: the files are not usable; the old
+            certificate stays in use.
+        """
+        certFile = certFile or self.certFile
+        keyFile = keyFile or self.keyFile
+        self.protocol.configuration = serverConfiguration(certFile, keyFile)
+        self.certFile, self.keyFile = certFile, keyFile
+
+
+# The client side, for tests, the benchmark and probes.
+
+
+class QuicHandshakeFailed(Exception):
+    """
+    The QUIC connection ended before the relay authenticated us.
+
+    @ivar errorCode: the CONNECTION_CLOSE error code.
+    @ivar reason: its reason phrase.
+    """
+
+    def __init__(self, errorCode, reason):
+        super().__init__(f"QUIC connection closed before AuthResponse: code {errorCode:#x} {reason!r}")
+        self.errorCode = errorCode
+        self.reason = reason
+
+
+class QuicRelayClient(_QuicDriver, DatagramProtocol):
+    """
+    One peer's QUIC connection to a relay, as a Go agent makes it.
+
+    The same surface as L{relay.client.RelayClientProtocol}: C{transports}
+    and C{events} queues (or C{onTransport}), C{send}, C{sendRaw},
+    C{subscribe}, C{waitOnline}, C{close}, C{whenLost}.
+
+    @ivar authenticated: fires with this client after the AuthResponse, or
+        fails with L{QuicHandshakeFailed}.
+    @ivar closeEvent: the aioquic C{ConnectionTerminated}, once ended.
+    @ivar autoAuthenticate: send Auth once the QUIC handshake completes
+        (tests turn it off to play a client that never authenticates).
+    """
+
+    noisy = False
+    autoAuthenticate = True
+
+    def __init__(self, clock, serverAddress, peerID, token, configuration):
+        _QuicDriver.__init__(self, QuicConnection(configuration=configuration), clock)
+        self.serverAddress = serverAddress
+        self.peerID = peerID
+        self.token = token
+        self.instanceURL = None
+        self.authenticated = defer.Deferred()
+        self.transports = defer.DeferredQueue()
+        self.events = defer.DeferredQueue()
+        self.onTransport = None
+        self.closeReceived = False
+        self.healthChecks = 0
+        self.answerHealthChecks = True
+        self.closeEvent = None
+        self._keepalive = None
+        self._lostWaiters = []
+        self._portStopped = None
+        self._flushCall = None
+
+    def startProtocol(self):
+        self.quic.connect(self.serverAddress, self._clock.seconds())
+        self._needFlush()
+
+    def datagramReceived(self, data, addr):
+        self.receive(data, addr)
+
+    def _event(self, event):
+        kind = type(event)
+        if kind is events.DatagramFrameReceived:
+            self._message(event.data)
+        elif kind is events.HandshakeCompleted:
+            if self.autoAuthenticate:
+                self.queueDatagram(m.encodeAuth(self.peerID, self.token))
+            self._keepalive = self._clock.callLater(CLIENT_KEEPALIVE, self._ping)
+        elif kind is events.ConnectionTerminated:
+            self._lost(event)
+
+    def _message(self, payload):
+        kind = payload[1] if len(payload) >= 2 else None
+        if self.instanceURL is None:
+            if kind == m.AUTH_RESPONSE:
+                self.instanceURL = m.decodeAuthResponse(payload)
+                self.authenticated.callback(self)
+            return
+        if kind == m.TRANSPORT:
+            if self.onTransport is not None:
+                self.onTransport(payload)
+            else:
+                self.transports.put(m.decodeTransport(payload))
+        elif kind == m.HEALTH_CHECK:
+            self.healthChecks += 1
+            if self.answerHealthChecks:
+                self.sendRaw(m.HEALTH_CHECK_MESSAGE)
+        elif kind == m.PEERS_ONLINE:
+            self.events.put(("online", m.decodeIDList(payload)))
+        elif kind == m.PEERS_WENT_OFFLINE:
+            self.events.put(("offline", m.decodeIDList(payload)))
+        elif kind == m.CLOSE:
+            self.closeReceived = True
+
+    def _ping(self):
+        self._keepalive = None
+        if not self._isClosing():
+            self.quic.send_ping(0)
+            self._needFlush()
+            self._keepalive = self._clock.callLater(CLIENT_KEEPALIVE, self._ping)
+
+    def _lost(self, event):
+        if self._lostWaiters is None:
+            return
+        self.closeEvent = event
+        self._stopTimer()
+        for call in (self._keepalive, self._flushCall):
+            if call is not None and call.active():
+                call.cancel()
+        self._keepalive = self._flushCall = None
+        waiters, self._lostWaiters = self._lostWaiters, None
+        if not self.authenticated.called:
+            self.authenticated.errback(QuicHandshakeFailed(event.error_code, event.reason_phrase))
+        stopped = defer.maybeDeferred(self.transport.stopListening) if self.transport is not None else defer.succeed(None)
+
+        def fire(result):
+            self._portStopped = None
+            for d in waiters:
+                d.callback(None)
+
+        self._portStopped = stopped.addBoth(fire)
+
+    def _failed(self):
+        self._lost(events.ConnectionTerminated(error_code=QuicErrorCode.INTERNAL_ERROR, frame_type=None, reason_phrase="client failure"))
+
+    def _scheduleFlush(self):
+        if self._flushCall is None:
+            self._flushCall = self._clock.callLater(0, self._flushNow)
+
+    def _flushNow(self):
+        self._flushCall = None
+        if self._lostWaiters is not None:
+            self.flush()
+
+    def _sendDatagram(self, data, addr):
+        if self.transport is None:
+            return
+        try:
+            self.transport.write(data, addr)
+        except (OSError, error.MessageLengthError):
+            pass
+
+    # The peer protocol
+
+    def sendRaw(self, message):
+        if self._lostWaiters is not None and not self._isClosing():
+            self.queueDatagram(message)
+
+    def send(self, destinationID, payload):
+        self.sendRaw(m.encodeTransport(destinationID, payload))
+
+    def subscribe(self, ids):
+        for message in m.encodeIDList(m.SUBSCRIBE_PEER_STATE, ids):
+            self.sendRaw(message)
+
+    def unsubscribe(self, ids):
+        for message in m.encodeIDList(m.UNSUBSCRIBE_PEER_STATE, ids):
+            self.sendRaw(message)
+
+    @defer.inlineCallbacks
+    def waitOnline(self, peerID, timeout=10.0):
+        """
+        Subscribe to C{peerID} and wait for the relay to report it online.
+        """
+        self.subscribe([peerID])
+        while True:
+            kind, ids = yield self.events.get().addTimeout(timeout, self._clock)
+            if kind == "online" and peerID in ids:
+                return
+
+    def whenLost(self):
+        """
+        @return: a Deferred firing once the connection has ended and the
+            client's UDP port is closed.
+        """
+        d = defer.Deferred()
+        if self._lostWaiters is not None:
+            self._lostWaiters.append(d)
+        elif self._portStopped is not None:
+            self._portStopped.addBoth(lambda result: d.callback(None))
+        else:
+            d.callback(None)
+        return d
+
+    def abort(self, code=CLOSE_ERROR, reason="aborted"):
+        """
+        Close the QUIC connection at once, without a Close message.
+        """
+        if self._lostWaiters is not None and not self._isClosing():
+            self.quic.close(error_code=code, reason_phrase=reason)
+            self.flush()
+        return self.whenLost()
+
+    def close(self):
+        """
+        Leave: send Close, then close the connection with code 0 once the
+        message has left.
+        """
+        if self._lostWaiters is None or self._isClosing():
+            return self.whenLost()
+        self.sendRaw(m.CLOSE_MESSAGE)
+        self.flush()
+        self.quic.close(error_code=CLOSE_NORMAL, reason_phrase="normal closure")
+        self.flush()
+        return self.whenLost()
+
+
+def clientConfiguration(alpn=ALPN, cafile=None, serverName="localhost", maxDatagramSize=MAX_UDP_PAYLOAD, maxDatagramFrameSize=AGENT_MAX_DATAGRAM_FRAME_SIZE):
+    """
+    An aioquic client configuration shaped like a Go agent's: ALPN
+    C{nb-quic}, 1452-byte packets, datagrams on, 4 min idle timeout.
+
+    @param cafile: the certificate to trust, or None to skip verification.
+    @param alpn: one protocol name or a list (None offers no ALPN).
+    """
+    configuration = QuicConfiguration(
+        alpn_protocols=[alpn] if isinstance(alpn, str) else alpn,
+        is_client=True,
+        idle_timeout=CLIENT_IDLE_TIMEOUT,
+        max_datagram_size=maxDatagramSize,
+        max_datagram_frame_size=maxDatagramFrameSize,
+        server_name=serverName,
+    )
+    if cafile is None:
+        import ssl
+
+        configuration.verify_mode = ssl.CERT_NONE
+    else:
+        configuration.load_verify_locations(cafile=cafile)
+    return configuration
+
+
+def connectQuic(reactor, host, port, peerID, token=None, secret=None, timeout=10.0, configuration=None, **options):
+    """
+    Connect and authenticate one peer over QUIC.
+
+    @param token: the HMAC v2 token, or None to make one from C{secret}.
+    @param configuration: an aioquic client configuration, else one from
+        L{clientConfiguration} with C{options}.
+    @return: a Deferred firing with the authenticated L{QuicRelayClient}.
+    """
+    if token is None:
+        token = generateToken(secret, time.time() + 3600)
+    if configuration is None:
+        configuration = clientConfiguration(**options)
+    client = QuicRelayClient(reactor, (host, port), peerID, token, configuration)
+    reactor.listenUDP(0, client, interface=host, maxPacketSize=MAX_READ_SIZE)
+
+    def timedOut(failure):
+        client.abort(CLOSE_ERROR, "timed out")
+        return failure
+
+    return client.authenticated.addTimeout(timeout, reactor).addErrback(timedOut)

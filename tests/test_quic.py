@@ -1,0 +1,602 @@
+"""
+Peers over QUIC (relay.quic): aioquic connections driven by Twisted.
+
+Most tests run the relay's QUIC protocol and aioquic clients over an
+in-memory datagram network on a L{Clock}, so timeouts are exact and instant;
+the last class runs them over real UDP on 127.0.0.1 beside a WebSocket
+listener sharing the same relay.
+"""
+
+import os
+import socket
+from collections import deque
+
+from aioquic.buffer import Buffer
+from aioquic.quic.packet import QuicErrorCode, QuicProtocolVersion, pull_quic_header
+from aioquic.tls import AlertDescription
+from twisted.internet import defer, reactor, task
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from relay import client
+from relay import messages as m
+from relay import quic
+from relay.auth import TokenValidator, generateToken
+from relay.peer import PeerWebSocketFactory
+from relay.server import ConfigurationError, Relay
+from relay.store import Store
+from tests.certs import writeCertificate
+from tests.helpers import NOW, SECRET, connect, makeRelay
+
+A, B, C = m.peerID("peer-a"), m.peerID("peer-b"), m.peerID("peer-c")
+SERVER = ("127.0.0.1", 4433)
+TOKEN = generateToken(SECRET, NOW + 3600)
+
+
+class FakeUDPTransport:
+    """
+    One endpoint's socket on a L{Network}.
+    """
+
+    def __init__(self, network, addr):
+        self.network = network
+        self.addr = addr
+        self.stopped = False
+
+    def write(self, data, addr):
+        self.network.sent.append((self.addr, addr, bytes(data)))
+
+    def stopListening(self):
+        self.stopped = True
+
+    def getHost(self):
+        return IPv4Address("UDP", *self.addr)
+
+
+class Network:
+    """
+    Datagrams between endpoints, delivered when the test pumps.
+
+    @ivar drop: a callable C{(source, destination, data) -> bool}; true
+        drops the datagram.
+    """
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.sent = deque()
+        self.endpoints = {}
+        self.drop = lambda source, destination, data: False
+
+    def attach(self, protocol, addr):
+        self.endpoints[addr] = protocol
+        protocol.makeConnection(FakeUDPTransport(self, addr))
+        return protocol
+
+    def pump(self, seconds=0.2, step=0.002):
+        """
+        Deliver datagrams and advance the clock for C{seconds}.
+        """
+        for _ in range(int(round(seconds / step))):
+            self.clock.advance(0)
+            while self.sent:
+                source, destination, data = self.sent.popleft()
+                endpoint = self.endpoints.get(destination)
+                if endpoint is not None and not endpoint.transport.stopped and not self.drop(source, destination, data):
+                    endpoint.datagramReceived(data, source)
+                self.clock.advance(0)
+            self.clock.advance(step)
+
+
+class ClockedQuicTests(unittest.TestCase):
+    """
+    The QUIC listener and aioquic clients on one clock and a fake network.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.relay = makeRelay(self.clock)
+        self.cert, self.key, _ = writeCertificate(self.mktemp())
+        self.network = Network(self.clock)
+        self.protocol = self.makeProtocol()
+        self._nextPort = 50000
+
+    def makeProtocol(self, **kwargs):
+        protocol = quic.QuicPeerProtocol(self.relay, self.clock, quic.serverConfiguration(self.cert, self.key), **kwargs)
+        return self.network.attach(protocol, SERVER)
+
+    def client(self, peerID, token=TOKEN, authenticate=True, versions=None, **options):
+        options.setdefault("cafile", self.cert)
+        configuration = quic.clientConfiguration(**options)
+        if versions is not None:
+            configuration.supported_versions = versions
+        self._nextPort += 1
+        peer = quic.QuicRelayClient(self.clock, SERVER, peerID, token, configuration)
+        peer.autoAuthenticate = authenticate
+        peer.addr = ("127.0.0.1", self._nextPort)
+        self.network.attach(peer, peer.addr)
+        return peer
+
+    def connected(self, peerID, **options):
+        peer = self.client(peerID, **options)
+        self.network.pump()
+        self.assertEqual(self.successResultOf(peer.authenticated), peer)
+        return peer
+
+    def test_authenticateAndRelay(self):
+        """
+        Two QUIC peers authenticate, see each other online, and exchange
+        Transport messages whose id field the relay rewrote to the sender.
+        """
+        a = self.connected(A)
+        b = self.connected(B)
+        self.assertEqual(a.instanceURL, self.relay.instanceURL)
+        self.assertEqual(self.relay.counters.connections["quic"], 2)
+        a.subscribe([B])
+        self.network.pump()
+        self.assertEqual(self.successResultOf(a.events.get()), ("online", [B]))
+        for i in range(50):
+            a.send(B, b"ping %d" % i)
+            b.send(A, b"pong %d" % i)
+        self.network.pump()
+        self.assertEqual([self.successResultOf(b.transports.get()) for _ in range(50)], [(A, b"ping %d" % i) for i in range(50)])
+        self.assertEqual([self.successResultOf(a.transports.get()) for _ in range(50)], [(B, b"pong %d" % i) for i in range(50)])
+        self.assertEqual(self.relay.counters.dropped, {})
+
+    def test_quicAndOtherTransport(self):
+        """
+        A QUIC peer and a peer on another link talk through the relay, and a
+        QUIC peer may send the largest relay message (8820 bytes) when its
+        packets are large enough.
+        """
+        a = self.connected(A, maxDatagramSize=9000)
+        session, link = connect(self.relay, "peer-b")
+        a.send(B, b"x" * (m.MAX_MESSAGE_SIZE - m.TRANSPORT_HEADER_SIZE))
+        self.network.pump()
+        self.assertEqual(link.take(), [m.encodeTransport(A, b"x" * (m.MAX_MESSAGE_SIZE - m.TRANSPORT_HEADER_SIZE))])
+        session.messageReceived(m.encodeTransport(A, b"back"))
+        self.network.pump()
+        self.assertEqual(self.successResultOf(a.transports.get()), (B, b"back"))
+
+    def test_oversizedDatagramFrame(self):
+        """
+        A DATAGRAM frame larger than the advertised maximum (one 8820-byte
+        message) is a protocol violation: that connection closes, others
+        carry on.
+        """
+        a = self.connected(A, maxDatagramSize=9100)
+        b = self.connected(B)
+        a.sendRaw(bytes((m.VERSION, m.TRANSPORT)) + B + b"x" * (m.MAX_MESSAGE_SIZE - m.TRANSPORT_HEADER_SIZE + 1))
+        self.network.pump()
+        self.assertEqual(a.closeEvent.error_code, QuicErrorCode.PROTOCOL_VIOLATION)
+        self.assertNotIn(A, self.relay.store.peers)
+        self.assertEqual(self.relay.counters.connections["quic"], 1)
+        c = self.connected(C)
+        c.send(B, b"still here")
+        self.network.pump()
+        self.assertEqual(self.successResultOf(b.transports.get()), (C, b"still here"))
+
+    def test_tooLargeForDestinationDatagram(self):
+        """
+        A message that does not fit one datagram to its destination is
+        dropped and counted, never truncated: the limit is the smaller of
+        the destination's max_datagram_frame_size and a 1452-byte packet.
+        """
+        a = self.connected(A)
+        small = self.connected(B, maxDatagramFrameSize=500)
+        session, link = connect(self.relay, "peer-c")
+        # The frame (type, 2-byte length, data) must fit in 500 bytes.
+        session.messageReceived(m.encodeTransport(B, b"y" * (497 - m.TRANSPORT_HEADER_SIZE)))
+        session.messageReceived(m.encodeTransport(B, b"n" * (498 - m.TRANSPORT_HEADER_SIZE)))
+        # 1452 - 3 - 8 (aioquic's connection id) - 16 (AEAD tag) - 3 (frame) = 1422.
+        session.messageReceived(m.encodeTransport(A, b"y" * (1422 - m.TRANSPORT_HEADER_SIZE)))
+        session.messageReceived(m.encodeTransport(A, b"n" * (1423 - m.TRANSPORT_HEADER_SIZE)))
+        self.network.pump()
+        self.assertEqual(self.successResultOf(small.transports.get()), (C, b"y" * (497 - m.TRANSPORT_HEADER_SIZE)))
+        self.assertEqual(self.successResultOf(a.transports.get()), (C, b"y" * (1422 - m.TRANSPORT_HEADER_SIZE)))
+        self.assertNoResult(small.transports.get())
+        self.assertNoResult(a.transports.get())
+        self.assertEqual(self.relay.counters.dropped["too_large_for_datagram"], 2)
+        self.assertEqual(self.relay.counters.connections["quic"], 2)
+
+    def test_slowConsumer(self):
+        """
+        Messages to a peer that stops acknowledging pile up only to the high
+        water mark; the rest are dropped and counted as slow_consumer.
+        """
+        self.network.endpoints.clear()
+        self.protocol = self.makeProtocol(highWater=20000)
+        a = self.connected(A)
+        b = self.connected(B)
+        self.network.drop = lambda source, destination, data: destination == b.addr
+        for i in range(2000):
+            a.send(B, b"z" * 100)
+            if i % 50 == 0:
+                self.network.pump(0.01)
+        self.network.pump(0.05)
+        dropped = self.relay.counters.dropped["slow_consumer"]
+        self.assertGreater(dropped, 1000)
+        link = self.relay.store.peers[B].link
+        self.assertLessEqual(link._queuedBytes, 20000)
+
+    def test_neverAuthenticates(self):
+        """
+        A client that completes the QUIC handshake but sends no Auth is
+        closed by the session's 10 s handshake timer, with an error code.
+        """
+        silent = self.client(A, authenticate=False)
+        self.network.pump(1.0)
+        self.assertEqual(self.relay.counters.connections["quic"], 1)
+        self.network.pump(9.2)
+        self.assertEqual(silent.closeEvent.error_code, quic.CLOSE_ERROR)
+        self.assertEqual(self.relay.counters.handshakeRejects["timeout"], 1)
+        self.assertEqual(self.relay.counters.connections["quic"], 0)
+        self.failureResultOf(silent.authenticated, quic.QuicHandshakeFailed)
+        self.assertEqual(self.protocol.links, {})
+
+    def test_neverFinishesQuicHandshake(self):
+        """
+        A client whose handshake never completes (only its first Initial
+        arrives) is dropped by the same 10 s timer; nothing is left behind.
+        """
+        peer = self.client(A)
+        first = []
+
+        def dropAfterFirst(source, destination, data):
+            if source == peer.addr:
+                first.append(data)
+                return len(first) > 1
+            return True
+
+        self.network.drop = dropAfterFirst
+        self.network.pump(1.0)
+        self.assertEqual(self.relay.counters.connections["quic"], 1)
+        self.network.pump(10.0)
+        self.assertEqual(self.relay.counters.connections["quic"], 0)
+        self.assertEqual(self.relay.counters.handshakeRejects["timeout"], 1)
+        self.network.pump(5.0)
+        self.assertEqual(self.protocol.links, {})
+
+    def test_wrongALPN(self):
+        """
+        A client offering another ALPN, or none, fails the TLS handshake
+        (no_application_protocol) and never reaches the relay.
+        """
+        for alpn in ("h3", None):
+            peer = self.client(A, alpn=alpn)
+            self.network.pump(1.0)
+            failure = self.failureResultOf(peer.authenticated, quic.QuicHandshakeFailed)
+            self.assertEqual(failure.value.errorCode, QuicErrorCode.CRYPTO_ERROR + AlertDescription.no_application_protocol)
+        self.assertEqual(self.protocol.counters["handshake_failed"], 2)
+        self.assertEqual(self.relay.counters.connections["quic"], 0)
+        self.assertEqual(self.relay.store.peers, {})
+        self.network.pump(2.0)
+        self.assertEqual(self.protocol.links, {})
+
+    def test_garbage(self):
+        """
+        Garbage datagrams are dropped and counted without creating state or
+        disturbing an established connection.
+        """
+        a = self.connected(A)
+        b = self.connected(B)
+        links = dict(self.protocol.links)
+        stray = ("127.0.0.1", 40000)
+        garbage = [
+            b"",
+            b"\x00",
+            os.urandom(50),
+            b"\x40" + os.urandom(1300),
+            b"\xc0\x00\x00\x00\x01" + os.urandom(5),
+            # Looks like a version 1 Initial of the right size, does not decrypt.
+            b"\xc3\x00\x00\x00\x01\x08" + os.urandom(8) + b"\x08" + os.urandom(8) + b"\x00\x44\xd0" + os.urandom(1250),
+            # The same, but not an Initial.
+            b"\xe3\x00\x00\x00\x01\x08" + os.urandom(8) + b"\x08" + os.urandom(8) + b"\x44\xd0" + os.urandom(1250),
+            # A short-header packet for a live connection id, not decryptable.
+            b"\x40" + next(iter(links)) + os.urandom(60),
+            os.urandom(9000),
+        ]
+        for data in garbage:
+            self.protocol.datagramReceived(data, stray)
+        self.network.pump()
+        self.assertEqual(self.protocol.links, links)
+        self.assertEqual(self.protocol.counters["undecryptable_initial"], 1)
+        self.assertEqual(self.protocol.counters["not_initial"], 1)
+        self.assertGreaterEqual(self.protocol.counters["malformed"] + self.protocol.counters["unknown_connection"], 5)
+        a.send(B, b"after garbage")
+        self.network.pump()
+        self.assertEqual(self.successResultOf(b.transports.get()), (A, b"after garbage"))
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_failingConnectionIsolated(self):
+        """
+        An exception inside one connection's processing closes that
+        connection only; it is logged, and others carry on.
+        """
+        a = self.connected(A)
+        b = self.connected(B)
+        c = self.connected(C)
+        broken = self.relay.store.peers[A].link
+
+        def explode(*args):
+            raise RuntimeError("boom")
+
+        broken.quic.receive_datagram = explode
+        a.send(B, b"lost")
+        c.send(B, b"kept")
+        self.network.pump()
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertNotIn(A, self.relay.store.peers)
+        self.assertEqual(self.successResultOf(b.transports.get()), (C, b"kept"))
+        self.network.pump(2.0)
+        self.assertEqual(a.closeEvent.error_code, QuicErrorCode.INTERNAL_ERROR)
+
+    def test_versionNegotiation(self):
+        """
+        A long-header packet of an unknown version, in a datagram of at least
+        1200 bytes, is answered with Version Negotiation listing QUIC v1 and
+        v2; a shorter one is not answered (no amplification).
+        """
+        probe = ("127.0.0.1", 40001)
+        self.network.endpoints[probe] = None
+        packet = b"\xc0\x1a\x2a\x3a\x4a\x08" + b"D" * 8 + b"\x08" + b"S" * 8
+        self.protocol.datagramReceived(packet + bytes(1200), probe)
+        self.protocol.datagramReceived(packet + bytes(100), probe)
+        answers = [data for source, destination, data in self.network.sent if destination == probe]
+        self.assertEqual(len(answers), 1)
+        header = pull_quic_header(Buffer(data=answers[0]), host_cid_length=8)
+        self.assertEqual(header.version, QuicProtocolVersion.NEGOTIATION)
+        self.assertEqual(header.destination_cid, b"S" * 8)
+        self.assertEqual(header.source_cid, b"D" * 8)
+        self.assertEqual(header.supported_versions, [QuicProtocolVersion.VERSION_1, QuicProtocolVersion.VERSION_2])
+        self.assertEqual(self.protocol.links, {})
+
+    def test_quicVersion2(self):
+        """
+        A client speaking QUIC version 2 (RFC 9369) authenticates too.
+        """
+        peer = self.client(A, versions=[QuicProtocolVersion.VERSION_2])
+        self.network.pump()
+        self.successResultOf(peer.authenticated)
+
+    def test_retry(self):
+        """
+        With retry on, a new client is sent a Retry first, and authenticates
+        on its second Initial; a forged token earns nothing.
+        """
+        self.network.endpoints.clear()
+        self.protocol = self.makeProtocol(retry=True)
+        a = self.connected(A)
+        self.assertEqual(self.protocol.counters["retry_sent"], 1)
+        a.send(A, b"self")
+        self.network.pump()
+        self.assertEqual(self.successResultOf(a.transports.get()), (A, b"self"))
+        forged = b"\xc3\x00\x00\x00\x01\x08" + os.urandom(8) + b"\x08" + os.urandom(8) + b"\x10" + os.urandom(16) + b"\x44\xd0" + os.urandom(1250)
+        self.protocol.datagramReceived(forged, ("127.0.0.1", 40002))
+        self.assertEqual(self.protocol.counters["invalid_token"], 1)
+
+    def test_streamRefused(self):
+        """
+        A client that opens a stream is closed: the protocol has none.
+        """
+        a = self.connected(A)
+        a.quic.send_stream_data(0, b"GET / HTTP/1.1\r\n\r\n")
+        a.flush()
+        self.network.pump()
+        self.assertEqual(a.closeEvent.error_code, quic.CLOSE_ERROR)
+        self.assertEqual(self.protocol.counters["stream_refused"], 1)
+        self.assertNotIn(A, self.relay.store.peers)
+
+    def test_peerClose(self):
+        """
+        A peer that sends Close leaves the store; its connection ends.
+        """
+        a = self.connected(A)
+        d = a.close()
+        self.network.pump(1.0)
+        self.successResultOf(d)
+        self.assertEqual(self.relay.store.peers, {})
+        self.assertEqual(self.relay.counters.connections["quic"], 0)
+        self.assertEqual(self.protocol.links, {})
+
+    def test_shutdownSendsCloseThenCode0(self):
+        """
+        Relay.shutdown reaches QUIC peers: Close, then CONNECTION_CLOSE with
+        code 0, and the shutdown waits for it.
+        """
+        a = self.connected(A)
+        b = self.connected(B)
+        done = self.relay.shutdown()
+        self.network.pump(1.0)
+        self.successResultOf(done)
+        for peer in (a, b):
+            self.assertTrue(peer.closeReceived)
+            self.assertEqual(peer.closeEvent.error_code, quic.CLOSE_NORMAL)
+        self.assertEqual(self.relay.counters.connections["quic"], 0)
+
+    def test_healthCheckAndIdleTimeout(self):
+        """
+        An authenticated client answering health checks stays connected past
+        the 30 s idle timeout; one that goes silent is dropped (by the QUIC
+        idle timer, restarted by the relay's first unanswered packet, or by
+        the health-check window, whichever ends first).
+        """
+        a = self.connected(A)
+        b = self.connected(B)
+        self.network.pump(60.0, step=0.05)
+        self.assertGreaterEqual(a.healthChecks, 2)
+        self.assertIn(A, self.relay.store.peers)
+        self.network.drop = lambda source, destination, data: source == b.addr
+        self.network.pump(50.0, step=0.05)
+        self.assertNotIn(B, self.relay.store.peers)
+        self.assertIn(A, self.relay.store.peers)
+        self.assertEqual(self.relay.counters.connections["quic"], 1)
+
+    def test_reconnectReplaces(self):
+        """
+        A peer that authenticates again over QUIC replaces its first
+        connection, which is closed with the error code.
+        """
+        first = self.connected(A)
+        second = self.connected(A)
+        self.network.pump(1.0)
+        self.assertEqual(first.closeEvent.error_code, quic.CLOSE_ERROR)
+        self.assertIs(self.relay.store.peers[A].link.session, self.relay.store.peers[A])
+        self.assertIsNone(second.closeEvent)
+        self.assertEqual(self.relay.counters.connections["quic"], 1)
+
+
+class HelperTests(unittest.TestCase):
+    def test_payloadRoom(self):
+        """
+        The payload room of a DATAGRAM frame accounts for its type byte and
+        its variable-length length.
+        """
+        self.assertEqual(quic._payloadRoom(quic.MAX_DATAGRAM_FRAME_SIZE), m.MAX_MESSAGE_SIZE)
+        self.assertEqual(quic._payloadRoom(1452 - 3 - 4 - 16), 1426)
+        self.assertEqual(quic._payloadRoom(65), 63)
+        self.assertEqual(quic._payloadRoom(66), 63)
+        self.assertEqual(quic._payloadRoom(67), 64)
+
+    def test_badCertificate(self):
+        """
+        Unreadable or invalid certificate files are a configuration error.
+        """
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("not a certificate")
+        self.assertRaises(ConfigurationError, quic.serverConfiguration, path + ".missing", path)
+        self.assertRaises(ConfigurationError, quic.serverConfiguration, path, path)
+
+
+class UDPQuicTests(unittest.TestCase):
+    """
+    The QUIC service over real UDP on 127.0.0.1, with a WebSocket listener
+    sharing the relay.
+    """
+
+    timeout = 20
+
+    def setUp(self):
+        self.cert, self.key, _ = writeCertificate(self.mktemp())
+        self.relay = Relay(TokenValidator(SECRET, reactor), "rels://127.0.0.1:1", reactor, Store())
+        self.service = quic.QuicService(self.relay, reactor, "127.0.0.1", 0, self.cert, self.key)
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+        self.quicPort = self.service.port.getHost().port
+        factory = PeerWebSocketFactory(self.relay, reactor)
+        self.tcpPort = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(self.tcpPort.stopListening)
+        self.peers = []
+
+    @defer.inlineCallbacks
+    def tearDown(self):
+        for peer in self.peers:
+            yield peer.close()
+
+    @defer.inlineCallbacks
+    def quicPeer(self, peerID, **options):
+        peer = yield quic.connectQuic(reactor, "127.0.0.1", self.quicPort, peerID, secret=SECRET, cafile=self.cert, timeout=5, **options)
+        self.peers.append(peer)
+        return peer
+
+    @defer.inlineCallbacks
+    def webSocketPeer(self, peerID):
+        peer = yield client.connect(reactor, f"rel://127.0.0.1:{self.tcpPort.getHost().port}", peerID, secret=SECRET, timeout=5)
+        self.peers.append(peer)
+        return peer
+
+    @defer.inlineCallbacks
+    def test_quicAndWebSocketExchange(self):
+        """
+        A QUIC peer and a WebSocket peer authenticate, subscribe to each
+        other and exchange 1,000 Transport messages each way with no loss,
+        in order, ids rewritten to the sender.
+        """
+        q = yield self.quicPeer(A)
+        w = yield self.webSocketPeer(B)
+        yield q.waitOnline(B)
+        yield w.waitOnline(A)
+        count = 1000
+        received = {A: [], B: []}
+        done = {A: defer.Deferred(), B: defer.Deferred()}
+
+        def collector(me):
+            def onTransport(message):
+                received[me].append(m.decodeTransport(message))
+                if len(received[me]) == count:
+                    done[me].callback(None)
+
+            return onTransport
+
+        q.onTransport = collector(A)
+        w.onTransport = collector(B)
+        for i in range(count):
+            q.send(B, b"q->w %d " % i + bytes(200))
+            w.send(A, b"w->q %d " % i + bytes(200))
+            if i % 100 == 99:
+                yield task.deferLater(reactor, 0.005, lambda: None)
+        yield defer.gatherResults([done[A].addTimeout(10, reactor), done[B].addTimeout(10, reactor)])
+        self.assertEqual(received[B], [(A, b"q->w %d " % i + bytes(200)) for i in range(count)])
+        self.assertEqual(received[A], [(B, b"w->q %d " % i + bytes(200)) for i in range(count)])
+        self.assertEqual(self.relay.counters.dropped, {})
+        self.assertEqual(self.relay.counters.connections["quic"], 1)
+        self.assertEqual(self.relay.counters.connections["websocket"], 1)
+
+    @defer.inlineCallbacks
+    def test_wrongALPN(self):
+        """
+        Over real UDP, a client offering another ALPN is refused.
+        """
+        failure = yield self.assertFailure(
+            quic.connectQuic(reactor, "127.0.0.1", self.quicPort, A, secret=SECRET, cafile=self.cert, timeout=5, alpn="h3"),
+            quic.QuicHandshakeFailed,
+        )
+        self.assertEqual(failure.errorCode, QuicErrorCode.CRYPTO_ERROR + AlertDescription.no_application_protocol)
+        self.assertEqual(self.relay.store.peers, {})
+
+    @defer.inlineCallbacks
+    def test_garbageAndOversizedDatagrams(self):
+        """
+        Garbage and oversized UDP datagrams from a raw socket change nothing
+        for a connected QUIC peer; a new one still connects.
+        """
+        q = yield self.quicPeer(A)
+        w = yield self.webSocketPeer(B)
+        raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(raw.close)
+        for data in (os.urandom(100), b"\xc3\x00\x00\x00\x01" + os.urandom(1400), os.urandom(9000), os.urandom(60000)):
+            raw.sendto(data, ("127.0.0.1", self.quicPort))
+        yield task.deferLater(reactor, 0.1, lambda: None)
+        q.send(B, b"still fine")
+        self.assertEqual((yield w.transports.get().addTimeout(5, reactor)), (A, b"still fine"))
+        c = yield self.quicPeer(C)
+        c.send(B, b"new one")
+        self.assertEqual((yield w.transports.get().addTimeout(5, reactor)), (C, b"new one"))
+        self.assertEqual(self.relay.counters.connections["quic"], 2)
+
+    @defer.inlineCallbacks
+    def test_tooLargeForQuicPeer(self):
+        """
+        A WebSocket peer's message that does not fit one datagram to the
+        QUIC peer is dropped and counted; one that fits exactly arrives.
+        """
+        q = yield self.quicPeer(A)
+        w = yield self.webSocketPeer(B)
+        w.send(A, b"n" * (1423 - m.TRANSPORT_HEADER_SIZE))
+        w.send(A, b"y" * (1422 - m.TRANSPORT_HEADER_SIZE))
+        self.assertEqual((yield q.transports.get().addTimeout(5, reactor)), (B, b"y" * (1422 - m.TRANSPORT_HEADER_SIZE)))
+        self.assertEqual(self.relay.counters.dropped["too_large_for_datagram"], 1)
+
+    @defer.inlineCallbacks
+    def test_stopServiceFreesPort(self):
+        """
+        stopService closes connections (code 0) and frees the UDP port.
+        """
+        q = yield self.quicPeer(A)
+        yield self.service.stopService()
+        yield q.whenLost().addTimeout(5, reactor)
+        self.assertEqual(q.closeEvent.error_code, quic.CLOSE_NORMAL)
+        self.assertEqual(self.relay.counters.connections["quic"], 0)
+        port = reactor.listenUDP(self.quicPort, quic.QuicPeerProtocol(self.relay, reactor, self.service.protocol.configuration), interface="127.0.0.1")
+        yield port.stopListening()
