@@ -1,0 +1,621 @@
+"""
+Certificates for the peer listener from an ACME CA (Let's Encrypt).
+
+Most operators give the relay a domain instead of a certificate file, so the
+relay must obtain a certificate at start-up, keep it across restarts and renew
+it while it runs, handing each new certificate to the listeners so that new
+connections get it without a restart.
+
+Challenge: HTTP-01 on port 80. The Go relay's autocert answers TLS-ALPN-01 on
+the peer port, but the C{acme} library (5.x) has no TLS-ALPN-01 support at all
+(no challenge type, no validation-certificate helper), and answering it would
+mean choosing the certificate per connection from the client's ALPN offer
+inside the peer listener's OpenSSL context, which pyOpenSSL only exposes
+through callbacks that run too late for TLS 1.2 cipher selection. HTTP-01
+needs nothing from the peer listener: a small twisted.web listener serves
+C{/.well-known/acme-challenge/<token>} and answers 404 to anything else. It is
+bound in L{privilegedStartService}, before twistd sheds root, and kept open
+for renewals; if port 80 cannot be bound the attempt fails, is logged and is
+retried like any other failure, so a relay with a valid certificate on disk
+keeps serving.
+
+The C{acme} library is synchronous (C{requests}), so every ACME exchange runs
+in the reactor's thread pool with an overall timeout on top of the per-request
+and polling deadlines; files, timers, challenge responses and callbacks stay
+in the reactor thread.
+
+Renewal follows Go's autocert: min(30 days, a third of the lifetime) before
+expiry. A fixed 30 days would renew short-lived certificates forever.
+
+State in the data directory (0700, files 0600):
+    - C{account.key}: the ACME account key (EC P-256, PEM). The CA finds the
+      account again from the key, so nothing else about the account is kept.
+    - C{certificate.pem}: the certificate chain, leaf first.
+    - C{certificate.key}: its private key.
+    - C{certificate.json}: the directory URL and domains it was ordered for,
+      so a staging certificate is not reused once the operator switches to
+      production, nor one for another set of names.
+"""
+
+import datetime
+import json
+import os
+import random
+
+import josepy
+import requests
+from acme import challenges, client, crypto_util, errors, messages
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from OpenSSL import SSL
+from twisted.application.service import Service
+from twisted.internet import defer, error as ierror, threads
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+from zope.interface import implementer
+
+from relay.server import ConfigurationError
+from relay.tls import loadCertificateOptions
+
+LETSENCRYPT_DIRECTORY = "https://acme-v02.api.letsencrypt.org/directory"
+
+RENEW_BEFORE_MAX = 30 * 24 * 3600.0
+
+_CHALLENGE_PREFIX = [b".well-known", b"acme-challenge"]
+
+
+def renewalTime(notBefore, notAfter):
+    """
+    When to renew a certificate, as Go's autocert does.
+
+    @param notBefore: start of validity, POSIX seconds.
+    @param notAfter: end of validity, POSIX seconds.
+    @return: POSIX seconds: min(30 days, a third of the lifetime) before
+        C{notAfter}.
+    """
+    return notAfter - min(RENEW_BEFORE_MAX, (notAfter - notBefore) / 3.0)
+
+
+def _writePrivate(path, data):
+    """
+    Replace C{path} atomically with C{data}, readable by the owner only.
+    """
+    temporary = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
+
+
+class _ChallengeResource(Resource):
+    """
+    Answers HTTP-01 challenges from a token → key authorization mapping that
+    the service fills while an order is pending.
+    """
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, responses):
+        super().__init__()
+        self._responses = responses
+
+    def render_GET(self, request):
+        path = request.postpath
+        if len(path) == 3 and path[:2] == _CHALLENGE_PREFIX:
+            token = path[2].decode("ascii", "replace")
+            keyAuthorization = self._responses.get(token)
+            if keyAuthorization is not None:
+                self.log.info("ACME: answered the HTTP-01 challenge {token} for {client}", token=token, client=getattr(request.getClientAddress(), "host", "?"))
+                request.setHeader(b"content-type", b"text/plain")
+                return keyAuthorization.encode("ascii")
+        request.setResponseCode(404)
+        request.setHeader(b"content-type", b"text/plain")
+        return b"not found\n"
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class _CurrentCertificate:
+    """
+    TLS connections with whatever certificate the service holds now.
+    """
+
+    def __init__(self, service):
+        self._service = service
+
+    def serverConnectionForTLS(self, tlsProtocol):
+        options = self._service.currentCertificateOptions()
+        if options is None:
+            raise ConfigurationError(f"no certificate for {','.join(self._service.domains)} yet")
+        return SSL.Connection(options.getContext(), None)
+
+
+class _QuietSite(Site):
+    """
+    No access log: port 80 on the internet is scanned all day.
+    """
+
+    noisy = False
+
+    def log(self, request):
+        pass
+
+
+class AcmeCertificateService(Service):
+    """
+    Obtains, stores, reuses and renews the certificate for C{domains}.
+
+    @ivar certificatePath: PEM certificate chain (leaf first) on disk.
+    @ivar keyPath: PEM private key on disk.
+    @ivar orders: how many ACME orders this instance has placed.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        domains,
+        dataDir,
+        email,
+        directoryURL,
+        reactor,
+        caBundle=None,
+        challenge="http-01",
+        http01Port=80,
+        onCertificate=None,
+        http01Interface=None,
+        now=None,
+        checkInterval=12 * 3600.0,
+        retryDelay=30.0,
+        maxRetryDelay=3600.0,
+        requestTimeout=30.0,
+        orderTimeout=180.0,
+    ):
+        """
+        @param domains: DNS names for the certificate (the first is its subject).
+        @param dataDir: directory for the account key and certificate.
+        @param email: contact for the ACME account, or L{None}.
+        @param directoryURL: the ACME directory (Let's Encrypt production:
+            L{LETSENCRYPT_DIRECTORY}).
+        @param reactor: provides IReactorTime, IReactorTCP and IReactorThreads.
+        @param caBundle: PEM file of roots to verify the ACME server's HTTPS
+            with, instead of the system's (for a private CA or pebble).
+        @param challenge: C{"http-01"}; C{"tls-alpn-01"} is refused (see the
+            module docstring).
+        @param http01Port: TCP port of the HTTP-01 listener; 0 picks a free
+            one (tests).
+        @param onCertificate: called with fresh L{CertificateOptions} each
+            time a certificate is loaded or renewed.
+        @param http01Interface: address to bind; by default C{"::"} (both
+            families on Linux), falling back to C{""} without IPv6.
+        @param now: callable returning POSIX seconds; by default
+            C{reactor.seconds}.
+        @param checkInterval: the longest sleep between renewal checks, so a
+            jump of the wall clock cannot delay a renewal for months.
+        @param retryDelay: first delay after a failed attempt; doubles up to
+            C{maxRetryDelay}.
+        @param requestTimeout: seconds for each HTTP request to the CA.
+        @param orderTimeout: seconds for each step of an order (account and
+            order creation; validation and issuance).
+        """
+        domains = [d.strip().lower().rstrip(".") for d in domains if d.strip()]
+        if not domains:
+            raise ConfigurationError("--letsencrypt-domains: at least one domain is needed")
+        if challenge != "http-01":
+            raise ConfigurationError(f"ACME challenge {challenge!r} is not supported; this relay answers http-01 on port {http01Port}")
+        if not dataDir:
+            raise ConfigurationError("--letsencrypt-data-dir is needed with --letsencrypt-domains")
+        self.domains = list(dict.fromkeys(domains))
+        self.dataDir = dataDir
+        self.email = email or None
+        self.directoryURL = directoryURL
+        self.caBundle = caBundle
+        self.challenge = challenge
+        self.http01Port = http01Port
+        self.http01Interface = http01Interface
+        self.certificatePath = os.path.join(dataDir, "certificate.pem")
+        self.keyPath = os.path.join(dataDir, "certificate.key")
+        self.accountKeyPath = os.path.join(dataDir, "account.key")
+        self.metadataPath = os.path.join(dataDir, "certificate.json")
+        self.orders = 0
+        self._reactor = reactor
+        self._onCertificate = onCertificate
+        self._now = now or reactor.seconds
+        self._checkInterval = checkInterval
+        self._retryDelay = retryDelay
+        self._maxRetryDelay = maxRetryDelay
+        self._requestTimeout = requestTimeout
+        self._orderTimeout = orderTimeout
+        self._options = None
+        self._notBefore = self._notAfter = None
+        self._waiting = []
+        self._responses = {}
+        self._listeningPort = None
+        self._timer = None
+        self._attempt = None
+        self._failures = 0
+
+    # Public API
+
+    def currentCertificateOptions(self):
+        """
+        @return: L{CertificateOptions} for the current certificate, or L{None}
+            before the first one is available.
+        """
+        return self._options
+
+    def whenReady(self):
+        """
+        @return: a L{Deferred} firing with the current L{CertificateOptions}
+            once a certificate is available (at once if it already is).
+        """
+        if self._options is not None:
+            return defer.succeed(self._options)
+        d = defer.Deferred(lambda d: self._waiting.remove(d))
+        self._waiting.append(d)
+        return d
+
+    def serverConnectionCreator(self):
+        """
+        @return: an L{IOpenSSLServerConnectionCreator} for a TLS listener
+            (C{SSL4ServerEndpoint}, C{TLSMemoryBIOFactory}) that gives every
+            new connection the current certificate, so renewals need no new
+            listener. Listen once L{whenReady} has fired.
+        """
+        return _CurrentCertificate(self)
+
+    def renewalTime(self):
+        """
+        @return: POSIX seconds when the current certificate is due for
+            renewal, or L{None} without one.
+        """
+        if self._notAfter is None:
+            return None
+        return renewalTime(self._notBefore, self._notAfter)
+
+    def http01Address(self):
+        """
+        @return: the HTTP-01 listener's address, or L{None} if not listening.
+        """
+        return None if self._listeningPort is None else self._listeningPort.getHost()
+
+    # IService
+
+    def privilegedStartService(self):
+        super().privilegedStartService()
+        self._listen()
+
+    def startService(self):
+        super().startService()
+        try:
+            self._prepareDirectory()
+        except OSError as e:
+            self.log.error("ACME: cannot use the data directory {dir!r}: {error}", dir=self.dataDir, error=e.strerror or str(e))
+        self._listen()
+        self._loadFromDisk()
+        self._schedule(0 if self._options is None else self._untilCheck())
+
+    def stopService(self):
+        super().stopService()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._attempt is not None:
+            self._attempt.cancel()
+        port, self._listeningPort = self._listeningPort, None
+        if port is not None:
+            return port.stopListening()
+        return None
+
+    # Storage
+
+    def _prepareDirectory(self):
+        if not os.path.isdir(self.dataDir):
+            os.makedirs(self.dataDir, mode=0o700, exist_ok=True)
+        if os.stat(self.dataDir).st_mode & 0o077:
+            try:
+                os.chmod(self.dataDir, 0o700)
+            except OSError as e:
+                self.log.warn("ACME: cannot restrict {dir!r} to its owner: {error}", dir=self.dataDir, error=e.strerror)
+
+    def _loadFromDisk(self):
+        """
+        Use the certificate on disk if it was ordered from this directory for
+        these domains, matches its key and is not yet due for renewal.
+        """
+        if not (os.path.exists(self.certificatePath) and os.path.exists(self.keyPath)):
+            return
+        try:
+            with open(self.metadataPath) as f:
+                metadata = json.load(f)
+        except (OSError, ValueError):
+            metadata = {}
+        if metadata.get("directoryURL") != self.directoryURL:
+            self.log.info("ACME: the certificate in {dir!r} was not ordered from {url}; ordering a new one", dir=self.dataDir, url=self.directoryURL)
+            return
+        try:
+            self._install(*self._load())
+        except (ConfigurationError, ValueError) as e:
+            self.log.warn("ACME: not using the certificate in {dir!r}: {error}; ordering a new one", dir=self.dataDir, error=str(e))
+            return
+        if self._now() >= self.renewalTime():
+            self.log.info("ACME: the certificate on disk is due for renewal")
+
+    def _load(self):
+        """
+        @return: C{(options, notBefore, notAfter)} from the files on disk.
+        @raise ConfigurationError: unusable files.
+        @raise ValueError: the certificate does not name every domain.
+        """
+        options = loadCertificateOptions(self.certificatePath, self.keyPath, now=datetime.datetime.fromtimestamp(self._now(), datetime.timezone.utc))
+        with open(self.certificatePath, "rb") as f:
+            leaf = x509.load_pem_x509_certificate(f.read())
+        try:
+            names = set(leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName))
+        except x509.ExtensionNotFound:
+            names = set()
+        missing = [d for d in self.domains if d not in names]
+        if missing:
+            raise ValueError(f"it does not name {', '.join(missing)}")
+        return options, leaf.not_valid_before_utc.timestamp(), leaf.not_valid_after_utc.timestamp()
+
+    def _store(self, keyPEM, chainPEM):
+        self._prepareDirectory()
+        _writePrivate(self.keyPath, keyPEM)
+        _writePrivate(self.certificatePath, chainPEM)
+        _writePrivate(self.metadataPath, json.dumps({"directoryURL": self.directoryURL, "domains": self.domains}, indent=1).encode("utf-8") + b"\n")
+
+    def _accountKey(self):
+        """
+        @return: the account key from disk, made and stored on first use.
+        """
+        try:
+            with open(self.accountKeyPath, "rb") as f:
+                key = serialization.load_pem_private_key(f.read(), password=None)
+        except FileNotFoundError:
+            key = ec.generate_private_key(ec.SECP256R1())
+            self._prepareDirectory()
+            _writePrivate(self.accountKeyPath, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+            self.log.info("ACME: created a new account key in {dir!r}", dir=self.dataDir)
+        except (OSError, ValueError) as e:
+            raise ConfigurationError(f"cannot read the ACME account key {self.accountKeyPath!r}: {getattr(e, 'strerror', None) or e.__class__.__name__}") from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+            raise ConfigurationError(f"the ACME account key {self.accountKeyPath!r} is not an EC P-256 key")
+        return josepy.JWKEC(key=key)
+
+    # Certificates to listeners
+
+    def _install(self, options, notBefore, notAfter):
+        self._options, self._notBefore, self._notAfter = options, notBefore, notAfter
+        if self._onCertificate is not None:
+            try:
+                self._onCertificate(options)
+            except Exception:
+                self.log.failure("ACME: the onCertificate callback failed")
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(options)
+
+    # Scheduling
+
+    def _untilCheck(self):
+        return max(0.0, min(self.renewalTime() - self._now(), self._checkInterval))
+
+    def _schedule(self, delay):
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = self._reactor.callLater(delay, self._check)
+
+    def _check(self):
+        self._timer = None
+        if not self.running or self._attempt is not None:
+            return
+        if self._options is not None and self._now() < self.renewalTime():
+            self._schedule(self._untilCheck())
+            return
+        self._attempt = self._obtain()
+        self._attempt.addCallback(self._obtained)
+        self._attempt.addErrback(self._failed)
+        self._attempt.addBoth(self._attemptDone)
+
+    def _attemptDone(self, _):
+        self._attempt = None
+
+    def _obtained(self, result):
+        keyPEM, chainPEM = result
+        self._store(keyPEM, chainPEM)
+        options, notBefore, notAfter = self._load()
+        self._failures = 0
+        self._install(options, notBefore, notAfter)
+        renewAt = self.renewalTime()
+        self.log.info(
+            "ACME: certificate for {domains} valid until {notAfter}, renewal from {renewAt}",
+            domains=",".join(self.domains),
+            notAfter=_iso(notAfter),
+            renewAt=_iso(renewAt),
+        )
+        if self.running:
+            self._schedule(self._untilCheck())
+
+    def _failed(self, failure):
+        if failure.check(defer.CancelledError) and not self.running:
+            return
+        self._failures += 1
+        delay = min(self._maxRetryDelay, self._retryDelay * 2 ** (self._failures - 1))
+        delay *= random.uniform(0.9, 1.1)
+        if self._options is not None:
+            still = f"the current certificate is valid until {_iso(self._notAfter)}"
+        else:
+            still = "no certificate yet"
+        message = _describe(failure)
+        if message is None:
+            self.log.failure(
+                "ACME: unexpected error obtaining a certificate for {domains} from {url} ({still}); retrying in {delay:.0f} s",
+                failure,
+                domains=",".join(self.domains),
+                url=self.directoryURL,
+                still=still,
+                delay=delay,
+            )
+        else:
+            self.log.error(
+                "ACME: could not obtain a certificate for {domains} from {url}: {error} ({still}); retrying in {delay:.0f} s",
+                domains=",".join(self.domains),
+                url=self.directoryURL,
+                error=message,
+                still=still,
+                delay=delay,
+            )
+        if self.running:
+            self._schedule(delay)
+
+    # ACME
+
+    def _listen(self, logFailure=True):
+        """
+        Bind the HTTP-01 listener if it is not bound.
+
+        @return: an error message, or L{None} when listening.
+        """
+        if self._listeningPort is not None:
+            return None
+        site = _QuietSite(_ChallengeResource(self._responses))
+        interfaces = [self.http01Interface] if self.http01Interface is not None else ["::", ""]
+        for interface in interfaces:
+            try:
+                self._listeningPort = self._reactor.listenTCP(self.http01Port, site, interface=interface)
+            except ierror.CannotListenError as e:
+                reason = e
+                continue
+            self.log.info("ACME: HTTP-01 challenges on {address}", address=self._listeningPort.getHost())
+            return None
+        message = f"cannot listen on port {self.http01Port} for HTTP-01 challenges: {reason.socketError}"
+        if logFailure:
+            self.log.error("ACME: {message}", message=message)
+        return message
+
+    def _blocking(self, f, *args):
+        d = threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), f, *args)
+        d.addTimeout(self._orderTimeout + self._requestTimeout, self._reactor)
+        return d
+
+    @defer.inlineCallbacks
+    def _obtain(self):
+        """
+        One order from account to certificate.
+
+        @return: a L{Deferred} firing with C{(key PEM, chain PEM)}.
+        """
+        problem = self._listen(logFailure=False)
+        if problem is not None:
+            raise _AcmeProblem(problem)
+        accountKey = self._accountKey()
+        certificateKey = ec.generate_private_key(ec.SECP256R1())
+        keyPEM = certificateKey.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        csrPEM = crypto_util.make_csr(keyPEM, self.domains)
+        self.log.info("ACME: ordering a certificate for {domains} from {url}", domains=",".join(self.domains), url=self.directoryURL)
+        acmeClient, order = yield self._blocking(self._newOrder, accountKey, csrPEM)
+        self.orders += 1
+        answers = []
+        for authorization in order.authorizations:
+            if authorization.body.status == messages.STATUS_VALID:
+                continue
+            for challengeBody in authorization.body.challenges:
+                if isinstance(challengeBody.chall, challenges.HTTP01):
+                    response, validation = challengeBody.chall.response_and_validation(accountKey)
+                    answers.append((challengeBody, response, challengeBody.chall.encode("token")))
+                    self._responses[challengeBody.chall.encode("token")] = validation
+                    break
+            else:
+                raise _AcmeProblem(f"the CA offers no http-01 challenge for {authorization.body.identifier.value}")
+        try:
+            order = yield self._blocking(self._finish, acmeClient, order, [(body, response) for body, response, _ in answers])
+        finally:
+            for _, _, token in answers:
+                self._responses.pop(token, None)
+        return keyPEM, order.fullchain_pem.encode("ascii")
+
+    def _client(self, accountKey):
+        """
+        In a thread: the directory and the account for C{accountKey}.
+        """
+        network = client.ClientNetwork(
+            accountKey,
+            alg=josepy.ES256,
+            verify_ssl=self.caBundle or True,
+            user_agent="relay (openZro/NetBird relay in Twisted)",
+            timeout=self._requestTimeout,
+        )
+        directory = client.ClientV2.get_directory(self.directoryURL, network)
+        acmeClient = client.ClientV2(directory, network)
+        registration = messages.NewRegistration.from_data(email=self.email, terms_of_service_agreed=True)
+        try:
+            acmeClient.new_account(registration)
+        except errors.ConflictError as e:
+            network.account = messages.RegistrationResource(uri=e.location, body=messages.Registration())
+        return acmeClient
+
+    def _newOrder(self, accountKey, csrPEM):
+        """
+        In a thread: account and new order.
+        """
+        acmeClient = self._client(accountKey)
+        return acmeClient, acmeClient.new_order(csrPEM)
+
+    def _finish(self, acmeClient, order, answers):
+        """
+        In a thread: answer the challenges, wait for validation, finalize and
+        download the chain.
+        """
+        for challengeBody, response in answers:
+            acmeClient.answer_challenge(challengeBody, response)
+        deadline = datetime.datetime.now() + datetime.timedelta(seconds=self._orderTimeout)
+        return acmeClient.poll_and_finalize(order, deadline)
+
+
+class _AcmeProblem(Exception):
+    """
+    An attempt cannot go on; the message is for the operator.
+    """
+
+
+def _iso(seconds):
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _describe(failure):
+    """
+    @return: one line for an expected failure (CA unreachable or refusing,
+        validation failed, timeouts, files), or L{None} for a bug.
+    """
+    if failure.check(defer.TimeoutError, defer.CancelledError):
+        return "no answer from the CA in time"
+    if failure.check(errors.ValidationError):
+        details = []
+        for authorization in failure.value.failed_authzrs:
+            for challengeBody in authorization.body.challenges:
+                if challengeBody.error is not None:
+                    details.append(f"{authorization.body.identifier.value}: {challengeBody.error}")
+        return "validation failed: " + "; ".join(details)
+    if failure.check(requests.ConnectionError):
+        return f"cannot reach the CA: {failure.value}"
+    if failure.check(requests.Timeout, errors.TimeoutError):
+        return "the CA did not answer in time"
+    if failure.check(messages.Error):
+        return f"the CA refused: {failure.value}"
+    if failure.check(errors.Error, requests.RequestException, _AcmeProblem, ConfigurationError, OSError, ValueError):
+        return str(failure.value) or failure.value.__class__.__name__
+    return None

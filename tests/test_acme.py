@@ -1,0 +1,553 @@
+"""
+Certificates from an ACME CA: renewal timing, storage, reuse, retries, and the
+whole exchange against Debian's pebble on loopback.
+"""
+
+import json
+import os
+import socket
+import stat
+import time
+
+import requests
+from cryptography import x509
+from twisted.internet import defer, protocol, reactor, threads
+from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import globalLogPublisher
+from twisted.trial import unittest
+from twisted.web.test.requesthelper import DummyRequest
+from zope.interface import implementer
+
+from relay.acme import RENEW_BEFORE_MAX, AcmeCertificateService, _ChallengeResource, renewalTime
+from relay.server import ConfigurationError
+from tests.certs import writeCertificate
+from tests.pebble import SKIP, Pebble, freePort
+
+DAY = 24 * 3600.0
+
+
+def _pem(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _serial(path):
+    return x509.load_pem_x509_certificate(_pem(path)).serial_number
+
+
+def _mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+class _Events:
+    """
+    Collects log events while a test runs.
+    """
+
+    def __init__(self, case):
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        case.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def texts(self):
+        from twisted.logger import formatEvent
+
+        return [formatEvent(e) for e in self.events]
+
+
+class RenewalTimeTests(unittest.TestCase):
+    def test_ninetyDays(self):
+        """
+        A Let's Encrypt 90-day certificate renews 30 days before expiry.
+        """
+        self.assertEqual(renewalTime(0.0, 90 * DAY), 60 * DAY)
+
+    def test_longLived(self):
+        """
+        Longer lifetimes still renew 30 days before expiry.
+        """
+        self.assertEqual(renewalTime(0.0, 5 * 365 * DAY), 5 * 365 * DAY - RENEW_BEFORE_MAX)
+
+    def test_shortLived(self):
+        """
+        Short-lived certificates renew a third of their lifetime before
+        expiry, not 30 days (which would renew forever).
+        """
+        self.assertEqual(renewalTime(100.0, 100.0 + 6 * DAY), 100.0 + 4 * DAY)
+        self.assertEqual(renewalTime(1000.0, 1009.0), 1006.0)
+
+    def test_aroundNinetyDays(self):
+        """
+        A third of the lifetime below 90 days, 30 days above.
+        """
+        self.assertEqual(renewalTime(0.0, 87 * DAY), 58 * DAY)
+        self.assertEqual(renewalTime(0.0, 93 * DAY), 63 * DAY)
+
+
+class _FakeIssuer(AcmeCertificateService):
+    """
+    The service with the ACME exchange replaced by self-signed certificates
+    or a given failure.
+    """
+
+    failWith = None
+
+    def __init__(self, *args, days=90, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.days = days
+        self.obtainCalls = 0
+
+    def _obtain(self):
+        self.obtainCalls += 1
+        self.orders += 1
+        if self.failWith is not None:
+            return defer.fail(self.failWith)
+        scratch = os.path.join(self.dataDir + ".scratch", str(self.obtainCalls))
+        cert, key, _ = writeCertificate(scratch, name=self.domains[0], days=self.days)
+        return defer.succeed((_pem(key), _pem(cert)))
+
+
+class UnitTests(unittest.TestCase):
+    """
+    The service without an ACME server: MemoryReactorClock for timers and
+    listeners, the exchange replaced by L{_FakeIssuer}.
+    """
+
+    directoryURL = "https://acme.invalid/directory"
+
+    def setUp(self):
+        self.clock = MemoryReactorClock()
+        self.clock.advance(time.time())
+        self.dataDir = os.path.join(self.mktemp(), "data")
+        self.loaded = []
+
+    def service(self, domains=("relay.example",), cls=_FakeIssuer, **kwargs):
+        kwargs.setdefault("onCertificate", self.loaded.append)
+        s = cls(list(domains), self.dataDir, "ops@example.org", self.directoryURL, self.clock, **kwargs)
+        self.addCleanup(lambda: s.running and s.stopService())
+        return s
+
+    def placeCertificate(self, name="relay.example", days=90, directoryURL=None, expired=False):
+        """
+        A certificate on disk as a previous run would have left it.
+        """
+        os.makedirs(self.dataDir, mode=0o700, exist_ok=True)
+        cert, key, _ = writeCertificate(self.dataDir + ".old", name=name, days=days, expired=expired)
+        for source, target in ((cert, "certificate.pem"), (key, "certificate.key")):
+            with open(os.path.join(self.dataDir, target), "wb") as f:
+                f.write(_pem(source))
+        with open(os.path.join(self.dataDir, "certificate.json"), "w") as f:
+            json.dump({"directoryURL": directoryURL or self.directoryURL, "domains": [name]}, f)
+        return _serial(cert)
+
+    def test_refusesTLSALPN(self):
+        e = self.assertRaises(ConfigurationError, AcmeCertificateService, ["relay.example"], self.dataDir, None, self.directoryURL, self.clock, challenge="tls-alpn-01")
+        self.assertIn("not supported", str(e))
+
+    def test_needsDomains(self):
+        self.assertRaises(ConfigurationError, AcmeCertificateService, [" ", ""], self.dataDir, None, self.directoryURL, self.clock)
+
+    def test_obtainStoresPrivately(self):
+        """
+        The first start orders a certificate and stores it owner-only in an
+        owner-only directory; whenReady and onCertificate see it.
+        """
+        s = self.service()
+        ready = s.whenReady()
+        s.startService()
+        self.assertNoResult(ready)
+        self.clock.advance(0)
+        options = self.successResultOf(ready)
+        self.assertIs(options, s.currentCertificateOptions())
+        self.assertEqual(self.loaded, [options])
+        self.assertEqual(s.orders, 1)
+        self.assertEqual(_mode(self.dataDir), 0o700)
+        for path in (s.certificatePath, s.keyPath, s.metadataPath):
+            self.assertEqual(_mode(path), 0o600, path)
+        self.assertEqual(json.loads(_pem(s.metadataPath))["directoryURL"], self.directoryURL)
+        self.assertEqual(sorted(os.listdir(self.dataDir)), ["certificate.json", "certificate.key", "certificate.pem"])
+
+    def test_accountKeyPrivateAndReused(self):
+        s = self.service()
+        first = s._accountKey()
+        self.assertEqual(_mode(s.accountKeyPath), 0o600)
+        self.assertEqual(first.thumbprint(), self.service()._accountKey().thumbprint())
+
+    def test_tightensDirectory(self):
+        os.makedirs(self.dataDir)
+        os.chmod(self.dataDir, 0o755)
+        self.service().startService()
+        self.assertEqual(_mode(self.dataDir), 0o700)
+
+    def test_reuseWithoutOrder(self):
+        """
+        A valid certificate on disk is used at once, without an order, and the
+        next check is scheduled (at most checkInterval away).
+        """
+        serial = self.placeCertificate(days=90)
+        s = self.service(checkInterval=3600.0)
+        s.startService()
+        options = self.successResultOf(s.whenReady())
+        self.assertEqual(self.loaded, [options])
+        self.clock.advance(0)
+        self.assertEqual(s.orders, 0)
+        self.assertEqual(_serial(s.certificatePath), serial)
+        [call] = self.clock.getDelayedCalls()
+        self.assertLessEqual(abs(call.getTime() - self.clock.seconds() - 3600.0), 1)
+        self.clock.advance(3600)
+        self.assertEqual(s.orders, 0)
+
+    def test_renewsOnTimer(self):
+        """
+        When the renewal time comes the running service orders a new
+        certificate and hands it over; no restart.
+        """
+        self.placeCertificate(days=6)
+        s = self.service(days=30)
+        s.startService()
+        self.assertEqual(len(self.loaded), 1)
+        renewAt = s.renewalTime()
+        self.assertLessEqual(abs(s._notAfter - renewAt - (s._notAfter - s._notBefore) / 3), 1)
+        self.clock.advance(renewAt - self.clock.seconds() - 10)
+        self.assertEqual(s.orders, 0)
+        self.clock.advance(20)
+        self.assertEqual(s.orders, 1)
+        self.assertEqual(len(self.loaded), 2)
+        self.assertIsNot(self.loaded[0], self.loaded[1])
+        self.assertIs(s.currentCertificateOptions(), self.loaded[1])
+        self.assertGreater(s.renewalTime(), self.clock.seconds())
+
+    def test_dueOnDiskServedThenRenewed(self):
+        """
+        A certificate on disk that is due for renewal is still served while
+        the new one is ordered.
+        """
+        self.placeCertificate(days=6)
+        s = self.service(days=30, now=lambda: self.clock.seconds() + 5 * DAY)
+        s.startService()
+        self.assertEqual(len(self.loaded), 1)
+        self.clock.advance(0)
+        self.assertEqual(s.orders, 1)
+        self.assertEqual(len(self.loaded), 2)
+
+    def test_otherDirectoryOrders(self):
+        """
+        A certificate from another directory (staging) is not reused.
+        """
+        self.placeCertificate(directoryURL="https://acme-staging.invalid/directory")
+        s = self.service()
+        s.startService()
+        self.assertEqual(self.loaded, [])
+        self.clock.advance(0)
+        self.assertEqual(s.orders, 1)
+
+    def test_otherNamesOrders(self):
+        self.placeCertificate(name="other.example")
+        s = self.service()
+        s.startService()
+        self.clock.advance(0)
+        self.assertEqual(s.orders, 1)
+        self.assertEqual(len(self.loaded), 1)
+
+    def test_expiredOrders(self):
+        self.placeCertificate(expired=True)
+        s = self.service()
+        s.startService()
+        self.assertEqual(self.loaded, [])
+        self.clock.advance(0)
+        self.assertEqual(s.orders, 1)
+
+    def test_failuresRetryWithBackoff(self):
+        """
+        A CA that cannot be reached is logged in one line with the retry
+        delay; retries back off; the next success is used.
+        """
+        events = _Events(self)
+        s = self.service(retryDelay=10.0, maxRetryDelay=35.0)
+        s.failWith = requests.ConnectionError("connection refused")
+        s.startService()
+        self.clock.advance(0)
+        self.assertEqual(s.obtainCalls, 1)
+        texts = [t for t in events.texts() if "could not obtain" in t]
+        self.assertEqual(len(texts), 1)
+        self.assertIn("cannot reach the CA: connection refused", texts[0])
+        self.assertIn("no certificate yet", texts[0])
+        delays = []
+        for _ in range(4):
+            [call] = self.clock.getDelayedCalls()
+            delays.append(call.getTime() - self.clock.seconds())
+            self.clock.advance(delays[-1])
+        for got, want in zip(delays, [10, 20, 35, 35]):
+            self.assertLessEqual(abs(got - want), want * 0.1 + 0.01, (got, want))
+        s.failWith = None
+        [call] = self.clock.getDelayedCalls()
+        self.clock.advance(call.getTime() - self.clock.seconds())
+        self.assertEqual(len(self.loaded), 1)
+        self.assertEqual(s._failures, 0)
+
+    def test_failedRenewalKeepsCertificate(self):
+        events = _Events(self)
+        self.placeCertificate(days=6)
+        s = self.service(now=lambda: self.clock.seconds() + 5 * DAY)
+        s.failWith = ValueError("order failed")
+        s.startService()
+        self.clock.advance(0)
+        self.assertIsNotNone(s.currentCertificateOptions())
+        [text] = [t for t in events.texts() if "could not obtain" in t]
+        self.assertIn("the current certificate is valid until", text)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+
+    def test_unexpectedErrorLoggedWithTraceback(self):
+        s = self.service()
+        s.failWith = ZeroDivisionError()
+        s.startService()
+        self.clock.advance(0)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+
+    def test_stopCancelsTimer(self):
+        self.placeCertificate()
+        s = self.service()
+        s.startService()
+        s.stopService()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_onCertificateErrorsContained(self):
+        def broken(options):
+            raise RuntimeError("listener gone")
+
+        s = self.service(onCertificate=broken)
+        s.startService()
+        self.clock.advance(0)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertIsNotNone(self.successResultOf(s.whenReady()))
+
+    def test_whenReadyCancel(self):
+        s = self.service()
+        d = s.whenReady()
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        s.startService()
+        self.clock.advance(0)
+
+    def test_http01ListenerBound(self):
+        s = self.service(http01Port=8080)
+        s.privilegedStartService()
+        [(port, factory, backlog, interface)] = self.clock.tcpServers
+        self.assertEqual((port, interface), (8080, "::"))
+        s.startService()
+        self.assertEqual(len(self.clock.tcpServers), 1)
+
+
+class ChallengeResourceTests(unittest.TestCase):
+    def render(self, path, responses):
+        request = DummyRequest(path.strip(b"/").split(b"/"))
+        body = _ChallengeResource(responses).render(request)
+        return request.responseCode or 200, body
+
+    def test_token(self):
+        self.assertEqual(self.render(b"/.well-known/acme-challenge/tok", {"tok": "tok.thumb"}), (200, b"tok.thumb"))
+
+    def test_unknown(self):
+        self.assertEqual(self.render(b"/.well-known/acme-challenge/other", {"tok": "tok.thumb"})[0], 404)
+        self.assertEqual(self.render(b"/", {"tok": "tok.thumb"})[0], 404)
+        self.assertEqual(self.render(b"/.well-known/acme-challenge/tok/x", {"tok": "tok.thumb"})[0], 404)
+
+
+class PortBusyTests(unittest.TestCase):
+    def test_portBusyRetried(self):
+        """
+        If port 80 is taken the attempt fails with a clear message and is
+        retried; the process goes on.
+        """
+        events = _Events(self)
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        self.addCleanup(busy.close)
+        s = AcmeCertificateService(["relay.example"], self.mktemp(), None, "https://127.0.0.1:1/dir", reactor, http01Port=busy.getsockname()[1], http01Interface="127.0.0.1", retryDelay=60.0)
+        s.startService()
+        self.addCleanup(s.stopService)
+        d = defer.Deferred()
+        reactor.callLater(0.05, d.callback, None)
+
+        def check(_):
+            self.assertIsNone(s.http01Address())
+            [text] = [t for t in events.texts() if "could not obtain" in t]
+            self.assertIn(f"cannot listen on port {busy.getsockname()[1]} for HTTP-01", text)
+            self.assertTrue(s._timer.active())
+
+        return d.addCallback(check)
+
+
+@implementer(IHandshakeListener)
+class _Client(protocol.Protocol):
+    """
+    Records the server's certificate once the handshake verifies, then hangs
+    up; a failed verification fails C{factory.done}.
+    """
+
+    def connectionMade(self):
+        self.transport.write(b"x")
+
+    serial = None
+
+    def handshakeCompleted(self):
+        self.serial = self.transport.getPeerCertificate().to_cryptography().serial_number
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason):
+        if self.serial is None:
+            self.factory.done.errback(reason)
+        else:
+            self.factory.done.callback(self.serial)
+
+
+class PebbleTests(unittest.TestCase):
+    """
+    The real exchange with Debian's pebble on 127.0.0.1.
+    """
+
+    skip = SKIP
+    timeout = 45
+
+    @defer.inlineCallbacks
+    def startPebble(self, **kwargs):
+        self.http01Port = freePort()
+        self.pebble = Pebble(self.mktemp(), httpPort=self.http01Port, **kwargs)
+        self.addCleanup(self.pebble.stop, reactor)
+        yield self.pebble.start(reactor)
+
+    def service(self, dataDir, **kwargs):
+        loaded = []
+        s = AcmeCertificateService(
+            ["localhost"],
+            dataDir,
+            "ops@example.org",
+            self.pebble.directoryURL,
+            reactor,
+            caBundle=self.pebble.caBundle,
+            http01Port=self.http01Port,
+            http01Interface="127.0.0.1",
+            onCertificate=loaded.append,
+            retryDelay=0.5,
+            **kwargs,
+        )
+        s.loaded = loaded
+        s.startService()
+        self.addCleanup(lambda: s.running and s.stopService())
+        return s
+
+    @defer.inlineCallbacks
+    def handshake(self, s):
+        """
+        Serve C{s}'s certificate on a TLS listener and connect to it trusting
+        only pebble's root, for the name localhost.
+        """
+        root = yield threads.deferToThread(self.pebble.rootPEM)
+        server = protocol.Factory.forProtocol(protocol.Protocol)
+        port = yield SSL4ServerEndpoint(reactor, 0, s.serverConnectionCreator(), interface="127.0.0.1").listen(server)
+        self.addCleanup(port.stopListening)
+        client = protocol.ClientFactory.forProtocol(_Client)
+        client.done = defer.Deferred()
+        options = optionsForClientTLS("localhost", trustRoot=Certificate.loadPEM(root))
+        reactor.connectSSL("127.0.0.1", port.getHost().port, client, options)
+        serial = yield client.done.addTimeout(10, reactor)
+        return serial
+
+    @defer.inlineCallbacks
+    def test_obtainServeReuse(self):
+        """
+        HTTP-01 validated for real: pebble fetches the token from our
+        listener; the certificate verifies against pebble's root in a TLS
+        handshake; a restart reuses it without an order.
+        """
+        yield self.startPebble(alwaysValid=False)
+        dataDir = os.path.join(self.mktemp(), "acme")
+        s = self.service(dataDir)
+        yield s.whenReady().addTimeout(30, reactor)
+        self.assertEqual(s.orders, 1)
+        self.assertIn(b"Attempting to validate w/ HTTP", self.pebble.output)
+        self.assertEqual(_mode(dataDir), 0o700)
+        for name in ("account.key", "certificate.pem", "certificate.key", "certificate.json"):
+            self.assertEqual(_mode(os.path.join(dataDir, name)), 0o600, name)
+        serial = _serial(s.certificatePath)
+        self.assertEqual((yield self.handshake(s)), serial)
+        yield s.stopService()
+
+        again = self.service(dataDir)
+        yield again.whenReady().addTimeout(5, reactor)
+        self.assertEqual(again.orders, 0)
+        self.assertEqual(_serial(again.certificatePath), serial)
+        self.assertEqual(len(again.loaded), 1)
+
+    @defer.inlineCallbacks
+    def test_renewsRunning(self):
+        """
+        With 9-second certificates pebble's second certificate arrives on the
+        running service's own timer (a third of the lifetime before expiry)
+        and new connections get it.
+        """
+        yield self.startPebble(validityPeriod=9)
+        s = self.service(os.path.join(self.mktemp(), "acme"))
+        yield s.whenReady().addTimeout(30, reactor)
+        first = _serial(s.certificatePath)
+        renewed = defer.Deferred()
+        s._onCertificate = lambda options: renewed.called or renewed.callback(options)
+        options = yield renewed.addTimeout(30, reactor)
+        self.assertIs(options, s.currentCertificateOptions())
+        second = _serial(s.certificatePath)
+        self.assertNotEqual(first, second)
+        self.assertEqual(s.orders, 2)
+        self.assertEqual((yield self.handshake(s)), second)
+
+    @defer.inlineCallbacks
+    def test_restartCloseToExpiryRenews(self):
+        """
+        A restart with the certificate made to look close to expiry (clock
+        moved past its renewal time) serves it, orders a new one at once and
+        switches to it.
+        """
+        yield self.startPebble()
+        dataDir = os.path.join(self.mktemp(), "acme")
+        s = self.service(dataDir)
+        yield s.whenReady().addTimeout(30, reactor)
+        first = _serial(s.certificatePath)
+        shift = s.renewalTime() - time.time() + 60
+        yield s.stopService()
+
+        again = self.service(dataDir, now=lambda: time.time() + shift)
+        self.assertEqual(len(again.loaded), 1)
+        renewed = defer.Deferred()
+        again._onCertificate = renewed.callback
+        yield renewed.addTimeout(30, reactor)
+        self.assertEqual(again.orders, 1)
+        self.assertNotEqual(_serial(again.certificatePath), first)
+
+    @defer.inlineCallbacks
+    def test_unreachableThenRecovers(self):
+        """
+        The CA down at start-up: errors are logged and retried until it
+        answers.
+        """
+        events = _Events(self)
+        self.http01Port = freePort()
+        self.pebble = Pebble(self.mktemp(), httpPort=self.http01Port)
+        self.addCleanup(self.pebble.stop, reactor)
+        s = self.service(os.path.join(self.mktemp(), "acme"))
+        ready = s.whenReady()
+        yield _sleep(1.0)
+        self.assertNoResult(ready)
+        self.assertTrue(any("cannot reach the CA" in t for t in events.texts()))
+        yield self.pebble.start(reactor)
+        yield ready.addTimeout(30, reactor)
+        self.assertEqual(s.orders, 1)
+
+
+def _sleep(seconds):
+    d = defer.Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    return d
