@@ -1143,6 +1143,42 @@ class WireTests(RelayTestCase):
         self.assertEqual(a.pongs, [b"1", b"2"])
 
     @defer.inlineCallbacks
+    def test_slowReceiverDoesNotStallOthers(self):
+        """
+        While peer-b does not read, peer-a can still reach peer-c, and what
+        peer-b gets afterwards is whole messages, in the order sent (some
+        may be dropped: never truncated, never reordered).
+        """
+        a, b = yield self.pair()
+        c = yield self.peer("peer-c")
+        b.transport.pauseProducing()
+        count = 2000
+        body = os.urandom(8000)
+        for i in range(count):
+            a.sendMessage(transportMessage(b.id, b"%06d" % i + body))
+        yield self.assertDelivered(a, c)
+        yield self.assertDelivered(c, a)
+        b.transport.resumeProducing()
+        # peer-c sends a marker for every message peer-b reads: once peer-b
+        # has drained its queue a marker gets through and ends the loop.
+        marker = transportMessage(c.id, b"marker")
+        c.sendMessage(transportMessage(b.id, b"marker"))
+        last, received = -1, 0
+        while True:
+            m = yield b.nextMessage()
+            if m == marker:
+                break
+            self.assertEqual(m[:38], transportMessage(a.id, b""))
+            self.assertEqual(len(m), 38 + 6 + len(body))
+            self.assertEqual(m[44:], body)
+            seq = int(m[38:44])
+            self.assertGreater(seq, last)
+            last, received = seq, received + 1
+            c.sendMessage(transportMessage(b.id, b"marker"))
+        self.assertGreater(received, 0)
+        self.assertEqual(b.violations, [])
+
+    @defer.inlineCallbacks
     def test_pingMaximumPayload(self):
         a, b = yield self.pair()
         payload = os.urandom(125)
@@ -1311,6 +1347,55 @@ class ReconnectionTests(RelayTestCase):
         # a2 is the registered connection: its leaving is reported.
         yield a2.abort()
         self.assertEqual((yield s.nextMessage()), peersWentOffline([a2.id]))
+
+    @defer.inlineCallbacks
+    def test_concurrentSameID(self):
+        """
+        Five connections authenticate as peer-a at once: exactly one stays
+        (the one that gets traffic for peer-a), the four others are closed,
+        and a subscriber never hears peer-a went offline.
+        """
+        b = yield self.peer("peer-b")
+        s = yield self.peer("subscriber")
+        s.sendMessage(subscribeMessage([peerID("peer-a")]))
+        yield self.assertAlive(s, b)
+        clients = yield defer.gatherResults([self.upgraded() for _ in range(5)])
+        for c in clients:
+            c.sendMessage(authMessage(peerID("peer-a")))
+        # A connection replaced in the same instant may be closed before its
+        # AuthResponse reaches it; the others get exactly the AuthResponse.
+        first = yield defer.DeferredList(
+            [c.nextMessage() for c in clients], consumeErrors=True
+        )
+        accepted = []
+        for c, (ok, value) in zip(clients, first):
+            if ok:
+                self.assertEqual(value, self.authResponse)
+                accepted.append(c)
+            else:
+                value.trap(wsraw.ConnectionClosed)
+            c.id = peerID("peer-a")
+        self.assertTrue(accepted)
+        b.sendMessage(transportMessage(peerID("peer-a"), b"who?"))
+        # Whoever gets it is the survivor; the rest must close.
+        got = yield defer.DeferredList(
+            [c.nextMessage(timeout=5) for c in accepted], consumeErrors=True
+        )
+        receivers = [
+            c
+            for c, (ok, value) in zip(accepted, got)
+            if ok and value == transportMessage(b.id, b"who?")
+        ]
+        self.assertEqual(len(receivers), 1, got)
+        survivor = receivers[0]
+        for c in clients:
+            if c is not survivor:
+                yield c.whenClosed()
+        self.assertFalse(survivor.isClosed)
+        yield self.assertAlive(survivor, b)
+        # One PeersOnline (online interest consumed once), no offline.
+        self.assertEqual((yield s.nextMessage()), peersOnline([peerID("peer-a")]))
+        yield self.assertDelivered(b, s)
 
     @defer.inlineCallbacks
     def test_replacementCountsAsComingOnline(self):
