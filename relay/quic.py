@@ -102,6 +102,10 @@ SHORT_HEADER_SIZE = 3
 DEFAULT_HIGH_WATER = 1024 * 1024
 CLOSE_TIMEOUT = 3.0
 RETRY_TOKEN_LIFETIME = 10.0
+# Like quic-go's server, validate client addresses with a Retry only once
+# this many handshakes are in flight: no extra round trip normally, and no
+# TLS work for spoofed addresses under a flood.
+RETRY_ABOVE_HANDSHAKES = 128
 
 # Application error codes in CONNECTION_CLOSE. Go agents read 0 as "closed
 # by the server" (relay/client/dialer/quic/conn.go) and anything else as an
@@ -263,7 +267,12 @@ class _QuicDriver:
         delay = max(0.0, at - self._clock.seconds())
         if timer is None:
             self._timer = self._clock.callLater(delay, self._timerFired)
-        elif timer.getTime() != at:
+        elif at < timer.getTime():
+            # The reactor moves a call sooner by scanning its whole heap;
+            # cancelling is lazy and a new call is a heap push.
+            timer.cancel()
+            self._timer = self._clock.callLater(delay, self._timerFired)
+        elif at > timer.getTime():
             timer.reset(delay)
 
     def _timerFired(self):
@@ -309,14 +318,22 @@ class QuicPeerLink(_QuicDriver):
         self._room = 0
         self._cidLength = None
         self._closedHere = False
+        self._handshaking = False
         self._closeWaiters = []
 
     def __repr__(self):
         return f"<QuicPeerLink {self.peerAddress}>"
 
     def start(self):
+        self._handshaking = True
+        self._protocol.handshaking += 1
         self._relay.counters.connections[self.transportName] += 1
         self.session = PeerSession(self._relay, self)
+
+    def _handshakeEnded(self):
+        if self._handshaking:
+            self._handshaking = False
+            self._protocol.handshaking -= 1
 
     # Events from aioquic
 
@@ -343,6 +360,7 @@ class QuicPeerLink(_QuicDriver):
             self._linkDown()
 
     def _handshakeCompleted(self):
+        self._handshakeEnded()
         remote = self._remoteMaxDatagramFrameSize()
         if not remote:
             self._protocol.counters["no_datagrams"] += 1
@@ -453,6 +471,7 @@ class QuicPeerLink(_QuicDriver):
     def _linkDown(self):
         if self._down or self.session is None:
             return
+        self._handshakeEnded()
         self._down = True
         self._open = False
         if self.session is not None:
@@ -524,19 +543,24 @@ class QuicPeerProtocol(DatagramProtocol):
         C{not_initial}, C{initial_too_small}, C{undecryptable_initial},
         C{retry_sent}, C{invalid_token}, C{stream_refused}, C{no_datagrams},
         C{send_failed}).
+    @ivar handshaking: connections accepted whose QUIC handshake is not done.
+    @ivar retryAbove: send Retry to new clients while at least this many
+        handshakes are in flight (0: always; None: never).
     """
 
     _log = Logger()
     noisy = False
 
-    def __init__(self, relay, clock, configuration, highWater=DEFAULT_HIGH_WATER, retry=False):
+    def __init__(self, relay, clock, configuration, highWater=DEFAULT_HIGH_WATER, retryAbove=RETRY_ABOVE_HANDSHAKES):
         self.relay = relay
         self.clock = clock
         self.configuration = configuration
         self.highWater = highWater
+        self.retryAbove = retryAbove
+        self.handshaking = 0
         self.links = {}
         self.counters = Counter()
-        self._retry = _RetryTokens(clock) if retry else None
+        self._tokens = _RetryTokens(clock)
         self._dirty = []
         self._flushCall = None
 
@@ -607,27 +631,29 @@ class QuicPeerProtocol(DatagramProtocol):
     def _accept(self, header, data, addr):
         originalCID = header.destination_cid
         retryCID = None
-        if self._retry is not None:
-            if not header.token:
-                retryCID = os.urandom(CONNECTION_ID_LENGTH)
-                self.counters["retry_sent"] += 1
-                self.sendDatagram(
-                    encode_quic_retry(
-                        version=header.version,
-                        source_cid=retryCID,
-                        destination_cid=header.source_cid,
-                        original_destination_cid=header.destination_cid,
-                        retry_token=self._retry.create(addr, header.destination_cid, retryCID),
-                    ),
-                    addr,
-                )
-                return
+        if header.token:
+            # Only Retry tokens exist here (no NEW_TOKEN is ever sent); one
+            # that fails is forged, replayed from elsewhere or stale.
             try:
-                originalCID = self._retry.validate(addr, header.destination_cid, header.token)
+                originalCID = self._tokens.validate(addr, header.destination_cid, header.token)
             except ValueError:
                 self.counters["invalid_token"] += 1
                 return
             retryCID = header.destination_cid
+        elif self.retryAbove is not None and self.handshaking >= self.retryAbove:
+            retryCID = os.urandom(CONNECTION_ID_LENGTH)
+            self.counters["retry_sent"] += 1
+            self.sendDatagram(
+                encode_quic_retry(
+                    version=header.version,
+                    source_cid=retryCID,
+                    destination_cid=header.source_cid,
+                    original_destination_cid=header.destination_cid,
+                    retry_token=self._tokens.create(addr, header.destination_cid, retryCID),
+                ),
+                addr,
+            )
+            return
         quic = QuicConnection(
             configuration=self.configuration,
             original_destination_connection_id=originalCID,
@@ -720,14 +746,14 @@ class QuicService(service.Service):
 
     _log = Logger()
 
-    def __init__(self, relay, reactor, host, port, certFile, keyFile, highWater=DEFAULT_HIGH_WATER, retry=False):
+    def __init__(self, relay, reactor, host, port, certFile, keyFile, highWater=DEFAULT_HIGH_WATER, retryAbove=RETRY_ABOVE_HANDSHAKES):
         self.relay = relay
         self.reactor = reactor
         self.host = host
         self.portNumber = port
         self.certFile = certFile
         self.keyFile = keyFile
-        self.protocol = QuicPeerProtocol(relay, reactor, serverConfiguration(certFile, keyFile), highWater=highWater, retry=retry)
+        self.protocol = QuicPeerProtocol(relay, reactor, serverConfiguration(certFile, keyFile), highWater=highWater, retryAbove=retryAbove)
         self.port = None
 
     def privilegedStartService(self):

@@ -359,21 +359,40 @@ class ClockedQuicTests(unittest.TestCase):
         self.network.pump()
         self.successResultOf(peer.authenticated)
 
-    def test_retry(self):
+    def test_retryUnderLoad(self):
         """
-        With retry on, a new client is sent a Retry first, and authenticates
-        on its second Initial; a forged token earns nothing.
+        Once enough handshakes are in flight, a new client is sent a Retry
+        first and authenticates on its second Initial; a forged token earns
+        nothing.
         """
         self.network.endpoints.clear()
-        self.protocol = self.makeProtocol(retry=True)
+        self.protocol = self.makeProtocol(retryAbove=1)
+        stuck = self.client(B)
+        self.network.drop = lambda source, destination, data: source == stuck.addr and self.protocol.handshaking
+        self.network.pump(0.1)
+        self.assertEqual(self.protocol.handshaking, 1)
+        self.network.drop = lambda source, destination, data: source == stuck.addr
         a = self.connected(A)
         self.assertEqual(self.protocol.counters["retry_sent"], 1)
+        self.assertEqual(self.protocol.handshaking, 1)
         a.send(A, b"self")
         self.network.pump()
         self.assertEqual(self.successResultOf(a.transports.get()), (A, b"self"))
         forged = b"\xc3\x00\x00\x00\x01\x08" + os.urandom(8) + b"\x08" + os.urandom(8) + b"\x10" + os.urandom(16) + b"\x44\xd0" + os.urandom(1250)
         self.protocol.datagramReceived(forged, ("127.0.0.1", 40002))
         self.assertEqual(self.protocol.counters["invalid_token"], 1)
+        self.network.pump(10.0)
+        self.assertEqual(self.protocol.handshaking, 0)
+
+    def test_noRetryNormally(self):
+        """
+        By default clients get no Retry (no extra round trip), as from the
+        Go relay.
+        """
+        self.connected(A)
+        self.connected(B)
+        self.assertEqual(self.protocol.counters["retry_sent"], 0)
+        self.assertEqual(self.protocol.handshaking, 0)
 
     def test_streamRefused(self):
         """
