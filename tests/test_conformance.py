@@ -121,14 +121,16 @@ class RelayProcess:
     One `twistd -n relay` child process listening on 127.0.0.1:port.
     """
 
-    def __init__(self, logPath):
+    def __init__(self, logPath, exposedAddress=None):
         self.logPath = logPath
+        self.exposedAddress = exposedAddress
         self.port = None
         self.process = None
 
-    def start(self, timeout=15.0):
+    def spawn(self):
         self.port = freePort()
         address = "127.0.0.1:%d" % (self.port,)
+        exposed = self.exposedAddress if self.exposedAddress is not None else address
         self._log = open(self.logPath, "wb")
         self.process = subprocess.Popen(
             [
@@ -141,7 +143,7 @@ class RelayProcess:
                 "--listen-address",
                 address,
                 "--exposed-address",
-                address,
+                exposed,
                 "--auth-secret",
                 SECRET.decode(),
                 "--metrics-port",
@@ -153,6 +155,9 @@ class RelayProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
+
+    def start(self, timeout=15.0):
+        self.spawn()
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
@@ -1261,6 +1266,73 @@ class WireTests(RelayTestCase):
                 1,
             )
         )
+
+
+class InstanceURLTests(unittest.TestCase):
+    """
+    PROTOCOL.md 2.1: the instance URL from --exposed-address, and startup
+    failing with a clear error on a bad one.
+    """
+
+    timeout = 45
+
+    def relay(self, exposed):
+        relay = RelayProcess(os.path.abspath(self.mktemp() + ".log"), exposed)
+        self.addCleanup(relay.stop)
+        return relay
+
+    @defer.inlineCallbacks
+    def _authResponse(self, exposed):
+        relay = self.relay(exposed)
+        relay.start()
+        client = yield wsraw.connect(reactor, relay.port)
+        self.addCleanup(client.abort)
+        yield client.handshake.addTimeout(5, reactor)
+        client.sendMessage(authMessage(peerID("peer-a")))
+        response = yield client.nextMessage()
+        return response
+
+    @defer.inlineCallbacks
+    def test_explicitRel(self):
+        response = yield self._authResponse("rel://relay.example:8080")
+        self.assertEqual(response, b"\x01\x07rel://relay.example:8080")
+
+    @defer.inlineCallbacks
+    def test_explicitRels(self):
+        response = yield self._authResponse("rels://relay.example:443")
+        self.assertEqual(response, b"\x01\x07rels://relay.example:443")
+
+    @defer.inlineCallbacks
+    def test_noSchemeHostname(self):
+        response = yield self._authResponse("relay.example:33080")
+        self.assertEqual(response, b"\x01\x07rel://relay.example:33080")
+
+    def _startupFails(self, exposed):
+        relay = self.relay(exposed)
+        relay.spawn()
+        try:
+            code = relay.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.fail("relay started with --exposed-address %r" % (exposed,))
+        self.assertNotEqual(code, 0, relay.log())
+        log = relay.log()
+        self.assertTrue(
+            "exposed" in log.lower() or exposed in log,
+            "no clear error naming the exposed address:\n" + log,
+        )
+        self.assertNotIn("Traceback", log)
+
+    def test_otherScheme(self):
+        self._startupFails("http://relay.example:80")
+
+    def test_wsScheme(self):
+        self._startupFails("ws://relay.example:80")
+
+    def test_twoSchemes(self):
+        self._startupFails("rel://rels://relay.example:80")
+
+    def test_notAURL(self):
+        self._startupFails("rel://[::1")
 
 
 class HTTPTests(RelayTestCase):
