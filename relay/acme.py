@@ -244,6 +244,7 @@ class AcmeCertificateService(Service):
         self._waiting = []
         self._responses = {}
         self._listeningPort = None
+        self._listenedPrivileged = False
         self._timer = None
         self._attempt = None
         self._failures = 0
@@ -297,6 +298,7 @@ class AcmeCertificateService(Service):
     def privilegedStartService(self):
         super().privilegedStartService()
         self._listen()
+        self._listenedPrivileged = True
 
     def startService(self):
         super().startService()
@@ -304,7 +306,7 @@ class AcmeCertificateService(Service):
             self._prepareDirectory()
         except OSError as e:
             self.log.error("ACME: cannot use the data directory {dir!r}: {error}", dir=self.dataDir, error=e.strerror or str(e))
-        self._listen()
+        self._listen(logFailure=not self._listenedPrivileged)
         self._loadFromDisk()
         self._schedule(0 if self._options is None else self._untilCheck())
 
@@ -530,18 +532,19 @@ class AcmeCertificateService(Service):
         acmeClient, order = yield self._blocking(self._newOrder, accountKey, csrPEM)
         self.orders += 1
         answers = []
-        for authorization in order.authorizations:
-            if authorization.body.status == messages.STATUS_VALID:
-                continue
-            for challengeBody in authorization.body.challenges:
-                if isinstance(challengeBody.chall, challenges.HTTP01):
-                    response, validation = challengeBody.chall.response_and_validation(accountKey)
-                    answers.append((challengeBody, response, challengeBody.chall.encode("token")))
-                    self._responses[challengeBody.chall.encode("token")] = validation
-                    break
-            else:
-                raise _AcmeProblem(f"the CA offers no http-01 challenge for {authorization.body.identifier.value}")
         try:
+            for authorization in order.authorizations:
+                if authorization.body.status == messages.STATUS_VALID:
+                    continue
+                for challengeBody in authorization.body.challenges:
+                    if isinstance(challengeBody.chall, challenges.HTTP01):
+                        response, validation = challengeBody.chall.response_and_validation(accountKey)
+                        token = challengeBody.chall.encode("token")
+                        answers.append((challengeBody, response, token))
+                        self._responses[token] = validation
+                        break
+                else:
+                    raise _AcmeProblem(f"the CA offers no http-01 challenge for {authorization.body.identifier.value}")
             order = yield self._blocking(self._finish, acmeClient, order, [(body, response) for body, response, _ in answers])
         finally:
             for _, _, token in answers:
