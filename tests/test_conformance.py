@@ -1376,10 +1376,28 @@ class HTTPTests(RelayTestCase):
             "https://127.0.0.1:%d" % (self.relay.port,),
             "HTTP://127.0.0.1:%d" % (self.relay.port,),
             "chrome-extension://127.0.0.1:%d" % (self.relay.port,),
+            "http://127.0.0.1:%d/some/path" % (self.relay.port,),
         ]:
             client = yield self.open(extraHeaders=[("Origin", origin)])
             statuses[origin] = client.status
         self.assertEqual(set(statuses.values()), {101}, statuses)
+
+    @defer.inlineCallbacks
+    def test_originComparedCaseInsensitively(self):
+        """
+        Host and Origin host compared case-insensitively (strings.EqualFold).
+        """
+        port = self.relay.port
+        client = yield self.open(
+            extraHeaders=[("Origin", "http://relay.example:%d" % (port,))],
+            hostHeader="Relay.EXAMPLE:%d" % (port,),
+        )
+        self.assertEqual(client.status, 101)
+        other = yield self.open(
+            extraHeaders=[("Origin", "http://relay.example:%d" % (port,))],
+            hostHeader="other.example:%d" % (port,),
+        )
+        self.assertEqual(other.status, 403)
 
     @defer.inlineCallbacks
     def test_originMatchingHostAccepted(self):
