@@ -7,6 +7,7 @@ flag beats the variable.
 """
 
 import os
+import signal
 import sys
 
 from twisted.application import service
@@ -162,10 +163,10 @@ class Options(usage.Options):
         self["tls"] = bool(self["tls-cert-file"])
         self["tls-options"] = None
         if self["tls"]:
-            from relay.tls import loadCertificateOptions
+            from relay.tls import ReloadableTLS, loadCertificateOptions
 
             try:
-                self["tls-options"] = loadCertificateOptions(self["tls-cert-file"], self["tls-key-file"])
+                self["tls-options"] = ReloadableTLS(loadCertificateOptions(self["tls-cert-file"], self["tls-key-file"]), self["tls-cert-file"], self["tls-key-file"])
             except ConfigurationError as e:
                 raise usage.UsageError(str(e)) from None
         self["listen"] = parseHostPort(self["listen-address"], "listen-address")
@@ -254,8 +255,9 @@ class RelayService(service.MultiService):
 
     _log = Logger()
 
-    def __init__(self, relay, peerEndpoint, peerFactory, readiness, logObserver=None, reactor=None, cluster=None):
+    def __init__(self, relay, peerEndpoint, peerFactory, readiness, logObserver=None, reactor=None, cluster=None, tls=None):
         super().__init__()
+        self.tls = tls
         self.relay = relay
         self.peerEndpoint = peerEndpoint
         self.peerFactory = peerFactory
@@ -289,6 +291,10 @@ class RelayService(service.MultiService):
         if self.cluster is not None:
             self.cluster.startService()
         self.peerFactory.gate.start()
+        if self.tls is not None:
+            # SIGHUP re-reads the certificate files; established connections
+            # keep theirs, new ones get the new one.
+            signal.signal(signal.SIGHUP, lambda number, frame: self.reactor.callFromThread(self.tls.reload))
         self.readiness.listenerUp = True
         self._log.info("relay listening on {address}, instance URL {url}", address=_describe(self.peerPort.getHost()), url=self.relay.instanceURL)
         super().startService()
@@ -296,6 +302,8 @@ class RelayService(service.MultiService):
     @defer.inlineCallbacks
     def stopService(self):
         self.readiness.draining = True
+        if self.tls is not None:
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
         if self.cluster is not None:
             yield self.cluster.stopService()
         if self.peerPort is not None:
@@ -373,6 +381,7 @@ def makeService(options, reactor=None):
         logObserver=makeLogObserver(options),
         reactor=reactor,
         cluster=cluster,
+        tls=options["tls-options"],
     )
     top.metrics = metrics
     if options["metrics-port"]:

@@ -3,6 +3,7 @@ End to end: real C{twistd relay} processes and real clients over loopback.
 """
 
 import os
+import signal
 import sys
 
 from twisted.internet import defer, reactor, ssl
@@ -12,7 +13,7 @@ from twisted.trial import unittest
 from relay import client
 from relay import messages as m
 from tests.certs import writeCertificate
-from tests.e2e import ROOT, startRelay
+from tests.e2e import ROOT, sleep, startRelay
 
 A, B = m.peerID("peer-a"), m.peerID("peer-b")
 TIMEOUT = 10
@@ -86,6 +87,30 @@ class TwoPeerTests(unittest.TestCase):
         self.assertEqual(a.instanceURL, url)
         a.send(B, b"over tls")
         self.assertEqual((yield nextTransport(b)), (A, b"over tls"))
+        yield a.close()
+        yield b.close()
+
+
+    @defer.inlineCallbacks
+    def test_sighupReloadsCertificate(self):
+        directory = os.path.abspath(self.mktemp())
+        cert, key, first = writeCertificate(directory)
+        self.relay = yield startRelay(self, "--tls-cert-file", cert, "--tls-key-file", key)
+        url = self.relay.url.replace("rel://", "rels://")
+        a = yield client.connect(reactor, url, A, secret="relay-secret", trustRoot=ssl.Certificate.loadPEM(first))
+        _, _, second = writeCertificate(directory)
+        self.relay.signal(signal.SIGHUP)
+        b = None
+        for _ in range(100):
+            try:
+                b = yield client.connect(reactor, url, B, secret="relay-secret", trustRoot=ssl.Certificate.loadPEM(second), timeout=2)
+                break
+            except Exception:
+                yield sleep(0.05)
+        self.assertIsNotNone(b, "no connection with the new certificate")
+        a.send(B, b"old connection, new certificate")
+        self.assertEqual((yield nextTransport(b)), (A, b"old connection, new certificate"))
+        self.assertIn(b"TLS certificate reloaded", self.relay.output)
         yield a.close()
         yield b.close()
 
