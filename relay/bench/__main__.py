@@ -1,0 +1,332 @@
+"""
+python -m relay.bench [CASE ...] [options]
+
+Starts the relay under test as a separate process (or measures one already
+running: --url, --secret, --pid) and drives it from raw sockets with
+pre-built frames.  Cases: throughput, latency, handshakes, idle, stall,
+crosspod (default: all).  Every case runs --runs times; the summary shows
+medians, --json FILE keeps every run.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import urllib.parse
+
+from relay.bench import cases as C
+from relay.bench import wire
+from relay.bench.peers import BenchError
+from relay.bench.relayproc import ROOT, ExternalRelay, RelayProcess, raiseFileLimit
+
+ALL = ("throughput", "latency", "handshakes", "idle", "stall", "crosspod")
+
+# the figures the summary prints per case, first one is the headline
+FIGURES = {
+    "throughput": ("msgs_per_s", "gbit_per_s", "relay_cpu", "loadgen_cpu"),
+    "latency": ("p50_us", "p90_us", "p99_us", "p999_us", "msgs_per_s", "relay_cpu"),
+    "handshakes": ("handshakes_per_s", "handshake_p99_ms", "relay_cpu", "loadgen_cpu"),
+    "idle": ("kib_per_peer",),
+    "stall": ("rate_ratio", "rss_growth_mib", "baseline_msgs_per_s", "stalled_msgs_per_s",
+              "flood_offered_msgs_per_s", "relay_cpu_stalled"),
+    "crosspod": ("added_p50_us", "added_p99_us", "same_p50_us", "cross_p50_us"),
+}
+
+
+def _ints(value):
+    return [int(v) for v in value.split(",") if v.strip()]
+
+
+def parseArgs(argv):
+    ap = argparse.ArgumentParser(prog="python -m relay.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("cases", nargs="*", help=f"any of {', '.join(ALL)}, or all (default)")
+    ap.add_argument("--case", action="append", default=[], help="same as a positional case (repeatable, or comma-separated)")
+    ap.add_argument("--runs", type=int, default=3, help="runs per case; the summary shows medians (default 3)")
+    ap.add_argument("--json", metavar="FILE", help="write every run and the medians to FILE")
+    ap.add_argument("--url", help="measure a running relay (ws://127.0.0.1:PORT/relay or rel://127.0.0.1:PORT) instead of starting one")
+    ap.add_argument("--secret", default=None, help="its --auth-secret (default: a random one for the relay started here)")
+    ap.add_argument("--pid", type=int, help="its pid (relay CPU and RSS figures; the idle case needs it)")
+    ap.add_argument("--relay-arg", action="append", default=[], metavar="ARG",
+                    help="extra argument for the relays started here (repeatable), e.g. --relay-arg=--log-level=warn")
+    ap.add_argument("--relay-root", metavar="DIR", help="run the relay from this checkout (e.g. a git worktree of another commit)")
+    ap.add_argument("--duration", type=float, default=5.0, help="seconds measured per throughput/latency run (default 5)")
+    ap.add_argument("--warmup", type=float, default=1.0, help="seconds of traffic before measuring (default 1)")
+    ap.add_argument("--size", type=int, default=1400, help="transport payload bytes after the 38-byte header (default 1400)")
+    ap.add_argument("--pairs", type=_ints, default=[10, 50], help="throughput: comma-separated pair counts (default 10,50)")
+    ap.add_argument("--window", type=int, default=64, help="throughput: messages in flight per pair (default 64)")
+    ap.add_argument("--batch", type=int, default=16, help="throughput: a sender writes when this much window is free (default 16)")
+    ap.add_argument("--procs", type=int, default=0, help="load processes for the pipelined cases (default: 1 up to 10 pairs, else 2)")
+    ap.add_argument("--latency-pairs", type=_ints, default=[1, 50], help="latency: comma-separated pair counts (default 1,50)")
+    ap.add_argument("--connections", type=int, default=2000, help="handshakes: connections (default 2000)")
+    ap.add_argument("--concurrency", type=int, default=64, help="handshakes and idle: connections opened at once (default 64)")
+    ap.add_argument("--idle-peers", type=int, default=2000, help="idle: authenticated peers held (default 2000)")
+    ap.add_argument("--idle-settle", type=float, default=3.0, help="idle: seconds between the last handshake and reading RSS")
+    ap.add_argument("--settle", type=float, default=1.0, help="seconds of rest after closing many connections")
+    ap.add_argument("--stall-pairs", type=int, default=9, help="stall: measured pairs besides the stalled one (default 9)")
+    ap.add_argument("--stall-senders", type=int, default=1,
+                    help="stall: senders flooding the receiver that stops reading (default 1: 10 senders in all)")
+    ap.add_argument("--stall-duration", type=float, default=30.0, help="stall: seconds of flooding (default 30)")
+    ap.add_argument("--stall-baseline", type=float, default=5.0, help="stall: seconds measured before the flood (default 5)")
+    ap.add_argument("--crosspod-timeout", type=float, default=30.0, help="crosspod: seconds to wait for the first message to cross")
+    ap.add_argument("--cluster-secret", default="bench-cluster-secret")
+    ap.add_argument("--crosspod-relay-arg", action="append", default=[], metavar="ARG",
+                    help="extra argument for the two cluster relays only")
+    ap.add_argument("--keep-logs", action="store_true", help="keep the relay logs (printed path)")
+    o = ap.parse_args(argv)
+    chosen = []
+    for c in o.cases + o.case:
+        chosen.extend(x.strip() for x in c.split(",") if x.strip())
+    if not chosen or "all" in chosen:
+        chosen = list(ALL)
+    for c in chosen:
+        if c not in ALL:
+            ap.error(f"unknown case {c!r}; choose from {', '.join(ALL)}")
+    o.chosen = list(dict.fromkeys(chosen))
+    if o.url:
+        u = urllib.parse.urlparse(o.url if "://" in o.url else "ws://" + o.url)
+        host = u.hostname or ""
+        if not (host.startswith("127.") or host == "localhost"):
+            ap.error("--url: only loopback relays may be measured")
+        if u.scheme not in ("ws", "rel", ""):
+            ap.error("--url: ws:// or rel:// (TLS is not supported by the load generator)")
+        if not o.secret:
+            ap.error("--url needs --secret")
+        o.host = "127.0.0.1" if host == "localhost" else host
+        o.port = u.port or 80
+    if not o.secret:
+        o.secret = "bench-" + os.urandom(12).hex()
+    if not 8 <= o.size <= wire.MAX_SIZE:
+        ap.error(f"--size must be 8..{wire.MAX_SIZE}")
+    if o.runs < 1:
+        ap.error("--runs must be at least 1")
+    return o
+
+
+def _median(runs, key):
+    vals = [r.get(key) for r in runs if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+    return wire.median(vals)
+
+
+def _medians(runs):
+    keys = []
+    for r in runs:
+        for k, v in r.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in keys:
+                keys.append(k)
+    return {k: _median(runs, k) for k in keys}
+
+
+def _gitHead():
+    try:
+        return subprocess.run(["git", "log", "-1", "--format=%h %cI %s"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class Bench:
+    def __init__(self, o):
+        self.o = o
+        self.logDir = tempfile.mkdtemp(prefix="relay-bench-")
+        self.results = {}
+        self.problems = []
+
+    def log(self, msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    def relay(self):
+        o = self.o
+        if o.url:
+            return ExternalRelay(o.host, o.port, o.secret, o.pid)
+        return RelayProcess(o.secret, extra=o.relay_arg, logDir=self.logDir, root=o.relay_root).start()
+
+    def done(self, target):
+        """
+        Stop a relay started here; note a crash or a bad exit.
+        """
+        if not target.running():
+            self.problems.append(f"relay (pid {target.pid}) died during the case:\n{target.logTail()}")
+            return
+        if isinstance(target, RelayProcess):
+            status = target.stop()
+            if status not in (0, None):
+                self.problems.append(f"relay (pid {target.pid}) exited with status {status} on SIGTERM:\n{target.logTail()}")
+
+    def series(self, name, params, runOnce, freshRelay=False):
+        """
+        Run C{runOnce(target, run)} --runs times and record medians.
+        """
+        o = self.o
+        runs = []
+        entry = {"params": params, "runs": runs}
+        self.results[name] = entry
+        target = None
+        try:
+            for run in range(o.runs):
+                if target is None:
+                    target = self.relay()
+                self.log(f"[{time.strftime('%H:%M:%S')}] {name} run {run + 1}/{o.runs} ...")
+                try:
+                    r = runOnce(target, run)
+                except (BenchError, OSError) as e:
+                    r = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+                r["run"] = run
+                runs.append(r)
+                self.log("    " + json.dumps({k: v for k, v in r.items() if not isinstance(v, (list, dict))}))
+                if not target.running():
+                    self.problems.append(f"{name}: relay (pid {target.pid}) died in run {run + 1}:\n{target.logTail()}")
+                    target = None
+                    continue
+                if freshRelay and not o.url:
+                    self.done(target)
+                    target = None
+        except C.Skip as e:
+            entry["skipped"] = str(e)
+            self.log(f"    skipped: {e}")
+        finally:
+            if target is not None:
+                self.done(target)
+        good = [r for r in runs if "error" not in r]
+        entry["median"] = _medians(good)
+        entry["ok"] = bool(runs) and all(r.get("ok") for r in runs)
+        return entry
+
+    def run(self):
+        o = self.o
+        for case in o.chosen:
+            if case == "throughput":
+                for n in o.pairs:
+                    self.series(f"throughput-p{n}-{o.size}", {"pairs": n, "size": o.size, "window": o.window},
+                                lambda t, run, n=n: C.throughputRun(t, o, n, run))
+            elif case == "latency":
+                for n in o.latency_pairs:
+                    self.series(f"latency-p{n}-{o.size}", {"pairs": n, "size": o.size},
+                                lambda t, run, n=n: C.latencyRun(t, o, n, run))
+            elif case == "handshakes":
+                self.series(f"handshakes-{o.connections}", {"connections": o.connections, "concurrency": o.concurrency},
+                            lambda t, run: C.handshakeRun(t, o, run))
+            elif case == "idle":
+                self.series(f"idle-{o.idle_peers}", {"peers": o.idle_peers},
+                            lambda t, run: C.idleRun(t, o, run), freshRelay=True)
+            elif case == "stall":
+                self.series(f"stall-{o.stall_senders}x{o.stall_pairs}p", {
+                    "pairs": o.stall_pairs, "stall_senders": o.stall_senders, "duration": o.stall_duration,
+                    "baseline": o.stall_baseline, "size": o.size, "window": o.window},
+                    lambda t, run: C.stallRun(t, o, run))
+            elif case == "crosspod":
+                self.crosspod()
+
+    def crosspod(self):
+        o = self.o
+        name = f"crosspod-{o.size}"
+        entry = {"params": {"size": o.size, "pairs": 1}, "runs": []}
+        if o.url:
+            entry["skipped"] = "needs two relays started here (not with --url)"
+            self.results[name] = entry
+            self.log(f"{name} skipped: {entry['skipped']}")
+            return
+        try:
+            pods = C.clusterRelays(o, self.logDir)
+        except C.Skip as e:
+            entry["skipped"] = str(e)
+            self.results[name] = entry
+            self.log(f"{name} skipped: {e}")
+            return
+        runs = entry["runs"]
+        self.results[name] = entry
+        try:
+            for run in range(o.runs):
+                self.log(f"[{time.strftime('%H:%M:%S')}] {name} run {run + 1}/{o.runs} ...")
+                try:
+                    r = C.crosspodRun(pods, o, run)
+                except (BenchError, OSError) as e:
+                    r = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+                r["run"] = run
+                runs.append(r)
+                self.log("    " + json.dumps(r))
+                if not all(p.running() for p in pods):
+                    self.problems.append(f"{name}: a cluster relay died:\n" + "\n".join(p.logTail() for p in pods))
+                    break
+        except C.Skip as e:
+            entry["skipped"] = str(e)
+            self.log(f"    skipped: {e}")
+        finally:
+            for p in pods:
+                self.done(p)
+        good = [r for r in runs if "error" not in r]
+        entry["median"] = _medians(good)
+        entry["ok"] = bool(runs) and all(r.get("ok") for r in runs) and "skipped" not in entry
+
+    def summary(self):
+        lines = []
+        lines.append(f"{'case':<26}{'ok':<5}{'runs':<6}medians")
+        for name, e in self.results.items():
+            kind = name.split("-")[0]
+            if "skipped" in e and not e.get("runs"):
+                lines.append(f"{name:<26}{'-':<5}{0:<6}skipped: {e['skipped'][:200]}")
+                continue
+            med = e.get("median", {})
+            figs = "  ".join(f"{k}={_fmt(med.get(k))}" for k in FIGURES.get(kind, ()) if k in med)
+            errs = [r["error"] for r in e["runs"] if "error" in r]
+            extra = f"  errors: {errs[0][:160]}" if errs else ""
+            if "skipped" in e:
+                extra += f"  skipped: {e['skipped'][:160]}"
+            lines.append(f"{name:<26}{('yes' if e.get('ok') else 'NO'):<5}{len(e['runs']):<6}{figs}{extra}")
+        return "\n".join(lines)
+
+
+def _fmt(v):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+    return str(v)
+
+
+def main(argv=None):
+    o = parseArgs(sys.argv[1:] if argv is None else argv)
+    raiseFileLimit(max(8192, 2 * max(o.connections, o.idle_peers) + 1024))
+    bench = Bench(o)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    try:
+        bench.run()
+    except KeyboardInterrupt:
+        bench.problems.append("interrupted")
+    except Exception:
+        bench.problems.append("harness error:\n" + traceback.format_exc())
+    out = {
+        "meta": {
+            "started": started.isoformat(timespec="seconds"),
+            "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "git": _gitHead(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "relay": o.url or f"started here from {o.relay_root or ROOT}", "relay_args": o.relay_arg, "runs": o.runs,
+            "duration_s": o.duration, "warmup_s": o.warmup, "logs": bench.logDir,
+        },
+        "cases": bench.results,
+        "problems": bench.problems,
+    }
+    if o.json:
+        with open(o.json, "w") as f:
+            json.dump(out, f, indent=1)
+    print(bench.summary())
+    for p in bench.problems:
+        print("PROBLEM: " + p)
+    if not o.keep_logs and not bench.problems:
+        import shutil
+
+        shutil.rmtree(bench.logDir, ignore_errors=True)
+    elif bench.problems:
+        print(f"relay logs kept in {bench.logDir}")
+    ok = all(e.get("ok") or "skipped" in e for e in bench.results.values()) and not bench.problems
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,463 @@
+"""
+The benchmark cases: each run returns one dict of figures; L{runCase}
+repeats it and takes medians.
+"""
+
+import multiprocessing
+import os
+import socket
+import time
+
+from relay.bench import wire
+from relay.bench.loads import EchoLoop, pairWorker, probeRoute
+from relay.bench.peers import BenchError, HandshakeRun, connectPeer
+from relay.bench.relayproc import RelayProcess, cpuSeconds, freePort, rssKiB
+
+
+class Skip(Exception):
+    """
+    The case cannot run against this relay (the reason is the message).
+    """
+
+
+def _sleepUntil(t):
+    while True:
+        left = t - time.monotonic()
+        if left <= 0:
+            return
+        time.sleep(min(left, 0.05))
+
+
+def _relayCpu(target):
+    if target.pid is None:
+        return None
+    try:
+        return cpuSeconds(target.pid)
+    except OSError:
+        return None
+
+
+def _rss(target):
+    if target.pid is None:
+        return None
+    try:
+        return rssKiB(target.pid)
+    except (OSError, RuntimeError):
+        return None
+
+
+def _prefix(case, run):
+    return f"bench{os.getpid()}-{case}-{run}-{time.monotonic_ns() % 1000000}-"
+
+
+# ---------------------------------------------------------------------------
+# Pipelined pairs: throughput and stalled receiver
+
+
+def _spawnPairWorkers(target, specs):
+    """
+    Start one process per spec, wait until all are connected.
+
+    @return: list of (process, parent end of the pipe).
+    """
+    ctx = multiprocessing.get_context("fork")
+    workers = []
+    for spec in specs:
+        parent, child = ctx.Pipe()
+        p = ctx.Process(target=pairWorker, args=(child, spec), daemon=True)
+        p.start()
+        child.close()
+        workers.append((p, parent))
+    errors = []
+    for p, conn in workers:
+        if not conn.poll(120):
+            errors.append("a load process did not connect its peers within 120 s")
+            continue
+        kind, info = conn.recv()
+        if kind == "error":
+            errors.append(info)
+    if errors:
+        _stopWorkers(workers)
+        raise BenchError("; ".join(errors))
+    return workers
+
+
+def _stopWorkers(workers):
+    for p, conn in workers:
+        try:
+            conn.send(("stop", None))
+        except (OSError, BrokenPipeError):
+            pass
+    for p, conn in workers:
+        p.join(5)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def _collect(workers, timeout):
+    results = []
+    errors = []
+    deadline = time.monotonic() + timeout
+    for p, conn in workers:
+        if not conn.poll(max(0.1, deadline - time.monotonic())):
+            errors.append("a load process did not report in time")
+            continue
+        try:
+            kind, info = conn.recv()
+        except EOFError:
+            errors.append("a load process died")
+            continue
+        if kind == "error":
+            errors.append(info)
+        else:
+            results.append(info)
+    for p, conn in workers:
+        p.join(10)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    if errors:
+        raise BenchError("; ".join(errors))
+    return results
+
+
+def _split(indices, procs):
+    procs = max(1, min(procs, len(indices) or 1))
+    return [indices[k::procs] for k in range(procs)]
+
+
+def _flowTotals(results):
+    tot = {"sent": 0, "received": 0, "lost": 0, "seq_gaps": 0, "gap_msgs": 0, "reordered": 0,
+           "id_errors": 0, "payload_errors": 0, "window_stalls": 0}
+    flood = dict(tot)
+    for r in results:
+        for f in r["flows"]:
+            into = flood if f["mode"] == "flood" else tot
+            for k in into:
+                into[k] += f[k]
+    return tot, flood
+
+
+def _rate(results, i, j, key="msgs"):
+    """
+    Sum over load processes of (snapshot j - snapshot i) / elapsed.
+    """
+    total = 0.0
+    for r in results:
+        a, b = r["snapshots"][i], r["snapshots"][j]
+        dt = b["t"] - a["t"]
+        if dt > 0:
+            total += (b[key] - a[key]) / dt
+    return total
+
+
+def throughputRun(target, o, pairs, run):
+    """
+    C{pairs} pairs, payload C{o.size}, window C{o.window} per pair, spread
+    over C{o.procs} load processes.
+    """
+    tok = wire.token(target.secret)
+    procs = o.procs if o.procs else (1 if pairs <= 10 else 2)
+    specs = []
+    for part in _split(list(range(pairs)), procs):
+        specs.append({"host": target.host, "port": target.port, "token": tok, "prefix": _prefix("tput", run),
+                      "pairs": part, "floods": 0, "size": o.size, "window": o.window, "batch": o.batch})
+    workers = _spawnPairWorkers(target, specs)
+    start = time.monotonic() + 0.2
+    m0 = start + o.warmup
+    m1 = m0 + o.duration
+    sched = {"start": start, "marks": [m0, m1], "stopAt": m1, "drain": 10.0}
+    for p, conn in workers:
+        conn.send(("go", sched))
+    _sleepUntil(m0)
+    c0, t0 = _relayCpu(target), time.monotonic()
+    _sleepUntil(m1)
+    c1, t1 = _relayCpu(target), time.monotonic()
+    results = _collect(workers, o.duration + o.warmup + 60)
+    tot, _ = _flowTotals(results)
+    rate = _rate(results, 0, 1)
+    res = {
+        "pairs": pairs, "size": o.size, "window": o.window, "procs": len(specs),
+        "msgs_per_s": round(rate, 1),
+        "gbit_per_s": round(rate * o.size * 8 / 1e9, 4),
+        "relay_cpu": round((c1 - c0) / (t1 - t0), 3) if c0 is not None else None,
+        "loadgen_cpu": round(sum((r["snapshots"][1]["cpu"] - r["snapshots"][0]["cpu"]) for r in results) / (t1 - t0), 3),
+        "unexpected_msgs": sum(r["unexpected_msgs"] for r in results),
+        "closed_conns": sum(r["n_closed"] for r in results),
+    }
+    res.update(tot)
+    closedWhy = sorted({w for r in results for w in r["closed_conns"]})
+    if closedWhy:
+        res["closed_why"] = closedWhy
+    res["ok"] = (tot["lost"] == 0 and tot["gap_msgs"] == 0 and tot["reordered"] == 0 and tot["id_errors"] == 0
+                 and tot["payload_errors"] == 0 and res["closed_conns"] == 0 and res["unexpected_msgs"] == 0)
+    return res
+
+
+def stallRun(target, o, run):
+    """
+    C{o.stall_pairs} windowed pairs measured alone (baseline), then with
+    C{o.stall_senders} senders flooding one receiver that does not read, for
+    C{o.stall_duration} seconds; the relay's RSS is sampled throughout.
+    Afterwards the stalled receiver reads what reached it: every message
+    must be intact (drops show as sequence gaps).
+    """
+    tok = wire.token(target.secret)
+    procs = o.procs if o.procs else 1
+    parts = _split(list(range(o.stall_pairs)), procs)
+    specs = []
+    for k, part in enumerate(parts):
+        specs.append({"host": target.host, "port": target.port, "token": tok, "prefix": _prefix("stall", run),
+                      "pairs": part, "floods": o.stall_senders if k == 0 else 0, "size": o.size,
+                      "window": o.window, "batch": o.batch})
+    workers = _spawnPairWorkers(target, specs)
+    start = time.monotonic() + 0.2
+    b0 = start + o.warmup
+    b1 = b0 + o.stall_baseline
+    s0 = b1 + 1.0  # the relay's buffers for the stalled peer fill up
+    s1 = s0 + o.stall_duration
+    sched = {"start": start, "marks": [b0, b1, s0, s1], "floodAt": b1, "stopAt": s1, "drain": 15.0}
+    for p, conn in workers:
+        conn.send(("go", sched))
+    _sleepUntil(b0)
+    cb0 = _relayCpu(target)
+    _sleepUntil(b1)
+    cb1 = _relayCpu(target)
+    rssBefore = _rss(target)
+    peak = rssBefore or 0
+    samples = []
+    cs0 = None
+    while time.monotonic() < s1:
+        if cs0 is None and time.monotonic() >= s0:
+            cs0 = _relayCpu(target)
+        r = _rss(target)
+        if r is not None:
+            peak = max(peak, r)
+            samples.append(r)
+        time.sleep(0.25)
+    cs1 = _relayCpu(target)
+    rssEnd = _rss(target)
+    results = _collect(workers, o.stall_duration + o.stall_baseline + 90)
+    tot, flood = _flowTotals(results)
+    base = _rate(results, 0, 1)
+    during = _rate(results, 2, 3)
+    res = {
+        "pairs": o.stall_pairs, "stall_senders": o.stall_senders, "size": o.size, "window": o.window,
+        "baseline_msgs_per_s": round(base, 1),
+        "stalled_msgs_per_s": round(during, 1),
+        "rate_ratio": round(during / base, 3) if base else None,
+        "flood_offered_msgs_per_s": round(_rate(results, 2, 3, "flood_sent"), 1),
+        "rss_before_kib": rssBefore, "rss_peak_kib": peak, "rss_end_kib": rssEnd,
+        "rss_growth_mib": round((peak - rssBefore) / 1024, 1) if rssBefore else None,
+        "relay_cpu_baseline": round((cb1 - cb0) / o.stall_baseline, 3) if cb0 is not None else None,
+        "relay_cpu_stalled": round((cs1 - cs0) / o.stall_duration, 3) if cs0 is not None else None,
+        "flood_sent": flood["sent"], "stalled_delivered": flood["received"],
+        "stalled_dropped": flood["sent"] - flood["received"],
+        "stalled_payload_errors": flood["payload_errors"] + flood["id_errors"],
+        "stalled_reordered": flood["reordered"],
+        "stalled_closed": next((r.get("stalled_closed") for r in results if "stalled_closed" in r), None),
+        "unexpected_msgs": sum(r["unexpected_msgs"] for r in results),
+    }
+    res.update({k: v for k, v in tot.items()})
+    closed = sum(r["n_closed"] for r in results) - (1 if res["stalled_closed"] else 0)
+    res["closed_conns"] = closed
+    res["ok"] = (tot["lost"] == 0 and tot["gap_msgs"] == 0 and tot["reordered"] == 0 and tot["id_errors"] == 0
+                 and tot["payload_errors"] == 0 and closed == 0 and res["stalled_payload_errors"] == 0
+                 and res["stalled_reordered"] == 0)
+    return res
+
+
+# ---------------------------------------------------------------------------
+# Latency
+
+
+def _connectPairs(endpointA, endpointB, tok, prefix, n):
+    pairs = []
+    try:
+        for i in range(n):
+            b = connectPeer(endpointB[0], endpointB[1], f"{prefix}b{i}", tok)
+            try:
+                a = connectPeer(endpointA[0], endpointA[1], f"{prefix}a{i}", tok)
+            except BaseException:
+                b.close()
+                raise
+            pairs.append((a, b))
+    except BaseException:
+        for a, b in pairs:
+            a.close()
+            b.close()
+        raise
+    return pairs
+
+
+def latencyRun(target, o, pairs, run, targetB=None, probe=False):
+    """
+    C{pairs} ping-pong pairs, one message in flight each; A on C{target},
+    B on C{targetB} (default the same relay).
+    """
+    tok = wire.token(target.secret)
+    targetB = targetB or target
+    conns = _connectPairs((target.host, target.port), (targetB.host, targetB.port), tok, _prefix("lat", run), pairs)
+    routeS = None
+    if probe:
+        try:
+            for a, b in conns:
+                t1 = probeRoute(a, b, timeout=o.crosspod_timeout)
+                t2 = probeRoute(b, a, timeout=o.crosspod_timeout) if t1 is not None else None
+                if t1 is None or t2 is None:
+                    raise Skip(f"no transport message crossed between the pods within {o.crosspod_timeout:g} s "
+                               "(both relays accepted the cluster options; the fabric does not forward yet?)")
+                routeS = max(routeS or 0, t1, t2)
+        except BaseException:
+            for a, b in conns:
+                a.close()
+                b.close()
+            raise
+    loop = EchoLoop(conns, o.size)
+    c0, w0 = _relayCpu(target), time.monotonic()
+    start = time.monotonic()
+    try:
+        r = loop.run(start + o.warmup, start + o.warmup + o.duration)
+    finally:
+        loop.close()
+    c1, w1 = _relayCpu(target), time.monotonic()
+    s = r.pop("samples_ns")
+    us = lambda ns: None if ns is None else round(ns / 1000, 1)  # noqa: E731
+    rt = len(s) / o.duration
+    res = {
+        "pairs": pairs, "size": o.size, "samples": len(s),
+        "p50_us": us(wire.percentile(s, 0.5)), "p90_us": us(wire.percentile(s, 0.9)),
+        "p99_us": us(wire.percentile(s, 0.99)), "p999_us": us(wire.percentile(s, 0.999)),
+        "min_us": us(s[0] if s else None), "max_us": us(s[-1] if s else None),
+        "mean_us": us(sum(s) / len(s)) if s else None,
+        "round_trips_per_s": round(rt, 1), "msgs_per_s": round(2 * rt, 1),
+        "relay_cpu": round((c1 - c0) / (w1 - w0), 3) if c0 is not None else None,
+        "loadgen_cpu": round(r.pop("loadgen_cpu_s") / (w1 - w0), 3),
+        "lost": r["sent"] - r["echoed"],
+    }
+    if routeS is not None:
+        res["route_setup_s"] = round(routeS, 3)
+    res.update(r)
+    res["ok"] = (res["lost"] == 0 and r["id_errors"] == 0 and r["payload_errors"] == 0 and r["closed_conns"] == 0
+                 and r["late"] == 0 and r["unexpected_msgs"] == 0 and bool(s))
+    return res
+
+
+# ---------------------------------------------------------------------------
+# Handshakes and idle memory
+
+
+def handshakeRun(target, o, run):
+    tok = wire.token(target.secret)
+    names = [f"{_prefix('hs', run)}{i}" for i in range(o.connections)]
+    hs = HandshakeRun(target.host, target.port, names, tok, concurrency=o.concurrency)
+    c0, w0 = _relayCpu(target), time.monotonic()
+    cpu0 = sum(os.times()[:2])
+    hs.run()
+    cpu1 = sum(os.times()[:2])
+    c1, w1 = _relayCpu(target), time.monotonic()
+    ok = len(hs.socks)
+    lat = sorted(hs.latencies)
+    ms = lambda v: None if v is None else round(v * 1000, 2)  # noqa: E731
+    res = {
+        "connections": o.connections, "concurrency": o.concurrency, "ok_conns": ok,
+        "failed": o.connections - ok, "elapsed_s": round(hs.elapsed, 3),
+        "handshakes_per_s": round(ok / hs.elapsed, 1),
+        "handshake_p50_ms": ms(wire.percentile(lat, 0.5)), "handshake_p90_ms": ms(wire.percentile(lat, 0.9)),
+        "handshake_p99_ms": ms(wire.percentile(lat, 0.99)), "handshake_max_ms": ms(lat[-1] if lat else None),
+        "relay_cpu": round((c1 - c0) / (w1 - w0), 3) if c0 is not None else None,
+        "loadgen_cpu": round((cpu1 - cpu0) / (w1 - w0), 3),
+    }
+    if hs.errors:
+        res["errors"] = hs.errors
+    hs.closeAll()
+    time.sleep(o.settle)  # the relay handles the disconnects before the next run
+    res["ok"] = res["failed"] == 0
+    return res
+
+
+def idleRun(target, o, run):
+    if target.pid is None:
+        raise Skip("needs the relay's pid (--pid) to read its RSS")
+    tok = wire.token(target.secret)
+    time.sleep(1.0)
+    before = rssKiB(target.pid)
+    names = [f"{_prefix('idle', run)}{i}" for i in range(o.idle_peers)]
+    hs = HandshakeRun(target.host, target.port, names, tok, concurrency=o.concurrency)
+    hs.run()
+    ok = len(hs.socks)
+    time.sleep(o.idle_settle)
+    after = rssKiB(target.pid)
+    # the peers are still connected and authenticated: check one answers
+    hs.closeAll()
+    res = {
+        "peers": o.idle_peers, "ok_conns": ok, "rss_before_kib": before, "rss_after_kib": after,
+        "kib_per_peer": round((after - before) / ok, 2) if ok else None,
+        "ok": ok == o.idle_peers,
+    }
+    if hs.errors:
+        res["errors"] = hs.errors
+    time.sleep(o.settle)
+    return res
+
+
+# ---------------------------------------------------------------------------
+# Cross-pod
+
+
+def clusterRelays(o, logDir):
+    """
+    Two relays on 127.0.0.2 and 127.0.0.3 joined by the inter-pod fabric.
+
+    @raise Skip: loopback aliases unusable, or the relay rejects the options.
+    """
+    hosts = ("127.0.0.2", "127.0.0.3")
+    try:
+        ports = [freePort(h) for h in hosts]
+    except OSError as e:
+        raise Skip(f"cannot bind the loopback aliases 127.0.0.2/127.0.0.3: {e}") from None
+    clusterPort = None
+    for _ in range(20):
+        cand = freePort(hosts[0])
+        try:
+            with socket.socket() as s:
+                s.bind((hosts[1], cand))
+            clusterPort = cand
+            break
+        except OSError:
+            continue
+    if clusterPort is None:
+        raise Skip("no cluster port free on both loopback aliases")
+    relays = []
+    for h, p in zip(hosts, ports):
+        extra = ["--cluster-headless", ",".join(hosts), "--pod-ip", h, "--cluster-port", str(clusterPort),
+                 "--cluster-listen-address", f"{h}:{clusterPort}",
+                 "--cluster-auth-secret", o.cluster_secret] + list(o.crosspod_relay_arg or []) + list(o.relay_arg or [])
+        r = RelayProcess(o.secret, host=h, port=p, extra=extra, logDir=logDir, name=f"pod-{h}", root=o.relay_root)
+        try:
+            r.start()
+        except RuntimeError as e:
+            for x in relays:
+                x.stop()
+            raise Skip(f"the relay rejects the cluster options or cannot start in cluster mode: {str(e)[-600:]}") from None
+        relays.append(r)
+    return relays
+
+
+def crosspodRun(pods, o, run):
+    """
+    Round trip with A and B on the same pod, then with B on the other pod.
+    """
+    same = latencyRun(pods[0], o, 1, run)
+    cross = latencyRun(pods[0], o, 1, run, targetB=pods[1], probe=True)
+    res = {
+        "same_p50_us": same["p50_us"], "same_p99_us": same["p99_us"],
+        "cross_p50_us": cross["p50_us"], "cross_p99_us": cross["p99_us"],
+        "added_p50_us": round(cross["p50_us"] - same["p50_us"], 1) if cross["p50_us"] is not None else None,
+        "added_p99_us": round(cross["p99_us"] - same["p99_us"], 1) if cross["p99_us"] is not None else None,
+        "cross_route_setup_s": cross.get("route_setup_s"),
+        "cross_lost": cross["lost"], "same_lost": same["lost"],
+        "ok": same["ok"] and cross["ok"],
+    }
+    return res

@@ -1,0 +1,188 @@
+"""
+The relay under test as a separate process, and what /proc tells about it.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def freePort(host="127.0.0.1"):
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def rssKiB(pid):
+    """
+    VmRSS of C{pid} in KiB.
+    """
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def cpuSeconds(pid):
+    """
+    User + system CPU seconds used so far by C{pid} (all its threads).
+    """
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    # fields[0] is the state (field 3); utime and stime are fields 14, 15
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def raiseFileLimit(want=65536):
+    """
+    Raise the soft RLIMIT_NOFILE towards C{want} (children inherit it).
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = min(want, hard) if hard != resource.RLIM_INFINITY else want
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+class RelayProcess:
+    """
+    C{twistd -n --pidfile= relay ...} started from the repository root.
+    """
+
+    def __init__(self, secret, host="127.0.0.1", port=None, extra=(), logDir=None, name="relay", root=None):
+        self.root = root or ROOT
+        self.host = host
+        self.port = port or freePort(host)
+        self.secret = secret
+        self.extra = list(extra)
+        self.logDir = logDir or tempfile.mkdtemp(prefix="relay-bench-")
+        self.logPath = os.path.join(self.logDir, f"{name}-{self.port}.log")
+        self.proc = None
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    @property
+    def argv(self):
+        address = f"{self.host}:{self.port}"
+        return [
+            sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+            "-n", "--pidfile=", "relay",
+            "--listen-address", address, "--exposed-address", address,
+            "--auth-secret", self.secret, "--metrics-port", "0",
+        ] + self.extra
+
+    def start(self, timeout=20.0):
+        """
+        Start and wait until the peer port accepts connections.
+
+        @raise RuntimeError: the relay exited or did not listen in time
+            (the message holds the end of its output).
+        """
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if self.root != ROOT:
+            # another checkout (e.g. a git worktree of an older commit): its
+            # relay package and twistd plugin come first
+            env["PYTHONPATH"] = os.pathsep.join([self.root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        self._log = open(self.logPath, "ab")
+        self.proc = subprocess.Popen(self.argv, cwd=self.root, env=env, stdin=subprocess.DEVNULL,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"relay exited with status {self.proc.returncode} at start-up:\n{self.logTail()}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=1):
+                    return self
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.kill()
+                    raise RuntimeError(f"relay did not listen within {timeout} s:\n{self.logTail()}")
+                time.sleep(0.05)
+
+    def logTail(self, n=2000):
+        try:
+            with open(self.logPath, "rb") as f:
+                f.seek(0, 2)
+                size = f.tell()
+                f.seek(max(0, size - n))
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self):
+        if self.running():
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self, timeout=35.0):
+        """
+        SIGTERM (the relay drains), SIGKILL after C{timeout}.
+
+        @return: the exit status.
+        """
+        if self.proc is None:
+            return None
+        if self.running():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+class ExternalRelay:
+    """
+    A relay somebody else started (C{--url}): no start, no stop.
+    """
+
+    def __init__(self, host, port, secret, pid=None):
+        self.host = host
+        self.port = port
+        self.secret = secret
+        self._pid = pid
+        self.logPath = None
+
+    @property
+    def pid(self):
+        return self._pid
+
+    def running(self):
+        return self._pid is None or alive(self._pid)
+
+    def logTail(self, n=2000):
+        return ""
+
+    def stop(self, timeout=0):
+        return None
