@@ -142,8 +142,14 @@ def upgradeRequest(host, port, path="/relay"):
         b"Sec-WebSocket-Key: " + key + b"\r\n"
         b"Sec-WebSocket-Version: 13\r\n\r\n"
     )
-    accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
-    return req, accept
+    return req, acceptFor(key)
+
+
+def acceptFor(key):
+    """
+    The Sec-WebSocket-Accept value for a Sec-WebSocket-Key (RFC 6455 4.2.2).
+    """
+    return base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
 
 
 def checkUpgradeResponse(head, accept):

@@ -1,0 +1,238 @@
+"""
+The benchmark harness (relay.bench): the pieces that can silently lie (frame
+building, frame parsing, percentiles) checked against PROTOCOL.md and RFC 6455,
+and one tiny real run against a real relay process.
+"""
+
+import os
+import select
+import socket
+
+from twisted.trial import unittest
+
+from relay.bench import cases, wire
+from relay.bench.loads import Flow, PairLoop, _Conn
+from relay.bench.peers import Peer
+from relay.bench.__main__ import parseArgs
+from relay.bench.relayproc import RelayProcess, raiseFileLimit
+
+PEER_A = bytes.fromhex("7368612dbdb94c73d53c44023a715a2970a10c4d54fa9550b70fd9d34cc4b0a2de5ddcbe")
+TOKEN = bytes.fromhex("01171b78c230f8924ea423b2db791f90effa360b02a58889d318e4aba5bdfb2eff31383933343536303030")
+
+
+def unmaskClientFrames(data):
+    """
+    Parse masked client frames independently of relay.bench: list of
+    (fin, opcode, unmasked payload).
+    """
+    out = []
+    pos = 0
+    while pos < len(data):
+        b0, b1 = data[pos], data[pos + 1]
+        assert b1 & 0x80, "client frames must be masked"
+        n = b1 & 0x7F
+        pos += 2
+        if n == 126:
+            n = int.from_bytes(data[pos : pos + 2], "big")
+            pos += 2
+        elif n == 127:
+            n = int.from_bytes(data[pos : pos + 8], "big")
+            pos += 8
+        key = data[pos : pos + 4]
+        pos += 4
+        payload = bytes(c ^ key[i % 4] for i, c in enumerate(data[pos : pos + n]))
+        pos += n
+        out.append((bool(b0 & 0x80), b0 & 0x0F, payload))
+    return out
+
+
+class VectorTests(unittest.TestCase):
+    def test_peerId(self):
+        self.assertEqual(wire.peerId("peer-a"), PEER_A)
+
+    def test_token(self):
+        self.assertEqual(wire.token("relay-secret", ttl=0, now=1893456000), TOKEN)
+
+    def test_auth(self):
+        self.assertEqual(wire.authMessage(PEER_A, TOKEN), bytes.fromhex("01062112a442") + PEER_A + TOKEN)
+        self.assertEqual(len(wire.authMessage(PEER_A, TOKEN)), 85)
+
+    def test_upgradeAccept(self):
+        # RFC 6455 section 1.3
+        self.assertEqual(wire.acceptFor(b"dGhlIHNhbXBsZSBub25jZQ=="), b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+        req, accept = wire.upgradeRequest("127.0.0.1", 1234)
+        self.assertTrue(req.startswith(b"GET /relay HTTP/1.1\r\nHost: 127.0.0.1:1234\r\n"))
+        key = [line.split(b": ")[1] for line in req.split(b"\r\n") if line.startswith(b"Sec-WebSocket-Key")][0]
+        self.assertEqual(accept, wire.acceptFor(key))
+        self.assertIsNone(wire.checkUpgradeResponse(b"HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: " + accept, accept))
+        self.assertRaises(ValueError, wire.checkUpgradeResponse, b"HTTP/1.1 403 Forbidden", accept)
+        self.assertRaises(ValueError, wire.checkUpgradeResponse, b"HTTP/1.1 101 OK\r\nSec-WebSocket-Accept: x", accept)
+
+
+class FrameTests(unittest.TestCase):
+    def test_sendTemplateMatchesFramesBuiltOneByOne(self):
+        """
+        Pre-built masked frames unmask to exactly the transport messages with
+        sequence numbers a..b-1, for 7-bit and 16-bit lengths.
+        """
+        dst = wire.peerId("b")
+        for size in (8, 9, 50, 87, 88, 1400, wire.MAX_SIZE):
+            tail = wire.payloadTail(3, size)
+            key = os.urandom(4)
+            t = wire.SendTemplate(dst, tail, key)
+            data = t.frames(5, 9)
+            self.assertEqual(len(data), 4 * t.frameLen)
+            frames = unmaskClientFrames(data)
+            self.assertEqual(len(frames), 4)
+            for k, (fin, op, payload) in enumerate(frames):
+                self.assertTrue(fin)
+                self.assertEqual(op, wire.OP_BINARY)
+                self.assertEqual(payload, b"\x01\x03" + dst + (5 + k).to_bytes(8, "big") + tail)
+            self.assertEqual(t.frame(7), data[2 * t.frameLen : 3 * t.frameLen])
+            self.assertEqual(t.frames(3, 3), t.head + t.tail)  # callers never ask for none
+
+    def test_bigSequenceNumbers(self):
+        t = wire.SendTemplate(wire.peerId("b"), b"", b"\xff\xff\xff\xff")
+        [(_, _, payload)] = unmaskClientFrames(t.frame(2**64 - 1))
+        self.assertEqual(payload[38:], b"\xff" * 8)
+
+    def test_expectTemplate(self):
+        src = wire.peerId("a")
+        tail = wire.payloadTail(1, 1400)
+        e = wire.ExpectTemplate(src, tail)
+        want = b"".join(wire.serverFrame(b"\x01\x03" + src + s.to_bytes(8, "big") + tail) for s in range(10, 13))
+        self.assertEqual(e.frames(10, 13), want)
+        self.assertEqual(want[:4], b"\x82\x7e" + (1438).to_bytes(2, "big"))
+
+    def test_readerHeaderSizes(self):
+        r = wire.ServerFrameReader()
+        msgs = [b"\x01\x05", b"x" * 125, b"y" * 126, b"z" * 65535, b"w" * 65536]
+        data = b"".join(wire.serverFrame(m) for m in msgs)
+        got = []
+        for i in range(0, len(data), 1000):  # byte stream split anywhere
+            got.extend(r.feed(data[i : i + 1000]))
+        self.assertEqual(got, [(wire.OP_BINARY, m) for m in msgs])
+        self.assertEqual(r.buf, b"")
+
+    def test_readerOneByteAtATime(self):
+        r = wire.ServerFrameReader()
+        data = wire.serverFrame(b"abc", fin=False) + wire.serverFrame(b"ping", opcode=wire.OP_PING) + wire.serverFrame(b"def", opcode=wire.OP_CONT)
+        got = []
+        for i in range(len(data)):
+            got.extend(r.feed(data[i : i + 1]))
+        self.assertEqual(got, [(wire.OP_PING, b"ping"), (wire.OP_BINARY, b"abcdef")])
+
+    def test_readerRejects(self):
+        self.assertRaises(ValueError, wire.ServerFrameReader().feed, wire.clientFrame(b"x", b"abcd"))
+        self.assertRaises(ValueError, wire.ServerFrameReader().feed, b"\xc2\x00")  # RSV1
+        self.assertRaises(ValueError, wire.ServerFrameReader().feed, b"\x80\x00")  # continuation first
+        self.assertRaises(ValueError, wire.ServerFrameReader().feed, b"\x83\x00")  # reserved opcode
+
+
+class ReceiverAccountingTests(unittest.TestCase):
+    """
+    The receiver's verdicts: in-order traffic on the fast path, and loss,
+    damage, reordering and health checks on the slow path.
+    """
+
+    def setUp(self):
+        self.loop = PairLoop({})
+        self.loop.ep = select.epoll()
+        self.addCleanup(self.loop.ep.close)
+        ends = []
+        for name in ("s", "r"):
+            mine, theirs = socket.socketpair()
+            self.addCleanup(mine.close)
+            self.addCleanup(theirs.close)
+            ends.append((Peer(name, mine, os.urandom(4), b"", ""), theirs))
+        (sp, _), (rp, self.relaySide) = ends
+        self.recv = self.loop._conn(rp, True)
+        self.loop.ep.register(self.recv.fd, select.EPOLLIN)
+        self.flow = Flow(0, "window", self.loop._conn(sp, False), self.recv, 100, 64)
+        self.loop._flow(self.flow)
+        self.flow.built = 1000
+        self.tail = wire.payloadTail(0, 100)
+
+    def frame(self, seq, src=None, tail=None):
+        src = src or self.flow.sender.peer.id
+        return wire.serverFrame(b"\x01\x03" + src + seq.to_bytes(8, "big") + (self.tail if tail is None else tail))
+
+    def feed(self, data, cut=7):
+        for i in range(0, len(data), cut):
+            self.loop._read(self.recv, data[i : i + cut], 0.0, [])
+
+    def test_inOrder(self):
+        self.feed(b"".join(self.frame(s) for s in range(50)), cut=333)
+        f = self.flow
+        self.assertEqual((f.got, f.nseq, f.gaps, f.reordered, f.idErrors, f.dataErrors), (50, 50, 0, 0, 0, 0))
+
+    def test_lossDamageReorderAndHealthCheck(self):
+        damaged = bytearray(self.tail)
+        damaged[50] ^= 1
+        data = (self.frame(0) + self.frame(1) + self.frame(4)  # 2 and 3 lost
+                + wire.serverFrame(wire.HEALTHCHECK)
+                + self.frame(3)  # late
+                + self.frame(5, tail=bytes(damaged))
+                + self.frame(6, src=wire.peerId("stranger"))
+                + self.frame(7))
+        self.feed(data)
+        f = self.flow
+        self.assertEqual(f.got, 7)
+        self.assertEqual((f.gaps, f.gapEvents, f.reordered, f.dataErrors, f.idErrors), (2, 1, 1, 1, 1))
+        self.assertEqual(f.nseq, 8)
+        self.assertEqual(f.summary()["lost"], 1000 - 7)
+        # the health check was answered with a masked [1][5]
+        self.relaySide.settimeout(1)
+        [(fin, op, payload)] = unmaskClientFrames(self.relaySide.recv(100))
+        self.assertEqual((fin, op, payload), (True, wire.OP_BINARY, wire.HEALTHCHECK))
+
+
+class StatisticsTests(unittest.TestCase):
+    def test_percentileNearestRank(self):
+        values = list(range(1, 101))
+        self.assertEqual(wire.percentile(values, 0.5), 50)
+        self.assertEqual(wire.percentile(values, 0.9), 90)
+        self.assertEqual(wire.percentile(values, 0.99), 99)
+        self.assertEqual(wire.percentile(values, 0.999), 100)
+        self.assertEqual(wire.percentile(values, 0.0), 1)
+        self.assertEqual(wire.percentile([7], 0.999), 7)
+        self.assertIsNone(wire.percentile([], 0.5))
+        self.assertEqual(wire.percentile(list(range(1, 1001)), 0.999), 999)
+
+    def test_median(self):
+        self.assertEqual(wire.median([3, 1, 2]), 2)
+        self.assertEqual(wire.median([4, 1, 2, 3]), 2.5)
+        self.assertEqual(wire.median([None, 5]), 5)
+        self.assertIsNone(wire.median([]))
+
+
+class TinyRunTests(unittest.TestCase):
+    """
+    One short run of each cheap case against a real relay process.
+    """
+
+    timeout = 30
+
+    def setUp(self):
+        raiseFileLimit(4096)
+        self.o = parseArgs(["--duration", "0.3", "--warmup", "0.1", "--window", "8", "--batch", "4",
+                            "--connections", "40", "--idle-peers", "40", "--idle-settle", "0.2", "--settle", "0"])
+        self.relay = RelayProcess(self.o.secret).start()
+        self.addCleanup(self.relay.stop)
+
+    def test_runs(self):
+        t = cases.throughputRun(self.relay, self.o, 2, 0)
+        self.assertTrue(t["ok"], t)
+        self.assertGreater(t["received"], 100)
+        self.assertEqual(t["received"], t["sent"])
+
+        lat = cases.latencyRun(self.relay, self.o, 1, 0)
+        self.assertTrue(lat["ok"], lat)
+        self.assertGreater(lat["samples"], 10)
+        self.assertLessEqual(lat["p50_us"], lat["p99_us"])
+
+        hs = cases.handshakeRun(self.relay, self.o, 0)
+        self.assertTrue(hs["ok"], hs)
+        self.assertEqual(hs["ok_conns"], 40)
+
+        self.assertTrue(self.relay.running())
