@@ -6,18 +6,25 @@ relay must obtain a certificate at start-up, keep it across restarts and renew
 it while it runs, handing each new certificate to the listeners so that new
 connections get it without a restart.
 
-Challenge: HTTP-01 on port 80. The Go relay's autocert answers TLS-ALPN-01 on
-the peer port, but the C{acme} library (5.x) has no TLS-ALPN-01 support at all
-(no challenge type, no validation-certificate helper), and answering it would
-mean choosing the certificate per connection from the client's ALPN offer
-inside the peer listener's OpenSSL context, which pyOpenSSL only exposes
-through callbacks that run too late for TLS 1.2 cipher selection. HTTP-01
-needs nothing from the peer listener: a small twisted.web listener serves
-C{/.well-known/acme-challenge/<token>} and answers 404 to anything else. It is
+Challenges: HTTP-01 (the default) or TLS-ALPN-01, chosen by the operator.
+HTTP-01 needs nothing from the peer listener: a small twisted.web listener
+serves C{/.well-known/acme-challenge/<token>} (404 for anything else). It is
 bound in L{privilegedStartService}, before twistd sheds root, and kept open
 for renewals; if port 80 cannot be bound the attempt fails, is logged and is
 retried like any other failure, so a relay with a valid certificate on disk
-keeps serving.
+keeps serving. It works whatever the peer port is, which is why it is the
+default. TLS-ALPN-01 is what the Go relay's autocert answers: the CA connects
+to port 443 offering ALPN C{acme-tls/1}, so it only works when the peer
+listener is reachable on 443, and then needs no port 80 (operators moving
+from the Go relay may have only 443 open). The C{acme} library (5.x) has no
+TLS-ALPN-01 support, so the validation certificate (RFC 8737) is built here
+and the peer listener must take its connections from
+L{AcmeCertificateService.serverConnectionCreator}: its context's ALPN
+callback swaps in the validation certificate when a client offers
+C{acme-tls/1} for a name with a pending challenge. OpenSSL runs that callback
+before it sends the server's certificate, for TLS 1.3 and 1.2 alike (both
+certificates are ECDSA P-256, so the cipher chosen earlier still fits); other
+clients negotiate no ALPN protocol, as before.
 
 The C{acme} library is synchronous (C{requests}), so every ACME exchange runs
 in the reactor's thread pool with an overall timeout on top of the per-request
@@ -38,6 +45,7 @@ State in the data directory (0700, files 0600):
 """
 
 import datetime
+import hashlib
 import json
 import os
 import random
@@ -46,9 +54,9 @@ import josepy
 import requests
 from acme import challenges, client, crypto_util, errors, messages
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from twisted.application.service import Service
 from twisted.internet import defer, error as ierror, threads
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
@@ -63,6 +71,13 @@ from relay.tls import loadCertificateOptions
 LETSENCRYPT_DIRECTORY = "https://acme-v02.api.letsencrypt.org/directory"
 
 RENEW_BEFORE_MAX = 30 * 24 * 3600.0
+
+HTTP_01 = "http-01"
+TLS_ALPN_01 = "tls-alpn-01"
+
+ACME_TLS_ALPN = b"acme-tls/1"
+
+_ACME_IDENTIFIER = x509.ObjectIdentifier("1.3.6.1.5.5.7.1.31")
 
 _CHALLENGE_PREFIX = [b".well-known", b"acme-challenge"]
 
@@ -98,6 +113,60 @@ def _writePrivate(path, data):
         except OSError:
             pass
         raise
+
+
+def _keyAuthorization(token, accountKey):
+    """
+    RFC 8555 8.1: the token and the account key's SHA-256 JWK thumbprint.
+    """
+    return f"{token}.{josepy.b64encode(accountKey.thumbprint(hash_function=hashes.SHA256)).decode('ascii')}"
+
+
+def tlsALPNCertificate(domain, keyAuthorization):
+    """
+    The self-signed certificate that answers a TLS-ALPN-01 challenge (RFC
+    8737 3): the domain as its only name and the SHA-256 of the key
+    authorization in a critical acmeIdentifier extension.
+
+    @return: C{(OpenSSL.crypto.X509, OpenSSL.crypto.PKey)}.
+    """
+    digest = hashlib.sha256(keyAuthorization.encode("ascii")).digest()
+    return _selfSigned(domain, x509.UnrecognizedExtension(_ACME_IDENTIFIER, b"\x04\x20" + digest))
+
+
+def _selfSigned(domain, acmeIdentifier=None):
+    """
+    @return: C{(OpenSSL.crypto.X509, OpenSSL.crypto.PKey)}, a week's
+        self-signed certificate for C{domain}.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, domain)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=7))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(domain)]), critical=False)
+    )
+    if acmeIdentifier is not None:
+        builder = builder.add_extension(acmeIdentifier, critical=True)
+    certificate = builder.sign(key, hashes.SHA256())
+    return crypto.X509.from_cryptography(certificate), crypto.PKey.from_cryptography_key(key)
+
+
+class _TLSALPN01Response(challenges.KeyAuthorizationChallengeResponse):
+    """
+    The answer to a TLS-ALPN-01 challenge, which the C{acme} library does not
+    know. It goes on the wire as C{{}}; the key authorization field only keeps
+    it truthy, since the library sends an empty (falsy) object as a
+    POST-as-GET, which does not start validation.
+    """
+
+    typ = TLS_ALPN_01
 
 
 class _ChallengeResource(Resource):
@@ -137,10 +206,7 @@ class _CurrentCertificate:
         self._service = service
 
     def serverConnectionForTLS(self, tlsProtocol):
-        options = self._service.currentCertificateOptions()
-        if options is None:
-            raise ConfigurationError(f"no certificate for {','.join(self._service.domains)} yet")
-        return SSL.Connection(options.getContext(), None)
+        return SSL.Connection(self._service._serverContext(), None)
 
 
 class _QuietSite(Site):
@@ -173,7 +239,7 @@ class AcmeCertificateService(Service):
         directoryURL,
         reactor,
         caBundle=None,
-        challenge="http-01",
+        challenge=HTTP_01,
         http01Port=80,
         onCertificate=None,
         http01Interface=None,
@@ -193,8 +259,9 @@ class AcmeCertificateService(Service):
         @param reactor: provides IReactorTime, IReactorTCP and IReactorThreads.
         @param caBundle: PEM file of roots to verify the ACME server's HTTPS
             with, instead of the system's (for a private CA or pebble).
-        @param challenge: C{"http-01"}; C{"tls-alpn-01"} is refused (see the
-            module docstring).
+        @param challenge: L{HTTP_01} (a listener on C{http01Port}) or
+            L{TLS_ALPN_01} (answered by the peer listener, which must then use
+            L{serverConnectionCreator} and be reachable on port 443).
         @param http01Port: TCP port of the HTTP-01 listener; 0 picks a free
             one (tests).
         @param onCertificate: called with fresh L{CertificateOptions} each
@@ -214,8 +281,8 @@ class AcmeCertificateService(Service):
         domains = [d.strip().lower().rstrip(".") for d in domains if d.strip()]
         if not domains:
             raise ConfigurationError("--letsencrypt-domains: at least one domain is needed")
-        if challenge != "http-01":
-            raise ConfigurationError(f"ACME challenge {challenge!r} is not supported; this relay answers http-01 on port {http01Port}")
+        if challenge not in (HTTP_01, TLS_ALPN_01):
+            raise ConfigurationError(f"ACME challenge {challenge!r} is not supported; use {HTTP_01} or {TLS_ALPN_01}")
         if not dataDir:
             raise ConfigurationError("--letsencrypt-data-dir is needed with --letsencrypt-domains")
         self.domains = list(dict.fromkeys(domains))
@@ -243,6 +310,9 @@ class AcmeCertificateService(Service):
         self._notBefore = self._notAfter = None
         self._waiting = []
         self._responses = {}
+        self._alpnResponses = {}
+        self._bareContext = None
+        self._armedContext = None
         self._listeningPort = None
         self._listenedPrivileged = False
         self._timer = None
@@ -274,7 +344,11 @@ class AcmeCertificateService(Service):
         @return: an L{IOpenSSLServerConnectionCreator} for a TLS listener
             (C{SSL4ServerEndpoint}, C{TLSMemoryBIOFactory}) that gives every
             new connection the current certificate, so renewals need no new
-            listener. Listen once L{whenReady} has fired.
+            listener. With HTTP-01, listen once L{whenReady} has fired
+            (connections before are refused). With TLS-ALPN-01 the peer
+            listener must use it from the start: it answers the challenges,
+            and until the first certificate arrives ordinary clients get a
+            self-signed placeholder they will not trust.
         """
         return _CurrentCertificate(self)
 
@@ -297,8 +371,9 @@ class AcmeCertificateService(Service):
 
     def privilegedStartService(self):
         super().privilegedStartService()
-        self._listen()
-        self._listenedPrivileged = True
+        if self.challenge == HTTP_01:
+            self._listen()
+            self._listenedPrivileged = True
 
     def startService(self):
         super().startService()
@@ -306,7 +381,8 @@ class AcmeCertificateService(Service):
             self._prepareDirectory()
         except OSError as e:
             self.log.error("ACME: cannot use the data directory {dir!r}: {error}", dir=self.dataDir, error=e.strerror or str(e))
-        self._listen(logFailure=not self._listenedPrivileged)
+        if self.challenge == HTTP_01:
+            self._listen(logFailure=not self._listenedPrivileged)
         self._loadFromDisk()
         self._schedule(0 if self._options is None else self._untilCheck())
 
@@ -521,9 +597,10 @@ class AcmeCertificateService(Service):
 
         @return: a L{Deferred} firing with C{(key PEM, chain PEM)}.
         """
-        problem = self._listen(logFailure=False)
-        if problem is not None:
-            raise _AcmeProblem(problem)
+        if self.challenge == HTTP_01:
+            problem = self._listen(logFailure=False)
+            if problem is not None:
+                raise _AcmeProblem(problem)
         accountKey = self._accountKey()
         certificateKey = ec.generate_private_key(ec.SECP256R1())
         keyPEM = certificateKey.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
@@ -531,25 +608,85 @@ class AcmeCertificateService(Service):
         self.log.info("ACME: ordering a certificate for {domains} from {url}", domains=",".join(self.domains), url=self.directoryURL)
         acmeClient, order = yield self._blocking(self._newOrder, accountKey, csrPEM)
         self.orders += 1
-        answers = []
+        answers, cleanups = [], []
         try:
             for authorization in order.authorizations:
                 if authorization.body.status == messages.STATUS_VALID:
                     continue
-                for challengeBody in authorization.body.challenges:
-                    if isinstance(challengeBody.chall, challenges.HTTP01):
-                        response, validation = challengeBody.chall.response_and_validation(accountKey)
-                        token = challengeBody.chall.encode("token")
-                        answers.append((challengeBody, response, token))
-                        self._responses[token] = validation
-                        break
-                else:
-                    raise _AcmeProblem(f"the CA offers no http-01 challenge for {authorization.body.identifier.value}")
-            order = yield self._blocking(self._finish, acmeClient, order, [(body, response) for body, response, _ in answers])
+                answers.append(self._prepareChallenge(authorization, accountKey, cleanups))
+            order = yield self._blocking(self._finish, acmeClient, order, answers)
         finally:
-            for _, _, token in answers:
-                self._responses.pop(token, None)
+            for cleanup in cleanups:
+                cleanup()
         return keyPEM, order.fullchain_pem.encode("ascii")
+
+    def _prepareChallenge(self, authorization, accountKey, cleanups):
+        """
+        Get ready to answer the challenge of our type in C{authorization}.
+
+        @param cleanups: gets a callable that withdraws the answer.
+        @return: C{(challenge body, response)} for L{_finish}.
+        """
+        domain = authorization.body.identifier.value
+        for challengeBody in authorization.body.challenges:
+            if self.challenge == HTTP_01 and isinstance(challengeBody.chall, challenges.HTTP01):
+                response, validation = challengeBody.chall.response_and_validation(accountKey)
+                token = challengeBody.chall.encode("token")
+                self._responses[token] = validation
+                cleanups.append(lambda: self._responses.pop(token, None))
+                return challengeBody, response
+            jobj = getattr(challengeBody.chall, "jobj", {})
+            if self.challenge == TLS_ALPN_01 and jobj.get("type") == TLS_ALPN_01 and isinstance(jobj.get("token"), str):
+                keyAuthorization = _keyAuthorization(jobj["token"], accountKey)
+                self._alpnResponses[domain] = tlsALPNCertificate(domain, keyAuthorization)
+                cleanups.append(lambda: self._alpnResponses.pop(domain, None))
+                return challengeBody, _TLSALPN01Response(key_authorization=keyAuthorization)
+        raise _AcmeProblem(f"the CA offers no {self.challenge} challenge for {domain}")
+
+    # TLS-ALPN-01 on the peer listener
+
+    def _serverContext(self):
+        """
+        The context for a new peer connection: the current certificate's,
+        armed for TLS-ALPN-01 in that mode; before the first certificate only
+        TLS-ALPN-01 handshakes can succeed.
+        """
+        options = self._options
+        if self.challenge != TLS_ALPN_01:
+            if options is None:
+                raise ConfigurationError(f"no certificate for {','.join(self.domains)} yet")
+            return options.getContext()
+        if options is None:
+            if self._bareContext is None:
+                placeholder, placeholderKey = _selfSigned(self.domains[0])
+                self._bareContext = SSL.Context(SSL.TLS_METHOD)
+                self._bareContext.set_min_proto_version(SSL.TLS1_2_VERSION)
+                self._bareContext.use_certificate(placeholder)
+                self._bareContext.use_privatekey(placeholderKey)
+                self._bareContext.set_alpn_select_callback(self._selectALPN)
+            return self._bareContext
+        context = options.getContext()
+        if context is not self._armedContext:
+            context.set_alpn_select_callback(self._selectALPN)
+            self._armedContext = context
+        return context
+
+    def _selectALPN(self, connection, offered):
+        """
+        OpenSSL's ALPN callback: a client offering acme-tls/1 for a name with
+        a pending challenge gets the validation certificate (swapped in
+        before the server's certificate is sent); everyone else negotiates no
+        protocol, as without the callback.
+        """
+        if ACME_TLS_ALPN in offered:
+            name = (connection.get_servername() or b"").decode("ascii", "replace").lower()
+            answer = self._alpnResponses.get(name)
+            if answer is not None:
+                connection.use_certificate(answer[0])
+                connection.use_privatekey(answer[1])
+                self.log.info("ACME: answered the TLS-ALPN-01 challenge for {name}", name=name)
+                return ACME_TLS_ALPN
+        return SSL.NO_OVERLAPPING_PROTOCOLS
 
     def _client(self, accountKey):
         """

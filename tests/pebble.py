@@ -60,11 +60,12 @@ class Pebble:
     @ivar managementURL: base URL of the management interface (C{/roots/0}).
     """
 
-    def __init__(self, directory, alwaysValid=True, httpPort=None, validityPeriod=None):
+    def __init__(self, directory, alwaysValid=True, httpPort=None, tlsPort=None, validityPeriod=None):
         """
         @param directory: a fresh temporary directory for config and certificate.
         @param alwaysValid: skip challenge validation (C{PEBBLE_VA_ALWAYS_VALID}).
         @param httpPort: the port pebble validates HTTP-01 on (127.0.0.1).
+        @param tlsPort: the port pebble validates TLS-ALPN-01 on (127.0.0.1).
         @param validityPeriod: lifetime of issued certificates in seconds
             (pebble's default is five years).
         """
@@ -82,7 +83,7 @@ class Pebble:
                 "certificate": self.caBundle,
                 "privateKey": key,
                 "httpPort": httpPort or freePort(),
-                "tlsPort": freePort(),
+                "tlsPort": tlsPort or freePort(),
                 "ocspResponderURL": "",
                 "externalAccountBindingRequired": False,
             }

@@ -21,7 +21,7 @@ from twisted.trial import unittest
 from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
 
-from relay.acme import RENEW_BEFORE_MAX, AcmeCertificateService, _ChallengeResource, renewalTime
+from relay.acme import ACME_TLS_ALPN, RENEW_BEFORE_MAX, TLS_ALPN_01, AcmeCertificateService, _ChallengeResource, renewalTime, tlsALPNCertificate
 from relay.server import ConfigurationError
 from tests.certs import writeCertificate
 from tests.pebble import SKIP, Pebble, freePort
@@ -143,9 +143,15 @@ class UnitTests(unittest.TestCase):
             json.dump({"directoryURL": directoryURL or self.directoryURL, "domains": [name]}, f)
         return _serial(cert)
 
-    def test_refusesTLSALPN(self):
-        e = self.assertRaises(ConfigurationError, AcmeCertificateService, ["relay.example"], self.dataDir, None, self.directoryURL, self.clock, challenge="tls-alpn-01")
+    def test_refusesOtherChallenges(self):
+        e = self.assertRaises(ConfigurationError, AcmeCertificateService, ["relay.example"], self.dataDir, None, self.directoryURL, self.clock, challenge="dns-01")
         self.assertIn("not supported", str(e))
+
+    def test_tlsALPNNeedsNoPort80(self):
+        s = self.service(challenge=TLS_ALPN_01)
+        s.privilegedStartService()
+        s.startService()
+        self.assertEqual(self.clock.tcpServers, [])
 
     def test_needsDomains(self):
         self.assertRaises(ConfigurationError, AcmeCertificateService, [" ", ""], self.dataDir, None, self.directoryURL, self.clock)
@@ -342,6 +348,34 @@ class UnitTests(unittest.TestCase):
         self.assertEqual(len(self.clock.tcpServers), 1)
 
 
+class TLSALPNCertificateTests(unittest.TestCase):
+    def test_acmeIdentifier(self):
+        """
+        RFC 8737 3: the domain as the only SAN and a critical acmeIdentifier
+        holding the DER OCTET STRING of SHA-256(key authorization).
+        """
+        import hashlib
+
+        certificate, key = tlsALPNCertificate("relay.example", "token.thumbprint")
+        parsed = certificate.to_cryptography()
+        extension = parsed.extensions.get_extension_for_oid(x509.ObjectIdentifier("1.3.6.1.5.5.7.1.31"))
+        self.assertTrue(extension.critical)
+        self.assertEqual(extension.value.value, b"\x04\x20" + hashlib.sha256(b"token.thumbprint").digest())
+        self.assertEqual(parsed.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName), ["relay.example"])
+        self.assertEqual(ACME_TLS_ALPN, b"acme-tls/1")
+
+    def test_connectionBeforeCertificate(self):
+        """
+        With HTTP-01 there is nothing to serve before the first certificate;
+        with TLS-ALPN-01 the listener already answers (challenges).
+        """
+        clock = MemoryReactorClock()
+        http = AcmeCertificateService(["relay.example"], self.mktemp(), None, "https://acme.invalid/", clock)
+        self.assertRaises(ConfigurationError, http.serverConnectionCreator().serverConnectionForTLS, None)
+        alpn = AcmeCertificateService(["relay.example"], self.mktemp(), None, "https://acme.invalid/", clock, challenge=TLS_ALPN_01)
+        self.assertIsNotNone(alpn.serverConnectionCreator().serverConnectionForTLS(None))
+
+
 class ChallengeResourceTests(unittest.TestCase):
     def render(self, path, responses):
         request = DummyRequest(path.strip(b"/").split(b"/"))
@@ -421,7 +455,7 @@ class PebbleTests(unittest.TestCase):
         self.addCleanup(self.pebble.stop, reactor)
         yield self.pebble.start(reactor)
 
-    def service(self, dataDir, **kwargs):
+    def service(self, dataDir, start=True, **kwargs):
         loaded = []
         s = AcmeCertificateService(
             ["localhost"],
@@ -437,7 +471,8 @@ class PebbleTests(unittest.TestCase):
             **kwargs,
         )
         s.loaded = loaded
-        s.startService()
+        if start:
+            s.startService()
         self.addCleanup(lambda: s.running and s.stopService())
         return s
 
@@ -483,6 +518,31 @@ class PebbleTests(unittest.TestCase):
         self.assertEqual(again.orders, 0)
         self.assertEqual(_serial(again.certificatePath), serial)
         self.assertEqual(len(again.loaded), 1)
+
+    @defer.inlineCallbacks
+    def test_tlsALPN01(self):
+        """
+        TLS-ALPN-01 validated for real: the peer listener, built on
+        serverConnectionCreator before any certificate exists, shows pebble
+        the validation certificate for acme-tls/1 and then serves the issued
+        certificate to ordinary clients.
+        """
+        events = _Events(self)
+        tlsPort = freePort()
+        self.http01Port = None
+        self.pebble = Pebble(self.mktemp(), alwaysValid=False, tlsPort=tlsPort)
+        self.addCleanup(self.pebble.stop, reactor)
+        yield self.pebble.start(reactor)
+        s = self.service(os.path.join(self.mktemp(), "acme"), challenge=TLS_ALPN_01, start=False)
+        server = protocol.Factory.forProtocol(protocol.Protocol)
+        port = yield SSL4ServerEndpoint(reactor, tlsPort, s.serverConnectionCreator(), interface="127.0.0.1").listen(server)
+        self.addCleanup(port.stopListening)
+        s.startService()
+        yield s.whenReady().addTimeout(30, reactor)
+        self.assertIn(b"set VALID by completed challenge", self.pebble.output)
+        self.assertTrue(any("answered the TLS-ALPN-01 challenge for localhost" in t for t in events.texts()))
+        self.assertIsNone(s.http01Address())
+        self.assertEqual((yield self.handshake(s)), _serial(s.certificatePath))
 
     @defer.inlineCallbacks
     def test_renewsRunning(self):
