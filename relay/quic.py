@@ -44,6 +44,7 @@ from aioquic.buffer import Buffer, size_uint_var
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection, QuicConnectionState
+from aioquic.quic.recovery import QuicPacketPacer
 from aioquic.quic.packet import (
     QuicErrorCode,
     QuicPacketType,
@@ -107,6 +108,10 @@ RETRY_TOKEN_LIFETIME = 10.0
 # TLS work for spoofed addresses under a flood.
 RETRY_ABOVE_HANDSHAKES = 128
 
+# Pacing credit (seconds of the pacing rate) a connection may spend per
+# wake-up; see L{_ReactorPacer}.
+PACING_BURST = 0.002
+
 # Application error codes in CONNECTION_CLOSE. Go agents read 0 as "closed
 # by the server" (relay/client/dialer/quic/conn.go) and anything else as an
 # error; both make them reconnect.
@@ -125,6 +130,21 @@ def _payloadRoom(frameSpace):
         if room > best and size_uint_var(room) <= lengthSize:
             best = room
     return best
+
+
+def _enlargeBuffers(transport):
+    """
+    Ask for larger socket buffers (the kernel caps them at rmem_max and
+    wmem_max): a burst that overflows the receive buffer is packet loss,
+    and lost DATAGRAM frames are never retransmitted.
+    """
+    sock = getattr(transport, "socket", None)
+    if sock is not None:
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_SIZE)
+            except OSError:
+                pass
 
 
 def formatAddress(addr):
@@ -155,6 +175,24 @@ def serverConfiguration(certFile, keyFile):
     return configuration
 
 
+class _ReactorPacer(QuicPacketPacer):
+    """
+    aioquic's pacer, with a burst sized for a reactor's timers.
+
+    aioquic lets a connection send at most min(cwnd / 4, 16 packets) per
+    wake-up and asks to be woken microseconds later; a reactor sleeps at
+    least a millisecond (epoll's resolution), so on a fast path the pacer,
+    not congestion control, capped a connection at a few thousand packets a
+    second. Here the bucket holds L{PACING_BURST} of the pacing rate: paced
+    at the reactor's resolution, still smooth on WAN round trips.
+    """
+
+    def update_rate(self, congestion_window, smoothed_rtt):
+        super().update_rate(congestion_window, smoothed_rtt)
+        if self.bucket_max < PACING_BURST:
+            self.bucket_max = PACING_BURST
+
+
 class _QuicDriver:
     """
     Drives one aioquic L{QuicConnection} from Twisted: datagrams in, events
@@ -173,6 +211,7 @@ class _QuicDriver:
         self._dirty = False
         self._gone = False
         # aioquic internals, read in this class only.
+        quic._loss._pacer = _ReactorPacer(max_datagram_size=quic._max_datagram_size)
         self._pending = quic._datagrams_pending
         self._queued = deque()
         self._queuedBytes = 0
@@ -565,13 +604,7 @@ class QuicPeerProtocol(DatagramProtocol):
         self._flushCall = None
 
     def startProtocol(self):
-        sock = getattr(self.transport, "socket", None)
-        if sock is not None:
-            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_SIZE)
-                except OSError:
-                    pass
+        _enlargeBuffers(self.transport)
 
     def datagramReceived(self, data, addr):
         try:
@@ -850,6 +883,7 @@ class QuicRelayClient(_QuicDriver, DatagramProtocol):
         self._flushCall = None
 
     def startProtocol(self):
+        _enlargeBuffers(self.transport)
         self.quic.connect(self.serverAddress, self._clock.seconds())
         self._needFlush()
 
