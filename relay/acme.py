@@ -248,14 +248,14 @@ class AcmeCertificateService(Service):
         retryDelay=30.0,
         maxRetryDelay=3600.0,
         requestTimeout=30.0,
-        orderTimeout=180.0,
+        orderTimeout=90.0,
     ):
         """
         @param domains: DNS names for the certificate (the first is its subject).
         @param dataDir: directory for the account key and certificate.
         @param email: contact for the ACME account, or L{None}.
-        @param directoryURL: the ACME directory (Let's Encrypt production:
-            L{LETSENCRYPT_DIRECTORY}).
+        @param directoryURL: the ACME directory; L{None} or empty for Let's
+            Encrypt production (L{LETSENCRYPT_DIRECTORY}).
         @param reactor: provides IReactorTime, IReactorTCP and IReactorThreads.
         @param caBundle: PEM file of roots to verify the ACME server's HTTPS
             with, instead of the system's (for a private CA or pebble).
@@ -276,7 +276,9 @@ class AcmeCertificateService(Service):
             C{maxRetryDelay}.
         @param requestTimeout: seconds for each HTTP request to the CA.
         @param orderTimeout: seconds for each step of an order (account and
-            order creation; validation and issuance).
+            order creation; validation and issuance). A thread cannot be
+            interrupted, so a step in flight at shutdown may hold the
+            reactor's thread pool this long.
         """
         domains = [d.strip().lower().rstrip(".") for d in domains if d.strip()]
         if not domains:
@@ -288,7 +290,7 @@ class AcmeCertificateService(Service):
         self.domains = list(dict.fromkeys(domains))
         self.dataDir = dataDir
         self.email = email or None
-        self.directoryURL = directoryURL
+        self.directoryURL = directoryURL or LETSENCRYPT_DIRECTORY
         self.caBundle = caBundle
         self.challenge = challenge
         self.http01Port = http01Port

@@ -153,6 +153,10 @@ class UnitTests(unittest.TestCase):
         s.startService()
         self.assertEqual(self.clock.tcpServers, [])
 
+    def test_defaultDirectory(self):
+        s = AcmeCertificateService(["relay.example"], self.dataDir, None, None, self.clock)
+        self.assertEqual(s.directoryURL, "https://acme-v02.api.letsencrypt.org/directory")
+
     def test_needsDomains(self):
         self.assertRaises(ConfigurationError, AcmeCertificateService, [" ", ""], self.dataDir, None, self.directoryURL, self.clock)
 
@@ -500,6 +504,7 @@ class PebbleTests(unittest.TestCase):
         listener; the certificate verifies against pebble's root in a TLS
         handshake; a restart reuses it without an order.
         """
+        events = _Events(self)
         yield self.startPebble(alwaysValid=False)
         dataDir = os.path.join(self.mktemp(), "acme")
         s = self.service(dataDir)
@@ -518,6 +523,12 @@ class PebbleTests(unittest.TestCase):
         self.assertEqual(again.orders, 0)
         self.assertEqual(_serial(again.certificatePath), serial)
         self.assertEqual(len(again.loaded), 1)
+
+        logged = repr(events.events) + "\n".join(events.texts())
+        self.assertNotIn("PRIVATE KEY", logged)
+        for name in ("account.key", "certificate.key"):
+            for line in _pem(os.path.join(dataDir, name)).decode("ascii").splitlines()[1:-1]:
+                self.assertNotIn(line, logged)
 
     @defer.inlineCallbacks
     def test_tlsALPN01(self):
