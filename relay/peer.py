@@ -213,6 +213,13 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
             self._pending = data[pos:]
         return b""
 
+    def failHandshake(self, reason, code=400, responseHeaders=None):
+        # Go answers 403 to any Origin that is not the Host, parsable or not;
+        # Autobahn calls an unparsable one (e.g. "null") a bad request.
+        if reason.startswith("HTTP Origin header invalid"):
+            code = 403
+        return super().failHandshake(reason, code, responseHeaders)
+
     def onMessage(self, payload, isBinary):
         if not isBinary:
             self.session.protocolError("text_message", "text message")
