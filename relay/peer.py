@@ -215,8 +215,8 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
 
     def failHandshake(self, reason, code=400, responseHeaders=None):
         # Go answers 403 to any Origin that is not the Host, parsable or not;
-        # Autobahn calls an unparsable one (e.g. "null") a bad request.
-        if reason.startswith("HTTP Origin header invalid"):
+        # Autobahn refuses an unparsable or "null" one itself, with 400.
+        if reason and reason.startswith(("HTTP Origin header invalid", "WebSocket connection denied: origin")):
             code = 403
         return super().failHandshake(reason, code, responseHeaders)
 
