@@ -503,8 +503,8 @@ class QuicPeerLink(_QuicDriver):
             self._close(QuicErrorCode.INTERNAL_ERROR, "internal error")
             for data, addr in self.quic.datagrams_to_send(self._clock.seconds()):
                 self._sendDatagram(data, addr)
-        except Exception:
-            self._log.failure("QUIC connection from {where}: failed closing", where=self.peerAddress)
+        except Exception as e:
+            self._log.warn("QUIC connection from {where}: no CONNECTION_CLOSE sent ({error!r})", where=self.peerAddress, error=e)
         self._forget()
 
     def _linkDown(self):
@@ -694,7 +694,7 @@ class QuicPeerProtocol(DatagramProtocol):
         )
         link = QuicPeerLink(self, quic, addr)
         link.receive(data, addr)
-        if link._receivedNothing():
+        if link._gone or link._receivedNothing():
             # Looked like an Initial, did not decrypt: garbage, or a packet
             # for a connection this process forgot. Keep no state for it.
             self.counters["undecryptable_initial"] += 1

@@ -34,6 +34,17 @@ SERVER = ("127.0.0.1", 4433)
 TOKEN = generateToken(SECRET, NOW + 3600)
 
 
+def assertTLSRefusal(test, errorCode):
+    """
+    C{errorCode} closes a connection for a TLS alert: no_application_protocol
+    from aioquic 1.5 on, handshake_failure before.
+    """
+    test.assertIn(
+        errorCode,
+        (QuicErrorCode.CRYPTO_ERROR + AlertDescription.no_application_protocol, QuicErrorCode.CRYPTO_ERROR + AlertDescription.handshake_failure),
+    )
+
+
 class FakeUDPTransport:
     """
     One endpoint's socket on a L{Network}.
@@ -266,7 +277,7 @@ class ClockedQuicTests(unittest.TestCase):
             peer = self.client(A, alpn=alpn)
             self.network.pump(1.0)
             failure = self.failureResultOf(peer.authenticated, quic.QuicHandshakeFailed)
-            self.assertEqual(failure.value.errorCode, QuicErrorCode.CRYPTO_ERROR + AlertDescription.no_application_protocol)
+            assertTLSRefusal(self, failure.value.errorCode)
         self.assertEqual(self.protocol.counters["handshake_failed"], 2)
         self.assertEqual(self.relay.counters.connections["quic"], 0)
         self.assertEqual(self.relay.store.peers, {})
@@ -289,9 +300,9 @@ class ClockedQuicTests(unittest.TestCase):
             b"\x40" + os.urandom(1300),
             b"\xc0\x00\x00\x00\x01" + os.urandom(5),
             # Looks like a version 1 Initial of the right size, does not decrypt.
-            b"\xc3\x00\x00\x00\x01\x08" + os.urandom(8) + b"\x08" + os.urandom(8) + b"\x00\x44\xd0" + os.urandom(1250),
+            b"\xc3\x00\x00\x00\x01\x08" + os.urandom(8) + b"\x08" + os.urandom(8) + b"\x00\x44\xd0" + os.urandom(0x4D0),
             # The same, but not an Initial.
-            b"\xe3\x00\x00\x00\x01\x08" + os.urandom(8) + b"\x08" + os.urandom(8) + b"\x44\xd0" + os.urandom(1250),
+            b"\xe3\x00\x00\x00\x01\x08" + os.urandom(8) + b"\x08" + os.urandom(8) + b"\x44\xd0" + os.urandom(0x4D0),
             # A short-header packet for a live connection id, not decryptable.
             b"\x40" + next(iter(links)) + os.urandom(60),
             os.urandom(9000),
@@ -307,6 +318,24 @@ class ClockedQuicTests(unittest.TestCase):
         self.network.pump()
         self.assertEqual(self.successResultOf(b.transports.get()), (A, b"after garbage"))
         self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_failureOnFirstDatagram(self):
+        """
+        An exception while a new connection handles its first datagram is
+        logged, and the connection leaves no state behind.
+        """
+
+        class Exploding(quic.QuicConnection):
+            def receive_datagram(self, data, addr, now):
+                raise RuntimeError("boom")
+
+        self.patch(quic, "QuicConnection", Exploding)
+        peer = self.client(A)
+        self.network.pump(0.05)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(self.protocol.links, {})
+        self.assertEqual(self.relay.counters.connections["quic"], 0)
+        self.assertIsNone(peer.instanceURL)
 
     def test_failingConnectionIsolated(self):
         """
@@ -571,7 +600,7 @@ class UDPQuicTests(unittest.TestCase):
             quic.connectQuic(reactor, "127.0.0.1", self.quicPort, A, secret=SECRET, cafile=self.cert, timeout=5, alpn="h3"),
             quic.QuicHandshakeFailed,
         )
-        self.assertEqual(failure.errorCode, QuicErrorCode.CRYPTO_ERROR + AlertDescription.no_application_protocol)
+        assertTLSRefusal(self, failure.errorCode)
         self.assertEqual(self.relay.store.peers, {})
 
     @defer.inlineCallbacks
