@@ -42,6 +42,13 @@ State in the data directory (0700, files 0600):
     - C{certificate.json}: the directory URL and domains it was ordered for,
       so a staging certificate is not reused once the operator switches to
       production, nor one for another set of names.
+
+A data directory the Go relay used (Go autocert's cache) is picked up: its
+account key (C{acme_account+key}) when there is no C{account.key}, and its
+certificate for the first domain (file named after it: key, then chain) when
+there is no certificate of ours, it names every domain and Let's Encrypt
+production is the directory. Moving from the Go relay then needs no new
+account and no new order (Let's Encrypt limits duplicate certificates).
 """
 
 import datetime
@@ -49,6 +56,7 @@ import hashlib
 import json
 import os
 import random
+import re
 
 import josepy
 import requests
@@ -80,6 +88,11 @@ ACME_TLS_ALPN = b"acme-tls/1"
 _ACME_IDENTIFIER = x509.ObjectIdentifier("1.3.6.1.5.5.7.1.31")
 
 _CHALLENGE_PREFIX = [b".well-known", b"acme-challenge"]
+
+# What Go's autocert.DirCache, used by the Go relay, keeps in the same
+# directory: the account key, and per domain the key followed by the chain.
+_GO_ACCOUNT_KEYS = ("acme_account+key", "acme_account.key")
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z ]+)-----.+?-----END \1-----\r?\n?", re.S)
 
 
 def renewalTime(notBefore, notAfter):
@@ -416,7 +429,7 @@ class AcmeCertificateService(Service):
         Use the certificate on disk if it was ordered from this directory for
         these domains, matches its key and is not yet due for renewal.
         """
-        if not (os.path.exists(self.certificatePath) and os.path.exists(self.keyPath)):
+        if not (os.path.exists(self.certificatePath) and os.path.exists(self.keyPath)) and not self._importGoCertificate():
             return
         try:
             with open(self.metadataPath) as f:
@@ -433,6 +446,37 @@ class AcmeCertificateService(Service):
             return
         if self._now() >= self.renewalTime():
             self.log.info("ACME: the certificate on disk is due for renewal")
+
+    def _importGoCertificate(self):
+        """
+        Take over the Go relay's certificate for our first domain, if it is
+        usable for us (see the module docstring).
+
+        @return: whether our files now hold it.
+        """
+        path = os.path.join(self.dataDir, self.domains[0])
+        if self.directoryURL != LETSENCRYPT_DIRECTORY or not os.path.isfile(path):
+            return False
+        try:
+            with open(path, "rb") as f:
+                blocks = [(m.group(1), m.group(0)) for m in _PEM_BLOCK.finditer(f.read())]
+            keys = [pem for kind, pem in blocks if kind.endswith(b"PRIVATE KEY")]
+            chain = b"".join(pem for kind, pem in blocks if kind == b"CERTIFICATE")
+            key = serialization.load_pem_private_key(keys[0], password=None)
+            leaf = x509.load_pem_x509_certificate(chain)
+            names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+            if key.public_key() != leaf.public_key() or not set(self.domains) <= set(names) or leaf.not_valid_after_utc.timestamp() <= self._now():
+                raise ValueError("it does not fit")
+        except (OSError, ValueError, IndexError, x509.ExtensionNotFound) as e:
+            self.log.info("ACME: not taking over the Go relay's certificate {path!r}: {error}", path=path, error=getattr(e, "strerror", None) or str(e) or e.__class__.__name__)
+            return False
+        try:
+            self._store(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), chain)
+        except OSError as e:
+            self.log.error("ACME: cannot take over the Go relay's certificate into {dir!r}: {error}", dir=self.dataDir, error=e.strerror or str(e))
+            return False
+        self.log.info("ACME: took over the Go relay's certificate for {domains} from {path!r}", domains=",".join(self.domains), path=path)
+        return True
 
     def _load(self):
         """
@@ -462,8 +506,10 @@ class AcmeCertificateService(Service):
         """
         @return: the account key from disk, made and stored on first use.
         """
+        paths = [self.accountKeyPath] + [os.path.join(self.dataDir, name) for name in _GO_ACCOUNT_KEYS]
+        path = next((p for p in paths if os.path.exists(p)), self.accountKeyPath)
         try:
-            with open(self.accountKeyPath, "rb") as f:
+            with open(path, "rb") as f:
                 key = serialization.load_pem_private_key(f.read(), password=None)
         except FileNotFoundError:
             key = ec.generate_private_key(ec.SECP256R1())
@@ -471,9 +517,9 @@ class AcmeCertificateService(Service):
             _writePrivate(self.accountKeyPath, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
             self.log.info("ACME: created a new account key in {dir!r}", dir=self.dataDir)
         except (OSError, ValueError) as e:
-            raise ConfigurationError(f"cannot read the ACME account key {self.accountKeyPath!r}: {getattr(e, 'strerror', None) or e.__class__.__name__}") from None
+            raise ConfigurationError(f"cannot read the ACME account key {path!r}: {getattr(e, 'strerror', None) or e.__class__.__name__}") from None
         if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
-            raise ConfigurationError(f"the ACME account key {self.accountKeyPath!r} is not an EC P-256 key")
+            raise ConfigurationError(f"the ACME account key {path!r} is not an EC P-256 key")
         return josepy.JWKEC(key=key)
 
     # Certificates to listeners

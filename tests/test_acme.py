@@ -3,25 +3,29 @@ Certificates from an ACME CA: renewal timing, storage, reuse, retries, and the
 whole exchange against Debian's pebble on loopback.
 """
 
+import hashlib
 import json
 import os
 import socket
 import stat
 import time
 
+import josepy
 import requests
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet import defer, protocol, reactor, threads
 from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
 
-from relay.acme import ACME_TLS_ALPN, RENEW_BEFORE_MAX, TLS_ALPN_01, AcmeCertificateService, _ChallengeResource, renewalTime, tlsALPNCertificate
+from relay.acme import ACME_TLS_ALPN, LETSENCRYPT_DIRECTORY, RENEW_BEFORE_MAX, TLS_ALPN_01, AcmeCertificateService, _ChallengeResource, renewalTime, tlsALPNCertificate
 from relay.server import ConfigurationError
 from tests.certs import writeCertificate
 from tests.pebble import SKIP, Pebble, freePort
@@ -53,8 +57,6 @@ class _Events:
         case.addCleanup(globalLogPublisher.removeObserver, self.events.append)
 
     def texts(self):
-        from twisted.logger import formatEvent
-
         return [formatEvent(e) for e in self.events]
 
 
@@ -142,6 +144,61 @@ class UnitTests(unittest.TestCase):
         with open(os.path.join(self.dataDir, "certificate.json"), "w") as f:
             json.dump({"directoryURL": directoryURL or self.directoryURL, "domains": [name]}, f)
         return _serial(cert)
+
+    def writeGoCache(self, name="relay.example", days=90):
+        """
+        What the Go relay's autocert.DirCache leaves: C{acme_account+key} and
+        a file named after the domain with the key, then the chain (SEC1 PEM
+        keys, as Go writes them).
+        """
+        os.makedirs(self.dataDir, mode=0o700, exist_ok=True)
+        cert, key, _ = writeCertificate(self.dataDir + ".go", name=name, days=days)
+
+        def sec1(pem):
+            return serialization.load_pem_private_key(pem, None).private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption())
+
+        with open(os.path.join(self.dataDir, name), "wb") as f:
+            f.write(sec1(_pem(key)) + _pem(cert))
+        account = ec.generate_private_key(ec.SECP256R1())
+        with open(os.path.join(self.dataDir, "acme_account+key"), "wb") as f:
+            f.write(account.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()))
+        return _serial(cert), account
+
+    def test_takesOverGoCertificate(self):
+        """
+        Pointed at the Go relay's data directory, the service serves the Go
+        relay's certificate without an order.
+        """
+        serial, _ = self.writeGoCache()
+        self.directoryURL = LETSENCRYPT_DIRECTORY
+        s = self.service()
+        s.startService()
+        self.clock.advance(0)
+        self.assertEqual(s.orders, 0)
+        self.assertEqual(len(self.loaded), 1)
+        self.assertEqual(_serial(s.certificatePath), serial)
+        self.assertEqual(_mode(s.keyPath), 0o600)
+
+    def test_goCertificateOnlyForLetsEncrypt(self):
+        self.writeGoCache()
+        s = self.service()
+        s.startService()
+        self.clock.advance(0)
+        self.assertEqual(s.orders, 1)
+
+    def test_goCertificateMustNameEveryDomain(self):
+        self.writeGoCache()
+        self.directoryURL = LETSENCRYPT_DIRECTORY
+        s = self.service(domains=["relay.example", "other.example"])
+        s.startService()
+        self.clock.advance(0)
+        self.assertEqual(s.orders, 1)
+
+    def test_usesGoAccountKey(self):
+        _, account = self.writeGoCache()
+        s = self.service()
+        self.assertEqual(s._accountKey().thumbprint(), josepy.JWKEC(key=account).thumbprint())
+        self.assertFalse(os.path.exists(s.accountKeyPath))
 
     def test_refusesOtherChallenges(self):
         e = self.assertRaises(ConfigurationError, AcmeCertificateService, ["relay.example"], self.dataDir, None, self.directoryURL, self.clock, challenge="dns-01")
@@ -358,8 +415,6 @@ class TLSALPNCertificateTests(unittest.TestCase):
         RFC 8737 3: the domain as the only SAN and a critical acmeIdentifier
         holding the DER OCTET STRING of SHA-256(key authorization).
         """
-        import hashlib
-
         certificate, key = tlsALPNCertificate("relay.example", "token.thumbprint")
         parsed = certificate.to_cryptography()
         extension = parsed.extensions.get_extension_for_oid(x509.ObjectIdentifier("1.3.6.1.5.5.7.1.31"))
@@ -428,10 +483,10 @@ class _Client(protocol.Protocol):
     up; a failed verification fails C{factory.done}.
     """
 
+    serial = None
+
     def connectionMade(self):
         self.transport.write(b"x")
-
-    serial = None
 
     def handshakeCompleted(self):
         self.serial = self.transport.getPeerCertificate().to_cryptography().serial_number
