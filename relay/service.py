@@ -7,6 +7,7 @@ flag beats the variable.
 """
 
 import os
+import secrets
 import signal
 import sys
 
@@ -116,6 +117,8 @@ class Options(usage.Options):
         ["pod-ip", None, None, "This pod's IP (default: the POD_IP variable). Required with --cluster-headless."],
         ["cluster-auth-secret", None, "", "Secret authenticating inter-pod HELLO frames, the same on every pod."],
         ["cluster-discovery-interval", None, "10", "Seconds between discovery passes."],
+        ["workers", None, "1", "Relay processes on this host sharing the peer port (SO_REUSEPORT), joined by the fabric over 127.0.1.x; keep 1 per pod on Kubernetes."],
+        ["worker-index", None, "0", "Internal: which of --workers this process is (set by the first worker for the others)."],
     ]
 
     optFlags = [
@@ -151,6 +154,8 @@ class Options(usage.Options):
             raise
 
     def _checkValues(self):
+        # As given, before parsing: what --workers hands to the other workers.
+        self.settings = {name: self[name] for name, *_ in self.optParameters}
         for required in ("exposed-address", "auth-secret"):
             if not self[required]:
                 raise usage.UsageError(f"--{required} (or {variableFor(required)}) is required")
@@ -214,6 +219,7 @@ class Options(usage.Options):
         if not interval > 0:
             raise usage.UsageError("--cluster-discovery-interval must be a positive number of seconds")
         self["cluster-discovery-interval"] = interval
+        self._workerOptions()
         if not self["cluster-headless"]:
             return
         self["pod-ip"] = self["pod-ip"] or self._environ.get("POD_IP")
@@ -221,6 +227,27 @@ class Options(usage.Options):
             raise usage.UsageError("--pod-ip (or OZ_POD_IP or POD_IP) is required with --cluster-headless")
         address = self["cluster-listen-address"] or f"0.0.0.0:{self['cluster-port']}"
         self["cluster-listen"] = parseHostPort(address, "cluster-listen-address")
+
+    def _workerOptions(self):
+        self["workers"] = _nonNegativeInt(self["workers"], "workers")
+        self["worker-index"] = _nonNegativeInt(self["worker-index"], "worker-index")
+        if self["workers"] < 1:
+            raise usage.UsageError("--workers must be at least 1")
+        if self["workers"] == 1:
+            return
+        if self["worker-index"] >= self["workers"]:
+            raise usage.UsageError("--worker-index must be below --workers")
+        if self["cluster-headless"] and self["worker-index"] == 0:
+            raise usage.UsageError("--workers and --cluster-headless do not mix: run one worker per pod in a cluster")
+        from relay.workers import workerAddress, workerAddresses
+
+        # The workers are pods of a cluster on loopback. The first one makes
+        # the fabric's secret; the others get it in their environment.
+        if not self["cluster-auth-secret"]:
+            self["cluster-auth-secret"] = self.settings["cluster-auth-secret"] = secrets.token_hex(32)
+        self["cluster-headless"] = workerAddresses(self["workers"])
+        self["pod-ip"] = workerAddress(self["worker-index"])
+        self["cluster-listen-address"] = f"{self['pod-ip']}:{self['cluster-port']}"
 
 
 def _serverEndpoint(reactor, host, port, contextFactory=None):
@@ -373,9 +400,15 @@ def makeService(options, reactor=None):
     relay.recordAuthenticationTime = metrics.recordAuthenticationTime
     relay.recordStoreTime = metrics.recordStoreTime
     host, port = options["listen"]
+    if options["workers"] > 1:
+        from relay.workers import ReusePortEndpoint
+
+        peerEndpoint = ReusePortEndpoint(reactor, host, port, options["tls-options"])
+    else:
+        peerEndpoint = _serverEndpoint(reactor, host, port, options["tls-options"])
     top = RelayService(
         relay,
-        _serverEndpoint(reactor, host, port, options["tls-options"]),
+        peerEndpoint,
         PeerWebSocketFactory(relay, reactor, highWater=options["peer-buffer-limit"], gate=gate),
         readiness,
         logObserver=makeLogObserver(options),
@@ -387,4 +420,11 @@ def makeService(options, reactor=None):
     if options["metrics-port"]:
         site = makeMetricsSite(metrics.registry, readiness, reactor=reactor)
         StreamServerEndpointService(TCP4ServerEndpoint(reactor, options["metrics-port"]), site).setServiceParent(top)
+    if options["workers"] > 1:
+        from relay.workers import SupervisorWatch, makeSupervisor
+
+        if options["worker-index"] == 0:
+            makeSupervisor(options, reactor, variableFor).setServiceParent(top)
+        else:
+            SupervisorWatch(reactor).setServiceParent(top)
     return top

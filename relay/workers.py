@@ -1,0 +1,136 @@
+"""
+Every core of one host: C{--workers N} relay processes sharing the peer port.
+
+A Twisted reactor uses one core. On a VM with several, C{--workers N} runs N
+relay processes that all listen on the peer port with C{SO_REUSEPORT} (the
+kernel spreads new connections across them) and are joined by the inter-pod
+fabric over loopback, exactly as pods are: worker I{i} is a "pod" at
+C{127.0.1.<i+1>} on the cluster port, so two peers that landed on different
+workers still reach each other. The first process supervises the others
+(L{twisted.runner.procmon.ProcessMonitor}: restarted with backoff if they die,
+SIGTERM then SIGKILL when it stops); each worker also stops by itself if its
+supervisor disappears.
+
+On Kubernetes one worker per pod stays the right shape: pods are the unit of
+scaling there.
+"""
+
+import os
+import socket
+import sys
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.runner.procmon import ProcessMonitor
+from zope.interface import implementer
+
+WORKER_NETWORK = "127.0.1."
+SUPERVISOR_CHECK_INTERVAL = 1.0
+
+_log = Logger()
+
+
+def workerAddress(index):
+    """
+    The loopback address worker C{index} (0-based) announces on the fabric.
+    """
+    return f"{WORKER_NETWORK}{index + 1}"
+
+
+def workerAddresses(count):
+    return ",".join(workerAddress(i) for i in range(count))
+
+
+@implementer(IStreamServerEndpoint)
+class ReusePortEndpoint:
+    """
+    A TCP listener several processes can bind at once (C{SO_REUSEPORT}).
+
+    Twisted's own TCP endpoints do not set the option, so the socket is made
+    here and adopted by the reactor.
+    """
+
+    def __init__(self, reactor, host, port, tls=None, backlog=1024):
+        self.reactor = reactor
+        self.host = host or "0.0.0.0"
+        self.port = port
+        self.tls = tls
+        self.backlog = backlog
+
+    def listen(self, factory):
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((self.host, self.port))
+            sock.listen(self.backlog)
+            sock.setblocking(False)
+            if self.tls is not None:
+                factory = TLSMemoryBIOFactory(self.tls, False, factory)
+            port = self.reactor.adoptStreamPort(sock.fileno(), family, factory)
+        except OSError as e:
+            return defer.fail(e)
+        finally:
+            sock.close()
+        return defer.succeed(port)
+
+
+class SupervisorWatch(Service):
+    """
+    Stops a worker's reactor once the process that started it is gone (its
+    parent process id changes), so no worker outlives its supervisor.
+    """
+
+    def __init__(self, reactor):
+        self.reactor = reactor
+        self.supervisorPID = os.getppid()
+        self._loop = LoopingCall(self._check)
+        self._loop.clock = reactor
+
+    def startService(self):
+        super().startService()
+        self._loop.start(SUPERVISOR_CHECK_INTERVAL, now=False)
+
+    def stopService(self):
+        if self._loop.running:
+            self._loop.stop()
+        return super().stopService()
+
+    def _check(self):
+        if os.getppid() != self.supervisorPID:
+            _log.warn("worker: supervisor {pid} is gone, stopping", pid=self.supervisorPID)
+            self._loop.stop()
+            self.reactor.stop()
+
+
+def workerEnvironment(options, index, variableFor):
+    """
+    The environment of worker C{index}: every option as its C{OZ_*} variable
+    (secrets never appear on a command line), with the worker's own fabric
+    address and metrics port.
+    """
+    env = dict(os.environ)
+    for name, value in options.settings.items():
+        if value is not None:
+            env[variableFor(name)] = str(value)
+    metricsPort = options["metrics-port"]
+    env[variableFor("metrics-port")] = str(metricsPort + index if metricsPort else 0)
+    env[variableFor("worker-index")] = str(index)
+    return env
+
+
+def makeSupervisor(options, reactor, variableFor):
+    """
+    A L{ProcessMonitor} running workers 1 … N-1 (this process is worker 0).
+    """
+    monitor = ProcessMonitor(reactor)
+    monitor.killTime = 35
+    argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "relay"]
+    for index in range(1, options["workers"]):
+        monitor.addProcess(f"relay-worker-{index}", argv, env=workerEnvironment(options, index, variableFor), cwd=os.getcwd())
+    return monitor

@@ -1,0 +1,113 @@
+"""
+C{--workers N}: several relay processes on one host sharing the peer port.
+"""
+
+import socket
+
+from twisted.internet import defer, reactor
+from twisted.internet.protocol import Factory
+from twisted.python import usage
+from twisted.trial import unittest
+
+from relay import client
+from relay import messages as m
+from relay.service import Options, variableFor
+from relay.workers import ReusePortEndpoint, workerAddresses, workerEnvironment
+from tests.e2e import sleep, startRelay
+
+REQUIRED = ["--exposed-address", "127.0.0.1:33080", "--auth-secret", "s3cret"]
+
+
+def parse(argv, environ=None):
+    options = Options(environ or {})
+    options.parseOptions(argv)
+    return options
+
+
+class OptionTests(unittest.TestCase):
+    def test_oneWorkerIsPlain(self):
+        options = parse(REQUIRED)
+        self.assertEqual(options["workers"], 1)
+        self.assertEqual(options["cluster-headless"], "")
+
+    def test_firstWorker(self):
+        options = parse(REQUIRED + ["--workers", "3"])
+        self.assertEqual(options["cluster-headless"], "127.0.1.1,127.0.1.2,127.0.1.3")
+        self.assertEqual(options["pod-ip"], "127.0.1.1")
+        self.assertEqual(options["cluster-listen"], ("127.0.1.1", 7090))
+        self.assertEqual(len(options["cluster-auth-secret"]), 64)
+
+    def test_otherWorkerFromEnvironment(self):
+        first = parse(REQUIRED + ["--workers", "2", "--metrics-port", "9100"])
+        env = workerEnvironment(first, 1, variableFor)
+        self.assertEqual(env["OZ_METRICS_PORT"], "9101")
+        self.assertEqual(env["OZ_AUTH_SECRET"], "s3cret")
+        second = parse([], env)
+        self.assertEqual(second["worker-index"], 1)
+        self.assertEqual(second["pod-ip"], "127.0.1.2")
+        self.assertEqual(second["cluster-auth-secret"], first["cluster-auth-secret"])
+        self.assertEqual(second["listen"], first["listen"])
+
+    def test_noMetricsStaysOff(self):
+        first = parse(REQUIRED + ["--workers", "2", "--metrics-port", "0"])
+        self.assertEqual(workerEnvironment(first, 1, variableFor)["OZ_METRICS_PORT"], "0")
+
+    def test_notWithACluster(self):
+        e = self.assertRaises(usage.UsageError, parse, REQUIRED + ["--workers", "2", "--cluster-headless", "x", "--pod-ip", "10.0.0.1"])
+        self.assertIn("do not mix", str(e))
+
+    def test_atLeastOne(self):
+        self.assertRaises(usage.UsageError, parse, REQUIRED + ["--workers", "0"])
+
+    def test_addresses(self):
+        self.assertEqual(workerAddresses(2), "127.0.1.1,127.0.1.2")
+
+
+class ReusePortTests(unittest.TestCase):
+    def test_twoListenersOnePort(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        first = self.successResultOf(ReusePortEndpoint(reactor, "127.0.0.1", port).listen(Factory()))
+        self.addCleanup(first.stopListening)
+        second = self.successResultOf(ReusePortEndpoint(reactor, "127.0.0.1", port).listen(Factory()))
+        self.addCleanup(second.stopListening)
+        self.assertEqual(first.getHost().port, second.getHost().port)
+
+    def test_bindErrorIsAFailure(self):
+        self.failureResultOf(ReusePortEndpoint(reactor, "192.0.2.1", 1).listen(Factory()), OSError)
+
+
+class WorkersEndToEndTests(unittest.TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_pairsAcrossWorkers(self):
+        relay = yield startRelay(self, "--workers", "2", "--connection-rate-per-ip", "0")
+        for _ in range(300):
+            if b"[relay-worker-1]" in relay.output and relay.output.count(b"relay listening on") >= 2:
+                break
+            yield sleep(0.05)
+        self.assertEqual(relay.output.count(b"relay listening on"), 2)
+        peers = []
+        for i in range(20):
+            peer = yield client.connect(reactor, relay.url, m.peerID(f"p{i}"), secret="relay-secret")
+            self.addCleanup(lambda p=peer: p.transport.abortConnection() if p.transport.connected else None)
+            peers.append(peer)
+        for i in range(0, 20, 2):
+            yield peers[i].waitOnline(peers[i + 1].factory.peerID)
+        for i in range(0, 20, 2):
+            for n in range(50):
+                peers[i].send(peers[i + 1].factory.peerID, b"%d:%d" % (i, n))
+        for i in range(0, 20, 2):
+            got = []
+            for _ in range(50):
+                got.append((yield peers[i + 1].transports.get().addTimeout(10, reactor)))
+            self.assertEqual(got, [(peers[i].factory.peerID, b"%d:%d" % (i, n)) for n in range(50)])
+        lines = relay.output.splitlines()
+        onSecond = [line for line in lines if b"[relay-worker-1]" in line and b": connected" in line]
+        onFirst = [line for line in lines if b"[relay-worker-1]" not in line and b": connected" in line]
+        # The kernel spread the 20 connections over both workers (all on
+        # one would have a 2-in-a-million chance).
+        self.assertTrue(onSecond and onFirst, (len(onFirst), len(onSecond)))
+        self.assertEqual((yield relay.stop()), 0)
