@@ -11,17 +11,10 @@ from twisted.trial import unittest
 
 from relay import client
 from relay import messages as m
-from relay.service import Options, variableFor
+from relay.service import variableFor
 from relay.workers import ReusePortEndpoint, workerAddresses, workerEnvironment
 from tests.e2e import sleep, startRelay
-
-REQUIRED = ["--exposed-address", "127.0.0.1:33080", "--auth-secret", "s3cret"]
-
-
-def parse(argv, environ=None):
-    options = Options(environ or {})
-    options.parseOptions(argv)
-    return options
+from tests.test_service import REQUIRED, parse
 
 
 class OptionTests(unittest.TestCase):
