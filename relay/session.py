@@ -106,6 +106,9 @@ class PeerSession:
             self._log.warn("{where}: handshake rejected: {reason}", where=where, reason=e.reason)
             return e.reason
         relay = self.relay
+        if relay.draining:
+            self._log.info("{where}: handshake rejected: the relay is shutting down", where=where)
+            return "draining"
         limits = relay.limits
         if limits.maxPeers and len(relay.store) >= limits.maxPeers and pid not in relay.store.peers:
             self._log.warn("{where}: handshake rejected: {count} peers connected, the limit", where=where, count=len(relay.store))

@@ -342,3 +342,13 @@ class ShutdownTests(unittest.TestCase):
             self.assertTrue(session.closed)
         self.assertTrue(relay.draining)
         self.successResultOf(done)
+
+    def test_noNewPeersWhileDraining(self):
+        clock = Clock()
+        relay = makeRelay(clock)
+        late = PeerSession(relay, FakeLink())
+        relay.shutdown()
+        late.messageReceived(authMessage("late"))
+        self.assertTrue(late.link.aborted)
+        self.assertEqual(late.link.written, [])
+        self.assertEqual(relay.counters.handshakeRejects["draining"], 1)
