@@ -316,7 +316,10 @@ class RelayService(service.MultiService):
         if self.peerPort is None:
             self.privilegedStartService()
         if self.cluster is not None:
-            self.cluster.startService()
+            try:
+                self.cluster.startService()
+            except Exception as e:
+                raise SystemExit(f"relay: cannot start the inter-pod fabric: {e}") from None
         self.peerFactory.gate.start()
         if self.tls is not None:
             # SIGHUP re-reads the certificate files; established connections

@@ -131,6 +131,27 @@ class StartupErrorTests(unittest.TestCase):
         self.assertIn(b"--auth-secret (or OZ_AUTH_SECRET) is required", output)
 
     @defer.inlineCallbacks
+    def test_portsInUse(self):
+        import socket
+
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen(1)
+            port = taken.getsockname()[1]
+            address = f"127.0.0.1:{port}"
+            output, code = yield self.twistd("--listen-address", address, "--exposed-address", address, "--auth-secret", "x", "--metrics-port", "0")
+            self.assertNotEqual(code, 0)
+            self.assertIn(b"relay: cannot start the peer listener:", output)
+            self.assertIn(b"Address already in use", output)
+            output, code = yield self.twistd(
+                "--listen-address", "127.0.0.1:0", "--exposed-address", address, "--auth-secret", "x", "--metrics-port", "0",
+                "--cluster-headless", "127.0.0.1", "--pod-ip", "127.0.0.1", "--cluster-listen-address", address,
+            )
+            self.assertNotEqual(code, 0)
+            self.assertIn(b"relay: cannot start the inter-pod fabric:", output)
+        self.assertNotIn(b"Traceback", output)
+
+    @defer.inlineCallbacks
     def test_invalidExposedAddress(self):
         output, code = yield self.twistd("--exposed-address", "http://x:1", "--auth-secret", "x")
         self.assertNotEqual(code, 0)
