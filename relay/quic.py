@@ -112,6 +112,10 @@ RETRY_ABOVE_HANDSHAKES = 128
 # wake-up; see L{_ReactorPacer}.
 PACING_BURST = 0.002
 
+# The TLS output buffers a connection keeps after its handshake (see
+# L{_QuicDriver._shrinkCryptoBuffers}).
+POST_HANDSHAKE_CRYPTO_BUFFER = 1024
+
 # Application error codes in CONNECTION_CLOSE. Go agents read 0 as "closed
 # by the server" (relay/client/dialer/quic/conn.go) and anything else as an
 # error; both make them reconnect.
@@ -227,6 +231,16 @@ class _QuicDriver:
         The largest payload of one DATAGRAM frame in a packet to the peer now.
         """
         return _payloadRoom(MAX_UDP_PAYLOAD - SHORT_HEADER_SIZE - len(self.quic._peer_cid.cid) - AEAD_TAG_SIZE)
+
+    def _shrinkCryptoBuffers(self):
+        """
+        aioquic keeps three 16 KiB TLS output buffers for a connection's
+        whole life, most of an idle peer's memory. After the handshake
+        neither end writes a TLS message here (the relay issues no session
+        tickets, and QUIC forbids TLS KeyUpdate), so small ones do.
+        """
+        quic = self.quic
+        quic._crypto_buffers = {epoch: Buffer(capacity=POST_HANDSHAKE_CRYPTO_BUFFER) for epoch in quic._crypto_buffers}
 
     def _receivedNothing(self):
         """
@@ -407,6 +421,7 @@ class QuicPeerLink(_QuicDriver):
             self._close(CLOSE_ERROR, "datagrams are required")
             return
         self._frameRoom = _payloadRoom(remote)
+        self._shrinkCryptoBuffers()
         self._open = True
 
     def _terminated(self, event):
@@ -895,6 +910,7 @@ class QuicRelayClient(_QuicDriver, DatagramProtocol):
         if kind is events.DatagramFrameReceived:
             self._message(event.data)
         elif kind is events.HandshakeCompleted:
+            self._shrinkCryptoBuffers()
             if self.autoAuthenticate:
                 self.queueDatagram(m.encodeAuth(self.peerID, self.token))
             self._keepalive = self._clock.callLater(CLIENT_KEEPALIVE, self._ping)

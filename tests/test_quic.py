@@ -154,6 +154,18 @@ class ClockedQuicTests(unittest.TestCase):
         self.assertEqual([self.successResultOf(a.transports.get()) for _ in range(50)], [(B, b"pong %d" % i) for i in range(50)])
         self.assertEqual(self.relay.counters.dropped, {})
 
+    def test_idlePeerMemory(self):
+        """
+        After the handshake a connection keeps small TLS output buffers
+        instead of aioquic's three 16 KiB ones, and still works.
+        """
+        a = self.connected(A)
+        link = self.relay.store.peers[A].link
+        self.assertEqual({buf.capacity for buf in link.quic._crypto_buffers.values()}, {quic.POST_HANDSHAKE_CRYPTO_BUFFER})
+        a.send(A, b"echo")
+        self.network.pump()
+        self.assertEqual(self.successResultOf(a.transports.get()), (A, b"echo"))
+
     def test_quicAndOtherTransport(self):
         """
         A QUIC peer and a peer on another link talk through the relay, and a
@@ -505,6 +517,18 @@ class HelperTests(unittest.TestCase):
         self.assertEqual(quic._payloadRoom(65), 63)
         self.assertEqual(quic._payloadRoom(66), 63)
         self.assertEqual(quic._payloadRoom(67), 64)
+
+    def test_reactorPacer(self):
+        """
+        The pacer lets at least L{quic.PACING_BURST} of its rate out per
+        wake-up (a reactor sleeps in milliseconds), and keeps aioquic's
+        larger bucket on slow paths.
+        """
+        pacer = quic._ReactorPacer(max_datagram_size=1452)
+        pacer.update_rate(congestion_window=1_000_000, smoothed_rtt=0.001)
+        self.assertEqual(pacer.bucket_max, quic.PACING_BURST)
+        pacer.update_rate(congestion_window=100_000, smoothed_rtt=0.2)
+        self.assertAlmostEqual(pacer.bucket_max, 16 * 1452 / (100_000 / 0.2))
 
     def test_badCertificate(self):
         """
