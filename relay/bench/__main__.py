@@ -26,6 +26,8 @@ from relay.bench.peers import BenchError
 from relay.bench.relayproc import ROOT, ExternalRelay, RelayProcess, raiseFileLimit
 
 ALL = ("throughput", "latency", "handshakes", "idle", "stall", "crosspod")
+EXTRA = ("compare",)  # not part of "all"
+DEFAULT_COMPARE = os.path.join(os.path.dirname(ROOT), "shared", "bench", "compare.py")
 
 # the figures the summary prints per case, first one is the headline
 FIGURES = {
@@ -46,7 +48,8 @@ def _ints(value):
 def parseArgs(argv):
     ap = argparse.ArgumentParser(prog="python -m relay.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("cases", nargs="*", help=f"any of {', '.join(ALL)}, or all (default)")
+    ap.add_argument("cases", nargs="*", help=f"any of {', '.join(ALL)}, or all (default); or compare "
+                    "(runs the Go side-by-side compare.py against a relay started here)")
     ap.add_argument("--case", action="append", default=[], help="same as a positional case (repeatable, or comma-separated)")
     ap.add_argument("--runs", type=int, default=3, help="runs per case; the summary shows medians (default 3)")
     ap.add_argument("--json", metavar="FILE", help="write every run and the medians to FILE")
@@ -78,6 +81,9 @@ def parseArgs(argv):
     ap.add_argument("--cluster-secret", default="bench-cluster-secret")
     ap.add_argument("--crosspod-relay-arg", action="append", default=[], metavar="ARG",
                     help="extra argument for the two cluster relays only")
+    ap.add_argument("--compare-script", default=DEFAULT_COMPARE, help=f"compare: path of compare.py (default {DEFAULT_COMPARE})")
+    ap.add_argument("--compare-arg", action="append", default=[], metavar="ARG",
+                    help="compare: extra argument for compare.py (repeatable), e.g. --compare-arg=--reps=5")
     ap.add_argument("--keep-logs", action="store_true", help="keep the relay logs (printed path)")
     o = ap.parse_args(argv)
     chosen = []
@@ -86,8 +92,8 @@ def parseArgs(argv):
     if not chosen or "all" in chosen:
         chosen = list(ALL)
     for c in chosen:
-        if c not in ALL:
-            ap.error(f"unknown case {c!r}; choose from {', '.join(ALL)}")
+        if c not in ALL + EXTRA:
+            ap.error(f"unknown case {c!r}; choose from {', '.join(ALL + EXTRA)}")
     o.chosen = list(dict.fromkeys(chosen))
     if o.url:
         u = urllib.parse.urlparse(o.url if "://" in o.url else "ws://" + o.url)
@@ -222,6 +228,42 @@ class Bench:
                     lambda t, run: C.stallRun(t, o, run))
             elif case == "crosspod":
                 self.crosspod()
+            elif case == "compare":
+                self.compare()
+
+    def compare(self):
+        """
+        compare.py (Go reference relay vs ours, the Go load generator) against
+        a relay started here, fresh, as compare.py asks.
+        """
+        o = self.o
+        entry = {"params": {"script": o.compare_script, "args": o.compare_arg}}
+        self.results["compare"] = entry
+        if not os.path.exists(o.compare_script):
+            entry["skipped"] = f"{o.compare_script} not found"
+            return
+        target = self.relay()
+        try:
+            cmd = [sys.executable, o.compare_script, "--url", f"ws://{target.host}:{target.port}/relay",
+                   "--secret", o.secret] + (["--pid", str(target.pid)] if target.pid else []) + o.compare_arg
+            self.log(f"[{time.strftime('%H:%M:%S')}] compare: {' '.join(cmd)}")
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            lines = []
+            for line in proc.stdout:
+                lines.append(line.rstrip("\n"))
+                self.log("    " + line.rstrip("\n"))
+            proc.wait()
+            entry["exit_status"] = proc.returncode
+            entry["table"] = [l for l in lines if l and not l.startswith("{")]
+            for l in reversed(lines):
+                if l.startswith('{"summary"'):
+                    entry["summary"] = json.loads(l)["summary"]
+                    break
+            entry["runs"] = [json.loads(l) for l in lines if l.startswith("{") and not l.startswith('{"summary"')]
+            entry["ok"] = proc.returncode == 0 and all(v.get("subject_ok", True) for v in entry.get("summary", {}).values()
+                                                       if isinstance(v, dict) and "subject_ok" in v)
+        finally:
+            self.done(target)
 
     def crosspod(self):
         o = self.o
@@ -269,6 +311,13 @@ class Bench:
         lines.append(f"{'case':<26}{'ok':<5}{'runs':<6}medians")
         for name, e in self.results.items():
             kind = name.split("-")[0]
+            if kind == "compare":
+                if "skipped" in e:
+                    lines.append(f"{name:<26}{'-':<5}{0:<6}skipped: {e['skipped']}")
+                else:
+                    lines.append(f"{name:<26}{('yes' if e.get('ok') else 'NO'):<5}{'':<6}compare.py table:")
+                    lines.extend("    " + l for l in e.get("table", []))
+                continue
             if "skipped" in e and not e.get("runs"):
                 lines.append(f"{name:<26}{'-':<5}{0:<6}skipped: {e['skipped'][:200]}")
                 continue

@@ -366,6 +366,8 @@ def handshakeRun(target, o, run):
         "handshakes_per_s": round(ok / hs.elapsed, 1),
         "handshake_p50_ms": ms(wire.percentile(lat, 0.5)), "handshake_p90_ms": ms(wire.percentile(lat, 0.9)),
         "handshake_p99_ms": ms(wire.percentile(lat, 0.99)), "handshake_max_ms": ms(lat[-1] if lat else None),
+        # a SYN the listen queue dropped is retried after 1 s: these are those
+        "over_1s": sum(1 for v in lat if v >= 0.95),
         "relay_cpu": round((c1 - c0) / (w1 - w0), 3) if c0 is not None else None,
         "loadgen_cpu": round((cpu1 - cpu0) / (w1 - w0), 3),
     }

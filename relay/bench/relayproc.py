@@ -20,10 +20,26 @@ def freePort(host="127.0.0.1"):
         return s.getsockname()[1]
 
 
-def rssKiB(pid):
+def processTree(pid):
     """
-    VmRSS of C{pid} in KiB.
+    C{pid} and its descendants (a relay with worker processes counts as
+    all of them).
     """
+    out = [pid]
+    i = 0
+    while i < len(out):
+        p = out[i]
+        i += 1
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    out.extend(int(c) for c in f.read().split())
+        except OSError:
+            continue
+    return out
+
+
+def _rssOne(pid):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
@@ -31,14 +47,41 @@ def rssKiB(pid):
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def cpuSeconds(pid):
+def rssKiB(pid, tree=True):
     """
-    User + system CPU seconds used so far by C{pid} (all its threads).
+    VmRSS of C{pid} in KiB (summed over its descendants unless C{tree} is
+    false).
     """
+    total = _rssOne(pid)
+    if tree:
+        for p in processTree(pid)[1:]:
+            try:
+                total += _rssOne(p)
+            except (OSError, RuntimeError):
+                pass
+    return total
+
+
+def _cpuOne(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
     # fields[0] is the state (field 3); utime and stime are fields 14, 15
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def cpuSeconds(pid, tree=True):
+    """
+    User + system CPU seconds used so far by C{pid} (all its threads, and
+    its live descendants unless C{tree} is false).
+    """
+    total = _cpuOne(pid)
+    if tree:
+        for p in processTree(pid)[1:]:
+            try:
+                total += _cpuOne(p)
+            except OSError:
+                pass
+    return total
 
 
 def alive(pid):
