@@ -36,6 +36,7 @@ supported aioquic range is pinned for them.
 import logging
 import os
 import socket
+import ssl
 import struct
 import time
 from collections import Counter, deque
@@ -47,6 +48,7 @@ from aioquic.quic.connection import QuicConnection, QuicConnectionState
 from aioquic.quic.recovery import QuicPacketPacer
 from aioquic.quic.packet import (
     QuicErrorCode,
+    QuicFrameType,
     QuicPacketType,
     encode_quic_retry,
     encode_quic_version_negotiation,
@@ -230,7 +232,8 @@ class _QuicDriver:
         """
         The largest payload of one DATAGRAM frame in a packet to the peer now.
         """
-        return _payloadRoom(MAX_UDP_PAYLOAD - SHORT_HEADER_SIZE - len(self.quic._peer_cid.cid) - AEAD_TAG_SIZE)
+        quic = self.quic
+        return _payloadRoom(quic._max_datagram_size - SHORT_HEADER_SIZE - len(quic._peer_cid.cid) - AEAD_TAG_SIZE)
 
     def _shrinkCryptoBuffers(self):
         """
@@ -496,18 +499,25 @@ class QuicPeerLink(_QuicDriver):
     def _sendDatagram(self, data, addr):
         self._protocol.sendDatagram(data, addr)
 
-    def _close(self, code, reason):
+    def _close(self, code, reason, frameType=None):
+        """
+        Close with an application error C{code}, or a transport error when
+        C{frameType} is given.
+        """
         self._open = False
+        self._stopGraceful()
+        if not self._isClosing():
+            self._closedHere = True
+            self.quic.close(error_code=code, frame_type=frameType, reason_phrase=reason)
+            self._needFlush()
+        self._linkDown()
+
+    def _stopGraceful(self):
         self._graceful = False
         if self._gracefulTimer is not None:
             if self._gracefulTimer.active():
                 self._gracefulTimer.cancel()
             self._gracefulTimer = None
-        if not self._isClosing():
-            self._closedHere = True
-            self.quic.close(error_code=code, reason_phrase=reason)
-            self._needFlush()
-        self._linkDown()
 
     def _failed(self):
         """
@@ -515,7 +525,7 @@ class QuicPeerLink(_QuicDriver):
         connection, whose state can no longer be trusted.
         """
         try:
-            self._close(QuicErrorCode.INTERNAL_ERROR, "internal error")
+            self._close(QuicErrorCode.INTERNAL_ERROR, "internal error", frameType=QuicFrameType.PADDING)
             for data, addr in self.quic.datagrams_to_send(self._clock.seconds()):
                 self._sendDatagram(data, addr)
         except Exception as e:
@@ -528,15 +538,15 @@ class QuicPeerLink(_QuicDriver):
         self._handshakeEnded()
         self._down = True
         self._open = False
-        if self.session is not None:
-            self._relay.counters.connections[self.transportName] -= 1
-            self.session.linkLost()
+        self._relay.counters.connections[self.transportName] -= 1
+        self.session.linkLost()
         waiters, self._closeWaiters = self._closeWaiters, None
         for d in waiters:
             d.callback(None)
 
     def _forget(self):
         self._stopTimer()
+        self._stopGraceful()
         self._protocol.forget(self)
         self._linkDown()
 
@@ -595,8 +605,8 @@ class QuicPeerProtocol(DatagramProtocol):
     @ivar counters: packets and connections refused, by reason
         (C{malformed}, C{unknown_connection}, C{version_negotiation},
         C{not_initial}, C{initial_too_small}, C{undecryptable_initial},
-        C{retry_sent}, C{invalid_token}, C{stream_refused}, C{no_datagrams},
-        C{send_failed}).
+        C{handshake_failed}, C{retry_sent}, C{invalid_token},
+        C{stream_refused}, C{no_datagrams}, C{send_failed}).
     @ivar handshaking: connections accepted whose QUIC handshake is not done.
     @ivar retryAbove: send Retry to new clients while at least this many
         handshakes are in flight (0: always; None: never).
@@ -750,7 +760,11 @@ class QuicPeerProtocol(DatagramProtocol):
         self._flushCall = None
         dirty, self._dirty = self._dirty, []
         for link in dirty:
-            link.flush()
+            try:
+                link.flush()
+            except Exception:
+                self._log.failure("QUIC: failed flushing {link}", link=link)
+                link._failed()
 
     def sendDatagram(self, data, addr):
         if self.transport is None:
@@ -1041,8 +1055,8 @@ class QuicRelayClient(_QuicDriver, DatagramProtocol):
 
     def close(self):
         """
-        Leave: send Close, then close the connection with code 0 once the
-        message has left.
+        Leave: send Close (a datagram, so best effort, as from a Go agent),
+        then close the connection with code 0.
         """
         if self._lostWaiters is None or self._isClosing():
             return self.whenLost()
@@ -1070,8 +1084,6 @@ def clientConfiguration(alpn=ALPN, cafile=None, serverName="localhost", maxDatag
         server_name=serverName,
     )
     if cafile is None:
-        import ssl
-
         configuration.verify_mode = ssl.CERT_NONE
     else:
         configuration.load_verify_locations(cafile=cafile)
