@@ -474,6 +474,27 @@ class ClockedQuicTests(unittest.TestCase):
             self.assertEqual(peer.closeEvent.error_code, quic.CLOSE_NORMAL)
         self.assertEqual(self.relay.counters.connections["quic"], 0)
 
+    def test_shutdownWithCongestedPeer(self):
+        """
+        A peer whose Close is held back by congestion is closed with code 0
+        after the close timeout; the shutdown does not wait longer.
+        """
+        a = self.connected(A)
+        b = self.connected(B)
+        self.network.drop = lambda source, destination, data: destination == b.addr
+        for i in range(3000):
+            a.send(B, b"q" * 500)
+            if i % 100 == 0:
+                self.network.pump(0.01)
+        self.assertTrue(self.relay.store.peers[B].link._pending)
+        done = self.relay.shutdown()
+        self.network.pump(2.5, step=0.05)
+        self.assertEqual(self.relay.counters.connections["quic"], 1)
+        self.network.pump(1.0, step=0.05)
+        self.successResultOf(done)
+        self.assertEqual(self.relay.counters.connections["quic"], 0)
+        self.assertTrue(a.closeReceived)
+
     def test_healthCheckAndIdleTimeout(self):
         """
         An authenticated client answering health checks stays connected past
