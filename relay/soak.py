@@ -583,7 +583,7 @@ def plan(options, relays):
 
 
 def sample(relays, samples, t0, last):
-    row = {"t": round(time.monotonic() - t0, 1), "rss_kib": [], "cpu_pct": []}
+    row = {"t": round(time.monotonic() - t0, 1), "rss_kib": [], "cpu_pct": [], "loadavg_1m": round(os.getloadavg()[0], 2)}
     for i, relay in enumerate(relays):
         try:
             rss = rssKiB(relay.pid)
@@ -682,6 +682,7 @@ def measure(options, relays, workers, soft, hard):
     nextSample = time.monotonic() + 10
     results = [None] * len(workers)
     progress = {}
+    timeline = []
     while any(r is None for r in results):
         for i, (process, pipe) in enumerate(workers):
             while results[i] is None and pipe.poll():
@@ -692,9 +693,15 @@ def measure(options, relays, workers, soft, hard):
                     if len(progress[slot]) == len(workers):
                         rows = progress.pop(slot)
                         p99 = [r["p99_ms"] for r in rows if r["p99_ms"] is not None]
+                        timeline.append({
+                            "t": payload["t"], "sent": sum(r["sent"] for r in rows), "received": sum(r["received"] for r in rows),
+                            "worst_p99_ms": max(p99) if p99 else None, "rss_kib": samples[-1]["rss_kib"],
+                            "cpu_pct": samples[-1]["cpu_pct"], "loadavg_1m": samples[-1]["loadavg_1m"],
+                        })
                         log(f"t={payload['t']:.0f}s sent {sum(r['sent'] for r in rows)} received {sum(r['received'] for r in rows)} "
                             f"hc {sum(r['health_checks'] for r in rows)} closed {sum(r['closed'] for r in rows)} "
-                            f"p99 {max(p99) if p99 else None} ms; relay {samples[-1]['rss_kib']} KiB {samples[-1]['cpu_pct']} %CPU")
+                            f"p99 {max(p99) if p99 else None} ms; relay {samples[-1]['rss_kib']} KiB {samples[-1]['cpu_pct']} %CPU, "
+                            f"load average {samples[-1]['loadavg_1m']}")
                 elif kind == "done":
                     results[i] = payload
                 else:
@@ -787,6 +794,7 @@ def measure(options, relays, workers, soft, hard):
         "latency_ms": {"start": latencies("lat_start_ns"), "end": latencies("lat_end_ns")},
         "rss": rss,
         "cpu": {"relay_avg_pct": cpuAvg, "load_cpu_s": round(total("cpu_s"), 1)},
+        "timeline": timeline,
         "samples": samples,
         "relays": [{"address": f"{r.host}:{r.port}", "pid": r.pid, "alive_at_end": a, "exit_code": c, "log": r.logPath}
                    for r, a, c in zip(relays, relayAlive, exitCodes)],
