@@ -606,7 +606,7 @@ class QuicPeerProtocol(DatagramProtocol):
         (C{malformed}, C{unknown_connection}, C{version_negotiation},
         C{not_initial}, C{initial_too_small}, C{undecryptable_initial},
         C{handshake_failed}, C{retry_sent}, C{invalid_token},
-        C{stream_refused}, C{no_datagrams}, C{send_failed}).
+        C{stream_refused}, C{no_datagrams}, C{send_failed}, C{draining}).
     @ivar handshaking: connections accepted whose QUIC handshake is not done.
     @ivar retryAbove: send Retry to new clients while at least this many
         handshakes are in flight (0: always; None: never).
@@ -687,6 +687,11 @@ class QuicPeerProtocol(DatagramProtocol):
         self._accept(header, data, addr)
 
     def _accept(self, header, data, addr):
+        if self.relay.draining:
+            # Shutting down: the WebSocket listener is closed already; the
+            # UDP port stays open only to close existing connections.
+            self.counters["draining"] += 1
+            return
         originalCID = header.destination_cid
         retryCID = None
         if header.token:

@@ -473,6 +473,11 @@ class ClockedQuicTests(unittest.TestCase):
             self.assertTrue(peer.closeReceived)
             self.assertEqual(peer.closeEvent.error_code, quic.CLOSE_NORMAL)
         self.assertEqual(self.relay.counters.connections["quic"], 0)
+        late = self.client(C)
+        self.network.pump(0.5)
+        self.assertNoResult(late.authenticated)
+        self.assertGreaterEqual(self.protocol.counters["draining"], 1)
+        self.assertEqual(self.protocol.links, {})
 
     def test_shutdownWithCongestedPeer(self):
         """
@@ -680,6 +685,27 @@ class UDPQuicTests(unittest.TestCase):
         w.send(A, b"y" * (1422 - m.TRANSPORT_HEADER_SIZE))
         self.assertEqual((yield q.transports.get().addTimeout(5, reactor)), (B, b"y" * (1422 - m.TRANSPORT_HEADER_SIZE)))
         self.assertEqual(self.relay.counters.dropped["too_large_for_datagram"], 1)
+
+    @defer.inlineCallbacks
+    def test_reloadCertificate(self):
+        """
+        reloadCertificate serves new connections with the new certificate;
+        unusable files raise and leave the current one in place.
+        """
+        newCert, newKey, _ = writeCertificate(self.mktemp())
+        broken = self.mktemp()
+        with open(broken, "w") as f:
+            f.write("not a certificate")
+        self.assertRaises(ConfigurationError, self.service.reloadCertificate, broken, broken)
+        yield self.quicPeer(A)
+        self.service.reloadCertificate(newCert, newKey)
+        yield self.assertFailure(
+            quic.connectQuic(reactor, "127.0.0.1", self.quicPort, B, secret=SECRET, cafile=self.cert, timeout=5),
+            quic.QuicHandshakeFailed,
+        )
+        peer = yield quic.connectQuic(reactor, "127.0.0.1", self.quicPort, B, secret=SECRET, cafile=newCert, timeout=5)
+        self.peers.append(peer)
+        self.assertIn(B, self.relay.store.peers)
 
     @defer.inlineCallbacks
     def test_stopServiceFreesPort(self):
