@@ -116,11 +116,13 @@ class ClockedQuicTests(unittest.TestCase):
         protocol = quic.QuicPeerProtocol(self.relay, self.clock, quic.serverConfiguration(self.cert, self.key), **kwargs)
         return self.network.attach(protocol, SERVER)
 
-    def client(self, peerID, token=TOKEN, authenticate=True, versions=None, **options):
+    def client(self, peerID, token=TOKEN, authenticate=True, versions=None, connectionIDLength=None, **options):
         options.setdefault("cafile", self.cert)
         configuration = quic.clientConfiguration(**options)
         if versions is not None:
             configuration.supported_versions = versions
+        if connectionIDLength is not None:
+            configuration.connection_id_length = connectionIDLength
         self._nextPort += 1
         peer = quic.QuicRelayClient(self.clock, SERVER, peerID, token, configuration)
         peer.autoAuthenticate = authenticate
@@ -221,6 +223,22 @@ class ClockedQuicTests(unittest.TestCase):
         self.assertNoResult(a.transports.get())
         self.assertEqual(self.relay.counters.dropped["too_large_for_datagram"], 2)
         self.assertEqual(self.relay.counters.connections["quic"], 2)
+
+    def test_goAgentDatagramSize(self):
+        """
+        To a peer with quic-go's 4-byte connection ids, messages up to 1426
+        bytes fit one 1452-byte packet: every message a Go agent can send
+        (at most 1415 bytes) reaches it whole.
+        """
+        a = self.connected(A, connectionIDLength=4)
+        session, link = connect(self.relay, "peer-b")
+        for size in (1415, 1426, 1427):
+            session.messageReceived(m.encodeTransport(A, b"g" * (size - m.TRANSPORT_HEADER_SIZE)))
+        self.network.pump()
+        self.assertEqual(self.successResultOf(a.transports.get()), (B, b"g" * (1415 - m.TRANSPORT_HEADER_SIZE)))
+        self.assertEqual(self.successResultOf(a.transports.get()), (B, b"g" * (1426 - m.TRANSPORT_HEADER_SIZE)))
+        self.assertNoResult(a.transports.get())
+        self.assertEqual(self.relay.counters.dropped["too_large_for_datagram"], 1)
 
     def test_slowConsumer(self):
         """
