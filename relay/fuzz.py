@@ -449,6 +449,7 @@ class Fuzzer:
     # Scheduling
 
     def start(self):
+        self.stopping = False
         self._last = self.reactor.seconds()
         self._loop = task.LoopingCall(self._tick)
         self._loop.clock = self.reactor
@@ -1265,8 +1266,10 @@ def rssSummary(target, options):
 
     baseline = stat(target.rss.get("baseline"), lambda v: v[-1])
     peak = stat(target.rss.get("fuzz"), max)
-    after = stat(target.rss.get("after"), min)
-    summary = {"baseline_kib": baseline, "peak_kib": peak, "after_kib": after}
+    rounds = [stat(target.rss.get(f"after-{k}"), min) for k in range(options.rounds)]
+    rounds = [r for r in rounds if r is not None]
+    after = rounds[-1] if rounds else None
+    summary = {"baseline_kib": baseline, "peak_kib": peak, "after_kib": after, "after_by_round_kib": rounds}
     if baseline is None or after is None:
         summary["ok"] = None
         return summary
@@ -1293,28 +1296,31 @@ def run(reactor, options, targets):
     good.start()
     yield sleep(reactor, options.warmup)
     fuzzer = Fuzzer(reactor, targets, options.secret, options.cluster_secret, rng, options.connections, options.rate, good.ids)
-    monitor.phase = "fuzz"
-    log(f"fuzzing for {options.duration:g} s with {options.connections} connections at up to {options.rate:g} new/s")
-    fuzzer.start()
-    started = reactor.seconds()
-    while reactor.seconds() - started < options.duration:
-        yield sleep(reactor, min(10, options.duration - (reactor.seconds() - started)))
-        s = fuzzer.stats
-        log(
-            f"{reactor.seconds() - started:5.0f} s: {s.started} connections, {s.connectErrors} connect errors, "
-            f"{len(fuzzer.active)} open, good {good.received} of {good.sent}, anomalies {sum(s.anomalies.values())}, "
-            f"rss {[t.rssKiB() for t in targets]} KiB"
-        )
-        if not all(t.running() for t in targets):
-            failures.append("a relay process exited during the fuzz")
+    for round_ in range(options.rounds):
+        monitor.phase = "fuzz"
+        log(f"round {round_ + 1} of {options.rounds}: fuzzing for {options.duration:g} s with {options.connections} connections at up to {options.rate:g} new/s")
+        fuzzer.start()
+        started = reactor.seconds()
+        while reactor.seconds() - started < options.duration:
+            yield sleep(reactor, min(10, options.duration - (reactor.seconds() - started)))
+            s = fuzzer.stats
+            log(
+                f"{reactor.seconds() - started:5.0f} s: {s.started} connections, {s.connectErrors} connect errors, "
+                f"{len(fuzzer.active)} open, good {good.received} of {good.sent}, anomalies {sum(s.anomalies.values())}, "
+                f"rss {[t.rssKiB() for t in targets]} KiB"
+            )
+            if not all(t.running() for t in targets):
+                failures.append("a relay process exited during the fuzz")
+                break
+        yield fuzzer.stop()
+        log(f"fuzz connections closed; settling {options.settle:g} s for RSS")
+        monitor.phase = f"after-{round_}"
+        yield sleep(reactor, options.settle)
+        if failures:
             break
-    yield fuzzer.stop()
     monitor.phase = "drain"
     good.stopSending()
     yield good.drain()
-    log(f"fuzz connections closed; settling {options.settle:g} s for RSS")
-    monitor.phase = "after"
-    yield sleep(reactor, options.settle)
     monitor.stop()
     yield good.close()
 
@@ -1363,6 +1369,7 @@ def parseArgs(argv):
     parser.add_argument("--cluster-target", action="append", help="host:port of a --url relay's inter-pod listener")
     parser.add_argument("--cluster-secret", help="inter-pod secret, to fuzz past HELLO (default: $OZ_CLUSTER_AUTH_SECRET; random when spawning)")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of fuzzing (default 60)")
+    parser.add_argument("--rounds", type=int, default=1, help="fuzz rounds of --duration, RSS read after each (default 1)")
     parser.add_argument("--connections", type=int, default=64, help="fuzz connections open at once (default 64)")
     parser.add_argument("--rate", type=float, default=100.0, help="new fuzz connections per second at most (default 100)")
     parser.add_argument("--good-rate", type=float, default=200.0, help="good-pair messages per second each way (default 200)")
@@ -1436,6 +1443,7 @@ def main(argv=None, reactor=None):
             "mode": mode,
             "seed": options.seed,
             "duration_s": options.duration,
+            "rounds": options.rounds,
             "wall_s": round(time.time() - startedAt, 1),
             "connections_at_once": options.connections,
             "rate_per_s": options.rate,
