@@ -683,9 +683,9 @@ class AcmeCertificateService(Service):
                 self._responses[token] = validation
                 cleanups.append(lambda: self._responses.pop(token, None))
                 return challengeBody, response
-            jobj = getattr(challengeBody.chall, "jobj", {})
-            if self.challenge == TLS_ALPN_01 and jobj.get("type") == TLS_ALPN_01 and isinstance(jobj.get("token"), str):
-                keyAuthorization = _keyAuthorization(jobj["token"], accountKey)
+            offered = challengeBody.chall.to_partial_json()
+            if self.challenge == TLS_ALPN_01 and offered.get("type") == TLS_ALPN_01 and isinstance(offered.get("token"), str):
+                keyAuthorization = _keyAuthorization(offered["token"], accountKey)
                 self._alpnResponses[domain] = tlsALPNCertificate(domain, keyAuthorization)
                 cleanups.append(lambda: self._alpnResponses.pop(domain, None))
                 return challengeBody, _TLSALPN01Response(key_authorization=keyAuthorization)

@@ -667,7 +667,7 @@ class PebbleTests(unittest.TestCase):
         ready = s.whenReady()
         yield _sleep(1.0)
         self.assertNoResult(ready)
-        self.assertTrue(any("cannot reach the CA" in t for t in events.texts()))
+        self.assertTrue(any("could not obtain a certificate" in t and "refused" in t for t in events.texts()))
         yield self.pebble.start(reactor)
         yield ready.addTimeout(30, reactor)
         self.assertEqual(s.orders, 1)
