@@ -332,7 +332,8 @@ class Stats:
         self.anomalyExamples = []
         self.fuzzerErrors = {}
         self.acceptedAuth = 0
-        self.acceptedHello = 0
+        self.podSessions = 0
+        self.podSessionsAnswered = 0
 
     def anomaly(self, name, detail):
         self.anomalies[name] = self.anomalies.get(name, 0) + 1
@@ -348,7 +349,8 @@ class Stats:
             "bytes_received": self.bytesReceived,
             "by_scenario": dict(sorted(self.byScenario.items())),
             "fuzz_peers_authenticated": self.acceptedAuth,
-            "fuzz_pods_accepted": self.acceptedHello,
+            "fuzz_pod_sessions": self.podSessions,
+            "fuzz_pod_sessions_answered": self.podSessionsAnswered,
             "anomalies": self.anomalies,
             "anomaly_examples": self.anomalyExamples,
             "fuzzer_errors": self.fuzzerErrors,
@@ -970,11 +972,15 @@ class Fuzzer:
         conn.send(cf.helloFrame(address, int(time.time()), self.clusterSecret))
         answersPings = rng.random() < 0.5
         end = self.reactor.seconds() + rng.choice([0.5, 2, 6])
-        self.stats.acceptedHello += 1
+        self.stats.podSessions += 1
+        answered = False
         while not conn.closed and self.reactor.seconds() < end and not self.stopping:
             frame = self.randomClusterFrame(rng)
             yield conn.sendPieces(self.reactor, frame, rng)
             incoming, conn.clusterFrames = conn.clusterFrames, []
+            if incoming and not answered:
+                answered = True
+                self.stats.podSessionsAnswered += 1
             for frameType, payload in incoming:
                 if frameType == cf.PING and answersPings:
                     conn.send(cf.pongFrame())
