@@ -536,7 +536,7 @@ class PebbleTests(unittest.TestCase):
         return s
 
     @defer.inlineCallbacks
-    def handshake(self, s):
+    def handshake(self, s, protocols=None):
         """
         Serve C{s}'s certificate on a TLS listener and connect to it trusting
         only pebble's root, for the name localhost.
@@ -547,7 +547,7 @@ class PebbleTests(unittest.TestCase):
         self.addCleanup(port.stopListening)
         client = protocol.ClientFactory.forProtocol(_Client)
         client.done = defer.Deferred()
-        options = optionsForClientTLS("localhost", trustRoot=Certificate.loadPEM(root))
+        options = optionsForClientTLS("localhost", trustRoot=Certificate.loadPEM(root), acceptableProtocols=protocols)
         reactor.connectSSL("127.0.0.1", port.getHost().port, client, options)
         serial = yield client.done.addTimeout(10, reactor)
         return serial
@@ -609,6 +609,7 @@ class PebbleTests(unittest.TestCase):
         self.assertTrue(any("answered the TLS-ALPN-01 challenge for localhost" in t for t in events.texts()))
         self.assertIsNone(s.http01Address())
         self.assertEqual((yield self.handshake(s)), _serial(s.certificatePath))
+        self.assertEqual((yield self.handshake(s, [b"h2", b"http/1.1"])), _serial(s.certificatePath))
 
     @defer.inlineCallbacks
     def test_renewsRunning(self):
