@@ -15,6 +15,7 @@ from twisted.logger import Logger
 
 from relay import messages as m
 from relay.auth import generateToken
+from relay.peer import _noDelay
 
 CLOSE_TIMEOUT = 3.0
 
@@ -49,6 +50,10 @@ class RelayClientProtocol(WebSocketClientProtocol):
         self.answerHealthChecks = True
         self.onTransport = None
         self._lostWaiters = []
+
+    def connectionMade(self):
+        super().connectionMade()
+        _noDelay(self.transport)
 
     def onOpen(self):
         self.sendMessage(m.encodeAuth(self.factory.peerID, self.factory.token), isBinary=True)

@@ -98,6 +98,10 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
 
     def connectionMade(self):
         super().connectionMade()
+        # Autobahn means to set TCP_NODELAY but reads its option before it
+        # has copied it from the factory, so the attempt silently fails; a
+        # packet relay must never wait for Nagle.
+        _noDelay(self.transport)
         address = self.transport.getPeer()
         host = getattr(address, "host", "?")
         self.peerAddress = f"{host}:{getattr(address, 'port', '?')}"
@@ -273,6 +277,13 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
         d = Deferred()
         self._closeWaiters.append(d)
         return d
+
+
+def _noDelay(transport):
+    try:
+        transport.setTcpNoDelay(True)
+    except (AttributeError, OSError):
+        pass
 
 
 def _originHost(origin):
