@@ -137,3 +137,15 @@ class IndependentClientTests(unittest.TestCase):
             return False
 
         return self.inThread(scenario).addCallback(self.assertTrue)
+
+    def test_noDelayOnServerSide(self):
+        def scenario():
+            a = self.peer("peer-a")
+            return a
+
+        def check(a):
+            (session,) = self.relay.store.peers.values()
+            self.assertTrue(session.link.transport.getTcpNoDelay())
+            return threads.deferToThread(a.close)
+
+        return self.inThread(scenario).addCallback(check)
