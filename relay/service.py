@@ -35,6 +35,7 @@ from relay.metrics import RelayMetrics, splitActiveIdle
 from relay.peer import DEFAULT_HIGH_WATER, PeerWebSocketFactory
 from relay.server import ConfigurationError, Relay, instanceURL
 from relay.store import Store
+from relay.tls import ReloadableTLS, loadCertificateOptions
 from relay.web import Readiness, makeMetricsSite
 
 ENV_PREFIX = "OZ_"
@@ -97,9 +98,12 @@ class Options(usage.Options):
         ["auth-secret", "s", None, "Secret shared with the management server. Required."],
         ["tls-cert-file", "c", None, "PEM certificate (chain) for TLS on the peer listener."],
         ["tls-key-file", "k", None, "PEM private key for --tls-cert-file."],
-        ["letsencrypt-data-dir", "d", None, "Let's Encrypt state directory (not supported yet)."],
-        ["letsencrypt-domains", "a", None, "Comma-separated domains for Let's Encrypt (not supported yet)."],
-        ["letsencrypt-email", None, None, "Let's Encrypt account e-mail (not supported yet)."],
+        ["letsencrypt-data-dir", "d", None, "Directory for the ACME account key and certificates (0700); with --letsencrypt-domains turns ACME on."],
+        ["letsencrypt-domains", "a", None, "Comma-separated domains to obtain one certificate for (with --letsencrypt-data-dir)."],
+        ["letsencrypt-email", None, None, "ACME account contact e-mail."],
+        ["letsencrypt-directory-url", None, None, "ACME directory URL (default: Let's Encrypt production); for staging or a private CA."],
+        ["letsencrypt-challenge", None, None, "tls-alpn-01 (on the peer port; the default when it is 443) or http-01 (on --letsencrypt-http-port; the default otherwise)."],
+        ["letsencrypt-http-port", None, "80", "Port of the HTTP-01 challenge listener."],
         ["metrics-port", None, "9090", "Port of the metrics and health HTTP endpoint; 0 turns it off."],
         ["log-level", None, "info", "trace, debug, info, warn or error."],
         ["log-file", None, "console", "'console' for standard output, or a file path."],
@@ -161,20 +165,17 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{required} (or {variableFor(required)}) is required")
         if self["letsencrypt-aws-route53"]:
             raise usage.UsageError("--letsencrypt-aws-route53: Route 53 DNS-01 is not supported by this relay")
-        if self["letsencrypt-domains"] or self["letsencrypt-data-dir"]:
-            raise usage.UsageError("--letsencrypt-*: Let's Encrypt certificates are not supported yet; use --tls-cert-file and --tls-key-file")
         if bool(self["tls-cert-file"]) != bool(self["tls-key-file"]):
             raise usage.UsageError("--tls-cert-file and --tls-key-file go together")
-        self["tls"] = bool(self["tls-cert-file"])
+        self["listen"] = parseHostPort(self["listen-address"], "listen-address")
+        self._acmeOptions()
+        self["tls"] = bool(self["tls-cert-file"]) or self["acme"]
         self["tls-options"] = None
-        if self["tls"]:
-            from relay.tls import ReloadableTLS, loadCertificateOptions
-
+        if self["tls-cert-file"]:
             try:
                 self["tls-options"] = ReloadableTLS(loadCertificateOptions(self["tls-cert-file"], self["tls-key-file"]), self["tls-cert-file"], self["tls-key-file"])
             except ConfigurationError as e:
                 raise usage.UsageError(str(e)) from None
-        self["listen"] = parseHostPort(self["listen-address"], "listen-address")
         self["metrics-port"] = _nonNegativeInt(self["metrics-port"], "metrics-port")
         if self["metrics-port"] > 65535:
             raise usage.UsageError("--metrics-port must be a port number")
@@ -210,6 +211,22 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
         self._clusterOptions()
 
+    def _acmeOptions(self):
+        domains = [d.strip() for d in (self["letsencrypt-domains"] or "").split(",") if d.strip()]
+        self["acme"] = bool(domains or self["letsencrypt-data-dir"])
+        if not self["acme"]:
+            return
+        if not (domains and self["letsencrypt-data-dir"]):
+            raise usage.UsageError("--letsencrypt-domains and --letsencrypt-data-dir go together")
+        if self["tls-cert-file"]:
+            raise usage.UsageError("use either --tls-cert-file/--tls-key-file or --letsencrypt-*, not both")
+        self["letsencrypt-domains"] = domains
+        self["letsencrypt-http-port"] = _nonNegativeInt(self["letsencrypt-http-port"], "letsencrypt-http-port")
+        challenge = self["letsencrypt-challenge"] or ("tls-alpn-01" if self["listen"][1] == 443 else "http-01")
+        if challenge not in ("tls-alpn-01", "http-01"):
+            raise usage.UsageError(f"--letsencrypt-challenge must be tls-alpn-01 or http-01, not {challenge!r}")
+        self["letsencrypt-challenge"] = challenge
+
     def _clusterOptions(self):
         self["cluster-port"] = _nonNegativeInt(self["cluster-port"], "cluster-port")
         try:
@@ -239,6 +256,8 @@ class Options(usage.Options):
             raise usage.UsageError("--worker-index must be below --workers")
         if self["cluster-headless"] and self["worker-index"] == 0:
             raise usage.UsageError("--workers and --cluster-headless do not mix: run one worker per pod in a cluster")
+        if self["acme"]:
+            raise usage.UsageError("--workers and --letsencrypt-* do not mix: give the workers certificate files")
         from relay.workers import workerAddress, workerAddresses
 
         # The workers are pods of a cluster on loopback. The first one makes
@@ -403,6 +422,22 @@ def makeService(options, reactor=None):
     relay.recordAuthenticationTime = metrics.recordAuthenticationTime
     relay.recordStoreTime = metrics.recordStoreTime
     host, port = options["listen"]
+    acme = None
+    if options["acme"]:
+        from relay.acme import AcmeCertificateService
+
+        acme = AcmeCertificateService(
+            options["letsencrypt-domains"],
+            options["letsencrypt-data-dir"],
+            options["letsencrypt-email"],
+            options["letsencrypt-directory-url"],
+            reactor,
+            challenge=options["letsencrypt-challenge"],
+            http01Port=options["letsencrypt-http-port"],
+        )
+        options["tls-options"] = acme.serverConnectionCreator()
+        readiness.certificateReady = False
+        acme.whenReady().addCallback(lambda _: setattr(readiness, "certificateReady", True))
     if options["workers"] > 1:
         from relay.workers import ReusePortEndpoint
 
@@ -417,12 +452,14 @@ def makeService(options, reactor=None):
         logObserver=makeLogObserver(options),
         reactor=reactor,
         cluster=cluster,
-        tls=options["tls-options"],
+        tls=options["tls-options"] if isinstance(options["tls-options"], ReloadableTLS) else None,
     )
     top.metrics = metrics
     if options["metrics-port"]:
         site = makeMetricsSite(metrics.registry, readiness, reactor=reactor)
         StreamServerEndpointService(TCP4ServerEndpoint(reactor, options["metrics-port"]), site).setServiceParent(top)
+    if acme is not None:
+        acme.setServiceParent(top)
     if options["workers"] > 1:
         from relay.workers import SupervisorWatch, makeSupervisor
 

@@ -37,6 +37,8 @@ class Readiness:
         True in single-pod mode).
     @ivar draining: the process is shutting down; once set, the pod stays
         unready.
+    @ivar certificateReady: the TLS certificate is available (False only
+        while an ACME certificate is being obtained).
     """
 
     def __init__(self, clusterMode=False):
@@ -47,6 +49,7 @@ class Readiness:
         self.listenerUp = False
         self.discoveryDone = not clusterMode
         self.draining = False
+        self.certificateReady = True
 
     def __call__(self):
         """
@@ -58,6 +61,8 @@ class Readiness:
             return False, "peer listener not up"
         if not self.discoveryDone:
             return False, "cluster discovery has not completed a pass"
+        if not self.certificateReady:
+            return False, "no TLS certificate yet"
         return True, "ok"
 
 

@@ -92,8 +92,21 @@ class OptionsTests(unittest.TestCase):
     def test_tlsFilesGoTogether(self):
         self.assertUsage(REQUIRED + ["--tls-cert-file", "/x"], "go together")
 
-    def test_letsEncryptNotYet(self):
-        self.assertUsage(REQUIRED + ["--letsencrypt-domains", "relay.example"], "not supported yet")
+    def test_letsEncrypt(self):
+        options = parse(REQUIRED + ["--letsencrypt-domains", "relay.example, relay2.example", "--letsencrypt-data-dir", "/var/lib/relay"])
+        self.assertTrue(options["acme"])
+        self.assertTrue(options["tls"])
+        self.assertEqual(options["instance-url"], "rels://127.0.0.1:33080")
+        self.assertEqual(options["letsencrypt-domains"], ["relay.example", "relay2.example"])
+        self.assertEqual(options["letsencrypt-challenge"], "tls-alpn-01")
+        options = parse(REQUIRED + ["-a", "relay.example", "-d", "/x", "-l", ":8443"])
+        self.assertEqual(options["letsencrypt-challenge"], "http-01")
+
+    def test_letsEncryptErrors(self):
+        self.assertUsage(REQUIRED + ["--letsencrypt-domains", "relay.example"], "go together")
+        self.assertUsage(REQUIRED + ["-a", "r.example", "-d", "/x", "--letsencrypt-challenge", "dns-01"], "must be tls-alpn-01 or http-01")
+        self.assertUsage(REQUIRED + ["-a", "r.example", "-d", "/x", "--tls-cert-file", "/c", "--tls-key-file", "/k"], "not both")
+        self.assertUsage(REQUIRED + ["-a", "r.example", "-d", "/x", "--workers", "2"], "do not mix")
         self.assertUsage(REQUIRED + ["--letsencrypt-aws-route53"], "Route 53 DNS-01 is not supported")
 
     def test_clusterNeedsPodIP(self):
