@@ -31,9 +31,9 @@ DEFAULT_COMPARE = os.path.join(os.path.dirname(ROOT), "shared", "bench", "compar
 
 # the figures the summary prints per case, first one is the headline
 FIGURES = {
-    "throughput": ("msgs_per_s", "gbit_per_s", "relay_cpu", "loadgen_cpu"),
+    "throughput": ("msgs_per_s", "gbit_per_s", "relay_cpu", "msgs_per_relay_cpu_s", "loadgen_cpu"),
     "latency": ("p50_us", "p90_us", "p99_us", "p999_us", "msgs_per_s", "relay_cpu"),
-    "handshakes": ("handshakes_per_s", "handshake_p99_ms", "relay_cpu", "loadgen_cpu"),
+    "handshakes": ("handshakes_per_s", "handshake_p99_ms", "over_1s", "relay_cpu", "handshakes_per_relay_cpu_s", "loadgen_cpu"),
     "idle": ("kib_per_peer",),
     "stall": ("rate_ratio", "rss_growth_mib", "baseline_msgs_per_s", "stalled_msgs_per_s",
               "flood_offered_msgs_per_s", "relay_cpu_stalled"),

@@ -84,6 +84,23 @@ def cpuSeconds(pid, tree=True):
     return total
 
 
+def listenOverflows():
+    """
+    The kernel's count of connections dropped because a listen queue was
+    full (system-wide TcpExt ListenOverflows), or None.
+    """
+    try:
+        with open("/proc/net/netstat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], values.split()[1:]))
+            return int(table["ListenOverflows"]) if "ListenOverflows" in table else None
+    return None
+
+
 def alive(pid):
     try:
         os.kill(pid, 0)
