@@ -27,10 +27,18 @@ default (30 s); quic-go agents ask for 4 min and keep alive every
 min(30 s, idle/2), so they ping every 15 s, and the relay's own health check
 (every 25 s) keeps other clients alive.
 
-A few numbers aioquic keeps private are read here (the peer's
-C{max_datagram_frame_size}, its connection id, the pending-datagram queue and
-whether the connection is closing); they are all in L{_QuicDriver}, and the
-supported aioquic range is pinned for them.
+Streams: a client that opens one is closed at once (an agent never does, and
+closing frees what aioquic would buffer for it). Retry: sent only while many
+handshakes are in flight, as quic-go's server does. Stateless resets: not
+sent (aioquic draws reset tokens at random, so a forgotten connection cannot
+be reset); packets for unknown connections are dropped and the client's idle
+timeout ends it.
+
+aioquic keeps some state private that a relay needs: the peer's
+C{max_datagram_frame_size} and connection id, the pending-datagram queue,
+whether the connection is closing, its pacer and its TLS output buffers.
+L{_QuicDriver} (and the size check in L{QuicPeerLink.writeMessage}) touch
+them; the supported aioquic range (1.4 to 1.x) is tested against them.
 """
 
 import logging
