@@ -410,6 +410,28 @@ class ClockedQuicTests(unittest.TestCase):
         self.assertEqual(header.supported_versions, [QuicProtocolVersion.VERSION_1, QuicProtocolVersion.VERSION_2])
         self.assertEqual(self.protocol.links, {})
 
+    def test_clientHelloOverSeveralPackets(self):
+        """
+        A ClientHello too large for one Initial packet (Go 1.24+ agents send
+        a 1216-byte post-quantum key share beside X25519) arrives over
+        several datagrams and authenticates: the first datagram, holding
+        only part of it, is not mistaken for garbage.
+        """
+
+        class PaddedHello(quic.QuicConnection):
+            def _initialize(self, peer_cid):
+                super()._initialize(peer_cid)
+                if self._is_client:
+                    self.tls.handshake_extensions.append((0x0A0A, bytes(1600)))
+
+        self.patch(quic, "QuicConnection", PaddedHello)
+        peer = self.client(A)
+        self.clock.advance(0)
+        self.assertEqual(len(self.network.sent), 2)
+        self.network.pump()
+        self.assertEqual(self.successResultOf(peer.authenticated), peer)
+        self.assertEqual(self.protocol.counters["undecryptable_initial"], 0)
+
     def test_quicVersion2(self):
         """
         A client speaking QUIC version 2 (RFC 9369) authenticates too.
