@@ -367,13 +367,14 @@ def main(argv=None):
     print(bench.summary())
     for p in bench.problems:
         print("PROBLEM: " + p)
-    if not o.keep_logs and not bench.problems:
+    ok = all(e.get("ok") or "skipped" in e for e in bench.results.values()) and not bench.problems
+    clean = ok and not any("skipped" in e for e in bench.results.values())
+    if not o.keep_logs and clean:
         import shutil
 
         shutil.rmtree(bench.logDir, ignore_errors=True)
-    elif bench.problems:
+    else:
         print(f"relay logs kept in {bench.logDir}")
-    ok = all(e.get("ok") or "skipped" in e for e in bench.results.values()) and not bench.problems
     return 0 if ok else 1
 
 

@@ -450,9 +450,22 @@ def clusterRelays(o, logDir):
         except RuntimeError as e:
             for x in relays:
                 x.stop()
-            raise Skip(f"the relay rejects the cluster options or cannot start in cluster mode: {str(e)[-600:]}") from None
+            raise Skip(f"the relay rejects the cluster options or cannot start in cluster mode: {_reason(str(e))} "
+                       f"(log: {r.logPath})") from None
         relays.append(r)
     return relays
+
+
+def _reason(output):
+    """
+    The line of a relay's start-up output that says why it stopped.
+    """
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    for line in reversed(lines):
+        low = line.lower()
+        if any(w in low for w in ("not recognized", "error", "must", "required", "cannot", "invalid", "unknown")):
+            return line
+    return lines[-1] if lines else "no output"
 
 
 def crosspodRun(pods, o, run):
