@@ -304,6 +304,7 @@ class RelayService(service.MultiService):
     def __init__(self, relay, peerEndpoint, peerFactory, readiness, logObserver=None, reactor=None, cluster=None, tls=None):
         super().__init__()
         self.tls = tls
+        self.quic = None
         self.relay = relay
         self.peerEndpoint = peerEndpoint
         self.peerFactory = peerFactory
@@ -329,7 +330,11 @@ class RelayService(service.MultiService):
             self._log.critical("cannot start the peer listener: {reason}", reason=reason)
             raise SystemExit(f"relay: cannot start the peer listener: {reason}")
         self.peerPort = outcome[0]
-        super().privilegedStartService()
+        try:
+            super().privilegedStartService()
+        except Exception as e:
+            self._log.critical("cannot start: {error}", error=str(e))
+            raise SystemExit(f"relay: cannot start: {e}") from None
 
     def startService(self):
         if self.peerPort is None:
@@ -343,10 +348,20 @@ class RelayService(service.MultiService):
         if self.tls is not None:
             # SIGHUP re-reads the certificate files; established connections
             # keep theirs, new ones get the new one.
-            signal.signal(signal.SIGHUP, lambda number, frame: self.reactor.callFromThread(self.tls.reload))
+            signal.signal(signal.SIGHUP, lambda number, frame: self.reactor.callFromThread(self.reloadTLS))
         self.readiness.listenerUp = True
         self._log.info("relay listening on {address}, instance URL {url}", address=_describe(self.peerPort.getHost()), url=self.relay.instanceURL)
         super().startService()
+
+    def reloadTLS(self):
+        """
+        Re-read the certificate files for new WebSocket and QUIC connections.
+        """
+        if self.tls.reload() and self.quic is not None:
+            try:
+                self.quic.reloadCertificate()
+            except ConfigurationError as e:
+                self._log.error("QUIC certificate reload failed, keeping the previous one: {error}", error=str(e))
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -377,6 +392,27 @@ def _peerStats(store, clock):
         return len(store), active, idle
 
     return stats
+
+
+def _addQuic(top, relay, reactor, host, port, options, acme):
+    """
+    QUIC beside WebSocket on the same host:port (UDP), whenever there is a
+    certificate: from the files now, or from ACME once it has one. With
+    several workers only the first serves QUIC: a QUIC connection must stay
+    with one process, and UDP has no accept() to hand it over.
+    """
+    from relay.quic import QuicService
+
+    def add(certFile, keyFile):
+        quic = QuicService(relay, reactor, host, port, certFile, keyFile, highWater=options["peer-buffer-limit"])
+        quic.setServiceParent(top)
+        top.quic = quic
+        return quic
+
+    if acme is None:
+        add(options["tls-cert-file"], options["tls-key-file"])
+    else:
+        acme.whenReady().addCallback(lambda _: add(acme.certificatePath, acme.keyPath))
 
 
 def makeService(options, reactor=None):
@@ -422,6 +458,12 @@ def makeService(options, reactor=None):
     relay.recordAuthenticationTime = metrics.recordAuthenticationTime
     relay.recordStoreTime = metrics.recordStoreTime
     host, port = options["listen"]
+
+    def certificateRenewed():
+        # QUIC reads PEM files; WebSocket already asks ACME per connection.
+        if top.quic is not None:
+            top.quic.reloadCertificate(acme.certificatePath, acme.keyPath)
+
     acme = None
     if options["acme"]:
         from relay.acme import AcmeCertificateService
@@ -434,6 +476,7 @@ def makeService(options, reactor=None):
             reactor,
             challenge=options["letsencrypt-challenge"],
             http01Port=options["letsencrypt-http-port"],
+            onCertificate=lambda _: certificateRenewed(),
         )
         options["tls-options"] = acme.serverConnectionCreator()
         readiness.certificateReady = False
@@ -460,6 +503,8 @@ def makeService(options, reactor=None):
         StreamServerEndpointService(TCP4ServerEndpoint(reactor, options["metrics-port"]), site).setServiceParent(top)
     if acme is not None:
         acme.setServiceParent(top)
+    if options["tls"] and options["worker-index"] == 0:
+        _addQuic(top, relay, reactor, host, port, options, acme)
     if options["workers"] > 1:
         from relay.workers import SupervisorWatch, makeSupervisor
 

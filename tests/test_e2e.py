@@ -12,6 +12,7 @@ from twisted.trial import unittest
 
 from relay import client
 from relay import messages as m
+from relay.quic import connectQuic
 from tests.certs import writeCertificate
 from tests.e2e import ROOT, sleep, startRelay
 
@@ -108,6 +109,10 @@ class TwoPeerTests(unittest.TestCase):
             except Exception:
                 yield sleep(0.05)
         self.assertIsNotNone(b, "no connection with the new certificate")
+        q = yield connectQuic(reactor, "127.0.0.1", self.relay.port, m.peerID("peer-q"), secret="relay-secret", cafile=cert, timeout=5)
+        q.send(B, b"QUIC has it too")
+        self.assertEqual((yield nextTransport(b)), (m.peerID("peer-q"), b"QUIC has it too"))
+        yield q.close()
         a.send(B, b"old connection, new certificate")
         self.assertEqual((yield nextTransport(b)), (A, b"old connection, new certificate"))
         self.assertIn(b"TLS certificate reloaded", self.relay.output)

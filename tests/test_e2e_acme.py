@@ -11,6 +11,7 @@ from twisted.trial import unittest
 
 from relay import client
 from relay import messages as m
+from relay.quic import connectQuic
 from tests.e2e import freePort, sleep, startRelay
 from tests.pebble import SKIP, Pebble
 
@@ -26,7 +27,8 @@ class AcmeEndToEndTests(unittest.TestCase):
         self.pebble = Pebble(os.path.abspath(self.mktemp()), alwaysValid=True, validityPeriod=validityPeriod)
         self.addCleanup(self.pebble.stop, reactor)
         yield self.pebble.start(reactor)
-        self.root = ssl.Certificate.loadPEM((yield threads.deferToThread(self.pebble.rootPEM)))
+        self.rootPEM = yield threads.deferToThread(self.pebble.rootPEM)
+        self.root = ssl.Certificate.loadPEM(self.rootPEM)
 
     def startRelay(self, dataDir):
         env = dict(os.environ, REQUESTS_CA_BUNDLE=self.pebble.caBundle)
@@ -68,6 +70,21 @@ class AcmeEndToEndTests(unittest.TestCase):
         self.assertEqual(a.instanceURL, f"rels://127.0.0.1:{relay.port}")
         a.send(B, b"over an ACME certificate")
         self.assertEqual((yield b.transports.get().addTimeout(10, reactor)), (A, b"over an ACME certificate"))
+        # QUIC serves the same certificate, verified against pebble's root.
+        rootFile = os.path.abspath(self.mktemp())
+        with open(rootFile, "wb") as f:
+            f.write(self.rootPEM)
+        q = None
+        for _ in range(50):
+            try:
+                q = yield connectQuic(reactor, "127.0.0.1", relay.port, m.peerID("peer-q"), secret="relay-secret", cafile=rootFile, timeout=5)
+                break
+            except Exception:
+                yield sleep(0.2)
+        self.assertIsNotNone(q, "no QUIC connection with the ACME certificate")
+        q.send(B, b"over QUIC")
+        self.assertEqual((yield b.transports.get().addTimeout(10, reactor)), (m.peerID("peer-q"), b"over QUIC"))
+        yield q.close()
         yield a.close()
         yield b.close()
         self.assertEqual((yield relay.stop()), 0)
