@@ -79,6 +79,19 @@ def processFileLimit(pid):
     return None
 
 
+def runQueueWaitNs(pid):
+    """
+    Nanoseconds C{pid} has spent runnable but waiting for a CPU
+    (/proc/PID/schedstat): on a shared machine, a latency outlier with a
+    jump here was the scheduler, not the code.
+    """
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def commonPort(hosts):
     while True:
         with socket.socket() as first:
@@ -205,6 +218,8 @@ class Worker:
         self.latWindow = array.array("q")
         self.progress = []
         self.windows = None
+        self.maxGapNs = 0
+        self.waitNs = runQueueWaitNs(os.getpid())
 
     # Plumbing
 
@@ -402,8 +417,9 @@ class Worker:
     # Phases
 
     def poll(self, timeout):
+        events = self.ep.poll(timeout)
         nowNs = time.perf_counter_ns()
-        for fd, ev in self.ep.poll(timeout):
+        for fd, ev in events:
             c = self.conns.get(fd)
             if c is None:
                 continue
@@ -441,8 +457,11 @@ class Worker:
         interval = 1e9 / rate if rate > 0 else None
         nextReport = startNs + 10 * 10**9
         maxBurst = max(1, int(rate * 0.2))
+        last = time.perf_counter_ns()
         while True:
             now = time.perf_counter_ns()
+            self.maxGapNs = max(self.maxGapNs, now - last)
+            last = now
             if now >= endNs:
                 break
             if interval is not None and now >= startNs:
@@ -469,7 +488,10 @@ class Worker:
     def report(self, now, startNs):
         lat = sorted(self.latWindow)
         self.latWindow = array.array("q")
+        wait = runQueueWaitNs(os.getpid())
         entry = {
+            "loop_max_gap_ms": round(self.maxGapNs / 1e6, 1),
+            "runqueue_wait_ms": round((wait - self.waitNs) / 1e6, 1) if wait is not None and self.waitNs is not None else None,
             "t": round((now - startNs) / 1e9, 1),
             "sent": sum(f.sent for f in self.flows),
             "received": sum(f.expected - f.lost for f in self.flows),
@@ -478,6 +500,8 @@ class Worker:
             "p50_ms": round(wire.percentile(lat, 0.5) / 1e6, 3) if lat else None,
             "p99_ms": round(wire.percentile(lat, 0.99) / 1e6, 3) if lat else None,
         }
+        self.maxGapNs = 0
+        self.waitNs = wait
         self.progress.append(entry)
         self.pipe.send(("progress", entry))
 
@@ -583,8 +607,13 @@ def plan(options, relays):
 
 
 def sample(relays, samples, t0, last):
-    row = {"t": round(time.monotonic() - t0, 1), "rss_kib": [], "cpu_pct": [], "loadavg_1m": round(os.getloadavg()[0], 2)}
+    row = {"t": round(time.monotonic() - t0, 1), "rss_kib": [], "cpu_pct": [], "runqueue_wait_ms": [],
+           "loadavg_1m": round(os.getloadavg()[0], 2)}
     for i, relay in enumerate(relays):
+        wait = runQueueWaitNs(relay.pid)
+        previous = last.get(("wait", i))
+        row["runqueue_wait_ms"].append(round((wait - previous) / 1e6, 1) if wait is not None and previous is not None else None)
+        last[("wait", i)] = wait
         try:
             rss = rssKiB(relay.pid)
             cpu = cpuSeconds(relay.pid)
@@ -696,6 +725,9 @@ def measure(options, relays, workers, soft, hard):
                         timeline.append({
                             "t": payload["t"], "sent": sum(r["sent"] for r in rows), "received": sum(r["received"] for r in rows),
                             "worst_p99_ms": max(p99) if p99 else None, "rss_kib": samples[-1]["rss_kib"],
+                            "load_loop_max_gap_ms": max(r["loop_max_gap_ms"] for r in rows),
+                            "load_runqueue_wait_ms": [r["runqueue_wait_ms"] for r in rows],
+                            "relay_runqueue_wait_ms": samples[-1]["runqueue_wait_ms"],
                             "cpu_pct": samples[-1]["cpu_pct"], "loadavg_1m": samples[-1]["loadavg_1m"],
                         })
                         log(f"t={payload['t']:.0f}s sent {sum(r['sent'] for r in rows)} received {sum(r['received'] for r in rows)} "
