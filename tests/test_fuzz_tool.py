@@ -98,6 +98,33 @@ class Smoke(unittest.SynchronousTestCase):
         self.assertEqual(done.returncode, 0 if summary["ok"] else 1)
 
 
+class SoakSmoke(unittest.SynchronousTestCase):
+    """
+    relay.soak at a toy size, so the tool keeps working between long runs.
+    """
+
+    def test_sixSeconds(self):
+        command = [
+            sys.executable, "-m", "relay.soak", "--peers", "200", "--pairs", "4",
+            "--duration", "6", "--warmup", "2", "--window", "2", "--drain", "5",
+        ]
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, timeout=180)
+        try:
+            summary = json.loads(done.stdout)
+        except ValueError:
+            self.fail(f"no JSON summary (exit {done.returncode}):\n{done.stderr.decode(errors='replace')[-3000:]}")
+        self.assertEqual(summary["connect"]["authenticated"], 208)
+        self.assertEqual(summary["connect"]["routed_pairs"], 4)
+        loss = summary["loss"]
+        self.assertGreater(loss["sent"], 0)
+        self.assertEqual(loss["received"], loss["sent"])
+        self.assertEqual([loss[k] for k in ("lost_in_sequence", "missing_at_end", "reordered", "corrupt")], [0, 0, 0, 0])
+        self.assertEqual(summary["idle"]["closed_by_relay"], {})
+        self.assertGreater(summary["latency_ms"]["start"]["n"], 0)
+        self.assertEqual([r["exit_code"] for r in summary["relays"]], [0])
+        self.assertEqual(done.returncode, 0 if summary["ok"] else 1)
+
+
 class RefusedUpgrades(unittest.SynchronousTestCase):
     """
     Found by the fuzzer (21:28 UTC, 2026-11-27, while relay/peer.py had an
