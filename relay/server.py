@@ -116,7 +116,7 @@ class Relay:
         """
         self.store.dropSubscriber(session)
         if self.store.remove(session):
-            self._log.info("{peer}: disconnected", peer=session)
+            self._log.debug("{peer}: disconnected", peer=session)
             self.store.wentOffline(session.peerID)
             if self.forwarder is not None:
                 self.forwarder.peerDisconnected(session)

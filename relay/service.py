@@ -9,6 +9,7 @@ flag beats the variable.
 import os
 import secrets
 import signal
+import socket
 import sys
 
 from twisted.application import service
@@ -269,12 +270,19 @@ class Options(usage.Options):
         self["cluster-listen-address"] = f"{self['pod-ip']}:{self['cluster-port']}"
 
 
+# Twisted's default listen queue is 50: a burst of reconnecting agents (a
+# pod restart, a network blip) overflows it and every dropped SYN costs its
+# agent a one-second retransmit. The kernel caps this at somaxconn, as Go's
+# listener asks for.
+LISTEN_BACKLOG = max(socket.SOMAXCONN, 4096)
+
+
 def _serverEndpoint(reactor, host, port, contextFactory=None):
     if contextFactory is not None:
-        return SSL4ServerEndpoint(reactor, port, contextFactory, interface=host)
+        return SSL4ServerEndpoint(reactor, port, contextFactory, backlog=LISTEN_BACKLOG, interface=host)
     if ":" in host:
-        return TCP6ServerEndpoint(reactor, port, interface=host)
-    return TCP4ServerEndpoint(reactor, port, interface=host)
+        return TCP6ServerEndpoint(reactor, port, backlog=LISTEN_BACKLOG, interface=host)
+    return TCP4ServerEndpoint(reactor, port, backlog=LISTEN_BACKLOG, interface=host)
 
 
 def makeLogObserver(options, stream=None):
@@ -484,7 +492,7 @@ def makeService(options, reactor=None):
     if options["workers"] > 1:
         from relay.workers import ReusePortEndpoint
 
-        peerEndpoint = ReusePortEndpoint(reactor, host, port, options["tls-options"])
+        peerEndpoint = ReusePortEndpoint(reactor, host, port, options["tls-options"], backlog=LISTEN_BACKLOG)
     else:
         peerEndpoint = _serverEndpoint(reactor, host, port, options["tls-options"])
     top = RelayService(
