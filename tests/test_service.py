@@ -177,3 +177,12 @@ class LimitOptionsTests(unittest.TestCase):
         self.assertIn("--trusted-proxies", str(e))
         e = self.assertRaises(usage.UsageError, parse, REQUIRED + ["--max-peers", "-1"])
         self.assertIn("--max-peers must not be negative", str(e))
+
+
+class ListenerTests(unittest.TestCase):
+    def test_backlog(self):
+        from relay.service import LISTEN_BACKLOG, _serverEndpoint
+
+        self.assertGreaterEqual(LISTEN_BACKLOG, 4096)
+        self.assertEqual(_serverEndpoint(Clock(), "127.0.0.1", 1)._backlog, LISTEN_BACKLOG)
+        self.assertEqual(_serverEndpoint(Clock(), "::1", 1)._backlog, LISTEN_BACKLOG)
