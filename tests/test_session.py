@@ -324,6 +324,25 @@ class HealthCheckTests(unittest.TestCase):
         self.clock.advance(45)
         self.assertTrue(link.aborted)
 
+    def test_pingAndWindowCoincide(self):
+        session, link = self.session()
+        pings = 0
+        for _ in range(9):
+            self.clock.advance(25)
+            pings += len(link.take())
+            session.messageReceived(b"\x01\x05")
+        self.assertEqual(self.clock.seconds() - NOW, 225)
+        self.assertEqual(pings, 9)
+        self.assertFalse(link.aborted)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+
+    def test_lateTimerSkipsWhatItMissed(self):
+        session, link = self.session(threshold=3)
+        self.clock.advance(100)
+        self.assertEqual(link.take(), [b"\x01\x05"])
+        self.assertEqual(session._missed, 1)
+        self.assertFalse(link.aborted)
+
     def test_timersStopWhenClosed(self):
         session, link = self.session()
         session.linkLost()
