@@ -4,7 +4,9 @@ python -m relay.bench [CASE ...] [options]
 Starts the relay under test as a separate process (or measures one already
 running: --url, --secret, --pid) and drives it from raw sockets with
 pre-built frames.  Cases: throughput, latency, handshakes, idle, stall,
-crosspod (default: all).  Every case runs --runs times; the summary shows
+crosspod (default: all); quic (not in all: QUIC beside TLS WebSocket on a
+relay started here with a throwaway certificate, Twisted clients in load
+processes of their own).  Every case runs --runs times; the summary shows
 medians, --json FILE keeps every run.
 """
 
@@ -23,10 +25,10 @@ import urllib.parse
 from relay.bench import cases as C
 from relay.bench import wire
 from relay.bench.peers import BenchError
-from relay.bench.relayproc import ROOT, ExternalRelay, RelayProcess, raiseFileLimit
+from relay.bench.relayproc import ROOT, ExternalRelay, RelayProcess, raiseFileLimit, writeCertificate
 
 ALL = ("throughput", "latency", "handshakes", "idle", "stall", "crosspod")
-EXTRA = ("compare",)  # not part of "all"
+EXTRA = ("compare", "quic")  # not part of "all"
 DEFAULT_COMPARE = os.path.join(os.path.dirname(ROOT), "shared", "bench", "compare.py")
 
 # the figures the summary prints per case, first one is the headline
@@ -38,6 +40,9 @@ FIGURES = {
     "stall": ("rate_ratio", "rss_growth_mib", "baseline_msgs_per_s", "stalled_msgs_per_s",
               "flood_offered_msgs_per_s", "relay_cpu_stalled"),
     "crosspod": ("added_p50_us", "added_p99_us", "same_p50_us", "cross_p50_us"),
+    # quic case: "<transport>-tput-..." and "<transport>-lat-..."
+    "tput": ("msgs_per_s", "delivered_ratio", "relay_cpu", "msgs_per_relay_cpu_s", "relay_us_per_msg", "client_cpu"),
+    "lat": ("p50_us", "p90_us", "p99_us", "msgs_per_s", "relay_cpu", "relay_us_per_msg", "lost"),
 }
 
 
@@ -84,6 +89,17 @@ def parseArgs(argv):
     ap.add_argument("--compare-script", default=DEFAULT_COMPARE, help=f"compare: path of compare.py (default {DEFAULT_COMPARE})")
     ap.add_argument("--compare-arg", action="append", default=[], metavar="ARG",
                     help="compare: extra argument for compare.py (repeatable), e.g. --compare-arg=--reps=5")
+    ap.add_argument("--quic-pairs", type=_ints, default=[1, 10], help="quic: throughput pair counts (default 1,10)")
+    ap.add_argument("--quic-latency-pairs", type=_ints, default=[1], help="quic: latency pair counts (default 1)")
+    ap.add_argument("--quic-size", type=int, default=1300,
+                    help="quic: payload bytes after the 38-byte header (default 1300: fits a Go agent's datagram)")
+    ap.add_argument("--quic-window", type=int, default=64, help="quic: messages in flight per pair (default 64)")
+    ap.add_argument("--quic-batch", type=int, default=16, help="quic: a sender writes when this much window is free (default 16)")
+    ap.add_argument("--quic-stall", type=float, default=0.5,
+                    help="quic: seconds without an acknowledgement before a sender writes its window off as lost (default 0.5)")
+    ap.add_argument("--quic-procs", type=int, default=1, help="quic: receiver processes, and as many sender processes (default 1)")
+    ap.add_argument("--quic-transports", default="quic,wss",
+                    help="quic: transports measured side by side, quic and/or wss (TLS WebSocket, same relay) (default quic,wss)")
     ap.add_argument("--keep-logs", action="store_true", help="keep the relay logs (printed path)")
     o = ap.parse_args(argv)
     chosen = []
@@ -112,6 +128,14 @@ def parseArgs(argv):
         ap.error(f"--size must be 8..{wire.MAX_SIZE}")
     if o.runs < 1:
         ap.error("--runs must be at least 1")
+    if any(n < 1 for n in o.quic_pairs + o.quic_latency_pairs):
+        ap.error("--quic-pairs and --quic-latency-pairs: counts of at least 1 (an empty list measures none)")
+    if not 8 <= o.quic_size <= 1400:
+        ap.error("--quic-size must be 8..1400 (one relay message per QUIC packet of at most 1452 bytes)")
+    if o.quic_window < 1 or not 1 <= o.quic_batch <= o.quic_window:
+        ap.error("--quic-window must be at least 1 and --quic-batch 1..window")
+    if any(t.strip() not in ("quic", "wss") for t in o.quic_transports.split(",") if t.strip()):
+        ap.error("--quic-transports: quic and/or wss")
     return o
 
 
@@ -230,6 +254,8 @@ class Bench:
                 self.crosspod()
             elif case == "compare":
                 self.compare()
+            elif case == "quic":
+                self.quic()
 
     def compare(self):
         """
@@ -264,6 +290,59 @@ class Bench:
                                                        if isinstance(v, dict) and "subject_ok" in v)
         finally:
             self.done(target)
+
+    def quic(self):
+        """
+        QUIC and TLS WebSocket side by side on one relay started here with a
+        throwaway certificate; every run measures each transport in turn.
+        """
+        o = self.o
+        transports = [t.strip() for t in o.quic_transports.split(",") if t.strip()]
+        plan = []
+        for n in o.quic_pairs:
+            for tr in transports:
+                plan.append((f"{tr}-tput-p{n}-{o.quic_size}", {"pairs": n, "size": o.quic_size, "window": o.quic_window},
+                             lambda t, run, tr=tr, n=n: C.quicThroughputRun(t, o, tr, n, run, cert)))
+        for n in o.quic_latency_pairs:
+            for tr in transports:
+                plan.append((f"{tr}-lat-p{n}-{o.quic_size}", {"pairs": n, "size": o.quic_size},
+                             lambda t, run, tr=tr, n=n: C.quicLatencyRun(t, o, tr, n, run, cert)))
+        entries = {}
+        for name, params, _ in plan:
+            entries[name] = self.results[name] = {"params": dict(params, transports=transports), "runs": []}
+        if o.url:
+            for e in entries.values():
+                e["skipped"] = "needs a relay started here with a certificate (not with --url)"
+            self.log(f"quic skipped: {next(iter(entries.values()))['skipped']}")
+            return
+        cert, key = writeCertificate(os.path.join(self.logDir, "quic-cert"))
+        extra = list(o.relay_arg) + ["--tls-cert-file", cert, "--tls-key-file", key]
+        target = None
+        try:
+            for run in range(o.runs):
+                for name, _, runOnce in plan:
+                    if target is None:
+                        target = RelayProcess(o.secret, extra=extra, logDir=self.logDir, name="relay-quic", root=o.relay_root).start()
+                    self.log(f"[{time.strftime('%H:%M:%S')}] {name} run {run + 1}/{o.runs} ...")
+                    try:
+                        r = runOnce(target, run)
+                    except (BenchError, OSError) as e:
+                        r = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+                    except Exception:
+                        r = {"ok": False, "error": "harness error: " + traceback.format_exc()}
+                    r["run"] = run
+                    entries[name]["runs"].append(r)
+                    self.log("    " + json.dumps({k: v for k, v in r.items() if not isinstance(v, (list, dict))}))
+                    if not target.running():
+                        self.problems.append(f"{name}: relay (pid {target.pid}) died in run {run + 1}:\n{target.logTail()}")
+                        target = None
+        finally:
+            if target is not None:
+                self.done(target)
+        for e in entries.values():
+            good = [r for r in e["runs"] if "error" not in r]
+            e["median"] = _medians(good)
+            e["ok"] = bool(e["runs"]) and all(r.get("ok") for r in e["runs"])
 
     def crosspod(self):
         o = self.o
@@ -311,6 +390,8 @@ class Bench:
         lines.append(f"{'case':<26}{'ok':<5}{'runs':<6}medians")
         for name, e in self.results.items():
             kind = name.split("-")[0]
+            if kind not in FIGURES and len(name.split("-")) > 1:
+                kind = name.split("-")[1]
             if kind == "compare":
                 if "skipped" in e:
                     lines.append(f"{name:<26}{'-':<5}{0:<6}skipped: {e['skipped']}")

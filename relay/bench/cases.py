@@ -484,3 +484,213 @@ def crosspodRun(pods, o, run):
         "ok": same["ok"] and cross["ok"],
     }
     return res
+
+
+# ---------------------------------------------------------------------------
+# QUIC beside TLS WebSocket (relay.bench.quicload: Twisted clients, one
+# process per role)
+
+
+def _spawnRoles(specs, timeout=60.0):
+    """
+    Start one relay.bench.quicload process per spec (spawn: each gets a
+    fresh reactor), wait until all have connected their peers.
+
+    @return: list of (process, parent end of the pipe, ready info).
+    """
+    from relay.bench.quicload import worker
+
+    ctx = multiprocessing.get_context("spawn")
+    workers = []
+    for spec in specs:
+        parent, child = ctx.Pipe()
+        p = ctx.Process(target=worker, args=(child, spec), daemon=True)
+        p.start()
+        child.close()
+        workers.append([p, parent, None])
+    errors = []
+    deadline = time.monotonic() + timeout
+    for w in workers:
+        p, conn, _ = w
+        if not conn.poll(max(0.1, deadline - time.monotonic())):
+            errors.append(f"a {specs[0]['transport']} load process did not connect its peers within {timeout:g} s")
+            continue
+        try:
+            kind, info = conn.recv()
+        except EOFError:
+            errors.append("a load process died during set-up")
+            continue
+        if kind == "error":
+            errors.append(info)
+        w[2] = info
+    if errors:
+        _stopRoles(workers)
+        raise BenchError("; ".join(errors))
+    return workers
+
+
+def _stopRoles(workers):
+    for p, conn, _ in workers:
+        try:
+            conn.send(("stop", None))
+        except (OSError, BrokenPipeError):
+            pass
+    for p, conn, _ in workers:
+        p.join(8)
+        if p.is_alive():
+            p.kill()
+            p.join()
+        conn.close()
+
+
+def _collectRoles(workers, timeout):
+    results = []
+    errors = []
+    deadline = time.monotonic() + timeout
+    for p, conn, _ in workers:
+        if not conn.poll(max(0.1, deadline - time.monotonic())):
+            errors.append("a load process did not report in time")
+            continue
+        try:
+            kind, info = conn.recv()
+        except EOFError:
+            errors.append("a load process died")
+            continue
+        if kind == "error":
+            errors.append(info)
+        else:
+            results.append(info)
+    if errors:
+        raise BenchError("; ".join(errors))
+    return results
+
+
+def _roleCpu(results, i, j):
+    return sum(r["snapshots"][j]["cpu"] - r["snapshots"][i]["cpu"] for r in results)
+
+
+def quicThroughputRun(target, o, transport, pairs, run, cafile):
+    """
+    C{pairs} pipelined pairs over C{transport} ("quic" or "wss"), payload
+    C{o.quic_size}: receivers in C{o.quic_procs} processes, their senders in
+    as many others.  Loss is reported, not failed, for QUIC (the relay drops
+    to a slow QUIC receiver by design; datagrams are not retransmitted).
+    """
+    procs = max(1, o.quic_procs)
+    parts = _split(list(range(pairs)), procs)
+    common = {"host": target.host, "port": target.port, "secret": target.secret, "cafile": cafile,
+              "transport": transport, "prefix": _prefix(f"{transport}t", run), "size": o.quic_size,
+              "window": o.quic_window, "batch": o.quic_batch, "stall": o.quic_stall}
+    recv = _spawnRoles([dict(common, role="recv", pairs=part) for part in parts])
+    workers = list(recv)
+    try:
+        send = _spawnRoles([dict(common, role="send", pairs=part) for part in parts])
+        workers += send
+        acks = {}
+        for _, _, info in send:
+            acks.update(info)
+        start = time.monotonic() + 0.2
+        m0 = start + o.warmup
+        m1 = m0 + o.duration
+        sched = {"start": start, "marks": [m0, m1], "stopAt": m1, "drain": 5.0, "ack": acks}
+        for _, conn, _ in workers:
+            conn.send(("go", sched))
+        _sleepUntil(m0)
+        c0, t0 = _relayCpu(target), time.monotonic()
+        _sleepUntil(m1)
+        c1, t1 = _relayCpu(target), time.monotonic()
+        rres = _collectRoles(recv, o.duration + o.warmup + 30)
+        sres = _collectRoles(send, 10)
+    finally:
+        _stopRoles(workers)
+    dt = t1 - t0
+    got = {}
+    for r in rres:
+        got.update(r["flows"])
+    sentBy = {}
+    for r in sres:
+        sentBy.update(r["flows"])
+    tot = {"sent": 0, "received": 0, "seq_gaps": 0, "gap_msgs": 0, "reordered": 0, "id_errors": 0,
+           "payload_errors": 0, "window_stalls": 0}
+    for i, s in sentBy.items():
+        g = got.get(i, {})
+        tot["sent"] += s["sent"]
+        tot["window_stalls"] += s["window_stalls"]
+        for k in ("received", "seq_gaps", "gap_msgs", "reordered", "id_errors", "payload_errors"):
+            tot[k] += g.get(k, 0)
+    delivered = sum(r["snapshots"][1]["msgs"] - r["snapshots"][0]["msgs"] for r in rres)
+    offered = sum(r["snapshots"][1]["sent"] - r["snapshots"][0]["sent"] for r in sres)
+    rate = delivered / dt
+    relayCpu = round((c1 - c0) / dt, 3) if c0 is not None else None
+    res = {
+        "transport": transport, "pairs": pairs, "size": o.quic_size, "window": o.quic_window, "procs": 2 * len(parts),
+        "msgs_per_s": round(rate, 1),
+        "offered_msgs_per_s": round(offered / dt, 1),
+        "gbit_per_s": round(rate * o.quic_size * 8 / 1e9, 4),
+        "relay_cpu": relayCpu,
+        "msgs_per_relay_cpu_s": round(rate / relayCpu, 1) if relayCpu else None,
+        "relay_us_per_msg": round(1e6 * relayCpu / rate, 1) if relayCpu and rate else None,
+        "client_cpu": round((_roleCpu(rres, 0, 1) + _roleCpu(sres, 0, 1)) / dt, 3),
+        "receiver_cpu": round(_roleCpu(rres, 0, 1) / dt, 3),
+        "sender_cpu": round(_roleCpu(sres, 0, 1) / dt, 3),
+        "lost": tot["sent"] - tot["received"],
+        "delivered_ratio": round(tot["received"] / tot["sent"], 5) if tot["sent"] else None,
+        "unexpected_msgs": sum(r.get("unexpected_msgs", 0) for r in sres),
+        "closed_conns": sum(r["n_closed"] for r in rres + sres),
+    }
+    res.update(tot)
+    closedWhy = sorted({w for r in rres + sres for w in r["closed_conns"]})
+    if closedWhy:
+        res["closed_why"] = closedWhy
+    intact = (tot["id_errors"] == 0 and tot["payload_errors"] == 0 and res["closed_conns"] == 0
+              and res["unexpected_msgs"] == 0 and tot["received"] > 0)
+    if transport == "quic":
+        res["ok"] = intact
+    else:
+        res["ok"] = intact and res["lost"] == 0 and tot["gap_msgs"] == 0 and tot["reordered"] == 0
+    return res
+
+
+def quicLatencyRun(target, o, transport, pairs, run, cafile):
+    """
+    C{pairs} ping-pong pairs over C{transport}, both ends in one load
+    process (one message in flight per pair).
+    """
+    spec = {"host": target.host, "port": target.port, "secret": target.secret, "cafile": cafile,
+            "transport": transport, "prefix": _prefix(f"{transport}l", run), "size": o.quic_size,
+            "role": "echo", "pairs": list(range(pairs))}
+    workers = _spawnRoles([spec])
+    try:
+        start = time.monotonic() + 0.2
+        m0 = start + o.warmup
+        m1 = m0 + o.duration
+        for _, conn, _ in workers:
+            conn.send(("go", {"start": start, "marks": [m0, m1]}))
+        _sleepUntil(m0)
+        c0, t0 = _relayCpu(target), time.monotonic()
+        _sleepUntil(m1)
+        c1, t1 = _relayCpu(target), time.monotonic()
+        [r] = _collectRoles(workers, o.duration + o.warmup + 30)
+    finally:
+        _stopRoles(workers)
+    s = r.pop("samples_ns")
+    us = lambda ns: None if ns is None else round(ns / 1000, 1)  # noqa: E731
+    rt = len(s) / o.duration
+    relayCpu = round((c1 - c0) / (t1 - t0), 3) if c0 is not None else None
+    res = {
+        "transport": transport, "pairs": pairs, "size": o.quic_size, "samples": len(s),
+        "p50_us": us(wire.percentile(s, 0.5)), "p90_us": us(wire.percentile(s, 0.9)),
+        "p99_us": us(wire.percentile(s, 0.99)), "p999_us": us(wire.percentile(s, 0.999)),
+        "min_us": us(s[0] if s else None), "max_us": us(s[-1] if s else None),
+        "mean_us": us(sum(s) / len(s)) if s else None,
+        "round_trips_per_s": round(rt, 1), "msgs_per_s": round(2 * rt, 1),
+        "relay_cpu": relayCpu,
+        "relay_us_per_msg": round(1e6 * relayCpu / (2 * rt), 1) if relayCpu and rt else None,
+        "client_cpu": round(_roleCpu([r], 0, 1) / (t1 - t0), 3),
+        "lost": r["sent"] - r["echoed"],
+    }
+    r.pop("snapshots")
+    res.update(r)
+    res["ok"] = (r["id_errors"] == 0 and r["payload_errors"] == 0 and r["closed_conns"] == 0 and bool(s)
+                 and (transport == "quic" or (res["lost"] == 0 and r["late"] == 0)))
+    return res
