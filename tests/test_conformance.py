@@ -148,6 +148,10 @@ class RelayProcess:
                 SECRET.decode(),
                 "--metrics-port",
                 "0",
+                # The protocol, not the per-address limits (tests/test_limits.py):
+                # some tests open hundreds of connections from 127.0.0.1 at once.
+                "--connection-rate-per-ip",
+                "0",
             ],
             cwd=REPO,
             env=os.environ.copy(),
