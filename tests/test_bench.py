@@ -14,7 +14,7 @@ from relay.bench import cases, wire
 from relay.bench.loads import Flow, PairLoop, _Conn
 from relay.bench.peers import Peer
 from relay.bench.__main__ import parseArgs
-from relay.bench.relayproc import RelayProcess, raiseFileLimit
+from relay.bench.relayproc import RelayProcess, raiseFileLimit, writeCertificate
 
 PEER_A = bytes.fromhex("7368612dbdb94c73d53c44023a715a2970a10c4d54fa9550b70fd9d34cc4b0a2de5ddcbe")
 TOKEN = bytes.fromhex("01171b78c230f8924ea423b2db791f90effa360b02a58889d318e4aba5bdfb2eff31383933343536303030")
@@ -236,3 +236,26 @@ class TinyRunTests(unittest.TestCase):
         self.assertEqual(hs["ok_conns"], 40)
 
         self.assertTrue(self.relay.running())
+
+
+class QuicTinyRunTests(unittest.TestCase):
+    """
+    One tiny run of the quic case (QUIC only, a few hundred messages) against
+    a real relay process with a throwaway certificate.
+    """
+
+    timeout = 30
+
+    def test_quicThroughput(self):
+        raiseFileLimit(4096)
+        o = parseArgs(["quic", "--duration", "0.2", "--warmup", "0.1", "--quic-window", "8", "--quic-batch", "4"])
+        cert, key = writeCertificate(os.path.abspath(self.mktemp()))
+        relay = RelayProcess(o.secret, extra=["--tls-cert-file", cert, "--tls-key-file", key]).start()
+        self.addCleanup(relay.stop)
+        t = cases.quicThroughputRun(relay, o, "quic", 1, 0, cert)
+        self.assertTrue(t["ok"], t)
+        self.assertGreater(t["received"], 50)
+        self.assertLessEqual(t["received"], t["sent"])
+        self.assertEqual((t["id_errors"], t["payload_errors"], t["closed_conns"]), (0, 0, 0))
+        self.assertGreater(t["msgs_per_s"], 0)
+        self.assertTrue(relay.running())
