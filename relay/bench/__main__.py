@@ -41,7 +41,8 @@ FIGURES = {
               "flood_offered_msgs_per_s", "relay_cpu_stalled"),
     "crosspod": ("added_p50_us", "added_p99_us", "same_p50_us", "cross_p50_us"),
     # quic case: "<transport>-tput-..." and "<transport>-lat-..."
-    "tput": ("msgs_per_s", "delivered_ratio", "relay_cpu", "msgs_per_relay_cpu_s", "relay_us_per_msg", "client_cpu"),
+    "tput": ("msgs_per_s", "delivered_ratio", "relay_cpu", "msgs_per_relay_cpu_s", "relay_us_per_msg", "client_cpu",
+             "relay_runq_wait"),
     "lat": ("p50_us", "p90_us", "p99_us", "msgs_per_s", "relay_cpu", "relay_us_per_msg", "lost"),
 }
 

@@ -11,7 +11,7 @@ import time
 from relay.bench import wire
 from relay.bench.loads import EchoLoop, pairWorker, probeRoute
 from relay.bench.peers import BenchError, HandshakeRun, connectPeer
-from relay.bench.relayproc import RelayProcess, cpuSeconds, freePort, listenOverflows, rssKiB
+from relay.bench.relayproc import RelayProcess, cpuSeconds, freePort, listenOverflows, rssKiB, runQueueSeconds
 
 
 class Skip(Exception):
@@ -565,8 +565,16 @@ def _collectRoles(workers, timeout):
     return results
 
 
-def _roleCpu(results, i, j):
-    return sum(r["snapshots"][j]["cpu"] - r["snapshots"][i]["cpu"] for r in results)
+def _roleCpu(results, i, j, key="cpu"):
+    return sum(r["snapshots"][j][key] - r["snapshots"][i][key] for r in results)
+
+
+def _relayRunq(target):
+    return None if target.pid is None else runQueueSeconds(target.pid)
+
+
+def _waitFraction(a, b, dt):
+    return round((b - a) / dt, 3) if a is not None and b is not None else None
 
 
 def quicThroughputRun(target, o, transport, pairs, run, cafile):
@@ -596,9 +604,9 @@ def quicThroughputRun(target, o, transport, pairs, run, cafile):
         for _, conn, _ in workers:
             conn.send(("go", sched))
         _sleepUntil(m0)
-        c0, t0 = _relayCpu(target), time.monotonic()
+        c0, q0, t0 = _relayCpu(target), _relayRunq(target), time.monotonic()
         _sleepUntil(m1)
-        c1, t1 = _relayCpu(target), time.monotonic()
+        c1, q1, t1 = _relayCpu(target), _relayRunq(target), time.monotonic()
         rres = _collectRoles(recv, o.duration + o.warmup + 30)
         sres = _collectRoles(send, 10)
     finally:
@@ -633,6 +641,10 @@ def quicThroughputRun(target, o, transport, pairs, run, cafile):
         "client_cpu": round((_roleCpu(rres, 0, 1) + _roleCpu(sres, 0, 1)) / dt, 3),
         "receiver_cpu": round(_roleCpu(rres, 0, 1) / dt, 3),
         "sender_cpu": round(_roleCpu(sres, 0, 1) / dt, 3),
+        # share of the wall time spent runnable but waiting for a CPU: well
+        # above 0, the machine (2 shared cores), not the relay, set the pace
+        "relay_runq_wait": _waitFraction(q0, q1, dt),
+        "client_runq_wait": round(_roleCpu(rres + sres, 0, 1, "runq") / dt, 3),
         "lost": tot["sent"] - tot["received"],
         "delivered_ratio": round(tot["received"] / tot["sent"], 5) if tot["sent"] else None,
         "unexpected_msgs": sum(r.get("unexpected_msgs", 0) for r in sres),
@@ -667,9 +679,9 @@ def quicLatencyRun(target, o, transport, pairs, run, cafile):
         for _, conn, _ in workers:
             conn.send(("go", {"start": start, "marks": [m0, m1]}))
         _sleepUntil(m0)
-        c0, t0 = _relayCpu(target), time.monotonic()
+        c0, q0, t0 = _relayCpu(target), _relayRunq(target), time.monotonic()
         _sleepUntil(m1)
-        c1, t1 = _relayCpu(target), time.monotonic()
+        c1, q1, t1 = _relayCpu(target), _relayRunq(target), time.monotonic()
         [r] = _collectRoles(workers, o.duration + o.warmup + 30)
     finally:
         _stopRoles(workers)
@@ -687,6 +699,8 @@ def quicLatencyRun(target, o, transport, pairs, run, cafile):
         "relay_cpu": relayCpu,
         "relay_us_per_msg": round(1e6 * relayCpu / (2 * rt), 1) if relayCpu and rt else None,
         "client_cpu": round(_roleCpu([r], 0, 1) / (t1 - t0), 3),
+        "relay_runq_wait": _waitFraction(q0, q1, t1 - t0),
+        "client_runq_wait": round(_roleCpu([r], 0, 1, "runq") / (t1 - t0), 3),
         "lost": r["sent"] - r["echoed"],
     }
     r.pop("snapshots")

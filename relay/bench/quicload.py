@@ -39,6 +39,17 @@ def _cpu():
     return t.user + t.system
 
 
+def _runq():
+    """
+    Seconds this process spent runnable but waiting for a CPU.
+    """
+    try:
+        with open("/proc/self/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def _connect(reactor, spec, name):
     pid = wire.peerId(spec["prefix"] + name)
     host, port, timeout = spec["host"], spec["port"], spec.get("connect_timeout", 20.0)
@@ -263,7 +274,7 @@ class Receivers(_Role):
         self.at(self.stopAt, self.checkDrained)
 
     def snapInfo(self):
-        return {"t": time.monotonic(), "msgs": sum(f.got for f in self.flows), "cpu": _cpu()}
+        return {"t": time.monotonic(), "msgs": sum(f.got for f in self.flows), "cpu": _cpu(), "runq": _runq()}
 
     def checkDrained(self):
         now = time.monotonic()
@@ -364,7 +375,7 @@ class Senders(_Role):
         self.checkStalls()
 
     def snapInfo(self):
-        return {"t": time.monotonic(), "sent": sum(f.sent for f in self.flows.values()), "cpu": _cpu()}
+        return {"t": time.monotonic(), "sent": sum(f.sent for f in self.flows.values()), "cpu": _cpu(), "runq": _runq()}
 
     def finish(self):
         self.sending = False
@@ -489,7 +500,7 @@ class Echo(_Role):
         return False
 
     def snapInfo(self):
-        return {"t": time.monotonic(), "cpu": _cpu()}
+        return {"t": time.monotonic(), "cpu": _cpu(), "runq": _runq()}
 
 
 ROLES = {"recv": Receivers, "send": Senders, "echo": Echo}

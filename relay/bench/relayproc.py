@@ -287,3 +287,21 @@ def writeCertificate(directory, name="localhost"):
     with os.fdopen(fd, "wb") as f:
         f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     return certPath, keyPath
+
+
+def runQueueSeconds(pid, tree=True):
+    """
+    Seconds C{pid} (and its live descendants) spent runnable but waiting
+    for a CPU (/proc/PID/schedstat, main threads): on a shared machine,
+    what tells a relay short of CPU from a relay with nothing to do.
+    None if unreadable.
+    """
+    total = 0.0
+    for p in processTree(pid) if tree else [pid]:
+        try:
+            with open(f"/proc/{p}/schedstat") as f:
+                total += int(f.read().split()[1]) / 1e9
+        except (OSError, IndexError, ValueError):
+            if p == pid:
+                return None
+    return total
