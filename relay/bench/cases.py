@@ -11,7 +11,7 @@ import time
 from relay.bench import wire
 from relay.bench.loads import EchoLoop, pairWorker, probeRoute
 from relay.bench.peers import BenchError, HandshakeRun, connectPeer
-from relay.bench.relayproc import RelayProcess, cpuSeconds, freePort, listenOverflows, rssKiB, runQueueSeconds
+from relay.bench.relayproc import RelayProcess, cpuSeconds, freePort, listenOverflows, rssKiB, runQueueSeconds, udpCounters
 
 
 class Skip(Exception):
@@ -601,6 +601,7 @@ def quicThroughputRun(target, o, transport, pairs, run, cafile):
         m0 = start + o.warmup
         m1 = m0 + o.duration
         sched = {"start": start, "marks": [m0, m1], "stopAt": m1, "drain": 5.0, "ack": acks}
+        u0 = udpCounters()
         for _, conn, _ in workers:
             conn.send(("go", sched))
         _sleepUntil(m0)
@@ -609,6 +610,7 @@ def quicThroughputRun(target, o, transport, pairs, run, cafile):
         c1, q1, t1 = _relayCpu(target), _relayRunq(target), time.monotonic()
         rres = _collectRoles(recv, o.duration + o.warmup + 30)
         sres = _collectRoles(send, 10)
+        u1 = udpCounters()
     finally:
         _stopRoles(workers)
     dt = t1 - t0
@@ -650,6 +652,12 @@ def quicThroughputRun(target, o, transport, pairs, run, cafile):
         "unexpected_msgs": sum(r.get("unexpected_msgs", 0) for r in sres),
         "closed_conns": sum(r["n_closed"] for r in rres + sres),
     }
+    if u0 and u1:
+        # system-wide, whole run: UDP datagrams the kernel dropped for a full
+        # socket buffer (a receiver or the relay behind); the rest of the
+        # QUIC loss is the relay's slow-consumer drop
+        res["udp_rcvbuf_errors"] = u1.get("RcvbufErrors", 0) - u0.get("RcvbufErrors", 0)
+        res["udp_sndbuf_errors"] = u1.get("SndbufErrors", 0) - u0.get("SndbufErrors", 0)
     res.update(tot)
     closedWhy = sorted({w for r in rres + sres for w in r["closed_conns"]})
     if closedWhy:

@@ -305,3 +305,19 @@ def runQueueSeconds(pid, tree=True):
             if p == pid:
                 return None
     return total
+
+
+def udpCounters():
+    """
+    The kernel's system-wide UDP counters (/proc/net/snmp: RcvbufErrors,
+    SndbufErrors, InErrors, ...) as a dict, or None.
+    """
+    try:
+        with open("/proc/net/snmp") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("Udp:"):
+            return {k: int(v) for k, v in zip(names.split()[1:], values.split()[1:])}
+    return None
