@@ -55,7 +55,8 @@ def parseArgs(argv):
     ap = argparse.ArgumentParser(prog="python -m relay.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("cases", nargs="*", help=f"any of {', '.join(ALL)}, or all (default); or compare "
-                    "(runs the Go side-by-side compare.py against a relay started here)")
+                    "(runs the Go side-by-side compare.py against a relay started here); or quic (QUIC beside TLS "
+                    "WebSocket, --quic-* options)")
     ap.add_argument("--case", action="append", default=[], help="same as a positional case (repeatable, or comma-separated)")
     ap.add_argument("--runs", type=int, default=3, help="runs per case; the summary shows medians (default 3)")
     ap.add_argument("--json", metavar="FILE", help="write every run and the medians to FILE")
