@@ -43,7 +43,6 @@ import json
 import os
 import random
 import resource
-import socket
 import struct
 import sys
 import tempfile
@@ -59,6 +58,7 @@ from relay.auth import generateToken
 from relay.bench import wire
 from relay.bench.relayproc import RelayProcess, alive, rssKiB
 from relay.cluster import frames as cf
+from relay.loopback import commonPort
 
 PODS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 MAGIC = m.MAGIC
@@ -77,22 +77,6 @@ def log(message):
 def sleep(reactor, seconds):
     return task.deferLater(reactor, seconds, lambda: None)
 
-
-def commonPort(hosts):
-    """
-    A TCP port free on every one of C{hosts}.
-    """
-    while True:
-        with socket.socket() as first:
-            first.bind((hosts[0], 0))
-            port = first.getsockname()[1]
-            try:
-                for host in hosts[1:]:
-                    with socket.socket() as other:
-                        other.bind((host, port))
-                return port
-            except OSError:
-                continue
 
 
 def raiseFileLimit():

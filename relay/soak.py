@@ -45,6 +45,7 @@ import time
 
 from relay.bench import wire
 from relay.bench.relayproc import RelayProcess, cpuSeconds, rssKiB
+from relay.loopback import commonPort
 
 PODS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 HC_SERVER_FRAME = b"\x82\x02\x01\x05"
@@ -91,19 +92,6 @@ def runQueueWaitNs(pid):
     except (OSError, ValueError, IndexError):
         return None
 
-
-def commonPort(hosts):
-    while True:
-        with socket.socket() as first:
-            first.bind((hosts[0], 0))
-            port = first.getsockname()[1]
-            try:
-                for host in hosts[1:]:
-                    with socket.socket() as other:
-                        other.bind((host, port))
-                return port
-            except OSError:
-                continue
 
 
 def percentiles(values):

@@ -3,25 +3,18 @@ Real C{twistd relay} processes on loopback for end-to-end tests.
 """
 
 import os
-import socket
 import sys
 
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ProcessDone, ProcessTerminated
 
+from relay.loopback import freePort
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 35.0
 
-
-def freePort(host="127.0.0.1"):
-    """
-    A TCP port that was free on C{host} a moment ago.
-    """
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def sleep(seconds):

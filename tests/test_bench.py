@@ -11,7 +11,7 @@ import socket
 from twisted.trial import unittest
 
 from relay.bench import cases, wire
-from relay.bench.loads import Flow, PairLoop, _Conn
+from relay.bench.loads import Flow, PairLoop
 from relay.bench.peers import Peer
 from relay.bench.__main__ import parseArgs
 from relay.bench.relayproc import RelayProcess, raiseFileLimit, writeCertificate

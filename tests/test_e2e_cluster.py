@@ -6,13 +6,13 @@ the wrong peer.
 """
 
 import signal
-import socket
 
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from relay import client
 from relay import messages as m
+from relay.loopback import commonPort
 from tests.e2e import RelayProcess, relayArgs, sleep
 
 PODS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
@@ -20,22 +20,6 @@ HEADLESS = ",".join(PODS)
 A, B, C = m.peerID("peer-a"), m.peerID("peer-b"), m.peerID("peer-c")
 TIMEOUT = 10
 
-
-def commonPort(hosts):
-    """
-    A port free on every one of C{hosts}.
-    """
-    while True:
-        with socket.socket() as first:
-            first.bind((hosts[0], 0))
-            port = first.getsockname()[1]
-            try:
-                for host in hosts[1:]:
-                    with socket.socket() as other:
-                        other.bind((host, port))
-                return port
-            except OSError:
-                continue
 
 
 class ClusterTestCase(unittest.TestCase):

@@ -5,13 +5,13 @@ repeats it and takes medians.
 
 import multiprocessing
 import os
-import socket
 import time
 
 from relay.bench import wire
 from relay.bench.loads import EchoLoop, pairWorker, probeRoute
 from relay.bench.peers import BenchError, HandshakeRun, connectPeer
-from relay.bench.relayproc import RelayProcess, cpuSeconds, freePort, listenOverflows, rssKiB, runQueueSeconds, udpCounters
+from relay.bench.relayproc import RelayProcess, cpuSeconds, listenOverflows, rssKiB, runQueueSeconds, udpCounters
+from relay.loopback import commonPort, freePort
 
 
 class Skip(Exception):
@@ -427,18 +427,7 @@ def clusterRelays(o, logDir):
         ports = [freePort(h) for h in hosts]
     except OSError as e:
         raise Skip(f"cannot bind the loopback aliases 127.0.0.2/127.0.0.3: {e}") from None
-    clusterPort = None
-    for _ in range(20):
-        cand = freePort(hosts[0])
-        try:
-            with socket.socket() as s:
-                s.bind((hosts[1], cand))
-            clusterPort = cand
-            break
-        except OSError:
-            continue
-    if clusterPort is None:
-        raise Skip("no cluster port free on both loopback aliases")
+    clusterPort = commonPort(hosts)
     relays = []
     for h, p in zip(hosts, ports):
         extra = ["--cluster-headless", ",".join(hosts), "--pod-ip", h, "--cluster-port", str(clusterPort),

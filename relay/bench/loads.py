@@ -209,7 +209,6 @@ class PairLoop:
         cpu0 = os.times()
         now = time.monotonic()
         drainUntil = None
-        quietSince = None
         while True:
             now = time.monotonic()
             while marks and now >= marks[0]:

@@ -10,14 +10,10 @@ import sys
 import tempfile
 import time
 
+from relay.loopback import freePort
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def freePort(host="127.0.0.1"):
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def processTree(pid):
