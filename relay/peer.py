@@ -143,20 +143,20 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
 
     def onConnect(self, request):
         if self.session is None:
-            raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE)
+            raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "Service Unavailable")
         if self._ticket is None:
             realIP = request.headers.get("x-real-ip", "").strip()
             if realIP:
                 self.peerAddress = f"{realIP}:{request.headers.get('x-real-port', '?').strip()} via {self.peerAddress}"
             if not self._admit(realIP or self.transport.getPeer().host):
-                raise ConnectionDeny(429, "too many connections")
+                raise ConnectionDeny(429, "Too Many Requests")
         if request.path != PATH:
             self._log.info("{where}: refused WebSocket upgrade for path {path!r}", where=self.peerAddress, path=request.path)
-            raise ConnectionDeny(ConnectionDeny.NOT_FOUND)
+            raise ConnectionDeny(ConnectionDeny.NOT_FOUND, "Not Found")
         origin = request.headers.get("origin")
         if origin and _originHost(origin) != request.headers.get("host", "").strip().lower():
             self._log.info("{where}: refused WebSocket upgrade from origin {origin!r}", where=self.peerAddress, origin=origin)
-            raise ConnectionDeny(ConnectionDeny.FORBIDDEN)
+            raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "Forbidden")
         return None
 
     def _onOpen(self):

@@ -123,7 +123,7 @@ class WebSocketTests(PeerTestCase):
     def test_wrongPathRefused(self):
         peer = self.peer()
         status = peer.upgrade(path="/relay/x")
-        self.assertIn(b"404", status)
+        self.assertEqual(status, b"HTTP/1.1 404 Not Found")
         self.assertTrue(peer.closed)
 
     def test_rootPathRefused(self):
@@ -131,7 +131,7 @@ class WebSocketTests(PeerTestCase):
 
     def test_foreignOriginRefused(self):
         status = self.peer().upgrade(extra="Origin: https://evil.example\r\n")
-        self.assertIn(b"403", status)
+        self.assertEqual(status, b"HTTP/1.1 403 Forbidden")
 
     def test_sameOriginAccepted(self):
         status = self.peer().upgrade(extra="Origin: https://relay.example:443\r\n")
