@@ -106,6 +106,7 @@ class Options(usage.Options):
         ["letsencrypt-challenge", None, None, "tls-alpn-01 (on the peer port; the default when it is 443) or http-01 (on --letsencrypt-http-port; the default otherwise)."],
         ["letsencrypt-http-port", None, "80", "Port of the HTTP-01 challenge listener."],
         ["metrics-port", None, "9090", "Port of the metrics and health HTTP endpoint; 0 turns it off."],
+        ["metrics-address", None, "", "Address the metrics endpoint binds (empty: every interface, as the Go relay)."],
         ["log-level", None, "info", "trace, debug, info, warn or error."],
         ["log-file", None, "console", "'console' for standard output, or a file path."],
         ["log-format", None, "text", "text, or json for one JSON object per line."],
@@ -508,7 +509,7 @@ def makeService(options, reactor=None):
     top.metrics = metrics
     if options["metrics-port"]:
         site = makeMetricsSite(metrics.registry, readiness, reactor=reactor)
-        StreamServerEndpointService(TCP4ServerEndpoint(reactor, options["metrics-port"]), site).setServiceParent(top)
+        StreamServerEndpointService(_serverEndpoint(reactor, options["metrics-address"], options["metrics-port"]), site).setServiceParent(top)
     if acme is not None:
         acme.setServiceParent(top)
     if options["tls"] and options["worker-index"] == 0:

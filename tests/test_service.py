@@ -186,3 +186,11 @@ class ListenerTests(unittest.TestCase):
         self.assertGreaterEqual(LISTEN_BACKLOG, 4096)
         self.assertEqual(_serverEndpoint(Clock(), "127.0.0.1", 1)._backlog, LISTEN_BACKLOG)
         self.assertEqual(_serverEndpoint(Clock(), "::1", 1)._backlog, LISTEN_BACKLOG)
+
+    def test_metricsAddress(self):
+        from twisted.internet.testing import MemoryReactor
+
+        reactor = MemoryReactor()
+        top = makeService(parse(REQUIRED + ["--metrics-port", "9191", "--metrics-address", "127.0.0.1"]), reactor=reactor)
+        top.privilegedStartService()
+        self.assertIn((9191, "127.0.0.1"), [(port, interface) for port, _, _, interface in reactor.tcpServers])
