@@ -424,6 +424,54 @@ def _addQuic(top, relay, reactor, host, port, options, acme):
         acme.whenReady().addCallback(lambda _: add(acme.certificatePath, acme.keyPath))
 
 
+def _makeCluster(options, relay, readiness, reactor):
+    """
+    The inter-pod fabric, or C{(None, None)} in single-pod mode.
+    """
+    if not options["cluster-headless"]:
+        return None, None
+    from relay.cluster.service import ClusterService
+
+    counters = ClusterCounters()
+    cluster = ClusterService(
+        relay,
+        options["pod-ip"],
+        options["cluster-port"],
+        options["cluster-listen"],
+        options["cluster-headless"],
+        options["cluster-auth-secret"],
+        options["cluster-discovery-interval"],
+        counters,
+        reactor,
+    )
+    relay.forwarder = cluster
+    cluster.whenDiscoveryRan().addCallback(lambda _: setattr(readiness, "discoveryDone", True))
+    return cluster, counters
+
+
+def _makeAcme(options, readiness, reactor, onCertificate):
+    """
+    The ACME certificate service, or None without C{--letsencrypt-*}.
+    """
+    if not options["acme"]:
+        return None
+    from relay.acme import AcmeCertificateService
+
+    acme = AcmeCertificateService(
+        options["letsencrypt-domains"],
+        options["letsencrypt-data-dir"],
+        options["letsencrypt-email"],
+        options["letsencrypt-directory-url"],
+        reactor,
+        challenge=options["letsencrypt-challenge"],
+        http01Port=options["letsencrypt-http-port"],
+        onCertificate=onCertificate,
+    )
+    readiness.certificateReady = False
+    acme.whenReady().addCallback(lambda _: setattr(readiness, "certificateReady", True))
+    return acme
+
+
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
@@ -436,26 +484,8 @@ def makeService(options, reactor=None):
         healthCheckThreshold=options["hc-attempt-threshold"],
     )
     relay.limits = options["limits"]
-    gate = ConnectionGate(relay.limits, reactor)
     readiness = Readiness(clusterMode=bool(options["cluster-headless"]))
-    cluster = clusterCounters = None
-    if options["cluster-headless"]:
-        from relay.cluster.service import ClusterService
-
-        clusterCounters = ClusterCounters()
-        cluster = ClusterService(
-            relay,
-            options["pod-ip"],
-            options["cluster-port"],
-            options["cluster-listen"],
-            options["cluster-headless"],
-            options["cluster-auth-secret"],
-            options["cluster-discovery-interval"],
-            clusterCounters,
-            reactor,
-        )
-        relay.forwarder = cluster
-        cluster.whenDiscoveryRan().addCallback(lambda _: setattr(readiness, "discoveryDone", True))
+    cluster, clusterCounters = _makeCluster(options, relay, readiness, reactor)
     metrics = RelayMetrics(
         relay.counters,
         _peerStats(store, reactor),
@@ -466,47 +496,31 @@ def makeService(options, reactor=None):
         cluster.locator.lookupObserver = metrics.recordLookupDuration
     relay.recordAuthenticationTime = metrics.recordAuthenticationTime
     relay.recordStoreTime = metrics.recordStoreTime
-    host, port = options["listen"]
 
-    def certificateRenewed():
+    def certificateRenewed(certificateOptions):
         # QUIC reads PEM files; WebSocket already asks ACME per connection.
         if top.quic is not None:
             top.quic.reloadCertificate(acme.certificatePath, acme.keyPath)
 
-    acme = None
-    if options["acme"]:
-        from relay.acme import AcmeCertificateService
-
-        acme = AcmeCertificateService(
-            options["letsencrypt-domains"],
-            options["letsencrypt-data-dir"],
-            options["letsencrypt-email"],
-            options["letsencrypt-directory-url"],
-            reactor,
-            challenge=options["letsencrypt-challenge"],
-            http01Port=options["letsencrypt-http-port"],
-            onCertificate=lambda _: certificateRenewed(),
-        )
-        options["tls-options"] = acme.serverConnectionCreator()
-        readiness.certificateReady = False
-        acme.whenReady().addCallback(lambda _: setattr(readiness, "certificateReady", True))
+    acme = _makeAcme(options, readiness, reactor, certificateRenewed)
+    tls = acme.serverConnectionCreator() if acme is not None else options["tls-options"]
+    host, port = options["listen"]
     if options["workers"] > 1:
         from relay.workers import ReusePortEndpoint
 
-        peerEndpoint = ReusePortEndpoint(reactor, host, port, options["tls-options"], backlog=LISTEN_BACKLOG)
+        peerEndpoint = ReusePortEndpoint(reactor, host, port, tls, backlog=LISTEN_BACKLOG)
     else:
-        peerEndpoint = _serverEndpoint(reactor, host, port, options["tls-options"])
+        peerEndpoint = _serverEndpoint(reactor, host, port, tls)
     top = RelayService(
         relay,
         peerEndpoint,
-        PeerWebSocketFactory(relay, reactor, highWater=options["peer-buffer-limit"], gate=gate),
+        PeerWebSocketFactory(relay, reactor, highWater=options["peer-buffer-limit"], gate=ConnectionGate(relay.limits, reactor)),
         readiness,
         logObserver=makeLogObserver(options),
         reactor=reactor,
         cluster=cluster,
-        tls=options["tls-options"] if isinstance(options["tls-options"], ReloadableTLS) else None,
+        tls=options["tls-options"],
     )
-    top.metrics = metrics
     if options["metrics-port"]:
         site = makeMetricsSite(metrics.registry, readiness, reactor=reactor)
         StreamServerEndpointService(_serverEndpoint(reactor, options["metrics-address"], options["metrics-port"]), site).setServiceParent(top)
