@@ -155,3 +155,50 @@ class ConnectionGate:
         now = self.clock.seconds()
         for address in [a for a, b in self._buckets.items() if a not in self._open and b.full(now)]:
             del self._buckets[address]
+
+
+class LogBudget:
+    """
+    At most C{burst} log lines per C{window} seconds for events anyone can
+    cause at will (refused handshakes, ignored messages): a flood of bad
+    connections must not become a flood of log lines. Lines over budget are
+    counted and summarised once the window ends; the metrics count every
+    event regardless.
+    """
+
+    _log = Logger()
+
+    def __init__(self, clock, burst=50, window=10.0):
+        self.clock = clock
+        self.burst = burst
+        self.window = window
+        self._until = 0.0
+        self._used = 0
+        self.suppressed = 0
+
+    def __call__(self, emit, format, **fields):
+        """
+        C{emit(format, **fields)} (a bound L{Logger} method) if the budget
+        allows.
+        """
+        now = self.clock.seconds()
+        if now >= self._until and not self.suppressed:
+            self._until = now + self.window
+            self._used = 0
+        if self._used < self.burst:
+            self._used += 1
+            emit(format, **fields)
+            return
+        if not self.suppressed:
+            self.clock.callLater(self._until - now, self._summarise)
+        self.suppressed += 1
+
+    def _summarise(self):
+        self._log.warn(
+            "{count} more lines about refused or ignored traffic were not logged in the last {window:.0f} s (the counters in /metrics have every event)",
+            count=self.suppressed,
+            window=self.window,
+        )
+        self.suppressed = 0
+        self._until = self.clock.seconds() + self.window
+        self._used = 0

@@ -122,7 +122,7 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
     def _admit(self, address):
         reason = self.factory.gate.admit(address)
         if reason is not None:
-            self._log.warn("{where}: connection refused: {reason}", where=self.peerAddress, reason=reason)
+            self.factory.relay.noisyLog(self._log.warn, "{where}: connection refused: {reason}", where=self.peerAddress, reason=reason)
             self.factory.relay.counters.handshakeRejects[reason] += 1
             return False
         self._ticket = address
@@ -151,11 +151,11 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
             if not self._admit(realIP or self.transport.getPeer().host):
                 raise ConnectionDeny(429, "Too Many Requests")
         if request.path != PATH:
-            self._log.info("{where}: refused WebSocket upgrade for path {path!r}", where=self.peerAddress, path=request.path)
+            self.factory.relay.noisyLog(self._log.info, "{where}: refused WebSocket upgrade for path {path!r}", where=self.peerAddress, path=request.path)
             raise ConnectionDeny(ConnectionDeny.NOT_FOUND, "Not Found")
         origin = request.headers.get("origin")
         if origin and _originHost(origin) != request.headers.get("host", "").strip().lower():
-            self._log.info("{where}: refused WebSocket upgrade from origin {origin!r}", where=self.peerAddress, origin=origin)
+            self.factory.relay.noisyLog(self._log.info, "{where}: refused WebSocket upgrade from origin {origin!r}", where=self.peerAddress, origin=origin)
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "Forbidden")
         return None
 

@@ -17,7 +17,7 @@ from zope.interface import implementer
 from relay import messages as m
 from relay.counters import RelayCounters
 from relay.interfaces import ILocalPeers
-from relay.limits import Limits
+from relay.limits import Limits, LogBudget
 
 SHUTDOWN_WRITE_TIMEOUT = 3.0
 
@@ -70,6 +70,7 @@ class Relay:
     @ivar recordStoreTime: called with milliseconds per store update.
     @ivar limits: the L{Limits} sessions enforce.
     @ivar pendingHandshakes: connections that have not authenticated yet.
+    @ivar noisyLog: the L{LogBudget} for lines strangers can cause.
     """
 
     _log = Logger()
@@ -88,6 +89,7 @@ class Relay:
         self.draining = False
         self.limits = Limits()
         self.pendingHandshakes = 0
+        self.noisyLog = LogBudget(clock)
 
     def register(self, session, startedAt):
         """

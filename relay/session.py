@@ -61,7 +61,7 @@ class PeerSession:
         self._pending = False
         limits = relay.limits
         if limits.maxPending and relay.pendingHandshakes >= limits.maxPending:
-            self._log.warn("{where}: refused: {count} connections already waiting to authenticate", where=link.peerAddress, count=relay.pendingHandshakes)
+            self.relay.noisyLog(self._log.warn, "{where}: refused: {count} connections already waiting to authenticate", where=link.peerAddress, count=relay.pendingHandshakes)
             relay.counters.handshakeRejects["max_pending"] += 1
             self.closed = True
             self.messageReceived = _ignore
@@ -92,20 +92,20 @@ class PeerSession:
         """
         where = self.link.peerAddress
         if len(message) > m.MAX_HANDSHAKE_SIZE:
-            self._log.warn("{where}: handshake rejected: {size}-byte first message", where=where, size=len(message))
+            self.relay.noisyLog(self._log.warn, "{where}: handshake rejected: {size}-byte first message", where=where, size=len(message))
             return "too_large"
         try:
             kind = m.messageType(message)
             if kind == m.HELLO:
-                self._log.warn("{where}: handshake rejected: deprecated Hello from an outdated client", where=where)
+                self.relay.noisyLog(self._log.warn, "{where}: handshake rejected: deprecated Hello from an outdated client", where=where)
                 return "legacy_hello"
             if kind != m.AUTH:
-                self._log.warn("{where}: handshake rejected: first message is {kind}", where=where, kind=m.NAMES[kind])
+                self.relay.noisyLog(self._log.warn, "{where}: handshake rejected: first message is {kind}", where=where, kind=m.NAMES[kind])
                 return "not_auth"
             pid, token = m.decodeAuth(message)
             self.relay.validator.validate(token)
         except (m.MessageError, AuthError) as e:
-            self._log.warn("{where}: handshake rejected: {reason}", where=where, reason=e.reason)
+            self.relay.noisyLog(self._log.warn, "{where}: handshake rejected: {reason}", where=where, reason=e.reason)
             return e.reason
         relay = self.relay
         if relay.draining:
@@ -113,7 +113,7 @@ class PeerSession:
             return "draining"
         limits = relay.limits
         if limits.maxPeers and len(relay.store) >= limits.maxPeers and pid not in relay.store.peers:
-            self._log.warn("{where}: handshake rejected: {count} peers connected, the limit", where=where, count=len(relay.store))
+            self.relay.noisyLog(self._log.warn, "{where}: handshake rejected: {count} peers connected, the limit", where=where, count=len(relay.store))
             return "max_peers"
         self._handshakeTimer.cancel()
         self._handshakeTimer = None
@@ -131,7 +131,7 @@ class PeerSession:
 
     def _handshakeTimedOut(self):
         self._handshakeTimer = None
-        self._log.warn("{where}: handshake rejected: no Auth within {timeout:.0f} s", where=self.link.peerAddress, timeout=HANDSHAKE_TIMEOUT)
+        self.relay.noisyLog(self._log.warn, "{where}: handshake rejected: no Auth within {timeout:.0f} s", where=self.link.peerAddress, timeout=HANDSHAKE_TIMEOUT)
         self.relay.counters.handshakeRejects["timeout"] += 1
         self._close()
 
@@ -162,13 +162,13 @@ class PeerSession:
             self._acked = True
             self._missed = 0
         elif kind == m.TRANSPORT:
-            self._log.warn("{peer}: ignored a {size}-byte transport message", peer=self, size=size)
+            self.relay.noisyLog(self._log.warn, "{peer}: ignored a {size}-byte transport message", peer=self, size=size)
             self.relay.counters.dropped["malformed"] += 1
         elif kind == m.SUBSCRIBE_PEER_STATE or kind == m.UNSUBSCRIBE_PEER_STATE:
             try:
                 ids = m.decodeIDList(message)
             except m.MessageError as e:
-                self._log.warn("{peer}: ignored {kind}: {error}", peer=self, kind=m.NAMES[kind], error=str(e))
+                self.relay.noisyLog(self._log.warn, "{peer}: ignored {kind}: {error}", peer=self, kind=m.NAMES[kind], error=str(e))
                 return
             if kind == m.SUBSCRIBE_PEER_STATE:
                 self.relay.subscribe(self, ids)
@@ -178,12 +178,12 @@ class PeerSession:
             self._log.info("{peer}: peer closed the session", peer=self)
             self._close()
         elif kind == m.AUTH:
-            self._log.warn("{peer}: ignored a second auth message", peer=self)
+            self.relay.noisyLog(self._log.warn, "{peer}: ignored a second auth message", peer=self)
         else:
             self.protocolError("bad_type", f"{m.NAMES[kind]} after the handshake")
 
     def protocolError(self, reason, detail):
-        self._log.warn("{peer}: protocol error, closing: {detail}", peer=self, detail=detail)
+        self.relay.noisyLog(self._log.warn, "{peer}: protocol error, closing: {detail}", peer=self, detail=detail)
         self.relay.counters.protocolErrors[reason] += 1
         self._close()
 

@@ -5,11 +5,12 @@ another hits it.
 
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from relay import messages as m
-from relay.limits import ConnectionGate, Limits, TokenBucket, parseNetworks
+from relay.limits import ConnectionGate, Limits, LogBudget, TokenBucket, parseNetworks
 from relay.peer import PeerWebSocketFactory
 from relay.session import PeerSession
 from tests.helpers import FakeLink, authMessage, connect, makeRelay
@@ -178,3 +179,47 @@ class ConnectionLimitTests(unittest.TestCase):
         self.assertIn(b"101", one.upgrade(extra="X-Real-IP: 198.51.100.1\r\n"))
         self.assertEqual(factory.gate._open, {"192.0.2.1": 1})
         self.assertEqual(one.protocol.peerAddress, "192.0.2.1:1")
+
+
+class LogBudgetTests(unittest.TestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.lines = []
+        self.budget = LogBudget(self.clock, burst=3, window=10.0)
+
+    def emit(self, format, **fields):
+        self.lines.append(format.format(**fields))
+
+    def test_burstThenSummary(self):
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for i in range(10):
+            self.budget(self.emit, "line {i}", i=i)
+        self.assertEqual(self.lines, ["line 0", "line 1", "line 2"])
+        self.assertEqual(self.budget.suppressed, 7)
+        self.clock.advance(10)
+        summaries = [formatEvent(e) for e in events if "were not logged" in formatEvent(e)]
+        self.assertEqual(summaries, ["7 more lines about refused or ignored traffic were not logged in the last 10 s (the counters in /metrics have every event)"])
+        self.budget(self.emit, "line {i}", i=10)
+        self.assertEqual(self.lines[-1], "line 10")
+
+    def test_newWindowNewBudget(self):
+        for i in range(3):
+            self.budget(self.emit, "a")
+        self.clock.advance(10)
+        for i in range(3):
+            self.budget(self.emit, "b")
+        self.assertEqual(self.lines, ["a"] * 3 + ["b"] * 3)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_floodOfBadHandshakesIsBounded(self):
+        relay = makeRelay(self.clock)
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for _ in range(500):
+            PeerSession(relay, FakeLink()).messageReceived(b"\x02\x06")
+        rejected = [e for e in events if "handshake rejected" in formatEvent(e)]
+        self.assertEqual(len(rejected), 50)
+        self.assertEqual(relay.counters.handshakeRejects["bad_version"], 500)
