@@ -26,16 +26,75 @@ class HandshakeRefused(Exception):
     """
 
 
-class RelayClientProtocol(WebSocketClientProtocol):
+class PeerClient:
     """
-    One peer's connection to a relay.
+    The peer protocol as an agent speaks it, over any carrier: subclasses
+    provide C{sendRaw(message)} and C{clock}, and hand every message after the
+    AuthResponse to L{messageReceived}.
 
-    @ivar instanceURL: the relay's AuthResponse, once authenticated.
     @ivar transports: a L{defer.DeferredQueue} of C{(source id, payload)}.
     @ivar events: a L{defer.DeferredQueue} of C{("online" | "offline", ids)}.
+    @ivar onTransport: if set, called with each whole Transport message
+        instead of queueing it.
     @ivar closeReceived: True once the relay sent Close.
     @ivar healthChecks: how many health checks the relay sent (all answered
         unless C{answerHealthChecks} is False).
+    """
+
+    def _initPeerClient(self):
+        self.transports = defer.DeferredQueue()
+        self.events = defer.DeferredQueue()
+        self.onTransport = None
+        self.closeReceived = False
+        self.healthChecks = 0
+        self.answerHealthChecks = True
+
+    def messageReceived(self, payload):
+        kind = payload[1] if len(payload) >= 2 else None
+        if kind == m.TRANSPORT:
+            if self.onTransport is not None:
+                self.onTransport(payload)
+            else:
+                self.transports.put(m.decodeTransport(payload))
+        elif kind == m.HEALTH_CHECK:
+            self.healthChecks += 1
+            if self.answerHealthChecks:
+                self.sendRaw(m.HEALTH_CHECK_MESSAGE)
+        elif kind == m.PEERS_ONLINE:
+            self.events.put(("online", m.decodeIDList(payload)))
+        elif kind == m.PEERS_WENT_OFFLINE:
+            self.events.put(("offline", m.decodeIDList(payload)))
+        elif kind == m.CLOSE:
+            self.closeReceived = True
+
+    def send(self, destinationID, payload):
+        self.sendRaw(m.encodeTransport(destinationID, payload))
+
+    def subscribe(self, ids):
+        for message in m.encodeIDList(m.SUBSCRIBE_PEER_STATE, ids):
+            self.sendRaw(message)
+
+    def unsubscribe(self, ids):
+        for message in m.encodeIDList(m.UNSUBSCRIBE_PEER_STATE, ids):
+            self.sendRaw(message)
+
+    @defer.inlineCallbacks
+    def waitOnline(self, peerID, timeout=10.0):
+        """
+        Subscribe to C{peerID} and wait for the relay to report it online.
+        """
+        self.subscribe([peerID])
+        while True:
+            kind, ids = yield self.events.get().addTimeout(timeout, self.clock)
+            if kind == "online" and peerID in ids:
+                return
+
+
+class RelayClientProtocol(PeerClient, WebSocketClientProtocol):
+    """
+    One peer's connection to a relay over WebSocket.
+
+    @ivar instanceURL: the relay's AuthResponse, once authenticated.
     """
 
     _log = Logger()
@@ -43,12 +102,7 @@ class RelayClientProtocol(WebSocketClientProtocol):
     def __init__(self):
         super().__init__()
         self.instanceURL = None
-        self.transports = defer.DeferredQueue()
-        self.events = defer.DeferredQueue()
-        self.closeReceived = False
-        self.healthChecks = 0
-        self.answerHealthChecks = True
-        self.onTransport = None
+        self._initPeerClient()
         self._lostWaiters = []
 
     def connectionMade(self):
@@ -68,21 +122,7 @@ class RelayClientProtocol(WebSocketClientProtocol):
                 self.factory.authenticated.errback(ValueError(f"unexpected first message {payload[:2].hex()}"))
                 self.dropConnection(abort=True)
             return
-        if kind == m.TRANSPORT:
-            if self.onTransport is not None:
-                self.onTransport(payload)
-            else:
-                self.transports.put(m.decodeTransport(payload))
-        elif kind == m.HEALTH_CHECK:
-            self.healthChecks += 1
-            if self.answerHealthChecks:
-                self.sendMessage(m.HEALTH_CHECK_MESSAGE, isBinary=True)
-        elif kind == m.PEERS_ONLINE:
-            self.events.put(("online", m.decodeIDList(payload)))
-        elif kind == m.PEERS_WENT_OFFLINE:
-            self.events.put(("offline", m.decodeIDList(payload)))
-        elif kind == m.CLOSE:
-            self.closeReceived = True
+        self.messageReceived(payload)
 
     def connectionLost(self, reason):
         super().connectionLost(reason)
@@ -102,30 +142,12 @@ class RelayClientProtocol(WebSocketClientProtocol):
         self._lostWaiters.append(d)
         return d
 
+    @property
+    def clock(self):
+        return self.factory.reactor
+
     def sendRaw(self, message):
         self.sendMessage(message, isBinary=True)
-
-    def send(self, destinationID, payload):
-        self.sendMessage(m.encodeTransport(destinationID, payload), isBinary=True)
-
-    def subscribe(self, ids):
-        for message in m.encodeIDList(m.SUBSCRIBE_PEER_STATE, ids):
-            self.sendMessage(message, isBinary=True)
-
-    def unsubscribe(self, ids):
-        for message in m.encodeIDList(m.UNSUBSCRIBE_PEER_STATE, ids):
-            self.sendMessage(message, isBinary=True)
-
-    @defer.inlineCallbacks
-    def waitOnline(self, peerID, timeout=10.0):
-        """
-        Subscribe to C{peerID} and wait for the relay to report it online.
-        """
-        self.subscribe([peerID])
-        while True:
-            kind, ids = yield self.events.get().addTimeout(timeout, self.factory.reactor)
-            if kind == "online" and peerID in ids:
-                return
 
     def close(self):
         """

@@ -71,6 +71,7 @@ from twisted.logger import Logger
 
 from relay import messages as m
 from relay.auth import generateToken
+from relay.client import PeerClient
 from relay.server import ConfigurationError
 from relay.session import PeerSession
 
@@ -887,13 +888,12 @@ class QuicHandshakeFailed(Exception):
         self.reason = reason
 
 
-class QuicRelayClient(_QuicDriver, DatagramProtocol):
+class QuicRelayClient(PeerClient, _QuicDriver, DatagramProtocol):
     """
     One peer's QUIC connection to a relay, as a Go agent makes it.
 
-    The same surface as L{relay.client.RelayClientProtocol}: C{transports}
-    and C{events} queues (or C{onTransport}), C{send}, C{sendRaw},
-    C{subscribe}, C{waitOnline}, C{close}, C{whenLost}.
+    The peer protocol comes from L{relay.client.PeerClient}, as for the
+    WebSocket client; this class carries it over QUIC datagrams.
 
     @ivar authenticated: fires with this client after the AuthResponse, or
         fails with L{QuicHandshakeFailed}.
@@ -912,12 +912,7 @@ class QuicRelayClient(_QuicDriver, DatagramProtocol):
         self.token = token
         self.instanceURL = None
         self.authenticated = defer.Deferred()
-        self.transports = defer.DeferredQueue()
-        self.events = defer.DeferredQueue()
-        self.onTransport = None
-        self.closeReceived = False
-        self.healthChecks = 0
-        self.answerHealthChecks = True
+        self._initPeerClient()
         self.closeEvent = None
         self._keepalive = None
         self._lostWaiters = []
@@ -951,21 +946,7 @@ class QuicRelayClient(_QuicDriver, DatagramProtocol):
                 self.instanceURL = m.decodeAuthResponse(payload)
                 self.authenticated.callback(self)
             return
-        if kind == m.TRANSPORT:
-            if self.onTransport is not None:
-                self.onTransport(payload)
-            else:
-                self.transports.put(m.decodeTransport(payload))
-        elif kind == m.HEALTH_CHECK:
-            self.healthChecks += 1
-            if self.answerHealthChecks:
-                self.sendRaw(m.HEALTH_CHECK_MESSAGE)
-        elif kind == m.PEERS_ONLINE:
-            self.events.put(("online", m.decodeIDList(payload)))
-        elif kind == m.PEERS_WENT_OFFLINE:
-            self.events.put(("offline", m.decodeIDList(payload)))
-        elif kind == m.CLOSE:
-            self.closeReceived = True
+        self.messageReceived(payload)
 
     def _ping(self):
         self._keepalive = None
@@ -1021,27 +1002,9 @@ class QuicRelayClient(_QuicDriver, DatagramProtocol):
         if self._lostWaiters is not None and not self._isClosing():
             self.queueDatagram(message)
 
-    def send(self, destinationID, payload):
-        self.sendRaw(m.encodeTransport(destinationID, payload))
-
-    def subscribe(self, ids):
-        for message in m.encodeIDList(m.SUBSCRIBE_PEER_STATE, ids):
-            self.sendRaw(message)
-
-    def unsubscribe(self, ids):
-        for message in m.encodeIDList(m.UNSUBSCRIBE_PEER_STATE, ids):
-            self.sendRaw(message)
-
-    @defer.inlineCallbacks
-    def waitOnline(self, peerID, timeout=10.0):
-        """
-        Subscribe to C{peerID} and wait for the relay to report it online.
-        """
-        self.subscribe([peerID])
-        while True:
-            kind, ids = yield self.events.get().addTimeout(timeout, self._clock)
-            if kind == "online" and peerID in ids:
-                return
+    @property
+    def clock(self):
+        return self._clock
 
     def whenLost(self):
         """
