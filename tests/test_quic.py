@@ -464,6 +464,8 @@ class ClockedQuicTests(unittest.TestCase):
         self.assertEqual(self.protocol.counters["invalid_token"], 1)
         self.network.pump(10.0)
         self.assertEqual(self.protocol.handshaking, 0)
+        # The stuck client was closed by the 10 s handshake timer.
+        self.failureResultOf(stuck.authenticated, quic.QuicHandshakeFailed)
 
     def test_noRetryNormally(self):
         """
@@ -518,6 +520,10 @@ class ClockedQuicTests(unittest.TestCase):
         self.assertNoResult(late.authenticated)
         self.assertGreaterEqual(self.protocol.counters["draining"], 1)
         self.assertEqual(self.protocol.links, {})
+        # The refused client fails once the test tears the listener down;
+        # that expected failure must not surface later as an unhandled
+        # error in whichever test happens to collect it.
+        late.authenticated.addErrback(lambda failure: failure.trap(quic.QuicHandshakeFailed))
 
     def test_shutdownWithCongestedPeer(self):
         """
