@@ -22,6 +22,17 @@ A, B = m.peerID("peer-a"), m.peerID("peer-b")
 TIMEOUT = 10
 
 
+def closedByRelay(ws):
+    """
+    True if the relay closes C{ws} before sending it anything else.
+    """
+    try:
+        ws.recv(timeout=TIMEOUT)
+    except ConnectionClosed:
+        return True
+    return False
+
+
 class IndependentClientTests(unittest.TestCase):
     timeout = 60
 
@@ -102,11 +113,7 @@ class IndependentClientTests(unittest.TestCase):
         def scenario():
             a, b = self.peer("peer-a"), self.peer("peer-b")
             a.send(m.encodeTransport(B, b"") + b"x" * (8821 - 38))
-            try:
-                a.recv(timeout=TIMEOUT)
-                closedA = False
-            except ConnectionClosed:
-                closedA = True
+            closedA = closedByRelay(a)
             b.send(m.encodeTransport(B, b"self"))
             got = b.recv(timeout=TIMEOUT)
             b.close()
@@ -118,11 +125,7 @@ class IndependentClientTests(unittest.TestCase):
         def scenario():
             a = self.peer("peer-a")
             a.send([m.encodeTransport(B, b"x" * 5000), b"y" * 5000])
-            try:
-                a.recv(timeout=TIMEOUT)
-            except ConnectionClosed:
-                return True
-            return False
+            return closedByRelay(a)
 
         return self.inThread(scenario).addCallback(self.assertTrue)
 
@@ -130,11 +133,7 @@ class IndependentClientTests(unittest.TestCase):
         def scenario():
             a = self.peer("peer-a")
             a.send("\x01\x05")
-            try:
-                a.recv(timeout=TIMEOUT)
-            except ConnectionClosed:
-                return True
-            return False
+            return closedByRelay(a)
 
         return self.inThread(scenario).addCallback(self.assertTrue)
 

@@ -95,11 +95,16 @@ def _stopWorkers(workers):
             p.join()
 
 
-def _collect(workers, timeout):
+def _receiveReports(connections, timeout):
+    """
+    One report from each load process's pipe, within C{timeout} in all.
+
+    @return: C{(results, errors)}.
+    """
     results = []
     errors = []
     deadline = time.monotonic() + timeout
-    for p, conn in workers:
+    for conn in connections:
         if not conn.poll(max(0.1, deadline - time.monotonic())):
             errors.append("a load process did not report in time")
             continue
@@ -112,6 +117,11 @@ def _collect(workers, timeout):
             errors.append(info)
         else:
             results.append(info)
+    return results, errors
+
+
+def _collect(workers, timeout):
+    results, errors = _receiveReports([conn for _, conn in workers], timeout)
     for p, conn in workers:
         p.join(10)
         if p.is_alive():
@@ -533,22 +543,7 @@ def _stopRoles(workers):
 
 
 def _collectRoles(workers, timeout):
-    results = []
-    errors = []
-    deadline = time.monotonic() + timeout
-    for p, conn, _ in workers:
-        if not conn.poll(max(0.1, deadline - time.monotonic())):
-            errors.append("a load process did not report in time")
-            continue
-        try:
-            kind, info = conn.recv()
-        except EOFError:
-            errors.append("a load process died")
-            continue
-        if kind == "error":
-            errors.append(info)
-        else:
-            results.append(info)
+    results, errors = _receiveReports([conn for _, conn, _ in workers], timeout)
     if errors:
         raise BenchError("; ".join(errors))
     return results
