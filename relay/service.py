@@ -23,7 +23,6 @@ from twisted.logger import (
     LogLevelFilterPredicate,
     Logger,
     jsonFileLogObserver,
-    textFileLogObserver,
 )
 from twisted.python import usage
 from twisted.python.components import Componentized
@@ -32,6 +31,7 @@ from twisted.python.failure import Failure
 from relay.auth import TokenValidator
 from relay.counters import ClusterCounters
 from relay.limits import ConnectionGate, Limits, parseNetworks
+from relay.logtext import classicFileLogObserver
 from relay.metrics import RelayMetrics, splitActiveIdle
 from relay.peer import DEFAULT_HIGH_WATER, PeerWebSocketFactory
 from relay.server import ConfigurationError, Relay, instanceURL
@@ -292,7 +292,7 @@ def makeLogObserver(options, stream=None):
     """
     if stream is None:
         stream = sys.stdout if options["log-file"] == "console" else open(options["log-file"], "a", encoding="utf-8")
-    observer = jsonFileLogObserver(stream) if options["log-format"] == "json" else textFileLogObserver(stream)
+    observer = jsonFileLogObserver(stream) if options["log-format"] == "json" else classicFileLogObserver(stream)
     predicate = LogLevelFilterPredicate(defaultLogLevel=LOG_LEVELS[options["log-level"]])
     return FilteringLogObserver(observer, [predicate])
 
