@@ -29,6 +29,8 @@ class RelayCounters:
         by reason.
     @ivar connections: open connections (authenticated or not), by transport
         (C{websocket}, C{quic}).
+    @ivar senderPauses: times a WebSocket sender was left unread because
+        its messages were being dropped for a congested destination.
     """
 
     def __init__(self):
@@ -39,6 +41,7 @@ class RelayCounters:
         self.handshakeRejects = Counter()
         self.protocolErrors = Counter()
         self.connections = Counter()
+        self.senderPauses = 0
 
 
 class ClusterCounters:

@@ -191,6 +191,11 @@ class RelayMetrics:
             callbacks=[_observeByLabel("reason", lambda: counters.dropped)],
             description="Messages dropped instead of delivered, split by reason",
         )
+        meter.create_observable_counter(
+            "relay_sender_pauses_total",
+            callbacks=[_observeScalar(lambda: counters.senderPauses)],
+            description="Times a sender was left unread because its messages were dropped for a congested destination",
+        )
         meter.create_observable_up_down_counter(
             "relay_connections",
             callbacks=[

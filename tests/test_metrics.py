@@ -35,6 +35,7 @@ PEER_SIDE = {
     "relay_dropped_messages_total": "counter",
     "relay_connections": "gauge",
     "relay_protocol_errors_total": "counter",
+    "relay_sender_pauses_total": "counter",
 }
 
 CLUSTER = {
@@ -263,6 +264,7 @@ class CounterTests(unittest.TestCase):
         counters.dropped["slow_consumer"] += 5
         counters.handshakeRejects["bad_token"] += 1
         counters.protocolErrors["unexpected_message"] += 4
+        counters.senderPauses += 9
         self.fixture.cluster.forwards["ok"] += 11
         self.fixture.cluster.forwards["stream_gone"] += 1
         self.fixture.cluster.helloRejects["hmac_mismatch"] += 3
@@ -278,6 +280,7 @@ class CounterTests(unittest.TestCase):
         self.assertEqual(
             value("relay_protocol_errors_total", "reason", "unexpected_message"), 4
         )
+        self.assertEqual(found[("relay_sender_pauses_total", frozenset())], 9)
         self.assertEqual(value("relay_cluster_forwards_total", "result", "ok"), 11)
         self.assertEqual(value("relay_cluster_forwards_total", "result", "stream_gone"), 1)
         self.assertEqual(

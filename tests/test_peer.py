@@ -13,7 +13,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from relay import messages as m
-from relay.peer import PeerWebSocketFactory
+from relay.peer import SENDER_PAUSE, PeerWebSocketFactory, _writeNow
 from tests.helpers import authMessage, makeRelay
 
 A, B = m.peerID("peer-a"), m.peerID("peer-b")
@@ -111,6 +111,15 @@ class PeerTestCase(unittest.TestCase):
         peer.send(authMessage(name))
         self.assertEqual(peer.messages(), [self.relay.authResponse])
         return peer
+
+    def pair(self):
+        return self.authenticated("peer-a"), self.authenticated("peer-b")
+
+    def transports(self, count, size=100):
+        return [m.encodeTransport(B, (b"%05d" % i) * (size // 5)) for i in range(count)]
+
+    def expected(self, sent):
+        return [m.stampTransport(x, A) for x in sent]
 
     def assertOnlyAClosed(self, a, b):
         self.assertTrue(a.closed)
@@ -239,15 +248,6 @@ class LeanPathTests(PeerTestCase):
     Autobahn or get exactly right itself.
     """
 
-    def pair(self):
-        return self.authenticated("peer-a"), self.authenticated("peer-b")
-
-    def transports(self, count, size=100):
-        return [m.encodeTransport(B, (b"%05d" % i) * (size // 5)) for i in range(count)]
-
-    def expected(self, sent):
-        return [m.stampTransport(x, A) for x in sent]
-
     def test_manyFramesInOneRead(self):
         a, b = self.pair()
         sent = self.transports(50, size=1400)
@@ -326,3 +326,200 @@ class LeanPathTests(PeerTestCase):
         self.assertEqual(raw[:2], bytes((0x82, 125)))
         a.send(m.encodeTransport(B, b"x" * 88))
         self.assertEqual(b.transport.value()[127:131], bytes((0x82, 126, 0, 126)))
+
+
+class CountingTransport(StringTransport):
+    """
+    A string transport that counts its writes.
+    """
+
+    writes = 0
+
+    def write(self, data):
+        self.writes += 1
+        super().write(data)
+
+
+class BatchTests(PeerTestCase):
+    """
+    Frames relayed while one read is taken apart are written once per
+    destination, after the read, in order.
+    """
+
+    def test_oneWritePerDestinationPerRead(self):
+        a, b = self.pair()
+        c = self.authenticated("peer-c")
+        for peer in (b, c):
+            counting = CountingTransport(peerAddress=peer.transport.getPeer())
+            peer.protocol.transport = counting
+            peer.transport = counting
+        C = m.peerID("peer-c")
+        toB, toC = self.transports(5), [m.encodeTransport(C, b"c%d" % i) for i in range(5)]
+        interleaved = [x for both in zip(toB, toC) for x in both]
+        a.protocol.dataReceived(b"".join(clientFrame(x) for x in interleaved))
+        self.assertEqual((b.transport.writes, c.transport.writes), (1, 1))
+        self.assertEqual(b.messages(), self.expected(toB))
+        self.assertEqual(c.messages(), [m.stampTransport(x, A) for x in toC])
+        self.assertEqual(self.factory.batched, [])
+        self.assertIsNone(self.factory.reading)
+
+    def test_writesOutsideAReadAreImmediate(self):
+        """
+        A message that does not come from a WebSocket read (the fabric, a
+        QUIC peer, a health check) is written at once.
+        """
+        a, b = self.pair()
+        self.relay.route(B, m.stampTransport(m.encodeTransport(B, b"from elsewhere"), A))
+        self.assertEqual(b.messages(), [m.stampTransport(m.encodeTransport(B, b"from elsewhere"), A)])
+        self.assertEqual(self.factory.batched, [])
+
+    def test_batchFlushedWhenSenderFails(self):
+        """
+        Frames taken before a protocol error in the same read are still
+        delivered.
+        """
+        a, b = self.pair()
+        sent = self.transports(3)
+        a.protocol.dataReceived(b"".join(clientFrame(x) for x in sent) + clientFrame(b"\x02\x7f"))
+        self.assertTrue(a.closed)
+        self.assertEqual(b.messages(), self.expected(sent))
+
+
+class _FakeTCP:
+    """
+    The parts of L{twisted.internet.tcp.Connection} that L{_writeNow} uses;
+    the socket takes C{accept} bytes, or fails with C{error}.
+    """
+
+    def __init__(self, accept=None, error=None):
+        self.dataBuffer = b""
+        self._tempDataLen = 0
+        self.connected = True
+        self.disconnecting = False
+        self.accept = accept
+        self.error = error
+        self.sent = []
+        self.written = []
+
+    def writeSomeData(self, data):
+        if self.error is not None:
+            return self.error
+        n = len(data) if self.accept is None else min(self.accept, len(data))
+        self.sent.append(bytes(data[:n]))
+        return n
+
+    def write(self, data):
+        self.written.append(data)
+
+
+class WriteNowTests(unittest.SynchronousTestCase):
+    def test_straightToTheSocket(self):
+        t = _FakeTCP()
+        _writeNow(t, b"abc")
+        self.assertEqual((t.sent, t.written), ([b"abc"], []))
+
+    def test_restQueued(self):
+        t = _FakeTCP(accept=2)
+        _writeNow(t, b"abcde")
+        self.assertEqual((t.sent, t.written), ([b"ab"], [b"cde"]))
+
+    def test_nothingJumpsTheQueue(self):
+        for queued in ({"dataBuffer": b"x"}, {"_tempDataLen": 1}):
+            t = _FakeTCP()
+            t.__dict__.update(queued)
+            _writeNow(t, b"abc")
+            self.assertEqual((t.sent, t.written), ([], [b"abc"]), queued)
+
+    def test_closingConnectionLeftToTwisted(self):
+        for state in ({"connected": False}, {"disconnecting": True}):
+            t = _FakeTCP()
+            t.__dict__.update(state)
+            _writeNow(t, b"abc")
+            self.assertEqual((t.sent, t.written), ([], [b"abc"]), state)
+
+    def test_errorLeftToTwisted(self):
+        """
+        A send error is not handled here: the data goes to C{write}, and
+        Twisted finds the error on its next attempt and closes the
+        connection the usual way.
+        """
+        t = _FakeTCP(error=ConnectionLost())
+        _writeNow(t, b"abc")
+        self.assertEqual(t.written, [b"abc"])
+
+
+class SenderPauseTests(PeerTestCase):
+    """
+    A WebSocket sender whose message was dropped for a congested
+    destination is left unread until the destination drains, or for
+    SENDER_PAUSE.
+    """
+
+    def congested(self):
+        a, b, c = self.authenticated("peer-a"), self.authenticated("peer-b"), self.authenticated("peer-c")
+        b.transport.producer.pauseProducing()
+        for _ in range(14):
+            a.send(m.encodeTransport(B, b"x" * 1400))
+        self.assertEqual(self.relay.counters.dropped["slow_consumer"], 1)
+        return a, b, c
+
+    def test_pausedAfterADrop(self):
+        a, b, c = self.congested()
+        self.assertEqual(a.transport.producerState, "paused")
+        self.assertEqual(c.transport.producerState, "producing")
+        self.assertEqual(self.relay.counters.senderPauses, 1)
+
+    def test_resumedAfterThePause(self):
+        a, b, c = self.congested()
+        self.clock.advance(SENDER_PAUSE * 0.99)
+        self.assertEqual(a.transport.producerState, "paused")
+        self.clock.advance(SENDER_PAUSE * 0.01)
+        self.assertEqual(a.transport.producerState, "producing")
+
+    def test_resumedWhenTheDestinationDrains(self):
+        a, b, c = self.congested()
+        pending = len(self.clock.getDelayedCalls())
+        b.transport.producer.resumeProducing()
+        self.assertEqual(a.transport.producerState, "producing")
+        self.assertEqual(len(self.clock.getDelayedCalls()), pending - 1)
+        self.clock.advance(SENDER_PAUSE)
+        self.assertEqual(a.transport.producerState, "producing")
+
+    def test_resumedWhenTheDestinationLeaves(self):
+        a, b, c = self.congested()
+        b.transport.producer.stopProducing()
+        self.assertEqual(a.transport.producerState, "producing")
+
+    def test_morePausesWhileTheFloodGoesOn(self):
+        a, b, c = self.congested()
+        a.send(m.encodeTransport(B, b"x" * 1400))
+        self.assertEqual(self.relay.counters.senderPauses, 1, "already paused")
+        self.clock.advance(SENDER_PAUSE)
+        a.send(m.encodeTransport(B, b"x" * 1400))
+        self.assertEqual(a.transport.producerState, "paused")
+        self.assertEqual(self.relay.counters.senderPauses, 2)
+        self.assertEqual(self.relay.counters.dropped["slow_consumer"], 3)
+
+    def test_otherSendersUntouched(self):
+        a, b, c = self.congested()
+        c.send(m.encodeTransport(A, b"hello"))
+        self.assertEqual(a.messages(), [m.stampTransport(m.encodeTransport(A, b"hello"), m.peerID("peer-c"))])
+        self.assertEqual(c.transport.producerState, "producing")
+
+    def test_senderGoneWhilePaused(self):
+        a, b, c = self.congested()
+        a.protocol.connectionLost(Failure(ConnectionLost("gone")))
+        self.assertEqual([call for call in self.clock.getDelayedCalls() if call.func == a.protocol.resumeReading], [])
+        b.transport.producer.resumeProducing()
+
+    def test_dropsOutsideAReadPauseNobody(self):
+        """
+        Messages from the fabric or QUIC are dropped but nobody is paused:
+        one of those streams carries many peers.
+        """
+        a, b, c = self.congested()
+        self.clock.advance(SENDER_PAUSE)
+        self.relay.route(B, m.stampTransport(m.encodeTransport(B, b"x" * 1400), A))
+        self.assertEqual(self.relay.counters.dropped["slow_consumer"], 2)
+        self.assertEqual(self.relay.counters.senderPauses, 1)
+        self.assertEqual(a.transport.producerState, "producing")
