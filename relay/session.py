@@ -52,11 +52,12 @@ class PeerSession:
         self.lastTransport = None
         self.closed = False
         self._startedAt = relay.clock.seconds()
-        self._healthTimer = None
+        # One timer for the session's whole life: the handshake deadline,
+        # then the health check's next event.
+        self._timer = None
         self._nextPing = self._nextWindow = 0.0
         self._acked = False
         self._missed = 0
-        self._handshakeTimer = None
         self._bucket = None
         self._pending = False
         limits = relay.limits
@@ -69,7 +70,7 @@ class PeerSession:
             return
         relay.pendingHandshakes += 1
         self._pending = True
-        self._handshakeTimer = relay.clock.callLater(HANDSHAKE_TIMEOUT, self._handshakeTimedOut)
+        self._timer = relay.clock.callLater(HANDSHAKE_TIMEOUT, self._timerFired)
         self.messageReceived = self._handshake
 
     def __repr__(self):
@@ -115,8 +116,6 @@ class PeerSession:
         if limits.maxPeers and len(relay.store) >= limits.maxPeers and pid not in relay.store.peers:
             self.relay.noisyLog(self._log.warn, "{where}: handshake rejected: {count} peers connected, the limit", where=where, count=len(relay.store))
             return "max_peers"
-        self._handshakeTimer.cancel()
-        self._handshakeTimer = None
         self._settled()
         if limits.peerByteRate:
             self._bucket = TokenBucket(limits.peerByteRate, max(limits.peerByteRate, m.MAX_MESSAGE_SIZE), relay.clock.seconds())
@@ -129,8 +128,14 @@ class PeerSession:
         self._startHealthCheck()
         return None
 
+    def _timerFired(self):
+        self._timer = None
+        if self.peerID is None:
+            self._handshakeTimedOut()
+        else:
+            self._healthTick()
+
     def _handshakeTimedOut(self):
-        self._handshakeTimer = None
         self.relay.noisyLog(self._log.warn, "{where}: handshake rejected: no Auth within {timeout:.0f} s", where=self.link.peerAddress, timeout=HANDSHAKE_TIMEOUT)
         self.relay.counters.handshakeRejects["timeout"] += 1
         self._close()
@@ -196,13 +201,14 @@ class PeerSession:
     # Like a ticker, a timer that fires late skips what it missed.
 
     def _startHealthCheck(self):
+        if self.closed:
+            return
         now = self.relay.clock.seconds()
         self._nextPing = now + HEALTH_CHECK_INTERVAL
         self._nextWindow = now + HEALTH_WINDOW
-        self._armHealthTimer(now)
-
-    def _armHealthTimer(self, now):
-        self._healthTimer = self.relay.clock.callLater(min(self._nextPing, self._nextWindow) - now, self._healthTick)
+        # The handshake timer, still pending, moves to the first health
+        # event: a reset to a later time costs less than a new timer.
+        self._timer.reset(HEALTH_CHECK_INTERVAL)
 
     def _healthTick(self):
         now = self.relay.clock.seconds()
@@ -217,7 +223,7 @@ class PeerSession:
             self._healthWindowEnded()
             if self.closed:
                 return
-        self._armHealthTimer(now)
+        self._timer = self.relay.clock.callLater(min(self._nextPing, self._nextWindow) - now, self._timerFired)
 
     def _healthWindowEnded(self):
         if self._acked:
@@ -232,12 +238,9 @@ class PeerSession:
         self._close()
 
     def _stopTimers(self):
-        if self._handshakeTimer is not None:
-            self._handshakeTimer.cancel()
-            self._handshakeTimer = None
-        if self._healthTimer is not None and self._healthTimer.active():
-            self._healthTimer.cancel()
-        self._healthTimer = None
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
 
     # Store-facing (IPeerConnection and notifications)
 

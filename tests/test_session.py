@@ -348,6 +348,25 @@ class HealthCheckTests(unittest.TestCase):
         session.linkLost()
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_scheduleStartsAtAuth(self):
+        """
+        The first ping is due 25 s after Auth, not after the connection
+        opened, and the session never has more than one timer.
+        """
+        self.relay = makeRelay(self.clock)
+        link = FakeLink()
+        session = PeerSession(self.relay, link)
+        self.clock.advance(9)
+        session.messageReceived(authMessage("peer-a"))
+        self.assertEqual(link.take(), [self.relay.authResponse])
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(24.9)
+        self.assertEqual(link.take(), [])
+        self.assertFalse(link.aborted)
+        self.clock.advance(0.1)
+        self.assertEqual(link.take(), [b"\x01\x05"])
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+
 
 class ShutdownTests(unittest.TestCase):
     def test_closeToEveryPeer(self):
