@@ -80,8 +80,8 @@ def parseArgs(argv):
     ap.add_argument("--idle-settle", type=float, default=3.0, help="idle: seconds between the last handshake and reading RSS")
     ap.add_argument("--settle", type=float, default=1.0, help="seconds of rest after closing many connections")
     ap.add_argument("--stall-pairs", type=int, default=9, help="stall: measured pairs besides the stalled one (default 9)")
-    ap.add_argument("--stall-senders", type=int, default=1,
-                    help="stall: senders flooding the receiver that stops reading (default 1: 10 senders in all)")
+    ap.add_argument("--stall-senders", type=int, default=10,
+                    help="stall: senders flooding the receiver that stops reading, at full speed (default 10)")
     ap.add_argument("--stall-duration", type=float, default=30.0, help="stall: seconds of flooding (default 30)")
     ap.add_argument("--stall-baseline", type=float, default=5.0, help="stall: seconds measured before the flood (default 5)")
     ap.add_argument("--crosspod-timeout", type=float, default=30.0, help="crosspod: seconds to wait for the first message to cross")
