@@ -5,6 +5,8 @@ string transports with hand-made RFC 6455 frames.
 
 import os
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
@@ -523,3 +525,31 @@ class SenderPauseTests(PeerTestCase):
         self.assertEqual(self.relay.counters.dropped["slow_consumer"], 2)
         self.assertEqual(self.relay.counters.senderPauses, 1)
         self.assertEqual(a.transport.producerState, "producing")
+
+
+class BatchPropertyTests(PeerTestCase):
+    """
+    Whatever the mix of destinations, frame sizes and read boundaries, every
+    destination gets exactly its messages, in the order sent.
+    """
+
+    @settings(derandomize=True, max_examples=150, deadline=None, database=None)
+    @given(
+        st.lists(st.tuples(st.integers(0, 2), st.integers(0, 400)), min_size=1, max_size=40),
+        st.lists(st.integers(1, 3000), max_size=20),
+    )
+    def test_everyDestinationInOrder(self, plan, cuts):
+        self.setUp()
+        a = self.authenticated("peer-a")
+        names = ["peer-b", "peer-c", "peer-d"]
+        receivers = [self.authenticated(name) for name in names]
+        sent = [m.encodeTransport(m.peerID(names[d]), b"%04d" % i + b"z" * size) for i, (d, size) in enumerate(plan)]
+        stream = b"".join(clientFrame(x) for x in sent)
+        position = 0
+        for cut in cuts + [len(stream)]:
+            a.protocol.dataReceived(stream[position : position + cut])
+            position += cut
+        for d, receiver in enumerate(receivers):
+            mine = [m.stampTransport(x, A) for x, (dest, _) in zip(sent, plan) if dest == d]
+            self.assertEqual(receiver.messages(), mine)
+        self.assertEqual(self.factory.batched, [])
