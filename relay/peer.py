@@ -17,8 +17,8 @@ Messages relayed while one read is being taken apart are queued per
 destination and written once the read is done: one write per destination per
 read, straight to the socket when nothing is queued ahead (L{_writeNow}).
 
-A sender whose message was just dropped because its destination is over its
-high-water mark stops being read until that destination drains, or for
+A sender most of whose read was dropped because the destinations were over
+their high-water mark stops being read until one of them drains, or for
 L{SENDER_PAUSE} at most (see L{PeerWebSocketProtocol.writeMessage}).
 """
 
@@ -124,6 +124,7 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
     _pending = b""
     _direct = False
     _readPause = None
+    _droppedBytes = 0
 
     def connectionMade(self):
         super().connectionMade()
@@ -205,12 +206,17 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
             factory = self.factory
             factory.reading = self
             try:
-                data = self._leanFrames(data)
+                rest = self._leanFrames(data)
             finally:
                 factory.reading = None
                 factory.flush()
-            if not data:
+            if self._droppedBytes:
+                if self._droppedBytes * 2 > len(data):
+                    self.pauseReading()
+                self._droppedBytes = 0
+            if not rest:
                 return
+            data = rest
             self._fast = False
         super().dataReceived(data)
         self._fast = self.state == self.STATE_OPEN and not self.data and self.current_frame is None and not self.inside_message
@@ -287,15 +293,17 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
         Queue C{message} as one binary frame, or drop it if this peer's
         backlog is over the high-water mark.
 
-        The WebSocket sender of a dropped message is also paused (see
-        L{pauseReading}). Dropping alone would leave the relay reading and
-        discarding a flood at full speed: as much CPU as relaying it, taken
-        from every healthy pair. Paused, the flood backs up in the sender's
-        own TCP window instead. The price is head-of-line blocking of that
-        sender's other flows for up to L{SENDER_PAUSE} per dropped read;
-        the Go relay blocks a sender for as long as its destination's write
-        takes (up to 10 s). Senders over QUIC or the inter-pod fabric are
-        never paused: one of those streams carries many peers.
+        A WebSocket sender more than half of whose read was dropped is also
+        paused (see L{pauseReading}). Dropping alone would leave the relay
+        reading and discarding a flood at full speed: as much CPU as
+        relaying it, taken from every healthy pair. Paused, the flood backs
+        up in the sender's own TCP window instead. The price is head-of-line
+        blocking of that sender's other flows for up to L{SENDER_PAUSE} per
+        such read, which is why a sender that mostly reaches healthy peers
+        is never paused for the odd drop; the Go relay blocks a sender for
+        as long as its destination's write takes (up to 10 s). Senders over
+        QUIC or the inter-pod fabric are never paused: one of those streams
+        carries many peers.
 
         @return: whether the message was queued.
         """
@@ -309,8 +317,8 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
                 factory.relay.counters.dropped["slow_consumer"] += 1
                 sender = factory.reading
                 if sender is not None and sender is not self:
+                    sender._droppedBytes += size
                     congestion.senders.add(sender)
-                    sender.pauseReading()
                 return False
             congestion.backlog += size
         header = _SHORT_HEADERS[size] if size < 126 else _HEADER_16 + size.to_bytes(2, "big")

@@ -502,6 +502,24 @@ class SenderPauseTests(PeerTestCase):
         self.assertEqual(self.relay.counters.senderPauses, 2)
         self.assertEqual(self.relay.counters.dropped["slow_consumer"], 3)
 
+    def test_mostlyHealthyReadNotPaused(self):
+        """
+        A sender whose read mostly reaches healthy peers is not paused for
+        the odd drop; one whose read is mostly dropped is.
+        """
+        a, b, c = self.congested()
+        self.clock.advance(SENDER_PAUSE)
+        C = m.peerID("peer-c")
+        toB, toC = m.encodeTransport(B, b"x" * 1400), m.encodeTransport(C, b"y" * 1400)
+        a.protocol.dataReceived(clientFrame(toB) + clientFrame(toC) + clientFrame(toC))
+        self.assertEqual(self.relay.counters.dropped["slow_consumer"], 2)
+        self.assertEqual(a.transport.producerState, "producing")
+        self.assertEqual(self.relay.counters.senderPauses, 1)
+        a.protocol.dataReceived(clientFrame(toB) + clientFrame(toB) + clientFrame(toC))
+        self.assertEqual(a.transport.producerState, "paused")
+        self.assertEqual(self.relay.counters.senderPauses, 2)
+        self.assertEqual(len(c.messages()), 3)
+
     def test_otherSendersUntouched(self):
         a, b, c = self.congested()
         c.send(m.encodeTransport(A, b"hello"))
