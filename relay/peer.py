@@ -22,7 +22,10 @@ their high-water mark stops being read until one of them drains, or for
 L{SENDER_PAUSE} at most (see L{PeerWebSocketProtocol.writeMessage}).
 """
 
+from pprint import pformat
+
 import autobahn.websocket.protocol
+import txaio
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import tcp
@@ -35,12 +38,24 @@ from relay import messages as m
 from relay.limits import ConnectionGate
 from relay.session import PeerSession
 
-# Autobahn pretty-prints its ~30 options for a debug line on every new
-# connection, whether debug logging is on or not: 90 us of pure-Python
-# pformat per handshake, a quarter of the handshake's CPU. repr() says the
-# same on one line in 8 us. Nothing else in that module calls pformat on a
-# server's path.
-autobahn.websocket.protocol.pformat = repr
+
+
+def _pformatForDebug(value):
+    """
+    Autobahn's C{pformat}, which it only calls for the arguments of debug
+    lines: the text is built only when txaio passes debug lines on at all
+    (it does not unless its global level is lowered).
+
+    Autobahn pretty-prints its ~30 options for a debug line on every new
+    connection, whether the line is logged or not: 90 us of pure-Python
+    pformat per handshake, a quarter of the handshake's CPU.
+    """
+    if txaio.get_global_log_level() in ("debug", "trace"):
+        return pformat(value)
+    return ""
+
+
+autobahn.websocket.protocol.pformat = _pformatForDebug
 
 try:
     from websockets.speedups import apply_mask

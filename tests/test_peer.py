@@ -5,6 +5,8 @@ string transports with hand-made RFC 6455 frames.
 
 import os
 
+import autobahn.websocket.protocol
+import txaio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
@@ -320,6 +322,17 @@ class LeanPathTests(PeerTestCase):
         self.assertEqual(frames[0][0], 8)
         self.assertTrue(a.closed)
         self.assertFalse(b.closed)
+
+    def test_autobahnDebugArgumentsOnlyWhenDebugging(self):
+        """
+        The options Autobahn pretty-prints for a debug line on every
+        connection are only formatted when txaio passes debug lines on.
+        """
+        level = txaio.get_global_log_level()
+        self.addCleanup(txaio.set_global_log_level, level)
+        self.assertEqual(autobahn.websocket.protocol.pformat([("a", 1)]), "")
+        txaio.set_global_log_level("debug")
+        self.assertEqual(autobahn.websocket.protocol.pformat([("a", 1)]), "[('a', 1)]")
 
     def test_serverFramesUnmaskedWithMinimalHeader(self):
         a, b = self.pair()
