@@ -69,9 +69,8 @@ except ImportError:  # a platform without the websockets C extension
 PATH = "/relay"
 DEFAULT_HIGH_WATER = 1024 * 1024
 CLOSE_TIMEOUT = 3.0
-# Longest a sender is left unread after one of its messages was dropped for
-# a congested destination; it is read again sooner if that destination
-# drains. Short enough that its other flows keep moving (a WireGuard
+# Longest a sender is left unread after most of one read was dropped for
+# congested destinations; it is read again sooner if one of them drains. Short enough that its other flows keep moving (a WireGuard
 # keepalive or handshake is never held noticeably), long enough that reading
 # and dropping a flood costs the relay next to nothing (one 64 KiB read per
 # pause).
@@ -400,10 +399,12 @@ def _writeNow(transport, data):
     nothing is queued ahead of it.
 
     Twisted's C{write} always waits for the next reactor turn: two
-    C{epoll_ctl} calls and a wake-up per destination per read, a fifth of
-    the relay's CPU under load. The socket accepts the write now in the
+    C{epoll_ctl} calls and a wake-up per destination per read, about a fifth
+    of the relay's CPU under load. The socket accepts the write now in the
     common case; whatever it does not take (or an error, which Twisted then
-    finds and reports the usual way) goes through C{write}.
+    finds and reports the usual way) goes through C{write}. "Nothing queued"
+    is read from the two buffers of Twisted's C{FileDescriptor}, which is
+    why only a plain C{tcp.Server} transport comes here.
     """
     if not transport.dataBuffer and not transport._tempDataLen and transport.connected and not transport.disconnecting:
         sent = transport.writeSomeData(data)
