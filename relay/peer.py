@@ -70,9 +70,10 @@ PATH = "/relay"
 DEFAULT_HIGH_WATER = 1024 * 1024
 CLOSE_TIMEOUT = 3.0
 # Longest a sender is left unread after most of one read was dropped for
-# congested destinations; it is read again sooner if one of them drains. Short enough that its other flows keep moving (a WireGuard
-# keepalive or handshake is never held noticeably), long enough that reading
-# and dropping a flood costs the relay next to nothing (one 64 KiB read per
+# congested destinations; it is read again sooner if one of them drains.
+# Short enough that its other flows keep moving (a WireGuard keepalive or
+# handshake is never held noticeably), long enough that reading and
+# dropping a flood costs the relay next to nothing (one 64 KiB read per
 # pause).
 SENDER_PAUSE = 0.01
 
