@@ -22,9 +22,13 @@ class RelayCounters:
         with the same id was stored (Go: relay_peer_reconnections_total).
     @ivar dropped: messages dropped, by reason (C{unknown_peer},
         C{slow_consumer}, C{too_large_for_datagram}, ...).
-    @ivar handshakeRejects: failed handshakes, by reason (C{bad_version},
-        C{not_auth}, C{legacy_hello}, C{malformed}, C{bad_token},
-        C{expired_token}, C{timeout}, C{too_large}, ...).
+    @ivar handshakeRejects: failed or refused handshakes, by reason: the
+        first message (C{too_large}, C{malformed}, C{bad_version},
+        C{bad_type}, C{not_auth}, C{legacy_hello}, C{bad_magic}), the token
+        (C{unknown_algo}, C{bad_signature}, C{expired}, C{malformed}), the
+        relay's state and limits (C{draining}, C{max_peers}, C{max_pending},
+        C{per_ip_connections}, C{per_ip_rate}) and C{timeout} (no Auth in
+        time).
     @ivar protocolErrors: authenticated peers closed for a protocol error,
         by reason.
     @ivar connections: open connections (authenticated or not), by transport

@@ -100,7 +100,6 @@ class ConnectionGate:
     def __init__(self, limits, clock):
         self.limits = limits
         self.clock = clock
-        self.pending = 0
         self._open = {}
         self._buckets = {}
         self._pruner = None

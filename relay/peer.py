@@ -381,7 +381,10 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
     def closeGracefully(self):
         self.writeMessage(m.CLOSE_MESSAGE)
         self.sendClose(1000)
-        self._closeTimeout = self.factory.relay.clock.callLater(CLOSE_TIMEOUT, self.dropConnection, abort=True)
+        # A peer that does not answer the Close in time is aborted quietly,
+        # as in closeLink: one dropConnection() warning per peer would flood
+        # the log of a relay shutting down.
+        self._closeTimeout = self.factory.relay.clock.callLater(CLOSE_TIMEOUT, self.closeLink)
 
     def whenClosed(self):
         """

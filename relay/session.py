@@ -59,13 +59,13 @@ class PeerSession:
         self._acked = False
         self._missed = 0
         self._bucket = None
+        self._stampPrefix = None
         self._pending = False
         limits = relay.limits
         if limits.maxPending and relay.pendingHandshakes >= limits.maxPending:
             self.relay.noisyLog(self._log.warn, "{where}: refused: {count} connections already waiting to authenticate", where=link.peerAddress, count=relay.pendingHandshakes)
             relay.counters.handshakeRejects["max_pending"] += 1
-            self.closed = True
-            self.messageReceived = _ignore
+            self._end()
             link.closeLink()
             return
         relay.pendingHandshakes += 1
@@ -120,6 +120,9 @@ class PeerSession:
         if limits.peerByteRate:
             self._bucket = TokenBucket(limits.peerByteRate, max(limits.peerByteRate, m.MAX_MESSAGE_SIZE), relay.clock.seconds())
         self.peerID = pid
+        # The header of every Transport this peer sends, as relayed: the
+        # destination id replaced by the source's.
+        self._stampPrefix = bytes((m.VERSION, m.TRANSPORT)) + pid
         self.messageReceived = self._authenticated
         # AuthResponse and registration in one reactor turn: nothing can reach
         # the peer before its AuthResponse (PROTOCOL.md 2.1, "Ordering").
@@ -144,17 +147,18 @@ class PeerSession:
 
     def _authenticated(self, message):
         size = len(message)
-        if size >= m.TRANSPORT_HEADER_SIZE and message[1] == m.TRANSPORT and message[0] == m.VERSION:
-            if size > m.MAX_MESSAGE_SIZE:
-                self.protocolError("too_large", f"{size}-byte message")
-                return
+        # The fast path: a well-formed Transport within the size limit. An
+        # oversized one falls through to the single size check below, after
+        # the header check, so a message both oversized and malformed is
+        # still counted by its header error.
+        if m.TRANSPORT_HEADER_SIZE <= size <= m.MAX_MESSAGE_SIZE and message[1] == m.TRANSPORT and message[0] == m.VERSION:
             relay = self.relay
             now = self.lastTransport = relay.clock.seconds()
             if self._bucket is not None and not self._bucket.take(size, now):
                 relay.counters.dropped["rate_limited"] += 1
                 return
             relay.counters.transferReceivedBytes += size
-            relay.route(message[m.HEADER_SIZE : m.TRANSPORT_HEADER_SIZE], message[:m.HEADER_SIZE] + self.peerID + message[m.TRANSPORT_HEADER_SIZE:])
+            relay.route(message[m.HEADER_SIZE : m.TRANSPORT_HEADER_SIZE], self._stampPrefix + message[m.TRANSPORT_HEADER_SIZE:])
             return
         try:
             kind = m.messageType(message)
@@ -237,6 +241,14 @@ class PeerSession:
         self.relay.counters.protocolErrors["health_check_timeout"] += 1
         self._close()
 
+    def _end(self):
+        """
+        The session is over: no more timers, and later messages are ignored.
+        """
+        self.closed = True
+        self._stopTimers()
+        self.messageReceived = _ignore
+
     def _stopTimers(self):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
@@ -266,26 +278,20 @@ class PeerSession:
         Tell the peer the relay is going away, then close (shutdown).
         """
         if not self.closed:
-            self.closed = True
-            self._stopTimers()
-            self.messageReceived = _ignore
+            self._end()
             self.link.closeGracefully()
 
     def _close(self):
         if not self.closed:
-            self.closed = True
-            self._stopTimers()
-            self.messageReceived = _ignore
+            self._end()
             self.link.closeLink()
 
     def linkLost(self):
         """
         The carrier is gone, for whatever reason.
         """
-        self.closed = True
-        self._stopTimers()
+        self._end()
         self._settled()
-        self.messageReceived = _ignore
         if self.peerID is not None:
             self.relay.unregister(self)
 

@@ -109,8 +109,14 @@ class SessionLimitTests(unittest.TestCase):
         self.assertEqual(link.written, [])
         self.assertEqual(self.relay.counters.handshakeRejects["max_peers"], 1)
         # A reconnecting peer replaces itself, so it is still let in.
-        connect(self.relay, "peer-b")
+        _, linkB2 = connect(self.relay, "peer-b")
+        self.assertEqual(len(self.relay.store), 2)
+        self.assertTrue(linkB.aborted)
+        self.assertFalse(linkB2.aborted)
         a.messageReceived(m.encodeTransport(B, b"fine"))
+        self.assertFalse(linkA.aborted)
+        self.assertEqual(linkB2.take(), [m.encodeTransport(A, b"fine")])
+        self.assertEqual(linkB.written, [])
 
     def test_peerByteRate(self):
         self.relay.limits = Limits(peerByteRate=10000)
