@@ -26,6 +26,8 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.resources import Resource
 from prometheus_client import CollectorRegistry
 
+from relay.cluster import frames
+
 # A connected peer is idle once no Transport message went through it for this
 # many seconds (Go: idleTimeout in relay/metrics/realy.go).
 IDLE_TIMEOUT = 30.0
@@ -43,13 +45,13 @@ LOOKUP_BUCKETS_SECONDS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.0)
 # on increase() sees the very first one.
 FORWARD_RESULTS = ("ok", "peer_not_found", "stream_gone", "send_error")
 HELLO_REJECT_REASONS = (
-    "hmac_mismatch",
-    "unsigned_but_required",
-    "signed_but_unsupported",
-    "stale_timestamp",
-    "malformed",
-    "timeout",
-    "first_frame_not_hello",
+    frames.HMAC_MISMATCH,
+    frames.UNSIGNED_BUT_REQUIRED,
+    frames.SIGNED_BUT_UNSUPPORTED,
+    frames.STALE_TIMESTAMP,
+    frames.MALFORMED,
+    frames.TIMEOUT,
+    frames.FIRST_FRAME_NOT_HELLO,
 )
 TRANSPORTS = ("websocket", "quic")
 
@@ -103,6 +105,37 @@ def _observeByLabel(key, read, seeded=()):
     return callback
 
 
+class _ScrapeMarker:
+    """
+    A collector without metrics, registered first in a registry, that counts
+    the registry's collections: a scrape's observable callbacks all run with
+    the same L{generation}.
+    """
+
+    def __init__(self):
+        self.generation = 0
+
+    def collect(self):
+        self.generation += 1
+        return ()
+
+
+def _oncePerScrape(marker, compute):
+    """
+    C{compute}, called at most once per scrape of C{marker}'s registry: the
+    callbacks of one scrape share its result.
+    """
+    cache = [None, None]
+
+    def cached():
+        if cache[0] != marker.generation:
+            cache[1] = compute()
+            cache[0] = marker.generation
+        return cache[1]
+
+    return cached
+
+
 class RelayMetrics:
     """
     The relay's instruments, wired to a private Prometheus registry.
@@ -117,8 +150,7 @@ class RelayMetrics:
             increments.
         @param peerStats: a callable returning C{(peers, active, idle)}, the
             number of stored peers and how many of them are active and idle
-            (see L{splitActiveIdle}). It is called up to three times per
-            scrape.
+            (see L{splitActiveIdle}). It is called once per scrape.
         @param clusterCounters: the L{relay.counters.ClusterCounters} of the
             inter-pod fabric, or None in single-pod mode, where no
             C{relay_cluster_*} metric is exported (as in Go).
@@ -127,6 +159,10 @@ class RelayMetrics:
             declared but has no sample, as in Go without a stream source.
         """
         self.registry = CollectorRegistry()
+        # Before the reader's collector, so that it counts a scrape before
+        # the callbacks run.
+        marker = _ScrapeMarker()
+        self.registry.register(marker)
         self._reader = PrometheusMetricReader(registry=self.registry)
         self._provider = MeterProvider(
             metric_readers=[self._reader],
@@ -136,7 +172,7 @@ class RelayMetrics:
         meter = self._provider.get_meter(_METER_NAME)
         self._clusterEnabled = clusterCounters is not None
 
-        self._declarePeerSide(meter, counters, peerStats)
+        self._declarePeerSide(meter, counters, _oncePerScrape(marker, peerStats))
         if self._clusterEnabled:
             self._declareCluster(meter, clusterCounters, clusterStreams)
 

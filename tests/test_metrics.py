@@ -351,6 +351,27 @@ class CounterTests(unittest.TestCase):
         self.assertEqual([first[(n, frozenset())] for n in names], [5, 3, 2])
         self.assertEqual([second[(n, frozenset())] for n in names], [4, 1, 3])
 
+    def test_peerStatsOncePerScrape(self):
+        """
+        The peer stats callable, O(peers), is called once per scrape though
+        three metrics come from it.
+        """
+        calls = []
+
+        def stats():
+            calls.append(None)
+            return (len(calls) + 4, len(calls), 4)
+
+        metrics = RelayMetrics(RelayCounters(), stats)
+        self.addCleanup(metrics.shutdown)
+        first = samples(generate_latest(metrics.registry).decode("utf-8"))
+        self.assertEqual(len(calls), 1)
+        second = samples(generate_latest(metrics.registry).decode("utf-8"))
+        self.assertEqual(len(calls), 2)
+        names = ("relay_peers", "relay_peers_active", "relay_peers_idle")
+        self.assertEqual([first[(n, frozenset())] for n in names], [5, 1, 4])
+        self.assertEqual([second[(n, frozenset())] for n in names], [6, 2, 4])
+
     def test_clusterStreams(self):
         """
         relay_cluster_streams reports the stream source at each scrape.
