@@ -17,6 +17,7 @@ from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.error import ProcessExitedAlready
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
@@ -31,7 +32,7 @@ from twisted.python.failure import Failure
 
 from relay.auth import TokenValidator
 from relay.counters import ClusterCounters
-from relay.limits import ConnectionGate, Limits, parseNetworks
+from relay.limits import Limits, parseNetworks
 from relay.logtext import classicFileLogObserver
 from relay.metrics import RelayMetrics, splitActiveIdle
 from relay.peer import DEFAULT_HIGH_WATER, PeerWebSocketFactory
@@ -338,6 +339,8 @@ class RelayService(service.MultiService):
         self.reactor = reactor
         self.cluster = cluster
         self.peerPort = None
+        # With --workers, worker 0's ProcessMonitor running the others.
+        self.supervisor = None
 
     def setServiceParent(self, parent):
         # twistd's AppLogger uses an ILogObserver component of the
@@ -381,13 +384,31 @@ class RelayService(service.MultiService):
 
     def reloadTLS(self):
         """
-        Re-read the certificate files for new WebSocket and QUIC connections.
+        Re-read the certificate files for new WebSocket and QUIC connections,
+        here and (with --workers) in the worker processes this one
+        supervises: SIGHUP reaches only the process it is sent to.
         """
+        self._signalWorkers("HUP")
         if self.tls.reload() and self.quic is not None:
             try:
                 self.quic.reloadCertificate()
             except ConfigurationError as e:
                 self._log.error("QUIC certificate reload failed, keeping the previous one: {error}", error=str(e))
+
+    def _signalWorkers(self, signalName):
+        """
+        Send C{signalName} to each running worker process, if this process
+        supervises any.
+        """
+        if self.supervisor is None:
+            return
+        for name, protocol in sorted(self.supervisor.protocols.items()):
+            if protocol.transport is None:
+                continue
+            try:
+                protocol.transport.signalProcess(signalName)
+            except ProcessExitedAlready:
+                pass
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -531,7 +552,7 @@ def makeService(options, reactor=None):
     top = RelayService(
         relay,
         peerEndpoint,
-        PeerWebSocketFactory(relay, reactor, highWater=options["peer-buffer-limit"], gate=ConnectionGate(relay.limits, reactor)),
+        PeerWebSocketFactory(relay, reactor, highWater=options["peer-buffer-limit"]),
         readiness,
         logObserver=makeLogObserver(options),
         reactor=reactor,
@@ -549,7 +570,8 @@ def makeService(options, reactor=None):
         from relay.workers import SupervisorWatch, makeSupervisor
 
         if options["worker-index"] == 0:
-            makeSupervisor(options, reactor, variableFor).setServiceParent(top)
+            top.supervisor = makeSupervisor(options, reactor, variableFor)
+            top.supervisor.setServiceParent(top)
         else:
             SupervisorWatch(reactor).setServiceParent(top)
     return top

@@ -5,6 +5,7 @@ The command line, the environment variables and the service tree.
 import io
 import json
 
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel
 from twisted.python import usage
@@ -159,6 +160,84 @@ class ServiceTests(unittest.TestCase):
         top = makeService(parse(REQUIRED), reactor=Clock())
         top.setServiceParent(application)
         self.assertIs(application.getComponent(ILogObserver), top.logObserver)
+
+
+class _FakeProcess:
+    def __init__(self, exited=False):
+        self.exited = exited
+        self.signals = []
+
+    def signalProcess(self, signalName):
+        if self.exited:
+            raise ProcessExitedAlready()
+        self.signals.append(signalName)
+
+
+class _FakeProtocol:
+    def __init__(self, transport):
+        self.transport = transport
+
+
+class _FakeMonitor:
+    """
+    The part of L{twisted.runner.procmon.ProcessMonitor} the relay uses: its
+    running processes' protocols, by name.
+    """
+
+    def __init__(self, protocols):
+        self.protocols = protocols
+
+
+class _FakeTLS:
+    def __init__(self):
+        self.reloads = 0
+
+    def reload(self):
+        self.reloads += 1
+        return False
+
+
+class ReloadTests(unittest.TestCase):
+    """
+    SIGHUP (L{RelayService.reloadTLS}) reloads the certificate here and in
+    every running worker process.
+    """
+
+    def service(self, supervisor):
+        top = RelayService(None, None, None, None, tls=_FakeTLS())
+        top.supervisor = supervisor
+        return top
+
+    def test_withoutWorkers(self):
+        top = self.service(None)
+        top.reloadTLS()
+        self.assertEqual(top.tls.reloads, 1)
+
+    def test_workersSignalled(self):
+        one, two, gone = _FakeProcess(), _FakeProcess(), _FakeProcess(exited=True)
+        monitor = _FakeMonitor(
+            {
+                "relay-worker-1": _FakeProtocol(one),
+                "relay-worker-2": _FakeProtocol(two),
+                "relay-worker-3": _FakeProtocol(gone),
+                "relay-worker-4": _FakeProtocol(None),
+            }
+        )
+        top = self.service(monitor)
+        top.reloadTLS()
+        self.assertEqual(top.tls.reloads, 1)
+        self.assertEqual((one.signals, two.signals, gone.signals), (["HUP"], ["HUP"], []))
+
+    def test_supervisorKept(self):
+        from twisted.runner.procmon import ProcessMonitor
+
+        reactor = Clock()
+        # With --workers, the workers are pods of a fabric on this host.
+        reactor.nameResolver = None
+        top = makeService(parse(REQUIRED + ["--workers", "2"]), reactor=reactor)
+        self.assertIsInstance(top.supervisor, ProcessMonitor)
+        self.assertIn(top.supervisor, list(top))
+        self.assertIsNone(makeService(parse(REQUIRED), reactor=Clock()).supervisor)
 
 
 class LimitOptionsTests(unittest.TestCase):
