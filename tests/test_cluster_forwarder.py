@@ -254,6 +254,20 @@ class LocateTests(ForwarderTestMixin, SynchronousTestCase):
         self.assertTrue(self.successResultOf(self.forwarder.locate(PEER_B)))
         self.assertEqual(self.b.sent, [])
 
+    def test_cachedPodWithoutStream(self):
+        """
+        A cached pod with no live stream does not count: the entry is dropped
+        and the peer looked up again.
+        """
+        self.locator.iHaveReceived(B, PEER_B, 1)
+        del self.transport.streams[B]
+        d = self.forwarder.locate(PEER_B)
+        self.assertNoResult(d)
+        self.assertIsNone(self.locator.cached(PEER_B))
+        self.assertEqual(self.c.sent, [frames.whoHasFrame(PEER_B)])
+        self.clock.advance(0.2)
+        self.assertIs(self.successResultOf(d), False)
+
     def test_found(self):
         d = self.forwarder.locate(PEER_B)
         self.assertNoResult(d)

@@ -337,6 +337,7 @@ class AcceptorTests(SynchronousTestCase):
         owner = makeTransport()
         proto, tr = accept(owner)
         proto.dataReceived(frames.helloFrame("10.0.0.2:7090", NOW, "another"))
+        self.assertNotEqual(self.logged, [])
         for event in self.logged:
             self.assertNotIn(SECRET, repr(event))
 
@@ -411,6 +412,28 @@ class StreamFrameTests(SynchronousTestCase):
         proto.dataReceived(frames.whoHasFrame(PEER_A))
         self.assertFalse(tr.disconnecting)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_streamUpErrorClosesStream(self):
+        """
+        A handler failing on a new stream is logged and the stream closed,
+        instead of the exception escaping into the read loop.
+        """
+        owner = makeTransport(pingInterval=15)
+
+        def boom(stream):
+            raise RuntimeError("bug")
+
+        owner.handler.streamUp = boom
+        proto, tr = accept(owner)
+        proto.dataReceived(frames.helloFrame("10.0.0.2:7090", NOW, SECRET))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertTrue(tr.disconnecting)
+        self.assertIsNone(owner.stream("10.0.0.2:7090"))
+        owner.clock.advance(15)
+        self.assertEqual(tr.value(), b"")
+        lose(proto)
+        self.assertEqual(owner.handler.events, [("down", proto)])
+        self.assertEqual(owner.clock.getDelayedCalls(), [])
 
     def test_pingAnswered(self):
         owner, proto, tr = established()
@@ -488,6 +511,20 @@ class KeepaliveTests(SynchronousTestCase):
         tr.clear()
         owner.clock.advance(15)
         self.assertEqual(tr.value(), frames.pingFrame())
+
+    def test_pingErrorLogged(self):
+        """
+        An exception stopping the keepalive loop is logged, not left in an
+        unhandled Deferred.
+        """
+        owner, proto, tr = established(makeTransport(pingInterval=15, pongTimeout=10))
+
+        def boom(data, droppable=False):
+            raise RuntimeError("bug")
+
+        proto.send = boom
+        owner.clock.advance(15)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_noPingBeforeHello(self):
         owner = makeTransport(pingInterval=15, pongTimeout=10)

@@ -141,6 +141,7 @@ class CrossPodTests(ClusterTestCase):
             a.send(C, b"not for the outsider")
             a.send(B, b"inside")
             yield sleep(0.04)
+        yield self.waitFor(lambda: b.received)
         self.assertEqual(intruder.received, [])
         self.assertOnlyFrom(b, A, b"inside")
         self.assertIn(b"hmac_mismatch", self.pods[PODS[0]].output + self.pods[PODS[2]].output)

@@ -191,8 +191,12 @@ class Forwarder:
         if self.localPeers.localPeer(peerID) is not None:
             return defer.succeed(True)
         address = self.locator.cached(peerID)
-        if address is not None and self.transport.stream(address) is not None:
-            return defer.succeed(True)
+        if address is not None:
+            if self.transport.stream(address) is not None:
+                return defer.succeed(True)
+            # The cached pod is unreachable: ask again instead of having
+            # lookup() answer with the same stale address.
+            self.locator.invalidate(peerID, address)
         d = self.locator.lookup(peerID)
         d.addCallback(lambda found: found is not None)
         d.addTimeout(self.forwardTimeout, self.clock)

@@ -19,6 +19,8 @@ import hmac
 import struct
 from dataclasses import dataclass
 
+from relay import messages
+
 HELLO = 0x00
 WHO_HAS = 0x01
 I_HAVE = 0x02
@@ -40,8 +42,8 @@ FRAME_NAMES = {
 
 HEADER_SIZE = 3
 MAX_PAYLOAD = 0xFFFF
-PEER_ID_SIZE = 36
-PEER_ID_PREFIX = b"sha-"
+PEER_ID_SIZE = messages.ID_SIZE
+PEER_ID_PREFIX = messages.ID_PREFIX
 
 HELLO_VERSION = 2
 HELLO_HMAC_SIZE = 32
@@ -50,8 +52,8 @@ HELLO_WINDOW = 300
 HELLO_MAX_PAYLOAD = 2 + HELLO_MAX_ADDRESS + 8 + 1 + HELLO_HMAC_SIZE
 
 # Transport message header of the peer protocol: version 1, type 3.
-TRANSPORT_HEADER = b"\x01\x03"
-TRANSPORT_MIN_SIZE = 2 + PEER_ID_SIZE
+TRANSPORT_HEADER = bytes((messages.VERSION, messages.TRANSPORT))
+TRANSPORT_MIN_SIZE = messages.TRANSPORT_HEADER_SIZE
 
 # HELLO rejection reasons (PROTOCOL.md 3); the transport adds the last two.
 HMAC_MISMATCH = "hmac_mismatch"
@@ -87,10 +89,11 @@ class FrameError(Exception):
 
 def peerIDOf(name):
     """
-    The 36-byte peer id of a peer name (PROTOCOL.md 1).
+    The 36-byte peer id of a peer name (PROTOCOL.md 1); like
+    L{relay.messages.peerID} but also takes the name as bytes.
     """
     if isinstance(name, str):
-        name = name.encode("utf-8")
+        return messages.peerID(name)
     return PEER_ID_PREFIX + hashlib.sha256(name).digest()
 
 
@@ -229,6 +232,13 @@ def _asBytes(secret):
     return bytes(secret)
 
 
+def _helloMAC(key, body):
+    """
+    The HELLO signature: HMAC-SHA256 of the body under the cluster secret.
+    """
+    return hmac.new(key, body, hashlib.sha256).digest()
+
+
 def encodeHello(address, timestamp, secret):
     """
     A HELLO v2 payload announcing C{address} (C{host:port}).
@@ -243,7 +253,7 @@ def encodeHello(address, timestamp, secret):
     body = bytes((HELLO_VERSION, len(encoded))) + encoded + _U64.pack(int(timestamp))
     key = _asBytes(secret)
     if key:
-        return body + bytes((HELLO_HMAC_SIZE,)) + hmac.new(key, body, hashlib.sha256).digest()
+        return body + bytes((HELLO_HMAC_SIZE,)) + _helloMAC(key, body)
     return body + b"\x00"
 
 
@@ -283,7 +293,7 @@ def decodeHello(payload, secret, now):
     if key:
         if hmacLength == 0:
             raise FrameError(UNSIGNED_BUT_REQUIRED, f"unsigned HELLO from {address!r}")
-        expected = hmac.new(key, bytes(payload[:bodyEnd]), hashlib.sha256).digest()
+        expected = _helloMAC(key, bytes(payload[:bodyEnd]))
         if not hmac.compare_digest(expected, bytes(payload[bodyEnd + 1:])):
             raise FrameError(HMAC_MISMATCH, f"HELLO from {address!r}")
     elif hmacLength:
@@ -311,7 +321,12 @@ def peerGoneFrame(peerID):
 
 
 def fwdFrame(destinationID, message):
-    return encodeFrame(FWD, _checkID(destinationID) + message)
+    # One copy of the message per forwarded packet: no intermediate payload.
+    destinationID = _checkID(destinationID)
+    length = PEER_ID_SIZE + len(message)
+    if length > MAX_PAYLOAD:
+        raise FrameError(MALFORMED, f"payload of {length} bytes exceeds {MAX_PAYLOAD}")
+    return b"".join((_HEADER.pack(FWD, length), destinationID, message))
 
 
 def pingFrame():
@@ -322,16 +337,10 @@ def pongFrame():
     return encodeFrame(PONG)
 
 
-def _checkID(peerID):
+def _checkID(peerID, name="peer id"):
     if len(peerID) != PEER_ID_SIZE:
-        raise FrameError(MALFORMED, f"peer id of {len(peerID)} bytes")
+        raise FrameError(MALFORMED, f"{name} of {len(peerID)} bytes, expected {PEER_ID_SIZE}")
     return bytes(peerID)
-
-
-def _exactID(name, payload):
-    if len(payload) != PEER_ID_SIZE:
-        raise FrameError(MALFORMED, f"{name} of {len(payload)} bytes, expected {PEER_ID_SIZE}")
-    return bytes(payload)
 
 
 def _empty(name, payload, value):
@@ -354,13 +363,13 @@ def decodePayload(frameType, payload):
             raise FrameError(MALFORMED, f"FWD of {len(payload)} bytes, shorter than an id")
         return Fwd(bytes(payload[:PEER_ID_SIZE]), bytes(payload[PEER_ID_SIZE:]))
     if frameType == WHO_HAS:
-        return WhoHas(_exactID("WHO_HAS", payload))
+        return WhoHas(_checkID(payload, "WHO_HAS"))
     if frameType == I_HAVE:
         if len(payload) != PEER_ID_SIZE + 4:
             raise FrameError(MALFORMED, f"I_HAVE of {len(payload)} bytes, expected {PEER_ID_SIZE + 4}")
         return IHave(bytes(payload[:PEER_ID_SIZE]), _U32.unpack_from(payload, PEER_ID_SIZE)[0])
     if frameType == PEER_GONE:
-        return PeerGone(_exactID("PEER_GONE", payload))
+        return PeerGone(_checkID(payload, "PEER_GONE"))
     if frameType == PING:
         return _empty("PING", payload, Ping())
     if frameType == PONG:

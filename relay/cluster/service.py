@@ -68,7 +68,6 @@ class ClusterService(MultiService):
         discoveryInterval,
         counters,
         reactor,
-        lookupObserver=None,
     ):
         """
         @param localPeers: the relay, as L{relay.interfaces.ILocalPeers}.
@@ -84,16 +83,11 @@ class ClusterService(MultiService):
         @param counters: a L{relay.counters.ClusterCounters}.
         @param reactor: provides IReactorTCP, IReactorTime and a
             C{nameResolver}.
-        @param lookupObserver: called with the seconds of each broadcast
-            lookup, or None.
         """
         MultiService.__init__(self)
         self.reactor = reactor
-        if isinstance(listenAddress, tuple):
-            listenAddress = joinAddress(listenAddress[0] or "0.0.0.0", listenAddress[1])
         self.listenAddress = listenAddress
         self.secret = secret
-        self.counters = counters
         self.announceAddress = joinAddress(podIP, clusterPort)
         self.transport = ClusterTransport(
             self.announceAddress,
@@ -102,7 +96,7 @@ class ClusterService(MultiService):
             counters,
             endpointFactory=lambda address: tcpEndpoint(reactor, address),
         )
-        self.locator = Locator(self.transport, localPeers, reactor, lookupObserver=lookupObserver)
+        self.locator = Locator(self.transport, localPeers, reactor)
         self.forwarder = Forwarder(self.transport, self.locator, localPeers, reactor, counters)
         self.transport.handler = self.forwarder
         self.discovery = Discovery(
@@ -130,18 +124,27 @@ class ClusterService(MultiService):
             # Stream endpoints listen at once: refuse to start rather than
             # run a pod its siblings cannot reach.
             reason = outcome[0].getErrorMessage() if outcome else "listening did not complete"
-            _log.critical("cluster: cannot listen on {listen}: {reason}", listen=self.listenAddress, reason=reason)
+            _log.critical("cluster: cannot listen on {listen}: {reason}", listen=self._listenText(), reason=reason)
             MultiService.stopService(self)
             if outcome:
                 outcome[0].raiseException()
-            raise RuntimeError(f"cluster: listening on {self.listenAddress} did not complete")
+            raise RuntimeError(f"cluster: listening on {self._listenText()} did not complete")
         self.port = outcome[0]
         _log.info(
             "cluster: listening on {listen}, announcing {announce}",
-            listen=self.listenAddress,
+            listen=self._listenText(),
             announce=self.announceAddress,
         )
         self.discovery.start()
+
+    def _listenText(self):
+        """
+        The listen address for logs: C{host:port} also when given as a tuple.
+        """
+        if isinstance(self.listenAddress, tuple):
+            host, port = self.listenAddress
+            return joinAddress(host or "0.0.0.0", port)
+        return self.listenAddress
 
     def stopService(self):
         self.discovery.stop()

@@ -40,7 +40,6 @@ from zope.interface import Interface, implementer
 
 from relay.cluster import frames
 
-DEFAULT_PORT = 7090
 HELLO_TIMEOUT = 10.0
 DIAL_TIMEOUT = 5.0
 PING_INTERVAL = 15.0
@@ -104,19 +103,22 @@ def joinAddress(host, port):
     return f"{host}:{port}"
 
 
-def tcpEndpoint(reactor, address, timeout=DIAL_TIMEOUT):
+def tcpEndpoint(reactor, address):
     """
     A client endpoint for C{host:port}: plain TCP for IP literals, a
     L{HostnameEndpoint} for names.
+
+    The dial deadline is not the endpoint's: L{ClusterTransport} bounds the
+    whole dial (name resolution included) with its C{dialTimeout}.
     """
     host, port = splitAddress(address)
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
-        return HostnameEndpoint(reactor, host, port, timeout=timeout)
+        return HostnameEndpoint(reactor, host, port)
     if ip.version == 6:
-        return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
-    return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+        return TCP6ClientEndpoint(reactor, host, port)
+    return TCP4ClientEndpoint(reactor, host, port)
 
 
 @implementer(IPushProducer)
@@ -174,7 +176,7 @@ class ClusterStream(Protocol):
                 setter(True)
         self.transport.registerProducer(self, True)
         if self.dialedByUs:
-            self._write(frames.helloFrame(self.owner.announceAddress, int(self.owner.clock.seconds()), self.owner.secret))
+            self.send(frames.helloFrame(self.owner.announceAddress, int(self.owner.clock.seconds()), self.owner.secret))
             self._establish()
         else:
             self._helloTimer = self.owner.clock.callLater(self.owner.helloTimeout, self._helloTimedOut)
@@ -182,12 +184,11 @@ class ClusterStream(Protocol):
     def connectionLost(self, reason):
         self.connected = False
         self.closing = True
-        self._queue.clear()
-        self._queued = 0
-        for call in (self._helloTimer, self._pongTimer):
-            if call is not None and call.active():
-                call.cancel()
-        self._helloTimer = self._pongTimer = None
+        self._dropQueue()
+        self._helloCancelTimer()
+        if self._pongTimer is not None and self._pongTimer.active():
+            self._pongTimer.cancel()
+        self._pongTimer = None
         if self._pinger is not None and self._pinger.running:
             self._pinger.stop()
         self._pinger = None
@@ -213,8 +214,7 @@ class ClusterStream(Protocol):
         if self.closing or not self.connected:
             return
         self.closing = True
-        self._queue.clear()
-        self._queued = 0
+        self._dropQueue()
         self.transport.unregisterProducer()
         self.transport.loseConnection()
 
@@ -223,8 +223,7 @@ class ClusterStream(Protocol):
         End the stream at once (the remote is not reading or not answering).
         """
         self.closing = True
-        self._queue.clear()
-        self._queued = 0
+        self._dropQueue()
         if self.connected:
             self.transport.abortConnection()
 
@@ -234,7 +233,9 @@ class ClusterStream(Protocol):
             return
         self._pinger = LoopingCall(self._ping)
         self._pinger.clock = self.owner.clock
-        self._pinger.start(self.owner.pingInterval, now=False)
+        self._pinger.start(self.owner.pingInterval, now=False).addErrback(
+            lambda failure: _log.failure("cluster: keepalive of {stream} stopped", failure, stream=self)
+        )
 
     # HELLO, acceptor side
 
@@ -313,7 +314,7 @@ class ClusterStream(Protocol):
         if isinstance(frame, frames.Unknown):
             return
         if isinstance(frame, frames.Ping):
-            self._write(frames.pongFrame())
+            self.send(frames.pongFrame())
             return
         if isinstance(frame, frames.Pong):
             self._pongReceived()
@@ -383,11 +384,12 @@ class ClusterStream(Protocol):
         self._queued += size
         return SENT
 
-    def _write(self, data):
-        self.send(data)
-
     def queuedBytes(self):
         return self._queued
+
+    def _dropQueue(self):
+        self._queue.clear()
+        self._queued = 0
 
     # IPushProducer, driven by our own TCP transport's write buffer
 
@@ -403,8 +405,7 @@ class ClusterStream(Protocol):
             self.transport.write(data)
 
     def stopProducing(self):
-        self._queue.clear()
-        self._queued = 0
+        self._dropQueue()
 
 
 class _AcceptingFactory(Factory):
@@ -588,7 +589,12 @@ class ClusterTransport:
             _log.info("cluster: stream up: {stream}", stream=stream)
         self._streams[stream.address] = stream
         if self.handler is not None:
-            self.handler.streamUp(stream)
+            try:
+                self.handler.streamUp(stream)
+            except Exception:
+                _log.failure("cluster: handling stream up of {stream}, closing it", stream=stream)
+                stream.close()
+                return False
         return True
 
     def _connectionEnded(self, stream):
