@@ -464,14 +464,13 @@ class AcmeCertificateService(Service):
             chain = b"".join(pem for kind, pem in blocks if kind == b"CERTIFICATE")
             key = serialization.load_pem_private_key(keys[0], password=None)
             leaf = x509.load_pem_x509_certificate(chain)
-            names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
-            if key.public_key() != leaf.public_key() or not set(self.domains) <= set(names) or leaf.not_valid_after_utc.timestamp() <= self._now():
+            if key.public_key() != leaf.public_key() or not set(self.domains) <= _dnsNames(leaf) or leaf.not_valid_after_utc.timestamp() <= self._now():
                 raise ValueError("it does not fit")
-        except (OSError, ValueError, IndexError, x509.ExtensionNotFound) as e:
+        except (OSError, ValueError, IndexError) as e:
             self.log.info("ACME: not taking over the Go relay's certificate {path!r}: {error}", path=path, error=getattr(e, "strerror", None) or str(e) or e.__class__.__name__)
             return False
         try:
-            self._store(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), chain)
+            self._store(_keyPEM(key), chain)
         except OSError as e:
             self.log.error("ACME: cannot take over the Go relay's certificate into {dir!r}: {error}", dir=self.dataDir, error=e.strerror or str(e))
             return False
@@ -485,12 +484,8 @@ class AcmeCertificateService(Service):
         @raise ValueError: the certificate does not name every domain.
         """
         options = loadCertificateOptions(self.certificatePath, self.keyPath, now=datetime.datetime.fromtimestamp(self._now(), datetime.timezone.utc))
-        with open(self.certificatePath, "rb") as f:
-            leaf = x509.load_pem_x509_certificate(f.read())
-        try:
-            names = set(leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName))
-        except x509.ExtensionNotFound:
-            names = set()
+        leaf = options.certificate.to_cryptography()
+        names = _dnsNames(leaf)
         missing = [d for d in self.domains if d not in names]
         if missing:
             raise ValueError(f"it does not name {', '.join(missing)}")
@@ -514,7 +509,7 @@ class AcmeCertificateService(Service):
         except FileNotFoundError:
             key = ec.generate_private_key(ec.SECP256R1())
             self._prepareDirectory()
-            _writePrivate(self.accountKeyPath, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+            _writePrivate(self.accountKeyPath, _keyPEM(key))
             self.log.info("ACME: created a new account key in {dir!r}", dir=self.dataDir)
         except (OSError, ValueError) as e:
             raise ConfigurationError(f"cannot read the ACME account key {path!r}: {getattr(e, 'strerror', None) or e.__class__.__name__}") from None
@@ -651,7 +646,7 @@ class AcmeCertificateService(Service):
                 raise _AcmeProblem(problem)
         accountKey = self._accountKey()
         certificateKey = ec.generate_private_key(ec.SECP256R1())
-        keyPEM = certificateKey.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        keyPEM = _keyPEM(certificateKey)
         csrPEM = crypto_util.make_csr(keyPEM, self.domains)
         self.log.info("ACME: ordering a certificate for {domains} from {url}", domains=",".join(self.domains), url=self.directoryURL)
         acmeClient, order = yield self._blocking(self._newOrder, accountKey, csrPEM)
@@ -778,6 +773,25 @@ class _AcmeProblem(Exception):
     """
     An attempt cannot go on; the message is for the operator.
     """
+
+
+def _keyPEM(key):
+    """
+    @return: C{key} as unencrypted PKCS#8 PEM.
+    """
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def _dnsNames(certificate):
+    """
+    @return: the set of DNS names in C{certificate}'s subjectAltName
+        (empty without that extension).
+    """
+    try:
+        extension = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return set()
+    return set(extension.value.get_values_for_type(x509.DNSName))
 
 
 def _iso(seconds):

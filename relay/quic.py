@@ -72,6 +72,7 @@ from twisted.logger import Logger
 from relay import messages as m
 from relay.auth import generateToken
 from relay.client import PeerClient
+from relay.cluster.transport import joinAddress
 from relay.server import ConfigurationError
 from relay.session import PeerSession
 
@@ -162,9 +163,20 @@ def _enlargeBuffers(transport):
                 pass
 
 
-def formatAddress(addr):
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def _writeDatagram(transport, data, addr):
+    """
+    Send one datagram on C{transport}, if there is one (still).
+
+    @return: False if the socket refused it, True otherwise.
+    """
+    if transport is None:
+        return True
+    try:
+        transport.write(data, addr)
+    except (OSError, error.MessageLengthError):
+        # A full socket buffer is packet loss; QUIC recovers from it.
+        return False
+    return True
 
 
 def serverConfiguration(certFile, keyFile):
@@ -267,7 +279,7 @@ class _QuicDriver:
             self.quic.receive_datagram(data, addr, self._clock.seconds())
             self._events()
         except Exception:
-            self._log.failure("QUIC connection from {where}: failed handling a datagram", where=formatAddress(addr))
+            self._log.failure("QUIC connection from {where}: failed handling a datagram", where=joinAddress(addr[0], addr[1]))
             self._failed()
         self._needFlush()
 
@@ -372,7 +384,7 @@ class QuicPeerLink(_QuicDriver):
         super().__init__(quic, protocol.clock)
         self._protocol = protocol
         self._relay = protocol.relay
-        self.peerAddress = formatAddress(addr)
+        self.peerAddress = joinAddress(addr[0], addr[1])
         self.session = None
         self.connectionIDs = set()
         self._open = False
@@ -645,7 +657,7 @@ class QuicPeerProtocol(DatagramProtocol):
             self._dispatch(data, addr)
         except Exception:
             self.counters["malformed"] += 1
-            self._log.failure("QUIC: dropped a datagram from {where}", where=formatAddress(addr))
+            self._log.failure("QUIC: dropped a datagram from {where}", where=joinAddress(addr[0], addr[1]))
 
     def _dispatch(self, data, addr):
         if not data:
@@ -781,12 +793,7 @@ class QuicPeerProtocol(DatagramProtocol):
                 link._failed()
 
     def sendDatagram(self, data, addr):
-        if self.transport is None:
-            return
-        try:
-            self.transport.write(data, addr)
-        except (OSError, error.MessageLengthError):
-            # A full socket buffer is packet loss; QUIC recovers from it.
+        if not _writeDatagram(self.transport, data, addr):
             self.counters["send_failed"] += 1
 
     def closeAll(self):
@@ -794,8 +801,7 @@ class QuicPeerProtocol(DatagramProtocol):
         Close every connection now (code 0) and send the CONNECTION_CLOSE
         frames; forget them all.
         """
-        links = {id(link): link for link in self.links.values()}.values()
-        for link in list(links):
+        for link in set(self.links.values()):
             try:
                 link._close(CLOSE_NORMAL, "relay shutting down")
                 link.flush()
@@ -847,7 +853,7 @@ class QuicService(service.Service):
         """
         self.port = self.reactor.listenUDP(self.portNumber, self.protocol, interface=self.host, maxPacketSize=MAX_READ_SIZE)
         address = self.port.getHost()
-        self._log.info("QUIC listening on udp {address}", address=formatAddress((address.host, address.port)))
+        self._log.info("QUIC listening on udp {address}", address=joinAddress(address.host, address.port))
 
     def stopService(self):
         super().stopService()
@@ -989,12 +995,7 @@ class QuicRelayClient(PeerClient, _QuicDriver, DatagramProtocol):
             self.flush()
 
     def _sendDatagram(self, data, addr):
-        if self.transport is None:
-            return
-        try:
-            self.transport.write(data, addr)
-        except (OSError, error.MessageLengthError):
-            pass
+        _writeDatagram(self.transport, data, addr)
 
     # The peer protocol
 
@@ -1073,14 +1074,20 @@ def connectQuic(reactor, host, port, peerID, token=None, secret=None, timeout=10
     @param token: the HMAC v2 token, or None to make one from C{secret}.
     @param configuration: an aioquic client configuration, else one from
         L{clientConfiguration} with C{options}.
-    @return: a Deferred firing with the authenticated L{QuicRelayClient}.
+    @param host: the relay's IP address (IPv4 or IPv6 literal).
+    @return: a Deferred firing with the authenticated L{QuicRelayClient}, or
+        failing (also with L{CannotListenError} if no local UDP socket).
     """
     if token is None:
         token = generateToken(secret, time.time() + 3600)
     if configuration is None:
         configuration = clientConfiguration(**options)
     client = QuicRelayClient(reactor, (host, port), peerID, token, configuration)
-    reactor.listenUDP(0, client, interface=host, maxPacketSize=MAX_READ_SIZE)
+    # Any local address of the server's family: the route picks the source.
+    try:
+        reactor.listenUDP(0, client, interface="::" if ":" in host else "", maxPacketSize=MAX_READ_SIZE)
+    except error.CannotListenError:
+        return defer.fail()
 
     def timedOut(failure):
         client.abort(CLOSE_ERROR, "timed out")

@@ -97,7 +97,7 @@ class ReloadableTLS:
     @ivar current: the L{CertificateOptions} new connections use.
     """
 
-    def __init__(self, current, certFile=None, keyFile=None):
+    def __init__(self, current, certFile, keyFile):
         self.current = current
         self.certFile = certFile
         self.keyFile = keyFile

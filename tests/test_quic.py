@@ -14,7 +14,7 @@ from collections import deque
 from aioquic.buffer import Buffer
 from aioquic.quic.packet import QuicErrorCode, QuicProtocolVersion, pull_quic_header
 from aioquic.tls import AlertDescription
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, error, reactor, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.trial import unittest
@@ -611,6 +611,56 @@ class HelperTests(unittest.TestCase):
             f.write("not a certificate")
         self.assertRaises(ConfigurationError, quic.serverConfiguration, path + ".missing", path)
         self.assertRaises(ConfigurationError, quic.serverConfiguration, path, path)
+
+    def test_writeDatagram(self):
+        """
+        A refused datagram is reported (it is packet loss), one without a
+        transport is not.
+        """
+
+        class Refusing:
+            def write(self, data, addr):
+                raise OSError("No buffer space available")
+
+        self.assertFalse(quic._writeDatagram(Refusing(), b"x", ("127.0.0.1", 1)))
+        self.assertTrue(quic._writeDatagram(None, b"x", ("127.0.0.1", 1)))
+        network = Network(Clock())
+        self.assertTrue(quic._writeDatagram(FakeUDPTransport(network, ("127.0.0.1", 2)), b"x", ("127.0.0.1", 1)))
+        self.assertEqual(list(network.sent), [(("127.0.0.1", 2), ("127.0.0.1", 1), b"x")])
+
+    def test_connectQuicBindsAnyAddress(self):
+        """
+        The client socket is bound to the wildcard address of the server's
+        family, not to the server's address (only loopback would work).
+        """
+        reactor = _UDPRecordingReactor()
+        for host, interface in (("192.0.2.1", ""), ("2001:db8::1", "::")):
+            quic.connectQuic(reactor, host, 443, A, secret=SECRET, timeout=5)
+            self.assertEqual(reactor.udp[-1][0], interface)
+
+    def test_connectQuicCannotBind(self):
+        """
+        No local UDP socket: a failed Deferred, not an exception.
+        """
+        reactor = _UDPRecordingReactor(refuse=True)
+        d = quic.connectQuic(reactor, "192.0.2.1", 443, A, secret=SECRET, timeout=5)
+        self.failureResultOf(d, error.CannotListenError)
+
+
+class _UDPRecordingReactor(Clock):
+    """
+    A clock whose C{listenUDP} records the interface, or refuses.
+    """
+
+    def __init__(self, refuse=False):
+        super().__init__()
+        self.refuse = refuse
+        self.udp = []
+
+    def listenUDP(self, port, protocol, interface="", maxPacketSize=8192):
+        if self.refuse:
+            raise error.CannotListenError(interface, port, OSError("Address already in use"))
+        self.udp.append((interface, protocol))
 
 
 class UDPQuicTests(unittest.TestCase):
