@@ -42,7 +42,6 @@ import base64
 import json
 import os
 import random
-import resource
 import struct
 import sys
 import tempfile
@@ -56,11 +55,9 @@ from relay import client
 from relay import messages as m
 from relay.auth import generateToken
 from relay.bench import wire
-from relay.bench.relayproc import RelayProcess, alive, rssKiB
+from relay.bench.relayproc import alive, raiseFileLimit, rssKiB, startRelays
 from relay.cluster import frames as cf
-from relay.loopback import commonPort
 
-PODS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 MAGIC = m.MAGIC
 GOOD_NAMES = ("fuzz-good-a", "fuzz-good-b")
 HANDSHAKE_LIMIT = 20.0  # the relay's is 10 s; slack for a loaded machine
@@ -76,14 +73,6 @@ def log(message):
 
 def sleep(reactor, seconds):
     return task.deferLater(reactor, seconds, lambda: None)
-
-
-
-def raiseFileLimit():
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def countTracebacks(path):
@@ -172,18 +161,11 @@ def splitRandomly(data, rng):
     return [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)])]
 
 
-def upgradeRequest(host, port, rng=None, path="/relay", extraHeaders=()):
-    key = base64.b64encode(os.urandom(16))
-    lines = [
-        b"GET " + path.encode() + b" HTTP/1.1",
-        b"Host: " + f"{host}:{port}".encode(),
-        b"Upgrade: websocket",
-        b"Connection: Upgrade",
-        b"Sec-WebSocket-Key: " + key,
-        b"Sec-WebSocket-Version: 13",
-    ]
-    lines.extend(extraHeaders)
-    return b"\r\n".join(lines) + b"\r\n\r\n"
+def upgradeRequest(host, port):
+    """
+    A valid WebSocket upgrade request (the bytes of L{wire.upgradeRequest}).
+    """
+    return wire.upgradeRequest(host, port)[0]
 
 
 # Connections
@@ -997,6 +979,7 @@ class GoodPair:
         self.disconnects = 0
         self._loop = None
         self._credit = 0.0
+        self.closing = False
 
     def payload(self, direction, seq):
         size = 8 + (seq * 7919 + direction * 104729) % (self.maxSize - 8)
@@ -1024,7 +1007,7 @@ class GoodPair:
                         raise RuntimeError("the good peers never saw each other online")
 
     def _lost(self, _, index):
-        if not getattr(self, "closing", False):
+        if not self.closing:
             self.disconnects += 1
             log(f"good peer {GOOD_NAMES[index]} was disconnected")
 
@@ -1203,32 +1186,9 @@ def spawnRelays(options, logDir):
 
     @return: a list of L{Target}.
     """
-    extra = list(options.relay_arg or [])
-    if not options.cluster:
-        process = RelayProcess(options.secret, host="127.0.0.1", extra=extra, logDir=logDir, name="fuzz-relay")
-        process.start()
-        return [Target("127.0.0.1", process.port, process=process)]
-    clusterPort = commonPort(PODS)
-    peerPort = commonPort(PODS)
-    targets = []
-    try:
-        for host in PODS:
-            podExtra = extra + [
-                "--cluster-headless", ",".join(PODS),
-                "--pod-ip", host,
-                "--cluster-port", str(clusterPort),
-                "--cluster-listen-address", f"{host}:{clusterPort}",
-                "--cluster-auth-secret", options.cluster_secret,
-                "--cluster-discovery-interval", "1",
-            ]
-            process = RelayProcess(options.secret, host=host, port=peerPort, extra=podExtra, logDir=logDir, name=f"fuzz-pod-{host}")
-            process.start()
-            targets.append(Target(host, peerPort, clusterPort=clusterPort, process=process))
-    except Exception:
-        for target in targets:
-            target.process.stop()
-        raise
-    return targets
+    processes, clusterPort = startRelays(options.secret, list(options.relay_arg or []), logDir, "fuzz",
+                                         cluster=options.cluster, clusterSecret=options.cluster_secret)
+    return [Target(p.host, p.port, clusterPort=clusterPort, process=p) for p in processes]
 
 
 def externalTargets(options):
@@ -1387,7 +1347,7 @@ def main(argv=None, reactor=None):
     options = parseArgs(sys.argv[1:] if argv is None else argv)
     if reactor is None:
         from twisted.internet import reactor
-    fdLimit = raiseFileLimit()
+    fdLimit = raiseFileLimit(None)
     logDir = options.log_dir or tempfile.mkdtemp(prefix="relay-fuzz-")
     os.makedirs(logDir, exist_ok=True)
     try:

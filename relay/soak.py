@@ -29,7 +29,6 @@ survived and RSS grew at most C{--rss-growth} after warm-up.
 
 import argparse
 import array
-import base64
 import errno
 import hashlib
 import json
@@ -44,10 +43,8 @@ import tempfile
 import time
 
 from relay.bench import wire
-from relay.bench.relayproc import RelayProcess, cpuSeconds, rssKiB
-from relay.loopback import commonPort
+from relay.bench.relayproc import cpuSeconds, raiseFileLimit, rssKiB, startRelays
 
-PODS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 HC_SERVER_FRAME = b"\x82\x02\x01\x05"
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
@@ -60,13 +57,6 @@ CONNECTING, UPGRADING, AUTHING, READY, CLOSED = range(5)
 def log(message):
     sys.stderr.write(f"[soak {time.strftime('%H:%M:%S')}] {message}\n")
     sys.stderr.flush()
-
-
-def raiseFileLimit():
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
 def processFileLimit(pid):
@@ -133,11 +123,7 @@ class Conn:
         self.sock = None
         self.fd = None
         self.startedAt = None
-        key = base64.b64encode(os.urandom(16))
-        self.request = (
-            b"GET /relay HTTP/1.1\r\nHost: " + f"{host}:{port}".encode() + b"\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
+        self.request, _ = wire.upgradeRequest(host, port)
         self.authFrame = wire.clientFrame(wire.authMessage(self.id, tok), self.key)
 
 
@@ -520,7 +506,7 @@ class Worker:
 
 
 def workerMain(spec, pipe):
-    raiseFileLimit()
+    raiseFileLimit(None)
     worker = Worker(spec, pipe)
     try:
         finished = worker.connectAll(time.monotonic() + spec["connectTimeout"])
@@ -547,27 +533,8 @@ def workerMain(spec, pipe):
 
 def spawn(options, logDir):
     extra = ["--max-connections-per-ip", "0", "--connection-rate-per-ip", "0"] + list(options.relay_arg or [])
-    if not options.cluster:
-        relay = RelayProcess(options.secret, host="127.0.0.1", extra=extra, logDir=logDir, name="soak-relay")
-        relay.start(timeout=60)
-        return [relay]
-    clusterPort = commonPort(PODS)
-    peerPort = commonPort(PODS)
-    relays = []
-    try:
-        for host in PODS:
-            podExtra = extra + [
-                "--cluster-headless", ",".join(PODS), "--pod-ip", host,
-                "--cluster-port", str(clusterPort), "--cluster-listen-address", f"{host}:{clusterPort}",
-                "--cluster-auth-secret", options.cluster_secret, "--cluster-discovery-interval", "1",
-            ]
-            relay = RelayProcess(options.secret, host=host, port=peerPort, extra=podExtra, logDir=logDir, name=f"soak-pod-{host}")
-            relay.start(timeout=60)
-            relays.append(relay)
-    except Exception:
-        for relay in relays:
-            relay.stop()
-        raise
+    relays, _ = startRelays(options.secret, extra, logDir, "soak", cluster=options.cluster,
+                            clusterSecret=options.cluster_secret, timeout=60)
     return relays
 
 
@@ -644,7 +611,8 @@ def rssVerdict(samples, relays, warmT, limit):
 
 
 def run(options):
-    soft, hard = raiseFileLimit()
+    raiseFileLimit(None)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     logDir = options.log_dir or tempfile.mkdtemp(prefix="relay-soak-")
     os.makedirs(logDir, exist_ok=True)
     log(f"RLIMIT_NOFILE soft {soft}, hard {hard}; relay logs in {logDir}")

@@ -144,11 +144,11 @@ class ReceiverAccountingTests(unittest.TestCase):
             mine, theirs = socket.socketpair()
             self.addCleanup(mine.close)
             self.addCleanup(theirs.close)
-            ends.append((Peer(name, mine, os.urandom(4), b"", ""), theirs))
+            ends.append((Peer(name, mine, os.urandom(4), b""), theirs))
         (sp, _), (rp, self.relaySide) = ends
-        self.recv = self.loop._conn(rp, True)
+        self.recv = self.loop._conn(rp)
         self.loop.ep.register(self.recv.fd, select.EPOLLIN)
-        self.flow = Flow(0, "window", self.loop._conn(sp, False), self.recv, 100, 64)
+        self.flow = Flow(0, "window", self.loop._conn(sp), self.recv, 100, 64)
         self.loop._flow(self.flow)
         self.flow.built = 1000
         self.tail = wire.payloadTail(0, 100)

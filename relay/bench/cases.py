@@ -54,45 +54,62 @@ def _prefix(case, run):
 # Pipelined pairs: throughput and stalled receiver
 
 
-def _spawnPairWorkers(target, specs):
+def _spawnWorkers(worker, specs, method, timeout, what="load process"):
     """
-    Start one process per spec, wait until all are connected.
+    Start one process per spec running C{worker(pipe, spec)} (multiprocessing
+    start method C{method}), wait until all have connected their peers,
+    within C{timeout} seconds in all.
 
-    @return: list of (process, parent end of the pipe).
+    @return: list of (process, parent end of the pipe, ready info).
     """
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context(method)
     workers = []
     for spec in specs:
         parent, child = ctx.Pipe()
-        p = ctx.Process(target=pairWorker, args=(child, spec), daemon=True)
+        p = ctx.Process(target=worker, args=(child, spec), daemon=True)
         p.start()
         child.close()
-        workers.append((p, parent))
+        workers.append([p, parent, None])
     errors = []
-    for p, conn in workers:
-        if not conn.poll(120):
-            errors.append("a load process did not connect its peers within 120 s")
+    deadline = time.monotonic() + timeout
+    for w in workers:
+        p, conn, _ = w
+        if not conn.poll(max(0.1, deadline - time.monotonic())):
+            errors.append(f"a {what} did not connect its peers within {timeout:g} s")
             continue
-        kind, info = conn.recv()
+        try:
+            kind, info = conn.recv()
+        except EOFError:
+            errors.append("a load process died during set-up")
+            continue
         if kind == "error":
             errors.append(info)
+        w[2] = info
     if errors:
         _stopWorkers(workers)
         raise BenchError("; ".join(errors))
     return workers
 
 
-def _stopWorkers(workers):
-    for p, conn in workers:
+def _stopWorkers(workers, join=8):
+    for p, conn, _ in workers:
         try:
             conn.send(("stop", None))
-        except (OSError, BrokenPipeError):
+        except OSError:
             pass
-    for p, conn in workers:
-        p.join(5)
+    for p, conn, _ in workers:
+        p.join(join)
         if p.is_alive():
             p.kill()
             p.join()
+        conn.close()
+
+
+def _spawnPairWorkers(specs):
+    """
+    One L{pairWorker} process (forked) per spec.
+    """
+    return _spawnWorkers(pairWorker, specs, "fork", 120)
 
 
 def _receiveReports(connections, timeout):
@@ -121,8 +138,8 @@ def _receiveReports(connections, timeout):
 
 
 def _collect(workers, timeout):
-    results, errors = _receiveReports([conn for _, conn in workers], timeout)
-    for p, conn in workers:
+    results, errors = _receiveReports([conn for _, conn, _ in workers], timeout)
+    for p, conn, _ in workers:
         p.join(10)
         if p.is_alive():
             p.kill()
@@ -173,12 +190,12 @@ def throughputRun(target, o, pairs, run):
     for part in _split(list(range(pairs)), procs):
         specs.append({"host": target.host, "port": target.port, "token": tok, "prefix": _prefix("tput", run),
                       "pairs": part, "floods": 0, "size": o.size, "window": o.window, "batch": o.batch})
-    workers = _spawnPairWorkers(target, specs)
+    workers = _spawnPairWorkers(specs)
     start = time.monotonic() + 0.2
     m0 = start + o.warmup
     m1 = m0 + o.duration
     sched = {"start": start, "marks": [m0, m1], "stopAt": m1, "drain": 10.0}
-    for p, conn in workers:
+    for p, conn, _ in workers:
         conn.send(("go", sched))
     _sleepUntil(m0)
     c0, t0 = _relayCpu(target), time.monotonic()
@@ -224,14 +241,14 @@ def stallRun(target, o, run):
         specs.append({"host": target.host, "port": target.port, "token": tok, "prefix": _prefix("stall", run),
                       "pairs": part, "floods": o.stall_senders if k == 0 else 0, "size": o.size,
                       "window": o.window, "batch": o.batch})
-    workers = _spawnPairWorkers(target, specs)
+    workers = _spawnPairWorkers(specs)
     start = time.monotonic() + 0.2
     b0 = start + o.warmup
     b1 = b0 + o.stall_baseline
     s0 = b1 + 1.0  # the relay's buffers for the stalled peer fill up
     s1 = s0 + o.stall_duration
     sched = {"start": start, "marks": [b0, b1, s0, s1], "floodAt": b1, "stopAt": s1, "drain": 15.0}
-    for p, conn in workers:
+    for p, conn, _ in workers:
         conn.send(("go", sched))
     _sleepUntil(b0)
     cb0 = _relayCpu(target)
@@ -304,6 +321,26 @@ def _connectPairs(endpointA, endpointB, tok, prefix, n):
     return pairs
 
 
+def _latencyFigures(s, duration):
+    """
+    The figures of round trips C{s} (ns, ascending) measured over
+    C{duration} seconds.
+
+    @return: C{(dict of figures, round trips per second)}.
+    """
+    us = lambda ns: None if ns is None else round(ns / 1000, 1)  # noqa: E731
+    rt = len(s) / duration
+    figures = {
+        "samples": len(s),
+        "p50_us": us(wire.percentile(s, 0.5)), "p90_us": us(wire.percentile(s, 0.9)),
+        "p99_us": us(wire.percentile(s, 0.99)), "p999_us": us(wire.percentile(s, 0.999)),
+        "min_us": us(s[0] if s else None), "max_us": us(s[-1] if s else None),
+        "mean_us": us(sum(s) / len(s)) if s else None,
+        "round_trips_per_s": round(rt, 1), "msgs_per_s": round(2 * rt, 1),
+    }
+    return figures, rt
+
+
 def latencyRun(target, o, pairs, run, targetB=None, probe=False):
     """
     C{pairs} ping-pong pairs, one message in flight each; A on C{target},
@@ -336,15 +373,9 @@ def latencyRun(target, o, pairs, run, targetB=None, probe=False):
         loop.close()
     c1, w1 = _relayCpu(target), time.monotonic()
     s = r.pop("samples_ns")
-    us = lambda ns: None if ns is None else round(ns / 1000, 1)  # noqa: E731
-    rt = len(s) / o.duration
+    figures, _ = _latencyFigures(s, o.duration)
     res = {
-        "pairs": pairs, "size": o.size, "samples": len(s),
-        "p50_us": us(wire.percentile(s, 0.5)), "p90_us": us(wire.percentile(s, 0.9)),
-        "p99_us": us(wire.percentile(s, 0.99)), "p999_us": us(wire.percentile(s, 0.999)),
-        "min_us": us(s[0] if s else None), "max_us": us(s[-1] if s else None),
-        "mean_us": us(sum(s) / len(s)) if s else None,
-        "round_trips_per_s": round(rt, 1), "msgs_per_s": round(2 * rt, 1),
+        "pairs": pairs, "size": o.size, **figures,
         "relay_cpu": round((c1 - c0) / (w1 - w0), 3) if c0 is not None else None,
         "loadgen_cpu": round(r.pop("loadgen_cpu_s") / (w1 - w0), 3),
         "lost": r["sent"] - r["echoed"],
@@ -492,54 +523,12 @@ def crosspodRun(pods, o, run):
 
 def _spawnRoles(specs, timeout=60.0):
     """
-    Start one relay.bench.quicload process per spec (spawn: each gets a
-    fresh reactor), wait until all have connected their peers.
-
-    @return: list of (process, parent end of the pipe, ready info).
+    One relay.bench.quicload process per spec (spawn: each gets a fresh
+    reactor).
     """
     from relay.bench.quicload import worker
 
-    ctx = multiprocessing.get_context("spawn")
-    workers = []
-    for spec in specs:
-        parent, child = ctx.Pipe()
-        p = ctx.Process(target=worker, args=(child, spec), daemon=True)
-        p.start()
-        child.close()
-        workers.append([p, parent, None])
-    errors = []
-    deadline = time.monotonic() + timeout
-    for w in workers:
-        p, conn, _ = w
-        if not conn.poll(max(0.1, deadline - time.monotonic())):
-            errors.append(f"a {specs[0]['transport']} load process did not connect its peers within {timeout:g} s")
-            continue
-        try:
-            kind, info = conn.recv()
-        except EOFError:
-            errors.append("a load process died during set-up")
-            continue
-        if kind == "error":
-            errors.append(info)
-        w[2] = info
-    if errors:
-        _stopRoles(workers)
-        raise BenchError("; ".join(errors))
-    return workers
-
-
-def _stopRoles(workers):
-    for p, conn, _ in workers:
-        try:
-            conn.send(("stop", None))
-        except (OSError, BrokenPipeError):
-            pass
-    for p, conn, _ in workers:
-        p.join(8)
-        if p.is_alive():
-            p.kill()
-            p.join()
-        conn.close()
+    return _spawnWorkers(worker, specs, "spawn", timeout, f"{specs[0]['transport']} load process")
 
 
 def _collectRoles(workers, timeout):
@@ -596,7 +585,7 @@ def quicThroughputRun(target, o, transport, pairs, run, cafile):
         sres = _collectRoles(send, 10)
         u1 = udpCounters()
     finally:
-        _stopRoles(workers)
+        _stopWorkers(workers)
     dt = t1 - t0
     got = {}
     for r in rres:
@@ -676,18 +665,12 @@ def quicLatencyRun(target, o, transport, pairs, run, cafile):
         c1, q1, t1 = _relayCpu(target), _relayRunq(target), time.monotonic()
         [r] = _collectRoles(workers, o.duration + o.warmup + 30)
     finally:
-        _stopRoles(workers)
+        _stopWorkers(workers)
     s = r.pop("samples_ns")
-    us = lambda ns: None if ns is None else round(ns / 1000, 1)  # noqa: E731
-    rt = len(s) / o.duration
+    figures, rt = _latencyFigures(s, o.duration)
     relayCpu = round((c1 - c0) / (t1 - t0), 3) if c0 is not None else None
     res = {
-        "transport": transport, "pairs": pairs, "size": o.quic_size, "samples": len(s),
-        "p50_us": us(wire.percentile(s, 0.5)), "p90_us": us(wire.percentile(s, 0.9)),
-        "p99_us": us(wire.percentile(s, 0.99)), "p999_us": us(wire.percentile(s, 0.999)),
-        "min_us": us(s[0] if s else None), "max_us": us(s[-1] if s else None),
-        "mean_us": us(sum(s) / len(s)) if s else None,
-        "round_trips_per_s": round(rt, 1), "msgs_per_s": round(2 * rt, 1),
+        "transport": transport, "pairs": pairs, "size": o.quic_size, **figures,
         "relay_cpu": relayCpu,
         "relay_us_per_msg": round(1e6 * relayCpu / (2 * rt), 1) if relayCpu and rt else None,
         "client_cpu": round(_roleCpu([r], 0, 1) / (t1 - t0), 3),

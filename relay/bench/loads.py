@@ -23,7 +23,6 @@ EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
 EPOLLERR = select.EPOLLERR | select.EPOLLHUP
 RECV_SIZE = 256 * 1024
-HC_REPLY_FRAME_LEN = 6  # masked [1][5]
 
 
 class _Conn:
@@ -33,9 +32,9 @@ class _Conn:
     """
 
     __slots__ = ("peer", "sock", "fd", "out", "wantOut", "reader", "flows", "single",
-                 "unexpected", "closed", "stalled", "isReceiver", "sendFlow", "lastData")
+                 "unexpected", "closed", "stalled", "sendFlow", "lastData")
 
-    def __init__(self, peer, isReceiver):
+    def __init__(self, peer):
         self.peer = peer
         self.sock = peer.sock
         self.sock.setblocking(False)
@@ -49,7 +48,6 @@ class _Conn:
         self.unexpected = 0
         self.closed = None
         self.stalled = False
-        self.isReceiver = isReceiver
         self.sendFlow = None
         self.lastData = 0.0
 
@@ -155,21 +153,21 @@ class PairLoop:
         pairs = [(i, peer(f"r{i}")) for i in spec["pairs"]]
         stalled = peer("stalled") if spec.get("floods") else None
         for i, r in pairs:
-            rc = self._conn(r, True)
-            sc = self._conn(peer(f"s{i}"), False)
+            rc = self._conn(r)
+            sc = self._conn(peer(f"s{i}"))
             self._flow(Flow(i, "window", sc, rc, size, window))
         if stalled is not None:
-            self.stalledConn = rc = self._conn(stalled, True)
+            self.stalledConn = rc = self._conn(stalled)
             rc.stalled = True
             for j in range(spec["floods"]):
-                sc = self._conn(peer(f"f{j}"), False)
+                sc = self._conn(peer(f"f{j}"))
                 self._flow(Flow(10000 + j, "flood", sc, rc, size, 0))
         for c in self.conns:
             if c.reader.buf:  # something came right after the AuthResponse
                 self._read(c, b"", time.monotonic())
 
-    def _conn(self, p, isReceiver):
-        c = _Conn(p, isReceiver)
+    def _conn(self, p):
+        c = _Conn(p)
         self.conns.append(c)
         self.byFd[c.fd] = c
         return c
@@ -233,8 +231,6 @@ class PairLoop:
             elif drainUntil is not None:
                 if now >= drainUntil or self._drained(now):
                     break
-            if not marks and not sending and drainUntil is None:
-                break
             timeout = 0.05
             if sending and any(f.mode == "flood" and f.sender.out is None for f in ready):
                 timeout = 0
@@ -482,7 +478,7 @@ def pairWorker(conn, spec):
 
 class EchoPair:
     __slots__ = ("index", "a", "b", "ab", "ba", "expB", "expA", "seq", "tSent", "samples", "sent",
-                 "echoed", "timeouts", "late", "idErrors", "dataErrors", "bufA", "bufB", "size")
+                 "echoed", "timeouts", "late", "idErrors", "dataErrors")
 
     def __init__(self, index, a, b, size):
         self.index = index
@@ -502,7 +498,6 @@ class EchoPair:
         self.late = 0
         self.idErrors = 0
         self.dataErrors = 0
-        self.size = size
 
 
 class EchoLoop:
@@ -518,7 +513,7 @@ class EchoLoop:
         self.pairs = []
         self.byFd = {}
         for i, (a, b) in enumerate(pairs):
-            ca, cb = _Conn(a, True), _Conn(b, True)
+            ca, cb = _Conn(a), _Conn(b)
             p = EchoPair(i, ca, cb, size)
             self.byFd[ca.fd] = (p, True)
             self.byFd[cb.fd] = (p, False)
@@ -526,7 +521,7 @@ class EchoLoop:
         self.size = size
         self.pingTimeout = pingTimeout
 
-    def _ping(self, p, now_ns):
+    def _ping(self, p):
         p.seq += 1
         data = p.ab.frame(p.seq)
         p.tSent = time.perf_counter_ns()
@@ -551,7 +546,7 @@ class EchoLoop:
         timeoutNs = int(self.pingTimeout * 1e9)
         cpu0 = os.times()
         for p in self.pairs:
-            self._ping(p, perf())
+            self._ping(p)
         active = len(self.pairs)
         lastCheck = perf()
         while active:
@@ -591,7 +586,7 @@ class EchoLoop:
                         if p.tSent >= fromNs:
                             p.samples.append(t - p.tSent)
                         if p.tSent < untilNs:
-                            self._ping(p, t)
+                            self._ping(p)
                         else:
                             p.seq = -2
                             active -= 1
@@ -610,7 +605,7 @@ class EchoLoop:
                 if p.seq >= 0 and now - p.tSent > timeoutNs:
                     p.timeouts += 1
                     if now < untilNs:
-                        self._ping(p, now)
+                        self._ping(p)
                     else:
                         p.seq = -2
                         active -= 1

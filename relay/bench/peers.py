@@ -31,15 +31,13 @@ class Peer:
     @ivar pending: bytes received after the AuthResponse (not yet parsed).
     """
 
-    __slots__ = ("name", "id", "sock", "key", "pending", "instance")
+    __slots__ = ("id", "sock", "key", "pending")
 
-    def __init__(self, name, sock, key, pending, instance):
-        self.name = name
+    def __init__(self, name, sock, key, pending):
         self.id = wire.peerId(name)
         self.sock = sock
         self.key = key
         self.pending = pending
-        self.instance = instance
 
     def send(self, payload):
         """
@@ -73,7 +71,7 @@ def _recvUntil(sock, marker, limit, deadline):
     return data
 
 
-def connectPeer(host, port, name, tok, timeout=10.0, key=None, nodelay=True):
+def connectPeer(host, port, name, tok, timeout=10.0):
     """
     Connect, upgrade, authenticate as C{name} and wait for the AuthResponse.
 
@@ -82,8 +80,7 @@ def connectPeer(host, port, name, tok, timeout=10.0, key=None, nodelay=True):
     deadline = time.monotonic() + timeout
     sock = socket.create_connection((host, port), timeout=timeout)
     try:
-        if nodelay:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         req, accept = wire.upgradeRequest(host, port)
         sock.sendall(req)
         data = _recvUntil(sock, b"\r\n\r\n", 16384, deadline)
@@ -92,7 +89,7 @@ def connectPeer(host, port, name, tok, timeout=10.0, key=None, nodelay=True):
             wire.checkUpgradeResponse(head, accept)
         except ValueError as e:
             raise BenchError(str(e)) from None
-        key = key or os.urandom(4)
+        key = os.urandom(4)
         pid = wire.peerId(name)
         sock.sendall(wire.clientFrame(wire.authMessage(pid, tok), key))
         reader = wire.ServerFrameReader()
@@ -103,7 +100,7 @@ def connectPeer(host, port, name, tok, timeout=10.0, key=None, nodelay=True):
                     if i + 1 < len(messages):
                         raise BenchError("the relay sent a message right after the AuthResponse that the set-up consumed")
                     sock.settimeout(None)
-                    return Peer(name, sock, key, reader.buf, payload[2:].decode(errors="replace"))
+                    return Peer(name, sock, key, reader.buf)
                 raise BenchError(f"expected AuthResponse, got opcode {op} {payload[:2].hex()}")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -138,12 +135,12 @@ class HandshakeRun:
     Everything the clients send is built before the clock starts.
     """
 
-    def __init__(self, host, port, names, tok, concurrency=64, timeout=10.0, distinctSources=True):
-        self.distinctSources = distinctSources and host.startswith("127.")
+    def __init__(self, host, port, names, tok, concurrency=64):
+        self.distinctSources = host.startswith("127.")
         self.host = host
         self.port = port
         self.concurrency = concurrency
-        self.timeout = timeout
+        self.timeout = 10.0
         self.jobs = []
         for name in names:
             key = os.urandom(4)

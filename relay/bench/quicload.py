@@ -151,7 +151,7 @@ class _Role:
     def report(self, kind, info):
         try:
             self.conn.send((kind, info))
-        except (OSError, BrokenPipeError):
+        except OSError:
             self.stop()
 
     def start(self):

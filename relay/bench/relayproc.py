@@ -10,10 +10,11 @@ import sys
 import tempfile
 import time
 
-from relay.loopback import freePort
+from relay.loopback import commonPort, freePort
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+PODS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 
 
 def processTree(pid):
@@ -113,12 +114,18 @@ def alive(pid):
 
 def raiseFileLimit(want=65536):
     """
-    Raise the soft RLIMIT_NOFILE towards C{want} (children inherit it).
+    Raise the soft RLIMIT_NOFILE towards C{want}, or to the hard limit if
+    C{want} is None (children inherit it).
+
+    @return: the soft limit now.
     """
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = min(want, hard) if hard != resource.RLIM_INFINITY else want
+    if want is None:
+        target = hard
+    else:
+        target = min(want, hard) if hard != resource.RLIM_INFINITY else want
     if soft < target:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -218,6 +225,40 @@ class RelayProcess:
         return self.proc.returncode
 
 
+def startRelays(secret, extra, logDir, name, cluster=False, clusterSecret=None, timeout=20.0):
+    """
+    One relay on 127.0.0.1 (C{<name>-relay}), or (C{cluster}) three pods on
+    L{PODS} sharing one peer port and one cluster port (C{<name>-pod-<host>}),
+    each started with C{extra} and waited for; if one fails, those already
+    started are stopped.
+
+    @return: C{(list of L{RelayProcess}, cluster port or None)}.
+    @raise RuntimeError: a relay did not start.
+    """
+    if not cluster:
+        relay = RelayProcess(secret, host="127.0.0.1", extra=extra, logDir=logDir, name=f"{name}-relay")
+        relay.start(timeout=timeout)
+        return [relay], None
+    clusterPort = commonPort(PODS)
+    peerPort = commonPort(PODS)
+    relays = []
+    try:
+        for host in PODS:
+            podExtra = list(extra) + [
+                "--cluster-headless", ",".join(PODS), "--pod-ip", host,
+                "--cluster-port", str(clusterPort), "--cluster-listen-address", f"{host}:{clusterPort}",
+                "--cluster-auth-secret", clusterSecret, "--cluster-discovery-interval", "1",
+            ]
+            relay = RelayProcess(secret, host=host, port=peerPort, extra=podExtra, logDir=logDir, name=f"{name}-pod-{host}")
+            relay.start(timeout=timeout)
+            relays.append(relay)
+    except Exception:
+        for relay in relays:
+            relay.stop()
+        raise
+    return relays, clusterPort
+
+
 class ExternalRelay:
     """
     A relay somebody else started (C{--url}): no start, no stop.
@@ -244,10 +285,13 @@ class ExternalRelay:
         return None
 
 
-def writeCertificate(directory, name="localhost"):
+def writeCertificate(directory, name="localhost", days=2, expired=False, prefix="bench-"):
     """
     A throwaway self-signed EC certificate for C{name} and 127.0.0.1 (the
-    relay serves QUIC only with a certificate).
+    relay serves QUIC only with a certificate), valid from five minutes ago
+    for C{days} days, or, if C{expired}, from ten days ago until yesterday.
+    Written as C{<prefix><name>.crt} and C{.key} (mode 0600) in
+    C{directory}.
 
     @return: C{(certificate path, key path)}.
     """
@@ -262,24 +306,29 @@ def writeCertificate(directory, name="localhost"):
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.datetime.now(datetime.timezone.utc)
+    if expired:
+        start, end = now - datetime.timedelta(days=10), now - datetime.timedelta(days=1)
+    else:
+        start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
     certificate = (
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=2))
+        .not_valid_before(start)
+        .not_valid_after(end)
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(name), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
     os.makedirs(directory, exist_ok=True)
-    certPath = os.path.join(directory, f"bench-{name}.crt")
-    keyPath = os.path.join(directory, f"bench-{name}.key")
+    certPath = os.path.join(directory, f"{prefix}{name}.crt")
+    keyPath = os.path.join(directory, f"{prefix}{name}.key")
     with open(certPath, "wb") as f:
         f.write(certificate.public_bytes(serialization.Encoding.PEM))
     fd = os.open(keyPath, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode otherwise
     with os.fdopen(fd, "wb") as f:
         f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     return certPath, keyPath

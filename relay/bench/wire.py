@@ -46,7 +46,6 @@ OP_PONG = 0xA
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 HEALTHCHECK = bytes([PROTO_VERSION, T_HEALTHCHECK])
-CLOSE = bytes([PROTO_VERSION, T_CLOSE])
 
 
 def peerId(name):
@@ -254,8 +253,6 @@ class SendTemplate:
     """
 
     def __init__(self, dst, tail, key):
-        self.key = key
-        size = SEQ_LEN + len(tail)
         plain = transportMessage(dst, bytes(SEQ_LEN) + tail)
         frame = clientFrame(plain, key)
         hl = len(frame) - len(plain)  # header + mask key
@@ -268,7 +265,6 @@ class SendTemplate:
         stream = key * 4
         phase = TRANSPORT_HDR % 4
         self.seqMask = int.from_bytes(stream[phase : phase + SEQ_LEN], "big")
-        self.size = size
 
     def frame(self, seq):
         return self.head + (seq ^ self.seqMask).to_bytes(SEQ_LEN, "big") + self.tail
@@ -289,13 +285,11 @@ class ExpectTemplate:
         plain = transportMessage(src, bytes(SEQ_LEN) + tail)
         frame = serverFrame(plain)
         hl = len(frame) - len(plain)
-        self.headerLen = hl
         self.frameLen = len(frame)
         seqAt = hl + TRANSPORT_HDR
         self.head = frame[:seqAt]
         self.tail = frame[seqAt + SEQ_LEN :]
         self.sep = self.tail + self.head
-        self.src = src
         self.payloadTail = tail
 
     def frames(self, a, b):
