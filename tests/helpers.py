@@ -73,3 +73,35 @@ def connect(relay, name, address="192.0.2.1:40000"):
     session.messageReceived(authMessage(name))
     assert link.take() == [relay.authResponse], "authentication failed"
     return session, link
+
+
+CI_PROFILE = "relay-ci"
+FUZZ_PROFILE = "fuzz"
+
+
+def hypothesisProfile(examples=200):
+    """
+    The hypothesis settings every property test uses, registering the two
+    profiles in one place: C{relay-ci}, bounded and derandomized with no
+    example database (the same examples on every run, so CI never flakes),
+    and C{fuzz}, the long randomized run (20000 examples) that tox's fuzz env
+    selects with C{HYPOTHESIS_PROFILE=fuzz}.  Any other value of
+    C{HYPOTHESIS_PROFILE}, or none, means C{relay-ci}.
+
+    @param examples: C{max_examples} of the bounded run; the fuzz run keeps
+        its 20000.
+    """
+    import os
+
+    from hypothesis import HealthCheck, settings
+
+    common = dict(
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    settings.register_profile(CI_PROFILE, derandomize=True, max_examples=200, **common)
+    settings.register_profile(FUZZ_PROFILE, derandomize=False, max_examples=20000, **common)
+    if os.environ.get("HYPOTHESIS_PROFILE") == FUZZ_PROFILE:
+        return settings.get_profile(FUZZ_PROFILE)
+    return settings(settings.get_profile(CI_PROFILE), max_examples=examples)

@@ -8,11 +8,12 @@ import hashlib
 import hmac
 import struct
 
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from relay.cluster import frames
+from tests.helpers import hypothesisProfile
 
 PEER_A = bytes.fromhex("7368612dbdb94c73d53c44023a715a2970a10c4d54fa9550b70fd9d34cc4b0a2de5ddcbe")
 PEER_B = frames.peerIDOf("peer-b")
@@ -263,7 +264,7 @@ class PropertyTests(SynchronousTestCase):
     reassembly does not depend on how the bytes are split.
     """
 
-    @settings(max_examples=300, deadline=None)
+    @hypothesisProfile(examples=300)
     @given(st.binary(max_size=400), st.sampled_from(["", "cluster-secret"]), st.integers(0, 2**64 - 1))
     def test_decodeHelloOnlyFrameError(self, payload, secret, now):
         try:
@@ -273,7 +274,7 @@ class PropertyTests(SynchronousTestCase):
         else:
             self.assertEqual(frames.encodeHello(hello.address, hello.timestamp, secret), payload)
 
-    @settings(max_examples=300, deadline=None)
+    @hypothesisProfile(examples=300)
     @given(st.integers(0, 255), st.binary(max_size=100))
     def test_decodePayloadOnlyFrameError(self, frameType, payload):
         try:
@@ -281,7 +282,7 @@ class PropertyTests(SynchronousTestCase):
         except frames.FrameError as e:
             self.assertEqual(e.reason, frames.MALFORMED)
 
-    @settings(max_examples=200, deadline=None)
+    @hypothesisProfile()
     @given(
         st.lists(st.tuples(st.integers(0, 255), st.binary(max_size=300)), max_size=8),
         st.lists(st.integers(0, 3000), max_size=10),

@@ -16,10 +16,9 @@ HYPOTHESIS_PROFILE=fuzz for a long run (20000 examples).
 
 import hashlib
 import hmac
-import os
 import struct
 
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -38,27 +37,9 @@ from relay.cluster import locator as loc
 from relay.cluster import transport
 from relay.counters import ClusterCounters
 from relay.interfaces import ILocalPeers
+from tests.helpers import hypothesisProfile
 
-settings.register_profile(
-    "relay-cluster",
-    derandomize=True,
-    max_examples=200,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-settings.register_profile(
-    "fuzz",
-    derandomize=False,
-    max_examples=20000,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-_profile = os.environ.get("HYPOTHESIS_PROFILE", "relay-cluster")
-if _profile not in ("relay-cluster", "fuzz"):
-    _profile = "relay-cluster"
-PROFILE = settings.get_profile(_profile)
+PROFILE = hypothesisProfile()
 
 NOW = 1893456000
 SECRET = "cluster-secret"

@@ -8,10 +8,9 @@ HYPOTHESIS_PROFILE=fuzz for a long run (20000 examples).
 
 import hashlib
 import hmac
-import os
 import re
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -26,27 +25,9 @@ from twisted.trial import unittest
 from relay import messages as m
 from relay.auth import AuthError, TokenValidator, generateToken
 from relay.store import Store
+from tests.helpers import hypothesisProfile
 
-settings.register_profile(
-    "relay-peer",
-    derandomize=True,
-    max_examples=200,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-settings.register_profile(
-    "fuzz",
-    derandomize=False,
-    max_examples=20000,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-_profile = os.environ.get("HYPOTHESIS_PROFILE", "relay-peer")
-if _profile not in ("relay-peer", "fuzz"):
-    _profile = "relay-peer"
-PROFILE = settings.get_profile(_profile)
+PROFILE = hypothesisProfile()
 
 SECRET = "relay-secret"
 NOW = 1_800_000_000
@@ -200,6 +181,28 @@ class CodecRoundTrips(unittest.SynchronousTestCase):
         self.assertEqual(m.decodeAuthResponse(message), url)
 
 
+@st.composite
+def _maybeDamaged(draw, messages):
+    """
+    A message from C{messages}, left as it is or with one byte changed, a
+    tail cut off or bytes appended.
+    """
+    data = bytearray(draw(messages))
+    damage = draw(st.sampled_from(["none", "flip", "truncate", "extend"]))
+    if damage == "flip" and data:
+        data[draw(st.integers(0, len(data) - 1))] ^= draw(st.integers(1, 255))
+    elif damage == "truncate":
+        del data[draw(st.integers(0, len(data))) :]
+    elif damage == "extend":
+        data += draw(st.binary(min_size=1, max_size=40))
+    return bytes(data)
+
+
+AUTH_EXAMPLE = m.encodeAuth(m.peerID("peer-a"), b"\x01" + b"\x00" * 40)
+TRANSPORT_EXAMPLE = m.encodeTransport(m.peerID("peer-b"), b"hello")
+AUTH_RESPONSE_EXAMPLE = m.encodeAuthResponse("rel://127.0.0.1:33080")
+
+
 class NeverRaisesAnythingElse(unittest.SynchronousTestCase):
     """
     Arbitrary bytes into the decoders: a value or MessageError/AuthError,
@@ -218,6 +221,11 @@ class NeverRaisesAnythingElse(unittest.SynchronousTestCase):
             lambda t: bytes([1, t[0]]) + t[1]
         ),
         st.binary(max_size=400).map(lambda b: b"\x01\x06\x21\x12\xa4\x42" + b),
+        # Messages the encoders built, as sent or slightly damaged, so the
+        # accept paths of the decoders run as well as the reject paths.
+        _maybeDamaged(st.builds(m.encodeAuth, anyID, st.binary(max_size=200))),
+        _maybeDamaged(st.builds(m.encodeTransport, anyID, st.binary(max_size=400))),
+        _maybeDamaged(st.text(max_size=120).map(m.encodeAuthResponse)),
     )
 
     @PROFILE
@@ -231,6 +239,9 @@ class NeverRaisesAnythingElse(unittest.SynchronousTestCase):
 
     @PROFILE
     @given(data=anyBytes)
+    @example(data=AUTH_EXAMPLE)
+    @example(data=m.encodeAuth(b"\x00" * 36, b""))  # the shortest: no token
+    @example(data=TRANSPORT_EXAMPLE[:2] + m.MAGIC + m.peerID("peer-c"))  # any header bytes
     def test_decodeAuth(self, data):
         ok, result = _raisesOnly(self, m.MessageError, m.decodeAuth, data)
         valid = len(data) >= 42 and data[2:6] == b"\x21\x12\xa4\x42"
@@ -242,6 +253,9 @@ class NeverRaisesAnythingElse(unittest.SynchronousTestCase):
 
     @PROFILE
     @given(data=anyBytes)
+    @example(data=TRANSPORT_EXAMPLE)
+    @example(data=m.encodeTransport(m.peerID("peer-b"), b""))  # the shortest: no payload
+    @example(data=AUTH_EXAMPLE)  # 38 bytes or more is all it takes
     def test_decodeTransport(self, data):
         ok, result = _raisesOnly(self, m.MessageError, m.decodeTransport, data)
         self.assertEqual(ok, len(data) >= 38, result)
@@ -261,8 +275,16 @@ class NeverRaisesAnythingElse(unittest.SynchronousTestCase):
 
     @PROFILE
     @given(data=anyBytes)
+    @example(data=AUTH_RESPONSE_EXAMPLE)
+    @example(data=m.encodeAuthResponse(""))  # the shortest: an empty URL
+    @example(data=m.encodeAuthResponse("rel://relé.example:443"))  # non-ASCII UTF-8
     def test_decodeAuthResponse(self, data):
         ok, result = _raisesOnly(self, m.MessageError, m.decodeAuthResponse, data)
+        try:
+            utf8 = data[2:].decode("utf-8") is not None
+        except UnicodeDecodeError:
+            utf8 = False
+        self.assertEqual(ok, data[:2] == b"\x01\x07" and utf8, (data[:8], result))
         if ok:
             self.assertEqual(data[:2], b"\x01\x07")
             self.assertEqual(result.encode("utf-8"), data[2:])
