@@ -124,7 +124,13 @@ class IndependentClientTests(unittest.TestCase):
     def test_oversizedFragmentedMessage(self):
         def scenario():
             a = self.peer("peer-a")
-            a.send([m.encodeTransport(B, b"x" * 5000), b"y" * 5000])
+            try:
+                # websockets ends a fragmented message with an empty final
+                # frame; the relay may already have closed the connection
+                # once the second fragment put the message over the limit.
+                a.send([m.encodeTransport(B, b"x" * 5000), b"y" * 5000])
+            except ConnectionClosed:
+                return True
             return closedByRelay(a)
 
         return self.inThread(scenario).addCallback(self.assertTrue)
