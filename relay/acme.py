@@ -823,11 +823,13 @@ class AcmeCertificateService(Service):
         """
         OpenSSL's info callback on the placeholder context. A handshake that
         completes without C{acme-tls/1} (a client that does not check
-        certificates) is aborted; one that a fatal alert ends (a client that
-        does, refusing the placeholder) ends by itself. Either is one
-        refused connection, counted and not logged: agents retry until the
-        certificate is there. The ACME validator's handshakes end neither
-        way, and an established connection never comes here again.
+        certificates) is aborted; one that the client ends with a fatal
+        alert (it checks them and refuses the placeholder) ends by itself.
+        Either is one refused connection, counted and not logged: agents
+        retry until the certificate is there. The ACME validator's
+        handshakes end neither way, and alerts we send (a TCP connection
+        closed without a TLS handshake, an unsupported version) are not
+        about the certificate.
         """
         if where & SSL.SSL_CB_HANDSHAKE_DONE:
             if connection.get_alpn_proto_negotiated() == ACME_TLS_ALPN:
@@ -836,7 +838,7 @@ class AcmeCertificateService(Service):
             tlsProtocol = connection.get_app_data()
             if tlsProtocol is not None:
                 tlsProtocol.failVerification(Failure(ierror.ConnectionAborted(f"no certificate for {self.domains[0]} yet")))
-        elif where & SSL.SSL_CB_ALERT and code >> 8 == _FATAL_ALERT and connection.get_alpn_proto_negotiated() != ACME_TLS_ALPN:
+        elif where & SSL.SSL_CB_READ_ALERT == SSL.SSL_CB_READ_ALERT and code >> 8 == _FATAL_ALERT and connection.get_alpn_proto_negotiated() != ACME_TLS_ALPN:
             self._countRefusal()
 
     def _countRefusal(self):

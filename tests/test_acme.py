@@ -542,6 +542,22 @@ class RefusalBeforeCertificateTests(unittest.TestCase):
         self.assertQuiet()
 
     @defer.inlineCallbacks
+    def test_plainTCPNotCounted(self):
+        """
+        A TCP connection closed without a TLS handshake (a port scan, a
+        readiness probe) is no refused TLS connection.
+        """
+        server = protocol.Factory.forProtocol(_Ended)
+        server.ended = defer.Deferred()
+        port = yield SSL4ServerEndpoint(reactor, 0, self.service.serverConnectionCreator(), interface="127.0.0.1").listen(server)
+        self.addCleanup(port.stopListening)
+        client = yield protocol.ClientCreator(reactor, protocol.Protocol).connectTCP("127.0.0.1", port.getHost().port)
+        client.transport.loseConnection()
+        yield server.ended.addTimeout(10, reactor)
+        self.assertEqual(self.counters.handshakeRejects, {})
+        self.assertQuiet()
+
+    @defer.inlineCallbacks
     def test_validatorServed(self):
         """
         The ACME validator (acme-tls/1 for a name with a pending challenge)
