@@ -77,7 +77,7 @@ from twisted.application.service import Service
 from twisted.internet import defer, error as ierror, threads
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
-from twisted.protocols.policies import WrappingFactory
+from twisted.protocols.policies import ProtocolWrapper, TimeoutMixin, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
@@ -104,6 +104,7 @@ _CHALLENGE_PREFIX = [b".well-known", b"acme-challenge"]
 # handful of addresses; anything bigger or slower is not a validation.
 HTTP01_MAX_CONNECTIONS = 64
 HTTP01_TIMEOUT = 10.0
+HTTP01_LIFETIME = 30.0
 HTTP01_MAX_HEADERS = 32
 HTTP01_MAX_HEADER_BYTES = 8192
 HTTP01_MAX_BODY = 1024
@@ -294,9 +295,29 @@ class _QuietSite(Site):
         pass
 
 
+class _Lifetime(ProtocolWrapper, TimeoutMixin):
+    """
+    A connection aborted after L{HTTP01_LIFETIME} seconds, however it
+    trickles: the channel's own timeout only measures idle time.
+    """
+
+    def makeConnection(self, transport):
+        self.callLater = self.factory.reactor.callLater
+        self.setTimeout(HTTP01_LIFETIME)
+        super().makeConnection(transport)
+
+    def connectionLost(self, reason):
+        self.setTimeout(None)
+        super().connectionLost(reason)
+
+    def timeoutConnection(self):
+        self.transport.abortConnection()
+
+
 class _ConnectionCap(WrappingFactory):
     """
-    At most C{limit} open connections; more are closed at once.
+    At most C{limit} open connections, each for at most L{HTTP01_LIFETIME};
+    more are closed at once.
 
     Twisted's policies have no total cap that wraps a Site:
     C{LimitTotalConnectionsFactory} builds its protocol itself, bypassing
@@ -305,10 +326,12 @@ class _ConnectionCap(WrappingFactory):
     """
 
     noisy = False
+    protocol = _Lifetime
 
-    def __init__(self, wrappedFactory, limit):
+    def __init__(self, wrappedFactory, limit, reactor):
         super().__init__(wrappedFactory)
         self.limit = limit
+        self.reactor = reactor
         self.refused = 0
 
     def buildProtocol(self, addr):
@@ -321,13 +344,13 @@ class _ConnectionCap(WrappingFactory):
 def challengeSite(responses, reactor):
     """
     The factory of the HTTP-01 listener, bounded in connections, header and
-    body bytes and idle time (L{HTTP01_MAX_CONNECTIONS}, ...).
+    body bytes, idle time and lifetime (L{HTTP01_MAX_CONNECTIONS}, ...).
 
     @param responses: token → key authorization, filled while an order is
         pending.
     """
     site = _QuietSite(_ChallengeResource(responses), timeout=HTTP01_TIMEOUT, reactor=reactor)
-    return _ConnectionCap(site, HTTP01_MAX_CONNECTIONS)
+    return _ConnectionCap(site, HTTP01_MAX_CONNECTIONS, reactor)
 
 
 class AcmeCertificateService(Service):

@@ -635,6 +635,23 @@ class ChallengeListenerTests(unittest.TestCase):
         self.clock.advance(1)
         self.assertTrue(transport.disconnecting)
 
+    def test_lifetime(self):
+        """
+        A client that keeps sending a byte before each idle timeout is cut
+        off after HTTP01_LIFETIME anyway, and its slot is free again.
+        """
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET /")
+        for _ in range(int(acme.HTTP01_LIFETIME // (acme.HTTP01_TIMEOUT / 2)) - 1):
+            self.clock.advance(acme.HTTP01_TIMEOUT / 2)
+            channel.dataReceived(b"a")
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(acme.HTTP01_TIMEOUT / 2)
+        self.assertTrue(transport.disconnecting)
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.factory.protocols, {})
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_headerLimit(self):
         """
         Headers past Twisted's lowered limits get 400 and the connection
