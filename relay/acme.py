@@ -846,27 +846,28 @@ class AcmeCertificateService(Service):
         """
         OpenSSL's info callback on the placeholder context. A handshake that
         completes without C{acme-tls/1} (a client that does not check
-        certificates) is aborted; one that the client ends with a fatal
-        alert (it checks them and refuses the placeholder) ends by itself.
-        Either is one refused connection, counted and not logged: agents
-        retry until the certificate is there. The ACME validator's
-        handshakes end neither way, and alerts we send (a TCP connection
-        closed without a TLS handshake, an unsupported version) are not
-        about the certificate.
+        certificates) or that the client ends with a fatal alert (it checks
+        them and refuses the placeholder) is one refused connection: counted,
+        and aborted with L{ConnectionAborted}, which the peer protocol
+        (Autobahn) logs at debug only, where the TLS error would be logged
+        at error level: agents retry until the certificate is there. The
+        ACME validator's handshakes end neither way, and alerts we send (a
+        TCP connection closed without a TLS handshake, an unsupported
+        version) are not about the certificate.
         """
         if where & SSL.SSL_CB_HANDSHAKE_DONE:
-            if connection.get_alpn_proto_negotiated() == ACME_TLS_ALPN:
-                return
-            self._countRefusal()
-            tlsProtocol = connection.get_app_data()
-            if tlsProtocol is not None:
-                tlsProtocol.failVerification(Failure(ierror.ConnectionAborted(f"no certificate for {self.domains[0]} yet")))
-        elif where & SSL.SSL_CB_READ_ALERT == SSL.SSL_CB_READ_ALERT and code >> 8 == _FATAL_ALERT and connection.get_alpn_proto_negotiated() != ACME_TLS_ALPN:
-            self._countRefusal()
-
-    def _countRefusal(self):
+            refused = connection.get_alpn_proto_negotiated() != ACME_TLS_ALPN
+        else:
+            refused = where & SSL.SSL_CB_READ_ALERT == SSL.SSL_CB_READ_ALERT and code >> 8 == _FATAL_ALERT and connection.get_alpn_proto_negotiated() != ACME_TLS_ALPN
+        if not refused:
+            return
         if self._counters is not None:
             self._counters.handshakeRejects[NO_CERTIFICATE] += 1
+        tlsProtocol = connection.get_app_data()
+        if tlsProtocol is not None:
+            # As Twisted's own client-side hostname check does from its info
+            # callback; the reason it sets is the one the protocol gets.
+            tlsProtocol.failVerification(Failure(ierror.ConnectionAborted(f"no certificate for {self.domains[0]} yet")))
 
     def _selectALPN(self, connection, offered):
         """

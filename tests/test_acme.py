@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet import defer, protocol, reactor, threads
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import Certificate, CertificateOptions, TLSVersion, optionsForClientTLS
@@ -475,11 +475,12 @@ class _Probe(protocol.Protocol):
 
 class _Ended(protocol.Protocol):
     """
-    The server side: fires C{factory.ended} when the connection is gone.
+    The server side: fires C{factory.ended} with the reason when the
+    connection is gone.
     """
 
     def connectionLost(self, reason):
-        self.factory.ended.callback(None)
+        self.factory.ended.callback(reason.value)
 
 
 class RefusalBeforeCertificateTests(unittest.TestCase):
@@ -506,7 +507,7 @@ class RefusalBeforeCertificateTests(unittest.TestCase):
         client.done, client.hangUp = defer.Deferred(), hangUp
         reactor.connectSSL("127.0.0.1", port.getHost().port, client, options)
         probe = yield client.done.addTimeout(10, reactor)
-        yield server.ended.addTimeout(10, reactor)
+        probe.serverReason = yield server.ended.addTimeout(10, reactor)
         return probe
 
     def assertQuiet(self):
@@ -526,6 +527,8 @@ class RefusalBeforeCertificateTests(unittest.TestCase):
             probe = yield self.connect(options)
             self.assertFalse(probe.completed)
             self.assertEqual(self.counters.handshakeRejects, {NO_CERTIFICATE: n})
+            # Not the TLS error, which Autobahn logs at error level.
+            self.assertIsInstance(probe.serverReason, ConnectionAborted)
         self.assertQuiet()
 
     @defer.inlineCallbacks
@@ -539,6 +542,7 @@ class RefusalBeforeCertificateTests(unittest.TestCase):
             probe = yield self.connect(CertificateOptions(lowerMaximumSecurityTo=maximum))
             self.assertEqual(probe.completed, maximum == TLSVersion.TLSv1_3)
             self.assertEqual(self.counters.handshakeRejects, {NO_CERTIFICATE: n})
+            self.assertIsInstance(probe.serverReason, ConnectionAborted)
         self.assertQuiet()
 
     @defer.inlineCallbacks

@@ -223,6 +223,7 @@ class RefusalBeforeCertificateTests(unittest.TestCase):
             self.assertEqual((yield relay.stop()), 0)
             self.assertNotIn(b"Traceback", relay.output)
             self.assertNotIn(b"Unhandled Error", relay.output)
+            self.assertNotIn(b"SSL error", relay.output)
 
 
 @implementer(IHandshakeListener)
