@@ -6,25 +6,32 @@ relay must obtain a certificate at start-up, keep it across restarts and renew
 it while it runs, handing each new certificate to the listeners so that new
 connections get it without a restart.
 
-Challenges: HTTP-01 (the default) or TLS-ALPN-01, chosen by the operator.
-HTTP-01 needs nothing from the peer listener: a small twisted.web listener
-serves C{/.well-known/acme-challenge/<token>} (404 for anything else). It is
-bound in L{privilegedStartService}, before twistd sheds root, and kept open
-for renewals; if port 80 cannot be bound the attempt fails, is logged and is
-retried like any other failure, so a relay with a valid certificate on disk
-keeps serving. It works whatever the peer port is, which is why it is the
-default. TLS-ALPN-01 is what the Go relay's autocert answers: the CA connects
-to port 443 offering ALPN C{acme-tls/1}, so it only works when the peer
-listener is reachable on 443, and then needs no port 80 (operators moving
-from the Go relay may have only 443 open). The C{acme} library (5.x) has no
-TLS-ALPN-01 support, so the validation certificate (RFC 8737) is built here
-and the peer listener must take its connections from
-L{AcmeCertificateService.serverConnectionCreator}: its context's ALPN
-callback swaps in the validation certificate when a client offers
-C{acme-tls/1} for a name with a pending challenge. OpenSSL runs that callback
-before it sends the server's certificate, for TLS 1.3 and 1.2 alike (both
-certificates are ECDSA P-256, so the cipher chosen earlier still fits); other
-clients negotiate no ALPN protocol, as before.
+Challenges: TLS-ALPN-01 (the default) or HTTP-01, as the operator asks.
+TLS-ALPN-01 is what the Go relay's autocert answers, on the peer port
+whatever its number: the CA connects to the domain on port 443 offering ALPN
+C{acme-tls/1}, which reaches the peer listener when it listens on 443 or
+sits behind something forwarding 443 to it (a LoadBalancer in front of a pod
+on 8443), and needs no second port, so several relays on one host can each
+get a certificate. The C{acme} library (5.x) has no TLS-ALPN-01 support, so
+the validation certificate (RFC 8737) is built here and the peer listener
+takes its connections from L{AcmeCertificateService.serverConnectionCreator}:
+its context's ALPN callback swaps in the validation certificate when a
+client offers C{acme-tls/1} for a name with a pending challenge. OpenSSL
+runs that callback before it sends the server's certificate, for TLS 1.3
+and 1.2 alike (both certificates are ECDSA P-256, so the cipher chosen
+earlier still fits); other clients negotiate no ALPN protocol, as before.
+HTTP-01 is served by a small twisted.web listener on its own port (80):
+C{/.well-known/acme-challenge/<token>}, 404 for anything else, with a
+connection cap, small header and body limits and a timeout, since port 80
+on the internet is scanned all day. It is bound in
+L{privilegedStartService}, before twistd sheds root, and kept open for
+renewals; if it cannot be bound that is logged once and TLS-ALPN-01 is
+used instead.
+
+Until the first certificate exists the peer listener serves a self-signed
+placeholder that only the ACME validator's C{acme-tls/1} handshakes get
+past: every other TLS connection is refused without a log line, counted
+as C{relay_handshake_rejects_total{reason="no_certificate"}}.
 
 The C{acme} library is synchronous (C{requests}), so every ACME exchange runs
 in the reactor's thread pool with an overall timeout on top of the per-request
@@ -57,6 +64,7 @@ import json
 import os
 import random
 import re
+from io import BytesIO
 
 import josepy
 import requests
@@ -69,8 +77,11 @@ from twisted.application.service import Service
 from twisted.internet import defer, error as ierror, threads
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, TimeoutMixin, WrappingFactory
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from relay.server import ConfigurationError
@@ -88,6 +99,22 @@ ACME_TLS_ALPN = b"acme-tls/1"
 _ACME_IDENTIFIER = x509.ObjectIdentifier("1.3.6.1.5.5.7.1.31")
 
 _CHALLENGE_PREFIX = [b".well-known", b"acme-challenge"]
+
+# Bounds of the HTTP-01 listener. A CA validates with a few short GETs from a
+# handful of addresses; anything bigger or slower is not a validation.
+HTTP01_MAX_CONNECTIONS = 64
+HTTP01_TIMEOUT = 10.0
+HTTP01_LIFETIME = 30.0
+HTTP01_MAX_HEADERS = 32
+HTTP01_MAX_HEADER_BYTES = 8192
+HTTP01_MAX_BODY = 1024
+
+# relay_handshake_rejects_total reason for TLS connections before the first
+# certificate.
+NO_CERTIFICATE = "no_certificate"
+
+# OpenSSL's alert level in the info callback's return code (high byte).
+_FATAL_ALERT = 2
 
 # What Go's autocert.DirCache, used by the Go relay, keeps in the same
 # directory: the account key, and per domain the key followed by the chain.
@@ -219,7 +246,40 @@ class _CurrentCertificate:
         self._service = service
 
     def serverConnectionForTLS(self, tlsProtocol):
-        return SSL.Connection(self._service._serverContext(), None)
+        connection = SSL.Connection(self._service._serverContext(), None)
+        # The placeholder's info callback finds the connection to refuse
+        # here, as Twisted's own client-side hostname check does.
+        connection.set_app_data(tlsProtocol)
+        return connection
+
+
+class _ChallengeRequest(Request):
+    """
+    A request whose body, which no HTTP-01 validation has, is kept in memory
+    up to L{HTTP01_MAX_BODY} bytes; more ends the connection. Twisted's
+    Request has no body limit and spools big bodies to a temporary file.
+    """
+
+    def gotLength(self, length):
+        self.content = BytesIO()
+        if length is not None and length > HTTP01_MAX_BODY:
+            self.channel.forceAbortClient()
+
+    def handleContentChunk(self, data):
+        if self.content.tell() + len(data) > HTTP01_MAX_BODY:
+            self.channel.forceAbortClient()
+            return
+        self.content.write(data)
+
+
+class _ChallengeChannel(HTTPChannel):
+    """
+    HTTPChannel with Twisted's own header limits lowered to what a
+    validation GET needs.
+    """
+
+    maxHeaders = HTTP01_MAX_HEADERS
+    totalHeadersSize = HTTP01_MAX_HEADER_BYTES
 
 
 class _QuietSite(Site):
@@ -228,9 +288,69 @@ class _QuietSite(Site):
     """
 
     noisy = False
+    protocol = _ChallengeChannel
+    requestFactory = _ChallengeRequest
 
     def log(self, request):
         pass
+
+
+class _Lifetime(ProtocolWrapper, TimeoutMixin):
+    """
+    A connection aborted after L{HTTP01_LIFETIME} seconds, however it
+    trickles: the channel's own timeout only measures idle time.
+    """
+
+    def makeConnection(self, transport):
+        self.callLater = self.factory.reactor.callLater
+        self.setTimeout(HTTP01_LIFETIME)
+        super().makeConnection(transport)
+
+    def connectionLost(self, reason):
+        self.setTimeout(None)
+        super().connectionLost(reason)
+
+    def timeoutConnection(self):
+        self.transport.abortConnection()
+
+
+class _ConnectionCap(WrappingFactory):
+    """
+    At most C{limit} open connections, each for at most L{HTTP01_LIFETIME};
+    more are closed at once.
+
+    Twisted's policies have no total cap that wraps a Site:
+    C{LimitTotalConnectionsFactory} builds its protocol itself, bypassing
+    C{Site.buildProtocol}, and C{ThrottlingFactory} logs every refusal,
+    which a flood would turn into a flood of log lines.
+    """
+
+    noisy = False
+    protocol = _Lifetime
+
+    def __init__(self, wrappedFactory, limit, reactor):
+        super().__init__(wrappedFactory)
+        self.limit = limit
+        self.reactor = reactor
+        self.refused = 0
+
+    def buildProtocol(self, addr):
+        if len(self.protocols) >= self.limit:
+            self.refused += 1
+            return None
+        return super().buildProtocol(addr)
+
+
+def challengeSite(responses, reactor):
+    """
+    The factory of the HTTP-01 listener, bounded in connections, header and
+    body bytes, idle time and lifetime (L{HTTP01_MAX_CONNECTIONS}, ...).
+
+    @param responses: token → key authorization, filled while an order is
+        pending.
+    """
+    site = _QuietSite(_ChallengeResource(responses), timeout=HTTP01_TIMEOUT, reactor=reactor)
+    return _ConnectionCap(site, HTTP01_MAX_CONNECTIONS, reactor)
 
 
 class AcmeCertificateService(Service):
@@ -252,10 +372,11 @@ class AcmeCertificateService(Service):
         directoryURL,
         reactor,
         caBundle=None,
-        challenge=HTTP_01,
+        challenge=TLS_ALPN_01,
         http01Port=80,
         onCertificate=None,
         http01Interface=None,
+        counters=None,
         now=None,
         checkInterval=12 * 3600.0,
         retryDelay=30.0,
@@ -272,15 +393,18 @@ class AcmeCertificateService(Service):
         @param reactor: provides IReactorTime, IReactorTCP and IReactorThreads.
         @param caBundle: PEM file of roots to verify the ACME server's HTTPS
             with, instead of the system's (for a private CA or pebble).
-        @param challenge: L{HTTP_01} (a listener on C{http01Port}) or
-            L{TLS_ALPN_01} (answered by the peer listener, which must then use
-            L{serverConnectionCreator} and be reachable on port 443).
+        @param challenge: L{TLS_ALPN_01} (answered by the peer listener
+            through L{serverConnectionCreator}; the CA reaches it on port
+            443) or L{HTTP_01} (a listener on C{http01Port}; TLS-ALPN-01 if
+            that port cannot be bound).
         @param http01Port: TCP port of the HTTP-01 listener; 0 picks a free
             one (tests).
         @param onCertificate: called with fresh L{CertificateOptions} each
             time a certificate is loaded or renewed.
         @param http01Interface: address to bind; by default C{"::"} (both
             families on Linux), falling back to C{""} without IPv6.
+        @param counters: the L{relay.counters.RelayCounters} that count TLS
+            connections refused before the first certificate, or L{None}.
         @param now: callable returning POSIX seconds; by default
             C{reactor.seconds}.
         @param checkInterval: the longest sleep between renewal checks, so a
@@ -289,7 +413,9 @@ class AcmeCertificateService(Service):
             C{maxRetryDelay}.
         @param requestTimeout: seconds for each HTTP request to the CA.
         @param orderTimeout: seconds for each step of an order (account and
-            order creation; validation and issuance). A thread cannot be
+            order creation; validation and issuance), plus
+            C{requestTimeout} per request that is not bounded by this
+            deadline (see L{_finishTimeout}). A thread cannot be
             interrupted, so a step in flight at shutdown may hold the
             reactor's thread pool this long.
         """
@@ -315,6 +441,7 @@ class AcmeCertificateService(Service):
         self.orders = 0
         self._reactor = reactor
         self._onCertificate = onCertificate
+        self._counters = counters
         self._now = now or reactor.seconds
         self._checkInterval = checkInterval
         self._retryDelay = retryDelay
@@ -329,7 +456,6 @@ class AcmeCertificateService(Service):
         self._bareContext = None
         self._armedContext = None
         self._listeningPort = None
-        self._listenedPrivileged = False
         self._timer = None
         self._attempt = None
         self._failures = 0
@@ -359,11 +485,9 @@ class AcmeCertificateService(Service):
         @return: an L{IOpenSSLServerConnectionCreator} for a TLS listener
             (C{SSL4ServerEndpoint}, C{TLSMemoryBIOFactory}) that gives every
             new connection the current certificate, so renewals need no new
-            listener. With HTTP-01, listen once L{whenReady} has fired
-            (connections before are refused). With TLS-ALPN-01 the peer
-            listener must use it from the start: it answers the challenges,
-            and until the first certificate arrives ordinary clients get a
-            self-signed placeholder they will not trust.
+            listener. Listen with it from the start: it answers TLS-ALPN-01
+            challenges, and until the first certificate arrives it refuses
+            every other connection (counted, not logged).
         """
         return _CurrentCertificate(self)
 
@@ -386,9 +510,7 @@ class AcmeCertificateService(Service):
 
     def privilegedStartService(self):
         super().privilegedStartService()
-        if self.challenge == HTTP_01:
-            self._listen()
-            self._listenedPrivileged = True
+        self._listen()
 
     def startService(self):
         super().startService()
@@ -396,8 +518,7 @@ class AcmeCertificateService(Service):
             self._prepareDirectory()
         except OSError as e:
             self.log.error("ACME: cannot use the data directory {dir!r}: {error}", dir=self.dataDir, error=e.strerror or str(e))
-        if self.challenge == HTTP_01:
-            self._listen(logFailure=not self._listenedPrivileged)
+        self._listen()
         self._loadFromDisk()
         self._schedule(0 if self._options is None else self._untilCheck())
 
@@ -605,15 +726,14 @@ class AcmeCertificateService(Service):
 
     # ACME
 
-    def _listen(self, logFailure=True):
+    def _listen(self):
         """
-        Bind the HTTP-01 listener if it is not bound.
-
-        @return: an error message, or L{None} when listening.
+        With HTTP-01, bind its listener if it is not bound; if it cannot be
+        bound, say so and switch to TLS-ALPN-01 for the rest of this run.
         """
-        if self._listeningPort is not None:
-            return None
-        site = _QuietSite(_ChallengeResource(self._responses))
+        if self.challenge != HTTP_01 or self._listeningPort is not None:
+            return
+        site = challengeSite(self._responses, self._reactor)
         interfaces = [self.http01Interface] if self.http01Interface is not None else ["::", ""]
         for interface in interfaces:
             try:
@@ -622,16 +742,29 @@ class AcmeCertificateService(Service):
                 reason = e
                 continue
             self.log.info("ACME: HTTP-01 challenges on {address}", address=self._listeningPort.getHost())
-            return None
-        message = f"cannot listen on port {self.http01Port} for HTTP-01 challenges: {reason.socketError}"
-        if logFailure:
-            self.log.error("ACME: {message}", message=message)
-        return message
+            return
+        self.challenge = TLS_ALPN_01
+        self.log.warn(
+            "ACME: cannot listen on port {port} for HTTP-01 challenges ({error}); answering TLS-ALPN-01 on the peer port instead",
+            port=self.http01Port,
+            error=getattr(reason.socketError, "strerror", None) or str(reason.socketError),
+        )
 
-    def _blocking(self, f, *args):
+    def _blocking(self, timeout, f, *args):
         d = threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), f, *args)
-        d.addTimeout(self._orderTimeout + self._requestTimeout, self._reactor)
+        d.addTimeout(timeout, self._reactor)
         return d
+
+    def _finishTimeout(self, answers):
+        """
+        The overall timeout of L{_finish} for C{answers} challenges: one
+        request per answer, then the polling deadline, then the requests
+        that deadline does not bound: the one in flight when it passes, the
+        finalization, the order poll in flight and the certificate download,
+        and the library's 1 s pause between polls. Every domain's
+        authorisation fits, however many there are.
+        """
+        return self._orderTimeout + (answers + 4) * self._requestTimeout + 1.0
 
     @defer.inlineCallbacks
     def _obtain(self):
@@ -640,16 +773,12 @@ class AcmeCertificateService(Service):
 
         @return: a L{Deferred} firing with C{(key PEM, chain PEM)}.
         """
-        if self.challenge == HTTP_01:
-            problem = self._listen(logFailure=False)
-            if problem is not None:
-                raise _AcmeProblem(problem)
         accountKey = self._accountKey()
         certificateKey = ec.generate_private_key(ec.SECP256R1())
         keyPEM = _keyPEM(certificateKey)
         csrPEM = crypto_util.make_csr(keyPEM, self.domains)
         self.log.info("ACME: ordering a certificate for {domains} from {url}", domains=",".join(self.domains), url=self.directoryURL)
-        acmeClient, order = yield self._blocking(self._newOrder, accountKey, csrPEM)
+        acmeClient, order = yield self._blocking(self._orderTimeout + self._requestTimeout, self._newOrder, accountKey, csrPEM)
         self.orders += 1
         answers, cleanups = [], []
         try:
@@ -657,7 +786,7 @@ class AcmeCertificateService(Service):
                 if authorization.body.status == messages.STATUS_VALID:
                     continue
                 answers.append(self._prepareChallenge(authorization, accountKey, cleanups))
-            order = yield self._blocking(self._finish, acmeClient, order, answers)
+            order = yield self._blocking(self._finishTimeout(len(answers)), self._finish, acmeClient, order, answers)
         finally:
             for cleanup in cleanups:
                 cleanup()
@@ -691,14 +820,12 @@ class AcmeCertificateService(Service):
     def _serverContext(self):
         """
         The context for a new peer connection: the current certificate's,
-        armed for TLS-ALPN-01 in that mode; before the first certificate only
-        TLS-ALPN-01 handshakes can succeed.
+        armed for TLS-ALPN-01 (whatever the configured challenge, since an
+        HTTP-01 relay may have fallen back to it); before the first
+        certificate, the placeholder's, which refuses every handshake but
+        TLS-ALPN-01 validations.
         """
         options = self._options
-        if self.challenge != TLS_ALPN_01:
-            if options is None:
-                raise ConfigurationError(f"no certificate for {','.join(self.domains)} yet")
-            return options.getContext()
         if options is None:
             if self._bareContext is None:
                 placeholder, placeholderKey = _selfSigned(self.domains[0])
@@ -707,12 +834,40 @@ class AcmeCertificateService(Service):
                 self._bareContext.use_certificate(placeholder)
                 self._bareContext.use_privatekey(placeholderKey)
                 self._bareContext.set_alpn_select_callback(self._selectALPN)
+                self._bareContext.set_info_callback(self._placeholderEvent)
             return self._bareContext
         context = options.getContext()
         if context is not self._armedContext:
             context.set_alpn_select_callback(self._selectALPN)
             self._armedContext = context
         return context
+
+    def _placeholderEvent(self, connection, where, code):
+        """
+        OpenSSL's info callback on the placeholder context. A handshake that
+        completes without C{acme-tls/1} (a client that does not check
+        certificates) or that the client ends with a fatal alert (it checks
+        them and refuses the placeholder) is one refused connection: counted,
+        and aborted with L{ConnectionAborted}, which the peer protocol
+        (Autobahn) logs at debug only, where the TLS error would be logged
+        at error level: agents retry until the certificate is there. The
+        ACME validator's handshakes end neither way, and alerts we send (a
+        TCP connection closed without a TLS handshake, an unsupported
+        version) are not about the certificate.
+        """
+        if where & SSL.SSL_CB_HANDSHAKE_DONE:
+            refused = connection.get_alpn_proto_negotiated() != ACME_TLS_ALPN
+        else:
+            refused = where & SSL.SSL_CB_READ_ALERT == SSL.SSL_CB_READ_ALERT and code >> 8 == _FATAL_ALERT and connection.get_alpn_proto_negotiated() != ACME_TLS_ALPN
+        if not refused:
+            return
+        if self._counters is not None:
+            self._counters.handshakeRejects[NO_CERTIFICATE] += 1
+        tlsProtocol = connection.get_app_data()
+        if tlsProtocol is not None:
+            # As Twisted's own client-side hostname check does from its info
+            # callback; the reason it sets is the one the protocol gets.
+            tlsProtocol.failVerification(Failure(ierror.ConnectionAborted(f"no certificate for {self.domains[0]} yet")))
 
     def _selectALPN(self, connection, offered):
         """

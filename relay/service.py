@@ -105,7 +105,7 @@ class Options(usage.Options):
         ["letsencrypt-domains", "a", None, "Comma-separated domains to obtain one certificate for (with --letsencrypt-data-dir)."],
         ["letsencrypt-email", None, None, "ACME account contact e-mail."],
         ["letsencrypt-directory-url", None, None, "ACME directory URL (default: Let's Encrypt production); for staging or a private CA."],
-        ["letsencrypt-challenge", None, None, "tls-alpn-01 (on the peer port; the default when it is 443) or http-01 (on --letsencrypt-http-port; the default otherwise)."],
+        ["letsencrypt-challenge", None, "tls-alpn-01", "tls-alpn-01 (on the peer port, whatever its number, as the Go relay) or http-01 (on --letsencrypt-http-port; tls-alpn-01 if that port cannot be bound)."],
         ["letsencrypt-http-port", None, "80", "Port of the HTTP-01 challenge listener."],
         ["metrics-port", None, "9090", "Port of the metrics and health HTTP endpoint; 0 turns it off."],
         ["metrics-address", None, "", "Address the metrics endpoint binds (empty: every interface, as the Go relay)."],
@@ -226,7 +226,7 @@ class Options(usage.Options):
             raise usage.UsageError("use either --tls-cert-file/--tls-key-file or --letsencrypt-*, not both")
         self["letsencrypt-domains"] = domains
         self["letsencrypt-http-port"] = _nonNegativeInt(self["letsencrypt-http-port"], "letsencrypt-http-port")
-        challenge = self["letsencrypt-challenge"] or ("tls-alpn-01" if self["listen"][1] == 443 else "http-01")
+        challenge = (self["letsencrypt-challenge"] or "tls-alpn-01").strip().lower()
         if challenge not in ("tls-alpn-01", "http-01"):
             raise usage.UsageError(f"--letsencrypt-challenge must be tls-alpn-01 or http-01, not {challenge!r}")
         self["letsencrypt-challenge"] = challenge
@@ -487,7 +487,7 @@ def _makeCluster(options, relay, readiness, reactor):
     return cluster, counters
 
 
-def _makeAcme(options, readiness, reactor, onCertificate):
+def _makeAcme(options, readiness, reactor, onCertificate, counters):
     """
     The ACME certificate service, or None without C{--letsencrypt-*}.
     """
@@ -504,6 +504,7 @@ def _makeAcme(options, readiness, reactor, onCertificate):
         challenge=options["letsencrypt-challenge"],
         http01Port=options["letsencrypt-http-port"],
         onCertificate=onCertificate,
+        counters=counters,
     )
     readiness.certificateReady = False
     acme.whenReady().addCallback(lambda _: setattr(readiness, "certificateReady", True))
@@ -540,7 +541,7 @@ def makeService(options, reactor=None):
         if top.quic is not None:
             top.quic.reloadCertificate(acme.certificatePath, acme.keyPath)
 
-    acme = _makeAcme(options, readiness, reactor, certificateRenewed)
+    acme = _makeAcme(options, readiness, reactor, certificateRenewed, relay.counters)
     tls = acme.serverConnectionCreator() if acme is not None else options["tls-options"]
     host, port = options["listen"]
     if options["workers"] > 1:

@@ -3,7 +3,13 @@ Debian's pebble ACME test server on loopback, for tests.
 
 Install it with C{apt-get install -y pebble}. Each L{Pebble} gets its own
 config and HTTPS certificate in a temporary directory and free ports on
-127.0.0.1; nothing listens on other addresses.
+127.0.0.1; nothing listens on other addresses. Without pebble the tests that
+need it skip, except in CI (the C{CI} variable set), where they fail: a CI
+run that silently tested no ACME would look green.
+
+L{HostsDNS} answers pebble's lookups (C{-dnsserver}) with loopback addresses
+of our choosing, so that relays on different addresses of one host can each
+be validated for their own name.
 """
 
 import json
@@ -13,12 +19,17 @@ import signal
 import socket
 
 from twisted.internet import defer, protocol
+from twisted.internet.error import CannotListenError
+from twisted.names import dns, error, server
+from twisted.names.common import ResolverBase
 
 from tests.certs import writeCertificate
 
 PEBBLE = shutil.which("pebble") or ("/usr/bin/pebble" if os.access("/usr/bin/pebble", os.X_OK) else None)
 
-SKIP = None if PEBBLE else "pebble is not installed (apt-get install -y pebble)"
+_MISSING = "pebble is not installed (apt-get install -y pebble)"
+
+SKIP = None if PEBBLE or os.environ.get("CI") else _MISSING
 
 _READY = b"ACME directory available at:"
 
@@ -60,7 +71,7 @@ class Pebble:
     @ivar managementURL: base URL of the management interface (C{/roots/0}).
     """
 
-    def __init__(self, directory, alwaysValid=True, httpPort=None, tlsPort=None, validityPeriod=None):
+    def __init__(self, directory, alwaysValid=True, httpPort=None, tlsPort=None, validityPeriod=None, dnsServer=None):
         """
         @param directory: a fresh temporary directory for config and certificate.
         @param alwaysValid: skip challenge validation (C{PEBBLE_VA_ALWAYS_VALID}).
@@ -68,7 +79,14 @@ class Pebble:
         @param tlsPort: the port pebble validates TLS-ALPN-01 on (127.0.0.1).
         @param validityPeriod: lifetime of issued certificates in seconds
             (pebble's default is five years).
+        @param dnsServer: C{host:port} of the DNS server pebble resolves
+            names with (see L{HostsDNS}); the system's by default.
+        @raise RuntimeError: pebble is not installed (only reached in CI;
+            elsewhere the tests skip).
         """
+        if PEBBLE is None:
+            raise RuntimeError(f"{_MISSING}; CI is set, so the ACME tests fail instead of skipping")
+        self.dnsServer = dnsServer
         directory = os.path.abspath(directory)
         os.makedirs(directory, exist_ok=True)
         self.directory = directory
@@ -107,7 +125,10 @@ class Pebble:
         @return: a L{Deferred} firing when the directory is served.
         """
         self._protocol = _PebbleProcess()
-        self._process = reactor.spawnProcess(self._protocol, PEBBLE, [PEBBLE, "-config", self.configPath], env=self.environment, path=self.directory)
+        argv = [PEBBLE, "-config", self.configPath]
+        if self.dnsServer is not None:
+            argv += ["-dnsserver", self.dnsServer]
+        self._process = reactor.spawnProcess(self._protocol, PEBBLE, argv, env=self.environment, path=self.directory)
         return self._protocol.ready.addTimeout(timeout, reactor)
 
     def stop(self, reactor, timeout=10):
@@ -142,3 +163,53 @@ class Pebble:
         context = ssl.create_default_context(cafile=self.caBundle)
         with urllib.request.urlopen(f"{self.managementURL}/roots/0", context=context, timeout=timeout) as response:
             return response.read()
+
+
+class _Hosts(ResolverBase):
+    """
+    A resolver that knows only C{addresses} (name → IPv4 address): an A
+    record for each, no other records, and NXDOMAIN for anything else.
+    """
+
+    def __init__(self, addresses):
+        super().__init__()
+        self.addresses = {name.lower(): address for name, address in addresses.items()}
+
+    def _lookup(self, name, cls, type, timeout):
+        key = name.decode("ascii").lower().rstrip(".")
+        if key not in self.addresses:
+            return defer.fail(error.DomainError(name))
+        answers = []
+        if type in (dns.A, dns.ALL_RECORDS):
+            answers.append(dns.RRHeader(name, dns.A, dns.IN, 60, dns.Record_A(self.addresses[key], 60), auth=True))
+        return defer.succeed((answers, [], []))
+
+
+class HostsDNS:
+    """
+    A DNS server on 127.0.0.1 (UDP and TCP on one free port) answering for
+    a fixed set of names.
+
+    @ivar address: C{"127.0.0.1:<port>"}, for pebble's C{-dnsserver}.
+    """
+
+    def __init__(self, addresses):
+        self._factory = server.DNSServerFactory(authorities=[_Hosts(addresses)])
+        self._ports = []
+        self.address = None
+
+    def start(self, reactor):
+        while True:
+            port = freePort()
+            tcp = reactor.listenTCP(port, self._factory, interface="127.0.0.1")
+            try:
+                udp = reactor.listenUDP(port, dns.DNSDatagramProtocol(self._factory), interface="127.0.0.1")
+            except CannotListenError:
+                tcp.stopListening()
+                continue
+            self._ports = [udp, tcp]
+            self.address = f"127.0.0.1:{port}"
+            return
+
+    def stop(self):
+        return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self._ports])

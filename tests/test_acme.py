@@ -9,6 +9,7 @@ import os
 import socket
 import stat
 import time
+import types
 
 import josepy
 import requests
@@ -16,16 +17,20 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet import defer, protocol, reactor, threads
+from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.endpoints import SSL4ServerEndpoint
-from twisted.internet.interfaces import IHandshakeListener
-from twisted.internet.ssl import Certificate, optionsForClientTLS
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
+from twisted.internet.ssl import Certificate, CertificateOptions, TLSVersion, optionsForClientTLS
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
 
-from relay.acme import ACME_TLS_ALPN, LETSENCRYPT_DIRECTORY, RENEW_BEFORE_MAX, TLS_ALPN_01, AcmeCertificateService, _ChallengeResource, renewalTime, tlsALPNCertificate
+from relay import acme
+from relay.acme import ACME_TLS_ALPN, HTTP_01, LETSENCRYPT_DIRECTORY, NO_CERTIFICATE, RENEW_BEFORE_MAX, TLS_ALPN_01, AcmeCertificateService, _ChallengeResource, challengeSite, renewalTime, tlsALPNCertificate
+from relay.counters import RelayCounters
 from relay.server import ConfigurationError
 from tests.certs import writeCertificate
 from tests.pebble import SKIP, Pebble, freePort
@@ -204,8 +209,13 @@ class UnitTests(unittest.TestCase):
         e = self.assertRaises(ConfigurationError, AcmeCertificateService, ["relay.example"], self.dataDir, None, self.directoryURL, self.clock, challenge="dns-01")
         self.assertIn("not supported", str(e))
 
-    def test_tlsALPNNeedsNoPort80(self):
-        s = self.service(challenge=TLS_ALPN_01)
+    def test_tlsALPNByDefault(self):
+        """
+        TLS-ALPN-01 on the peer port is the default, as in the Go relay: no
+        second listener.
+        """
+        s = self.service()
+        self.assertEqual(s.challenge, TLS_ALPN_01)
         s.privilegedStartService()
         s.startService()
         self.assertEqual(self.clock.tcpServers, [])
@@ -401,12 +411,15 @@ class UnitTests(unittest.TestCase):
         self.clock.advance(0)
 
     def test_http01ListenerBound(self):
-        s = self.service(http01Port=8080)
+        s = self.service(challenge=HTTP_01, http01Port=8080)
         s.privilegedStartService()
         [(port, factory, backlog, interface)] = self.clock.tcpServers
         self.assertEqual((port, interface), (8080, "::"))
+        self.assertEqual(factory.limit, acme.HTTP01_MAX_CONNECTIONS)
+        self.assertEqual(factory.wrappedFactory.timeOut, acme.HTTP01_TIMEOUT)
         s.startService()
         self.assertEqual(len(self.clock.tcpServers), 1)
+        self.assertEqual(s.challenge, HTTP_01)
 
 
 class TLSALPNCertificateTests(unittest.TestCase):
@@ -425,14 +438,260 @@ class TLSALPNCertificateTests(unittest.TestCase):
 
     def test_connectionBeforeCertificate(self):
         """
-        With HTTP-01 there is nothing to serve before the first certificate;
-        with TLS-ALPN-01 the listener already answers (challenges).
+        Before the first certificate both modes hand the listener a
+        connection on the placeholder (which refuses it during the
+        handshake) instead of raising, which logged three tracebacks per
+        connection with HTTP-01.
         """
         clock = MemoryReactorClock()
-        http = AcmeCertificateService(["relay.example"], self.mktemp(), None, "https://acme.invalid/", clock)
-        self.assertRaises(ConfigurationError, http.serverConnectionCreator().serverConnectionForTLS, None)
-        alpn = AcmeCertificateService(["relay.example"], self.mktemp(), None, "https://acme.invalid/", clock, challenge=TLS_ALPN_01)
-        self.assertIsNotNone(alpn.serverConnectionCreator().serverConnectionForTLS(None))
+        for challenge in (HTTP_01, TLS_ALPN_01):
+            s = AcmeCertificateService(["relay.example"], self.mktemp(), None, "https://acme.invalid/", clock, challenge=challenge)
+            connection = s.serverConnectionCreator().serverConnectionForTLS(None)
+            self.assertIs(connection.get_context(), s._bareContext)
+
+
+@implementer(IHandshakeListener)
+class _Probe(protocol.Protocol):
+    """
+    A TLS client that records whether its handshake completed, what it
+    negotiated and the server's certificate, then waits for the server to
+    end the connection (or hangs up itself after C{hangUp} handshakes).
+    """
+
+    completed = False
+    negotiated = None
+    certificate = None
+
+    def handshakeCompleted(self):
+        self.completed = True
+        self.negotiated = self.transport.negotiatedProtocol
+        self.certificate = self.transport.getPeerCertificate()
+        if self.factory.hangUp:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason):
+        self.factory.done.callback(self)
+
+
+class _Ended(protocol.Protocol):
+    """
+    The server side: fires C{factory.ended} with the reason when the
+    connection is gone.
+    """
+
+    def connectionLost(self, reason):
+        self.factory.ended.callback(reason.value)
+
+
+class RefusalBeforeCertificateTests(unittest.TestCase):
+    """
+    Real TLS handshakes on loopback against the placeholder that the peer
+    listener serves before the first certificate.
+    """
+
+    def setUp(self):
+        self.counters = RelayCounters()
+        self.events = _Events(self)
+        self.service = AcmeCertificateService(["relay.example"], self.mktemp(), None, "https://acme.invalid/", reactor, challenge=HTTP_01, counters=self.counters)
+
+    @defer.inlineCallbacks
+    def connect(self, options, hangUp=False):
+        """
+        One connection, until both ends have seen it end.
+        """
+        server = protocol.Factory.forProtocol(_Ended)
+        server.ended = defer.Deferred()
+        port = yield SSL4ServerEndpoint(reactor, 0, self.service.serverConnectionCreator(), interface="127.0.0.1").listen(server)
+        self.addCleanup(port.stopListening)
+        client = protocol.ClientFactory.forProtocol(_Probe)
+        client.done, client.hangUp = defer.Deferred(), hangUp
+        reactor.connectSSL("127.0.0.1", port.getHost().port, client, options)
+        probe = yield client.done.addTimeout(10, reactor)
+        probe.serverReason = yield server.ended.addTimeout(10, reactor)
+        return probe
+
+    def assertQuiet(self):
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual([e for e in self.events.events if e.get("log_failure") is not None or e.get("isError")], [])
+
+    @defer.inlineCallbacks
+    def test_verifyingClientRefused(self):
+        """
+        An agent that checks certificates refuses the placeholder: one
+        count per connection, nothing logged. Both modes, every TLS version
+        an agent may use.
+        """
+        otherRoot = Certificate.loadPEM(tlsALPNCertificate("elsewhere.example", "x")[0].to_cryptography().public_bytes(serialization.Encoding.PEM))
+        for n, version in enumerate((None, TLSVersion.TLSv1_2), 1):
+            options = optionsForClientTLS("relay.example", trustRoot=otherRoot, extraCertificateOptions={"raiseMinimumTo": version} if version else None)
+            probe = yield self.connect(options)
+            self.assertFalse(probe.completed)
+            self.assertEqual(self.counters.handshakeRejects, {NO_CERTIFICATE: n})
+            # Not the TLS error, which Autobahn logs at error level.
+            self.assertIsInstance(probe.serverReason, ConnectionAborted)
+        self.assertQuiet()
+
+    @defer.inlineCallbacks
+    def test_uncheckingClientRefused(self):
+        """
+        A client that does not check certificates is cut off when the
+        server's side of the handshake completes: after the client's with
+        TLS 1.3, before it (the server's Finished is never sent) with 1.2.
+        """
+        for n, maximum in enumerate((TLSVersion.TLSv1_3, TLSVersion.TLSv1_2), 1):
+            probe = yield self.connect(CertificateOptions(lowerMaximumSecurityTo=maximum))
+            self.assertEqual(probe.completed, maximum == TLSVersion.TLSv1_3)
+            self.assertEqual(self.counters.handshakeRejects, {NO_CERTIFICATE: n})
+            self.assertIsInstance(probe.serverReason, ConnectionAborted)
+        self.assertQuiet()
+
+    @defer.inlineCallbacks
+    def test_plainTCPNotCounted(self):
+        """
+        A TCP connection closed without a TLS handshake (a port scan, a
+        readiness probe) is no refused TLS connection.
+        """
+        server = protocol.Factory.forProtocol(_Ended)
+        server.ended = defer.Deferred()
+        port = yield SSL4ServerEndpoint(reactor, 0, self.service.serverConnectionCreator(), interface="127.0.0.1").listen(server)
+        self.addCleanup(port.stopListening)
+        client = yield protocol.ClientCreator(reactor, protocol.Protocol).connectTCP("127.0.0.1", port.getHost().port)
+        client.transport.loseConnection()
+        yield server.ended.addTimeout(10, reactor)
+        self.assertEqual(self.counters.handshakeRejects, {})
+        self.assertQuiet()
+
+    @defer.inlineCallbacks
+    def test_validatorServed(self):
+        """
+        The ACME validator (acme-tls/1 for a name with a pending challenge)
+        gets its validation certificate and is not counted, even after an
+        HTTP-01 relay fell back to TLS-ALPN-01.
+        """
+        self.service._alpnResponses["relay.example"] = tlsALPNCertificate("relay.example", "token.thumbprint")
+        options = CertificateOptions(acceptableProtocols=[ACME_TLS_ALPN])
+        probe = yield self.connect(_WithServerName(options, b"relay.example"), hangUp=True)
+        self.assertEqual(probe.negotiated, ACME_TLS_ALPN)
+        self.assertEqual(probe.certificate.get_serial_number(), self.service._alpnResponses["relay.example"][0].get_serial_number())
+        self.assertEqual(self.counters.handshakeRejects, {})
+        self.assertQuiet()
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _WithServerName:
+    """
+    Client connections from C{CertificateOptions} (no verification) that
+    send C{name} as SNI, as a validator does.
+    """
+
+    def __init__(self, options, name):
+        self._options = options
+        self._name = name
+
+    def clientConnectionForTLS(self, tlsProtocol):
+        connection = self._options.clientConnectionForTLS(tlsProtocol)
+        connection.set_tlsext_host_name(self._name)
+        return connection
+
+
+class ChallengeListenerTests(unittest.TestCase):
+    """
+    The HTTP-01 listener's bounds, driven over string transports and a
+    clock.
+    """
+
+    def setUp(self):
+        self.clock = MemoryReactorClock()
+        self.factory = challengeSite({"tok": "tok.thumb"}, self.clock)
+
+    def connect(self):
+        channel = self.factory.buildProtocol(None)
+        if channel is None:
+            return None
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def test_answers(self):
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET /.well-known/acme-challenge/tok HTTP/1.1\r\nHost: relay.example\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "), transport.value())
+        self.assertTrue(transport.value().endswith(b"\r\n\r\ntok.thumb"))
+
+    def test_connectionCap(self):
+        """
+        Past the cap new connections are closed at once (buildProtocol
+        returns None); closing one makes room.
+        """
+        held = [self.connect() for _ in range(acme.HTTP01_MAX_CONNECTIONS)]
+        self.assertNotIn(None, held)
+        self.assertIsNone(self.connect())
+        self.assertEqual(self.factory.refused, 1)
+        channel, transport = held[0]
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.assertIsNotNone(self.connect())
+
+    def test_idleTimeout(self):
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET /.well-known/acme-")
+        self.clock.advance(acme.HTTP01_TIMEOUT - 0.5)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(transport.disconnecting)
+
+    def test_lifetime(self):
+        """
+        A client that keeps sending a byte before each idle timeout is cut
+        off after HTTP01_LIFETIME anyway, and its slot is free again.
+        """
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET /")
+        for _ in range(int(acme.HTTP01_LIFETIME // (acme.HTTP01_TIMEOUT / 2)) - 1):
+            self.clock.advance(acme.HTTP01_TIMEOUT / 2)
+            channel.dataReceived(b"a")
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(acme.HTTP01_TIMEOUT / 2)
+        self.assertTrue(transport.disconnecting)
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.factory.protocols, {})
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_headerLimit(self):
+        """
+        Headers past Twisted's lowered limits get 400 and the connection
+        closed.
+        """
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET / HTTP/1.1\r\n" + b"X-Pad: " + b"a" * acme.HTTP01_MAX_HEADER_BYTES + b"\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 400 "), transport.value())
+        self.assertTrue(transport.disconnecting)
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET / HTTP/1.1\r\n" + b"X-A: b\r\n" * (acme.HTTP01_MAX_HEADERS + 1) + b"\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 400 "), transport.value())
+
+    def test_declaredBodyTooLarge(self):
+        """
+        A Content-Length over the limit ends the connection before any of
+        the body is stored (a 40 MiB POST became a temporary file before).
+        """
+        channel, transport = self.connect()
+        channel.dataReceived(b"POST / HTTP/1.1\r\nContent-Length: 41943040\r\n\r\n" + b"a" * 65536)
+        self.assertEqual(transport.value(), b"")
+        self.assertTrue(transport.disconnecting)
+        self.assertLessEqual(channel.wrappedProtocol.requests[-1].content.tell(), acme.HTTP01_MAX_BODY)
+
+    def test_chunkedBodyTooLarge(self):
+        channel, transport = self.connect()
+        chunk = b"%x\r\n%s\r\n" % (4096, b"a" * 4096)
+        channel.dataReceived(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk * 4)
+        self.assertTrue(transport.disconnecting)
+        self.assertLessEqual(channel.wrappedProtocol.requests[-1].content.tell(), acme.HTTP01_MAX_BODY)
+
+    def test_smallBodyServed(self):
+        channel, transport = self.connect()
+        channel.dataReceived(b"POST /.well-known/acme-challenge/tok HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}")
+        self.assertFalse(transport.disconnecting)
+        self.assertIn(b" 405 ", transport.value().split(b"\r\n")[0])
 
 
 class ChallengeResourceTests(unittest.TestCase):
@@ -450,30 +709,80 @@ class ChallengeResourceTests(unittest.TestCase):
         self.assertEqual(self.render(b"/.well-known/acme-challenge/tok/x", {"tok": "tok.thumb"})[0], 404)
 
 
-class PortBusyTests(unittest.TestCase):
-    def test_portBusyRetried(self):
+class _SlowCA:
+    """
+    An ACME client in the reactor's thread pool whose every challenge
+    answer takes C{answerTime} and whose validation and issuance take
+    C{finishTime}.
+    """
+
+    def __init__(self, answerTime, finishTime):
+        self.answerTime, self.finishTime = answerTime, finishTime
+        self.answered = []
+
+    def answer_challenge(self, challengeBody, response):
+        time.sleep(self.answerTime)
+        self.answered.append(challengeBody.domain)
+
+    def poll_and_finalize(self, order, deadline):
+        time.sleep(self.finishTime)
+        return types.SimpleNamespace(fullchain_pem="chain")
+
+
+class _SlowOrder(AcmeCertificateService):
+    def _newOrder(self, accountKey, csrPEM):
+        authorizations = [
+            types.SimpleNamespace(
+                body=types.SimpleNamespace(
+                    status="pending",
+                    identifier=types.SimpleNamespace(value=domain),
+                    challenges=[types.SimpleNamespace(domain=domain, chall=types.SimpleNamespace(to_partial_json=lambda: {"type": TLS_ALPN_01, "token": "tok"}))],
+                )
+            )
+            for domain in self.domains
+        ]
+        return self.ca, types.SimpleNamespace(authorizations=authorizations)
+
+
+class OverallTimeoutTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_everyDomainFits(self):
         """
-        If port 80 is taken the attempt fails with a clear message and is
-        retried; the process goes on.
+        Answering three domains' challenges, each within the per-request
+        timeout, then validation within the order timeout, completes: the
+        overall timeout grows with the number of authorisations (it was
+        order + one request timeout, 0.75 s here, and gave up at 0.9 s).
+        """
+        s = _SlowOrder(["a.example", "b.example", "c.example"], self.mktemp(), None, "https://acme.invalid/", reactor, requestTimeout=0.25, orderTimeout=0.5)
+        s.ca = _SlowCA(answerTime=0.2, finishTime=0.3)
+        keyPEM, chain = yield s._obtain()
+        self.assertEqual(chain, b"chain")
+        self.assertEqual(s.ca.answered, ["a.example", "b.example", "c.example"])
+        self.assertEqual(s._finishTimeout(3), 0.5 + 7 * 0.25 + 1.0)
+
+
+class PortBusyTests(unittest.TestCase):
+    def test_portBusyFallsBackToTLSALPN(self):
+        """
+        If the HTTP-01 port is taken (a second relay on the host) that is
+        said once and the service answers TLS-ALPN-01 instead, also after
+        the unprivileged start tries again.
         """
         events = _Events(self)
         busy = socket.socket()
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         self.addCleanup(busy.close)
-        s = AcmeCertificateService(["relay.example"], self.mktemp(), None, "https://127.0.0.1:1/dir", reactor, http01Port=busy.getsockname()[1], http01Interface="127.0.0.1", retryDelay=60.0)
+        port = busy.getsockname()[1]
+        s = AcmeCertificateService(["relay.example"], self.mktemp(), None, "https://127.0.0.1:1/dir", reactor, challenge=HTTP_01, http01Port=port, http01Interface="127.0.0.1", retryDelay=60.0)
+        s.privilegedStartService()
         s.startService()
         self.addCleanup(s.stopService)
-        d = defer.Deferred()
-        reactor.callLater(0.05, d.callback, None)
-
-        def check(_):
-            self.assertIsNone(s.http01Address())
-            [text] = [t for t in events.texts() if "could not obtain" in t]
-            self.assertIn(f"cannot listen on port {busy.getsockname()[1]} for HTTP-01", text)
-            self.assertTrue(s._timer.active())
-
-        return d.addCallback(check)
+        self.assertIsNone(s.http01Address())
+        self.assertEqual(s.challenge, TLS_ALPN_01)
+        [text] = [t for t in events.texts() if "HTTP-01" in t]
+        self.assertEqual(text, f"ACME: cannot listen on port {port} for HTTP-01 challenges (Address already in use); answering TLS-ALPN-01 on the peer port instead")
+        self.assertEqual([e["log_level"].name for e in events.events if "HTTP-01" in formatEvent(e)], ["warn"])
 
 
 @implementer(IHandshakeListener)
@@ -527,7 +836,7 @@ class PebbleTests(unittest.TestCase):
             http01Interface="127.0.0.1",
             onCertificate=loaded.append,
             retryDelay=0.5,
-            **kwargs,
+            **dict({"challenge": HTTP_01}, **kwargs),
         )
         s.loaded = loaded
         if start:

@@ -100,7 +100,10 @@ class OptionsTests(unittest.TestCase):
         self.assertEqual(options["instance-url"], "rels://127.0.0.1:33080")
         self.assertEqual(options["letsencrypt-domains"], ["relay.example", "relay2.example"])
         self.assertEqual(options["letsencrypt-challenge"], "tls-alpn-01")
+        # TLS-ALPN-01 whatever the peer port, as the Go relay; HTTP-01 when asked.
         options = parse(REQUIRED + ["-a", "relay.example", "-d", "/x", "-l", ":8443"])
+        self.assertEqual(options["letsencrypt-challenge"], "tls-alpn-01")
+        options = parse(REQUIRED + ["-a", "relay.example", "-d", "/x", "--letsencrypt-challenge", "HTTP-01"])
         self.assertEqual(options["letsencrypt-challenge"], "http-01")
 
     def test_letsEncryptErrors(self):
