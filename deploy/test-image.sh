@@ -342,7 +342,7 @@ gids=$(awk '/^Gid:/ {print $2, $3, $4, $5}' "/proc/$pid/status" 2>/dev/null || t
 if [ "$uids" = "10001 10001 10001 10001" ] && [ "$gids" = "10001 10001 10001 10001" ]; then
   pass "the relay runs as uid 10001, gid 10001"
 else
-  fail "the relay runs as uid $uids, gid $gids (want 10001)"
+  fail "the relay runs as uids $uids, gids $gids (real, effective, saved, fs; want 10001 each)"
 fi
 
 readOnly=$(podman inspect -f '{{.HostConfig.ReadonlyRootfs}}' "$single")
