@@ -79,7 +79,10 @@ cleanup() {
   fi
   for name in "${containers[@]}"; do quietly podman rm -f -t 0 "$name"; done
   if [ "${KEEP_IMAGES:-0}" != 1 ]; then
-    for made in "${madeImages[@]}"; do podman rmi -f "$made" >/dev/null 2>&1; done
+    # Newest first: the relay image before the base it was built on.
+    for ((i = ${#madeImages[@]} - 1; i >= 0; i--)); do
+      podman rmi -f "${madeImages[i]}" >/dev/null 2>&1
+    done
   fi
   rm -rf "$work"
   info "total $((SECONDS - started)) s"
