@@ -91,6 +91,7 @@ def accept(owner, peerHost="10.0.0.2"):
     (the host the tests' HELLOs announce, unless they test otherwise).
     """
     proto = owner.serverFactory().buildProtocol(IPv4Address("TCP", peerHost, 40000))
+    assert proto is not None
     tr = StringTransport(peerAddress=IPv4Address("TCP", peerHost, 40000))
     proto.makeConnection(tr)
     return proto, tr
@@ -1253,17 +1254,30 @@ class CompatibilityTests(SynchronousTestCase):
 class CapTests(SynchronousTestCase):
     def test_pendingCap(self):
         """
-        Connections still in their handshake are capped; a refused one is
-        closed at once by Twisted (no protocol) and counted; a finished
+        When the handshake slots are full the oldest pending connection makes
+        room: idle strangers cannot keep a pod's dial out. A finished
         handshake frees its slot.
         """
         owner = makeTransport(maxPending=2)
-        first, tr1 = accept(owner)
-        second, tr2 = accept(owner)
+        first, tr1 = accept(owner, "10.0.0.7")
+        second, tr2 = accept(owner, "10.0.0.8")
+        third, tr3 = accept(owner, "10.0.0.2")
+        self.assertTrue(tr1.disconnected)
+        self.assertFalse(tr2.disconnecting)
+        self.assertEqual(dict(owner.counters.helloRejects), {frames.EVICTED: 1})
+        Remote(third, tr3)
+        self.assertIs(owner.stream("10.0.0.2:7090"), third)
+        fourth, tr4 = accept(owner, "10.0.0.9")
+        self.assertFalse(tr2.disconnecting)
+        self.assertEqual(dict(owner.counters.helloRejects), {frames.EVICTED: 1})
+
+    def test_perHostCap(self):
+        owner = makeTransport(maxPendingPerHost=2)
+        accept(owner, "10.0.0.7")
+        accept(owner, "10.0.0.7")
         self.assertIsNone(owner.serverFactory().buildProtocol(IPv4Address("TCP", "10.0.0.7", 1)))
         self.assertEqual(dict(owner.counters.helloRejects), {frames.CONNECTION_LIMIT: 1})
-        Remote(first, tr1)
-        self.assertIsNotNone(owner.serverFactory().buildProtocol(IPv4Address("TCP", "10.0.0.7", 1)))
+        self.assertIsNotNone(owner.serverFactory().buildProtocol(IPv4Address("TCP", "10.0.0.2", 1)))
 
     def test_connectionCap(self):
         owner = makeTransport(maxConnections=1)

@@ -95,6 +95,7 @@ REPLAYED = "replayed"
 AUTH_MISMATCH = "auth_mismatch"
 NOT_SECURED = "not_secured"
 CONNECTION_LIMIT = "connection_limit"
+EVICTED = "evicted"
 
 _HEADER = struct.Struct(">BH")
 _U32 = struct.Struct(">I")

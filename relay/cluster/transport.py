@@ -72,6 +72,7 @@ CLOSE_TIMEOUT = 3.0
 # before taking it for an original pod (ours answers within one round trip).
 UPGRADE_WAIT = 2.0
 MAX_PENDING = 64
+MAX_PENDING_PER_HOST = 4
 MAX_CONNECTIONS = 512
 REPLAY_MEMORY = 4096
 # Kernel keepalive of inter-pod sockets: a vanished host is noticed within
@@ -256,7 +257,6 @@ class ClusterStream(Protocol):
     def connectionMade(self):
         self.connected = True
         self.owner._connections.add(self)
-        self.owner._pending.add(self)
         # Relayed WireGuard packets are small and latency-bound (Go's
         # net.Conn has no Nagle either); keepalive finds dead peers that
         # never answer PING.
@@ -294,7 +294,7 @@ class ClusterStream(Protocol):
         if self._pinger is not None and self._pinger.running:
             self._pinger.stop()
         self._pinger = None
-        self.owner._pending.discard(self)
+        self.owner._pending.pop(self, None)
         self.owner._connectionEnded(self)
         waiters, self._whenClosed = self._whenClosed, []
         for d in waiters:
@@ -334,7 +334,7 @@ class ClusterStream(Protocol):
         self._state = None
         self._helloCancelTimer()
         self.established = True
-        self.owner._pending.discard(self)
+        self.owner._pending.pop(self, None)
         if not self.owner._register(self):
             return
         self._pinger = LoopingCall(self._ping)
@@ -637,8 +637,12 @@ class ClusterStream(Protocol):
 
 class _AcceptingFactory(Factory):
     """
-    Builds accepted streams, within the transport's connection caps (a
-    refused connection is closed at once by Twisted, and counted).
+    Builds accepted streams within the transport's caps: a host with
+    C{maxPendingPerHost} connections in handshake, or a full transport, is
+    refused (Twisted closes the connection at once); when C{maxPending}
+    handshakes are under way the oldest is dropped for the new one, so idle
+    strangers cannot keep a pod's reconnection out: a real handshake takes
+    one round trip.
     """
 
     noisy = False
@@ -648,20 +652,34 @@ class _AcceptingFactory(Factory):
 
     def buildProtocol(self, addr):
         owner = self.owner
-        if len(owner._pending) >= owner.maxPending or len(owner._connections) >= owner.maxConnections:
+        host = getattr(addr, "host", None)
+        pending = owner._pending
+        if len(owner._connections) >= owner.maxConnections or sum(1 for h in pending.values() if h == host) >= owner.maxPendingPerHost:
             owner.counters.helloRejects[frames.CONNECTION_LIMIT] += 1
-            now = owner.clock.seconds()
-            if now >= owner._capLoggedAt + 10:
-                owner._capLoggedAt = now
-                _log.warn(
-                    "cluster: refusing inter-pod connections (from {peer}, among others): {pending} handshakes "
-                    "pending, {connections} connections",
-                    peer=getattr(addr, "host", "?"),
-                    pending=len(owner._pending),
-                    connections=len(owner._connections),
-                )
+            self._logCap(host)
             return None
-        return ClusterStream(owner)
+        if len(pending) >= owner.maxPending:
+            oldest = next(iter(pending))
+            pending.pop(oldest)
+            owner.counters.helloRejects[frames.EVICTED] += 1
+            self._logCap(host)
+            oldest.abort()
+        stream = ClusterStream(owner)
+        pending[stream] = host
+        return stream
+
+    def _logCap(self, host):
+        owner = self.owner
+        now = owner.clock.seconds()
+        if now >= owner._capLoggedAt + 10:
+            owner._capLoggedAt = now
+            _log.warn(
+                "cluster: inter-pod connections at their caps (from {peer}, among others): {pending} handshakes "
+                "pending, {connections} connections",
+                peer=host or "?",
+                pending=len(owner._pending),
+                connections=len(owner._connections),
+            )
 
 
 class _DialingFactory(Factory):
@@ -703,6 +721,7 @@ class ClusterTransport:
         compat=False,
         upgradeWait=UPGRADE_WAIT,
         maxPending=MAX_PENDING,
+        maxPendingPerHost=MAX_PENDING_PER_HOST,
         maxConnections=MAX_CONNECTIONS,
     ):
         """
@@ -712,7 +731,9 @@ class ClusterTransport:
         @param compat: whether to take pods that skip the secured handshake
             (original pods) at the original's level of trust.
         @param maxPending: most accepted connections still in their
-            handshake; C{maxConnections}: most connections in all.
+            handshake (the oldest makes room for a new one);
+            C{maxPendingPerHost}: most of those from one address;
+            C{maxConnections}: most connections in all.
         @param clock: an L{IReactorTime}; its C{seconds()} is wall-clock time
             (HELLO timestamps).
         @param counters: a L{relay.counters.ClusterCounters}.
@@ -733,10 +754,11 @@ class ClusterTransport:
         self.compat = compat
         self.upgradeWait = upgradeWait
         self.maxPending = maxPending
+        self.maxPendingPerHost = maxPendingPerHost
         self.maxConnections = maxConnections
         self._streams = {}
         self._connections = set()
-        self._pending = set()
+        self._pending = {}
         self._capLoggedAt = float("-inf")
         self._seenHellos = OrderedDict()
         self._dialing = {}
