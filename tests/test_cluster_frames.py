@@ -387,3 +387,34 @@ class SecuredHandshakeTests(SynchronousTestCase):
     def test_sealTooLarge(self):
         sealer = frames.Sealer(self.handshake.dialerKey)
         self.assertRaises(frames.FrameError, sealer.seal, frames.encodeFrame(frames.FWD, b"x" * (frames.MAX_PAYLOAD - 15)))
+
+
+class SecuredVectorTests(SynchronousTestCase):
+    """
+    The secured handshake's values for fixed inputs (the HELLO of the
+    PROTOCOL.md vector, nonces 01.. and 02..), computed here from the
+    documented construction, and pinned so a change of format is noticed.
+    """
+
+    def test_vector(self):
+        secret = b"cluster-secret"
+        hello = HELLO_SIGNED[3:]
+        base = hmac.new(secret, b"relay cluster v3", hashlib.sha256).digest()
+        transcript = hashlib.sha256(struct.pack(">I", len(hello)) + hello + b"\x01" * 32 + b"\x02" * 32).digest()
+
+        def derive(label):
+            return hmac.new(base, label + transcript, hashlib.sha256).digest()
+
+        h = frames.Handshake("cluster-secret", hello, b"\x01" * 32, b"\x02" * 32)
+        self.assertEqual(h.acceptorMAC, derive(b"acceptor proof"))
+        self.assertEqual(h.dialerMAC, derive(b"dialer proof"))
+        self.assertEqual(h.dialerKey, derive(b"dialer frames"))
+        self.assertEqual(h.acceptorKey, derive(b"acceptor frames"))
+        self.assertEqual(h.acceptorMAC.hex(), "8fdb9c6e430ab943f78576f0ed2eea48f7440c8e3b858cdedbaf12a03409badf")
+        self.assertEqual(h.dialerMAC.hex(), "98e4495a6c8da18e03049fb8eeaa9446ded021d091d2036af8ff57fa915f5764")
+        sealer = frames.Sealer(h.dialerKey)
+        first, second = sealer.seal(frames.pingFrame()), sealer.seal(frames.pingFrame())
+        for seqno, sealed in enumerate((first, second)):
+            tag = hmac.new(h.dialerKey, struct.pack(">Q", seqno) + b"\x20\x00\x00", hashlib.sha256).digest()[:16]
+            self.assertEqual(sealed, b"\x20\x00\x10" + tag)
+        self.assertEqual(first.hex(), "2000105b8aec90f33ecd533cebb8dd9225d2d6")
