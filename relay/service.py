@@ -121,9 +121,9 @@ class Options(usage.Options):
         ["trusted-proxies", None, "", "Comma-separated addresses/networks of proxies whose X-Real-IP header names the source address."],
         ["cluster-headless", None, "", "Headless Service name (or comma-separated names/IPs) of the relay pods; empty = single-pod mode."],
         ["cluster-port", None, "7090", "Inter-pod TCP port, the same on every pod."],
-        ["cluster-listen-address", None, None, "host:port the inter-pod listener binds (default 0.0.0.0:<cluster-port>)."],
+        ["cluster-listen-address", None, None, "host:port the inter-pod listener binds (default <pod-ip>:<cluster-port>)."],
         ["pod-ip", None, None, "This pod's IP (default: the POD_IP variable). Required with --cluster-headless."],
-        ["cluster-auth-secret", None, "", "Secret authenticating inter-pod HELLO frames, the same on every pod."],
+        ["cluster-auth-secret", None, "", "Secret authenticating the pods to each other and every inter-pod frame, the same on every pod. Required with --cluster-headless unless --cluster-insecure."],
         ["cluster-discovery-interval", None, "10", "Seconds between discovery passes."],
         ["workers", None, "1", "Relay processes on this host sharing the peer port (SO_REUSEPORT), joined by the fabric over 127.0.1.x; keep 1 per pod on Kubernetes."],
         ["worker-index", None, "0", "Internal: which of --workers this process is (set by the first worker for the others)."],
@@ -131,6 +131,8 @@ class Options(usage.Options):
 
     optFlags = [
         ["letsencrypt-aws-route53", None, "Use Route 53 DNS-01 for Let's Encrypt (not supported)."],
+        ["cluster-insecure", None, "Run the inter-pod fabric without a cluster secret: anyone reaching the cluster port joins it."],
+        ["cluster-compat", None, "Also take Go relay pods into the fabric (their HELLO only authenticates them, their frames are not); for migrating pod by pod."],
     ]
 
     def __init__(self, environ=None):
@@ -246,7 +248,16 @@ class Options(usage.Options):
         self["pod-ip"] = self["pod-ip"] or self._environ.get("POD_IP")
         if not self["pod-ip"]:
             raise usage.UsageError("--pod-ip (or OZ_POD_IP or POD_IP) is required with --cluster-headless")
-        address = self["cluster-listen-address"] or f"0.0.0.0:{self['cluster-port']}"
+        if not self["cluster-auth-secret"] and not self["cluster-insecure"]:
+            raise usage.UsageError(
+                "--cluster-auth-secret (or OZ_CLUSTER_AUTH_SECRET) is required with --cluster-headless; "
+                "--cluster-insecure runs the fabric without authentication"
+            )
+        from relay.cluster.transport import joinAddress
+
+        # Only the pod's own address: the fabric has no business on other
+        # interfaces (the Go relay binds every one).
+        address = self["cluster-listen-address"] or joinAddress(self["pod-ip"], self["cluster-port"])
         self["cluster-listen"] = parseHostPort(address, "cluster-listen-address")
 
     def _workerOptions(self):
@@ -481,6 +492,7 @@ def _makeCluster(options, relay, readiness, reactor):
         options["cluster-discovery-interval"],
         counters,
         reactor,
+        compat=options["cluster-compat"],
     )
     relay.forwarder = cluster
     cluster.whenDiscoveryRan().addCallback(lambda _: setattr(readiness, "discoveryDone", True))

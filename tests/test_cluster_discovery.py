@@ -8,6 +8,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IHostnameResolver
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
@@ -284,4 +285,38 @@ class FailureTests(SynchronousTestCase):
         resolver.table["slow"] = ["10.0.0.2"]
         clock.advance(10)
         self.assertEqual(streams.dials, ["10.0.0.3:7090", "10.0.0.2:7090"])
+        discovery.stop()
+
+
+class FailureLogTests(SynchronousTestCase):
+    """
+    DNS failures are logged at warn (they were at debug only), at most once
+    a minute per name while they last, and their end at info.
+    """
+
+    def setUp(self):
+        self.logged = []
+        globalLogPublisher.addObserver(self.logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.logged.append)
+
+    def levels(self):
+        return [e["log_level"] for e in self.logged if e.get("log_namespace") == "relay.cluster.discovery" and "resolv" in e["log_format"] + e.get("why", "")]
+
+    def test_warnRateLimited(self):
+        discovery, streams, resolver, clock = makeDiscovery(headless="relay-internal,empty", table={"relay-internal": ["10.0.0.2"]})
+        resolver.fail = True
+        discovery.start()
+        for _ in range(5):
+            clock.advance(10)
+        self.assertEqual(self.levels(), [LogLevel.warn, LogLevel.warn])
+        [first, second] = [e for e in self.logged if e["log_level"] == LogLevel.warn]
+        self.assertEqual({first["name"], second["name"]}, {"relay-internal", "empty"})
+        self.assertIn("resolver broken", first["why"])
+        clock.advance(10)
+        self.assertEqual(self.levels(), [LogLevel.warn] * 4)
+        self.assertEqual(self.logged[-1]["count"], 7)
+        resolver.fail = False
+        clock.advance(10)
+        # relay-internal works again; "empty" lists nothing, still failing.
+        self.assertEqual(self.levels(), [LogLevel.warn] * 4 + [LogLevel.info])
         discovery.stop()

@@ -21,7 +21,7 @@ from relay.counters import ClusterCounters
 from relay.interfaces import ICrossPodForwarder
 from tests.test_cluster_discovery import FakeResolver
 from tests.test_cluster_locator import FakeLocalPeers, FakePeer, FakeTransport
-from tests.test_cluster_transport import FakeEndpoints, Wire
+from tests.test_cluster_transport import FakeEndpoints, Wire, answer
 
 NOW = 1893456000
 PEER_A = frames.peerIDOf("peer-a")
@@ -541,12 +541,18 @@ class ClusterServiceTests(SynchronousTestCase):
         self.assertTrue(service.discoveryHasRun())
         self.assertEqual(service.streamCount(), 0)
         self.assertEqual(self.warnings(), [])
+        self.assertEqual(bindAddress, ("10.0.0.1", 0))
         stream = clientFactory.buildProtocol(None)
         tr = StringTransport()
         stream.makeConnection(tr)
+        hello = frames.helloFrame("10.0.0.1:7090", NOW, "cluster-secret")
+        self.assertEqual(tr.value()[:len(hello)], hello)
+        self.assertEqual(service.streamCount(), 0)
+        handshake = answer(stream, tr)
+        [_, (frameType, payload)] = frames.FrameReader().feed(tr.value())
         self.assertEqual(
-            tr.value(),
-            frames.helloFrame("10.0.0.1:7090", NOW, "cluster-secret") + frames.iHaveFrame(PEER_A, seqnoOf(NOW)),
+            frames.encodeFrame(frameType, frames.Opener(handshake.dialerKey).open(frameType, payload)),
+            frames.iHaveFrame(PEER_A, seqnoOf(NOW)),
         )
         self.assertEqual(service.streamCount(), 1)
         accepted = factory.buildProtocol(None)

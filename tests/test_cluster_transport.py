@@ -1,13 +1,15 @@
 """
 Tests for L{relay.cluster.transport}: HELLO handshake and every rejection
-reason, one stream per pod (simultaneous dials), PING/PONG keepalive and its
-compatibility rule, bounded writes, dialing.
+reason, the secured handshake and sealed frames, compatibility mode, one
+stream per pod (simultaneous dials, no eviction without proof), PING/PONG
+keepalive and its compatibility rule, bounded writes, dialing, caps.
 """
 
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
@@ -83,11 +85,13 @@ def makeTransport(address="10.0.0.1:7090", secret=SECRET, clock=None, counters=N
     )
 
 
-def accept(owner, peerHost="10.0.0.9"):
+def accept(owner, peerHost="10.0.0.2"):
     """
-    An accepted stream on C{owner} with a string transport.
+    An accepted stream on C{owner} with a string transport, from C{peerHost}
+    (the host the tests' HELLOs announce, unless they test otherwise).
     """
     proto = owner.serverFactory().buildProtocol(IPv4Address("TCP", peerHost, 40000))
+    assert proto is not None
     tr = StringTransport(peerAddress=IPv4Address("TCP", peerHost, 40000))
     proto.makeConnection(tr)
     return proto, tr
@@ -97,17 +101,63 @@ def lose(proto, tr=None):
     proto.connectionLost(ConnectionDone())
 
 
+class Remote:
+    """
+    The other pod of an accepted stream, played by hand: it runs the secured
+    handshake with C{proto} and then seals what it sends and opens what it
+    reads, as a pod of this kind would.
+    """
+
+    def __init__(self, proto, tr, address="10.0.0.2:7090", secret=SECRET, now=NOW, nonce=b"\x11" * 32, helloSent=False):
+        self.proto = proto
+        self.tr = tr
+        self.hello = frames.encodeHello(address, now, secret)
+        hello = b"" if helloSent else frames.encodeFrame(frames.HELLO, self.hello)
+        proto.dataReceived(hello + frames.challengeFrame(nonce))
+        [(frameType, payload)] = frames.FrameReader().feed(tr.value())
+        tr.clear()
+        assert frameType == frames.AUTH, frameType
+        acceptorNonce, mac = frames.decodeAuth(payload)
+        handshake = frames.Handshake(secret, self.hello, nonce, acceptorNonce)
+        assert mac == handshake.acceptorMAC
+        self.sealer = frames.Sealer(handshake.dialerKey)
+        self.opener = frames.Opener(handshake.acceptorKey)
+        self.reader = frames.FrameReader()
+        proto.dataReceived(frames.confirmFrame(handshake.dialerMAC))
+
+    def seal(self, *encoded):
+        return b"".join(self.sealer.seal(frame) for frame in encoded)
+
+    def send(self, *encoded):
+        self.proto.dataReceived(self.seal(*encoded))
+
+    def received(self):
+        """
+        @return: what the stream wrote since the last call, opened, as the
+            concatenated plain frames.
+        """
+        data = self.tr.value()
+        self.tr.clear()
+        return b"".join(
+            frames.encodeFrame(frameType, self.opener.open(frameType, payload))
+            for frameType, payload in self.reader.feed(data)
+        )
+
+
 class Wire:
     """
     Two protocols joined back to back by string transports; L{pump} moves
-    bytes both ways until quiet and delivers disconnections.
+    bytes both ways until quiet and delivers disconnections. Each side sees
+    the other's announced host as its TCP peer.
     """
 
     def __init__(self, dialer, acceptor):
         self.dialer = dialer
         self.acceptor = acceptor
-        self.dialerTransport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.2", 7090))
-        self.acceptorTransport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 40000))
+        dialerHost = transport.splitAddress(dialer.owner.announceAddress)[0]
+        acceptorHost = transport.splitAddress(dialer.address)[0]
+        self.dialerTransport = StringTransport(peerAddress=IPv4Address("TCP", acceptorHost, 7090))
+        self.acceptorTransport = StringTransport(peerAddress=IPv4Address("TCP", dialerHost, 40000))
         self.lost = False
 
     def connect(self):
@@ -131,6 +181,21 @@ class Wire:
                 self.lost = True
                 self.dialer.connectionLost(ConnectionDone())
                 self.acceptor.connectionLost(ConnectionDone())
+
+
+def answer(stream, tr, secret=SECRET, nonce=b"\x22" * 32):
+    """
+    Play the acceptor of a dialed C{stream}: read its HELLO and CHALLENGE,
+    send AUTH.
+
+    @return: the L{frames.Handshake}.
+    """
+    [(helloType, hello), (challengeType, challenge)] = frames.FrameReader().feed(tr.value())
+    assert (helloType, challengeType) == (frames.HELLO, frames.CHALLENGE)
+    tr.clear()
+    handshake = frames.Handshake(secret, hello, frames.decodeChallenge(challenge), nonce)
+    stream.dataReceived(frames.authFrame(nonce, handshake.acceptorMAC))
+    return handshake
 
 
 def dialedStream(owner, address):
@@ -166,20 +231,42 @@ class AddressTests(SynchronousTestCase):
 class DialerTests(SynchronousTestCase):
     def test_helloFirst(self):
         """
-        The dialer's first bytes are its signed HELLO; the stream is live at
-        once under the dialed address.
+        The dialer's first bytes are its signed HELLO, then its CHALLENGE;
+        the stream is live under the dialed address once the acceptor has
+        proved the secret (AUTH), and the dialer then proves it (CONFIRM).
         """
         owner = makeTransport()
         stream, endpoint, d = dialedStream(owner, "10.0.0.2:7090")
         self.assertEqual(endpoint.address, "10.0.0.2:7090")
         tr = StringTransport()
         stream.makeConnection(tr)
-        self.assertEqual(tr.value(), frames.helloFrame("10.0.0.1:7090", NOW, SECRET))
+        hello = frames.helloFrame("10.0.0.1:7090", NOW, SECRET)
+        self.assertEqual(tr.value()[:len(hello)], hello)
+        [(challengeType, challenge)] = frames.FrameReader().feed(tr.value()[len(hello):])
+        self.assertEqual((challengeType, len(challenge)), (frames.CHALLENGE, 33))
+        self.assertIsNone(owner.stream("10.0.0.2:7090"))
+        self.assertEqual(owner.handler.events, [])
+        handshake = answer(stream, tr)
+        self.assertEqual(tr.value(), frames.confirmFrame(handshake.dialerMAC))
         self.assertIs(owner.stream("10.0.0.2:7090"), stream)
+        self.assertTrue(stream.secured)
         self.assertEqual(owner.handler.events, [("up", stream)])
         endpoint.result.callback(stream)
         self.assertIs(self.successResultOf(d), stream)
         self.assertTrue(stream.dialedByUs)
+
+    def test_fresh(self):
+        """
+        Every dial sends another CHALLENGE nonce.
+        """
+        owner = makeTransport()
+        challenges = set()
+        for i in range(3):
+            stream, endpoint, d = dialedStream(owner, f"10.0.0.{i + 2}:7090")
+            tr = StringTransport()
+            stream.makeConnection(tr)
+            challenges.add(frames.FrameReader().feed(tr.value())[1][1])
+        self.assertEqual(len(challenges), 3)
 
     def test_helloUnsigned(self):
         owner = makeTransport(secret="")
@@ -200,7 +287,9 @@ class DialerTests(SynchronousTestCase):
         self.assertTrue(owner.isDialing("10.0.0.2:7090"))
         endpoint = owner.endpointFactory.made[0]
         stream = endpoint.factory.buildProtocol(None)
-        stream.makeConnection(StringTransport())
+        tr = StringTransport()
+        stream.makeConnection(tr)
+        answer(stream, tr)
         endpoint.result.callback(stream)
         self.assertIs(self.successResultOf(d1), stream)
         self.assertIs(self.successResultOf(d2), stream)
@@ -248,16 +337,24 @@ class AcceptorTests(SynchronousTestCase):
         self.assertEqual(owner.handler.events, [])
         [event] = self.rejections()
         self.assertEqual(event["reason"], reason)
-        self.assertEqual(event["peer"], "10.0.0.9:40000")
+        self.assertEqual(event["peer"], "10.0.0.2:40000")
 
     def test_validHello(self):
+        """
+        A valid HELLO alone does not make a stream live: the acceptor waits
+        for the CHALLENGE, answers AUTH, and the stream is live at CONFIRM.
+        """
         owner = makeTransport()
         proto, tr = accept(owner)
         self.assertIsNone(owner.stream("10.0.0.2:7090"))
         proto.dataReceived(frames.helloFrame("10.0.0.2:7090", NOW - 299, SECRET))
+        self.assertIsNone(owner.stream("10.0.0.2:7090"))
+        self.assertEqual(tr.value(), b"")
+        Remote(proto, tr, now=NOW - 299, helloSent=True)
         self.assertIs(owner.stream("10.0.0.2:7090"), proto)
         self.assertEqual(proto.address, "10.0.0.2:7090")
         self.assertFalse(proto.dialedByUs)
+        self.assertTrue(proto.secured)
         self.assertEqual(owner.handler.events, [("up", proto)])
         self.assertEqual(tr.value(), b"")
         self.assertFalse(tr.disconnecting)
@@ -268,7 +365,13 @@ class AcceptorTests(SynchronousTestCase):
     def test_helloAndFramesInOneChunk(self):
         owner = makeTransport()
         proto, tr = accept(owner)
-        data = frames.helloFrame("10.0.0.2:7090", NOW, SECRET) + frames.whoHasFrame(PEER_A) + frames.iHaveFrame(PEER_B, 7)
+        nonce = b"\x33" * 32
+        hello = frames.encodeHello("10.0.0.2:7090", NOW, SECRET)
+        proto.dataReceived(frames.encodeFrame(frames.HELLO, hello) + frames.challengeFrame(nonce))
+        acceptorNonce, _ = frames.decodeAuth(frames.FrameReader().feed(tr.value())[0][1])
+        handshake = frames.Handshake(SECRET, hello, nonce, acceptorNonce)
+        sealer = frames.Sealer(handshake.dialerKey)
+        data = frames.confirmFrame(handshake.dialerMAC) + sealer.seal(frames.whoHasFrame(PEER_A)) + sealer.seal(frames.iHaveFrame(PEER_B, 7))
         for i in range(0, len(data), 5):
             proto.dataReceived(data[i:i + 5])
         self.assertEqual(owner.handler.frames(), [frames.WhoHas(PEER_A), frames.IHave(PEER_B, 7)])
@@ -316,10 +419,16 @@ class AcceptorTests(SynchronousTestCase):
         self.assertRejected(owner, proto, tr, frames.SIGNED_BUT_UNSUPPORTED)
 
     def test_unsignedAccepted(self):
+        """
+        Without a secret (the operator's explicit choice), an unsigned HELLO
+        makes the stream live at once, and its frames are plain.
+        """
         owner = makeTransport(secret="")
         proto, tr = accept(owner)
-        proto.dataReceived(frames.helloFrame("10.0.0.2:7090", NOW, ""))
+        proto.dataReceived(frames.helloFrame("10.0.0.2:7090", NOW, "") + frames.whoHasFrame(PEER_A))
         self.assertIs(owner.stream("10.0.0.2:7090"), proto)
+        self.assertFalse(proto.secured)
+        self.assertEqual(owner.handler.frames(), [frames.WhoHas(PEER_A)])
 
     def test_stale(self):
         owner = makeTransport()
@@ -343,18 +452,48 @@ class AcceptorTests(SynchronousTestCase):
 
 
 def established(owner=None, address="10.0.0.2:7090"):
+    """
+    A stream accepted by C{owner} after the secured handshake.
+
+    @return: C{(owner, stream, string transport, L{Remote})}.
+    """
     owner = owner or makeTransport()
-    proto, tr = accept(owner)
+    proto, tr = accept(owner, transport.splitAddress(address)[0])
+    remote = Remote(proto, tr, address)
+    owner.handler.events.clear()
+    return owner, proto, tr, remote
+
+
+def unsecured(owner, address="10.0.0.2:7090"):
+    """
+    A stream accepted by C{owner}, which has no secret, after an unsigned
+    HELLO: frames are plain.
+    """
+    proto, tr = accept(owner, transport.splitAddress(address)[0])
+    proto.dataReceived(frames.helloFrame(address, NOW, ""))
+    owner.handler.events.clear()
+    return owner, proto, tr
+
+
+def legacy(owner=None, address="10.0.0.2:7090"):
+    """
+    A stream accepted by C{owner} in compatibility mode from an original
+    pod: a signed HELLO, then nothing within the upgrade wait.
+    """
+    owner = owner or makeTransport(compat=True)
+    proto, tr = accept(owner, transport.splitAddress(address)[0])
     proto.dataReceived(frames.helloFrame(address, NOW, SECRET))
+    owner.clock.advance(owner.upgradeWait)
+    assert owner.stream(address) is proto
     owner.handler.events.clear()
     return owner, proto, tr
 
 
 class StreamFrameTests(SynchronousTestCase):
     def test_dispatch(self):
-        owner, proto, tr = established()
+        owner, proto, tr, remote = established()
         fwd = frames.fwdFrame(PEER_B, b"\x01\x03" + PEER_A + b"x")
-        proto.dataReceived(frames.whoHasFrame(PEER_A) + frames.peerGoneFrame(PEER_A) + fwd)
+        remote.send(frames.whoHasFrame(PEER_A), frames.peerGoneFrame(PEER_A), fwd)
         self.assertEqual(
             owner.handler.events,
             [
@@ -365,18 +504,18 @@ class StreamFrameTests(SynchronousTestCase):
         )
 
     def test_unknownIgnored(self):
-        owner, proto, tr = established()
-        proto.dataReceived(
-            frames.encodeFrame(0x04, b"future") + frames.encodeFrame(0x12, b"\x00" * 4) + frames.encodeFrame(0x7F, b"")
-            + frames.whoHasFrame(PEER_A)
+        owner, proto, tr, remote = established()
+        remote.send(
+            frames.encodeFrame(0x07, b"future"), frames.encodeFrame(0x12, b"\x00" * 4), frames.encodeFrame(0x7F, b""),
+            frames.challengeFrame(b"\x00" * 32), frames.whoHasFrame(PEER_A),
         )
         self.assertFalse(tr.disconnecting)
         self.assertEqual(owner.handler.frames(), [frames.WhoHas(PEER_A)])
         self.assertEqual(dict(owner.counters.dropped), {})
 
     def test_repeatedHelloIgnored(self):
-        owner, proto, tr = established()
-        proto.dataReceived(frames.helloFrame("10.9.9.9:7090", NOW, SECRET) + frames.whoHasFrame(PEER_A))
+        owner, proto, tr, remote = established()
+        remote.send(frames.helloFrame("10.9.9.9:7090", NOW, SECRET), frames.whoHasFrame(PEER_A))
         self.assertFalse(tr.disconnecting)
         self.assertEqual(proto.address, "10.0.0.2:7090")
         self.assertEqual(owner.handler.frames(), [frames.WhoHas(PEER_A)])
@@ -393,8 +532,8 @@ class StreamFrameTests(SynchronousTestCase):
             frames.encodeFrame(frames.PEER_GONE, PEER_A + b"\x00"),
             frames.encodeFrame(frames.PING, b"\x00"),
         ):
-            owner, proto, tr = established()
-            proto.dataReceived(bad + frames.whoHasFrame(PEER_A))
+            owner, proto, tr, remote = established()
+            remote.send(bad, frames.whoHasFrame(PEER_A))
             self.assertTrue(tr.disconnecting)
             self.assertEqual(owner.handler.frames(), [])
             self.assertEqual(dict(owner.counters.dropped), {"malformed_frame": 1})
@@ -403,13 +542,13 @@ class StreamFrameTests(SynchronousTestCase):
             self.assertEqual(owner.handler.events, [("down", proto)])
 
     def test_handlerErrorKeepsStream(self):
-        owner, proto, tr = established()
+        owner, proto, tr, remote = established()
 
         def boom(stream, frame):
             raise RuntimeError("bug")
 
         owner.handler.frameReceived = boom
-        proto.dataReceived(frames.whoHasFrame(PEER_A))
+        remote.send(frames.whoHasFrame(PEER_A))
         self.assertFalse(tr.disconnecting)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
@@ -425,7 +564,7 @@ class StreamFrameTests(SynchronousTestCase):
 
         owner.handler.streamUp = boom
         proto, tr = accept(owner)
-        proto.dataReceived(frames.helloFrame("10.0.0.2:7090", NOW, SECRET))
+        Remote(proto, tr)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertTrue(tr.disconnecting)
         self.assertIsNone(owner.stream("10.0.0.2:7090"))
@@ -436,9 +575,9 @@ class StreamFrameTests(SynchronousTestCase):
         self.assertEqual(owner.clock.getDelayedCalls(), [])
 
     def test_pingAnswered(self):
-        owner, proto, tr = established()
-        proto.dataReceived(frames.pingFrame() + frames.pingFrame())
-        self.assertEqual(tr.value(), frames.pongFrame() * 2)
+        owner, proto, tr, remote = established()
+        remote.send(frames.pingFrame(), frames.pingFrame())
+        self.assertEqual(remote.received(), frames.pongFrame() * 2)
         self.assertEqual(owner.handler.frames(), [])
 
     def test_framesBeforeHelloNotHandled(self):
@@ -454,7 +593,7 @@ class KeepaliveTests(SynchronousTestCase):
         A remote that never answered a PING (an original pod) loses PINGs but
         is never closed for it.
         """
-        owner, proto, tr = established(makeTransport(pingInterval=15, pongTimeout=10))
+        owner, proto, tr = legacy(makeTransport(pingInterval=15, pongTimeout=10, compat=True))
         owner.clock.advance(14.9)
         self.assertEqual(tr.value(), b"")
         owner.clock.advance(0.1)
@@ -468,10 +607,11 @@ class KeepaliveTests(SynchronousTestCase):
         self.assertIs(owner.stream("10.0.0.2:7090"), proto)
 
     def test_answeringPodClosedOnMiss(self):
-        owner, proto, tr = established(makeTransport(pingInterval=15, pongTimeout=10))
+        owner, proto, tr, remote = established(makeTransport(pingInterval=15, pongTimeout=10))
         owner.clock.advance(15)
         owner.clock.advance(9)
-        proto.dataReceived(frames.pongFrame())
+        self.assertEqual(remote.received(), frames.pingFrame())
+        remote.send(frames.pongFrame())
         self.assertTrue(proto.answersPing)
         owner.clock.advance(1)
         self.assertEqual(owner.counters.pingsLost, 0)
@@ -490,7 +630,7 @@ class KeepaliveTests(SynchronousTestCase):
         """
         A remote that only starts answering later is then held to it.
         """
-        owner, proto, tr = established(makeTransport(pingInterval=15, pongTimeout=10))
+        owner, proto, tr = legacy(makeTransport(pingInterval=15, pongTimeout=10, compat=True))
         owner.clock.advance(15)
         owner.clock.advance(10)
         self.assertEqual(owner.counters.pingsLost, 1)
@@ -506,18 +646,34 @@ class KeepaliveTests(SynchronousTestCase):
         stream, endpoint, d = dialedStream(owner, "10.0.0.2:7090")
         tr = StringTransport()
         stream.makeConnection(tr)
+        handshake = answer(stream, tr)
         endpoint.result.callback(stream)
         self.assertIs(self.successResultOf(d), stream)
         tr.clear()
         owner.clock.advance(15)
-        self.assertEqual(tr.value(), frames.pingFrame())
+        [(frameType, payload)] = frames.FrameReader().feed(tr.value())
+        self.assertEqual((frameType, frames.Opener(handshake.dialerKey).open(frameType, payload)), (frames.PING, b""))
+
+    def test_securedSilentPodClosed(self):
+        """
+        A secured remote is one of ours, held to the PONG deadline from the
+        first PING: a pod that stops answering is closed after 25 s, not
+        kept "live" until the kernel gives up (about two hours).
+        """
+        owner, proto, tr, remote = established(makeTransport(pingInterval=15, pongTimeout=10))
+        owner.clock.advance(15)
+        owner.clock.advance(9.9)
+        self.assertFalse(tr.disconnecting)
+        owner.clock.advance(0.1)
+        self.assertEqual((owner.counters.pingsSent, owner.counters.pingsLost), (1, 1))
+        self.assertTrue(tr.disconnecting)
 
     def test_pingErrorLogged(self):
         """
         An exception stopping the keepalive loop is logged, not left in an
         unhandled Deferred.
         """
-        owner, proto, tr = established(makeTransport(pingInterval=15, pongTimeout=10))
+        owner, proto, tr, remote = established(makeTransport(pingInterval=15, pongTimeout=10))
 
         def boom(data, droppable=False):
             raise RuntimeError("bug")
@@ -536,7 +692,7 @@ class KeepaliveTests(SynchronousTestCase):
 
 class BoundedWriteTests(SynchronousTestCase):
     def test_writesThroughWhenNotPaused(self):
-        owner, proto, tr = established(makeTransport(highWater=100))
+        owner, proto, tr = unsecured(makeTransport(secret="", highWater=100))
         fwd = frames.fwdFrame(PEER_A, b"x" * 200)
         self.assertEqual(proto.send(fwd, droppable=True), transport.SENT)
         self.assertEqual(tr.value(), fwd)
@@ -544,7 +700,7 @@ class BoundedWriteTests(SynchronousTestCase):
         self.assertTrue(tr.streaming)
 
     def test_slowStreamDropsFWD(self):
-        owner, proto, tr = established(makeTransport(highWater=100))
+        owner, proto, tr = unsecured(makeTransport(secret="", highWater=100))
         tr.producer.pauseProducing()
         fwd = frames.fwdFrame(PEER_A, b"x" * 4)  # 43 bytes
         self.assertEqual(proto.send(fwd, droppable=True), transport.SENT)
@@ -567,7 +723,7 @@ class BoundedWriteTests(SynchronousTestCase):
         Once something is queued, later frames queue behind it even if the
         transport is no longer paused.
         """
-        owner, proto, tr = established(makeTransport(highWater=1000))
+        owner, proto, tr = unsecured(makeTransport(secret="", highWater=1000))
         proto.pauseProducing()
         proto.send(b"1")
         proto._paused = False
@@ -577,7 +733,7 @@ class BoundedWriteTests(SynchronousTestCase):
         self.assertEqual(tr.value(), b"12")
 
     def test_pauseDuringFlush(self):
-        owner, proto, tr = established(makeTransport(highWater=1000))
+        owner, proto, tr = unsecured(makeTransport(secret="", highWater=1000))
         proto.pauseProducing()
         for chunk in (b"a", b"b", b"c"):
             proto.send(chunk)
@@ -594,7 +750,7 @@ class BoundedWriteTests(SynchronousTestCase):
         self.assertEqual(proto.queuedBytes(), 1)
 
     def test_stuckStreamAborted(self):
-        owner, proto, tr = established(makeTransport(highWater=100))
+        owner, proto, tr = unsecured(makeTransport(secret="", highWater=100))
         proto.pauseProducing()
         who = frames.whoHasFrame(PEER_A)  # 39 bytes
         for i in range(5):
@@ -605,8 +761,22 @@ class BoundedWriteTests(SynchronousTestCase):
         self.assertEqual(proto.send(who), transport.GONE)
         self.assertEqual(proto.queuedBytes(), 0)
 
+    def test_sealedQueueKeepsOrder(self):
+        """
+        Frames queued on a secured stream are sealed in the order sent, so
+        the remote opens them all after the flush.
+        """
+        owner, proto, tr, remote = established(makeTransport(highWater=1000))
+        proto.pauseProducing()
+        sent = [frames.whoHasFrame(PEER_A), frames.fwdFrame(PEER_B, b"\x01\x03" + PEER_A), frames.pingFrame()]
+        for frame in sent:
+            self.assertEqual(proto.send(frame, droppable=True), transport.SENT)
+        self.assertEqual(tr.value(), b"")
+        proto.resumeProducing()
+        self.assertEqual(remote.received(), b"".join(sent))
+
     def test_closedStreamGone(self):
-        owner, proto, tr = established()
+        owner, proto, tr, remote = established()
         lose(proto)
         self.assertEqual(proto.send(frames.pingFrame()), transport.GONE)
 
@@ -617,9 +787,9 @@ class RegistryTests(SynchronousTestCase):
         A second stream from the same pod, dialed from the same side, is
         closed; the first stays live, and the loser's end does not remove it.
         """
-        owner, first, tr1 = established()
+        owner, first, tr1, _ = established()
         second, tr2 = accept(owner)
-        second.dataReceived(frames.helloFrame("10.0.0.2:7090", NOW, SECRET) + frames.whoHasFrame(PEER_A))
+        Remote(second, tr2).send(frames.whoHasFrame(PEER_A))
         self.assertTrue(tr2.disconnecting)
         self.assertFalse(tr1.disconnecting)
         self.assertIs(owner.stream("10.0.0.2:7090"), first)
@@ -632,15 +802,15 @@ class RegistryTests(SynchronousTestCase):
         self.assertEqual(owner.handler.events, [("down", first)])
 
     def test_newStreamAfterEnd(self):
-        owner, first, tr1 = established()
+        owner, first, tr1, _ = established()
         lose(first)
         second, tr2 = accept(owner)
-        second.dataReceived(frames.helloFrame("10.0.0.2:7090", NOW, SECRET))
+        Remote(second, tr2)
         self.assertIs(owner.stream("10.0.0.2:7090"), second)
 
     def test_streamsByAddress(self):
-        owner, one, _ = established(address="10.0.0.2:7090")
-        owner, two, _ = established(owner, address="10.0.0.3:7090")
+        owner, one, _, _ = established(address="10.0.0.2:7090")
+        owner, two, _, _ = established(owner, address="10.0.0.3:7090")
         self.assertEqual(owner.streamCount(), 2)
         self.assertEqual(set(owner.liveStreams()), {one, two})
 
@@ -713,7 +883,7 @@ class RegistryTests(SynchronousTestCase):
         self.assertIs(low.handler.events[-1][1], fromLow.dialer)
 
     def test_stop(self):
-        owner, one, tr1 = established(address="10.0.0.2:7090")
+        owner, one, tr1, _ = established(address="10.0.0.2:7090")
         pending, tr2 = accept(owner)
         dialing = owner.dial("10.0.0.3:7090")
         d = owner.stop()
@@ -728,7 +898,7 @@ class RegistryTests(SynchronousTestCase):
         self.failureResultOf(owner.dial("10.0.0.2:7090"), RuntimeError)
 
     def test_stopAbortsAfterTimeout(self):
-        owner, one, tr1 = established()
+        owner, one, tr1, _ = established()
         d = owner.stop()
         self.assertFalse(tr1.disconnected)
         owner.clock.advance(transport.CLOSE_TIMEOUT)
@@ -782,4 +952,343 @@ class EarlyRejectTests(SynchronousTestCase):
         proto.dataReceived(hello[:-1])
         self.assertFalse(tr.disconnecting)
         proto.dataReceived(hello[-1:])
-        self.assertIs(owner.stream("h" * 250 + ":7090"), proto)
+        # Read and judged whole: a name is not the TCP peer's address.
+        self.assertEqual(dict(owner.counters.helloRejects), {frames.ADDRESS_MISMATCH: 1})
+
+
+class AttackTests(SynchronousTestCase):
+    """
+    The fabric trusts only its pods (issue 12, item 8). Each test replays an
+    attack found against the original design: a HELLO signed for pod .2
+    replayed from .9, a spoofed FWD source, a forged I_HAVE, eviction of a
+    live stream, and the stream-up snapshot leaking local peer ids.
+    """
+
+    def setUp(self):
+        self.logged = []
+        globalLogPublisher.addObserver(self.logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.logged.append)
+
+    def replayFrom(self, owner, host, *after):
+        """
+        An attacker at C{host} replays pod .2's signed HELLO (captured within
+        its window) and sends C{after} frames.
+        """
+        proto, tr = accept(owner, host)
+        proto.dataReceived(frames.helloFrame("10.0.0.2:7090", NOW - 10, SECRET) + b"".join(after))
+        return proto, tr
+
+    def test_replayedHelloFromAnotherAddress(self):
+        """
+        The replay from .9 is refused at once: the real stream to .2 stays,
+        nothing the attacker sends reaches the fabric, and it gets nothing
+        (no snapshot of local peers).
+        """
+        owner, real, realTransport, remote = established()
+        spoofedFWD = frames.fwdFrame(PEER_A, b"\x01\x03" + PEER_B + b"spoofed source")
+        forged = frames.iHaveFrame(PEER_A, 0xFFFFFFFF)
+        attacker, tr = self.replayFrom(owner, "10.0.0.9", spoofedFWD, forged)
+        self.assertTrue(tr.disconnecting)
+        self.assertEqual(tr.value(), b"")
+        self.assertEqual(dict(owner.counters.helloRejects), {frames.ADDRESS_MISMATCH: 1})
+        self.assertIs(owner.stream("10.0.0.2:7090"), real)
+        self.assertFalse(realTransport.disconnecting)
+        self.assertEqual(owner.handler.events, [])
+        remote.send(frames.whoHasFrame(PEER_A))
+        self.assertEqual(owner.handler.frames(), [frames.WhoHas(PEER_A)])
+
+    def test_replayCannotEvictOurDialedStream(self):
+        """
+        The original attack: pod .3 dialed .2; a HELLO of .2 replayed from
+        .9 won the "lower address dials" rule, closed the real stream, got
+        the snapshot and had its FWD and I_HAVE handled. Now it is refused
+        and the real stream stays.
+        """
+        owner = makeTransport("10.0.0.3:7090")
+        owner.handler.streamUp = lambda stream: stream.send(frames.iHaveFrame(PEER_B, 1))
+        real, endpoint, d = dialedStream(owner, "10.0.0.2:7090")
+        realTransport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.2", 7090))
+        real.makeConnection(realTransport)
+        endpoint.result.callback(real)
+        answer(real, realTransport)
+        self.assertIs(owner.stream("10.0.0.2:7090"), real)
+        attacker, tr = self.replayFrom(
+            owner, "10.0.0.9", frames.fwdFrame(PEER_A, b"\x01\x03" + PEER_B + b"spoofed"), frames.iHaveFrame(PEER_A, 0xFFFFFFFF)
+        )
+        self.assertIs(owner.stream("10.0.0.2:7090"), real)
+        self.assertFalse(realTransport.disconnecting)
+        self.assertEqual(tr.value(), b"")
+        self.assertEqual(owner.handler.frames(), [])
+
+    def test_replayedHelloNoStreamYet(self):
+        """
+        Without a live stream to .2 the replay is refused the same way, so
+        the real .2 is not locked out afterwards.
+        """
+        owner = makeTransport()
+        attacker, tr = self.replayFrom(owner, "10.0.0.9", frames.whoHasFrame(PEER_A))
+        self.assertTrue(tr.disconnecting)
+        self.assertIsNone(owner.stream("10.0.0.2:7090"))
+        owner, real, realTransport, remote = established(owner)
+        self.assertIs(owner.stream("10.0.0.2:7090"), real)
+
+    def test_replayFromTheRightAddressNeedsTheSecret(self):
+        """
+        Even from .2's own address (a spoofed source), the replayed HELLO
+        does not make a stream: it must be followed by the handshake, and
+        plain frames in its place close the connection.
+        """
+        owner, real, realTransport, remote = established()
+        spoofedFWD = frames.fwdFrame(PEER_A, b"\x01\x03" + PEER_B + b"spoofed source")
+        attacker, tr = self.replayFrom(owner, "10.0.0.2", spoofedFWD)
+        self.assertTrue(tr.disconnecting)
+        self.assertEqual(dict(owner.counters.helloRejects), {frames.NOT_SECURED: 1})
+        self.assertIs(owner.stream("10.0.0.2:7090"), real)
+        self.assertEqual(owner.handler.events, [])
+
+    def test_replayedChallengeCannotConfirm(self):
+        """
+        Replaying a whole captured opening (HELLO and CHALLENGE) gets a fresh
+        AUTH, but the captured CONFIRM does not match it.
+        """
+        owner = makeTransport()
+        proto, tr = accept(owner)
+        hello = frames.encodeHello("10.0.0.2:7090", NOW, SECRET)
+        nonce = b"\x11" * 32
+        proto.dataReceived(frames.encodeFrame(frames.HELLO, hello) + frames.challengeFrame(nonce))
+        captured = frames.Handshake(SECRET, hello, nonce, b"\x44" * 32).dialerMAC
+        proto.dataReceived(frames.confirmFrame(captured))
+        self.assertTrue(tr.disconnecting)
+        self.assertEqual(dict(owner.counters.helloRejects), {frames.AUTH_MISMATCH: 1})
+        self.assertIsNone(owner.stream("10.0.0.2:7090"))
+
+    def test_injectedFramesCloseTheStream(self):
+        """
+        Frames forged into a live secured stream (a spoofed FWD source, a
+        forged I_HAVE), or one of its own frames replayed, close it without
+        being handled.
+        """
+        for forged in (
+            frames.fwdFrame(PEER_A, b"\x01\x03" + PEER_B + b"spoofed source"),
+            frames.iHaveFrame(PEER_A, 0xFFFFFFFF),
+            b"replay",
+        ):
+            owner, proto, tr, remote = established()
+            first = remote.seal(frames.whoHasFrame(PEER_B))
+            proto.dataReceived(first)
+            proto.dataReceived(first if forged == b"replay" else forged)
+            self.assertEqual(owner.handler.frames(), [frames.WhoHas(PEER_B)])
+            self.assertTrue(tr.disconnecting)
+            self.assertEqual(owner.counters.dropped["frame_auth_mismatch"], 1)
+
+    def test_dialerAuthenticatesAcceptor(self):
+        """
+        A dialed host that cannot prove the secret never becomes a stream:
+        a wrong AUTH is refused, and so is one that stays silent.
+        """
+        owner = makeTransport()
+        stream, endpoint, d = dialedStream(owner, "10.0.0.2:7090")
+        tr = StringTransport()
+        stream.makeConnection(tr)
+        endpoint.result.callback(stream)
+        answer(stream, tr, secret="not the secret")
+        self.assertTrue(tr.disconnecting)
+        self.assertEqual(dict(owner.counters.helloRejects), {frames.AUTH_MISMATCH: 1})
+        self.assertIsNone(owner.stream("10.0.0.2:7090"))
+        self.assertEqual(owner.handler.events, [])
+
+        stream, endpoint, d = dialedStream(owner, "10.0.0.3:7090")
+        tr = StringTransport()
+        stream.makeConnection(tr)
+        endpoint.result.callback(stream)
+        owner.clock.advance(owner.helloTimeout)
+        self.assertTrue(tr.disconnecting)
+        self.assertEqual(owner.counters.helloRejects[frames.TIMEOUT], 1)
+        self.assertEqual(owner.handler.events, [])
+
+    def test_impostorAcceptorSendingFrames(self):
+        """
+        A dialed host answering with fabric frames instead of AUTH (an
+        impostor, or an original pod without compatibility mode) is refused.
+        """
+        owner = makeTransport()
+        stream, endpoint, d = dialedStream(owner, "10.0.0.2:7090")
+        tr = StringTransport()
+        stream.makeConnection(tr)
+        stream.dataReceived(frames.iHaveFrame(PEER_A, 1))
+        self.assertTrue(tr.disconnecting)
+        self.assertEqual(dict(owner.counters.helloRejects), {frames.NOT_SECURED: 1})
+        self.assertEqual(owner.handler.events, [])
+
+    def test_noEvictionWithoutProof(self):
+        """
+        In compatibility mode a signed HELLO without the handshake (from the
+        right address: a spoofed source) never replaces a live stream,
+        secured or not; a secured stream does replace an unsecured one.
+        """
+        owner, real, realTransport, remote = established(makeTransport(compat=True))
+        second, tr2 = accept(owner)
+        second.dataReceived(frames.helloFrame("10.0.0.2:7090", NOW - 1, SECRET) + frames.whoHasFrame(PEER_A))
+        self.assertTrue(tr2.disconnecting)
+        self.assertIs(owner.stream("10.0.0.2:7090"), real)
+        self.assertFalse(realTransport.disconnecting)
+        self.assertEqual(owner.handler.events, [])
+
+        owner, old, oldTransport = legacy(makeTransport(compat=True))
+        third, tr3 = accept(owner)
+        third.dataReceived(frames.helloFrame("10.0.0.2:7090", NOW - 2, SECRET))
+        owner.clock.advance(owner.upgradeWait)
+        self.assertTrue(tr3.disconnecting)
+        self.assertIs(owner.stream("10.0.0.2:7090"), old)
+
+        secured, tr4 = accept(owner)
+        Remote(secured, tr4)
+        self.assertIs(owner.stream("10.0.0.2:7090"), secured)
+        self.assertTrue(oldTransport.disconnecting)
+
+    def test_replayedLegacyHelloRefused(self):
+        """
+        In compatibility mode an original pod's HELLO is taken once: the
+        same HELLO again (a replay from its address) is refused.
+        """
+        owner, first, tr1 = legacy(makeTransport(compat=True))
+        lose(first)
+        again, tr2 = accept(owner)
+        again.dataReceived(frames.helloFrame("10.0.0.2:7090", NOW, SECRET) + frames.whoHasFrame(PEER_A))
+        self.assertTrue(tr2.disconnecting)
+        self.assertEqual(dict(owner.counters.helloRejects), {frames.REPLAYED: 1})
+        self.assertIsNone(owner.stream("10.0.0.2:7090"))
+        fresh, tr3 = accept(owner)
+        fresh.dataReceived(frames.helloFrame("10.0.0.2:7090", NOW + 1, SECRET) + frames.whoHasFrame(PEER_A))
+        self.assertIs(owner.stream("10.0.0.2:7090"), fresh)
+
+    def test_secretNeverLogged(self):
+        owner = makeTransport()
+        self.replayFrom(owner, "10.0.0.9")
+        stream, endpoint, d = dialedStream(owner, "10.0.0.3:7090")
+        tr = StringTransport()
+        stream.makeConnection(tr)
+        answer(stream, tr, secret="not the secret")
+        self.assertNotEqual(self.logged, [])
+        for event in self.logged:
+            self.assertNotIn(SECRET, repr(event))
+
+
+class CompatibilityTests(SynchronousTestCase):
+    """
+    Compatibility mode talks to original (Go) pods, which send a v2 HELLO,
+    ignore frame types they do not know and never answer the handshake.
+    """
+
+    def test_originalPodDialsUs(self):
+        owner = makeTransport(compat=True)
+        proto, tr = accept(owner)
+        proto.dataReceived(frames.helloFrame("10.0.0.2:7090", NOW, SECRET) + frames.whoHasFrame(PEER_A))
+        self.assertIs(owner.stream("10.0.0.2:7090"), proto)
+        self.assertFalse(proto.secured)
+        self.assertEqual(owner.handler.frames(), [frames.WhoHas(PEER_A)])
+        self.assertEqual(tr.value(), b"")
+
+    def test_silentOriginalPodDialsUs(self):
+        owner = makeTransport(compat=True)
+        proto, tr = accept(owner)
+        proto.dataReceived(frames.helloFrame("10.0.0.2:7090", NOW, SECRET))
+        owner.clock.advance(owner.upgradeWait - 0.01)
+        self.assertIsNone(owner.stream("10.0.0.2:7090"))
+        owner.clock.advance(0.01)
+        self.assertIs(owner.stream("10.0.0.2:7090"), proto)
+
+    def test_weDialAnOriginalPod(self):
+        """
+        The original pod takes our HELLO (it ignores the CHALLENGE after
+        it); it answers nothing, so after the upgrade wait the stream is
+        live with plain frames.
+        """
+        owner = makeTransport(compat=True, pingInterval=15)
+        stream, endpoint, d = dialedStream(owner, "10.0.0.2:7090")
+        tr = StringTransport()
+        stream.makeConnection(tr)
+        endpoint.result.callback(stream)
+        [(helloType, hello), (challengeType, _)] = frames.FrameReader().feed(tr.value())
+        self.assertEqual(frames.decodeHello(hello, SECRET, NOW).address, "10.0.0.1:7090")
+        self.assertEqual(challengeType, frames.CHALLENGE)
+        tr.clear()
+        owner.clock.advance(owner.upgradeWait)
+        self.assertIs(owner.stream("10.0.0.2:7090"), stream)
+        self.assertFalse(stream.secured)
+        owner.clock.advance(15)
+        self.assertEqual(tr.value(), frames.pingFrame())
+
+    def test_originalPodAnswersFirst(self):
+        owner = makeTransport(compat=True)
+        stream, endpoint, d = dialedStream(owner, "10.0.0.2:7090")
+        tr = StringTransport()
+        stream.makeConnection(tr)
+        stream.dataReceived(frames.iHaveFrame(PEER_A, 3))
+        self.assertIs(owner.stream("10.0.0.2:7090"), stream)
+        self.assertEqual(owner.handler.frames(), [frames.IHave(PEER_A, 3)])
+
+    def test_ourPodsStillSecured(self):
+        """
+        Two pods of this kind secure their stream in compatibility mode too.
+        """
+        owner = makeTransport(compat=True)
+        stream, endpoint, d = dialedStream(owner, "10.0.0.2:7090")
+        tr = StringTransport()
+        stream.makeConnection(tr)
+        answer(stream, tr)
+        self.assertTrue(stream.secured)
+        owner, proto, tr, remote = established(makeTransport(compat=True))
+        self.assertTrue(proto.secured)
+
+    def test_originalPodRefusedWithoutCompat(self):
+        owner = makeTransport()
+        proto, tr = accept(owner)
+        proto.dataReceived(frames.helloFrame("10.0.0.2:7090", NOW, SECRET))
+        owner.clock.advance(owner.helloTimeout)
+        self.assertTrue(tr.disconnecting)
+        self.assertEqual(dict(owner.counters.helloRejects), {frames.TIMEOUT: 1})
+        self.assertIsNone(owner.stream("10.0.0.2:7090"))
+
+
+class CapTests(SynchronousTestCase):
+    def test_pendingCap(self):
+        """
+        When the handshake slots are full the oldest pending connection makes
+        room: idle strangers cannot keep a pod's dial out. A finished
+        handshake frees its slot.
+        """
+        owner = makeTransport(maxPending=2)
+        first, tr1 = accept(owner, "10.0.0.7")
+        second, tr2 = accept(owner, "10.0.0.8")
+        third, tr3 = accept(owner, "10.0.0.2")
+        self.assertTrue(tr1.disconnected)
+        self.assertFalse(tr2.disconnecting)
+        self.assertEqual(dict(owner.counters.helloRejects), {frames.EVICTED: 1})
+        Remote(third, tr3)
+        self.assertIs(owner.stream("10.0.0.2:7090"), third)
+        fourth, tr4 = accept(owner, "10.0.0.9")
+        self.assertFalse(tr2.disconnecting)
+        self.assertEqual(dict(owner.counters.helloRejects), {frames.EVICTED: 1})
+
+    def test_perHostCap(self):
+        owner = makeTransport(maxPendingPerHost=2)
+        accept(owner, "10.0.0.7")
+        accept(owner, "10.0.0.7")
+        self.assertIsNone(owner.serverFactory().buildProtocol(IPv4Address("TCP", "10.0.0.7", 1)))
+        self.assertEqual(dict(owner.counters.helloRejects), {frames.CONNECTION_LIMIT: 1})
+        self.assertIsNotNone(owner.serverFactory().buildProtocol(IPv4Address("TCP", "10.0.0.2", 1)))
+
+    def test_connectionCap(self):
+        owner = makeTransport(maxConnections=1)
+        established(owner)
+        self.assertIsNone(owner.serverFactory().buildProtocol(IPv4Address("TCP", "10.0.0.7", 1)))
+        self.assertEqual(owner.counters.helloRejects[frames.CONNECTION_LIMIT], 1)
+
+    def test_bindsToAnnouncedAddress(self):
+        reactor = MemoryReactorClock()
+        endpoint = transport.tcpEndpoint(reactor, "10.0.0.2:7090", bindHost="10.0.0.1")
+        endpoint.connect(Factory())
+        self.assertEqual(reactor.tcpClients[0][4], ("10.0.0.1", 0))
+        endpoint = transport.tcpEndpoint(reactor, "[fd00::2]:7090", bindHost="10.0.0.1")
+        self.assertIsNone(endpoint._bindAddress)

@@ -150,7 +150,7 @@ class StartupErrorTests(unittest.TestCase):
             self.assertIn(b"Address already in use", output)
             output, code = yield self.twistd(
                 "--listen-address", "127.0.0.1:0", "--exposed-address", address, "--auth-secret", "x", "--metrics-port", "0",
-                "--cluster-headless", "127.0.0.1", "--pod-ip", "127.0.0.1", "--cluster-listen-address", address,
+                "--cluster-headless", "127.0.0.1", "--pod-ip", "127.0.0.1", "--cluster-listen-address", address, "--cluster-insecure",
             )
             self.assertNotEqual(code, 0)
             self.assertIn(b"relay: cannot start the inter-pod fabric:", output)

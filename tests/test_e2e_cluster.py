@@ -6,12 +6,17 @@ the wrong peer.
 """
 
 import signal
+import time
 
 from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.trial import unittest
 
 from relay import client
 from relay import messages as m
+from relay.cluster import frames
+from relay.cluster.locator import seqnoOf
 from relay.loopback import commonPort
 from tests.e2e import RelayProcess, relayArgs, sleep
 
@@ -19,7 +24,32 @@ PODS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 HEADLESS = ",".join(PODS)
 A, B, C = m.peerID("peer-a"), m.peerID("peer-b"), m.peerID("peer-c")
 TIMEOUT = 10
+SECRET = "cluster-secret"
 
+
+class RawPod(Protocol):
+    """
+    A raw inter-pod connection: what an attacker, or a Go pod, sends.
+    """
+
+    def connectionMade(self):
+        self.received = b""
+        self.lost = defer.Deferred()
+
+    def dataReceived(self, data):
+        self.received += data
+
+    def connectionLost(self, reason):
+        self.lost.callback(None)
+
+
+def rawConnect(source, target, port):
+    """
+    Connect from C{source} (bound: loopback lets us pick any 127/8 address,
+    as an attacker spoofing a pod's address would) to a pod's cluster port.
+    """
+    endpoint = TCP4ClientEndpoint(reactor, target, port, bindAddress=(source, 0))
+    return endpoint.connect(Factory.forProtocol(RawPod))
 
 
 class ClusterTestCase(unittest.TestCase):
@@ -31,17 +61,18 @@ class ClusterTestCase(unittest.TestCase):
         self.pods = {}
 
     @defer.inlineCallbacks
-    def startPod(self, host, secret="cluster-secret"):
+    def startPod(self, host, secret=SECRET, *extra, headless=HEADLESS):
         process = RelayProcess([], host=host, port=self.peerPort)
         process.args = relayArgs(
             process,
             "relay-secret",
-            "--cluster-headless", HEADLESS,
+            "--cluster-headless", headless,
             "--pod-ip", host,
             "--cluster-port", str(self.clusterPort),
             "--cluster-listen-address", f"{host}:{self.clusterPort}",
             "--cluster-auth-secret", secret,
             "--cluster-discovery-interval", "1",
+            *extra,
         )
         self.addCleanup(process.stop)
         yield process.start()
@@ -208,3 +239,84 @@ class FailureTableTests(ClusterTestCase):
         self.assertOnlyFrom(newer, A, b"to b")
         self.assertOnlyFrom(b, A, b"to b")
         self.assertEqual(c.received, [])
+
+
+class TrustTests(ClusterTestCase):
+    """
+    The fabric trusts only its pods (issue 12, item 8), against real pods:
+    a signed HELLO of listed pod .4 (as captured on the wire, within its
+    window) sent by someone else to pod .3, then a FWD with a spoofed source
+    for a local agent and a forged I_HAVE to divert that agent's traffic.
+    Before: the stranger got the stream for .4 (locking the real .4 out),
+    the snapshot of .3's peer ids, its FWD delivered and the traffic.
+    """
+
+    def attack(self, source, target, pod):
+        hello = frames.helloFrame(f"{pod}:{self.clusterPort}", int(time.time()), SECRET)
+        spoofed = frames.fwdFrame(B, m.encodeTransport(A, b"spoofed source"))
+        forged = frames.iHaveFrame(A, seqnoOf(time.time() + 60))
+        d = rawConnect(source, target, self.clusterPort)
+        d.addCallback(lambda raw: (raw.transport.write(hello + spoofed + forged), raw)[1])
+        return d
+
+    @defer.inlineCallbacks
+    def test_replayedHelloAndForgedFrames(self):
+        yield self.startPods(PODS[0], PODS[1])
+        a = yield self.connect("peer-a", PODS[0])
+        b = yield self.connect("peer-b", PODS[1])
+        yield b.waitOnline(A)
+        # From a stranger's address, then from pod .4's own (spoofed).
+        for source in ("127.0.0.9", PODS[2]):
+            raw = yield self.attack(source, PODS[1], PODS[2])
+            yield raw.lost.addTimeout(TIMEOUT, reactor)
+            # Nothing for the attacker: no snapshot of the pod's peers.
+            self.assertEqual(raw.received, b"")
+        yield sleep(0.2)
+        self.assertEqual(b.received, [])
+        # peer-b's traffic to peer-a still goes to pod .2, not the attacker.
+        yield self.waitFor(lambda: a.received, poke=lambda: b.send(A, b"back"))
+        self.assertOnlyFrom(a, B, b"back")
+        # The real pod .4 is not locked out.
+        yield self.startPod(PODS[2])
+        c = yield self.connect("peer-c", PODS[2])
+        yield self.waitFor(lambda: c.received, poke=lambda: b.send(C, b"to c"))
+        self.assertOnlyFrom(c, B, b"to c")
+        output = self.pods[PODS[1]].output
+        self.assertIn(b"address_mismatch", output)
+        self.assertIn(b"not_secured", output)
+        self.assertNotIn(SECRET.encode(), output)
+
+
+class CompatibilityTests(ClusterTestCase):
+    """
+    A pod in compatibility mode takes a Go pod (played here from raw
+    frames: a v2 HELLO, no handshake, plain frames); a pod without it
+    refuses the same.
+    """
+
+    @defer.inlineCallbacks
+    def test_goPod(self):
+        compat = PODS[0]
+        strict = PODS[1]
+        goPod = "127.0.0.5"
+        yield self.startPod(compat, SECRET, "--cluster-compat", headless=compat)
+        yield self.startPod(strict, SECRET, headless=strict)
+        b = yield self.connect("peer-b", compat)
+        hello = frames.helloFrame(f"{goPod}:{self.clusterPort}", int(time.time()), SECRET)
+        fwd = frames.fwdFrame(B, m.encodeTransport(A, b"from a Go pod"))
+        raw = yield rawConnect(goPod, compat, self.clusterPort)
+        raw.transport.write(hello + fwd + frames.whoHasFrame(B))
+        yield self.waitFor(lambda: b.received and len(raw.received) >= 43)
+        self.assertEqual(b.received, [(A, b"from a Go pod")])
+        # The answer is plain, as a Go pod reads it: the snapshot I_HAVE and
+        # the answer to WHO_HAS.
+        got = frames.FrameReader().feed(raw.received)
+        self.assertEqual({frameType for frameType, _ in got}, {frames.I_HAVE})
+        self.assertEqual({payload[:36] for _, payload in got}, {B})
+
+        refused = yield rawConnect(goPod, strict, self.clusterPort)
+        refused.transport.write(hello + fwd)
+        yield refused.lost.addTimeout(TIMEOUT, reactor)
+        self.assertEqual(refused.received, b"")
+        self.assertIn(b"not_secured", self.pods[strict].output)
+        raw.transport.loseConnection()

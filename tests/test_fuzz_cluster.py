@@ -440,64 +440,106 @@ fabricFrames = st.one_of(
 
 
 class AcceptingStreamFuzz(unittest.SynchronousTestCase):
+    def stream(self):
+        clock = Clock()
+        clock.advance(NOW)
+        self.counters = ClusterCounters()
+        self.handler = RecordingHandler()
+        owner = transport.ClusterTransport("10.0.0.1:7090", SECRET, clock, self.counters, _NoEndpoints(), handler=self.handler)
+        stream = owner.serverFactory().buildProtocol(IPv4Address("TCP", "10.0.9.9", 40000))
+        tr = StringTransport(peerAddress=IPv4Address("TCP", "10.0.9.9", 40000))
+        stream.makeConnection(tr)
+        return stream, tr
+
+    def feed(self, stream, data, cuts):
+        previous = 0
+        for cut in sorted(set(c for c in cuts if c <= len(data))) + [len(data)]:
+            stream.dataReceived(data[previous:cut])
+            previous = cut
+
     @PROFILE
     @given(hello=helloFrames, rest=st.lists(fabricFrames, max_size=10), garbage=st.binary(max_size=20), data=st.data())
     def test_arbitraryTraffic(self, hello, rest, garbage, data):
         """
-        An accepting stream gets a first frame (valid HELLO or not), more
-        frames and trailing garbage, split at random boundaries. It never
-        raises; it refuses a bad HELLO without passing anything up; after a
-        good one it passes up exactly the fabric frames before the first
-        malformed known-type frame, answers every PING before that point,
-        and aborts at a malformed one.
+        An accepting stream gets a first frame (valid HELLO or not), and
+        after a valid one the secured handshake, more frames (sealed as a pod
+        seals them) and trailing garbage, split at random boundaries. It
+        never raises; it refuses a bad HELLO without passing anything up;
+        after a good one it passes up exactly the fabric frames before the
+        first malformed known-type frame, answers every PING before that
+        point, and aborts at a malformed one or at the garbage.
         """
-        clock = Clock()
-        clock.advance(NOW)
-        counters = ClusterCounters()
-        handler = RecordingHandler()
-        owner = transport.ClusterTransport("10.0.0.1:7090", SECRET, clock, counters, _NoEndpoints(), handler=handler)
-        stream = owner.serverFactory().buildProtocol(IPv4Address("TCP", "10.0.0.9", 40000))
-        tr = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.9", 40000))
-        stream.makeConnection(tr)
-        wire_ = hello + b"".join(rest) + garbage
-        cuts = sorted(set(data.draw(st.lists(st.integers(0, len(wire_)), max_size=8))))
-        previous = 0
-        for cut in cuts + [len(wire_)]:
-            stream.dataReceived(wire_[previous:cut])
-            previous = cut
-
-        # What the stream should have done, from the frames alone.
-        parsed = f.FrameReader().feed(wire_)
+        stream, tr = self.stream()
+        handler, counters = self.handler, self.counters
+        parsed = f.FrameReader().feed(hello)
         helloOK = False
         if parsed and parsed[0][0] == f.HELLO:
             helloOK = _raisesOnly(f.decodeHello, parsed[0][1], SECRET, NOW)[0]
         if not helloOK:
+            wire_ = hello + b"".join(rest) + garbage
+            self.feed(stream, wire_, data.draw(st.lists(st.integers(0, len(wire_)), max_size=8)))
+            parsed = f.FrameReader().feed(wire_)
             self.assertEqual(handler.frames, [])
             self.assertEqual(handler.up, [])
             if parsed or (len(wire_) >= 3 and (wire_[0] != f.HELLO or struct.unpack(">H", wire_[1:3])[0] > f.HELLO_MAX_PAYLOAD)):
                 self.assertTrue(stream.closing)
                 self.assertEqual(sum(counters.helloRejects.values()), 1)
             return
+
+        nonce = b"\x11" * 32
+        stream.dataReceived(hello + f.challengeFrame(nonce))
+        [(authType, auth)] = f.FrameReader().feed(tr.value())
+        tr.clear()
+        acceptorNonce, mac = f.decodeAuth(auth)
+        handshake = f.Handshake(SECRET, parsed[0][1], nonce, acceptorNonce)
+        self.assertEqual(mac, handshake.acceptorMAC)
+        sealer = f.Sealer(handshake.dialerKey)
+        wire_ = f.confirmFrame(handshake.dialerMAC) + b"".join(sealer.seal(frame) for frame in rest) + garbage
+        self.feed(stream, wire_, data.draw(st.lists(st.integers(0, len(wire_)), max_size=8)))
+
         self.assertEqual(handler.up, [stream])
         expected = []
         pings = 0
         broken = False
-        for frameType, payload in parsed[1:]:
+        for frame in rest:
+            frameType, payload = f.FrameReader().feed(frame)[0]
             if frameType == f.HELLO:
                 continue
-            ok, frame = _raisesOnly(f.decodePayload, frameType, payload)
+            ok, decoded = _raisesOnly(f.decodePayload, frameType, payload)
             if not ok:
                 broken = True
                 break
-            if isinstance(frame, f.Ping):
+            if isinstance(decoded, f.Ping):
                 pings += 1
-            elif not isinstance(frame, (f.Pong, f.Unknown)):
-                expected.append(frame)
+            elif not isinstance(decoded, (f.Pong, f.Unknown)):
+                expected.append(decoded)
         self.assertEqual(handler.frames, expected)
-        self.assertEqual(tr.value().count(f.pongFrame()), pings)
-        self.assertEqual(stream.closing, broken)
+        opener = f.Opener(handshake.acceptorKey)
+        written = [(t, opener.open(t, p)) for t, p in f.FrameReader().feed(tr.value())]
+        self.assertEqual(written, [(f.PONG, b"")] * pings)
+        unsealedGarbage = len(garbage) >= 3 and len(garbage) - 3 >= struct.unpack(">H", garbage[1:3])[0]
+        self.assertEqual(stream.closing, broken or unsealedGarbage)
         if broken:
             self.assertEqual(counters.dropped["malformed_frame"], 1)
+        elif unsealedGarbage:
+            self.assertEqual(counters.dropped["frame_auth_mismatch"], 1)
+
+    @PROFILE
+    @given(hello=st.just(f.helloFrame("10.0.9.9:7090", NOW, SECRET)), rest=st.lists(fabricFrames, min_size=1, max_size=5))
+    def test_unsecuredFramesRefused(self, hello, rest):
+        """
+        With a secret and without compatibility mode, whatever follows a
+        valid HELLO but the secured handshake closes the stream before
+        anything reaches the fabric.
+        """
+        stream, tr = self.stream()
+        stream.dataReceived(hello + b"".join(rest))
+        firstType = f.FrameReader().feed(rest[0])[0][0]
+        self.assertEqual(self.handler.frames, [])
+        self.assertEqual(self.handler.up, [])
+        if firstType != f.CHALLENGE:
+            self.assertTrue(stream.closing)
+            self.assertEqual(dict(self.counters.helloRejects), {f.NOT_SECURED: 1})
 
 
 # The serial-number order and the locator cache

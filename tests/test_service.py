@@ -117,9 +117,25 @@ class OptionsTests(unittest.TestCase):
         self.assertUsage(REQUIRED + ["--cluster-headless", "relay-headless"], "--pod-ip")
 
     def test_podIPFromDownwardAPI(self):
-        options = parse(REQUIRED + ["--cluster-headless", "relay-headless"], {"POD_IP": "10.0.0.7"})
+        options = parse(REQUIRED + ["--cluster-headless", "relay-headless", "--cluster-auth-secret", "s"], {"POD_IP": "10.0.0.7"})
         self.assertEqual(options["pod-ip"], "10.0.0.7")
+        self.assertEqual(options["cluster-listen"], ("10.0.0.7", 7090))
+        self.assertFalse(options["cluster-compat"])
+
+    def test_clusterNeedsSecret(self):
+        """
+        A fabric without a secret needs the operator's explicit opt-out.
+        """
+        cluster = ["--cluster-headless", "relay-headless", "--pod-ip", "10.0.0.7"]
+        self.assertUsage(REQUIRED + cluster, "--cluster-auth-secret (or OZ_CLUSTER_AUTH_SECRET) is required")
+        options = parse(REQUIRED + cluster + ["--cluster-insecure"])
+        self.assertEqual(options["cluster-auth-secret"], "")
+        options = parse(REQUIRED + cluster, {"OZ_CLUSTER_INSECURE": "true", "OZ_CLUSTER_COMPAT": "1", "OZ_CLUSTER_AUTH_SECRET": "s"})
+        self.assertTrue(options["cluster-compat"])
+        options = parse(REQUIRED + cluster + ["--cluster-auth-secret", "s", "--cluster-listen-address", "0.0.0.0:7090"])
         self.assertEqual(options["cluster-listen"], ("0.0.0.0", 7090))
+        options = parse(REQUIRED + ["--cluster-headless", "relay-headless", "--pod-ip", "fd00::7", "--cluster-auth-secret", "s"])
+        self.assertEqual(options["cluster-listen"], ("fd00::7", 7090))
 
     def test_usageQuietAfterBadValue(self):
         options = Options({})

@@ -10,8 +10,11 @@ exponential backoff after failed dials (a dial that connected but whose stream
 was gone by the next pass, such as one refused at HELLO, counts as failed).
 Vanished addresses need nothing: their streams end by themselves.
 
-A DNS failure is logged at debug and retried at the next pass. C{hasRun}
-tells readiness whether at least one pass has completed.
+A DNS failure (or a name listing no address) is retried at the next pass
+and logged at warn, at most once a minute per name while it lasts, and its
+end at info: a pod whose name stops resolving loses its siblings quietly
+otherwise. C{hasRun} tells readiness whether at least one pass has
+completed.
 """
 
 import ipaddress
@@ -27,6 +30,7 @@ from relay.cluster.transport import joinAddress
 
 DISCOVERY_INTERVAL = 10.0
 MAX_BACKOFF = 160.0
+WARN_EVERY = 60.0
 
 _log = Logger()
 
@@ -107,6 +111,7 @@ class Discovery:
         self.hasRun = False
         self.known = set()
         self._redial = {}
+        self._failing = {}
         self._loop = None
         self._whenRun = []
 
@@ -166,15 +171,38 @@ class Discovery:
         d.addTimeout(self.interval / 2, self.clock)
 
         def failed(failure):
-            _log.debug("cluster discovery: resolving {name} failed: {error}", name=name, error=failure.value)
+            self._resolutionFailed(name, f"resolving failed: {failure.value!r}")
             return []
 
         def resolved(hosts):
-            if not hosts:
-                _log.debug("cluster discovery: {name} resolved to no address", name=name)
+            if hosts:
+                self._resolutionWorked(name)
+            else:
+                self._resolutionFailed(name, "no address")
             return hosts
 
         return d.addCallbacks(resolved, failed)
+
+    def _resolutionFailed(self, name, why):
+        now = self.clock.seconds()
+        state = self._failing.get(name)
+        if state is None:
+            state = self._failing[name] = [0, float("-inf")]
+        state[0] += 1
+        if now >= state[1] + WARN_EVERY:
+            state[1] = now
+            _log.warn(
+                "cluster discovery: {name}: {why} ({count} passes in a row; next warning in {every:g} s at the earliest)",
+                name=name,
+                why=why,
+                count=state[0],
+                every=WARN_EVERY,
+            )
+
+    def _resolutionWorked(self, name):
+        state = self._failing.pop(name, None)
+        if state is not None:
+            _log.info("cluster discovery: {name} resolves again after {count} failed passes", name=name, count=state[0])
 
     def _isSelf(self, host):
         ip = _ipLiteral(host)

@@ -11,6 +11,18 @@ Frame: C{[type u8][length u16][payload]}, all integers big-endian.
 HELLO v2 body: C{[version=2][addr_len u8][announce addr][unix seconds u64]
 [hmac_len u8 = 0 or 32][hmac]}, hmac = HMAC-SHA256(cluster secret as given,
 everything before hmac_len).
+
+Beyond the original, the secured handshake (v3) and sealed frames: after its
+HELLO the dialer sends CHALLENGE C{[version=3][nonce 32]}, the acceptor answers
+AUTH C{[nonce 32][mac 32]}, the dialer CONFIRM C{[mac 32]}. Both MACs and the
+two per-direction frame keys come from the cluster secret and a hash of the
+whole exchange (both nonces included), so each side proves it holds the
+secret on this connection, now. Every later frame is sealed: its payload is
+followed by a 16-byte tag, HMAC-SHA256(direction key, [seqno u64][type u8]
+[length u16][payload]) truncated, seqno counting the frames sent in that
+direction from 0. Original pods ignore the three new types, and never see
+them unless they dial or are dialed by a pod in compatibility mode (see
+L{relay.cluster.transport}).
 """
 
 import base64
@@ -26,6 +38,10 @@ WHO_HAS = 0x01
 I_HAVE = 0x02
 # Beyond: presence push. Original pods ignore unknown types.
 PEER_GONE = 0x03
+# Beyond: the secured handshake (v3). Original pods ignore these types.
+CHALLENGE = 0x04
+AUTH = 0x05
+CONFIRM = 0x06
 FWD = 0x14
 PING = 0x20
 PONG = 0x21
@@ -35,6 +51,9 @@ FRAME_NAMES = {
     WHO_HAS: "WHO_HAS",
     I_HAVE: "I_HAVE",
     PEER_GONE: "PEER_GONE",
+    CHALLENGE: "CHALLENGE",
+    AUTH: "AUTH",
+    CONFIRM: "CONFIRM",
     FWD: "FWD",
     PING: "PING",
     PONG: "PONG",
@@ -51,6 +70,13 @@ HELLO_MAX_ADDRESS = 255
 HELLO_WINDOW = 300
 HELLO_MAX_PAYLOAD = 2 + HELLO_MAX_ADDRESS + 8 + 1 + HELLO_HMAC_SIZE
 
+SECURE_VERSION = 3
+NONCE_SIZE = 32
+MAC_SIZE = 32
+TAG_SIZE = 16
+CHALLENGE_SIZE = 1 + NONCE_SIZE
+AUTH_SIZE = NONCE_SIZE + MAC_SIZE
+
 # Transport message header of the peer protocol: version 1, type 3.
 TRANSPORT_HEADER = bytes((messages.VERSION, messages.TRANSPORT))
 TRANSPORT_MIN_SIZE = messages.TRANSPORT_HEADER_SIZE
@@ -63,6 +89,13 @@ STALE_TIMESTAMP = "stale_timestamp"
 MALFORMED = "malformed"
 TIMEOUT = "timeout"
 FIRST_FRAME_NOT_HELLO = "first_frame_not_hello"
+# Beyond: stream rejections the original does not have.
+ADDRESS_MISMATCH = "address_mismatch"
+REPLAYED = "replayed"
+AUTH_MISMATCH = "auth_mismatch"
+NOT_SECURED = "not_secured"
+CONNECTION_LIMIT = "connection_limit"
+EVICTED = "evicted"
 
 _HEADER = struct.Struct(">BH")
 _U32 = struct.Struct(">I")
@@ -327,6 +360,130 @@ def fwdFrame(destinationID, message):
     if length > MAX_PAYLOAD:
         raise FrameError(MALFORMED, f"payload of {length} bytes exceeds {MAX_PAYLOAD}")
     return b"".join((_HEADER.pack(FWD, length), destinationID, message))
+
+
+# The secured handshake (v3) and sealed frames
+
+
+def challengeFrame(nonce):
+    return encodeFrame(CHALLENGE, bytes((SECURE_VERSION,)) + _checkSize(nonce, NONCE_SIZE, "nonce"))
+
+
+def decodeChallenge(payload):
+    """
+    @return: the dialer's nonce.
+    @raise FrameError: (C{malformed}) for a wrong size or version.
+    """
+    if len(payload) != CHALLENGE_SIZE or payload[0] != SECURE_VERSION:
+        raise FrameError(MALFORMED, f"CHALLENGE of {len(payload)} bytes")
+    return bytes(payload[1:])
+
+
+def authFrame(nonce, mac):
+    return encodeFrame(AUTH, _checkSize(nonce, NONCE_SIZE, "nonce") + _checkSize(mac, MAC_SIZE, "mac"))
+
+
+def decodeAuth(payload):
+    """
+    @return: C{(acceptor nonce, acceptor mac)}.
+    @raise FrameError: (C{malformed}) for a wrong size.
+    """
+    if len(payload) != AUTH_SIZE:
+        raise FrameError(MALFORMED, f"AUTH of {len(payload)} bytes")
+    return bytes(payload[:NONCE_SIZE]), bytes(payload[NONCE_SIZE:])
+
+
+def confirmFrame(mac):
+    return encodeFrame(CONFIRM, _checkSize(mac, MAC_SIZE, "mac"))
+
+
+def decodeConfirm(payload):
+    if len(payload) != MAC_SIZE:
+        raise FrameError(MALFORMED, f"CONFIRM of {len(payload)} bytes")
+    return bytes(payload)
+
+
+class Handshake:
+    """
+    The keys of one secured handshake, from the cluster secret and what both
+    sides sent: the dialer's HELLO payload and the two nonces.
+
+    The HELLO's own HMAC uses the secret as given (the original's format);
+    everything here uses a key derived from it, so no MAC of one kind can
+    stand in for another.
+    """
+
+    def __init__(self, secret, helloPayload, dialerNonce, acceptorNonce):
+        base = _helloMAC(_asBytes(secret), b"relay cluster v3")
+        hello = bytes(helloPayload)
+        transcript = hashlib.sha256(
+            _U32.pack(len(hello)) + hello + bytes(dialerNonce) + bytes(acceptorNonce)
+        ).digest()
+        self.acceptorMAC = _helloMAC(base, b"acceptor proof" + transcript)
+        self.dialerMAC = _helloMAC(base, b"dialer proof" + transcript)
+        self.dialerKey = _helloMAC(base, b"dialer frames" + transcript)
+        self.acceptorKey = _helloMAC(base, b"acceptor frames" + transcript)
+
+
+class Sealer:
+    """
+    Seals the frames of one direction of a secured stream.
+    """
+
+    def __init__(self, key):
+        self._mac = hmac.new(key, digestmod=hashlib.sha256)
+        self._seqno = 0
+
+    def seal(self, frame):
+        """
+        @param frame: one whole encoded frame.
+        @return: the same frame with its tag appended (and its length
+            field grown by L{TAG_SIZE}).
+        @raise FrameError: (C{malformed}) if the tag does not fit.
+        """
+        length = len(frame) - HEADER_SIZE + TAG_SIZE
+        if length > MAX_PAYLOAD:
+            raise FrameError(MALFORMED, f"payload of {length} bytes exceeds {MAX_PAYLOAD}")
+        mac = self._mac.copy()
+        mac.update(_U64.pack(self._seqno))
+        mac.update(frame)
+        self._seqno += 1
+        return b"".join((_HEADER.pack(frame[0], length), memoryview(frame)[HEADER_SIZE:], mac.digest()[:TAG_SIZE]))
+
+
+class Opener:
+    """
+    Checks and strips the tags of one direction of a secured stream.
+    """
+
+    def __init__(self, key):
+        self._mac = hmac.new(key, digestmod=hashlib.sha256)
+        self._seqno = 0
+
+    def open(self, frameType, payload):
+        """
+        @return: the payload without its tag.
+        @raise FrameError: (C{auth_mismatch}) for a missing or wrong tag
+            (forged, replayed, reordered or dropped frame).
+        """
+        size = len(payload) - TAG_SIZE
+        if size < 0:
+            raise FrameError(AUTH_MISMATCH, f"{frameName(frameType)} of {len(payload)} bytes has no tag")
+        body = payload[:size]
+        mac = self._mac.copy()
+        mac.update(_U64.pack(self._seqno))
+        mac.update(_HEADER.pack(frameType, size))
+        mac.update(body)
+        if not hmac.compare_digest(mac.digest()[:TAG_SIZE], payload[size:]):
+            raise FrameError(AUTH_MISMATCH, f"{frameName(frameType)} tag at seqno {self._seqno}")
+        self._seqno += 1
+        return body
+
+
+def _checkSize(value, size, name):
+    if len(value) != size:
+        raise FrameError(MALFORMED, f"{name} of {len(value)} bytes, expected {size}")
+    return bytes(value)
 
 
 def pingFrame():

@@ -68,6 +68,7 @@ class ClusterService(MultiService):
         discoveryInterval,
         counters,
         reactor,
+        compat=False,
     ):
         """
         @param localPeers: the relay, as L{relay.interfaces.ILocalPeers}.
@@ -78,23 +79,30 @@ class ClusterService(MultiService):
         @param headless: comma-separated DNS names and/or IP literals
             listing the pods.
         @param secret: the cluster secret as given (str or bytes); empty
-            means unsigned HELLO (a warning is logged at start).
+            means unsigned HELLO and no protection at all (the operator's
+            explicit choice; a warning is logged at start).
         @param discoveryInterval: seconds between discovery passes.
         @param counters: a L{relay.counters.ClusterCounters}.
         @param reactor: provides IReactorTCP, IReactorTime and a
             C{nameResolver}.
+        @param compat: whether pods that skip the secured handshake (Go
+            pods) are taken, at the Go relay's level of trust.
         """
         MultiService.__init__(self)
         self.reactor = reactor
         self.listenAddress = listenAddress
         self.secret = secret
+        self.compat = compat
         self.announceAddress = joinAddress(podIP, clusterPort)
+        # Dial from the announced address: the remote checks that the HELLO
+        # comes from the host it announces.
         self.transport = ClusterTransport(
             self.announceAddress,
             secret,
             reactor,
             counters,
-            endpointFactory=lambda address: tcpEndpoint(reactor, address),
+            endpointFactory=lambda address: tcpEndpoint(reactor, address, bindHost=podIP),
+            compat=compat,
         )
         self.locator = Locator(self.transport, localPeers, reactor)
         self.forwarder = Forwarder(self.transport, self.locator, localPeers, reactor, counters)
@@ -114,9 +122,15 @@ class ClusterService(MultiService):
         MultiService.startService(self)
         if not self.secret:
             _log.warn(
-                "cluster: NO CLUSTER SECRET: inter-pod HELLO frames are unsigned and any host that "
-                "reaches the cluster port can join the fabric; restrict it with a NetworkPolicy "
-                "or set a cluster secret"
+                "cluster: NO CLUSTER SECRET (--cluster-insecure): inter-pod streams are not authenticated and "
+                "any host that reaches the cluster port can join the fabric, read peer ids and inject "
+                "packets; restrict it with a NetworkPolicy or set a cluster secret"
+            )
+        elif self.compat:
+            _log.warn(
+                "cluster: compatibility mode (--cluster-compat): streams with pods that skip the secured "
+                "handshake (Go pods) are authenticated by their HELLO only and their frames are not; "
+                "turn it off once every pod runs this relay"
             )
         outcome = []
         listeningEndpoint(self.reactor, self.listenAddress).listen(self.transport.serverFactory()).addBoth(outcome.append)
@@ -131,9 +145,10 @@ class ClusterService(MultiService):
             raise RuntimeError(f"cluster: listening on {self._listenText()} did not complete")
         self.port = outcome[0]
         _log.info(
-            "cluster: listening on {listen}, announcing {announce}",
+            "cluster: listening on {listen}, announcing {announce}, {mode}",
             listen=self._listenText(),
             announce=self.announceAddress,
+            mode="insecure" if not self.secret else ("secured, compatibility mode" if self.compat else "secured"),
         )
         self.discovery.start()
 

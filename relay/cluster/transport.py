@@ -13,7 +13,26 @@ drops a stream whose first frame is not a valid HELLO or that sends none within
 10 s, counting the reason; unknown frame types are ignored; a known type with a
 malformed payload closes the stream.
 
-Beyond the Go original:
+Trust (beyond the Go original, whose HELLO can be replayed from anywhere for
+five minutes and whose later frames anyone on the path can forge):
+  - A HELLO must come from the host it announces: the TCP peer's address is
+    the announced one (dialers bind their source to their announced address).
+  - With a cluster secret, both ends prove they hold it on this connection:
+    the dialer follows its HELLO with CHALLENGE (a fresh nonce), the acceptor
+    answers AUTH (its own nonce and a MAC over both nonces and the HELLO),
+    the dialer CONFIRM (its MAC). Only then is the stream live, and every
+    later frame carries a tag under a key of that handshake and a sequence
+    number (L{frames.Sealer}), so frames cannot be forged, replayed,
+    reordered or dropped unnoticed.
+  - Compatibility mode (for migrating from Go pods): a peer that answers
+    with anything but the handshake, or nothing within C{upgradeWait}, is
+    taken as an original pod: its signed HELLO is accepted once (a replayed
+    one is refused) and its frames are not authenticated.
+  - A new stream replaces a live one to the same pod only with as much proof:
+    a stream without a fresh handshake (compatibility mode) never replaces
+    another; a secured one replaces an unsecured one.
+
+Beyond the Go original, also:
   - Two pods dialing each other at once keep the same one stream: the one
     dialed by the lower announce address (both pods compare the same two
     strings). A second stream dialed from the same side as the live one is
@@ -26,8 +45,11 @@ Beyond the Go original:
     FWD that would take that queue over the high-water mark is dropped.
 """
 
+import hmac
 import ipaddress
-from collections import deque
+import os
+import socket
+from collections import OrderedDict, deque
 
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
@@ -46,6 +68,24 @@ PING_INTERVAL = 15.0
 PONG_TIMEOUT = 10.0
 HIGH_WATER = 4 * 1024 * 1024
 CLOSE_TIMEOUT = 3.0
+# How long a pod in compatibility mode waits for the other side's handshake
+# before taking it for an original pod (ours answers within one round trip).
+UPGRADE_WAIT = 2.0
+MAX_PENDING = 64
+MAX_PENDING_PER_HOST = 4
+MAX_CONNECTIONS = 512
+REPLAY_MEMORY = 4096
+# Kernel keepalive of inter-pod sockets: a vanished host is noticed within
+# about a minute instead of the default two hours.
+KEEPALIVE_IDLE = 30
+KEEPALIVE_INTERVAL = 10
+KEEPALIVE_COUNT = 3
+
+# Handshake states of a stream (None once live).
+AWAIT_HELLO = "hello"
+AWAIT_CHALLENGE = "challenge"
+AWAIT_CONFIRM = "confirm"
+AWAIT_AUTH = "auth"
 
 # Results of ClusterStream.send.
 SENT = "sent"
@@ -103,22 +143,62 @@ def joinAddress(host, port):
     return f"{host}:{port}"
 
 
-def tcpEndpoint(reactor, address):
+def ipOf(host):
+    """
+    The L{ipaddress} object of an IP literal (an IPv4-mapped IPv6 address as
+    its IPv4 address), or None for anything else.
+    """
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return mapped if mapped is not None else ip
+
+
+def tcpEndpoint(reactor, address, bindHost=None):
     """
     A client endpoint for C{host:port}: plain TCP for IP literals, a
     L{HostnameEndpoint} for names.
 
     The dial deadline is not the endpoint's: L{ClusterTransport} bounds the
     whole dial (name resolution included) with its C{dialTimeout}.
+
+    @param bindHost: the source address to dial from (this pod's announced
+        IP, which the remote checks), used when of the same family.
     """
     host, port = splitAddress(address)
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return HostnameEndpoint(reactor, host, port)
+    ip = ipOf(host)
+    bindIP = ipOf(bindHost) if bindHost else None
+    if ip is None:
+        return HostnameEndpoint(reactor, host, port, bindAddress=(bindHost, 0) if bindIP is not None else None)
+    bindAddress = (bindHost, 0) if bindIP is not None and bindIP.version == ip.version else None
     if ip.version == 6:
-        return TCP6ClientEndpoint(reactor, host, port)
-    return TCP4ClientEndpoint(reactor, host, port)
+        return TCP6ClientEndpoint(reactor, host, port, bindAddress=bindAddress)
+    return TCP4ClientEndpoint(reactor, host, port, bindAddress=bindAddress)
+
+
+def _shortenKeepalive(transport):
+    """
+    Tune the kernel keepalive of a real TCP socket (Linux option names; other
+    systems keep their defaults): an original pod answers no PING, so for its
+    streams the kernel is the only one to notice a vanished host.
+    """
+    getHandle = getattr(transport, "getHandle", None)
+    if getHandle is None:
+        return
+    try:
+        sock = getHandle()
+        for name, value in (
+            ("TCP_KEEPIDLE", KEEPALIVE_IDLE),
+            ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+            ("TCP_KEEPCNT", KEEPALIVE_COUNT),
+        ):
+            option = getattr(socket, name, None)
+            if option is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
+    except (OSError, AttributeError, TypeError):
+        pass
 
 
 @implementer(IPushProducer)
@@ -129,9 +209,12 @@ class ClusterStream(Protocol):
     @ivar address: the remote pod's announced address (the registry key);
         known at once for a stream we dialed, after HELLO for an accepted one.
     @ivar dialedByUs: whether this pod dialed the stream.
-    @ivar established: whether the stream may carry fabric frames (dialed
-        and connected, or accepted with a valid HELLO).
-    @ivar answersPing: whether the remote has answered a PING.
+    @ivar established: whether the stream may carry fabric frames (its
+        handshake is over).
+    @ivar secured: whether the stream passed the secured handshake (its
+        frames are sealed).
+    @ivar answersPing: whether the remote has answered a PING (a secured
+        remote is one of ours and answers from the start).
     """
 
     def __init__(self, owner, dialedAddress=None):
@@ -139,7 +222,14 @@ class ClusterStream(Protocol):
         self.address = dialedAddress
         self.dialedByUs = dialedAddress is not None
         self.established = False
+        self.secured = False
         self.answersPing = False
+        self._state = None
+        self._hello = None
+        self._nonce = None
+        self._handshake = None
+        self._sealer = None
+        self._opener = None
         self.closing = False
         self.connected = False
         self._reader = frames.FrameReader()
@@ -174,12 +264,24 @@ class ClusterStream(Protocol):
             setter = getattr(self.transport, option, None)
             if setter is not None:
                 setter(True)
+        _shortenKeepalive(self.transport)
         self.transport.registerProducer(self, True)
+        owner = self.owner
         if self.dialedByUs:
-            self.send(frames.helloFrame(self.owner.announceAddress, int(self.owner.clock.seconds()), self.owner.secret))
-            self._establish()
+            hello = frames.encodeHello(owner.announceAddress, int(owner.clock.seconds()), owner.secret)
+            self.send(frames.encodeFrame(frames.HELLO, hello))
+            if not owner.secret:
+                self._establish()
+                return
+            self._hello = hello
+            self._nonce = os.urandom(frames.NONCE_SIZE)
+            self.send(frames.challengeFrame(self._nonce))
+            self._state = AWAIT_AUTH
+            wait = owner.upgradeWait if owner.compat else owner.helloTimeout
         else:
-            self._helloTimer = self.owner.clock.callLater(self.owner.helloTimeout, self._helloTimedOut)
+            self._state = AWAIT_HELLO
+            wait = owner.helloTimeout
+        self._helloTimer = owner.clock.callLater(wait, self._helloTimedOut)
 
     def connectionLost(self, reason):
         self.connected = False
@@ -192,6 +294,7 @@ class ClusterStream(Protocol):
         if self._pinger is not None and self._pinger.running:
             self._pinger.stop()
         self._pinger = None
+        self.owner._pending.pop(self, None)
         self.owner._connectionEnded(self)
         waiters, self._whenClosed = self._whenClosed, []
         for d in waiters:
@@ -228,7 +331,10 @@ class ClusterStream(Protocol):
             self.transport.abortConnection()
 
     def _establish(self):
+        self._state = None
+        self._helloCancelTimer()
         self.established = True
+        self.owner._pending.pop(self, None)
         if not self.owner._register(self):
             return
         self._pinger = LoopingCall(self._ping)
@@ -237,16 +343,21 @@ class ClusterStream(Protocol):
             lambda failure: _log.failure("cluster: keepalive of {stream} stopped", failure, stream=self)
         )
 
-    # HELLO, acceptor side
+    # Handshake
 
     def _helloTimedOut(self):
         self._helloTimer = None
-        self._rejectHello(frames.TIMEOUT, f"no HELLO within {self.owner.helloTimeout:g} s")
+        if self.owner.compat and self._state in (AWAIT_CHALLENGE, AWAIT_AUTH):
+            self._notSecured(None, None)
+            return
+        self._rejectHello(frames.TIMEOUT, f"handshake not done within {self.owner.helloTimeout:g} s ({self._state})")
 
     def _rejectHello(self, reason, detail):
+        self._helloCancelTimer()
         self.owner.counters.helloRejects[reason] += 1
         _log.warn(
-            "cluster: rejecting inter-pod stream from {peer}: {reason} ({detail})",
+            "cluster: rejecting inter-pod stream {side} {peer}: {reason} ({detail})",
+            side="to" if self.dialedByUs else "from",
             peer=self._peerName(),
             reason=reason,
             detail=detail,
@@ -258,19 +369,123 @@ class ClusterStream(Protocol):
             self._helloTimer.cancel()
         self._helloTimer = None
 
-    def _acceptHello(self, frameType, payload):
+    def _restartTimer(self, seconds):
         self._helloCancelTimer()
+        self._helloTimer = self.owner.clock.callLater(seconds, self._helloTimedOut)
+
+    def _handshakeFrame(self, frameType, payload):
+        state = self._state
+        if state == AWAIT_HELLO:
+            self._acceptHello(frameType, payload)
+        elif state == AWAIT_CHALLENGE and frameType == frames.CHALLENGE:
+            self._challengeReceived(payload)
+        elif state == AWAIT_CONFIRM and frameType == frames.CONFIRM:
+            self._confirmReceived(payload)
+        elif state == AWAIT_AUTH and frameType == frames.AUTH:
+            self._authReceived(payload)
+        else:
+            self._notSecured(frameType, payload)
+
+    def _acceptHello(self, frameType, payload):
         if frameType != frames.HELLO:
             self._rejectHello(frames.FIRST_FRAME_NOT_HELLO, f"first frame was {frames.frameName(frameType)}")
             return
+        owner = self.owner
         try:
-            hello = frames.decodeHello(payload, self.owner.secret, self.owner.clock.seconds())
+            hello = frames.decodeHello(payload, owner.secret, owner.clock.seconds())
         except frames.FrameError as e:
             self._rejectHello(e.reason, e.detail)
             return
+        if not self._fromAnnouncedHost(hello.address):
+            self._rejectHello(frames.ADDRESS_MISMATCH, f"HELLO announces {hello.address!r}")
+            return
         self.address = hello.address
         _log.debug("cluster: HELLO from {peer} announcing {address}", peer=self._peerName(), address=hello.address)
+        if not owner.secret:
+            self._establish()
+            return
+        self._hello = bytes(payload)
+        self._state = AWAIT_CHALLENGE
+        if owner.compat:
+            self._restartTimer(owner.upgradeWait)
+
+    def _fromAnnouncedHost(self, address):
+        """
+        Whether the TCP peer is the host C{address} names (both IP literals).
+        """
+        try:
+            host, _ = splitAddress(address)
+            peer = self.transport.getPeer().host
+        except (ValueError, AttributeError):
+            return False
+        announced = ipOf(host)
+        return announced is not None and announced == ipOf(peer)
+
+    def _challengeReceived(self, payload):
+        try:
+            dialerNonce = frames.decodeChallenge(payload)
+        except frames.FrameError as e:
+            self._rejectHello(e.reason, e.detail)
+            return
+        nonce = os.urandom(frames.NONCE_SIZE)
+        self._handshake = frames.Handshake(self.owner.secret, self._hello, dialerNonce, nonce)
+        self.send(frames.authFrame(nonce, self._handshake.acceptorMAC))
+        self._state = AWAIT_CONFIRM
+        self._restartTimer(self.owner.helloTimeout)
+
+    def _confirmReceived(self, payload):
+        try:
+            mac = frames.decodeConfirm(payload)
+        except frames.FrameError as e:
+            self._rejectHello(e.reason, e.detail)
+            return
+        handshake = self._handshake
+        if not hmac.compare_digest(mac, handshake.dialerMAC):
+            self._rejectHello(frames.AUTH_MISMATCH, "CONFIRM does not prove the cluster secret")
+            return
+        self._secure(send=handshake.acceptorKey, receive=handshake.dialerKey)
+
+    def _authReceived(self, payload):
+        try:
+            nonce, mac = frames.decodeAuth(payload)
+        except frames.FrameError as e:
+            self._rejectHello(e.reason, e.detail)
+            return
+        handshake = frames.Handshake(self.owner.secret, self._hello, self._nonce, nonce)
+        if not hmac.compare_digest(mac, handshake.acceptorMAC):
+            self._rejectHello(frames.AUTH_MISMATCH, "AUTH does not prove the cluster secret")
+            return
+        self.send(frames.confirmFrame(handshake.dialerMAC))
+        self._secure(send=handshake.dialerKey, receive=handshake.acceptorKey)
+
+    def _secure(self, send, receive):
+        self._hello = self._nonce = self._handshake = None
+        self._sealer = frames.Sealer(send)
+        self._opener = frames.Opener(receive)
+        self.secured = True
+        self.answersPing = True
         self._establish()
+
+    def _notSecured(self, frameType, payload):
+        """
+        The remote skipped the secured handshake (C{frameType} is what it
+        sent instead, None if nothing came in time): an original pod, taken
+        only in compatibility mode, and its HELLO only once.
+        """
+        expected = {AWAIT_CHALLENGE: "CHALLENGE", AWAIT_CONFIRM: "CONFIRM", AWAIT_AUTH: "AUTH"}[self._state]
+        got = "nothing" if frameType is None else frames.frameName(frameType)
+        owner = self.owner
+        if not owner.compat:
+            self._rejectHello(frames.NOT_SECURED, f"{got} instead of {expected}; an original pod needs --cluster-compat")
+            return
+        if not self.dialedByUs and not owner._firstSight(self._hello):
+            self._rejectHello(frames.REPLAYED, "this HELLO was already used")
+            return
+        _log.info("cluster: {stream} is not secured (an original pod?): {got} instead of {expected}", stream=self, got=got, expected=expected)
+        self._hello = self._nonce = self._handshake = None
+        self._establish()
+        if frameType is not None and not self.closing:
+            self._frameReceived(frameType, payload)
 
     # Reading
 
@@ -278,11 +493,11 @@ class ClusterStream(Protocol):
         for frameType, payload in self._reader.feed(data):
             if self.closing:
                 return
-            if not self.established:
-                self._acceptHello(frameType, payload)
+            if self._state is not None:
+                self._handshakeFrame(frameType, payload)
                 continue
             self._frameReceived(frameType, payload)
-        if not self.established and not self.closing:
+        if self._state == AWAIT_HELLO and not self.closing:
             self._checkHelloHeader()
 
     def _checkHelloHeader(self):
@@ -297,10 +512,17 @@ class ClusterStream(Protocol):
         if frameType != frames.HELLO:
             self._acceptHello(frameType, b"")
         elif length > frames.HELLO_MAX_PAYLOAD:
-            self._helloCancelTimer()
             self._rejectHello(frames.MALFORMED, f"HELLO of {length} bytes")
 
     def _frameReceived(self, frameType, payload):
+        if self._opener is not None:
+            try:
+                payload = self._opener.open(frameType, payload)
+            except frames.FrameError as e:
+                self.owner.counters.dropped["frame_auth_mismatch"] += 1
+                _log.warn("cluster: closing {stream}: {error}", stream=self, error=e)
+                self.abort()
+                return
         if frameType == frames.HELLO:
             _log.debug("cluster: ignoring a repeated HELLO on {stream}", stream=self)
             return
@@ -368,6 +590,8 @@ class ClusterStream(Protocol):
         if self.closing or not self.connected:
             return GONE
         if not self._paused and not self._queue:
+            if self._sealer is not None:
+                data = self._sealer.seal(data)
             self.transport.write(data)
             return SENT
         size = len(data)
@@ -375,6 +599,9 @@ class ClusterStream(Protocol):
         if droppable and self._queued + size > highWater:
             self.owner.counters.dropped["slow_stream"] += 1
             return SLOW
+        if self._sealer is not None:
+            data = self._sealer.seal(data)
+            size = len(data)
         if self._queued + size > 2 * highWater:
             self.owner.counters.dropped["stream_overflow"] += 1
             _log.warn("cluster: closing {stream}: it has not drained {size} queued bytes", stream=self, size=self._queued)
@@ -409,13 +636,50 @@ class ClusterStream(Protocol):
 
 
 class _AcceptingFactory(Factory):
+    """
+    Builds accepted streams within the transport's caps: a host with
+    C{maxPendingPerHost} connections in handshake, or a full transport, is
+    refused (Twisted closes the connection at once); when C{maxPending}
+    handshakes are under way the oldest is dropped for the new one, so idle
+    strangers cannot keep a pod's reconnection out: a real handshake takes
+    one round trip.
+    """
+
     noisy = False
 
     def __init__(self, owner):
         self.owner = owner
 
     def buildProtocol(self, addr):
-        return ClusterStream(self.owner)
+        owner = self.owner
+        host = getattr(addr, "host", None)
+        pending = owner._pending
+        if len(owner._connections) >= owner.maxConnections or sum(1 for h in pending.values() if h == host) >= owner.maxPendingPerHost:
+            owner.counters.helloRejects[frames.CONNECTION_LIMIT] += 1
+            self._logCap(host)
+            return None
+        if len(pending) >= owner.maxPending:
+            oldest = next(iter(pending))
+            pending.pop(oldest)
+            owner.counters.helloRejects[frames.EVICTED] += 1
+            self._logCap(host)
+            oldest.abort()
+        stream = ClusterStream(owner)
+        pending[stream] = host
+        return stream
+
+    def _logCap(self, host):
+        owner = self.owner
+        now = owner.clock.seconds()
+        if now >= owner._capLoggedAt + 10:
+            owner._capLoggedAt = now
+            _log.warn(
+                "cluster: inter-pod connections at their caps (from {peer}, among others): {pending} handshakes "
+                "pending, {connections} connections",
+                peer=host or "?",
+                pending=len(owner._pending),
+                connections=len(owner._connections),
+            )
 
 
 class _DialingFactory(Factory):
@@ -454,10 +718,22 @@ class ClusterTransport:
         pingInterval=PING_INTERVAL,
         pongTimeout=PONG_TIMEOUT,
         highWater=HIGH_WATER,
+        compat=False,
+        upgradeWait=UPGRADE_WAIT,
+        maxPending=MAX_PENDING,
+        maxPendingPerHost=MAX_PENDING_PER_HOST,
+        maxConnections=MAX_CONNECTIONS,
     ):
         """
         @param announceAddress: C{host:port} this pod sends in its HELLO.
-        @param secret: the cluster secret as given (str or bytes), may be empty.
+        @param secret: the cluster secret as given (str or bytes), may be
+            empty (unsigned HELLO, no secured handshake: no protection).
+        @param compat: whether to take pods that skip the secured handshake
+            (original pods) at the original's level of trust.
+        @param maxPending: most accepted connections still in their
+            handshake (the oldest makes room for a new one);
+            C{maxPendingPerHost}: most of those from one address;
+            C{maxConnections}: most connections in all.
         @param clock: an L{IReactorTime}; its C{seconds()} is wall-clock time
             (HELLO timestamps).
         @param counters: a L{relay.counters.ClusterCounters}.
@@ -475,8 +751,16 @@ class ClusterTransport:
         self.pingInterval = pingInterval
         self.pongTimeout = pongTimeout
         self.highWater = highWater
+        self.compat = compat
+        self.upgradeWait = upgradeWait
+        self.maxPending = maxPending
+        self.maxPendingPerHost = maxPendingPerHost
+        self.maxConnections = maxConnections
         self._streams = {}
         self._connections = set()
+        self._pending = {}
+        self._capLoggedAt = float("-inf")
+        self._seenHellos = OrderedDict()
         self._dialing = {}
         self._attempts = {}
         self._stopped = False
@@ -548,14 +832,49 @@ class ClusterTransport:
             else:
                 d.callback(result)
 
+    # Replay memory
+
+    def _firstSight(self, hello):
+        """
+        Remember a signed HELLO (payload) accepted without the secured
+        handshake.
+
+        @return: False if the same HELLO was accepted before within its
+            validity window (a replay).
+        """
+        now = self.clock.seconds()
+        seen = self._seenHellos
+        while seen and (len(seen) >= REPLAY_MEMORY or next(iter(seen.values())) < now):
+            seen.popitem(last=False)
+        mac = bytes(hello[-frames.HELLO_HMAC_SIZE:])
+        if mac in seen:
+            return False
+        seen[mac] = now + 2 * frames.HELLO_WINDOW
+        return True
+
     # Registry
+
+    def _proof(self, stream):
+        """
+        How much a stream proves about its remote: 2 for the secured
+        handshake, 1 for a signed HELLO alone, 0 without a secret.
+        """
+        if stream.secured:
+            return 2
+        return 1 if self.secret else 0
 
     def _preferred(self, existing, new):
         """
-        Which of two streams to the same pod to keep: whoever dialed, one
-        stream per pod pair, chosen the same way on both pods.
+        Which of two streams to the same pod to keep: the better proven;
+        between equally proven ones (secured, or both unsigned) whoever
+        dialed, one stream per pod pair, chosen the same way on both pods.
+        A signed HELLO without the handshake proves nothing fresh, so such a
+        stream never replaces a live one.
         """
-        if existing.dialedByUs == new.dialedByUs:
+        existingProof, newProof = self._proof(existing), self._proof(new)
+        if newProof != existingProof:
+            return new if newProof > existingProof else existing
+        if newProof == 1 or existing.dialedByUs == new.dialedByUs:
             return existing
         lowerIsUs = self.announceAddress < new.address
         if lowerIsUs == new.dialedByUs:
