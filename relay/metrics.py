@@ -52,6 +52,12 @@ HELLO_REJECT_REASONS = (
     frames.MALFORMED,
     frames.TIMEOUT,
     frames.FIRST_FRAME_NOT_HELLO,
+    frames.ADDRESS_MISMATCH,
+    frames.REPLAYED,
+    frames.AUTH_MISMATCH,
+    frames.NOT_SECURED,
+    frames.CONNECTION_LIMIT,
+    frames.EVICTED,
 )
 TRANSPORTS = ("websocket", "quic")
 

@@ -317,6 +317,12 @@ class CounterTests(unittest.TestCase):
             "malformed",
             "timeout",
             "first_frame_not_hello",
+            "address_mismatch",
+            "replayed",
+            "auth_mismatch",
+            "not_secured",
+            "connection_limit",
+            "evicted",
         ):
             key = ("relay_cluster_hello_rejects_total", frozenset({("reason", reason)}))
             self.assertEqual(found[key], 0, reason)
