@@ -10,7 +10,19 @@ Interest (PROTOCOL.md 2.2): a subscriber's interest in an id is consumed when
 it is told the id came online (once per subscription), and kept for going
 offline. Everything here runs in the reactor thread, so notifications are
 delivered synchronously and in the order the events happened.
+
+One peer's interest is bounded (L{MAX_SUBSCRIPTIONS} ids): each id costs
+about 420 bytes here and, in a cluster, a lookup across the pods, so an
+unbounded set lets one agent grow the relay at will.
 """
+
+# An agent subscribes to one id per peer it opens a relayed connection to
+# through this relay, and keeps it until that connection ends (the Go
+# client's PeersStateSubscription), so its set is at most its mesh seen
+# through one relay. 4,096 is well above the meshes agents run (a full mesh
+# of thousands of peers rarely relays more than a fraction of them through
+# one instance) and bounds one peer at about 1.7 MiB.
+MAX_SUBSCRIPTIONS = 4096
 
 
 class Subscriber:
@@ -38,7 +50,12 @@ class Store:
     L{relay.session.PeerSession}).
     """
 
-    def __init__(self):
+    def __init__(self, maxSubscriptions=MAX_SUBSCRIPTIONS):
+        """
+        @param maxSubscriptions: most ids one peer may be subscribed to at
+            once; 0 = no limit.
+        """
+        self.maxSubscriptions = maxSubscriptions
         self.peers = {}
         self._subscribers = {}
         # id -> subscribers interested in it, so that an event costs one dict
@@ -71,6 +88,37 @@ class Store:
             del self.peers[peer.peerID]
             return True
         return False
+
+    def admitSubscriptions(self, peer, ids):
+        """
+        The part of C{ids} that C{peer} may subscribe to: ids it already
+        has always, new ones while it stays within L{maxSubscriptions}.
+
+        @return: C{(accepted ids in order, number refused)}.
+        """
+        if not self.maxSubscriptions:
+            return ids, 0
+        sub = self._subscribers.get(peer)
+        have = sub.offline if sub is not None else frozenset()
+        room = self.maxSubscriptions - len(have)
+        if len(ids) <= room:
+            return ids, 0
+        accepted = []
+        new = set()
+        for pid in ids:
+            if pid in have or pid in new:
+                accepted.append(pid)
+            elif len(new) < room:
+                new.add(pid)
+                accepted.append(pid)
+        return accepted, len(ids) - len(accepted)
+
+    def subscriptions(self, peer):
+        """
+        @return: how many ids C{peer} is subscribed to.
+        """
+        sub = self._subscribers.get(peer)
+        return 0 if sub is None else len(sub.offline)
 
     def subscribe(self, peer, ids):
         """

@@ -101,3 +101,29 @@ class StoreTests(unittest.TestCase):
         self.store.wentOffline(A)
         for w in watchers:
             self.assertEqual(w.events, [("online", [A]), ("offline", [A])])
+
+
+class SubscriptionLimitTests(unittest.TestCase):
+    def setUp(self):
+        self.store = Store(maxSubscriptions=2)
+        self.a = FakePeer(A)
+
+    def test_newIdsUpToTheLimit(self):
+        self.assertEqual(self.store.admitSubscriptions(self.a, [A, B, C]), ([A, B], 1))
+        self.store.subscribe(self.a, [A, B])
+        self.assertEqual(self.store.admitSubscriptions(self.a, [C, B, A, C]), ([B, A], 2))
+        self.assertEqual(self.store.subscriptions(self.a), 2)
+
+    def test_duplicatesCountOnce(self):
+        self.assertEqual(self.store.admitSubscriptions(self.a, [C, C, C, B, A]), ([C, C, C, B], 1))
+
+    def test_consumedOnlineInterestStillCounts(self):
+        self.store.subscribe(self.a, [B, C])
+        self.store.add(FakePeer(B))
+        self.store.cameOnline(B)
+        self.assertEqual(self.store.admitSubscriptions(self.a, [A]), ([], 1))
+
+    def test_unlimited(self):
+        store = Store(maxSubscriptions=0)
+        ids = [peerID(str(n)) for n in range(5000)]
+        self.assertEqual(store.admitSubscriptions(self.a, ids), (ids, 0))
