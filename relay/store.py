@@ -58,8 +58,10 @@ class Store:
         self.maxSubscriptions = maxSubscriptions
         self.peers = {}
         self._subscribers = {}
-        # id -> subscribers interested in it, so that an event costs one dict
-        # lookup however many peers are connected.
+        # id -> the subscriber interested in it, or a set of them when there
+        # are several, so that an event costs one dict lookup however many
+        # peers are connected. Most ids have one subscriber; a set for each
+        # would be half the memory of a subscription.
         self._interested = {}
 
     def __len__(self):
@@ -129,10 +131,17 @@ class Store:
         sub = self._subscribers.get(peer)
         if sub is None:
             sub = self._subscribers[peer] = Subscriber(peer)
+        interested = self._interested
         for pid in ids:
             sub.online.add(pid)
             sub.offline.add(pid)
-            self._interested.setdefault(pid, set()).add(sub)
+            current = interested.get(pid)
+            if current is None:
+                interested[pid] = sub
+            elif type(current) is set:
+                current.add(sub)
+            elif current is not sub:
+                interested[pid] = {current, sub}
         return [pid for pid in ids if pid in self.peers]
 
     def unsubscribe(self, peer, ids):
@@ -167,18 +176,28 @@ class Store:
             self._forget(sub, pid)
 
     def _forget(self, sub, pid):
-        subs = self._interested.get(pid)
-        if subs is not None:
-            subs.discard(sub)
-            if not subs:
-                del self._interested[pid]
+        current = self._interested.get(pid)
+        if current is sub:
+            del self._interested[pid]
+        elif type(current) is set:
+            current.discard(sub)
+            if len(current) == 1:
+                self._interested[pid] = current.pop()
+
+    def _subscribersOf(self, pid):
+        current = self._interested.get(pid)
+        if current is None:
+            return ()
+        if type(current) is set:
+            return list(current)
+        return (current,)
 
     def cameOnline(self, pid):
         """
         Tell everyone waiting for C{pid} that it is online, consuming their
         online interest.
         """
-        for sub in list(self._interested.get(pid, ())):
+        for sub in self._subscribersOf(pid):
             if pid in sub.online:
                 sub.online.discard(pid)
                 if pid not in sub.offline:
@@ -189,6 +208,6 @@ class Store:
         """
         Tell everyone interested in C{pid} that it went offline.
         """
-        for sub in list(self._interested.get(pid, ())):
+        for sub in self._subscribersOf(pid):
             if pid in sub.offline:
                 sub.peer.peersWentOffline([pid])
