@@ -12,7 +12,7 @@ offline. Everything here runs in the reactor thread, so notifications are
 delivered synchronously and in the order the events happened.
 
 One peer's interest is bounded (L{MAX_SUBSCRIPTIONS} ids): each id costs
-about 420 bytes here and, in a cluster, a lookup across the pods, so an
+about 200 bytes here and, in a cluster, a lookup across the pods, so an
 unbounded set lets one agent grow the relay at will.
 """
 
@@ -21,7 +21,7 @@ unbounded set lets one agent grow the relay at will.
 # client's PeersStateSubscription), so its set is at most its mesh seen
 # through one relay. 4,096 is well above the meshes agents run (a full mesh
 # of thousands of peers rarely relays more than a fraction of them through
-# one instance) and bounds one peer at about 1.7 MiB.
+# one instance) and bounds one peer at about 1 MiB.
 MAX_SUBSCRIPTIONS = 4096
 
 
