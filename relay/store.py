@@ -19,9 +19,9 @@ unbounded set lets one agent grow the relay at will.
 # An agent subscribes to one id per peer it opens a relayed connection to
 # through this relay, and keeps it until that connection ends (the Go
 # client's PeersStateSubscription), so its set is at most its mesh seen
-# through one relay. 4,096 is well above the meshes agents run (a full mesh
-# of thousands of peers rarely relays more than a fraction of them through
-# one instance) and bounds one peer at about 1 MiB.
+# through one relay. 4,096 lets an agent of a mesh of thousands relay every
+# one of its peers through one instance (agents reach most peers directly
+# and relay only the rest), and bounds one peer at about 1 MiB.
 MAX_SUBSCRIPTIONS = 4096
 
 
