@@ -372,6 +372,26 @@ class LookupShareTests(SynchronousTestCase):
         self.forwarder.frameReceived(self.b, frames.IHave(PEER_B, 1))
         self.assertIs(self.successResultOf(found), True)
 
+    def test_subscriptionLookupsShareWithRequester(self):
+        """
+        Given the subscriber, its lookups count against its own share (the
+        one its packets use too), so another subscriber still gets slots.
+        """
+        churner, other = frames.peerIDOf("churner"), frames.peerIDOf("other")
+        for n in range(100):
+            self.forwarder.locate(frames.peerIDOf(f"random-{n}"), churner)
+        self.assertEqual(len(self.b.sent), LOOKUPS_PER_PEER)
+        self.assertEqual(self.counters.dropped["subscription_lookup_share_full"], 100 - LOOKUPS_PER_PEER)
+        self.forwarder.forward(PEER_C, transportMessage(churner))
+        self.assertEqual(self.counters.dropped["lookup_share_full"], 1)
+        found = self.forwarder.locate(PEER_B, other)
+        self.assertEqual(self.b.sent[-1], frames.whoHasFrame(PEER_B))
+        self.forwarder.frameReceived(self.b, frames.IHave(PEER_B, 1))
+        self.assertIs(self.successResultOf(found), True)
+        self.clock.advance(0.2)
+        self.assertEqual(self.forwarder._lookups, 0)
+        self.assertEqual(self.forwarder._lookupsBy, {})
+
     def test_subscriptionJoinsPendingLookupFree(self):
         forwarder = Forwarder(self.transport, self.locator, FakeLocalPeers(), self.clock, self.counters, subscriptionLookups=1)
         first = forwarder.locate(PEER_B)

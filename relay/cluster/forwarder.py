@@ -45,8 +45,7 @@ MAX_LOOKUPS = 1024
 # pods are looked up, one per new flow, each done in 200 ms at most.
 LOOKUPS_PER_PEER = 64
 SUBSCRIPTION_LOOKUPS = 256
-# The owner of subscription lookups in the slot count (locate() does not
-# say for whom it looks).
+# The pool of subscription lookups in the slot count.
 _SUBSCRIPTIONS = "subscriptions"
 
 _log = Logger()
@@ -140,7 +139,7 @@ class Forwarder:
             return
         # The id field of a relayed Transport holds its source.
         source = message[messages.HEADER_SIZE : messages.TRANSPORT_HEADER_SIZE]
-        refused = self._takeSlot(source, self.lookupsPerPeer)
+        refused = self._takeSlot((source, self.lookupsPerPeer))
         if refused is not None:
             self.counters.dropped[refused] += 1
             return
@@ -149,31 +148,34 @@ class Forwarder:
         waiting.timer = self.clock.callLater(self.forwardTimeout, self._giveUp, destinationID, waiting)
         self.locator.lookup(destinationID).addCallback(self._located, destinationID, waiting)
 
-    def _takeSlot(self, owner, share):
+    def _takeSlot(self, *owners):
         """
-        Count one more lookup held by C{owner}, if there is room.
+        Count one more lookup held by each of C{owners} (C{(owner, share)}
+        pairs), if the total and every share have room.
 
         @return: None if taken, else the reason it was refused.
         """
         if self._lookups >= self.maxLookups:
             return "lookup_queue_full"
-        held = self._lookupsBy.get(owner, 0)
-        if held >= share:
-            return "lookup_share_full"
+        for owner, share in owners:
+            if self._lookupsBy.get(owner, 0) >= share:
+                return "lookup_share_full"
         self._lookups += 1
-        self._lookupsBy[owner] = held + 1
+        for owner, _ in owners:
+            self._lookupsBy[owner] = self._lookupsBy.get(owner, 0) + 1
         return None
 
-    def _releaseSlot(self, owner):
+    def _releaseSlot(self, *owners):
         self._lookups -= 1
-        held = self._lookupsBy[owner] - 1
-        if held:
-            self._lookupsBy[owner] = held
-        else:
-            del self._lookupsBy[owner]
+        for owner in owners:
+            held = self._lookupsBy[owner] - 1
+            if held:
+                self._lookupsBy[owner] = held
+            else:
+                del self._lookupsBy[owner]
 
-    def _subscriptionLookupDone(self, result):
-        self._releaseSlot(_SUBSCRIPTIONS)
+    def _subscriptionLookupDone(self, result, owners):
+        self._releaseSlot(*owners)
         return result
 
     def _enqueue(self, waiting, message):
@@ -243,7 +245,12 @@ class Forwarder:
             self.locator.invalidate(destinationID)
             self.counters.forwards["stream_gone"] += 1
 
-    def locate(self, peerID):
+    def locate(self, peerID, requester=None):
+        """
+        See L{ICrossPodForwarder.locate}. A lookup it starts is charged to
+        the subscriptions' pool and, when given, to C{requester} (the
+        subscriber's id), within the same share as its packets.
+        """
         if self.localPeers.localPeer(peerID) is not None:
             return defer.succeed(True)
         address = self.locator.cached(peerID)
@@ -254,12 +261,15 @@ class Forwarder:
             # lookup() answer with the same stale address.
             self.locator.invalidate(peerID, address)
         if not self.locator.pending(peerID) and self.transport.liveStreams():
-            refused = self._takeSlot(_SUBSCRIPTIONS, self.subscriptionLookups)
+            owners = [(_SUBSCRIPTIONS, self.subscriptionLookups)]
+            if requester is not None:
+                owners.append((requester, self.lookupsPerPeer))
+            refused = self._takeSlot(*owners)
             if refused is not None:
                 self.counters.dropped["subscription_" + refused] += 1
                 return defer.succeed(False)
             d = self.locator.lookup(peerID)
-            d.addBoth(self._subscriptionLookupDone)
+            d.addBoth(self._subscriptionLookupDone, [owner for owner, _ in owners])
         else:
             d = self.locator.lookup(peerID)
         d.addCallback(lambda found: found is not None)
