@@ -21,7 +21,8 @@ class RelayCounters:
     @ivar reconnections: peers that authenticated while an older connection
         with the same id was stored (Go: relay_peer_reconnections_total).
     @ivar dropped: messages dropped, by reason (C{unknown_peer},
-        C{slow_consumer}, C{too_large_for_datagram}, ...).
+        C{slow_consumer}, C{too_large_for_datagram}, ...), and
+        C{subscription_limit}: subscribed ids refused, one per id.
     @ivar handshakeRejects: failed or refused handshakes, by reason: the
         first message (C{too_large}, C{malformed}, C{bad_version},
         C{bad_type}, C{not_auth}, C{legacy_hello}, C{bad_magic}), the token

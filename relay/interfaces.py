@@ -77,10 +77,13 @@ class ICrossPodForwarder(Interface):
         counted.
         """
 
-    def locate(peerID):
+    def locate(peerID, requester=None):
         """
+        @param requester: the id of the subscriber asking, whose share of
+            lookup slots a broadcast is charged to, or None.
         @return: a L{Deferred} firing with True if some sibling pod holds
-            C{peerID}, False otherwise (never errbacks; gives up after 5 s).
+            C{peerID}, False otherwise (never errbacks; gives up after 5 s;
+            False at once when no lookup slot is free).
         """
 
     def peerConnected(peer):

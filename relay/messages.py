@@ -180,10 +180,12 @@ def stampTransport(message, sourceID):
     return message[:HEADER_SIZE] + sourceID + message[TRANSPORT_HEADER_SIZE:]
 
 
-def encodeIDList(kind, ids):
+def encodeIDList(kind, ids, maxSize=MAX_MESSAGE_SIZE):
     """
     Messages of type C{kind} (subscribe, unsubscribe, online, offline) that
-    carry C{ids}, at most 244 to a message so that each fits 8820 bytes.
+    carry C{ids}, each at most C{maxSize} bytes: 244 ids to a message at
+    the default 8820, fewer for a link with smaller messages (a QUIC
+    datagram), but always at least one.
 
     @return: a list of messages; empty when C{ids} is.
     """
@@ -192,9 +194,10 @@ def encodeIDList(kind, ids):
         if len(pid) != ID_SIZE:
             raise MessageError("malformed", "peer id must be 36 bytes")
     header = bytes((VERSION, kind))
+    perMessage = max(1, min(MAX_IDS_PER_MESSAGE, (maxSize - HEADER_SIZE) // ID_SIZE))
     return [
-        header + b"".join(ids[i : i + MAX_IDS_PER_MESSAGE])
-        for i in range(0, len(ids), MAX_IDS_PER_MESSAGE)
+        header + b"".join(ids[i : i + perMessage])
+        for i in range(0, len(ids), perMessage)
     ]
 
 

@@ -145,7 +145,7 @@ class Relay:
             known = set(online)
             for pid in ids:
                 if pid not in known:
-                    self.forwarder.locate(pid).addCallback(self._located, session, pid)
+                    self.forwarder.locate(pid, session.peerID).addCallback(self._located, session, pid)
 
     def _located(self, found, session, pid):
         if found and not session.closed and self.store.takeOnlineInterest(session, pid):

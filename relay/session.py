@@ -36,7 +36,9 @@ class PeerSession:
 
     @ivar link: the carrier, with C{writeMessage(bytes) -> bool},
         C{closeLink()} (abort), C{closeGracefully()} (Close message, then close),
-        C{transportName} and C{peerAddress}.
+        C{transportName} and C{peerAddress}; optionally C{maxMessageSize},
+        the largest message it can carry now (a QUIC datagram's room), by
+        which id lists are split; without it, 8820 bytes (WebSocket).
     @ivar peerID: the authenticated id, or None before Auth.
     @ivar registeredAt: when the peer was stored (relay clock seconds).
     @ivar lastTransport: when the peer last sent a Transport message.
@@ -180,7 +182,7 @@ class PeerSession:
                 self.relay.noisyLog(self._log.warn, "{peer}: ignored {kind}: {error}", peer=self, kind=m.NAMES[kind], error=str(e))
                 return
             if kind == m.SUBSCRIBE_PEER_STATE:
-                self.relay.subscribe(self, ids)
+                self._subscribe(ids)
             else:
                 self.relay.unsubscribe(self, ids)
         elif kind == m.CLOSE:
@@ -190,6 +192,17 @@ class PeerSession:
             self.relay.noisyLog(self._log.warn, "{peer}: ignored a second auth message", peer=self)
         else:
             self.protocolError("bad_type", f"{m.NAMES[kind]} after the handshake")
+
+    def _subscribe(self, ids):
+        relay = self.relay
+        ids, refused = relay.store.admitSubscriptions(self, ids)
+        if refused:
+            # Refused, not fatal: the Go relay takes any number, and an agent
+            # over the limit only misses news of the refused ids.
+            relay.counters.dropped["subscription_limit"] += refused
+            relay.noisyLog(self._log.warn, "{peer}: refused {count} subscriptions over the limit of {limit} ids", peer=self, count=refused, limit=relay.store.maxSubscriptions)
+        if ids:
+            relay.subscribe(self, ids)
 
     def protocolError(self, reason, detail):
         self.relay.noisyLog(self._log.warn, "{peer}: protocol error, closing: {detail}", peer=self, detail=detail)
@@ -260,11 +273,11 @@ class PeerSession:
         return self.link.writeMessage(message)
 
     def peersOnline(self, ids):
-        for message in m.encodeIDList(m.PEERS_ONLINE, ids):
+        for message in m.encodeIDList(m.PEERS_ONLINE, ids, getattr(self.link, "maxMessageSize", m.MAX_MESSAGE_SIZE)):
             self.link.writeMessage(message)
 
     def peersWentOffline(self, ids):
-        for message in m.encodeIDList(m.PEERS_WENT_OFFLINE, ids):
+        for message in m.encodeIDList(m.PEERS_WENT_OFFLINE, ids, getattr(self.link, "maxMessageSize", m.MAX_MESSAGE_SIZE)):
             self.link.writeMessage(message)
 
     def close(self):

@@ -10,7 +10,19 @@ Interest (PROTOCOL.md 2.2): a subscriber's interest in an id is consumed when
 it is told the id came online (once per subscription), and kept for going
 offline. Everything here runs in the reactor thread, so notifications are
 delivered synchronously and in the order the events happened.
+
+One peer's interest is bounded (L{MAX_SUBSCRIPTIONS} ids): each id costs
+about 200 bytes here and, in a cluster, a lookup across the pods, so an
+unbounded set lets one agent grow the relay at will.
 """
+
+# An agent subscribes to one id per peer it opens a relayed connection to
+# through this relay, and keeps it until that connection ends (the Go
+# client's PeersStateSubscription), so its set is at most its mesh seen
+# through one relay. 4,096 lets an agent of a mesh of thousands relay every
+# one of its peers through one instance (agents reach most peers directly
+# and relay only the rest), and bounds one peer at about 1 MiB.
+MAX_SUBSCRIPTIONS = 4096
 
 
 class Subscriber:
@@ -38,11 +50,18 @@ class Store:
     L{relay.session.PeerSession}).
     """
 
-    def __init__(self):
+    def __init__(self, maxSubscriptions=MAX_SUBSCRIPTIONS):
+        """
+        @param maxSubscriptions: most ids one peer may be subscribed to at
+            once; 0 = no limit.
+        """
+        self.maxSubscriptions = maxSubscriptions
         self.peers = {}
         self._subscribers = {}
-        # id -> subscribers interested in it, so that an event costs one dict
-        # lookup however many peers are connected.
+        # id -> the subscriber interested in it, or a set of them when there
+        # are several, so that an event costs one dict lookup however many
+        # peers are connected. Most ids have one subscriber; a set for each
+        # would be half the memory of a subscription.
         self._interested = {}
 
     def __len__(self):
@@ -72,6 +91,37 @@ class Store:
             return True
         return False
 
+    def admitSubscriptions(self, peer, ids):
+        """
+        The part of C{ids} that C{peer} may subscribe to: ids it already
+        has always, new ones while it stays within L{maxSubscriptions}.
+
+        @return: C{(accepted ids in order, number refused)}.
+        """
+        if not self.maxSubscriptions:
+            return ids, 0
+        sub = self._subscribers.get(peer)
+        have = sub.offline if sub is not None else frozenset()
+        room = self.maxSubscriptions - len(have)
+        if len(ids) <= room:
+            return ids, 0
+        accepted = []
+        new = set()
+        for pid in ids:
+            if pid in have or pid in new:
+                accepted.append(pid)
+            elif len(new) < room:
+                new.add(pid)
+                accepted.append(pid)
+        return accepted, len(ids) - len(accepted)
+
+    def subscriptions(self, peer):
+        """
+        @return: how many ids C{peer} is subscribed to.
+        """
+        sub = self._subscribers.get(peer)
+        return 0 if sub is None else len(sub.offline)
+
     def subscribe(self, peer, ids):
         """
         Register C{peer}'s interest in C{ids}.
@@ -81,10 +131,17 @@ class Store:
         sub = self._subscribers.get(peer)
         if sub is None:
             sub = self._subscribers[peer] = Subscriber(peer)
+        interested = self._interested
         for pid in ids:
             sub.online.add(pid)
             sub.offline.add(pid)
-            self._interested.setdefault(pid, set()).add(sub)
+            current = interested.get(pid)
+            if current is None:
+                interested[pid] = sub
+            elif type(current) is set:
+                current.add(sub)
+            elif current is not sub:
+                interested[pid] = {current, sub}
         return [pid for pid in ids if pid in self.peers]
 
     def unsubscribe(self, peer, ids):
@@ -119,18 +176,28 @@ class Store:
             self._forget(sub, pid)
 
     def _forget(self, sub, pid):
-        subs = self._interested.get(pid)
-        if subs is not None:
-            subs.discard(sub)
-            if not subs:
-                del self._interested[pid]
+        current = self._interested.get(pid)
+        if current is sub:
+            del self._interested[pid]
+        elif type(current) is set:
+            current.discard(sub)
+            if len(current) == 1:
+                self._interested[pid] = current.pop()
+
+    def _subscribersOf(self, pid):
+        current = self._interested.get(pid)
+        if current is None:
+            return ()
+        if type(current) is set:
+            return list(current)
+        return (current,)
 
     def cameOnline(self, pid):
         """
         Tell everyone waiting for C{pid} that it is online, consuming their
         online interest.
         """
-        for sub in list(self._interested.get(pid, ())):
+        for sub in self._subscribersOf(pid):
             if pid in sub.online:
                 sub.online.discard(pid)
                 if pid not in sub.offline:
@@ -141,6 +208,6 @@ class Store:
         """
         Tell everyone interested in C{pid} that it went offline.
         """
-        for sub in list(self._interested.get(pid, ())):
+        for sub in self._subscribersOf(pid):
             if pid in sub.offline:
                 sub.peer.peersWentOffline([pid])

@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from relay.cluster import frames
-from relay.cluster.forwarder import Forwarder
+from relay.cluster.forwarder import LOOKUPS_PER_PEER, MAX_LOOKUPS, SUBSCRIPTION_LOOKUPS, Forwarder
 from relay.cluster.locator import Locator, seqnoOf
 from relay.cluster.service import ClusterService
 from relay.cluster.transport import GONE, SLOW, ClusterStream, ClusterTransport, IStreamHandler
@@ -52,6 +52,9 @@ class NeverLocator:
         return d
 
     def invalidate(self, peerID, address=None):
+        return False
+
+    def pending(self, peerID):
         return False
 
 
@@ -292,6 +295,114 @@ class LocateTests(ForwarderTestMixin, SynchronousTestCase):
         self.assertIs(self.successResultOf(d), False)
 
 
+class LookupShareTests(SynchronousTestCase):
+    """
+    Issue 12, item 6 and 5: one sender, or subscriptions, cannot take every
+    lookup slot; the default bounds.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(NOW)
+        self.transport = FakeTransport(B)
+        self.b = self.transport.streams[B]
+        self.counters = ClusterCounters()
+        self.locator = Locator(self.transport, FakeLocalPeers(), self.clock)
+        self.forwarder = Forwarder(self.transport, self.locator, FakeLocalPeers(), self.clock, self.counters)
+
+    def test_sprayerDoesNotStarveOthers(self):
+        """
+        While one agent sends to 2,000 random ids, the first packets of ten
+        other agents to real peers on another pod are looked up and leave.
+        """
+        sprayer = frames.peerIDOf("sprayer")
+        for n in range(2000):
+            self.forwarder.forward(frames.peerIDOf(f"random-{n}"), transportMessage(sprayer))
+        self.assertEqual(self.counters.dropped["lookup_share_full"], 2000 - LOOKUPS_PER_PEER)
+        self.assertEqual(len(self.b.sent), LOOKUPS_PER_PEER)
+        self.b.sent.clear()
+        for n in range(10):
+            source, destination = frames.peerIDOf(f"agent-{n}"), frames.peerIDOf(f"remote-{n}")
+            self.forwarder.forward(destination, transportMessage(source, b"first"))
+            self.forwarder.frameReceived(self.b, frames.IHave(destination, 1))
+        self.assertEqual(
+            [frame for frame in self.b.sent if frame[0] == frames.FWD],
+            [frames.fwdFrame(frames.peerIDOf(f"remote-{n}"), transportMessage(frames.peerIDOf(f"agent-{n}"), b"first")) for n in range(10)],
+        )
+        self.assertEqual(self.counters.dropped["lookup_queue_full"], 0)
+
+    def test_globalBoundStillHolds(self):
+        """
+        Many senders together still start at most MAX_LOOKUPS lookups; the
+        slots come back when lookups end.
+        """
+        for n in range(MAX_LOOKUPS + 10):
+            self.forwarder.forward(frames.peerIDOf(f"random-{n}"), transportMessage(frames.peerIDOf(f"s-{n % 100}")))
+        self.assertEqual(len(self.b.sent), MAX_LOOKUPS)
+        self.assertEqual(self.counters.dropped["lookup_queue_full"], 10)
+        self.clock.advance(0.2)
+        self.forwarder.forward(PEER_C, transportMessage(PEER_A))
+        self.assertEqual(self.b.sent[-1], frames.whoHasFrame(PEER_C))
+
+    def test_slotReleasedOnGiveUp(self):
+        forwarder = Forwarder(self.transport, NeverLocator(), FakeLocalPeers(), self.clock, self.counters, lookupsPerPeer=1)
+        forwarder.forward(PEER_B, transportMessage(PEER_A))
+        forwarder.forward(PEER_C, transportMessage(PEER_A))
+        self.assertEqual(self.counters.dropped["lookup_share_full"], 1)
+        self.clock.advance(5)
+        forwarder.forward(PEER_C, transportMessage(PEER_A))
+        self.assertEqual(forwarder.waitingPackets(PEER_C), 1)
+
+    def test_subscriptionLookupsBounded(self):
+        """
+        Subscribed ids nobody has were a WHO_HAS each without bound (9,760
+        for 40 Subscribe messages); now at most SUBSCRIPTION_LOOKUPS at once,
+        the rest answered "not found" at once and counted, and packets keep
+        their slots.
+        """
+        results = [self.forwarder.locate(frames.peerIDOf(f"random-{n}")) for n in range(9760)]
+        self.assertEqual(len(self.b.sent), SUBSCRIPTION_LOOKUPS)
+        self.assertEqual(self.counters.dropped["subscription_lookup_share_full"], 9760 - SUBSCRIPTION_LOOKUPS)
+        self.assertEqual([self.successResultOf(d) for d in results[SUBSCRIPTION_LOOKUPS:]], [False] * (9760 - SUBSCRIPTION_LOOKUPS))
+        self.forwarder.forward(PEER_C, transportMessage(PEER_A))
+        self.assertEqual(self.b.sent[-1], frames.whoHasFrame(PEER_C))
+        self.clock.advance(0.2)
+        self.assertEqual({self.successResultOf(d) for d in results[:SUBSCRIPTION_LOOKUPS]}, {False})
+        found = self.forwarder.locate(PEER_B)
+        self.forwarder.frameReceived(self.b, frames.IHave(PEER_B, 1))
+        self.assertIs(self.successResultOf(found), True)
+
+    def test_subscriptionLookupsShareWithRequester(self):
+        """
+        Given the subscriber, its lookups count against its own share (the
+        one its packets use too), so another subscriber still gets slots.
+        """
+        churner, other = frames.peerIDOf("churner"), frames.peerIDOf("other")
+        for n in range(100):
+            self.forwarder.locate(frames.peerIDOf(f"random-{n}"), churner)
+        self.assertEqual(len(self.b.sent), LOOKUPS_PER_PEER)
+        self.assertEqual(self.counters.dropped["subscription_lookup_share_full"], 100 - LOOKUPS_PER_PEER)
+        self.forwarder.forward(PEER_C, transportMessage(churner))
+        self.assertEqual(self.counters.dropped["lookup_share_full"], 1)
+        found = self.forwarder.locate(PEER_B, other)
+        self.assertEqual(self.b.sent[-1], frames.whoHasFrame(PEER_B))
+        self.forwarder.frameReceived(self.b, frames.IHave(PEER_B, 1))
+        self.assertIs(self.successResultOf(found), True)
+        self.clock.advance(0.2)
+        self.assertEqual(self.forwarder._lookups, 0)
+        self.assertEqual(self.forwarder._lookupsBy, {})
+
+    def test_subscriptionJoinsPendingLookupFree(self):
+        forwarder = Forwarder(self.transport, self.locator, FakeLocalPeers(), self.clock, self.counters, subscriptionLookups=1)
+        first = forwarder.locate(PEER_B)
+        second = forwarder.locate(PEER_B)
+        self.assertEqual(self.counters.dropped, {})
+        forwarder.frameReceived(self.b, frames.IHave(PEER_B, 1))
+        self.assertEqual((self.successResultOf(first), self.successResultOf(second)), (True, True))
+        third = forwarder.locate(PEER_C)
+        self.assertNoResult(third)
+
+
 class IncomingTests(ForwarderTestMixin, SynchronousTestCase):
     def test_fwdDelivered(self):
         peer = FakePeer(PEER_B)
@@ -317,6 +428,32 @@ class IncomingTests(ForwarderTestMixin, SynchronousTestCase):
             self.forwarder.frameReceived(self.b, frames.Fwd(PEER_B, message))
         self.assertEqual(peer.received, [])
         self.assertEqual(dict(self.counters.dropped), {"fwd_not_transport": 4})
+
+    def test_peerGoneMarksAnnouncingPod(self):
+        """
+        After a PEER_GONE from a pod, its answers are renewed by use (it
+        will say when a peer leaves).
+        """
+        self.forwarder.forward(PEER_B, transportMessage(PEER_A))
+        self.forwarder.frameReceived(self.b, frames.IHave(PEER_B, 1))
+        self.forwarder.frameReceived(self.b, frames.PeerGone(PEER_C))
+        for _ in range(4):
+            self.clock.advance(200)
+            self.forwarder.forward(PEER_B, transportMessage(PEER_A))
+        self.assertEqual([frame[0] for frame in self.b.sent], [frames.WHO_HAS] + [frames.FWD] * 5)
+
+    def test_fwdTooLarge(self):
+        """
+        A FWD embedding a message over 8820 bytes never reaches the agent.
+        """
+        peer = FakePeer(PEER_B)
+        self.local.peers[PEER_B] = peer
+        largest = transportMessage(PEER_C, b"x" * (8820 - 38))
+        self.forwarder.frameReceived(self.b, frames.Fwd(PEER_B, largest + b"x"))
+        self.assertEqual(peer.received, [])
+        self.assertEqual(dict(self.counters.dropped), {"fwd_too_large": 1})
+        self.forwarder.frameReceived(self.b, frames.Fwd(PEER_B, largest))
+        self.assertEqual(peer.received, [largest])
 
     def test_whoHasAnswered(self):
         self.local.peers[PEER_B] = FakePeer(PEER_B, registeredAt=NOW + 1.5)

@@ -265,13 +265,54 @@ class CacheTests(SynchronousTestCase):
         self.stream = self.transport.streams["10.0.0.2:7090"]
 
     def test_expiresAfterFiveMinutes(self):
+        """
+        An answer from a pod that pushes no presence (the Go original) is
+        kept 5 min, used or not: such a pod never says the peer left.
+        """
+        self.locator.lookup(PEER_A)
         self.locator.iHaveReceived("10.0.0.2:7090", PEER_A, 5)
+        self.stream.sent.clear()
         self.clock.advance(299.999)
         self.assertEqual(self.locator.cached(PEER_A), "10.0.0.2:7090")
         self.clock.advance(0.001)
         self.assertIsNone(self.locator.cached(PEER_A))
         self.locator.lookup(PEER_A)
         self.assertEqual(self.stream.sent, [frames.whoHasFrame(PEER_A)])
+
+    def test_renewedByUseAtAnnouncingPod(self):
+        """
+        An entry at a pod that pushes presence lives on while it is used
+        (issue 12, item 6: a cross-pod flow was looked up again every 5
+        min); unused, it expires; the pod's stream ending forgets it.
+        """
+        self.locator.iHaveReceived("10.0.0.2:7090", PEER_A, 5)
+        self.locator.iHaveReceived("10.0.0.2:7090", PEER_B, 6)
+        for _ in range(10):
+            self.clock.advance(200)
+            self.assertEqual(self.locator.cached(PEER_A), "10.0.0.2:7090")
+        self.assertIsNone(self.locator.cached(PEER_B))
+        self.locator.lookup(PEER_A)
+        self.assertEqual(self.stream.sent, [])
+        self.locator.invalidatePod("10.0.0.2:7090")
+        self.locator.lookup(PEER_B)
+        self.locator.iHaveReceived("10.0.0.2:7090", PEER_B, 6)
+        self.clock.advance(200)
+        self.assertEqual(self.locator.cached(PEER_B), "10.0.0.2:7090")
+        self.clock.advance(100)
+        self.assertIsNone(self.locator.cached(PEER_B))
+
+    def test_presenceAnnounced(self):
+        """
+        A pod that sent PEER_GONE announces presence: its answers to
+        lookups are renewed by use too.
+        """
+        self.locator.presenceAnnounced("10.0.0.2:7090")
+        self.locator.lookup(PEER_A)
+        self.locator.iHaveReceived("10.0.0.2:7090", PEER_A, 5)
+        self.clock.advance(200)
+        self.assertEqual(self.locator.cached(PEER_A), "10.0.0.2:7090")
+        self.clock.advance(200)
+        self.assertEqual(self.locator.cached(PEER_A), "10.0.0.2:7090")
 
     def test_refreshedByIHave(self):
         self.locator.iHaveReceived("10.0.0.2:7090", PEER_A, 5)

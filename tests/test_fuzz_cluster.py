@@ -614,10 +614,12 @@ class LocatorMachine(RuleBasedStateMachine):
 
       - I_HAVE(id, seqno) from pod P: unless a live entry for id holds a
         seqno serially greater, id -> (P, seqno), expiring 300 s later;
-        "changed" when there was no live entry or it named another pod.
+        "changed" when there was no live entry or it named another pod;
+        an I_HAVE no lookup asked for marks P as announcing presence;
+      - reading a live entry naming an announcing pod renews it for 300 s;
       - an entry is live while now < its expiry;
       - invalidate(id[, P]) drops the entry (only if it names P);
-        invalidatePod(P) drops every entry naming P;
+        invalidatePod(P) drops every entry naming P and P's mark;
       - lookup(id): a live entry answers at once; no live stream answers
         None at once; otherwise one WHO_HAS per live stream, shared by
         every concurrent lookup of id, answered by the next I_HAVE for id
@@ -631,6 +633,7 @@ class LocatorMachine(RuleBasedStateMachine):
         self.streams = FakeStreams(PODS)
         self.locator = loc.Locator(self.streams, NoLocalPeers(), self.clock)
         self.model = {}  # id -> (address, seqno, expiresAt)
+        self.announcing = set()
         self.pending = {}  # id -> (deadline, [result lists])
         self.whoHasSent = {a: 0 for a in PODS}
         self.whoHasExpected = {a: 0 for a in PODS}
@@ -642,6 +645,11 @@ class LocatorMachine(RuleBasedStateMachine):
             return None
         return entry
 
+    def _touch(self, pid):
+        entry = self._live(pid)
+        if entry is not None and entry[0] in self.announcing:
+            self.model[pid] = (entry[0], entry[1], self.clock.seconds() + loc.CACHE_TTL)
+
     def _settle(self, pid, address):
         deadline, results = self.pending.pop(pid)
         for r in results:
@@ -650,6 +658,7 @@ class LocatorMachine(RuleBasedStateMachine):
     @rule(pod=st.sampled_from(PODS), i=st.integers(0, len(PEERS) - 1), seqno=seqnos)
     def iHave(self, pod, i, seqno):
         pid = PEERS[i]
+        self._touch(pid)
         entry = self._live(pid)
         if entry is not None and _serialGreaterModel(entry[1], seqno):
             expectedChanged = False
@@ -663,6 +672,9 @@ class LocatorMachine(RuleBasedStateMachine):
         if solicitedExpected:
             live = self._live(pid)
             self._settle(pid, live[0] if live else None)
+            self._touch(pid)
+        else:
+            self.announcing.add(pod)
 
     @rule(i=st.integers(0, len(PEERS) - 1), pod=st.one_of(st.none(), st.sampled_from(PODS)))
     def invalidate(self, i, pod):
@@ -680,6 +692,7 @@ class LocatorMachine(RuleBasedStateMachine):
     @rule(pod=st.sampled_from(PODS))
     def invalidatePod(self, pod):
         self.locator.invalidatePod(pod)
+        self.announcing.discard(pod)
         for pid in [p for p, e in self.model.items() if e[0] == pod]:
             del self.model[pid]
 
@@ -703,6 +716,7 @@ class LocatorMachine(RuleBasedStateMachine):
         result = []
         d = self.locator.lookup(pid)
         d.addCallback(result.append)
+        self._touch(pid)
         entry = self._live(pid)
         if entry is not None:
             assert result == [entry[0]], (result, entry)
@@ -726,6 +740,7 @@ class LocatorMachine(RuleBasedStateMachine):
             cached = self.locator.cachedEntry(pid)
             if entry is not None:
                 assert (cached.address, cached.seqno) == entry[:2]
+            self._touch(pid)
 
     @invariant()
     def lookupsMatch(self):

@@ -102,6 +102,19 @@ class IDListTests(unittest.TestCase):
         self.assertTrue(all(x[:2] == b"\x01\x0b" for x in messages))
         self.assertEqual(sum((m.decodeIDList(x) for x in messages), []), ids)
 
+    def test_chunkingToFit(self):
+        """
+        A smaller message size (a QUIC datagram's 1415 bytes) gives smaller
+        messages; the bound is inclusive; at least one id per message.
+        """
+        ids = self.ids(100)
+        messages = m.encodeIDList(m.PEERS_ONLINE, ids, 1415)
+        self.assertEqual([len(x) for x in messages], [2 + 39 * 36, 2 + 39 * 36, 2 + 22 * 36])
+        self.assertEqual(sum((m.decodeIDList(x) for x in messages), []), ids)
+        self.assertEqual([len(x) for x in m.encodeIDList(m.PEERS_ONLINE, ids[:3], 2 + 36 * 2)], [74, 38])
+        self.assertEqual([len(x) for x in m.encodeIDList(m.PEERS_ONLINE, ids[:2], 10)], [38, 38])
+        self.assertEqual(len(m.encodeIDList(m.PEERS_ONLINE, self.ids(489), 100000)[0]), 8786)
+
     def test_maxFits(self):
         self.assertLessEqual(2 + m.MAX_IDS_PER_MESSAGE * m.ID_SIZE, m.MAX_MESSAGE_SIZE)
 

@@ -272,6 +272,102 @@ class SubscriptionTests(unittest.TestCase):
         self.assertEqual(self.relay.store._interested, {})
 
 
+class SubscriptionLimitTests(unittest.TestCase):
+    """
+    Issue 12, item 5: one peer's subscriptions are bounded.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.relay = makeRelay(self.clock)
+        self.relay.store.maxSubscriptions = 300
+        self.a, self.linkA = connect(self.relay, "peer-a")
+
+    def subscribe(self, names):
+        for message in m.encodeIDList(m.SUBSCRIBE_PEER_STATE, [m.peerID(name) for name in names]):
+            self.a.messageReceived(message)
+
+    def test_excessRefusedAndCounted(self):
+        self.subscribe([f"p{i}" for i in range(1000)])
+        self.assertEqual(self.relay.store.subscriptions(self.a), 300)
+        self.assertEqual(self.relay.counters.dropped["subscription_limit"], 700)
+        self.assertFalse(self.linkA.aborted)
+        connect(self.relay, "p299")
+        connect(self.relay, "p300")
+        self.assertEqual(self.linkA.take(), [b"\x01\x0a" + m.peerID("p299")])
+
+    def test_resubscribingHeldIdsAlwaysAccepted(self):
+        self.subscribe([f"p{i}" for i in range(300)])
+        self.subscribe(["p0", "p1", "new"])
+        self.assertEqual(self.relay.counters.dropped["subscription_limit"], 1)
+        self.assertEqual(self.relay.store.subscriptions(self.a), 300)
+
+    def test_unsubscribingMakesRoom(self):
+        self.subscribe([f"p{i}" for i in range(300)])
+        self.a.messageReceived(m.encodeIDList(m.UNSUBSCRIBE_PEER_STATE, [m.peerID("p0")])[0])
+        self.subscribe(["new", "newer"])
+        self.assertEqual(self.relay.counters.dropped["subscription_limit"], 1)
+        connect(self.relay, "new")
+        self.assertEqual(self.linkA.take(), [b"\x01\x0a" + m.peerID("new")])
+
+    def test_logBudget(self):
+        """
+        The refusal is logged, within the log budget.
+        """
+        from twisted.logger import globalLogPublisher
+
+        lines = []
+        globalLogPublisher.addObserver(lines.append)
+        self.addCleanup(globalLogPublisher.removeObserver, lines.append)
+        self.subscribe([f"p{i}" for i in range(300)])
+        for n in range(200):
+            self.subscribe([f"x{n}"])
+        refusals = [e for e in lines if "over the limit" in e.get("log_format", "")]
+        self.assertTrue(0 < len(refusals) < 100, len(refusals))
+        self.assertEqual(self.relay.counters.dropped["subscription_limit"], 200)
+
+    def test_defaultLimit(self):
+        from relay.store import MAX_SUBSCRIPTIONS, Store
+
+        self.assertEqual(Store().maxSubscriptions, MAX_SUBSCRIPTIONS)
+        self.assertEqual(MAX_SUBSCRIPTIONS, 4096)
+
+
+class SmallMessageLinkTests(unittest.TestCase):
+    """
+    Issue 12, item 12: id lists fit the link (a QUIC datagram).
+    """
+
+    def test_peersOnlineSplitToFit(self):
+        clock = Clock()
+        relay = makeRelay(clock)
+        a, linkA = connect(relay, "peer-a")
+        linkA.maxMessageSize = 1415
+        names = [f"p{i}" for i in range(244)]
+        for name in names:
+            connect(relay, name)
+        ids = [m.peerID(name) for name in names]
+        a.messageReceived(m.encodeIDList(m.SUBSCRIBE_PEER_STATE, ids)[0])
+        written = linkA.take()
+        self.assertEqual(max(len(x) for x in written), 2 + 39 * 36)
+        self.assertEqual(len(written), 7)
+        self.assertEqual(sum((m.decodeIDList(x) for x in written), []), ids)
+        for x in written:
+            self.assertEqual(x[:2], b"\x01\x0a")
+        for name in names[:50]:
+            relay.store.get(m.peerID(name)).linkLost()
+        self.assertEqual(len(linkA.take()), 50)
+
+    def test_peersWentOfflineSplitToFit(self):
+        clock = Clock()
+        relay = makeRelay(clock)
+        a, linkA = connect(relay, "peer-a")
+        linkA.maxMessageSize = 100
+        ids = [m.peerID(f"p{i}") for i in range(5)]
+        a.peersWentOffline(ids)
+        self.assertEqual([len(x) for x in linkA.take()], [2 + 2 * 36, 2 + 2 * 36, 2 + 36])
+
+
 class HealthCheckTests(unittest.TestCase):
     def setUp(self):
         self.clock = Clock()

@@ -101,3 +101,62 @@ class StoreTests(unittest.TestCase):
         self.store.wentOffline(A)
         for w in watchers:
             self.assertEqual(w.events, [("online", [A]), ("offline", [A])])
+
+    def test_subscribersComeAndGo(self):
+        """
+        An id's subscribers, one or several, each hear of it until they
+        leave; the last one leaving forgets the id.
+        """
+        watchers = [FakePeer(peerID(f"w{i}")) for i in range(3)]
+        for w in watchers:
+            self.store.subscribe(w, [A, B])
+            self.store.subscribe(w, [A])
+        self.store.unsubscribe(watchers[0], [A])
+        self.store.dropSubscriber(watchers[1])
+        self.store.wentOffline(A)
+        self.assertEqual([w.events for w in watchers], [[], [], [("offline", [A])]])
+        self.store.subscribe(watchers[1], [A])
+        self.store.wentOffline(A)
+        self.assertEqual(watchers[1].events, [("offline", [A])])
+        for w in watchers:
+            self.store.dropSubscriber(w)
+        self.assertEqual(self.store._interested, {})
+
+    def test_soleSubscriberNeedsNoSet(self):
+        """
+        An id with one subscriber costs no set of its own (about half the
+        memory of a subscription).
+        """
+        watcher = FakePeer(C)
+        self.store.subscribe(watcher, [A, B])
+        other = FakePeer(peerID("other"))
+        self.store.subscribe(other, [B])
+        self.assertEqual([type(self.store._interested[pid]).__name__ for pid in (A, B)], ["Subscriber", "set"])
+        self.store.dropSubscriber(other)
+        self.assertEqual(type(self.store._interested[B]).__name__, "Subscriber")
+
+
+class SubscriptionLimitTests(unittest.TestCase):
+    def setUp(self):
+        self.store = Store(maxSubscriptions=2)
+        self.a = FakePeer(A)
+
+    def test_newIdsUpToTheLimit(self):
+        self.assertEqual(self.store.admitSubscriptions(self.a, [A, B, C]), ([A, B], 1))
+        self.store.subscribe(self.a, [A, B])
+        self.assertEqual(self.store.admitSubscriptions(self.a, [C, B, A, C]), ([B, A], 2))
+        self.assertEqual(self.store.subscriptions(self.a), 2)
+
+    def test_duplicatesCountOnce(self):
+        self.assertEqual(self.store.admitSubscriptions(self.a, [C, C, C, B, A]), ([C, C, C, B], 1))
+
+    def test_consumedOnlineInterestStillCounts(self):
+        self.store.subscribe(self.a, [B, C])
+        self.store.add(FakePeer(B))
+        self.store.cameOnline(B)
+        self.assertEqual(self.store.admitSubscriptions(self.a, [A]), ([], 1))
+
+    def test_unlimited(self):
+        store = Store(maxSubscriptions=0)
+        ids = [peerID(str(n)) for n in range(5000)]
+        self.assertEqual(store.admitSubscriptions(self.a, ids), (ids, 0))

@@ -8,8 +8,15 @@ destination's packets wait in a small bounded queue (order kept) instead of
 blocking the sender's other traffic, as the original's synchronous lookup
 did; the whole forward gives up after 5 s.
 
+Lookups are bounded: at most L{MAX_LOOKUPS} destinations at once, of which
+one sending peer may hold L{LOOKUPS_PER_PEER} (one agent spraying random
+ids must not take every slot from the first packets of other agents) and
+subscriptions together L{SUBSCRIPTION_LOOKUPS} (each unknown subscribed id
+is a WHO_HAS to every pod). What finds no slot is dropped and counted.
+
 Incoming: FWD delivers the embedded message byte for byte to the local peer
-named by the frame; WHO_HAS and I_HAVE go to the locator.
+named by the frame (one over 8820 bytes, which no agent may receive, is
+dropped and counted); WHO_HAS and I_HAVE go to the locator.
 
 Presence push (Beyond): a peer connecting here is announced to every sibling
 as an unsolicited I_HAVE, a new stream gets a snapshot of local peers, and a
@@ -23,6 +30,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from relay import messages
 from relay.cluster import frames
 from relay.cluster.locator import seqnoOf
 from relay.cluster.transport import GONE, SENT, IStreamHandler
@@ -32,6 +40,13 @@ FORWARD_TIMEOUT = 5.0
 QUEUE_PACKETS = 16
 QUEUE_BYTES = 2 * 1024 * 1024
 MAX_LOOKUPS = 1024
+# A real agent starts few lookups at once: peers on pods of this relay are
+# known from their presence push, so only first packets to peers on original
+# pods are looked up, one per new flow, each done in 200 ms at most.
+LOOKUPS_PER_PEER = 64
+SUBSCRIPTION_LOOKUPS = 256
+# The pool of subscription lookups in the slot count.
+_SUBSCRIPTIONS = "subscriptions"
 
 _log = Logger()
 
@@ -41,11 +56,12 @@ class _Waiting:
     Packets for one destination whose pod is being looked up.
     """
 
-    __slots__ = ("packets", "timer")
+    __slots__ = ("packets", "timer", "owner")
 
-    def __init__(self):
+    def __init__(self, owner):
         self.packets = deque()
         self.timer = None
+        self.owner = owner
 
 
 @implementer(ICrossPodForwarder, IStreamHandler)
@@ -66,6 +82,8 @@ class Forwarder:
         queuePackets=QUEUE_PACKETS,
         queueBytes=QUEUE_BYTES,
         maxLookups=MAX_LOOKUPS,
+        lookupsPerPeer=LOOKUPS_PER_PEER,
+        subscriptionLookups=SUBSCRIPTION_LOOKUPS,
     ):
         """
         @param localPeers: an L{relay.interfaces.ILocalPeers}.
@@ -74,6 +92,8 @@ class Forwarder:
         @param queueBytes: most bytes waiting for all destinations together.
         @param maxLookups: most destinations being looked up at once (a
             sender spraying random ids must not start a broadcast each).
+        @param lookupsPerPeer: most of them one sending peer may hold.
+        @param subscriptionLookups: most of them L{locate} may hold.
         """
         self.transport = transport
         self.locator = locator
@@ -84,8 +104,12 @@ class Forwarder:
         self.queuePackets = queuePackets
         self.queueBytes = queueBytes
         self.maxLookups = maxLookups
+        self.lookupsPerPeer = lookupsPerPeer
+        self.subscriptionLookups = subscriptionLookups
         self._waiting = {}
         self._waitingBytes = 0
+        self._lookups = 0
+        self._lookupsBy = {}
 
     # ICrossPodForwarder
 
@@ -113,13 +137,46 @@ class Forwarder:
         if not self.transport.liveStreams():
             self.counters.forwards["peer_not_found"] += 1
             return
-        if len(self._waiting) >= self.maxLookups:
-            self.counters.dropped["lookup_queue_full"] += 1
+        # The id field of a relayed Transport holds its source.
+        source = message[messages.HEADER_SIZE : messages.TRANSPORT_HEADER_SIZE]
+        refused = self._takeSlot((source, self.lookupsPerPeer))
+        if refused is not None:
+            self.counters.dropped[refused] += 1
             return
-        waiting = self._waiting[destinationID] = _Waiting()
+        waiting = self._waiting[destinationID] = _Waiting(source)
         self._enqueue(waiting, message)
         waiting.timer = self.clock.callLater(self.forwardTimeout, self._giveUp, destinationID, waiting)
         self.locator.lookup(destinationID).addCallback(self._located, destinationID, waiting)
+
+    def _takeSlot(self, *owners):
+        """
+        Count one more lookup held by each of C{owners} (C{(owner, share)}
+        pairs), if the total and every share have room.
+
+        @return: None if taken, else the reason it was refused.
+        """
+        if self._lookups >= self.maxLookups:
+            return "lookup_queue_full"
+        for owner, share in owners:
+            if self._lookupsBy.get(owner, 0) >= share:
+                return "lookup_share_full"
+        self._lookups += 1
+        for owner, _ in owners:
+            self._lookupsBy[owner] = self._lookupsBy.get(owner, 0) + 1
+        return None
+
+    def _releaseSlot(self, *owners):
+        self._lookups -= 1
+        for owner in owners:
+            held = self._lookupsBy[owner] - 1
+            if held:
+                self._lookupsBy[owner] = held
+            else:
+                del self._lookupsBy[owner]
+
+    def _subscriptionLookupDone(self, result, owners):
+        self._releaseSlot(*owners)
+        return result
 
     def _enqueue(self, waiting, message):
         if len(waiting.packets) >= self.queuePackets or self._waitingBytes + len(message) > self.queueBytes:
@@ -137,6 +194,7 @@ class Forwarder:
         if self._waiting.get(destinationID) is not waiting:
             return None
         del self._waiting[destinationID]
+        self._releaseSlot(waiting.owner)
         if waiting.timer is not None and waiting.timer.active():
             waiting.timer.cancel()
         packets = waiting.packets
@@ -187,7 +245,12 @@ class Forwarder:
             self.locator.invalidate(destinationID)
             self.counters.forwards["stream_gone"] += 1
 
-    def locate(self, peerID):
+    def locate(self, peerID, requester=None):
+        """
+        See L{ICrossPodForwarder.locate}. A lookup it starts is charged to
+        the subscriptions' pool and, when given, to C{requester} (the
+        subscriber's id), within the same share as its packets.
+        """
         if self.localPeers.localPeer(peerID) is not None:
             return defer.succeed(True)
         address = self.locator.cached(peerID)
@@ -197,7 +260,18 @@ class Forwarder:
             # The cached pod is unreachable: ask again instead of having
             # lookup() answer with the same stale address.
             self.locator.invalidate(peerID, address)
-        d = self.locator.lookup(peerID)
+        if not self.locator.pending(peerID) and self.transport.liveStreams():
+            owners = [(_SUBSCRIPTIONS, self.subscriptionLookups)]
+            if requester is not None:
+                owners.append((requester, self.lookupsPerPeer))
+            refused = self._takeSlot(*owners)
+            if refused is not None:
+                self.counters.dropped["subscription_" + refused] += 1
+                return defer.succeed(False)
+            d = self.locator.lookup(peerID)
+            d.addBoth(self._subscriptionLookupDone, [owner for owner, _ in owners])
+        else:
+            d = self.locator.lookup(peerID)
         d.addCallback(lambda found: found is not None)
         d.addTimeout(self.forwardTimeout, self.clock)
         d.addErrback(lambda failure: False)
@@ -243,6 +317,11 @@ class Forwarder:
             self.counters.dropped["fwd_not_transport"] += 1
             _log.debug("cluster: FWD from {stream} carries no Transport message, dropped", stream=stream)
             return
+        if len(frame.message) > messages.MAX_MESSAGE_SIZE:
+            # An agent closes (Go: misreads) a message over 8820 bytes.
+            self.counters.dropped["fwd_too_large"] += 1
+            _log.debug("cluster: FWD from {stream} carries a {size}-byte message, dropped", stream=stream, size=len(frame.message))
+            return
         peer = self.localPeers.localPeer(frame.destinationID)
         if peer is None:
             self.counters.dropped["fwd_peer_not_here"] += 1
@@ -259,6 +338,7 @@ class Forwarder:
         if entry is not None and entry.address != stream.address:
             # The peer has since been announced by another pod.
             return
+        self.locator.presenceAnnounced(stream.address)
         self.locator.invalidate(peerID)
         self.localPeers.peerGoneElsewhere(peerID)
 

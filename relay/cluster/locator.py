@@ -12,6 +12,13 @@ higher. A seqno is the owner's registration time of the peer in 10 ms units,
 modulo 2**32, compared with RFC 1982 serial-number arithmetic, so the pod the
 peer most recently connected to wins a migration race (the original sends a
 per-pod answer counter, which orders nothing).
+
+A cache entry at a pod that announces presence (it has sent PEER_GONE, or
+an I_HAVE nobody asked for: pods of this relay push both) is kept for
+another 5 min each time it is used, so a long cross-pod flow is not looked
+up again every 5 min: such a pod says when the peer leaves, and a pod the
+peer moves to says so with a higher seqno. Entries at other pods (the Go
+original tells nobody when a peer leaves) expire after 5 min as there.
 """
 
 from twisted.internet import defer
@@ -90,20 +97,25 @@ class Locator:
         self.cacheTTL = cacheTTL
         self._cache = {}
         self._lookups = {}
+        self._announcing = set()
         self._nextSweep = clock.seconds() + cacheTTL
 
     # Cache
 
     def cachedEntry(self, peerID):
         """
-        @return: the unexpired L{CacheEntry} for C{peerID}, or None.
+        @return: the unexpired L{CacheEntry} for C{peerID}, or None; an
+            entry at a pod that announces presence is renewed by the use.
         """
         entry = self._cache.get(peerID)
         if entry is None:
             return None
-        if self.clock.seconds() >= entry.expiresAt:
+        now = self.clock.seconds()
+        if now >= entry.expiresAt:
             del self._cache[peerID]
             return None
+        if entry.address in self._announcing:
+            entry.expiresAt = now + self.cacheTTL
         return entry
 
     def cached(self, peerID):
@@ -129,9 +141,18 @@ class Locator:
         """
         Forget every peer cached at C{address} (its stream ended).
         """
+        self._announcing.discard(address)
         gone = [pid for pid, entry in self._cache.items() if entry.address == address]
         for pid in gone:
             del self._cache[pid]
+
+    def presenceAnnounced(self, address):
+        """
+        The pod at C{address} pushes presence (it sent PEER_GONE or an
+        unsolicited I_HAVE): its entries are renewed by use from now on,
+        until its stream ends.
+        """
+        self._announcing.add(address)
 
     def cacheSize(self):
         return len(self._cache)
@@ -223,6 +244,8 @@ class Locator:
         """
         _, changed = self._remember(peerID, address, seqno)
         solicited = peerID in self._lookups
+        if not solicited:
+            self.presenceAnnounced(address)
         if solicited:
             self._complete(peerID, self.cached(peerID))
         return changed, solicited

@@ -192,8 +192,8 @@ class ClusterService(MultiService):
     def forward(self, destinationID, message):
         self.forwarder.forward(destinationID, message)
 
-    def locate(self, peerID):
-        return self.forwarder.locate(peerID)
+    def locate(self, peerID, requester=None):
+        return self.forwarder.locate(peerID, requester)
 
     def peerConnected(self, peer):
         self.forwarder.peerConnected(peer)
