@@ -35,7 +35,6 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from relay import messages as m
-from relay.limits import ConnectionGate
 from relay.session import PeerSession
 
 
@@ -158,9 +157,10 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
         self._closeWaiters = []
         self._ticket = None
         self.factory.relay.counters.connections[self.transportName] += 1
+        self.sourceHost = host
         # Behind a trusted proxy the source address is only known from the
         # upgrade request's X-Real-IP (onConnect).
-        if not self.factory.gate.isTrustedProxy(host) and not self._admit(host):
+        if not self.factory.relay.admission.isTrustedProxy(host) and not self._admit(host):
             self.transport.abortConnection()
             return
         # The session starts at TCP accept, so its handshake timeout covers
@@ -168,7 +168,7 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
         self.session = PeerSession(self.factory.relay, self)
 
     def _admit(self, address):
-        reason = self.factory.gate.admit(address)
+        reason = self.factory.relay.admission.admit(address)
         if reason is not None:
             self.factory.relay.noisyLog(self._log.warn, "{where}: connection refused: {reason}", where=self.peerAddress, reason=reason)
             self.factory.relay.counters.handshakeRejects[reason] += 1
@@ -185,7 +185,7 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
             self._readPause = None
         self.factory.relay.counters.connections[self.transportName] -= 1
         if self._ticket is not None:
-            self.factory.gate.release(self._ticket)
+            self.factory.relay.admission.release(self._ticket)
         if self.session is not None:
             self.session.linkLost()
         waiters, self._closeWaiters = self._closeWaiters, None
@@ -201,6 +201,9 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
                 self.peerAddress = f"{realIP}:{request.headers.get('x-real-port', '?').strip()} via {self.peerAddress}"
             if not self._admit(realIP or self.transport.getPeer().host):
                 raise ConnectionDeny(429, "Too Many Requests")
+            if realIP:
+                self.sourceHost = realIP
+                self.factory.relay.admission.move(self.session, realIP)
         if request.path != PATH:
             self.factory.relay.noisyLog(self._log.info, "{where}: refused WebSocket upgrade for path {path!r}", where=self.peerAddress, path=request.path)
             raise ConnectionDeny(ConnectionDeny.NOT_FOUND, "Not Found")
@@ -442,17 +445,15 @@ class PeerWebSocketFactory(WebSocketServerFactory):
     @ivar relay: the L{relay.server.Relay} sessions talk to.
     @ivar highWater: bytes queued for a slow peer beyond Twisted's own buffer
         before further messages to it are dropped.
-    @ivar gate: the L{ConnectionGate} admitting connections by address.
     """
 
     protocol = PeerWebSocketProtocol
     noisy = False
 
-    def __init__(self, relay, reactor, highWater=DEFAULT_HIGH_WATER, gate=None):
+    def __init__(self, relay, reactor, highWater=DEFAULT_HIGH_WATER):
         super().__init__(server="relay", reactor=reactor)
         self.relay = relay
         self.highWater = highWater
-        self.gate = gate if gate is not None else ConnectionGate(relay.limits, reactor)
         # The peer whose read is being taken apart, and the peers with
         # frames queued meanwhile (PeerWebSocketProtocol.flush).
         self.reading = None

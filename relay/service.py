@@ -115,8 +115,8 @@ class Options(usage.Options):
         ["peer-buffer-limit", None, str(DEFAULT_HIGH_WATER), "Bytes queued for one slow peer before messages to it are dropped."],
         ["max-peers", None, "50000", "Authenticated peers in all; 0 = no limit."],
         ["max-pending-handshakes", None, "2048", "Connections waiting to authenticate; 0 = no limit."],
-        ["max-connections-per-ip", None, "1000", "Open connections from one source address (CGNAT puts many agents behind one); 0 = no limit."],
-        ["connection-rate-per-ip", None, "100", "New connections per second from one source address (bursts of twice that); 0 = no limit."],
+        ["max-connections-per-ip", None, "0", "Open connections from one source address (an IPv6 /64 counts as one); 0 = no limit, the default: NAT, CGNAT and load balancers put many agents behind one."],
+        ["connection-rate-per-ip", None, "0", "New connections per second from one source address (an IPv6 /64 counts as one), bursts of twice that; 0 = no limit, the default."],
         ["peer-rate-limit", None, "0", "Inbound transport bytes per second from one peer; excess is dropped; 0 = no limit."],
         ["trusted-proxies", None, "", "Comma-separated addresses/networks of proxies whose X-Real-IP header names the source address."],
         ["cluster-headless", None, "", "Headless Service name (or comma-separated names/IPs) of the relay pods; empty = single-pod mode."],
@@ -258,6 +258,7 @@ class Options(usage.Options):
             return
         if self["worker-index"] >= self["workers"]:
             raise usage.UsageError("--worker-index must be below --workers")
+        self["limits"] = self["limits"].shared(self["workers"])
         if self["cluster-headless"] and self["worker-index"] == 0:
             raise usage.UsageError("--workers and --cluster-headless do not mix: run one worker per pod in a cluster")
         if self["acme"]:
@@ -372,7 +373,7 @@ class RelayService(service.MultiService):
                 self.cluster.startService()
             except Exception as e:
                 raise SystemExit(f"relay: cannot start the inter-pod fabric: {e}") from None
-        self.peerFactory.gate.start()
+        self.relay.admission.start()
         if self.tls is not None:
             # SIGHUP re-reads the certificate files; established connections
             # keep theirs, new ones get the new one.
@@ -419,7 +420,7 @@ class RelayService(service.MultiService):
             yield self.cluster.stopService()
         if self.peerPort is not None:
             yield self.peerPort.stopListening()
-        self.peerFactory.gate.stop()
+        self.relay.admission.stop()
         yield self.relay.shutdown()
         yield super().stopService()
         # twistd re-raises the signal that stopped it once the reactor is

@@ -3,18 +3,20 @@ Resource limits: each holds, and a well-behaved peer is unaffected while
 another hits it.
 """
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from relay import messages as m
-from relay.limits import ConnectionGate, Limits, LogBudget, TokenBucket, parseNetworks
+from relay.limits import Admission, Limits, LogBudget, TokenBucket, parseNetworks, sourceGroup
 from relay.peer import PeerWebSocketFactory
 from relay.session import PeerSession
 from tests.helpers import FakeLink, authMessage, connect, makeRelay
-from tests.test_peer import Peer
+from tests.test_peer import UPGRADE, Peer, clientFrame, serverFrames
 
 A, B = m.peerID("peer-a"), m.peerID("peer-b")
 
@@ -38,7 +40,7 @@ class GateTests(unittest.TestCase):
         self.clock = Clock()
 
     def test_perAddress(self):
-        gate = ConnectionGate(Limits(maxPerIP=2), self.clock)
+        gate = Admission(Limits(maxPerIP=2), self.clock)
         self.assertIsNone(gate.admit("192.0.2.1"))
         self.assertIsNone(gate.admit("192.0.2.1"))
         self.assertEqual(gate.admit("192.0.2.1"), "per_ip_connections")
@@ -47,7 +49,7 @@ class GateTests(unittest.TestCase):
         self.assertIsNone(gate.admit("192.0.2.1"))
 
     def test_rate(self):
-        gate = ConnectionGate(Limits(ratePerIP=5), self.clock)
+        gate = Admission(Limits(ratePerIP=5), self.clock)
         results = [gate.admit("192.0.2.1") for _ in range(11)]
         self.assertEqual(results.count(None), 10)
         self.assertEqual(results[-1], "per_ip_rate")
@@ -56,7 +58,7 @@ class GateTests(unittest.TestCase):
         self.assertIsNone(gate.admit("192.0.2.1"))
 
     def test_pruneForgetsIdleAddresses(self):
-        gate = ConnectionGate(Limits(ratePerIP=5), self.clock)
+        gate = Admission(Limits(ratePerIP=5), self.clock)
         gate.start()
         gate.admit("192.0.2.1")
         gate.admit("192.0.2.2")
@@ -67,7 +69,7 @@ class GateTests(unittest.TestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_trustedProxies(self):
-        gate = ConnectionGate(Limits(trustedProxies=parseNetworks("10.0.0.0/8, 192.0.2.7")), self.clock)
+        gate = Admission(Limits(trustedProxies=parseNetworks("10.0.0.0/8, 192.0.2.7")), self.clock)
         self.assertTrue(gate.isTrustedProxy("10.1.2.3"))
         self.assertTrue(gate.isTrustedProxy("192.0.2.7"))
         self.assertFalse(gate.isTrustedProxy("192.0.2.8"))
@@ -75,6 +77,102 @@ class GateTests(unittest.TestCase):
 
     def test_badNetwork(self):
         self.assertRaises(ValueError, parseNetworks, "10.0.0.0/33")
+
+    def test_ipv6GroupedBy64(self):
+        self.assertEqual(sourceGroup("192.0.2.1"), "192.0.2.1")
+        self.assertEqual(sourceGroup("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64")
+        self.assertEqual(sourceGroup("2001:db8:1:2:bbbb::7%eth0"), "2001:db8:1:2::/64")
+        self.assertEqual(sourceGroup("::ffff:192.0.2.9"), "192.0.2.9")
+        self.assertEqual(sourceGroup("not:an:address"), "not:an:address")
+        gate = Admission(Limits(maxPerIP=2), self.clock)
+        self.assertIsNone(gate.admit("2001:db8:1:2::1"))
+        self.assertIsNone(gate.admit("2001:db8:1:2:ffff::2"))
+        self.assertEqual(gate.admit("2001:db8:1:2:1234::3"), "per_ip_connections")
+        self.assertIsNone(gate.admit("2001:db8:1:3::1"))
+
+    def test_descriptorReserve(self):
+        gate = Admission(Limits(), self.clock)
+        gate.maxConnections = 2
+        self.assertIsNone(gate.admit("192.0.2.1"))
+        self.assertIsNone(gate.admit("192.0.2.2"))
+        self.assertEqual(gate.admit("192.0.2.3"), "descriptors")
+        gate.release("192.0.2.1")
+        self.assertIsNone(gate.admit("192.0.2.3"))
+        self.assertEqual(gate.connections, 2)
+
+    def test_defaultsAdmitEverything(self):
+        gate = Admission(Limits(), self.clock)
+        self.assertEqual([gate.admit("192.0.2.1") for _ in range(5000)], [None] * 5000)
+
+
+class _Waiting:
+    """
+    A session as L{Admission} sees it.
+    """
+
+    def __init__(self, name):
+        self.name = name
+        self.evicted = None
+
+    def evict(self, reason, pending, source):
+        self.evicted = (reason, pending, source)
+
+
+class PendingTests(unittest.TestCase):
+    def setUp(self):
+        self.admission = Admission(Limits(maxPending=6), Clock())
+
+    def enter(self, name, address):
+        session = _Waiting(name)
+        self.admission.enter(session, address)
+        return session
+
+    def test_evictsOldestOfLargestSource(self):
+        a = [self.enter(f"a{i}", "192.0.2.1") for i in range(4)]
+        b = [self.enter(f"b{i}", "192.0.2.2") for i in range(2)]
+        c = self.enter("c", "192.0.2.3")
+        self.assertEqual(a[0].evicted, ("pending_evicted", 6, "192.0.2.1"))
+        self.assertEqual([s.evicted for s in a[1:] + b + [c]], [None] * 6)
+        self.assertEqual(self.admission.pending, 6)
+        # Now 3 + 2 + 1: a[1] goes next, then a source of 2.
+        self.enter("d", "192.0.2.4")
+        self.assertIsNotNone(a[1].evicted)
+        self.enter("e", "192.0.2.5")
+        self.assertEqual([s.evicted is not None for s in a + b], [True, True, False, False, True, False])
+
+    def test_newcomerFromLargestSourceEvictsItsOwnOldest(self):
+        a = [self.enter(f"a{i}", "192.0.2.1") for i in range(5)]
+        b = self.enter("b", "192.0.2.2")
+        late = self.enter("late", "192.0.2.1")
+        self.assertIsNotNone(a[0].evicted)
+        self.assertEqual([s.evicted for s in a[1:] + [b, late]], [None] * 6)
+
+    def test_ipv6Source(self):
+        flood = [self.enter(f"f{i}", f"2001:db8::{i + 1:x}") for i in range(5)]
+        other = self.enter("o", "2001:db8:0:1::1")
+        self.enter("n", "198.51.100.1")
+        self.assertEqual(flood[0].evicted, ("pending_evicted", 6, "2001:db8::/64"))
+        self.assertIsNone(other.evicted)
+
+    def test_leaveAndMove(self):
+        a = [self.enter(f"a{i}", "192.0.2.1") for i in range(3)]
+        b = [self.enter(f"b{i}", None) for i in range(3)]
+        self.assertTrue(self.admission.leave(a[0]))
+        self.assertFalse(self.admission.leave(a[0]))
+        # A trusted proxy's connection turns out to be from 192.0.2.1.
+        self.admission.move(b[0], "192.0.2.1")
+        self.enter("c", "192.0.2.3")
+        self.admission.enter(_Waiting("d"), "192.0.2.4")
+        self.assertEqual([s.evicted is not None for s in a + b], [False, True, False, False, False, False])
+        self.assertEqual(self.admission._largest, 2)
+        for session in list(self.admission._pendingSource):
+            self.admission.leave(session)
+        self.assertEqual((self.admission.pending, self.admission._bySource, self.admission._bySize, self.admission._largest), (0, {}, {}, 0))
+
+    def test_noLimit(self):
+        self.admission.limits = Limits()
+        sessions = [self.enter(str(i), "192.0.2.1") for i in range(100)]
+        self.assertEqual([s.evicted for s in sessions], [None] * 100)
 
 
 class SessionLimitTests(unittest.TestCase):
@@ -84,16 +182,20 @@ class SessionLimitTests(unittest.TestCase):
 
     def test_maxPending(self):
         self.relay.limits = Limits(maxPending=2)
-        waiting = [PeerSession(self.relay, FakeLink()) for _ in range(2)]
-        refused = FakeLink()
-        PeerSession(self.relay, refused)
-        self.assertTrue(refused.aborted)
-        self.assertEqual(self.relay.counters.handshakeRejects["max_pending"], 1)
-        # The waiting ones are unaffected and authenticate; then there is room.
-        waiting[0].messageReceived(authMessage("peer-a"))
-        self.assertEqual(waiting[0].peerID, A)
+        links = [FakeLink() for _ in range(3)]
+        waiting = [PeerSession(self.relay, link) for link in links]
+        # The oldest made room for the newest, and said why.
+        self.assertEqual([link.aborted for link in links], [True, False, False])
+        self.assertTrue(waiting[0].closed)
+        self.assertEqual(self.relay.counters.handshakeRejects["pending_evicted"], 1)
+        self.assertEqual(self.relay.pendingHandshakes, 2)
+        waiting[0].linkLost()
+        self.assertEqual(self.relay.pendingHandshakes, 2)
+        # The others are unaffected and authenticate; then there is room.
+        waiting[1].messageReceived(authMessage("peer-a"))
+        self.assertEqual(waiting[1].peerID, A)
         self.assertEqual(self.relay.pendingHandshakes, 1)
-        waiting[1].linkLost()
+        waiting[2].linkLost()
         self.assertEqual(self.relay.pendingHandshakes, 0)
         later = FakeLink()
         PeerSession(self.relay, later)
@@ -164,9 +266,9 @@ class ConnectionLimitTests(unittest.TestCase):
         first.send(authMessage("peer-a"))
         self.assertEqual(first.messages(), [self.relay.authResponse])
         second.protocol.connectionLost(Failure(ConnectionDone()))
-        self.assertEqual(factory.gate._open, {"192.0.2.1": 1})
+        self.assertEqual(self.relay.admission._open, {"192.0.2.1": 1})
         first.protocol.connectionLost(Failure(ConnectionDone()))
-        self.assertEqual(factory.gate._open, {})
+        self.assertEqual(self.relay.admission._open, {})
         self.assertIsNotNone(Peer(factory, 3).protocol.session)
 
     def test_trustedProxyUsesRealIP(self):
@@ -183,8 +285,103 @@ class ConnectionLimitTests(unittest.TestCase):
         factory = self.factory(Limits(maxPerIP=1))
         one = Peer(factory, 1)
         self.assertIn(b"101", one.upgrade(extra="X-Real-IP: 198.51.100.1\r\n"))
-        self.assertEqual(factory.gate._open, {"192.0.2.1": 1})
+        self.assertEqual(self.relay.admission._open, {"192.0.2.1": 1})
         self.assertEqual(one.protocol.peerAddress, "192.0.2.1:1")
+
+
+class _Client:
+    """
+    A connection to the factory under test from C{host}.
+    """
+
+    def __init__(self, factory, host, port):
+        address = (IPv6Address if ":" in host else IPv4Address)("TCP", host, port)
+        self.transport = StringTransport(peerAddress=address)
+        self.protocol = factory.buildProtocol(address)
+        self.protocol.makeConnection(self.transport)
+        self.lost = False
+
+    @property
+    def closed(self):
+        return self.transport.disconnecting or self.transport.disconnected
+
+    def reap(self):
+        """
+        What the reactor does after an abort: the connection is lost.
+        """
+        if self.closed and not self.lost:
+            self.lost = True
+            self.protocol.connectionLost(Failure(ConnectionDone()))
+        return self.lost
+
+
+class FloodTests(unittest.TestCase):
+    """
+    Idle TCP connections from a few addresses cannot keep agents from
+    elsewhere out (issue 12, item 2: three addresses at 90 connections per
+    second filled 2,048 pending slots within 8 s; from then on every new
+    connection was reset).
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.relay = makeRelay(self.clock)
+        self.relay.limits = Limits(maxPeers=50000, maxPending=2048)
+        self.factory = PeerWebSocketFactory(self.relay, self.clock)
+        self.ports = iter(range(1024, 65536))
+        self.open = []
+
+    def connect(self, host):
+        client = _Client(self.factory, host, next(self.ports))
+        self.open.append(client)
+        return client
+
+    def flood(self, sources, perSecond, seconds, step=0.1):
+        for _ in range(round(seconds / step)):
+            for host in sources:
+                for _ in range(round(perSecond * step)):
+                    self.connect(host)
+            self.clock.advance(step)
+            self.open = [c for c in self.open if not c.reap()]
+            self.assertLessEqual(self.relay.pendingHandshakes, 2048)
+
+    def agentAuthenticates(self, host, name):
+        agent = self.connect(host)
+        agent.protocol.dataReceived(UPGRADE.format(path="/relay", extra="").encode())
+        response, _, rest = agent.transport.value().partition(b"\r\n\r\n")
+        self.assertIn(b" 101 ", response.split(b"\r\n")[0])
+        agent.transport.clear()
+        agent.protocol.dataReceived(clientFrame(authMessage(name)))
+        self.assertEqual([p for _, p in serverFrames(agent.transport.value())], [self.relay.authResponse])
+        return agent
+
+    def test_agentFromElsewhereGetsIn(self):
+        sources = ["198.51.100.1", "198.51.100.2", "198.51.100.3"]
+        self.flood(sources, 90, 20)
+        self.assertEqual(self.relay.pendingHandshakes, 2048)
+        self.agentAuthenticates("203.0.113.4", "peer-a")
+        self.agentAuthenticates("2001:db8:4::1", "peer-b")
+        # The flood keeps going; the agents stay, and so does the bound.
+        self.flood(sources, 90, 5)
+        self.assertEqual(len(self.relay.store), 2)
+        self.assertGreater(self.relay.counters.handshakeRejects["pending_evicted"], 2000)
+
+    def test_agentBehindAFloodingAddressGetsIn(self):
+        # Each idle connection of a flood lives only as long as the slots
+        # last at its rate (2,048 / 270 per second: 7.6 s), and an agent
+        # answers in milliseconds, so even one behind a flooding address is
+        # let in.
+        sources = ["198.51.100.1", "198.51.100.2", "198.51.100.3"]
+        self.flood(sources, 90, 20)
+        self.agentAuthenticates("198.51.100.1", "peer-a")
+
+    def test_ipv6FloodFromOne64(self):
+        # A /64 is one source, however many addresses it uses.
+        hosts = [f"2001:db8:0:1::{i:x}" for i in range(1, 301)]
+        self.flood(hosts, 1, 10, step=1)
+        self.assertEqual(self.relay.pendingHandshakes, 2048)
+        self.assertEqual(list(self.relay.admission._bySource), ["2001:db8:0:1::/64"])
+        self.agentAuthenticates("2001:db8:0:2::1", "peer-a")
 
 
 class LogBudgetTests(unittest.TestCase):

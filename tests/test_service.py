@@ -243,13 +243,26 @@ class ReloadTests(unittest.TestCase):
 class LimitOptionsTests(unittest.TestCase):
     def test_defaults(self):
         limits = parse(REQUIRED)["limits"]
-        self.assertEqual((limits.maxPeers, limits.maxPending, limits.maxPerIP, limits.ratePerIP, limits.peerByteRate), (50000, 2048, 1000, 100, 0))
+        self.assertEqual((limits.maxPeers, limits.maxPending, limits.maxPerIP, limits.ratePerIP, limits.peerByteRate), (50000, 2048, 0, 0, 0))
         self.assertEqual(limits.trustedProxies, ())
 
     def test_fromEnvironment(self):
         limits = parse(REQUIRED, {"OZ_MAX_PEERS": "10", "OZ_TRUSTED_PROXIES": "10.0.0.0/8"})["limits"]
         self.assertEqual(limits.maxPeers, 10)
         self.assertEqual(len(limits.trustedProxies), 1)
+
+    def test_sharedByWorkers(self):
+        # Each of N workers enforces its share, so the host as a whole holds
+        # the configured limits (rounded up); a peer is on one worker, so its
+        # byte rate stays whole.
+        argv = REQUIRED + ["--workers", "3", "--max-peers", "1000", "--max-pending-handshakes", "2048", "--max-connections-per-ip", "10", "--connection-rate-per-ip", "30", "--peer-rate-limit", "5000"]
+        for index in range(3):
+            limits = parse(argv + ["--worker-index", str(index)])["limits"]
+            self.assertEqual((limits.maxPeers, limits.maxPending, limits.maxPerIP, limits.ratePerIP, limits.peerByteRate), (334, 683, 4, 10, 5000))
+        limits = parse(REQUIRED + ["--workers", "3"])["limits"]
+        self.assertEqual((limits.maxPerIP, limits.ratePerIP), (0, 0))
+        limits = parse(REQUIRED + ["--workers", "3", "--connection-rate-per-ip", "1"])["limits"]
+        self.assertAlmostEqual(limits.ratePerIP, 1 / 3)
 
     def test_invalid(self):
         e = self.assertRaises(usage.UsageError, parse, REQUIRED + ["--trusted-proxies", "10.0.0.0/33"])
