@@ -15,11 +15,16 @@ per packet.
 """
 
 import ipaddress
+import os
 
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 PRUNE_INTERVAL = 60.0
+# Descriptors the peer port leaves to everything else (the metrics port and
+# its probes, the fabric, DNS, log files, ACME), so that /healthz still
+# answers while a flood holds every descriptor the peer port may use.
+DESCRIPTOR_RESERVE = 128
 
 
 class TokenBucket:
@@ -51,6 +56,48 @@ class TokenBucket:
 
     def full(self, now):
         return self.tokens + (now - self.stamp) * self.rate >= self.burst
+
+
+def raiseDescriptorLimit():
+    """
+    Raise the soft limit on open descriptors to the hard one, as the Go
+    relay does (its runtime does so since Go 1.19): the soft limit is often
+    1,024, a few hundred agents' worth.
+
+    @return: C{(before, now)}, the soft limit before and after; C{(None,
+        None)} where there is no such limit.
+    """
+    try:
+        import resource
+    except ImportError:
+        return None, None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        # An unlimited soft limit is refused; the kernel's ceiling is not.
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                target = int(f.read())
+        except (OSError, ValueError):
+            target = soft
+    if soft != resource.RLIM_INFINITY and target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError):
+            pass
+    now = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return soft, (None if now == resource.RLIM_INFINITY else now)
+
+
+def descriptorsInUse():
+    """
+    Descriptors this process has open (0 where that cannot be read).
+    """
+    try:
+        # Less the one listdir itself holds open.
+        return len(os.listdir("/proc/self/fd")) - 1
+    except OSError:
+        return 0
 
 
 def parseNetworks(value):
@@ -131,7 +178,8 @@ class Admission:
     Two duties, both keyed by source (L{sourceGroup}):
 
       - L{admit} / L{release}, once per connection: the optional per-source
-        limits (open connections, new connections per second), and the
+        limits (open connections, new connections per second).
+      - L{accept} / L{closed}, once per connection holding a descriptor: the
         descriptor reserve (L{maxConnections}) that keeps the metrics port
         and the fabric able to accept when the peer port is flooded.
       - L{enter} / L{leave}, per session waiting for Auth: the pending slots
@@ -193,6 +241,21 @@ class Admission:
 
     # Connections
 
+    def accept(self):
+        """
+        A new connection holding a descriptor.
+
+        @return: None if there is room for it (the caller must call
+            L{closed} once it is gone), else the reason it is refused.
+        """
+        if self.maxConnections and self.connections >= self.maxConnections:
+            return "descriptors"
+        self.connections += 1
+        return None
+
+    def closed(self):
+        self.connections -= 1
+
     def admit(self, address):
         """
         A new connection from C{address}.
@@ -200,8 +263,6 @@ class Admission:
         @return: None if admitted (the caller must L{release} it later with
             the same address), else the reason it was refused.
         """
-        if self.maxConnections and self.connections >= self.maxConnections:
-            return "descriptors"
         limits = self.limits
         source = sourceGroup(address)
         if limits.maxPerIP and self._open.get(source, 0) >= limits.maxPerIP:
@@ -214,11 +275,9 @@ class Admission:
             if not bucket.take(1, now):
                 return "per_ip_rate"
         self._open[source] = self._open.get(source, 0) + 1
-        self.connections += 1
         return None
 
     def release(self, address):
-        self.connections -= 1
         source = sourceGroup(address)
         count = self._open.get(source, 0) - 1
         if count > 0:

@@ -16,8 +16,9 @@ import sys
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer
-from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
@@ -29,13 +30,14 @@ from twisted.logger import (
 from twisted.python import usage
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from relay.auth import TokenValidator
 from relay.counters import ClusterCounters
-from relay.limits import Limits, parseNetworks
+from relay.limits import DESCRIPTOR_RESERVE, Limits, descriptorsInUse, parseNetworks, raiseDescriptorLimit
 from relay.logtext import classicFileLogObserver
 from relay.metrics import RelayMetrics, splitActiveIdle
-from relay.peer import DEFAULT_HIGH_WATER, PeerWebSocketFactory
+from relay.peer import DEFAULT_HIGH_WATER, PeerWebSocketFactory, RefusableTLSFactory
 from relay.server import ConfigurationError, Relay, instanceURL
 from relay.store import Store
 from relay.tls import ReloadableTLS, loadCertificateOptions
@@ -281,9 +283,25 @@ class Options(usage.Options):
 LISTEN_BACKLOG = max(socket.SOMAXCONN, 4096)
 
 
+@implementer(IStreamServerEndpoint)
+class _TLSEndpoint:
+    """
+    TLS over a TCP endpoint, as C{reactor.listenSSL} does it, but with a
+    L{RefusableTLSFactory}: a connection the admission refuses is closed
+    before any TLS work.
+    """
+
+    def __init__(self, endpoint, contextFactory):
+        self.endpoint = endpoint
+        self.contextFactory = contextFactory
+
+    def listen(self, factory):
+        return self.endpoint.listen(RefusableTLSFactory(self.contextFactory, False, factory))
+
+
 def _serverEndpoint(reactor, host, port, contextFactory=None):
     if contextFactory is not None:
-        return SSL4ServerEndpoint(reactor, port, contextFactory, backlog=LISTEN_BACKLOG, interface=host)
+        return _TLSEndpoint(_serverEndpoint(reactor, host, port), contextFactory)
     if ":" in host:
         return TCP6ServerEndpoint(reactor, port, backlog=LISTEN_BACKLOG, interface=host)
     return TCP4ServerEndpoint(reactor, port, backlog=LISTEN_BACKLOG, interface=host)
@@ -373,6 +391,7 @@ class RelayService(service.MultiService):
                 self.cluster.startService()
             except Exception as e:
                 raise SystemExit(f"relay: cannot start the inter-pod fabric: {e}") from None
+        self._fitDescriptors()
         self.relay.admission.start()
         if self.tls is not None:
             # SIGHUP re-reads the certificate files; established connections
@@ -382,6 +401,30 @@ class RelayService(service.MultiService):
         self._log.info("relay listening on {address}, instance URL {url}", address=_describe(self.peerPort.getHost()), url=self.relay.instanceURL)
         super().startService()
         _freezeStartupObjects()
+
+    def _fitDescriptors(self):
+        """
+        Raise the descriptor limit, keep L{DESCRIPTOR_RESERVE} of it out of
+        the peer port's reach, and say if the limits cannot all be reached.
+        """
+        before, soft = raiseDescriptorLimit()
+        if soft is None:
+            return
+        if soft != before:
+            self._log.info("open file limit raised from {before} to {soft} (the hard limit)", before=before, soft=soft)
+        room = max(1, soft - descriptorsInUse() - DESCRIPTOR_RESERVE)
+        self.relay.admission.maxConnections = room
+        limits = self.relay.limits
+        if limits.maxPeers and limits.maxPeers + limits.maxPending <= room:
+            return
+        self._log.warn(
+            "the open file limit ({soft}) leaves room for {room} peer connections, fewer than --max-peers {peers} and --max-pending-handshakes {pending}: "
+            "further connections are refused (relay_handshake_rejects_total{{reason=\"descriptors\"}}); raise the hard limit (ulimit -Hn, systemd LimitNOFILE, the container runtime's nofile) or lower --max-peers",
+            soft=soft,
+            room=room,
+            peers=limits.maxPeers or "(no limit)",
+            pending=limits.maxPending or "(no limit)",
+        )
 
     def reloadTLS(self):
         """

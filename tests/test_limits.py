@@ -93,11 +93,9 @@ class GateTests(unittest.TestCase):
     def test_descriptorReserve(self):
         gate = Admission(Limits(), self.clock)
         gate.maxConnections = 2
-        self.assertIsNone(gate.admit("192.0.2.1"))
-        self.assertIsNone(gate.admit("192.0.2.2"))
-        self.assertEqual(gate.admit("192.0.2.3"), "descriptors")
-        gate.release("192.0.2.1")
-        self.assertIsNone(gate.admit("192.0.2.3"))
+        self.assertEqual([gate.accept() for _ in range(3)], [None, None, "descriptors"])
+        gate.closed()
+        self.assertIsNone(gate.accept())
         self.assertEqual(gate.connections, 2)
 
     def test_defaultsAdmitEverything(self):
@@ -257,19 +255,44 @@ class ConnectionLimitTests(unittest.TestCase):
     def test_perIPRefusedBeforeAnyByte(self):
         factory = self.factory(Limits(maxPerIP=1))
         first = Peer(factory, 1)
-        second = Peer(factory, 2)
-        self.assertTrue(second.closed)
-        self.assertEqual(second.transport.value(), b"")
-        self.assertIsNone(second.protocol.session)
+        # No protocol: the listening port closes the socket at once.
+        self.assertIsNone(factory.buildProtocol(IPv4Address("TCP", "192.0.2.1", 2)))
         self.assertEqual(self.relay.counters.handshakeRejects["per_ip_connections"], 1)
+        self.assertEqual(self.relay.admission.connections, 1)
         self.assertIn(b"101", first.upgrade())
         first.send(authMessage("peer-a"))
         self.assertEqual(first.messages(), [self.relay.authResponse])
-        second.protocol.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.relay.admission._open, {"192.0.2.1": 1})
         first.protocol.connectionLost(Failure(ConnectionDone()))
-        self.assertEqual(self.relay.admission._open, {})
+        self.assertEqual((self.relay.admission._open, self.relay.admission.connections), ({}, 0))
         self.assertIsNotNone(Peer(factory, 3).protocol.session)
+
+    def test_descriptorsRefusedBeforeAnyByte(self):
+        factory = self.factory(Limits())
+        self.relay.admission.maxConnections = 1
+        first = Peer(factory, 1)
+        self.assertIsNone(factory.buildProtocol(IPv4Address("TCP", "192.0.2.2", 2)))
+        self.assertEqual(self.relay.counters.handshakeRejects["descriptors"], 1)
+        first.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertIsNotNone(Peer(factory, 3).protocol.session)
+
+    def _dir(self):
+        import os
+
+        path = self.mktemp()
+        os.makedirs(path)
+        return path
+
+    def test_refusedOverTLS(self):
+        from relay.peer import RefusableTLSFactory
+        from relay.tls import loadCertificateOptions
+        from tests.certs import writeCertificate
+
+        factory = self.factory(Limits(maxPerIP=1))
+        cert, key, _ = writeCertificate(self._dir())
+        tls = RefusableTLSFactory(loadCertificateOptions(cert, key), False, factory)
+        self.assertIsNotNone(tls.buildProtocol(IPv4Address("TCP", "192.0.2.1", 1)))
+        self.assertIsNone(tls.buildProtocol(IPv4Address("TCP", "192.0.2.1", 2)))
 
     def test_trustedProxyUsesRealIP(self):
         factory = self.factory(Limits(maxPerIP=1, trustedProxies=parseNetworks("192.0.2.1")))

@@ -7,7 +7,7 @@ import json
 
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.task import Clock
-from twisted.logger import Logger, LogLevel
+from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.python import usage
 from twisted.trial import unittest
 
@@ -160,6 +160,45 @@ class ServiceTests(unittest.TestCase):
         top = makeService(parse(REQUIRED), reactor=Clock())
         top.setServiceParent(application)
         self.assertIs(application.getComponent(ILogObserver), top.logObserver)
+
+
+class DescriptorTests(unittest.TestCase):
+    """
+    The descriptor limit at start: raised to the hard limit, a reserve kept
+    from the peer port, a warning when the limits cannot all be reached.
+    """
+
+    def fit(self, argv, before, soft, inUse=20):
+        from relay import service as module
+
+        self.patch(module, "raiseDescriptorLimit", lambda: (before, soft))
+        self.patch(module, "descriptorsInUse", lambda: inUse)
+        events = []
+        top = makeService(parse(REQUIRED + ["--metrics-port", "0"] + argv), reactor=Clock())
+        self.patch(top, "_log", Logger(observer=events.append))
+        top._fitDescriptors()
+        return top.relay.admission.maxConnections, [(e["log_level"], formatEvent(e)) for e in events]
+
+    def test_fits(self):
+        room, lines = self.fit(["--max-peers", "10000"], 1024, 1048576)
+        self.assertEqual(room, 1048576 - 20 - 128)
+        self.assertEqual(lines, [(LogLevel.info, "open file limit raised from 1024 to 1048576 (the hard limit)")])
+
+    def test_doesNotFit(self):
+        room, lines = self.fit([], 20000, 20000)
+        self.assertEqual(room, 20000 - 20 - 128)
+        [(level, text)] = lines
+        self.assertEqual(level, LogLevel.warn)
+        self.assertIn("the open file limit (20000) leaves room for 19852 peer connections, fewer than --max-peers 50000 and --max-pending-handshakes 2048", text)
+        self.assertIn('reason="descriptors"', text)
+
+    def test_noPeerLimit(self):
+        _, lines = self.fit(["--max-peers", "0"], 4096, 4096)
+        self.assertIn("--max-peers (no limit)", lines[0][1])
+
+    def test_unknown(self):
+        room, lines = self.fit([], None, None)
+        self.assertEqual((room, lines), (0, []))
 
 
 class _FakeProcess:
