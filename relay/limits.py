@@ -21,6 +21,11 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 PRUNE_INTERVAL = 60.0
+# A connection waiting for Auth may be evicted for a newcomer only once it
+# has waited this long: an agent needs a few round trips (TCP, TLS, upgrade,
+# Auth), and a reconnect storm from behind one NAT briefly holds more
+# connections than there are slots, all of them young and all of them real.
+EVICTABLE_AFTER = 2.0
 # Descriptors the peer port leaves to everything else (the metrics port and
 # its probes, the fabric, DNS, log files, ACME), so that /healthz still
 # answers while a flood holds every descriptor the peer port may use.
@@ -185,10 +190,13 @@ class Admission:
       - L{enter} / L{leave}, per session waiting for Auth: the pending slots
         (C{maxPending}). When they are all taken, the oldest waiting
         connection of the source that holds the most of them makes room for
-        the newcomer (L{PeerSession.evict}). A flood of connections that
-        never authenticate thus only ever evicts itself, and each source,
-        however many addresses it has, keeps a share of the slots: an agent
-        from anywhere else is never refused for want of a slot.
+        the newcomer (L{PeerSession.evict}), if it has waited
+        L{EVICTABLE_AFTER} already; if not, the newcomer is let in beyond
+        the limit (a burst, bounded by its rate and by the descriptors). A
+        flood of connections that never authenticate thus only ever evicts
+        itself, and each source, however many addresses it has, keeps a
+        share of the slots: an agent from anywhere else is never refused
+        for want of a slot.
 
     QUIC, or any other carrier, calls L{admit} with the source address when
     a connection appears and L{release} when it is gone; its link carries
@@ -213,7 +221,7 @@ class Admission:
         self._buckets = {}
         self._pruner = None
         # Pending sessions: each one's source, each source's sessions in
-        # arrival order, and the sources by how many they hold (so the
+        # arrival order (with the time), and the sources by how many they hold (so the
         # largest is found in O(1) however many sources there are).
         self._pendingSource = {}
         self._bySource = {}
@@ -303,20 +311,27 @@ class Admission:
         first (see the class docstring).
         """
         maxPending = self.limits.maxPending
+        now = self.clock.seconds()
         if maxPending and len(self._pendingSource) >= maxPending:
             source = next(iter(self._bySize[self._largest]))
-            victim = next(iter(self._bySource[source]))
-            self.leave(victim)
-            victim.evict("pending_evicted", len(self._pendingSource) + 1, source)
-        self._add(session, "" if address is None else sourceGroup(address))
+            sessions = self._bySource[source]
+            victim = next(iter(sessions))
+            if now - sessions[victim] >= EVICTABLE_AFTER:
+                waiting = len(self._pendingSource)
+                self.leave(victim)
+                victim.evict("pending_evicted", waiting, source)
+        self._add(session, "" if address is None else sourceGroup(address), now)
 
     def move(self, session, address):
         """
         The waiting C{session} turned out to come from C{address} (a trusted
         proxy's C{X-Real-IP}).
         """
-        if self.leave(session):
-            self._add(session, sourceGroup(address))
+        source = self._pendingSource.get(session)
+        if source is not None:
+            since = self._bySource[source][session]
+            self.leave(session)
+            self._add(session, sourceGroup(address), since)
 
     def leave(self, session):
         """
@@ -335,13 +350,13 @@ class Admission:
             del self._bySource[source]
         return True
 
-    def _add(self, session, source):
+    def _add(self, session, source, since):
         self._pendingSource[session] = source
         sessions = self._bySource.get(source)
         if sessions is None:
             sessions = self._bySource[source] = {}
         size = len(sessions)
-        sessions[session] = None
+        sessions[session] = since
         self._resize(source, size, size + 1)
 
     def _resize(self, source, old, new):

@@ -12,7 +12,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from relay import messages as m
-from relay.limits import Admission, Limits, LogBudget, TokenBucket, parseNetworks, sourceGroup
+from relay.limits import EVICTABLE_AFTER, Admission, Limits, LogBudget, TokenBucket, parseNetworks, sourceGroup
 from relay.peer import PeerWebSocketFactory
 from relay.session import PeerSession
 from tests.helpers import FakeLink, authMessage, connect, makeRelay
@@ -118,7 +118,8 @@ class _Waiting:
 
 class PendingTests(unittest.TestCase):
     def setUp(self):
-        self.admission = Admission(Limits(maxPending=6), Clock())
+        self.clock = Clock()
+        self.admission = Admission(Limits(maxPending=6), self.clock)
 
     def enter(self, name, address):
         session = _Waiting(name)
@@ -128,6 +129,7 @@ class PendingTests(unittest.TestCase):
     def test_evictsOldestOfLargestSource(self):
         a = [self.enter(f"a{i}", "192.0.2.1") for i in range(4)]
         b = [self.enter(f"b{i}", "192.0.2.2") for i in range(2)]
+        self.clock.advance(EVICTABLE_AFTER)
         c = self.enter("c", "192.0.2.3")
         self.assertEqual(a[0].evicted, ("pending_evicted", 6, "192.0.2.1"))
         self.assertEqual([s.evicted for s in a[1:] + b + [c]], [None] * 6)
@@ -138,9 +140,24 @@ class PendingTests(unittest.TestCase):
         self.enter("e", "192.0.2.5")
         self.assertEqual([s.evicted is not None for s in a + b], [True, True, False, False, True, False])
 
+    def test_youngConnectionsAreNotEvicted(self):
+        # A reconnect storm from behind one NAT: more connections than slots
+        # for a moment, all real. The limit bends until they have had time
+        # to authenticate.
+        storm = [self.enter(f"s{i}", "192.0.2.1") for i in range(10)]
+        self.assertEqual(self.admission.pending, 10)
+        self.clock.advance(EVICTABLE_AFTER - 0.1)
+        storm.append(self.enter("s10", "192.0.2.1"))
+        self.assertEqual([s.evicted for s in storm], [None] * 11)
+        self.clock.advance(0.1)
+        self.enter("late", "192.0.2.2")
+        self.assertEqual([s.evicted is not None for s in storm], [True] + [False] * 10)
+        self.assertEqual(self.admission.pending, 11)
+
     def test_newcomerFromLargestSourceEvictsItsOwnOldest(self):
         a = [self.enter(f"a{i}", "192.0.2.1") for i in range(5)]
         b = self.enter("b", "192.0.2.2")
+        self.clock.advance(EVICTABLE_AFTER)
         late = self.enter("late", "192.0.2.1")
         self.assertIsNotNone(a[0].evicted)
         self.assertEqual([s.evicted for s in a[1:] + [b, late]], [None] * 6)
@@ -148,6 +165,7 @@ class PendingTests(unittest.TestCase):
     def test_ipv6Source(self):
         flood = [self.enter(f"f{i}", f"2001:db8::{i + 1:x}") for i in range(5)]
         other = self.enter("o", "2001:db8:0:1::1")
+        self.clock.advance(EVICTABLE_AFTER)
         self.enter("n", "198.51.100.1")
         self.assertEqual(flood[0].evicted, ("pending_evicted", 6, "2001:db8::/64"))
         self.assertIsNone(other.evicted)
@@ -159,6 +177,7 @@ class PendingTests(unittest.TestCase):
         self.assertFalse(self.admission.leave(a[0]))
         # A trusted proxy's connection turns out to be from 192.0.2.1.
         self.admission.move(b[0], "192.0.2.1")
+        self.clock.advance(EVICTABLE_AFTER)
         self.enter("c", "192.0.2.3")
         self.admission.enter(_Waiting("d"), "192.0.2.4")
         self.assertEqual([s.evicted is not None for s in a + b], [False, True, False, False, False, False])
@@ -181,7 +200,9 @@ class SessionLimitTests(unittest.TestCase):
     def test_maxPending(self):
         self.relay.limits = Limits(maxPending=2)
         links = [FakeLink() for _ in range(3)]
-        waiting = [PeerSession(self.relay, link) for link in links]
+        waiting = [PeerSession(self.relay, link) for link in links[:2]]
+        self.clock.advance(EVICTABLE_AFTER)
+        waiting.append(PeerSession(self.relay, links[2]))
         # The oldest made room for the newest, and said why.
         self.assertEqual([link.aborted for link in links], [True, False, False])
         self.assertTrue(waiting[0].closed)
