@@ -257,7 +257,12 @@ class Admission:
             L{closed} once it is gone), else the reason it is refused.
         """
         if self.maxConnections and self.connections >= self.maxConnections:
-            return "descriptors"
+            # Out of descriptors, a connection waiting for Auth makes room
+            # whatever its age: an agent must not be refused because a flood
+            # holds them all. Its descriptor is freed on the next reactor
+            # turn; half the reserve covers those still being closed.
+            if self.connections >= self.maxConnections + DESCRIPTOR_RESERVE // 2 or not self._evict(force=True):
+                return "descriptors"
         self.connections += 1
         return None
 
@@ -311,16 +316,28 @@ class Admission:
         first (see the class docstring).
         """
         maxPending = self.limits.maxPending
-        now = self.clock.seconds()
         if maxPending and len(self._pendingSource) >= maxPending:
-            source = next(iter(self._bySize[self._largest]))
-            sessions = self._bySource[source]
-            victim = next(iter(sessions))
-            if now - sessions[victim] >= EVICTABLE_AFTER:
-                waiting = len(self._pendingSource)
-                self.leave(victim)
-                victim.evict("pending_evicted", waiting, source)
-        self._add(session, "" if address is None else sourceGroup(address), now)
+            self._evict()
+        self._add(session, "" if address is None else sourceGroup(address), self.clock.seconds())
+
+    def _evict(self, force=False):
+        """
+        Close the oldest waiting connection of the source that holds the
+        most, if it has waited L{EVICTABLE_AFTER} (or C{force}).
+
+        @return: whether one was closed.
+        """
+        if not self._largest:
+            return False
+        source = next(iter(self._bySize[self._largest]))
+        sessions = self._bySource[source]
+        victim = next(iter(sessions))
+        if not force and self.clock.seconds() - sessions[victim] < EVICTABLE_AFTER:
+            return False
+        waiting = len(self._pendingSource)
+        self.leave(victim)
+        victim.evict("pending_evicted", waiting, source)
+        return True
 
     def move(self, session, address):
         """

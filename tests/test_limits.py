@@ -98,6 +98,25 @@ class GateTests(unittest.TestCase):
         self.assertIsNone(gate.accept())
         self.assertEqual(gate.connections, 2)
 
+    def test_outOfDescriptorsEvictsWaiting(self):
+        # A flood holds every descriptor with connections that never
+        # authenticate: a newcomer still gets in, in place of the oldest of
+        # the largest source, however young.
+        gate = Admission(Limits(maxPending=1000), self.clock)
+        gate.maxConnections = 3
+        flood = [_Waiting(str(i)) for i in range(3)]
+        for session in flood:
+            self.assertIsNone(gate.accept())
+            gate.enter(session, "198.51.100.1")
+        self.assertIsNone(gate.accept())
+        self.assertEqual([s.evicted for s in flood], [("pending_evicted", 3, "198.51.100.1"), None, None])
+        self.assertEqual((gate.connections, gate.pending), (4, 2))
+        # While evicted descriptors are still being closed, half the
+        # reserve at most; then nothing is left to evict.
+        gate.leave(flood[1])
+        gate.leave(flood[2])
+        self.assertEqual(gate.accept(), "descriptors")
+
     def test_defaultsAdmitEverything(self):
         gate = Admission(Limits(), self.clock)
         self.assertEqual([gate.admit("192.0.2.1") for _ in range(5000)], [None] * 5000)
@@ -292,6 +311,9 @@ class ConnectionLimitTests(unittest.TestCase):
         factory = self.factory(Limits())
         self.relay.admission.maxConnections = 1
         first = Peer(factory, 1)
+        # Authenticated, so there is no waiting connection to make room.
+        self.assertIn(b"101", first.upgrade())
+        first.send(authMessage("peer-a"))
         self.assertIsNone(factory.buildProtocol(IPv4Address("TCP", "192.0.2.2", 2)))
         self.assertEqual(self.relay.counters.handshakeRejects["descriptors"], 1)
         first.protocol.connectionLost(Failure(ConnectionDone()))
