@@ -3,6 +3,8 @@ Resource limits: each holds, and a well-behaved peer is unaffected while
 another hits it.
 """
 
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
@@ -15,7 +17,7 @@ from relay import messages as m
 from relay.limits import EVICTABLE_AFTER, Admission, Limits, LogBudget, TokenBucket, parseNetworks, sourceGroup
 from relay.peer import PeerWebSocketFactory
 from relay.session import PeerSession
-from tests.helpers import FakeLink, authMessage, connect, makeRelay
+from tests.helpers import FakeLink, authMessage, connect, hypothesisProfile, makeRelay
 from tests.test_peer import UPGRADE, Peer, clientFrame, serverFrames
 
 A, B = m.peerID("peer-a"), m.peerID("peer-b")
@@ -209,6 +211,54 @@ class PendingTests(unittest.TestCase):
         self.admission.limits = Limits()
         sessions = [self.enter(str(i), "192.0.2.1") for i in range(100)]
         self.assertEqual([s.evicted for s in sessions], [None] * 100)
+
+
+_OPS = st.lists(
+    st.tuples(st.sampled_from(["enter", "leave", "move", "tick"]), st.integers(0, 15), st.sampled_from(["192.0.2.1", "192.0.2.2", "2001:db8::1", "2001:db8::2", None])),
+    max_size=200,
+)
+
+
+class PendingPropertyTests(unittest.TestCase):
+    @hypothesisProfile()
+    @given(_OPS)
+    def test_tablesStayConsistent(self, ops):
+        # Whatever enters, leaves, moves and ages: the count per source and
+        # the largest source agree with the sessions held, a full table
+        # evicts exactly when the oldest of a largest source is old enough,
+        # and the victim is always from a largest source.
+        clock = Clock()
+        admission = Admission(Limits(maxPending=5), clock)
+        sessions = [_Waiting(str(i)) for i in range(16)]
+        waiting = set()
+        for op, index, address in ops:
+            session = sessions[index]
+            if op == "enter" and session not in waiting:
+                before = {src: len(members) for src, members in admission._bySource.items()}
+                full = len(waiting) >= 5
+                if full:
+                    largest = admission._bySource[next(iter(admission._bySize[admission._largest]))]
+                    oldAge = clock.seconds() - next(iter(largest.values()))
+                admission.enter(session, address)
+                waiting.add(session)
+                evicted = [s for s in waiting if s.evicted]
+                self.assertEqual(len(evicted), 1 if full and oldAge >= EVICTABLE_AFTER else 0)
+                for victim in evicted:
+                    self.assertEqual(before[victim.evicted[2]], max(before.values()))
+                    waiting.discard(victim)
+                    victim.evicted = None
+            elif op == "leave":
+                self.assertEqual(admission.leave(session), session in waiting)
+                waiting.discard(session)
+            elif op == "move" and address is not None:
+                admission.move(session, address)
+            elif op == "tick":
+                clock.advance(1.0)
+            self.assertEqual(set(admission._pendingSource), waiting)
+            sizes = {src: len(members) for src, members in admission._bySource.items()}
+            self.assertNotIn(0, sizes.values())
+            self.assertEqual(admission._largest, max(sizes.values(), default=0))
+            self.assertEqual({n: set(srcs) for n, srcs in admission._bySize.items()}, {n: {s for s, k in sizes.items() if k == n} for n in set(sizes.values())})
 
 
 class SessionLimitTests(unittest.TestCase):
