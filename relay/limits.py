@@ -2,10 +2,11 @@
 Resource limits for an internet-facing relay.
 
 Anyone can open a socket to a relay, so every resource a stranger can make it
-spend is bounded: connections per source address, new connections per source
-address per second, connections that have not authenticated yet, peers in
-all, and inbound bytes per peer. A limit refuses or drops only what exceeds
-it; connections within their limits never notice.
+spend is bounded: connections that have not authenticated yet (shared fairly
+between sources, see L{Admission}), descriptors, peers in all, and, when the
+operator asks for them, connections and new connections per second per source
+and inbound bytes per peer. A limit refuses or drops only what exceeds it;
+connections within their limits never notice.
 
 Token buckets are written here rather than taken from a library: the ones on
 PyPI are built for threads or asyncio and wall-clock time, while these must
@@ -14,11 +15,21 @@ per packet.
 """
 
 import ipaddress
+import os
 
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 PRUNE_INTERVAL = 60.0
+# A connection waiting for Auth may be evicted for a newcomer only once it
+# has waited this long: an agent needs a few round trips (TCP, TLS, upgrade,
+# Auth), and a reconnect storm from behind one NAT briefly holds more
+# connections than there are slots, all of them young and all of them real.
+EVICTABLE_AFTER = 2.0
+# Descriptors the peer port leaves to everything else (the metrics port and
+# its probes, the fabric, DNS, log files, ACME), so that /healthz still
+# answers while a flood holds every descriptor the peer port may use.
+DESCRIPTOR_RESERVE = 128
 
 
 class TokenBucket:
@@ -50,6 +61,48 @@ class TokenBucket:
 
     def full(self, now):
         return self.tokens + (now - self.stamp) * self.rate >= self.burst
+
+
+def raiseDescriptorLimit():
+    """
+    Raise the soft limit on open descriptors to the hard one, as the Go
+    relay does (its runtime does so since Go 1.19): the soft limit is often
+    1,024, a few hundred agents' worth.
+
+    @return: C{(before, now)}, the soft limit before and after; C{(None,
+        None)} where there is no such limit.
+    """
+    try:
+        import resource
+    except ImportError:
+        return None, None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        # An unlimited soft limit is refused; the kernel's ceiling is not.
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                target = int(f.read())
+        except (OSError, ValueError):
+            target = soft
+    if soft != resource.RLIM_INFINITY and target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError):
+            pass
+    now = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return soft, (None if now == resource.RLIM_INFINITY else now)
+
+
+def descriptorsInUse():
+    """
+    Descriptors this process has open (0 where that cannot be read).
+    """
+    try:
+        # Less the one listdir itself holds open.
+        return len(os.listdir("/proc/self/fd")) - 1
+    except OSError:
+        return 0
 
 
 def parseNetworks(value):
@@ -84,15 +137,77 @@ class Limits:
         self.peerByteRate = peerByteRate
         self.trustedProxies = tuple(trustedProxies)
 
+    def shared(self, workers):
+        """
+        The limits of one of C{workers} processes sharing a port: the
+        kernel spreads connections evenly over them (C{SO_REUSEPORT} hashes
+        each connection's addresses and ports), so each enforces its share,
+        rounded up, and the host as a whole holds the configured limits.
+        A peer is served by one worker, so its byte rate stays whole.
+        """
 
-class ConnectionGate:
+        def share(value):
+            return -(-value // workers)
+
+        return Limits(
+            maxPeers=share(self.maxPeers),
+            maxPending=share(self.maxPending),
+            maxPerIP=share(self.maxPerIP),
+            ratePerIP=self.ratePerIP / workers,
+            peerByteRate=self.peerByteRate,
+            trustedProxies=self.trustedProxies,
+        )
+
+
+def sourceGroup(address):
     """
-    Admits or refuses connections by source address, and counts them.
+    The key a source address is counted under: an IPv4 address itself, an
+    IPv6 address by its /64 (what one subscriber is handed: counted by
+    address, one home would be 2**64 sources).
+    """
+    if ":" not in address:
+        return address
+    try:
+        ip = ipaddress.IPv6Address(address.partition("%")[0])
+    except ValueError:
+        return address
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return f"{ipaddress.IPv6Address(int(ip) >> 64 << 64)}/64"
 
-    Each admitted connection holds a ticket for its address until it calls
-    L{release}. Per-address state is dropped once an address has no
-    connection and a full bucket, so the tables stay as small as the set of
-    addresses currently active.
+
+class Admission:
+    """
+    Which connections the relay takes on, whatever carries them.
+
+    Two duties, both keyed by source (L{sourceGroup}):
+
+      - L{admit} / L{release}, once per connection: the optional per-source
+        limits (open connections, new connections per second).
+      - L{accept} / L{closed}, once per connection holding a descriptor: the
+        descriptor reserve (L{maxConnections}) that keeps the metrics port
+        and the fabric able to accept when the peer port is flooded.
+      - L{enter} / L{leave}, per session waiting for Auth: the pending slots
+        (C{maxPending}). When they are all taken, the oldest waiting
+        connection of the source that holds the most of them makes room for
+        the newcomer (L{PeerSession.evict}), if it has waited
+        L{EVICTABLE_AFTER} already; if not, the newcomer is let in beyond
+        the limit (a burst, bounded by its rate and by the descriptors). A
+        flood of connections that never authenticate thus only ever evicts
+        itself, and each source, however many addresses it has, keeps a
+        share of the slots: an agent from anywhere else is never refused
+        for want of a slot.
+
+    QUIC, or any other carrier, calls L{admit} with the source address when
+    a connection appears and L{release} when it is gone; its link carries
+    the address as C{sourceHost}, which L{PeerSession} hands to L{enter}.
+
+    Per-address state is dropped once an address has no connection and a
+    full bucket, so the tables stay as small as the set of addresses
+    currently active.
+
+    @ivar maxConnections: connections the descriptor limit leaves room for
+        (0: not known, not checked).
     """
 
     _log = Logger()
@@ -100,9 +215,18 @@ class ConnectionGate:
     def __init__(self, limits, clock):
         self.limits = limits
         self.clock = clock
+        self.maxConnections = 0
+        self.connections = 0
         self._open = {}
         self._buckets = {}
         self._pruner = None
+        # Pending sessions: each one's source, each source's sessions in
+        # arrival order (with the time), and the sources by how many they hold (so the
+        # largest is found in O(1) however many sources there are).
+        self._pendingSource = {}
+        self._bySource = {}
+        self._bySize = {}
+        self._largest = 0
 
     def start(self):
         if self.limits.ratePerIP:
@@ -123,37 +247,147 @@ class ConnectionGate:
             return False
         return any(ip in network for network in self.limits.trustedProxies)
 
+    # Connections
+
+    def accept(self):
+        """
+        A new connection holding a descriptor.
+
+        @return: None if there is room for it (the caller must call
+            L{closed} once it is gone), else the reason it is refused.
+        """
+        if self.maxConnections and self.connections >= self.maxConnections:
+            # Out of descriptors, a connection waiting for Auth makes room
+            # whatever its age: an agent must not be refused because a flood
+            # holds them all. Its descriptor is freed on the next reactor
+            # turn; half the reserve covers those still being closed.
+            if self.connections >= self.maxConnections + DESCRIPTOR_RESERVE // 2 or not self._evict(force=True):
+                return "descriptors"
+        self.connections += 1
+        return None
+
+    def closed(self):
+        self.connections -= 1
+
     def admit(self, address):
         """
         A new connection from C{address}.
 
-        @return: None if admitted (the caller must L{release} it later), else
-            the reason it was refused.
+        @return: None if admitted (the caller must L{release} it later with
+            the same address), else the reason it was refused.
         """
         limits = self.limits
-        if limits.maxPerIP and self._open.get(address, 0) >= limits.maxPerIP:
+        source = sourceGroup(address)
+        if limits.maxPerIP and self._open.get(source, 0) >= limits.maxPerIP:
             return "per_ip_connections"
         if limits.ratePerIP:
             now = self.clock.seconds()
-            bucket = self._buckets.get(address)
+            bucket = self._buckets.get(source)
             if bucket is None:
-                bucket = self._buckets[address] = TokenBucket(limits.ratePerIP, 2 * limits.ratePerIP, now)
+                bucket = self._buckets[source] = TokenBucket(limits.ratePerIP, 2 * limits.ratePerIP, now)
             if not bucket.take(1, now):
                 return "per_ip_rate"
-        self._open[address] = self._open.get(address, 0) + 1
+        self._open[source] = self._open.get(source, 0) + 1
         return None
 
     def release(self, address):
-        count = self._open.get(address, 0) - 1
+        source = sourceGroup(address)
+        count = self._open.get(source, 0) - 1
         if count > 0:
-            self._open[address] = count
+            self._open[source] = count
         else:
-            self._open.pop(address, None)
+            self._open.pop(source, None)
 
     def prune(self):
         now = self.clock.seconds()
         for address in [a for a, b in self._buckets.items() if a not in self._open and b.full(now)]:
             del self._buckets[address]
+
+    # Sessions waiting for Auth
+
+    @property
+    def pending(self):
+        return len(self._pendingSource)
+
+    def enter(self, session, address):
+        """
+        C{session}, from C{address} (None if unknown), waits for Auth. If the
+        pending slots are all taken, another waiting session is evicted
+        first (see the class docstring).
+        """
+        maxPending = self.limits.maxPending
+        if maxPending and len(self._pendingSource) >= maxPending:
+            self._evict()
+        self._add(session, "" if address is None else sourceGroup(address), self.clock.seconds())
+
+    def _evict(self, force=False):
+        """
+        Close the oldest waiting connection of the source that holds the
+        most, if it has waited L{EVICTABLE_AFTER} (or C{force}).
+
+        @return: whether one was closed.
+        """
+        if not self._largest:
+            return False
+        source = next(iter(self._bySize[self._largest]))
+        sessions = self._bySource[source]
+        victim = next(iter(sessions))
+        if not force and self.clock.seconds() - sessions[victim] < EVICTABLE_AFTER:
+            return False
+        waiting = len(self._pendingSource)
+        self.leave(victim)
+        victim.evict("pending_evicted", waiting, source)
+        return True
+
+    def move(self, session, address):
+        """
+        The waiting C{session} turned out to come from C{address} (a trusted
+        proxy's C{X-Real-IP}).
+        """
+        source = self._pendingSource.get(session)
+        if source is not None:
+            since = self._bySource[source][session]
+            self.leave(session)
+            self._add(session, sourceGroup(address), since)
+
+    def leave(self, session):
+        """
+        C{session} no longer waits (authenticated, or gone).
+
+        @return: whether it was waiting.
+        """
+        source = self._pendingSource.pop(session, None)
+        if source is None:
+            return False
+        sessions = self._bySource[source]
+        size = len(sessions)
+        del sessions[session]
+        self._resize(source, size, size - 1)
+        if size == 1:
+            del self._bySource[source]
+        return True
+
+    def _add(self, session, source, since):
+        self._pendingSource[session] = source
+        sessions = self._bySource.get(source)
+        if sessions is None:
+            sessions = self._bySource[source] = {}
+        size = len(sessions)
+        sessions[session] = since
+        self._resize(source, size, size + 1)
+
+    def _resize(self, source, old, new):
+        if old:
+            sources = self._bySize[old]
+            del sources[source]
+            if not sources:
+                del self._bySize[old]
+                if old == self._largest:
+                    self._largest = new
+        if new:
+            self._bySize.setdefault(new, {})[source] = None
+            if new > self._largest:
+                self._largest = new
 
 
 class LogBudget:

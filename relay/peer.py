@@ -32,10 +32,10 @@ from twisted.internet import tcp
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from relay import messages as m
-from relay.limits import ConnectionGate
 from relay.session import PeerSession
 
 
@@ -156,22 +156,16 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
         # Only a plain TCP transport is written to directly (_writeNow).
         self._direct = type(self.transport) is tcp.Server
         self._closeWaiters = []
-        self._ticket = None
         self.factory.relay.counters.connections[self.transportName] += 1
-        # Behind a trusted proxy the source address is only known from the
-        # upgrade request's X-Real-IP (onConnect).
-        if not self.factory.gate.isTrustedProxy(host) and not self._admit(host):
-            self.transport.abortConnection()
-            return
+        self.sourceHost = host
         # The session starts at TCP accept, so its handshake timeout covers
         # the WebSocket upgrade as well as the wait for Auth.
         self.session = PeerSession(self.factory.relay, self)
 
     def _admit(self, address):
-        reason = self.factory.gate.admit(address)
+        reason = self.factory.relay.admission.admit(address)
         if reason is not None:
-            self.factory.relay.noisyLog(self._log.warn, "{where}: connection refused: {reason}", where=self.peerAddress, reason=reason)
-            self.factory.relay.counters.handshakeRejects[reason] += 1
+            self.factory.refused(self.peerAddress, reason)
             return False
         self._ticket = address
         return True
@@ -184,8 +178,10 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
             self._readPause.cancel()
             self._readPause = None
         self.factory.relay.counters.connections[self.transportName] -= 1
+        admission = self.factory.relay.admission
+        admission.closed()
         if self._ticket is not None:
-            self.factory.gate.release(self._ticket)
+            admission.release(self._ticket)
         if self.session is not None:
             self.session.linkLost()
         waiters, self._closeWaiters = self._closeWaiters, None
@@ -201,6 +197,9 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
                 self.peerAddress = f"{realIP}:{request.headers.get('x-real-port', '?').strip()} via {self.peerAddress}"
             if not self._admit(realIP or self.transport.getPeer().host):
                 raise ConnectionDeny(429, "Too Many Requests")
+            if realIP:
+                self.sourceHost = realIP
+                self.factory.relay.admission.move(self.session, realIP)
         if request.path != PATH:
             self.factory.relay.noisyLog(self._log.info, "{where}: refused WebSocket upgrade for path {path!r}", where=self.peerAddress, path=request.path)
             raise ConnectionDeny(ConnectionDeny.NOT_FOUND, "Not Found")
@@ -397,6 +396,20 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
         return d
 
 
+class RefusableTLSFactory(TLSMemoryBIOFactory):
+    """
+    TLS over a factory that may refuse a connection (C{buildProtocol}
+    returns None, as L{PeerWebSocketFactory} does): the refusal reaches the
+    listening port, which closes the socket before any TLS work.
+    """
+
+    def buildProtocol(self, addr):
+        protocol = self.wrappedFactory.buildProtocol(addr)
+        if protocol is None:
+            return None
+        return self.protocol(self, protocol)
+
+
 def _writeNow(transport, data):
     """
     Write C{data} to a plain TCP transport, straight to the socket if
@@ -442,17 +455,16 @@ class PeerWebSocketFactory(WebSocketServerFactory):
     @ivar relay: the L{relay.server.Relay} sessions talk to.
     @ivar highWater: bytes queued for a slow peer beyond Twisted's own buffer
         before further messages to it are dropped.
-    @ivar gate: the L{ConnectionGate} admitting connections by address.
     """
 
     protocol = PeerWebSocketProtocol
     noisy = False
+    _log = Logger()
 
-    def __init__(self, relay, reactor, highWater=DEFAULT_HIGH_WATER, gate=None):
+    def __init__(self, relay, reactor, highWater=DEFAULT_HIGH_WATER):
         super().__init__(server="relay", reactor=reactor)
         self.relay = relay
         self.highWater = highWater
-        self.gate = gate if gate is not None else ConnectionGate(relay.limits, reactor)
         # The peer whose read is being taken apart, and the peers with
         # frames queued meanwhile (PeerWebSocketProtocol.flush).
         self.reading = None
@@ -470,6 +482,36 @@ class PeerWebSocketFactory(WebSocketServerFactory):
             autoPingInterval=0,
             requireMaskedClientFrames=True,
         )
+
+    def buildProtocol(self, addr):
+        """
+        A protocol for a new connection, or None to refuse it: the listening
+        port then closes the socket at once (L{twisted.internet.tcp.Port}),
+        before Autobahn or TLS spend anything on it, and before a flood of
+        refused connections can pile up descriptors within one accept loop.
+        Behind a trusted proxy the source address is only known from the
+        upgrade request's X-Real-IP (L{PeerWebSocketProtocol.onConnect}).
+        """
+        admission = self.relay.admission
+        host = getattr(addr, "host", "?")
+        reason = admission.accept()
+        ticket = None
+        if reason is None and not admission.isTrustedProxy(host):
+            reason = admission.admit(host)
+            if reason is None:
+                ticket = host
+            else:
+                admission.closed()
+        if reason is not None:
+            self.refused(f"{host}:{getattr(addr, 'port', '?')}", reason)
+            return None
+        protocol = super().buildProtocol(addr)
+        protocol._ticket = ticket
+        return protocol
+
+    def refused(self, where, reason):
+        self.relay.noisyLog(self._log.warn, "{where}: connection refused: {reason}", where=where, reason=reason)
+        self.relay.counters.handshakeRejects[reason] += 1
 
     def flush(self):
         batched, self.batched = self.batched, []

@@ -17,7 +17,7 @@ from zope.interface import implementer
 from relay import messages as m
 from relay.counters import RelayCounters
 from relay.interfaces import ILocalPeers
-from relay.limits import Limits, LogBudget
+from relay.limits import Admission, Limits, LogBudget
 
 SHUTDOWN_WRITE_TIMEOUT = 3.0
 
@@ -69,7 +69,8 @@ class Relay:
     @ivar recordAuthenticationTime: called with milliseconds per handshake.
     @ivar recordStoreTime: called with milliseconds per store update.
     @ivar limits: the L{Limits} sessions enforce.
-    @ivar pendingHandshakes: connections that have not authenticated yet.
+    @ivar admission: the L{Admission} every carrier's connections and
+        sessions go through.
     @ivar noisyLog: the L{LogBudget} for lines strangers can cause.
     """
 
@@ -87,9 +88,23 @@ class Relay:
         self.recordAuthenticationTime = _noop
         self.recordStoreTime = _noop
         self.draining = False
-        self.limits = Limits()
-        self.pendingHandshakes = 0
+        self.admission = Admission(Limits(), clock)
         self.noisyLog = LogBudget(clock)
+
+    @property
+    def limits(self):
+        return self.admission.limits
+
+    @limits.setter
+    def limits(self, limits):
+        self.admission.limits = limits
+
+    @property
+    def pendingHandshakes(self):
+        """
+        Connections that have not authenticated yet.
+        """
+        return self.admission.pending
 
     def register(self, session, startedAt):
         """

@@ -16,8 +16,9 @@ import sys
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer
-from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
@@ -29,13 +30,14 @@ from twisted.logger import (
 from twisted.python import usage
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from relay.auth import TokenValidator
 from relay.counters import ClusterCounters
-from relay.limits import Limits, parseNetworks
+from relay.limits import DESCRIPTOR_RESERVE, Limits, descriptorsInUse, parseNetworks, raiseDescriptorLimit
 from relay.logtext import classicFileLogObserver
 from relay.metrics import RelayMetrics, splitActiveIdle
-from relay.peer import DEFAULT_HIGH_WATER, PeerWebSocketFactory
+from relay.peer import DEFAULT_HIGH_WATER, PeerWebSocketFactory, RefusableTLSFactory
 from relay.server import ConfigurationError, Relay, instanceURL
 from relay.store import Store
 from relay.tls import ReloadableTLS, loadCertificateOptions
@@ -115,8 +117,8 @@ class Options(usage.Options):
         ["peer-buffer-limit", None, str(DEFAULT_HIGH_WATER), "Bytes queued for one slow peer before messages to it are dropped."],
         ["max-peers", None, "50000", "Authenticated peers in all; 0 = no limit."],
         ["max-pending-handshakes", None, "2048", "Connections waiting to authenticate; 0 = no limit."],
-        ["max-connections-per-ip", None, "1000", "Open connections from one source address (CGNAT puts many agents behind one); 0 = no limit."],
-        ["connection-rate-per-ip", None, "100", "New connections per second from one source address (bursts of twice that); 0 = no limit."],
+        ["max-connections-per-ip", None, "0", "Open connections from one source address (an IPv6 /64 counts as one); 0 = no limit, the default: NAT, CGNAT and load balancers put many agents behind one."],
+        ["connection-rate-per-ip", None, "0", "New connections per second from one source address (an IPv6 /64 counts as one), bursts of twice that; 0 = no limit, the default."],
         ["peer-rate-limit", None, "0", "Inbound transport bytes per second from one peer; excess is dropped; 0 = no limit."],
         ["trusted-proxies", None, "", "Comma-separated addresses/networks of proxies whose X-Real-IP header names the source address."],
         ["cluster-headless", None, "", "Headless Service name (or comma-separated names/IPs) of the relay pods; empty = single-pod mode."],
@@ -269,6 +271,7 @@ class Options(usage.Options):
             return
         if self["worker-index"] >= self["workers"]:
             raise usage.UsageError("--worker-index must be below --workers")
+        self["limits"] = self["limits"].shared(self["workers"])
         if self["cluster-headless"] and self["worker-index"] == 0:
             raise usage.UsageError("--workers and --cluster-headless do not mix: run one worker per pod in a cluster")
         if self["acme"]:
@@ -291,9 +294,25 @@ class Options(usage.Options):
 LISTEN_BACKLOG = max(socket.SOMAXCONN, 4096)
 
 
+@implementer(IStreamServerEndpoint)
+class _TLSEndpoint:
+    """
+    TLS over a TCP endpoint, as C{reactor.listenSSL} does it, but with a
+    L{RefusableTLSFactory}: a connection the admission refuses is closed
+    before any TLS work.
+    """
+
+    def __init__(self, endpoint, contextFactory):
+        self.endpoint = endpoint
+        self.contextFactory = contextFactory
+
+    def listen(self, factory):
+        return self.endpoint.listen(RefusableTLSFactory(self.contextFactory, False, factory))
+
+
 def _serverEndpoint(reactor, host, port, contextFactory=None):
     if contextFactory is not None:
-        return SSL4ServerEndpoint(reactor, port, contextFactory, backlog=LISTEN_BACKLOG, interface=host)
+        return _TLSEndpoint(_serverEndpoint(reactor, host, port), contextFactory)
     if ":" in host:
         return TCP6ServerEndpoint(reactor, port, backlog=LISTEN_BACKLOG, interface=host)
     return TCP4ServerEndpoint(reactor, port, backlog=LISTEN_BACKLOG, interface=host)
@@ -383,7 +402,8 @@ class RelayService(service.MultiService):
                 self.cluster.startService()
             except Exception as e:
                 raise SystemExit(f"relay: cannot start the inter-pod fabric: {e}") from None
-        self.peerFactory.gate.start()
+        self._fitDescriptors()
+        self.relay.admission.start()
         if self.tls is not None:
             # SIGHUP re-reads the certificate files; established connections
             # keep theirs, new ones get the new one.
@@ -392,6 +412,30 @@ class RelayService(service.MultiService):
         self._log.info("relay listening on {address}, instance URL {url}", address=_describe(self.peerPort.getHost()), url=self.relay.instanceURL)
         super().startService()
         _freezeStartupObjects()
+
+    def _fitDescriptors(self):
+        """
+        Raise the descriptor limit, keep L{DESCRIPTOR_RESERVE} of it out of
+        the peer port's reach, and say if the limits cannot all be reached.
+        """
+        before, soft = raiseDescriptorLimit()
+        if soft is None:
+            return
+        if soft != before:
+            self._log.info("open file limit raised from {before} to {soft} (the hard limit)", before=before, soft=soft)
+        room = max(1, soft - descriptorsInUse() - DESCRIPTOR_RESERVE)
+        self.relay.admission.maxConnections = room
+        limits = self.relay.limits
+        if limits.maxPeers and limits.maxPeers + limits.maxPending <= room:
+            return
+        self._log.warn(
+            "the open file limit ({soft}) leaves room for {room} peer connections, fewer than --max-peers {peers} and --max-pending-handshakes {pending}: "
+            "beyond that a new connection replaces one still waiting for Auth or is refused (relay_handshake_rejects_total{{reason=\"descriptors\"}}); raise the hard limit (ulimit -Hn, systemd LimitNOFILE, the container runtime's nofile) or lower --max-peers",
+            soft=soft,
+            room=room,
+            peers=limits.maxPeers or "(no limit)",
+            pending=limits.maxPending or "(no limit)",
+        )
 
     def reloadTLS(self):
         """
@@ -430,7 +474,7 @@ class RelayService(service.MultiService):
             yield self.cluster.stopService()
         if self.peerPort is not None:
             yield self.peerPort.stopListening()
-        self.peerFactory.gate.stop()
+        self.relay.admission.stop()
         yield self.relay.shutdown()
         yield super().stopService()
         # twistd re-raises the signal that stopped it once the reactor is

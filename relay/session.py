@@ -62,15 +62,7 @@ class PeerSession:
         self._missed = 0
         self._bucket = None
         self._stampPrefix = None
-        self._pending = False
-        limits = relay.limits
-        if limits.maxPending and relay.pendingHandshakes >= limits.maxPending:
-            self.relay.noisyLog(self._log.warn, "{where}: refused: {count} connections already waiting to authenticate", where=link.peerAddress, count=relay.pendingHandshakes)
-            relay.counters.handshakeRejects["max_pending"] += 1
-            self._end()
-            link.closeLink()
-            return
-        relay.pendingHandshakes += 1
+        relay.admission.enter(self, getattr(link, "sourceHost", None))
         self._pending = True
         self._timer = relay.clock.callLater(HANDSHAKE_TIMEOUT, self._timerFired)
         self.messageReceived = self._handshake
@@ -132,6 +124,16 @@ class PeerSession:
         self.relay.register(self, self._startedAt)
         self._startHealthCheck()
         return None
+
+    def evict(self, reason, pending, source):
+        """
+        The relay needs this session's pending slot for a newcomer (see
+        L{relay.limits.Admission}).
+        """
+        self._pending = False
+        self.relay.noisyLog(self._log.warn, "{where}: closed before Auth: {pending} connections waiting to authenticate, the most from {source}", where=self.link.peerAddress, pending=pending, source=source or "unknown sources")
+        self.relay.counters.handshakeRejects[reason] += 1
+        self._close()
 
     def _timerFired(self):
         self._timer = None
@@ -314,7 +316,7 @@ class PeerSession:
         """
         if self._pending:
             self._pending = False
-            self.relay.pendingHandshakes -= 1
+            self.relay.admission.leave(self)
 
 
 def _ignore(message):

@@ -24,9 +24,10 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.runner.procmon import ProcessMonitor
 from zope.interface import implementer
+
+from relay.peer import RefusableTLSFactory
 
 WORKER_NETWORK = "127.0.1."
 SUPERVISOR_CHECK_INTERVAL = 1.0
@@ -71,7 +72,7 @@ class ReusePortEndpoint:
             sock.listen(self.backlog)
             sock.setblocking(False)
             if self.tls is not None:
-                factory = TLSMemoryBIOFactory(self.tls, False, factory)
+                factory = RefusableTLSFactory(self.tls, False, factory)
             port = self.reactor.adoptStreamPort(sock.fileno(), family, factory)
         except OSError as e:
             return defer.fail(e)

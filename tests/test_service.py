@@ -7,7 +7,7 @@ import json
 
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.task import Clock
-from twisted.logger import Logger, LogLevel
+from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.python import usage
 from twisted.trial import unittest
 
@@ -181,6 +181,45 @@ class ServiceTests(unittest.TestCase):
         self.assertIs(application.getComponent(ILogObserver), top.logObserver)
 
 
+class DescriptorTests(unittest.TestCase):
+    """
+    The descriptor limit at start: raised to the hard limit, a reserve kept
+    from the peer port, a warning when the limits cannot all be reached.
+    """
+
+    def fit(self, argv, before, soft, inUse=20):
+        from relay import service as module
+
+        self.patch(module, "raiseDescriptorLimit", lambda: (before, soft))
+        self.patch(module, "descriptorsInUse", lambda: inUse)
+        events = []
+        top = makeService(parse(REQUIRED + ["--metrics-port", "0"] + argv), reactor=Clock())
+        self.patch(top, "_log", Logger(observer=events.append))
+        top._fitDescriptors()
+        return top.relay.admission.maxConnections, [(e["log_level"], formatEvent(e)) for e in events]
+
+    def test_fits(self):
+        room, lines = self.fit(["--max-peers", "10000"], 1024, 1048576)
+        self.assertEqual(room, 1048576 - 20 - 128)
+        self.assertEqual(lines, [(LogLevel.info, "open file limit raised from 1024 to 1048576 (the hard limit)")])
+
+    def test_doesNotFit(self):
+        room, lines = self.fit([], 20000, 20000)
+        self.assertEqual(room, 20000 - 20 - 128)
+        [(level, text)] = lines
+        self.assertEqual(level, LogLevel.warn)
+        self.assertIn("the open file limit (20000) leaves room for 19852 peer connections, fewer than --max-peers 50000 and --max-pending-handshakes 2048", text)
+        self.assertIn('reason="descriptors"', text)
+
+    def test_noPeerLimit(self):
+        _, lines = self.fit(["--max-peers", "0"], 4096, 4096)
+        self.assertIn("--max-peers (no limit)", lines[0][1])
+
+    def test_unknown(self):
+        room, lines = self.fit([], None, None)
+        self.assertEqual((room, lines), (0, []))
+
+
 class _FakeProcess:
     def __init__(self, exited=False):
         self.exited = exited
@@ -262,13 +301,26 @@ class ReloadTests(unittest.TestCase):
 class LimitOptionsTests(unittest.TestCase):
     def test_defaults(self):
         limits = parse(REQUIRED)["limits"]
-        self.assertEqual((limits.maxPeers, limits.maxPending, limits.maxPerIP, limits.ratePerIP, limits.peerByteRate), (50000, 2048, 1000, 100, 0))
+        self.assertEqual((limits.maxPeers, limits.maxPending, limits.maxPerIP, limits.ratePerIP, limits.peerByteRate), (50000, 2048, 0, 0, 0))
         self.assertEqual(limits.trustedProxies, ())
 
     def test_fromEnvironment(self):
         limits = parse(REQUIRED, {"OZ_MAX_PEERS": "10", "OZ_TRUSTED_PROXIES": "10.0.0.0/8"})["limits"]
         self.assertEqual(limits.maxPeers, 10)
         self.assertEqual(len(limits.trustedProxies), 1)
+
+    def test_sharedByWorkers(self):
+        # Each of N workers enforces its share, so the host as a whole holds
+        # the configured limits (rounded up); a peer is on one worker, so its
+        # byte rate stays whole.
+        argv = REQUIRED + ["--workers", "3", "--max-peers", "1000", "--max-pending-handshakes", "2048", "--max-connections-per-ip", "10", "--connection-rate-per-ip", "30", "--peer-rate-limit", "5000"]
+        for index in range(3):
+            limits = parse(argv + ["--worker-index", str(index)])["limits"]
+            self.assertEqual((limits.maxPeers, limits.maxPending, limits.maxPerIP, limits.ratePerIP, limits.peerByteRate), (334, 683, 4, 10, 5000))
+        limits = parse(REQUIRED + ["--workers", "3"])["limits"]
+        self.assertEqual((limits.maxPerIP, limits.ratePerIP), (0, 0))
+        limits = parse(REQUIRED + ["--workers", "3", "--connection-rate-per-ip", "1"])["limits"]
+        self.assertAlmostEqual(limits.ratePerIP, 1 / 3)
 
     def test_invalid(self):
         e = self.assertRaises(usage.UsageError, parse, REQUIRED + ["--trusted-proxies", "10.0.0.0/33"])
