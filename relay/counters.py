@@ -27,9 +27,10 @@ class RelayCounters:
         first message (C{too_large}, C{malformed}, C{bad_version},
         C{bad_type}, C{not_auth}, C{legacy_hello}, C{bad_magic}), the token
         (C{unknown_algo}, C{bad_signature}, C{expired}, C{malformed}), the
-        relay's state and limits (C{draining}, C{max_peers}, C{max_pending},
-        C{per_ip_connections}, C{per_ip_rate}), C{timeout} (no Auth in
-        time) and C{no_certificate} (TLS before ACME's first certificate).
+        relay's state and limits (C{draining}, C{max_peers},
+        C{pending_evicted}, C{descriptors}, C{per_ip_connections},
+        C{per_ip_rate}), C{timeout} (no Auth in time) and C{no_certificate}
+        (TLS before ACME's first certificate).
     @ivar protocolErrors: authenticated peers closed for a protocol error,
         by reason.
     @ivar connections: open connections (authenticated or not), by transport
