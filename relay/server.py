@@ -76,11 +76,13 @@ class Relay:
 
     _log = Logger()
 
-    def __init__(self, validator, instanceURL, clock, store, healthCheckThreshold=1, counters=None):
+    def __init__(self, validator, instanceURL, clock, store, healthCheckThreshold=1, counters=None, wallClock=None):
         self.validator = validator
         self.instanceURL = instanceURL
         self.authResponse = m.encodeAuthResponse(instanceURL)
         self.clock = clock
+        # registeredAt orders a peer's registrations across pods: a date.
+        self.wallClock = clock if wallClock is None else wallClock
         self.store = store
         self.healthCheckThreshold = healthCheckThreshold
         self.counters = counters if counters is not None else RelayCounters()
@@ -112,7 +114,7 @@ class Relay:
         of the same peer, and tell whoever waits for it.
         """
         now = self.clock.seconds()
-        session.registeredAt = now
+        session.registeredAt = self.wallClock.seconds()
         old = self.store.add(session)
         if old is not None:
             self.counters.reconnections += 1

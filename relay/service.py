@@ -32,7 +32,9 @@ from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relay import clocks
 from relay.auth import TokenValidator
+from relay.clocks import useMonotonicTime
 from relay.counters import ClusterCounters
 from relay.limits import DESCRIPTOR_RESERVE, Limits, descriptorsInUse, parseNetworks, raiseDescriptorLimit
 from relay.logtext import classicFileLogObserver
@@ -537,13 +539,14 @@ def _makeCluster(options, relay, readiness, reactor):
         counters,
         reactor,
         compat=options["cluster-compat"],
+        wallClock=relay.wallClock,
     )
     relay.forwarder = cluster
     cluster.whenDiscoveryRan().addCallback(lambda _: setattr(readiness, "discoveryDone", True))
     return cluster, counters
 
 
-def _makeAcme(options, readiness, reactor, onCertificate, counters):
+def _makeAcme(options, readiness, reactor, onCertificate, counters, wallClock):
     """
     The ACME certificate service, or None without C{--letsencrypt-*}.
     """
@@ -561,20 +564,37 @@ def _makeAcme(options, readiness, reactor, onCertificate, counters):
         http01Port=options["letsencrypt-http-port"],
         onCertificate=onCertificate,
         counters=counters,
+        now=wallClock.seconds,
     )
     readiness.certificateReady = False
     acme.whenReady().addCallback(lambda _: setattr(readiness, "certificateReady", True))
     return acme
 
 
-def makeService(options, reactor=None):
+def makeService(options, reactor=None, wallClock=None):
+    """
+    The relay's service tree.
+
+    @param reactor: the reactor; by default the global one, which is then
+        switched to monotonic time (L{relay.clocks}).
+    @param wallClock: unix time for token expiry, HELLO timestamps and
+        certificates; by default L{relay.clocks.wallClock} with the global
+        reactor, else C{reactor}.
+    """
     if reactor is None:
         from twisted.internet import reactor
+
+        useMonotonicTime(reactor)
+        if wallClock is None:
+            wallClock = clocks.wallClock
+    if wallClock is None:
+        wallClock = reactor
     store = Store()
     relay = Relay(
-        validator=TokenValidator(options["auth-secret"], reactor),
+        validator=TokenValidator(options["auth-secret"], wallClock),
         instanceURL=options["instance-url"],
         clock=reactor,
+        wallClock=wallClock,
         store=store,
         healthCheckThreshold=options["hc-attempt-threshold"],
     )
@@ -597,7 +617,7 @@ def makeService(options, reactor=None):
         if top.quic is not None:
             top.quic.reloadCertificate(acme.certificatePath, acme.keyPath)
 
-    acme = _makeAcme(options, readiness, reactor, certificateRenewed, relay.counters)
+    acme = _makeAcme(options, readiness, reactor, certificateRenewed, relay.counters, wallClock)
     tls = acme.serverConnectionCreator() if acme is not None else options["tls-options"]
     host, port = options["listen"]
     if options["workers"] > 1:

@@ -40,7 +40,7 @@ class PeerSession:
         the largest message it can carry now (a QUIC datagram's room), by
         which id lists are split; without it, 8820 bytes (WebSocket).
     @ivar peerID: the authenticated id, or None before Auth.
-    @ivar registeredAt: when the peer was stored (relay clock seconds).
+    @ivar registeredAt: when the peer was stored (unix time).
     @ivar lastTransport: when the peer last sent a Transport message.
     """
 

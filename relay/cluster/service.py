@@ -69,6 +69,7 @@ class ClusterService(MultiService):
         counters,
         reactor,
         compat=False,
+        wallClock=None,
     ):
         """
         @param localPeers: the relay, as L{relay.interfaces.ILocalPeers}.
@@ -87,6 +88,8 @@ class ClusterService(MultiService):
             C{nameResolver}.
         @param compat: whether pods that skip the secured handshake (Go
             pods) are taken, at the Go relay's level of trust.
+        @param wallClock: unix time for HELLO timestamps (L{relay.clocks});
+            the reactor by default.
         """
         MultiService.__init__(self)
         self.reactor = reactor
@@ -103,6 +106,7 @@ class ClusterService(MultiService):
             counters,
             endpointFactory=lambda address: tcpEndpoint(reactor, address, bindHost=podIP),
             compat=compat,
+            wallClock=wallClock,
         )
         self.locator = Locator(self.transport, localPeers, reactor)
         self.forwarder = Forwarder(self.transport, self.locator, localPeers, reactor, counters)

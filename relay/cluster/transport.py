@@ -268,7 +268,7 @@ class ClusterStream(Protocol):
         self.transport.registerProducer(self, True)
         owner = self.owner
         if self.dialedByUs:
-            hello = frames.encodeHello(owner.announceAddress, int(owner.clock.seconds()), owner.secret)
+            hello = frames.encodeHello(owner.announceAddress, int(owner.wallClock.seconds()), owner.secret)
             self.send(frames.encodeFrame(frames.HELLO, hello))
             if not owner.secret:
                 self._establish()
@@ -392,7 +392,7 @@ class ClusterStream(Protocol):
             return
         owner = self.owner
         try:
-            hello = frames.decodeHello(payload, owner.secret, owner.clock.seconds())
+            hello = frames.decodeHello(payload, owner.secret, owner.wallClock.seconds())
         except frames.FrameError as e:
             self._rejectHello(e.reason, e.detail)
             return
@@ -723,6 +723,7 @@ class ClusterTransport:
         maxPending=MAX_PENDING,
         maxPendingPerHost=MAX_PENDING_PER_HOST,
         maxConnections=MAX_CONNECTIONS,
+        wallClock=None,
     ):
         """
         @param announceAddress: C{host:port} this pod sends in its HELLO.
@@ -734,8 +735,10 @@ class ClusterTransport:
             handshake (the oldest makes room for a new one);
             C{maxPendingPerHost}: most of those from one address;
             C{maxConnections}: most connections in all.
-        @param clock: an L{IReactorTime}; its C{seconds()} is wall-clock time
-            (HELLO timestamps).
+        @param clock: the L{IReactorTime} timers run on.
+        @param wallClock: whose C{seconds()} is unix time, for HELLO
+            timestamps and their replay memory (L{relay.clocks}); C{clock}
+            by default.
         @param counters: a L{relay.counters.ClusterCounters}.
         @param endpointFactory: called with C{host:port}, returns an
             L{IStreamClientEndpoint} to dial it.
@@ -743,6 +746,7 @@ class ClusterTransport:
         self.announceAddress = announceAddress
         self.secret = secret
         self.clock = clock
+        self.wallClock = clock if wallClock is None else wallClock
         self.counters = counters
         self.endpointFactory = endpointFactory
         self.handler = handler
@@ -842,7 +846,7 @@ class ClusterTransport:
         @return: False if the same HELLO was accepted before within its
             validity window (a replay).
         """
-        now = self.clock.seconds()
+        now = self.wallClock.seconds()
         seen = self._seenHellos
         while seen and (len(seen) >= REPLAY_MEMORY or next(iter(seen.values())) < now):
             seen.popitem(last=False)
