@@ -78,7 +78,7 @@ class WorkersEndToEndTests(unittest.TestCase):
     def test_pairsAcrossWorkers(self):
         relay = yield startRelay(self, "--workers", "2", "--connection-rate-per-ip", "0")
         for _ in range(300):
-            if b"[relay-worker-1]" in relay.output and relay.output.count(b"relay listening on") >= 2:
+            if b"[worker-1 " in relay.output and relay.output.count(b"relay listening on") >= 2:
                 break
             yield sleep(0.05)
         self.assertEqual(relay.output.count(b"relay listening on"), 2)
@@ -98,8 +98,8 @@ class WorkersEndToEndTests(unittest.TestCase):
                 got.append((yield peers[i + 1].transports.get().addTimeout(10, reactor)))
             self.assertEqual(got, [(peers[i].factory.peerID, b"%d:%d" % (i, n)) for n in range(50)])
         lines = relay.output.splitlines()
-        onSecond = [line for line in lines if b"[relay-worker-1]" in line and b": connected" in line]
-        onFirst = [line for line in lines if b"[relay-worker-1]" not in line and b": connected" in line]
+        onSecond = [line for line in lines if b"[worker-1 " in line and b": connected" in line]
+        onFirst = [line for line in lines if b"[worker-0 " in line and b": connected" in line]
         # The kernel spread the 20 connections over both workers (all on
         # one would have a 2-in-a-million chance).
         self.assertTrue(onSecond and onFirst, (len(onFirst), len(onSecond)))
