@@ -13,6 +13,7 @@ from twisted.trial import unittest
 from relay import client
 from relay import messages as m
 from relay.auth import generateToken
+from relay.loopback import freePort
 from tests import wsraw
 from tests.e2e import sleep, startRelay
 
@@ -66,7 +67,10 @@ class JSONSessionTests(unittest.TestCase):
         shutdown. Every line of standard output and error is one JSON
         object (what C{jq -c .} accepts) with the keys a shipper needs.
         """
-        relay = yield startRelay(self, "--log-format", "json", "--log-level", "debug", "--connection-rate-per-ip", "0")
+        metricsPort = freePort("127.0.0.1")
+        relay = yield startRelay(self, "--log-format", "json", "--log-level", "debug", "--connection-rate-per-ip", "0", "--metrics-port", str(metricsPort), "--metrics-address", "127.0.0.1")
+        yield rawConnection(metricsPort, b"GET /metrics HTTP/1.0\r\n\r\n")
+        yield rawConnection(metricsPort, b"\x00\xff not HTTP at all\r\n\r\n")
         a = yield client.connect(reactor, relay.url, m.peerID("peer-a"), secret="relay-secret")
         b = yield client.connect(reactor, relay.url, m.peerID("peer-b"), secret="relay-secret")
         yield a.waitOnline(b.factory.peerID)
@@ -112,6 +116,7 @@ class JSONSessionTests(unittest.TestCase):
             "refused WebSocket upgrade from origin",
             "failing WebSocket opening handshake",
             "shutting down",
+            "metrics port: GET /metrics 200",
         ):
             self.assertIn(expected, text)
         self.assertIn("debug", {line["level"] for line in lines})
