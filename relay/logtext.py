@@ -72,3 +72,16 @@ def classicFileLogObserver(stream, tag=None):
     L{twisted.logger.textFileLogObserver} with L{ClassicText}.
     """
     return FileLogObserver(stream, ClassicText(tag))
+
+
+def quoted(text, limit=100):
+    """
+    Text a stranger sent (a Close reason, a header), fit for one log line:
+    its first C{limit} characters, quoted, with control characters, quotes
+    and backslashes escaped (C{repr}), and C{...} after it when cut.
+    """
+    if text is None:
+        return "''"
+    if len(text) > limit:
+        return repr(text[:limit]) + "..."
+    return repr(text)

@@ -36,6 +36,7 @@ from zope.interface import implementer
 
 from relay import messages as m
 from relay.limits import ConnectionGate
+from relay.logtext import quoted
 from relay.session import PeerSession
 
 
@@ -305,7 +306,7 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
             # Anything else, and a stranger's 1006, is what the other end
             # chose to cause (a Close frame carries up to 123 bytes of its
             # own text), as often as it likes: under the log budget.
-            fields = {"peer": session, "code": code, "reason": _quoted(reason)}
+            fields = {"peer": session, "code": code, "reason": quoted(reason, CLOSE_REASON_SHOWN)}
             if code == 1006 and session.peerID is not None:
                 self._log.info(CLOSE_LINE, **fields)
             else:
@@ -434,18 +435,6 @@ def _noDelay(transport):
         transport.setTcpNoDelay(True)
     except (AttributeError, OSError):
         pass
-
-
-def _quoted(text, limit=CLOSE_REASON_SHOWN):
-    """
-    Text a peer sent, fit for one log line: its first C{limit} characters,
-    quoted, with control characters and quotes escaped (C{repr}).
-    """
-    if text is None:
-        return "''"
-    if len(text) > limit:
-        return repr(text[:limit]) + "..."
-    return repr(text)
 
 
 def _originHost(origin):

@@ -115,3 +115,14 @@ class ClassicTextTests(unittest.TestCase):
                 self.assertTrue(format(e).startswith(f"{stamp} [worker-1 {system}] Unable to format event"))
             else:
                 self.assertEqual(format(e), f"{stamp} [worker-1 {system}")
+
+
+class QuotedTests(unittest.TestCase):
+    def test_escapedAndCut(self):
+        self.assertEqual(logtext.quoted("a\nb\x1b[2J'\\"), repr("a\nb\x1b[2J'\\"))
+        self.assertEqual(logtext.quoted("x" * 101), "'" + "x" * 100 + "'...")
+        self.assertEqual(logtext.quoted("x" * 100), "'" + "x" * 100 + "'")
+        self.assertEqual(logtext.quoted("abc", 2), "'ab'...")
+        self.assertEqual(logtext.quoted(None), "''")
+        for control in "\n\r\t\x00\u2028":
+            self.assertNotIn(control, logtext.quoted(control))
