@@ -4,6 +4,9 @@ bounded number of lines for a flood of strangers.
 """
 
 import json
+import os
+import re
+import sys
 from datetime import datetime
 
 from twisted.internet import defer, protocol, reactor
@@ -15,7 +18,7 @@ from relay import messages as m
 from relay.auth import generateToken
 from relay.loopback import freePort
 from tests import wsraw
-from tests.e2e import sleep, startRelay
+from tests.e2e import ROOT, RelayProcess, relayArgs, sleep, startRelay
 
 TWISTED_KEYS = {"log_logger", "log_source", "log_format", "log_flattened", "log_namespace", "log_level", "log_time", "log_io", "log_text", "__class_uuid__", "isError", "message"}
 
@@ -147,3 +150,93 @@ class FloodTests(unittest.TestCase):
         self.assertTrue(any("failing WebSocket opening handshake" in line["msg"] for line in lines))
         self.assertLessEqual(len(lines), 50, [line["msg"] for line in lines[:5]])
         self.assertEqual((yield relay.stop()), 0)
+
+
+class _LowDescriptorRelay(RelayProcess):
+    """
+    A relay process whose descriptor limit (soft and hard) is C{limit}.
+    """
+
+    limit = 64
+
+    def spawn(self):
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        code = f"import resource; resource.setrlimit(resource.RLIMIT_NOFILE, ({self.limit}, {self.limit})); from twisted.scripts.twistd import run; run()"
+        argv = [sys.executable, "-c", code, "-n", "--pidfile=", "relay"] + self.args
+        self.transport = reactor.spawnProcess(self, sys.executable, argv, env=env, path=ROOT)
+
+
+class DescriptorFloodTests(unittest.TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_emfileBounded(self):
+        """
+        Out of descriptors, Twisted closes each new connection at once and
+        logs three lines for it; under the budget a flood of up to 300 makes
+        at most 50, and each one is counted as a no_descriptors reject.
+        """
+        relay = _LowDescriptorRelay([])
+        metricsPort = freePort("127.0.0.1")
+        relay.args = relayArgs(relay, "relay-secret", "--log-format", "json", "--connection-rate-per-ip", "0", "--metrics-port", str(metricsPort), "--metrics-address", "127.0.0.1")
+        self.addCleanup(relay.stop)
+        yield relay.start()
+        held = []
+        self.addCleanup(lambda: [p.transport.abortConnection() for p in held if p.transport.connected])
+        # Fill the table: connections that wait to authenticate.
+        for _ in range(relay.limit):
+            held.append((yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", relay.port, timeout=5), protocol.Protocol())))
+        yield sleep(0.5)
+        before = len(relay.output.splitlines())
+        closed = []
+        for _ in range(30):
+            results = yield defer.DeferredList([rawConnection(relay.port, b"").addTimeout(5, reactor) for _ in range(10)], consumeErrors=True)
+            batch = [ok for ok, _ in results if ok]
+            if not batch:
+                # Twisted could not take its reserve descriptor back (another
+                # connection took the slot): it accepts nothing more until
+                # descriptors are freed.
+                break
+            closed += batch
+        yield sleep(0.5)
+        lines = jsonLines(relay.output)
+        # Three lines per connection closed without the budget.
+        accepting = [line for line in lines if line["logger"] == "twisted.internet.tcp.Port"]
+        self.assertTrue(any(line["msg"].startswith("EMFILE recovery") for line in accepting), lines[-3:])
+        self.assertLessEqual(len(lines[before:]), 50)
+        for p in held:
+            p.transport.abortConnection()
+        yield sleep(0.5)
+        metrics = yield _get(metricsPort, b"/metrics")
+        counted = re.search(rb'relay_handshake_rejects_total\{[^}]*reason="no_descriptors"\} ([\d.]+)', metrics)
+        self.assertIsNotNone(counted, metrics[-2000:])
+        # Every connection of the flood that was closed unread is counted;
+        # so may be a few of the held ones, accepted after the table filled.
+        self.assertGreater(len(closed), 0)
+        self.assertGreaterEqual(int(float(counted.group(1))), len(closed))
+        self.assertLessEqual(int(float(counted.group(1))), len(closed) + relay.limit)
+        # One or two budget windows at most (50 lines each) for all of it.
+        self.assertLessEqual(len(accepting), 100)
+        self.assertLess(len(accepting), int(float(counted.group(1))))
+        self.assertEqual((yield relay.stop()), 0)
+
+
+@defer.inlineCallbacks
+def _get(port, path):
+    received = []
+    done = defer.Deferred()
+
+    class Getter(protocol.Protocol):
+        def connectionMade(self):
+            self.transport.write(b"GET " + path + b" HTTP/1.0\r\n\r\n")
+
+        def dataReceived(self, data):
+            received.append(data)
+
+        def connectionLost(self, reason):
+            done.callback(None)
+
+    yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5), Getter())
+    yield done.addTimeout(15, reactor)
+    return b"".join(received)
