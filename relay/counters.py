@@ -28,7 +28,8 @@ class RelayCounters:
         C{bad_type}, C{not_auth}, C{legacy_hello}, C{bad_magic}), the token
         (C{unknown_algo}, C{bad_signature}, C{expired}, C{malformed}), the
         relay's state and limits (C{draining}, C{max_peers},
-        C{pending_evicted}, C{descriptors}, C{per_ip_connections},
+        C{pending_evicted}, C{descriptors}, C{no_descriptors} (closed by
+        Twisted's accept loop for want of descriptors), C{per_ip_connections},
         C{per_ip_rate}), C{timeout} (no Auth in time) and C{no_certificate}
         (TLS before ACME's first certificate).
     @ivar protocolErrors: authenticated peers closed for a protocol error,

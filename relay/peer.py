@@ -36,6 +36,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from relay import messages as m
+from relay.logtext import quoted
 from relay.session import PeerSession
 
 
@@ -69,6 +70,9 @@ except ImportError:  # a platform without the websockets C extension
 PATH = "/relay"
 DEFAULT_HIGH_WATER = 1024 * 1024
 CLOSE_TIMEOUT = 3.0
+# Characters of a Close frame's reason put in the log line.
+CLOSE_REASON_SHOWN = 100
+CLOSE_LINE = "{peer}: WebSocket closed with code {code}: {reason}"
 # Longest a sender is left unread after most of one read was dropped for
 # congested destinations; it is read again sooner if one of them drains.
 # Short enough that its other flows keep moving (a WireGuard keepalive or
@@ -292,13 +296,20 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
         self.session.messageReceived(payload)
 
     def onClose(self, wasClean, code, reason):
-        if code is not None and code != 1000 and self.session is not None and not self.session.closed:
-            # 1006 (the TCP connection just went away) is how most agents
-            # leave: it is news, not a warning.
-            level = self._log.info if code == 1006 else self._log.warn
-            level("{peer}: WebSocket closed with code {code}: {reason}", peer=self.session, code=code, reason=reason)
+        session = self.session
+        if code is not None and code != 1000 and session is not None and not session.closed:
             if code == 1009:
                 self.factory.relay.counters.protocolErrors["too_large"] += 1
+            # 1006 (the TCP connection just went away) is how most agents
+            # leave: it is news, not a warning, and one line per agent.
+            # Anything else, and a stranger's 1006, is what the other end
+            # chose to cause (a Close frame carries up to 123 bytes of its
+            # own text), as often as it likes: under the log budget.
+            fields = {"peer": session, "code": code, "reason": quoted(reason, CLOSE_REASON_SHOWN)}
+            if code == 1006 and session.peerID is not None:
+                self._log.info(CLOSE_LINE, **fields)
+            else:
+                self.factory.relay.noisyLog(self._log.info if code == 1006 else self._log.warn, CLOSE_LINE, **fields)
 
     # The link interface of PeerSession
 

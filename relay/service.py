@@ -25,7 +25,6 @@ from twisted.logger import (
     LogLevel,
     LogLevelFilterPredicate,
     Logger,
-    jsonFileLogObserver,
 )
 from twisted.python import usage
 from twisted.python.components import Componentized
@@ -37,6 +36,8 @@ from relay.auth import TokenValidator
 from relay.clocks import useMonotonicTime
 from relay.counters import ClusterCounters
 from relay.limits import DESCRIPTOR_RESERVE, Limits, descriptorsInUse, parseNetworks, raiseDescriptorLimit
+from relay.logfilter import StrangerLines
+from relay.logjson import jsonLinesFileLogObserver
 from relay.logtext import classicFileLogObserver
 from relay.metrics import RelayMetrics, splitActiveIdle
 from relay.peer import DEFAULT_HIGH_WATER, PeerWebSocketFactory, RefusableTLSFactory
@@ -320,15 +321,27 @@ def _serverEndpoint(reactor, host, port, contextFactory=None):
     return TCP4ServerEndpoint(reactor, port, backlog=LISTEN_BACKLOG, interface=host)
 
 
-def makeLogObserver(options, stream=None):
+def makeLogObserver(options, stream=None, budget=None, counters=None):
     """
     The observer for C{--log-file}, C{--log-format} and C{--log-level}.
+
+    With C{--workers} every process writes its own lines to the same output
+    (L{relay.workers}), each marked with its worker index. With C{budget}
+    (the relay's L{relay.limits.LogBudget}), the lines Autobahn and
+    Twisted write about peer traffic are under it too (L{StrangerLines}).
     """
     if stream is None:
         stream = sys.stdout if options["log-file"] == "console" else open(options["log-file"], "a", encoding="utf-8")
-    observer = jsonFileLogObserver(stream) if options["log-format"] == "json" else classicFileLogObserver(stream)
-    predicate = LogLevelFilterPredicate(defaultLogLevel=LOG_LEVELS[options["log-level"]])
-    return FilteringLogObserver(observer, [predicate])
+    index = options["worker-index"] if options["workers"] > 1 else None
+    if options["log-format"] == "json":
+        observer = jsonLinesFileLogObserver(stream, None if index is None else {"worker": index})
+    else:
+        observer = classicFileLogObserver(stream, None if index is None else f"worker-{index}")
+    predicates = [LogLevelFilterPredicate(defaultLogLevel=LOG_LEVELS[options["log-level"]])]
+    if budget is not None:
+        stranger = StrangerLines(budget, counters)
+        predicates = [stranger.count, *predicates, stranger]
+    return FilteringLogObserver(observer, predicates)
 
 
 def _freezeStartupObjects():
@@ -631,7 +644,7 @@ def makeService(options, reactor=None, wallClock=None):
         peerEndpoint,
         PeerWebSocketFactory(relay, reactor, highWater=options["peer-buffer-limit"]),
         readiness,
-        logObserver=makeLogObserver(options),
+        logObserver=makeLogObserver(options, budget=relay.noisyLog, counters=relay.counters),
         reactor=reactor,
         cluster=cluster,
         tls=options["tls-options"],

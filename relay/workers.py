@@ -11,6 +11,12 @@ workers still reach each other. The first process supervises the others
 SIGTERM then SIGKILL when it stops); each worker also stops by itself if its
 supervisor disappears.
 
+The workers write their log lines themselves, to the standard output and
+error they inherit from the first process (or to C{--log-file}), each line
+marked with its worker's index. ProcessMonitor would otherwise read their
+output through pipes and log every line again as a line of its own: a second
+timestamp and prefix in text, a JSON line inside a JSON line's message.
+
 On Kubernetes one worker per pod stays the right shape: pods are the unit of
 scaling there.
 """
@@ -21,7 +27,7 @@ import sys
 
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.interfaces import IReactorProcess, IReactorTime, IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.runner.procmon import ProcessMonitor
@@ -125,11 +131,35 @@ def workerEnvironment(options, index, variableFor):
     return env
 
 
+@implementer(IReactorProcess, IReactorTime)
+class SharedOutput:
+    """
+    A reactor whose child processes inherit this process's standard output
+    and error instead of writing to pipes read by the parent.
+
+    L{ProcessMonitor} has no option for this; it spawns through the reactor
+    it is given, so it is given this one.
+    """
+
+    # Standard input stays a pipe, as ProcessMonitor's children always had.
+    CHILD_FDS = {0: "w", 1: 1, 2: 2}
+
+    def __init__(self, reactor):
+        self._reactor = reactor
+
+    def __getattr__(self, name):
+        return getattr(self._reactor, name)
+
+    def spawnProcess(self, processProtocol, executable, args=(), env=None, path=None, uid=None, gid=None, usePTY=False, childFDs=None):
+        return self._reactor.spawnProcess(processProtocol, executable, args, {} if env is None else env, path, uid, gid, usePTY, self.CHILD_FDS)
+
+
 def makeSupervisor(options, reactor, variableFor):
     """
-    A L{ProcessMonitor} running workers 1 … N-1 (this process is worker 0).
+    A L{ProcessMonitor} running workers 1 … N-1 (this process is worker 0),
+    which write their own output (L{SharedOutput}).
     """
-    monitor = ProcessMonitor(reactor)
+    monitor = ProcessMonitor(SharedOutput(reactor))
     monitor.killTime = 35
     argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "relay"]
     for index in range(1, options["workers"]):

@@ -96,3 +96,33 @@ class ClassicTextTests(unittest.TestCase):
         classicFileLogObserver(stream)(EVENTS[0])
         self.assertEqual(stream.getvalue(), formatEventAsClassicLogText(EVENTS[0]))
         self.assertTrue(stream.getvalue().endswith("] <Thing 7>: connected\n"))
+
+    def test_tag(self):
+        """
+        A tag goes before the system of every line, on the fast path and
+        through Twisted's formatter alike.
+        """
+        format = ClassicText("worker-1")
+        for e in EVENTS:
+            plain = formatEventAsClassicLogText(e)
+            if plain is None:
+                self.assertIsNone(format(e))
+                continue
+            stamp, system = plain.split(" [", 1)
+            if "Unable to format event" in plain:
+                # The text quotes the whole event.
+                system = system.split("]", 1)[0]
+                self.assertTrue(format(e).startswith(f"{stamp} [worker-1 {system}] Unable to format event"))
+            else:
+                self.assertEqual(format(e), f"{stamp} [worker-1 {system}")
+
+
+class QuotedTests(unittest.TestCase):
+    def test_escapedAndCut(self):
+        self.assertEqual(logtext.quoted("a\nb\x1b[2J'\\"), repr("a\nb\x1b[2J'\\"))
+        self.assertEqual(logtext.quoted("x" * 101), "'" + "x" * 100 + "'...")
+        self.assertEqual(logtext.quoted("x" * 100), "'" + "x" * 100 + "'")
+        self.assertEqual(logtext.quoted("abc", 2), "'ab'...")
+        self.assertEqual(logtext.quoted(None), "''")
+        for control in "\n\r\t\x00\u2028":
+            self.assertNotIn(control, logtext.quoted(control))

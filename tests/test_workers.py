@@ -2,6 +2,8 @@
 C{--workers N}: several relay processes on one host sharing the peer port.
 """
 
+import json
+import re
 import socket
 
 from twisted.internet import defer, reactor
@@ -15,6 +17,8 @@ from relay.service import variableFor
 from relay.workers import ReusePortEndpoint, workerAddresses, workerEnvironment
 from tests.e2e import sleep, startRelay
 from tests.test_service import REQUIRED, parse
+
+TIMESTAMP = re.compile(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} ")
 
 
 class OptionTests(unittest.TestCase):
@@ -78,7 +82,7 @@ class WorkersEndToEndTests(unittest.TestCase):
     def test_pairsAcrossWorkers(self):
         relay = yield startRelay(self, "--workers", "2", "--connection-rate-per-ip", "0")
         for _ in range(300):
-            if b"[relay-worker-1]" in relay.output and relay.output.count(b"relay listening on") >= 2:
+            if b"[worker-1 " in relay.output and relay.output.count(b"relay listening on") >= 2:
                 break
             yield sleep(0.05)
         self.assertEqual(relay.output.count(b"relay listening on"), 2)
@@ -98,9 +102,44 @@ class WorkersEndToEndTests(unittest.TestCase):
                 got.append((yield peers[i + 1].transports.get().addTimeout(10, reactor)))
             self.assertEqual(got, [(peers[i].factory.peerID, b"%d:%d" % (i, n)) for n in range(50)])
         lines = relay.output.splitlines()
-        onSecond = [line for line in lines if b"[relay-worker-1]" in line and b": connected" in line]
-        onFirst = [line for line in lines if b"[relay-worker-1]" not in line and b": connected" in line]
+        onSecond = [line for line in lines if b"[worker-1 " in line and b": connected" in line]
+        onFirst = [line for line in lines if b"[worker-0 " in line and b": connected" in line]
         # The kernel spread the 20 connections over both workers (all on
         # one would have a 2-in-a-million chance).
         self.assertTrue(onSecond and onFirst, (len(onFirst), len(onSecond)))
+        self.assertEqual(len(onFirst) + len(onSecond), 20)
         self.assertEqual((yield relay.stop()), 0)
+        # Each line once, with one timestamp: the second worker writes its
+        # own lines, nobody logs them again.
+        for line in relay.output.splitlines():
+            self.assertEqual(len(TIMESTAMP.findall(line)), 1, line)
+
+    @defer.inlineCallbacks
+    def test_jsonLinesOnce(self):
+        """
+        With --log-format json every line of every worker is one JSON
+        object naming its worker, and each event is logged once.
+        """
+        relay = yield startRelay(self, "--workers", "2", "--connection-rate-per-ip", "0", "--log-format", "json", "--log-level", "debug")
+        for _ in range(300):
+            if relay.output.count(b"relay listening on") >= 2 and b"cluster: stream up" in relay.output:
+                break
+            yield sleep(0.05)
+        peers = []
+        for i in range(20):
+            peer = yield client.connect(reactor, relay.url, m.peerID(f"p{i}"), secret="relay-secret")
+            self.addCleanup(lambda p=peer: p.transport.abortConnection() if p.transport.connected else None)
+            peers.append(peer)
+        for peer in peers:
+            yield peer.close()
+        self.assertEqual((yield relay.stop()), 0)
+        lines = [json.loads(line) for line in relay.output.splitlines()]
+        self.assertEqual({line["worker"] for line in lines}, {0, 1})
+        listening = [line["worker"] for line in lines if line["msg"].startswith("relay listening on")]
+        self.assertEqual(sorted(listening), [0, 1])
+        connected = [line for line in lines if line["msg"].endswith(": connected")]
+        self.assertEqual(len(connected), 20)
+        self.assertEqual(len({line["peer"] for line in connected}), 20)
+        self.assertEqual({line["worker"] for line in connected}, {0, 1})
+        for line in lines:
+            self.assertNotIn("{", line["msg"][:1])
