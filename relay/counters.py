@@ -27,8 +27,9 @@ class RelayCounters:
         C{bad_type}, C{not_auth}, C{legacy_hello}, C{bad_magic}), the token
         (C{unknown_algo}, C{bad_signature}, C{expired}, C{malformed}), the
         relay's state and limits (C{draining}, C{max_peers}, C{max_pending},
-        C{per_ip_connections}, C{per_ip_rate}) and C{timeout} (no Auth in
-        time).
+        C{per_ip_connections}, C{per_ip_rate}), the WebSocket layer's bounds
+        (C{request_too_large}, C{control_frames}, C{fragments}) and
+        C{timeout} (no Auth in time).
     @ivar protocolErrors: authenticated peers closed for a protocol error,
         by reason.
     @ivar connections: open connections (authenticated or not), by transport
