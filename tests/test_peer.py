@@ -350,6 +350,15 @@ class ControlFrameTests(PeerTestCase):
         a.send(authMessage("peer-a"))
         self.assertEqual(a.messages(), [self.relay.authResponse])
 
+    def test_runBeforeAuthCounted(self):
+        a = self.peer()
+        a.upgrade()
+        a.protocol.dataReceived(b"".join(clientFrame(b"", opcode=9) for _ in range(MAX_CONTROL_FRAMES_BEFORE_AUTH - 1)) + clientFrame(b"x", opcode=9))
+        self.assertEqual(a.received(), [(10, b"x")])
+        a.protocol.dataReceived(clientFrame(b"", opcode=9))
+        self.assertTrue(a.closed)
+        self.assertEqual(self.relay.counters.handshakeRejects["control_frames"], 1)
+
     def test_tooManyBeforeAuthRefused(self):
         a = self.peer()
         a.upgrade()
@@ -383,6 +392,22 @@ class ControlFrameTests(PeerTestCase):
         a.protocol.dataReceived(clientFrame(sent[0]) + pings + clientFrame(sent[1]))
         self.assertEqual(a.received(), [(10, b"499")])
         self.assertEqual(b.messages(), self.expected(sent))
+
+    def test_runOfEmptyControlFrames(self):
+        """
+        Empty PINGs and PONGs in a row, split anywhere: the latest PING of
+        each read is answered, and frames around the run are delivered.
+        """
+        a, b = self.pair()
+        sent = self.transports(2)
+        run = b"".join(clientFrame(b"", opcode=op) for op in (9, 10, 10, 9, 10))
+        stream = clientFrame(sent[0]) + run + clientFrame(b"last", opcode=9) + clientFrame(sent[1])
+        for cut in range(len(stream)):
+            a.protocol.dataReceived(stream[:cut])
+            a.protocol.dataReceived(stream[cut:])
+            self.assertEqual(b.messages(), self.expected(sent))
+            self.assertEqual(a.received()[-1], (10, b"last"))
+        self.assertFalse(a.closed)
 
     def test_pongsWaitForACongestedPeer(self):
         """
