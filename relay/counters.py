@@ -36,6 +36,9 @@ class RelayCounters:
         (C{websocket}, C{quic}).
     @ivar senderPauses: times a WebSocket sender was left unread because
         its messages were being dropped for a congested destination.
+    @ivar metricsRefusals: on the metrics port, connections evicted at its
+        connection limit (C{connections}) and requests refused unread
+        (C{method}, C{body}).
     """
 
     def __init__(self):
@@ -47,6 +50,7 @@ class RelayCounters:
         self.protocolErrors = Counter()
         self.connections = Counter()
         self.senderPauses = 0
+        self.metricsRefusals = Counter()
 
 
 class ClusterCounters:
