@@ -231,7 +231,9 @@ class _ConnectionCap(policies.WrappingFactory):
     Refusing new connections instead would let whoever holds C{limit} idle
     connections lock out the kubelet's C{/healthz} probe and get the pod
     restarted; scrapes and probes last milliseconds, so the oldest
-    connection is nearly always one that sits idle or trickles.
+    connection is nearly always one that sits idle or trickles. (Twisted's
+    C{LimitTotalConnectionsFactory} refuses instead, and cannot wrap a
+    C{Site}: it builds protocols without their factory.)
     """
 
     noisy = False
