@@ -21,6 +21,7 @@ from relay.peer import (
     MAX_CONTROL_FRAMES_BEFORE_AUTH,
     MAX_FRAMES_PER_MESSAGE,
     MAX_UPGRADE_REQUEST,
+    MESSAGES_PER_TURN,
     SENDER_PAUSE,
     PeerWebSocketFactory,
     _writeNow,
@@ -688,6 +689,54 @@ class WriteNowTests(unittest.SynchronousTestCase):
         t = _FakeTCP(error=ConnectionLost())
         _writeNow(t, b"abc")
         self.assertEqual(t.written, [b"abc"])
+
+
+class TurnTests(PeerTestCase):
+    """
+    A read holding many messages is delivered MESSAGES_PER_TURN at a time,
+    one batch per reactor turn, the socket unread meanwhile.
+    """
+
+    def test_readSpreadOverTurns(self):
+        a, b = self.pair()
+        sent = [m.encodeTransport(B, b"%04d" % i) for i in range(MESSAGES_PER_TURN * 3 + 5)]
+        a.protocol.dataReceived(b"".join(clientFrame(x) for x in sent))
+        delivered = b.messages()
+        self.assertEqual(delivered, self.expected(sent[:MESSAGES_PER_TURN]))
+        self.assertEqual(a.transport.producerState, "paused")
+        for turn in range(3):
+            self.clock.advance(0)
+            delivered += b.messages()
+        self.assertEqual(delivered, self.expected(sent))
+        self.assertEqual(a.transport.producerState, "producing")
+        self.assertEqual([c for c in self.clock.getDelayedCalls() if c.getTime() <= self.clock.seconds()], [])
+
+    def test_wholeTurnNotPaused(self):
+        a, b = self.pair()
+        sent = self.transports(MESSAGES_PER_TURN, size=10)
+        a.protocol.dataReceived(b"".join(clientFrame(x) for x in sent))
+        self.assertEqual(b.messages(), self.expected(sent))
+        self.assertEqual(a.transport.producerState, "producing")
+
+    def test_senderPauseOutlastsTheTurn(self):
+        a, b = self.pair()
+        a.protocol.dataReceived(b"".join(clientFrame(x) for x in self.transports(MESSAGES_PER_TURN + 1, size=10)))
+        a.protocol.pauseReading()
+        a.protocol.resumeReading()
+        self.assertEqual(a.transport.producerState, "paused", "the turn is not done")
+        a.protocol.pauseReading()
+        self.clock.advance(0)
+        self.assertEqual(len(b.messages()), MESSAGES_PER_TURN + 1)
+        self.assertEqual(a.transport.producerState, "paused", "the sender pause is not over")
+        self.clock.advance(SENDER_PAUSE)
+        self.assertEqual(a.transport.producerState, "producing")
+
+    def test_connectionLostCancelsTheTurn(self):
+        a, b = self.pair()
+        a.protocol.dataReceived(b"".join(clientFrame(x) for x in self.transports(MESSAGES_PER_TURN + 1, size=10)))
+        a.protocol.connectionLost(Failure(ConnectionLost("gone")))
+        self.clock.advance(0)
+        self.assertEqual(len(b.messages()), MESSAGES_PER_TURN)
 
 
 class SenderPauseTests(PeerTestCase):
