@@ -30,14 +30,18 @@ class RelayCounters:
         relay's state and limits (C{draining}, C{max_peers},
         C{pending_evicted}, C{descriptors}, C{no_descriptors} (closed by
         Twisted's accept loop for want of descriptors), C{per_ip_connections},
-        C{per_ip_rate}), C{timeout} (no Auth in time) and C{no_certificate}
-        (TLS before ACME's first certificate).
+        C{per_ip_rate}), the WebSocket layer's bounds (C{request_too_large},
+        C{control_frames}, C{fragments}), C{timeout} (no Auth in time) and
+        C{no_certificate} (TLS before ACME's first certificate).
     @ivar protocolErrors: authenticated peers closed for a protocol error,
         by reason.
     @ivar connections: open connections (authenticated or not), by transport
         (C{websocket}, C{quic}).
     @ivar senderPauses: times a WebSocket sender was left unread because
         its messages were being dropped for a congested destination.
+    @ivar metricsRefusals: on the metrics port, connections evicted at its
+        connection limit (C{connections}) and requests refused unread
+        (C{method}, C{body}).
     """
 
     def __init__(self):
@@ -49,6 +53,7 @@ class RelayCounters:
         self.protocolErrors = Counter()
         self.connections = Counter()
         self.senderPauses = 0
+        self.metricsRefusals = Counter()
 
 
 class ClusterCounters:

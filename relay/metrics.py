@@ -246,6 +246,11 @@ class RelayMetrics:
             description="Open peer connections, authenticated or not, split by transport",
         )
         meter.create_observable_counter(
+            "relay_metrics_refusals_total",
+            callbacks=[_observeByLabel("reason", lambda: counters.metricsRefusals)],
+            description="Metrics-port connections evicted at its limit and requests refused unread, split by reason",
+        )
+        meter.create_observable_counter(
             "relay_protocol_errors_total",
             callbacks=[_observeByLabel("reason", lambda: counters.protocolErrors)],
             description="Authenticated peers closed for a protocol error, split by reason",

@@ -20,8 +20,16 @@ read, straight to the socket when nothing is queued ahead (L{_writeNow}).
 A sender most of whose read was dropped because the destinations were over
 their high-water mark stops being read until one of them drains, or for
 L{SENDER_PAUSE} at most (see L{PeerWebSocketProtocol.writeMessage}).
+
+What a client sends outside whole binary frames is bounded too: the upgrade
+request (L{MAX_UPGRADE_REQUEST} bytes, searched once, not once per read),
+control frames before Auth (L{MAX_CONTROL_FRAMES_BEFORE_AUTH}), frames in
+one fragmented message (L{MAX_FRAMES_PER_MESSAGE}), and PONG answers, which
+wait while the peer's write buffer is full (only the latest PING is owed one,
+as RFC 6455 5.5.3 allows). PING and PONG frames take the lean path.
 """
 
+import re
 from pprint import pformat
 
 import autobahn.websocket.protocol
@@ -80,10 +88,37 @@ CLOSE_LINE = "{peer}: WebSocket closed with code {code}: {reason}"
 # dropping a flood costs the relay next to nothing (one 64 KiB read per
 # pause).
 SENDER_PAUSE = 0.01
+# Bytes of the HTTP upgrade request, up to its blank line. A Go agent's is
+# about 250 bytes; with a proxy's X-Forwarded-* / X-Real-IP headers well
+# under 1 KiB. 16 KiB is what Node.js accepts by default and Twisted's web
+# server reads (HTTPChannel.totalHeadersSize); Go's net/http accepts 1 MiB,
+# but no relay client needs a hundredth of that, and 2,048 pending
+# connections may hold this much each (32 MiB in all). Larger requests are
+# answered 431, as Go answers over its limit.
+MAX_UPGRADE_REQUEST = 16 * 1024
+# Control frames a client may send before its Auth; agents send none.
+MAX_CONTROL_FRAMES_BEFORE_AUTH = 16
+# Frames (fragments and control frames) within one fragmented message, the
+# path Autobahn takes frame by frame (Go agents never fragment): beyond it
+# the message costs the relay more than a whole frame per byte.
+MAX_FRAMES_PER_MESSAGE = 64
+# Messages the lean path delivers from one connection per reactor turn.
+# Twisted gives every readable connection one read (up to 64 KiB) per turn:
+# fair in bytes, but a read of 40-byte messages costs the relay 35 times one
+# of 1,400-byte messages (46), so one agent sending tiny ones could take
+# most of every turn. The rest of its read waits for the next turn, its
+# socket unread meanwhile.
+MESSAGES_PER_TURN = 128
 
 # A whole (FIN) binary frame, as the first header byte.
 _FIN_BINARY = 0x82
+_FIN_PING = 0x89
+_FIN_PONG = 0x8A
 _MASKED = 0x80
+_MAX_CONTROL_PAYLOAD = 125
+_EMPTY_CONTROL_RUN = re.compile(rb"(?:[\x89\x8a]\x80....)+", re.DOTALL)
+_END_OF_HEAD = b"\r\n\r\n"
+_HEADER_TOO_LARGE = b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 # Server frame headers for payloads under 126 bytes, built once.
 _SHORT_HEADERS = [bytes((_FIN_BINARY, n)) for n in range(126)]
 _HEADER_16 = bytes((_FIN_BINARY, 126))
@@ -104,12 +139,16 @@ class _Congestion:
     L{PeerWebSocketProtocol.writeMessage}.
     """
 
-    __slots__ = ("paused", "backlog", "senders")
+    __slots__ = ("paused", "backlog", "senders", "drained")
 
-    def __init__(self):
+    def __init__(self, drained):
+        """
+        @param drained: called when the transport has room again.
+        """
         self.paused = False
         self.backlog = 0
         self.senders = set()
+        self.drained = drained
 
     def pauseProducing(self):
         self.paused = True
@@ -118,6 +157,7 @@ class _Congestion:
         self.paused = False
         self.backlog = 0
         self._wakeSenders()
+        self.drained()
 
     def stopProducing(self):
         self.paused = True
@@ -144,6 +184,18 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
     _direct = False
     _readPause = None
     _droppedBytes = 0
+    # The call that goes on with a read cut short by MESSAGES_PER_TURN.
+    _turn = None
+    # The upgrade request so far (a bytearray), until it is whole.
+    _head = None
+    # The payload of the latest PING not answered yet, or None.
+    _pong = None
+    # Control frames before Auth, and frames in the current fragmented
+    # message.
+    _controlFrames = 0
+    _messageFrames = 0
+    # An HTTP answer to write before closing, instead of aborting.
+    _answer = None
 
     def connectionMade(self):
         super().connectionMade()
@@ -154,7 +206,7 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
         address = self.transport.getPeer()
         host = getattr(address, "host", "?")
         self.peerAddress = f"{host}:{getattr(address, 'port', '?')}"
-        self._congestion = _Congestion()
+        self._congestion = _Congestion(self._writePong)
         self.transport.registerProducer(self._congestion, True)
         self._batch = []
         # Only a plain TCP transport is written to directly (_writeNow).
@@ -181,6 +233,9 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
         if self._readPause is not None:
             self._readPause.cancel()
             self._readPause = None
+        if self._turn is not None:
+            self._turn.cancel()
+            self._turn = None
         self.factory.relay.counters.connections[self.transportName] -= 1
         admission = self.factory.relay.admission
         admission.closed()
@@ -223,28 +278,92 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
         if self._fast:
             factory = self.factory
             factory.reading = self
+            size = len(data) + len(self._pending)
             try:
                 rest = self._leanFrames(data)
             finally:
                 factory.reading = None
                 factory.flush()
             if self._droppedBytes:
-                if self._droppedBytes * 2 > len(data):
+                if self._droppedBytes * 2 > size:
                     self.pauseReading()
                 self._droppedBytes = 0
             if not rest:
                 return
             data = rest
             self._fast = False
+        elif self.state == self.STATE_CONNECTING:
+            data = self._upgradeRequest(data)
+            if data is None:
+                return
         super().dataReceived(data)
-        self._fast = self.state == self.STATE_OPEN and not self.data and self.current_frame is None and not self.inside_message
+        # Back to the lean path as soon as Autobahn is between frames; an
+        # incomplete frame header it holds moves along with it.
+        self._fast = self.state == self.STATE_OPEN and self.current_frame is None and not self.inside_message
+        if self._fast and self.data:
+            self._pending, self.data = self.data, b""
+
+    def _upgradeRequest(self, data):
+        """
+        Collect the upgrade request up to its blank line.
+
+        Autobahn appends every read to its buffer and searches all of it for
+        the blank line, which is quadratic in the request's size; here each
+        read is searched once and Autobahn sees the request only when it is
+        whole, within L{MAX_UPGRADE_REQUEST}.
+
+        @return: the request and whatever followed it, or None while it is
+            incomplete or once it was refused.
+        """
+        head = self._head
+        if head is None:
+            head = self._head = bytearray()
+        start = max(0, len(head) - 3)
+        head += data
+        end = head.find(_END_OF_HEAD, start)
+        if 0 <= end <= MAX_UPGRADE_REQUEST - 4:
+            self._head = None
+            return bytes(head)
+        if end >= 0 or len(head) > MAX_UPGRADE_REQUEST:
+            self._head = None
+            self._refuse("request_too_large", f"upgrade request over {MAX_UPGRADE_REQUEST} bytes", _HEADER_TOO_LARGE)
+        return None
+
+    def _refuse(self, reason, detail, answer=None):
+        """
+        Close a connection that has not authenticated, counted as a
+        handshake rejection for C{reason}; C{answer} (an HTTP response) is
+        written first.
+        """
+        if self.session.closed:
+            return
+        relay = self.factory.relay
+        relay.noisyLog(self._log.warn, "{where}: handshake rejected: {detail}", where=self.peerAddress, detail=detail)
+        relay.counters.handshakeRejects[reason] += 1
+        self._answer = answer
+        # After the answer Autobahn must not parse anything more.
+        self.state = self.STATE_CLOSED
+        self.session.close()
+
+    def _violation(self, reason, detail):
+        """
+        A client broke a bound of the WebSocket layer: a handshake rejection
+        before Auth, a protocol error after it.
+        """
+        if self.session.closed:
+            return
+        if self.session.peerID is None:
+            self._refuse(reason, detail)
+        else:
+            self.session.protocolError(reason, detail)
 
     def _leanFrames(self, data):
         """
-        Deliver every whole masked binary frame at the start of C{data}.
+        Deliver every whole masked binary frame at the start of C{data}, and
+        take the PING and PONG frames between them.
 
         @return: the bytes from the first frame the lean path does not take
-            (control, text, fragmented, unmasked, oversized), for Autobahn;
+            (close, text, fragmented, unmasked, oversized), for Autobahn;
             empty when all was taken or an incomplete frame was kept for the
             next read.
         """
@@ -254,12 +373,41 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
         end = len(data)
         pos = 0
         session = self.session
+        ping = None
+        controls = 0
+        whole = True
+        budget = MESSAGES_PER_TURN
         while end - pos >= 6:
-            if data[pos] != _FIN_BINARY:
-                return data[pos:]
+            first = data[pos]
             size = data[pos + 1] - _MASKED
+            if first != _FIN_BINARY:
+                if (first != _FIN_PING and first != _FIN_PONG) or not 0 <= size <= _MAX_CONTROL_PAYLOAD:
+                    whole = False
+                    break
+                # Only the latest PING is answered, once the read is done.
+                if size == 0:
+                    # A run of empty ones, what a flood is made of, in one
+                    # match: a loop turn per 6-byte frame would cost 15
+                    # times the CPU per byte of relayed data.
+                    stop = _EMPTY_CONTROL_RUN.match(data, pos).end()
+                    kinds = data[pos:stop:6]
+                    last = kinds.rfind(b"\x89")
+                    if last >= 0:
+                        ping = pos + 6 * last
+                    controls += len(kinds)
+                    pos = stop
+                    continue
+                stop = pos + 6 + size
+                if stop > end:
+                    break
+                if first == _FIN_PING:
+                    ping = pos
+                controls += 1
+                pos = stop
+                continue
             if size < 0:
-                return data[pos:]
+                whole = False
+                break
             if size < 126:
                 start = pos + 6
             elif size == 126:
@@ -267,10 +415,12 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
                     break
                 size = (data[pos + 2] << 8) | data[pos + 3]
                 if size > m.MAX_MESSAGE_SIZE:
-                    return data[pos:]
+                    whole = False
+                    break
                 start = pos + 8
             else:
-                return data[pos:]
+                whole = False
+                break
             stop = start + size
             if stop > end:
                 break
@@ -278,9 +428,107 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
             pos = stop
             if session.closed:
                 return b""
+            budget -= 1
+            if not budget and pos < end:
+                self._yieldTurn()
+                break
+        if controls and self._controlFramesSeen(controls, ping, data):
+            return b""
+        if not whole:
+            return data[pos:]
         if pos < end:
             self._pending = data[pos:]
         return b""
+
+    def _yieldTurn(self):
+        """
+        Leave the rest of this read for the next reactor turn, and stop
+        reading until it is done.
+        """
+        if self._turn is None:
+            self.transport.pauseProducing()
+            self._turn = self.factory.relay.clock.callLater(0, self._nextTurn)
+
+    def _nextTurn(self):
+        self._turn = None
+        self.dataReceived(b"")
+        if self._turn is None and self._readPause is None:
+            self.transport.resumeProducing()
+
+    def _controlFramesSeen(self, count, ping, data):
+        """
+        Account for C{count} PING / PONG frames taken by the lean path and
+        answer the latest PING, at C{ping} in C{data} (None if there was
+        none).
+
+        @return: whether the connection was closed for them.
+        """
+        if self.session.peerID is None:
+            self._controlFrames += count
+            if self._controlFrames > MAX_CONTROL_FRAMES_BEFORE_AUTH:
+                self._refuse("control_frames", f"{self._controlFrames} control frames before Auth")
+                return True
+        if ping is not None:
+            self._answerPing(apply_mask(data[ping + 6 : ping + 6 + data[ping + 1] - _MASKED], data[ping + 2 : ping + 6]))
+        return False
+
+    def _answerPing(self, payload):
+        """
+        Owe C{payload} a PONG: written now, or once the peer's write buffer
+        has room (a client that sends PINGs and never reads must not make
+        the relay buffer its PONGs).
+        """
+        self._pong = payload
+        if not self._congestion.paused:
+            self._writePong()
+
+    def _writePong(self):
+        payload, self._pong = self._pong, None
+        if payload is not None and self.state == self.STATE_OPEN:
+            self.transport.write(bytes((_FIN_PONG, len(payload))) + payload)
+
+    # Frames Autobahn takes (fragmented messages, and the rest of a read
+    # from there on)
+
+    def onMessageBegin(self, isBinary):
+        self._messageFrames = 0
+        super().onMessageBegin(isBinary)
+
+    def onMessageFrameBegin(self, length):
+        self._countMessageFrame()
+        super().onMessageFrameBegin(length)
+
+    def onPing(self, payload):
+        if self._countControlFrame():
+            self._answerPing(payload)
+
+    def onPong(self, payload):
+        self._countControlFrame()
+
+    def _countMessageFrame(self):
+        self._messageFrames += 1
+        if self._messageFrames > MAX_FRAMES_PER_MESSAGE:
+            self._violation("fragments", f"more than {MAX_FRAMES_PER_MESSAGE} frames in one message")
+            return False
+        return True
+
+    def _countControlFrame(self):
+        if self.session.closed:
+            return False
+        if self.inside_message and not self._countMessageFrame():
+            return False
+        if self.session.peerID is None:
+            self._controlFrames += 1
+            if self._controlFrames > MAX_CONTROL_FRAMES_BEFORE_AUTH:
+                self._refuse("control_frames", f"{self._controlFrames} control frames before Auth")
+                return False
+        return True
+
+    def _max_message_size_exceeded(self, size, limit, reason):
+        # Autobahn's hook for a frame or message over maxFramePayloadSize /
+        # maxMessagePayloadSize. With failByDrop it closes without a close
+        # frame, so onClose never sees code 1009: count it here.
+        self._violation("too_large", f"{size}-byte message")
 
     def failHandshake(self, reason, code=400, responseHeaders=None):
         # Go answers 403 to any Origin that is not the Host, parsable or not;
@@ -380,13 +628,18 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
         if pause is not None:
             if pause.active():
                 pause.cancel()
-            self.transport.resumeProducing()
+            if self._turn is None:
+                self.transport.resumeProducing()
 
     def closeLink(self):
         # Straight to the transport: Autobahn's dropConnection() would log a
         # warning of its own for every peer that leaves; the session has
         # already logged why at the right level.
-        self.transport.abortConnection()
+        if self._answer is not None:
+            self.transport.write(self._answer)
+            self.transport.loseConnection()
+        else:
+            self.transport.abortConnection()
 
     def closeGracefully(self):
         self.writeMessage(m.CLOSE_MESSAGE)

@@ -650,7 +650,7 @@ def makeService(options, reactor=None, wallClock=None):
         tls=options["tls-options"],
     )
     if options["metrics-port"]:
-        site = makeMetricsSite(metrics.registry, readiness, reactor=reactor)
+        site = makeMetricsSite(metrics.registry, readiness, reactor=reactor, refusals=relay.counters.metricsRefusals)
         StreamServerEndpointService(_serverEndpoint(reactor, options["metrics-address"], options["metrics-port"]), site).setServiceParent(top)
     if acme is not None:
         acme.setServiceParent(top)

@@ -14,17 +14,38 @@ Why it is written this way:
     listener is up, cluster discovery ran once, and the pod is not draining.
   - A scrape every few seconds must not write an access-log line each time:
     requests are logged at debug level only.
+  - The port listens on every interface by default, so strangers reach it:
+    it holds at most L{MAX_CONNECTIONS} connections (a new one evicts the
+    oldest, so idle connections never lock out the kubelet's probes), drops
+    connections idle for L{IDLE_TIMEOUT} seconds, and answers any method but
+    GET / HEAD and any request body with 405 / 413 before reading a byte of
+    the body (Twisted would otherwise spool a body over 100 kB to a
+    temporary file, whatever the resource). Each refusal is counted.
 """
+
+from collections import Counter
 
 from prometheus_client.exposition import choose_encoder
 from twisted.logger import Logger
-from twisted.web import resource, server
+from twisted.protocols import policies
+from twisted.web import http, resource, server
 from twisted.web.server import GzipEncoderFactory
 from twisted.web.resource import EncodingResourceWrapper
 
 _log = Logger()
 
 _TEXT_PLAIN = b"text/plain; charset=utf-8"
+
+# Connections held at once: a scraper or two, the kubelet's probes and an
+# operator's curl need a handful; each one costs a file descriptor.
+MAX_CONNECTIONS = 32
+# Seconds a connection may stay silent (Twisted's HTTPChannel timeout): a
+# scrape or a probe takes milliseconds, and a scraper reconnects at its next
+# interval.
+IDLE_TIMEOUT = 30
+_SERVED_METHODS = (b"GET", b"HEAD")
+_METHOD_NOT_ALLOWED = b"HTTP/1.1 405 Method Not Allowed\r\nAllow: GET, HEAD\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+_CONTENT_TOO_LARGE = b"HTTP/1.1 413 Content Too Large\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 
 
 class Readiness:
@@ -125,12 +146,55 @@ class ReadinessResource(resource.Resource):
         return reason.encode("utf-8") + b"\n"
 
 
+class _BodilessChannel(http.HTTPChannel):
+    """
+    An HTTP channel for GET and HEAD requests without a body: anything else
+    is answered 405 or 413 as soon as its headers are in, and the connection
+    is closed without reading the body.
+    """
+
+    _refused = False
+
+    def allHeadersReceived(self):
+        # The request line and the framing headers (Content-Length or
+        # Transfer-Encoding, which set length to > 0 or None) are known here,
+        # before the first byte of a body is read.
+        if self._command not in _SERVED_METHODS:
+            reason, answer = "method", _METHOD_NOT_ALLOWED
+        elif self.length != 0:
+            reason, answer = "body", _CONTENT_TOO_LARGE
+        else:
+            super().allHeadersReceived()
+            return
+        self._refused = True
+        self.site.refusals[reason] += 1
+        self.transport.write(answer)
+        self.loseConnection()
+        # Whatever else this read holds goes to rawDataReceived, unread.
+        self.setRawMode()
+
+    def allContentReceived(self):
+        if not self._refused:
+            super().allContentReceived()
+
+    def rawDataReceived(self, data):
+        if not self._refused:
+            super().rawDataReceived(data)
+
+
 class _QuietSite(server.Site):
     """
     A Site that keeps scrapes and probes out of the log at info level.
+
+    @ivar refusals: connections and requests refused, by reason.
     """
 
     noisy = False
+    protocol = _BodilessChannel
+
+    def __init__(self, root, refusals, **kwargs):
+        super().__init__(root, **kwargs)
+        self.refusals = refusals
 
     def log(self, request):
         _log.debug(
@@ -159,7 +223,40 @@ def makeMetricsRoot(registry, readiness):
     return root
 
 
-def makeMetricsSite(registry, readiness, reactor=None):
+class _ConnectionCap(policies.WrappingFactory):
+    """
+    Holds at most C{limit} connections of the wrapped factory; at the limit
+    a new connection evicts the oldest.
+
+    Refusing new connections instead would let whoever holds C{limit} idle
+    connections lock out the kubelet's C{/healthz} probe and get the pod
+    restarted; scrapes and probes last milliseconds, so the oldest
+    connection is nearly always one that sits idle or trickles. (Twisted's
+    C{LimitTotalConnectionsFactory} refuses instead, and cannot wrap a
+    C{Site}: it builds protocols without their factory.)
+    """
+
+    noisy = False
+
+    def __init__(self, wrappedFactory, limit, refusals):
+        super().__init__(wrappedFactory)
+        self.limit = limit
+        self.refusals = refusals
+
+    def buildProtocol(self, addr):
+        if len(self.protocols) >= self.limit:
+            oldest = next(iter(self.protocols))
+            # Forgotten now: its connectionLost comes a reactor turn later.
+            del self.protocols[oldest]
+            self.refusals["connections"] += 1
+            oldest.transport.abortConnection()
+        return super().buildProtocol(addr)
+
+    def unregisterProtocol(self, p):
+        self.protocols.pop(p, None)
+
+
+def makeMetricsSite(registry, readiness, reactor=None, refusals=None):
     """
     The C{twisted.web} factory to listen with on the metrics port, e.g.
     C{strports.service("tcp:9090", makeMetricsSite(...))}.
@@ -168,7 +265,12 @@ def makeMetricsSite(registry, readiness, reactor=None):
     @param readiness: see L{ReadinessResource}.
     @param reactor: the L{IReactorTime} for connection timeouts; the global
         reactor when None.
+    @param refusals: the C{Counter} to count evicted connections
+        (C{connections}) and refused requests (C{method}, C{body}) in,
+        such as L{relay.counters.RelayCounters.metricsRefusals}.
     """
-    return _QuietSite(
-        makeMetricsRoot(registry, readiness), timeout=60, reactor=reactor
+    refusals = Counter() if refusals is None else refusals
+    site = _QuietSite(
+        makeMetricsRoot(registry, readiness), refusals, timeout=IDLE_TIMEOUT, reactor=reactor
     )
+    return _ConnectionCap(site, MAX_CONNECTIONS, refusals)

@@ -17,7 +17,15 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from relay import messages as m
-from relay.peer import SENDER_PAUSE, PeerWebSocketFactory, _writeNow
+from relay.peer import (
+    MAX_CONTROL_FRAMES_BEFORE_AUTH,
+    MAX_FRAMES_PER_MESSAGE,
+    MAX_UPGRADE_REQUEST,
+    MESSAGES_PER_TURN,
+    SENDER_PAUSE,
+    PeerWebSocketFactory,
+    _writeNow,
+)
 from tests.helpers import authMessage, makeRelay
 
 A, B = m.peerID("peer-a"), m.peerID("peer-b")
@@ -181,12 +189,22 @@ class WebSocketTests(PeerTestCase):
         a.send(m.encodeTransport(B, b"")[:38] + b"x" * (8821 - 38))
         self.assertOnlyAClosed(a, b)
         self.assertEqual(b.messages(), [])
+        self.assertEqual(self.relay.counters.protocolErrors["too_large"], 1)
 
     def test_oversizedFragmentedMessageCloses(self):
         a, b = self.authenticated("peer-a"), self.authenticated("peer-b")
         a.send(m.encodeTransport(B, b"x" * 5000), fin=False)
         a.send(b"y" * 5000, opcode=0)
         self.assertOnlyAClosed(a, b)
+        self.assertEqual(self.relay.counters.protocolErrors["too_large"], 1)
+
+    def test_oversizedFirstMessageIsAHandshakeReject(self):
+        a = self.peer()
+        a.upgrade()
+        a.send(b"x" * 9000)
+        self.assertTrue(a.closed)
+        self.assertEqual(self.relay.counters.handshakeRejects["too_large"], 1)
+        self.assertEqual(self.relay.counters.protocolErrors, {})
 
     def test_handshakeFailureSendsNothing(self):
         a = self.peer()
@@ -244,6 +262,216 @@ class WebSocketTests(PeerTestCase):
         self.assertFalse(a.transport.disconnecting)
         self.clock.advance(0.1)
         self.assertTrue(a.closed)
+
+
+class UpgradeRequestTests(PeerTestCase):
+    """
+    The upgrade request is bounded and searched once per read.
+    """
+
+    def request(self, padding):
+        head = UPGRADE.format(path="/relay", extra="")
+        return (head[:-2] + "X-Pad: " + "p" * padding + "\r\n\r\n").encode()
+
+    def test_largestAccepted(self):
+        request = self.request(0)
+        request = self.request(MAX_UPGRADE_REQUEST - len(request))
+        self.assertEqual(len(request), MAX_UPGRADE_REQUEST)
+        peer = self.peer()
+        peer.protocol.dataReceived(request)
+        self.assertTrue(peer.transport.value().startswith(b"HTTP/1.1 101 "))
+
+    def test_oneByteMoreRefused(self):
+        request = self.request(0)
+        request = self.request(MAX_UPGRADE_REQUEST - len(request) + 1)
+        peer = self.peer()
+        peer.protocol.dataReceived(request)
+        self.assertTrue(peer.transport.value().startswith(b"HTTP/1.1 431 "))
+        self.assertTrue(peer.transport.disconnecting)
+        self.assertEqual(self.relay.counters.handshakeRejects["request_too_large"], 1)
+
+    def test_endlessRequestRefusedAtTheLimit(self):
+        """
+        A request that never ends is refused once it passes the limit, and
+        nothing it sends later is read.
+        """
+        peer = self.peer()
+        peer.protocol.dataReceived(b"GET /relay HTTP/1.1\r\nX-Pad: ")
+        for _ in range(MAX_UPGRADE_REQUEST // 1000):
+            peer.protocol.dataReceived(b"p" * 1000)
+        self.assertFalse(peer.closed)
+        peer.protocol.dataReceived(b"p" * 1000)
+        self.assertTrue(peer.transport.value().startswith(b"HTTP/1.1 431 "))
+        self.assertTrue(peer.transport.disconnecting)
+        self.assertFalse(peer.transport.disconnected, "the answer is written before the close")
+        peer.protocol.dataReceived(b"p" * 100000 + b"\r\n\r\n")
+        self.assertEqual(self.relay.counters.handshakeRejects["request_too_large"], 1)
+        self.assertEqual(self.relay.pendingHandshakes, 1)
+        peer.protocol.connectionLost(Failure(ConnectionLost("gone")))
+        self.assertEqual(self.relay.pendingHandshakes, 0)
+
+    def test_searchedOncePerRead(self):
+        """
+        Autobahn is handed the request once, whole: searching its buffer
+        from the start on every read made a large request quadratic.
+        """
+        peer = self.peer()
+        calls = []
+        handshake = peer.protocol.processHandshake
+        peer.protocol.processHandshake = lambda: (calls.append(len(peer.protocol.data)), handshake())
+        request = self.request(8000)
+        for i in range(0, len(request), 10):
+            peer.protocol.dataReceived(request[i : i + 10])
+        self.assertTrue(peer.transport.value().startswith(b"HTTP/1.1 101 "))
+        self.assertEqual(calls, [len(request)])
+
+    def test_endSplitAcrossReads(self):
+        request = UPGRADE.format(path="/relay", extra="").encode()
+        for cut in range(1, 4):
+            peer = self.peer()
+            peer.protocol.dataReceived(request[:-cut])
+            self.assertEqual(peer.transport.value(), b"")
+            peer.protocol.dataReceived(request[-cut:] + clientFrame(authMessage("peer-%d" % cut)))
+            frames = serverFrames(peer.transport.value().partition(b"\r\n\r\n")[2])
+            self.assertEqual(frames, [(2, self.relay.authResponse)])
+
+
+class ControlFrameTests(PeerTestCase):
+    """
+    PING and PONG frames: bounded before Auth, cheap after, and PONG answers
+    never queue up behind a client that does not read.
+    """
+
+    def test_fewBeforeAuthAnswered(self):
+        a = self.peer()
+        a.upgrade()
+        for i in range(MAX_CONTROL_FRAMES_BEFORE_AUTH):
+            a.send(b"%d" % i, opcode=9)
+        self.assertEqual(len(a.received()), MAX_CONTROL_FRAMES_BEFORE_AUTH)
+        a.send(authMessage("peer-a"))
+        self.assertEqual(a.messages(), [self.relay.authResponse])
+
+    def test_runBeforeAuthCounted(self):
+        a = self.peer()
+        a.upgrade()
+        a.protocol.dataReceived(b"".join(clientFrame(b"", opcode=9) for _ in range(MAX_CONTROL_FRAMES_BEFORE_AUTH - 1)) + clientFrame(b"x", opcode=9))
+        self.assertEqual(a.received(), [(10, b"x")])
+        a.protocol.dataReceived(clientFrame(b"", opcode=9))
+        self.assertTrue(a.closed)
+        self.assertEqual(self.relay.counters.handshakeRejects["control_frames"], 1)
+
+    def test_tooManyBeforeAuthRefused(self):
+        a = self.peer()
+        a.upgrade()
+        a.protocol.dataReceived(b"".join(clientFrame(b"", opcode=10) for _ in range(MAX_CONTROL_FRAMES_BEFORE_AUTH + 1)))
+        self.assertTrue(a.closed)
+        self.assertEqual(self.relay.counters.handshakeRejects["control_frames"], 1)
+        self.assertEqual(self.relay.pendingHandshakes, 1)
+        a.protocol.connectionLost(Failure(ConnectionLost("gone")))
+        self.assertEqual(self.relay.pendingHandshakes, 0)
+
+    def test_tooManyBeforeAuthInsideAMessageRefused(self):
+        a = self.peer()
+        a.upgrade()
+        a.send(b"\x01", fin=False)
+        for _ in range(MAX_CONTROL_FRAMES_BEFORE_AUTH + 1):
+            a.send(b"", opcode=9)
+        self.assertTrue(a.closed)
+        self.assertEqual(self.relay.counters.handshakeRejects["control_frames"], 1)
+
+    def test_manyAfterAuthAllowed(self):
+        a = self.authenticated("peer-a")
+        for _ in range(10):
+            a.protocol.dataReceived(b"".join(clientFrame(b"", opcode=10) for _ in range(1000)))
+        self.assertFalse(a.closed)
+        self.assertEqual(a.received(), [])
+
+    def test_latestPingOfAReadAnswered(self):
+        a, b = self.pair()
+        sent = self.transports(2)
+        pings = b"".join(clientFrame(b"%d" % i, opcode=9) for i in range(500))
+        a.protocol.dataReceived(clientFrame(sent[0]) + pings + clientFrame(sent[1]))
+        self.assertEqual(a.received(), [(10, b"499")])
+        self.assertEqual(b.messages(), self.expected(sent))
+
+    def test_runOfEmptyControlFrames(self):
+        """
+        Empty PINGs and PONGs in a row, split anywhere: the latest PING of
+        each read is answered, and frames around the run are delivered.
+        """
+        a, b = self.pair()
+        sent = self.transports(2)
+        run = b"".join(clientFrame(b"", opcode=op) for op in (9, 10, 10, 9, 10))
+        stream = clientFrame(sent[0]) + run + clientFrame(b"last", opcode=9) + clientFrame(sent[1])
+        for cut in range(len(stream)):
+            a.protocol.dataReceived(stream[:cut])
+            a.protocol.dataReceived(stream[cut:])
+            self.assertEqual(b.messages(), self.expected(sent))
+            self.assertEqual(a.received()[-1], (10, b"last"))
+        self.assertFalse(a.closed)
+
+    def test_pongsWaitForACongestedPeer(self):
+        """
+        A client that sends PINGs and never reads is owed one PONG, the
+        latest, written once its buffer drains: the relay does not grow.
+        """
+        a = self.authenticated("peer-a")
+        a.transport.producer.pauseProducing()
+        for i in range(1000):
+            a.send(b"ping %d" % i, opcode=9)
+        self.assertEqual(a.transport.value(), b"")
+        a.transport.producer.resumeProducing()
+        self.assertEqual(a.received(), [(10, b"ping 999")])
+        a.transport.producer.resumeProducing()
+        self.assertEqual(a.received(), [])
+
+    def test_pongsWaitInsideAFragmentedMessage(self):
+        a = self.authenticated("peer-a")
+        a.transport.producer.pauseProducing()
+        a.send(b"\x01", fin=False)
+        for i in range(MAX_FRAMES_PER_MESSAGE - 1):
+            a.send(b"ping %d" % i, opcode=9)
+        self.assertEqual(a.transport.value(), b"")
+        a.transport.producer.resumeProducing()
+        self.assertEqual(a.received(), [(10, b"ping %d" % (MAX_FRAMES_PER_MESSAGE - 2))])
+
+    def test_controlFramesInsideAMessageBounded(self):
+        a, b = self.pair()
+        a.send(b"\x01", fin=False)
+        for _ in range(MAX_FRAMES_PER_MESSAGE):
+            a.send(b"", opcode=10)
+        self.assertOnlyAClosed(a, b)
+        self.assertEqual(self.relay.counters.protocolErrors["fragments"], 1)
+
+    def test_emptyFragmentsBounded(self):
+        a, b = self.pair()
+        a.send(b"\x01", fin=False)
+        a.protocol.dataReceived(b"".join(clientFrame(b"", opcode=0, fin=False) for _ in range(MAX_FRAMES_PER_MESSAGE)))
+        self.assertOnlyAClosed(a, b)
+        self.assertEqual(self.relay.counters.protocolErrors["fragments"], 1)
+
+    def test_fragmentedMessageWithinTheBound(self):
+        a, b = self.pair()
+        message = m.encodeTransport(B, b"x" * (MAX_FRAMES_PER_MESSAGE - 38))
+        a.send(message[:1], fin=False)
+        for i in range(1, MAX_FRAMES_PER_MESSAGE - 1):
+            a.send(message[i : i + 1], opcode=0, fin=False)
+        a.send(message[MAX_FRAMES_PER_MESSAGE - 1 :], opcode=0)
+        self.assertEqual(b.messages(), [m.stampTransport(message, A)])
+
+    def test_leanPathTakesOverAfterAFragmentedMessage(self):
+        """
+        Once Autobahn is between frames again, an incomplete frame header it
+        holds goes back to the lean path with the rest of the stream.
+        """
+        a, b = self.pair()
+        sent = self.transports(2)
+        ping = clientFrame(b"", opcode=9)
+        a.protocol.dataReceived(clientFrame(sent[0][:20], fin=False) + clientFrame(sent[0][20:], opcode=0) + ping[:3])
+        self.assertTrue(a.protocol._fast)
+        a.protocol.dataReceived(ping[3:] + clientFrame(sent[1]))
+        self.assertEqual(b.messages(), self.expected(sent))
+        self.assertEqual(a.received(), [(10, b"")])
 
 
 class LeanPathTests(PeerTestCase):
@@ -461,6 +689,54 @@ class WriteNowTests(unittest.SynchronousTestCase):
         t = _FakeTCP(error=ConnectionLost())
         _writeNow(t, b"abc")
         self.assertEqual(t.written, [b"abc"])
+
+
+class TurnTests(PeerTestCase):
+    """
+    A read holding many messages is delivered MESSAGES_PER_TURN at a time,
+    one batch per reactor turn, the socket unread meanwhile.
+    """
+
+    def test_readSpreadOverTurns(self):
+        a, b = self.pair()
+        sent = [m.encodeTransport(B, b"%04d" % i) for i in range(MESSAGES_PER_TURN * 3 + 5)]
+        a.protocol.dataReceived(b"".join(clientFrame(x) for x in sent))
+        delivered = b.messages()
+        self.assertEqual(delivered, self.expected(sent[:MESSAGES_PER_TURN]))
+        self.assertEqual(a.transport.producerState, "paused")
+        for turn in range(3):
+            self.clock.advance(0)
+            delivered += b.messages()
+        self.assertEqual(delivered, self.expected(sent))
+        self.assertEqual(a.transport.producerState, "producing")
+        self.assertEqual([c for c in self.clock.getDelayedCalls() if c.getTime() <= self.clock.seconds()], [])
+
+    def test_wholeTurnNotPaused(self):
+        a, b = self.pair()
+        sent = self.transports(MESSAGES_PER_TURN, size=10)
+        a.protocol.dataReceived(b"".join(clientFrame(x) for x in sent))
+        self.assertEqual(b.messages(), self.expected(sent))
+        self.assertEqual(a.transport.producerState, "producing")
+
+    def test_senderPauseOutlastsTheTurn(self):
+        a, b = self.pair()
+        a.protocol.dataReceived(b"".join(clientFrame(x) for x in self.transports(MESSAGES_PER_TURN + 1, size=10)))
+        a.protocol.pauseReading()
+        a.protocol.resumeReading()
+        self.assertEqual(a.transport.producerState, "paused", "the turn is not done")
+        a.protocol.pauseReading()
+        self.clock.advance(0)
+        self.assertEqual(len(b.messages()), MESSAGES_PER_TURN + 1)
+        self.assertEqual(a.transport.producerState, "paused", "the sender pause is not over")
+        self.clock.advance(SENDER_PAUSE)
+        self.assertEqual(a.transport.producerState, "producing")
+
+    def test_connectionLostCancelsTheTurn(self):
+        a, b = self.pair()
+        a.protocol.dataReceived(b"".join(clientFrame(x) for x in self.transports(MESSAGES_PER_TURN + 1, size=10)))
+        a.protocol.connectionLost(Failure(ConnectionLost("gone")))
+        self.clock.advance(0)
+        self.assertEqual(len(b.messages()), MESSAGES_PER_TURN)
 
 
 class SenderPauseTests(PeerTestCase):

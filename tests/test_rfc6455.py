@@ -8,12 +8,12 @@ size limits.
 
 from twisted.internet import reactor, threads
 from twisted.trial import unittest
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from relay import messages as m
 from relay.auth import TokenValidator
-from relay.peer import PeerWebSocketFactory
+from relay.peer import MAX_UPGRADE_REQUEST, PeerWebSocketFactory
 from relay.server import Relay
 from relay.store import Store
 from tests.helpers import SECRET, authMessage
@@ -101,6 +101,39 @@ class IndependentClientTests(unittest.TestCase):
 
         return self.inThread(scenario).addCallback(check)
 
+    def test_manyPingsAcknowledged(self):
+        """
+        The relay answers only the latest PING of each read (RFC 6455
+        5.5.3); a client that waits for every one of many PINGs sees them
+        all acknowledged.
+        """
+
+        def scenario():
+            a = self.peer("peer-a")
+            waiters = [a.ping(b"%d" % i) for i in range(300)]
+            answered = all(w.wait(TIMEOUT) for w in waiters)
+            a.close()
+            return answered
+
+        return self.inThread(scenario).addCallback(self.assertTrue)
+
+    def test_oversizedUpgradeRequest(self):
+        def scenario():
+            try:
+                connect(self.url, open_timeout=TIMEOUT, additional_headers={"X-Pad": "p" * MAX_UPGRADE_REQUEST})
+            except InvalidStatus as e:
+                return e.response.status_code
+            except OSError:
+                # The refusal overtook the end of the request: a reset.
+                return "reset"
+            return None
+
+        def check(status):
+            self.assertIn(status, (431, "reset"))
+            self.assertEqual(self.relay.counters.handshakeRejects["request_too_large"], 1)
+
+        return self.inThread(scenario).addCallback(check)
+
     def test_cleanClose(self):
         def scenario():
             a = self.peer("peer-a")
@@ -119,7 +152,11 @@ class IndependentClientTests(unittest.TestCase):
             b.close()
             return closedA, got
 
-        return self.inThread(scenario).addCallback(self.assertEqual, (True, m.encodeTransport(B, b"self")))
+        def check(result):
+            self.assertEqual(result, (True, m.encodeTransport(B, b"self")))
+            self.assertEqual(self.relay.counters.protocolErrors["too_large"], 1)
+
+        return self.inThread(scenario).addCallback(check)
 
     def test_oversizedFragmentedMessage(self):
         def scenario():

@@ -13,7 +13,7 @@ from twisted.trial import unittest
 
 from relay.counters import RelayCounters
 from relay.metrics import RelayMetrics
-from relay.web import Readiness, makeMetricsSite
+from relay.web import IDLE_TIMEOUT, MAX_CONNECTIONS, Readiness, makeMetricsSite
 
 
 def request(site, path, headers=(), method=b"GET"):
@@ -46,7 +46,10 @@ class WebFixture(unittest.TestCase):
         self.readiness = Readiness()
         self.clock = Clock()
         self.site = makeMetricsSite(
-            self.metrics.registry, self.readiness, reactor=self.clock
+            self.metrics.registry,
+            self.readiness,
+            reactor=self.clock,
+            refusals=self.counters.metricsRefusals,
         )
 
 
@@ -226,3 +229,83 @@ class QuietLogTests(WebFixture):
             [e["uri"] for e in events if e.get("log_namespace") == "relay.web"],
             ["/metrics", "/healthz", "/readyz"],
         )
+
+
+def connection(site):
+    """
+    One connection to C{site} over a string transport.
+    """
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    return channel, transport
+
+
+class StrangerTests(WebFixture):
+    """
+    The metrics port listens on every interface by default: what strangers
+    send it is bounded.
+    """
+
+    def test_bodyNotRead(self):
+        """
+        A POST with a large body is answered 405 once its headers are in,
+        and the connection closed without the body being read: it used to be
+        spooled to a temporary file.
+        """
+        channel, transport = connection(self.site)
+        channel.dataReceived(b"POST /metrics HTTP/1.1\r\nHost: relay\r\nContent-Length: 41943040\r\n\r\n")
+        channel.dataReceived(b"z" * 65536)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 405 "))
+        self.assertIn(b"\r\nAllow: GET, HEAD\r\n", transport.value())
+        self.assertTrue(transport.disconnecting)
+        self.assertIsNone(channel.wrappedProtocol.requests[0].content)
+        self.assertEqual(self.counters.metricsRefusals["method"], 1)
+
+    def test_getWithBodyRefused(self):
+        for framing in (b"Content-Length: 10", b"Transfer-Encoding: chunked"):
+            channel, transport = connection(self.site)
+            channel.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n" + framing + b"\r\n\r\n" + b"0123456789")
+            self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "), transport.value())
+            self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.counters.metricsRefusals["body"], 2)
+
+    def test_nothingServedAfterARefusal(self):
+        channel, transport = connection(self.site)
+        channel.dataReceived(b"DELETE /metrics HTTP/1.1\r\nHost: relay\r\n\r\nGET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")
+        self.assertEqual(transport.value().count(b"HTTP/1.1 "), 1)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 405 "))
+
+    def test_emptyGetServed(self):
+        channel, transport = connection(self.site)
+        channel.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: relay\r\nContent-Length: 0\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "))
+        self.assertTrue(transport.value().endswith(b"ok\n"))
+
+    def test_idleConnectionsEvicted(self):
+        """
+        Idle connections fill the port's limit: the next connection evicts
+        the oldest, and a health probe still gets its answer.
+        """
+        idle = [connection(self.site) for _ in range(MAX_CONNECTIONS)]
+        for _, transport in idle:
+            self.assertFalse(transport.disconnecting)
+        self.assertEqual(request(self.site, b"/healthz")[::2], (200, b"ok\n"))
+        self.assertTrue(idle[0][1].disconnecting)
+        self.assertEqual([t.disconnecting for _, t in idle[1:]], [False] * (MAX_CONNECTIONS - 1))
+        self.assertEqual(self.counters.metricsRefusals["connections"], 1)
+        # The probe's connection is gone: one more fits, the next evicts.
+        connection(self.site)
+        self.assertFalse(idle[1][1].disconnecting)
+        connection(self.site)
+        self.assertTrue(idle[1][1].disconnecting)
+        self.assertEqual(len(self.site.protocols), MAX_CONNECTIONS)
+
+    def test_idleTimeout(self):
+        channel, transport = connection(self.site)
+        self.clock.advance(IDLE_TIMEOUT - 1)
+        channel.dataReceived(b"GET /heal")
+        self.clock.advance(IDLE_TIMEOUT - 1)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(transport.disconnecting)
