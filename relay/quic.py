@@ -27,6 +27,32 @@ default (30 s); quic-go agents ask for 4 min and keep alive every
 min(30 s, idle/2), so they ping every 15 s, and the relay's own health check
 (every 25 s) keeps other clients alive.
 
+When aioquic's events are handled, and why then:
+  - C{ConnectionIdIssued}: aioquic raises it while C{datagrams_to_send()}
+    builds the NEW_CONNECTION_ID frame, and quic-go moves to a new id as
+    soon as one arrives (its first change is "as early as possible"), so
+    the id is routed after the packets are built and before any of them is
+    written. Handled later, what the client sent next on that id (its
+    Auth, or the SubscribePeerState it sends on the AuthResponse) reached
+    no connection and, being datagrams, was never resent: 20 to 30 of 50
+    fresh quic-go connections lost a message that way.
+  - C{ConnectionIdRetired}: after the C{receive} of the RETIRE_CONNECTION_ID
+    frame; the id routes nothing more. The id the client made up for its
+    first Initial is dropped at handshake completion, as quic-go's server
+    does: from then on the client sends only to ids the relay chose.
+  - C{HandshakeCompleted}: in the C{receive} of the client's Finished. The
+    relay can decrypt 1-RTT packets only from that Finished on, so no
+    DATAGRAM frame is handled before it; the client's
+    C{max_datagram_frame_size} (a transport parameter of its ClientHello)
+    is read then.
+  - C{DatagramFrameReceived}: in the C{receive} that decrypted it.
+  - Closing: a CONNECTION_CLOSE received, or an error aioquic closes for,
+    raises C{ConnectionTerminated} only when the closing period ends (three
+    probe timeouts later); the session is ended after the C{receive},
+    timer or transmission that began the closing, and the ids keep routing
+    to the closing connection until C{ConnectionTerminated}.
+  - The idle timeout: C{ConnectionTerminated} from the timer.
+
 Streams: a client that opens one is closed at once (an agent never does, and
 closing frees what aioquic would buffer for it). Retry: sent only while many
 handshakes are in flight, as quic-go's server does. Stateless resets: not
@@ -289,6 +315,10 @@ class _QuicDriver:
         while event is not None:
             self._event(event)
             event = nextEvent()
+        self._eventsHandled()
+
+    def _eventsHandled(self):
+        pass
 
     def _needFlush(self):
         if not self._dirty:
@@ -317,7 +347,12 @@ class _QuicDriver:
 
     def _transmit(self):
         send = self._sendDatagram
-        for data, addr in self.quic.datagrams_to_send(self._clock.seconds()):
+        datagrams = self.quic.datagrams_to_send(self._clock.seconds())
+        # aioquic issues connection ids (ConnectionIdIssued) while it builds
+        # the packets that announce them, and quic-go switches to a new one
+        # as soon as it arrives: route them before those packets leave.
+        self._events()
+        for data, addr in datagrams:
             send(data, addr)
         pending = self._pending
         queued = self._queued
@@ -397,6 +432,7 @@ class QuicPeerLink(_QuicDriver):
         self._closedHere = False
         self._handshaking = False
         self._closeWaiters = []
+        self._initialCID = None
 
     def __repr__(self):
         return f"<QuicPeerLink {self.peerAddress}>"
@@ -433,6 +469,11 @@ class QuicPeerLink(_QuicDriver):
             self._protocol.counters["stream_refused"] += 1
             self._log.info("{where}: QUIC client opened a stream; closing", where=self.peerAddress)
             self._close(CLOSE_ERROR, "streams are not supported")
+
+    def _eventsHandled(self):
+        # A CONNECTION_CLOSE received, or a protocol error aioquic closes
+        # for, raises no event until the closing period ends (three probe
+        # timeouts later); the session learns it now.
         if not self._down and self._isClosing():
             self._linkDown()
 
@@ -446,6 +487,10 @@ class QuicPeerLink(_QuicDriver):
             return
         self._frameRoom = _payloadRoom(remote)
         self._shrinkCryptoBuffers()
+        # The client now sends only to ids the relay chose; the one it made
+        # up for its first Initial routes nothing more.
+        if self._initialCID is not None:
+            self._protocol.removeConnectionID(self._initialCID, self)
         self._open = True
 
     def _terminated(self, event):
@@ -753,6 +798,7 @@ class QuicPeerProtocol(DatagramProtocol):
             return
         self.addConnectionID(header.destination_cid, link)
         self.addConnectionID(quic.host_cid, link)
+        link._initialCID = header.destination_cid
         if link._isClosing():
             # Refused in its first flight (no common ALPN, bad TLS): the
             # connection stays only to repeat its CONNECTION_CLOSE.

@@ -12,6 +12,7 @@ import socket
 from collections import deque
 
 from aioquic.buffer import Buffer
+from aioquic.quic import events
 from aioquic.quic.packet import QuicErrorCode, QuicProtocolVersion, pull_quic_header
 from aioquic.tls import AlertDescription
 from twisted.internet import defer, error, reactor, task
@@ -99,10 +100,43 @@ class Network:
             self.clock.advance(step)
 
 
-class ClockedQuicTests(unittest.TestCase):
+class EagerClient(quic.QuicRelayClient):
+    """
+    An aioquic client that moves to a connection id the relay issued as
+    soon as one arrives, as quic-go does once its handshake is complete
+    (it "initiates the first change as early as possible"), and again
+    whenever L{changeConnectionID} is called.
+
+    @ivar changes: how many times it changed the relay's connection id.
+    @ivar usedIDs: every relay connection id it has sent packets to.
+    """
+
+    changes = 0
+
+    def startProtocol(self):
+        super().startProtocol()
+        self.usedIDs = [self.quic._peer_cid.cid]
+
+    def receive(self, data, addr):
+        super().receive(data, addr)
+        if not self.changes and self.quic._handshake_complete:
+            self.changeConnectionID()
+
+    def changeConnectionID(self):
+        before = self.quic._peer_cid.cid
+        self.quic.change_connection_id()
+        if self.quic._peer_cid.cid != before:
+            self.changes += 1
+            self.usedIDs.append(self.quic._peer_cid.cid)
+            self._needFlush()
+
+
+class _ClockedQuicBase(unittest.TestCase):
     """
     The QUIC listener and aioquic clients on one clock and a fake network.
     """
+
+    clientClass = quic.QuicRelayClient
 
     def setUp(self):
         self.clock = Clock()
@@ -124,7 +158,7 @@ class ClockedQuicTests(unittest.TestCase):
         if connectionIDLength is not None:
             configuration.connection_id_length = connectionIDLength
         self._nextPort += 1
-        peer = quic.QuicRelayClient(self.clock, SERVER, peerID, token, configuration)
+        peer = self.clientClass(self.clock, SERVER, peerID, token, configuration)
         peer.autoAuthenticate = authenticate
         peer.addr = ("127.0.0.1", self._nextPort)
         self.network.attach(peer, peer.addr)
@@ -136,6 +170,9 @@ class ClockedQuicTests(unittest.TestCase):
         self.assertEqual(self.successResultOf(peer.authenticated), peer)
         return peer
 
+
+
+class ClockedQuicTests(_ClockedQuicBase):
     def test_authenticateAndRelay(self):
         """
         Two QUIC peers authenticate, see each other online, and exchange
@@ -575,6 +612,197 @@ class ClockedQuicTests(unittest.TestCase):
         self.assertEqual(first.closeEvent.error_code, quic.CLOSE_ERROR)
         self.assertIs(self.relay.store.peers[A].link.session, self.relay.store.peers[A])
         self.assertIsNone(second.closeEvent)
+        self.assertEqual(self.relay.counters.connections["quic"], 1)
+
+
+def payloadOf(connection, index, size):
+    """
+    The deterministic payload of message C{index} on connection
+    C{connection} (the Go test client makes the same ones).
+    """
+    head = ((connection & 0xFFFF) << 16 | index & 0xFFFF).to_bytes(4, "big")
+    return (head + bytes((connection * 31 + index * 7 + j) & 0xFF for j in range(4, size)))[:size]
+
+
+def exchangeSize(connection, index):
+    """
+    Payload sizes 1 to 1179: the largest Transport that fits the DATAGRAM
+    frame of quic-go 0.29 (1220 bytes: type, 2-byte length, 1217).
+    """
+    return 1 + (index * 7919 + connection * 104729) % 1179
+
+
+class QuicGoLikeClientTests(_ClockedQuicBase):
+    """
+    The scenarios of issue 11 with a client that, like quic-go, switches to
+    a relay-issued connection id right after its handshake: before the fix
+    the relay announced ids it had not routed yet and dropped what the
+    client sent on them.
+    """
+
+    clientClass = EagerClient
+
+    def assertNoStrayPackets(self):
+        self.assertEqual(self.protocol.counters["unknown_connection"], 0)
+
+    def test_firstMessagesAfterHandshake(self):
+        """
+        50 fresh connections each send SubscribePeerState and a Transport
+        in the reactor turn their AuthResponse arrives: none is lost.
+        """
+        session, link = connect(self.relay, "peer-b")
+        peers = []
+        for i in range(50):
+            peer = self.client(m.peerID(f"fresh-{i}"))
+
+            def firstMessages(peer, i=i):
+                peer.subscribe([B])
+                peer.send(B, b"first %d" % i)
+
+            peer.authenticated.addCallback(firstMessages)
+            peers.append(peer)
+        self.network.pump(0.5)
+        self.assertEqual([peer.changes for peer in peers], [1] * 50)
+        online = [self.successResultOf(peer.events.get()) for peer in peers if peer.events.pending]
+        received = link.take()
+        # Counted first, so that a failure says how many were lost.
+        self.assertEqual((50 - len(online), 50 - len(received)), (0, 0), "lost (subscriptions, transports) of 50")
+        self.assertEqual(online, [("online", [B])] * 50)
+        self.assertEqual(sorted(received), sorted(m.encodeTransport(m.peerID(f"fresh-{i}"), b"first %d" % i) for i in range(50)))
+        self.assertNoStrayPackets()
+
+    def test_exchangeWithOtherTransport(self):
+        """
+        A QUIC peer advertising quic-go 0.29's 1220-byte DATAGRAM frames and
+        a peer on another link exchange 1,000 messages of 1 to 1,179 bytes
+        each way: every byte arrives, in order.
+        """
+        a = self.connected(A, maxDatagramFrameSize=1220)
+        session, link = connect(self.relay, "peer-b")
+        payloads = [payloadOf(1, k, exchangeSize(1, k)) for k in range(1000)]
+        self.assertEqual((min(map(len, payloads)), max(map(len, payloads))), (1, 1179))
+        toB, toA = [], []
+        for batch in range(10):
+            for payload in payloads[batch * 100 : batch * 100 + 100]:
+                a.send(B, payload)
+                session.messageReceived(m.encodeTransport(A, payload))
+            self.network.pump(0.05)
+            toB.extend(link.take())
+            while a.transports.pending:
+                toA.append(self.successResultOf(a.transports.get()))
+        self.assertEqual(toB, [m.encodeTransport(A, p) for p in payloads])
+        self.assertEqual(toA, [(B, p) for p in payloads])
+        self.assertEqual(self.relay.counters.dropped, {})
+        self.assertNoStrayPackets()
+
+    def test_connectionIDChangesMidSession(self):
+        """
+        The client changes the relay's connection id ten times while
+        messages flow: nothing is lost, and the relay forgets each id the
+        client retired.
+        """
+        a = self.connected(A)
+        b = self.connected(B)
+        link = self.relay.store.peers[A].link
+        for batch in range(10):
+            a.changeConnectionID()
+            for i in range(100):
+                a.send(B, b"%d.%d" % (batch, i))
+            self.network.pump(0.05)
+        self.assertEqual(a.changes, 11)
+        self.assertEqual([self.successResultOf(b.transports.get()) for _ in range(1000)], [(A, b"%d.%d" % (batch, i)) for batch in range(10) for i in range(100)])
+        self.assertNoStrayPackets()
+        retired = set(a.usedIDs[:-1])
+        self.assertEqual(retired & set(self.protocol.links), set())
+        self.assertIn(a.usedIDs[-1], link.connectionIDs)
+        # The current id, the ones on offer (aioquic issues up to the
+        # client's limit) and the client's original destination id.
+        self.assertLessEqual(len(link.connectionIDs), 1 + 8 + 1)
+
+    def test_datagramFrameSizes(self):
+        """
+        To clients advertising 1220 bytes (quic-go 0.29) and 16,383 (current
+        quic-go), messages that fit arrive whole; a byte more is dropped
+        and counted, never truncated.
+        """
+        small = self.connected(A, maxDatagramFrameSize=1220)
+        large = self.connected(C, maxDatagramFrameSize=16383)
+        session, link = connect(self.relay, "peer-b")
+        # 1220 - 3 (frame type, 2-byte length) = 1217-byte messages; the
+        # larger frame is bound by the 1452-byte packet: 1422 (see
+        # test_tooLargeForDestinationDatagram).
+        for peer, fits in ((A, 1217), (C, 1422)):
+            for size in (fits - 1, fits, fits + 1, m.MAX_MESSAGE_SIZE):
+                session.messageReceived(m.encodeTransport(peer, b"s" * (size - m.TRANSPORT_HEADER_SIZE)))
+        self.network.pump()
+        for peer, fits in ((small, 1217), (large, 1422)):
+            got = []
+            while peer.transports.pending:
+                got.append(self.successResultOf(peer.transports.get()))
+            self.assertEqual(got, [(B, b"s" * (size - m.TRANSPORT_HEADER_SIZE)) for size in (fits - 1, fits)])
+        self.assertEqual(self.relay.counters.dropped["too_large_for_datagram"], 4)
+        self.assertNoStrayPackets()
+
+    def test_badToken(self):
+        """
+        Clients with a bad token that send a Transport right after their
+        Auth are closed with an application error; nothing is relayed.
+        """
+        session, link = connect(self.relay, "peer-b")
+
+        class Intruder(EagerClient):
+            def _event(self, event):
+                super()._event(event)
+                if type(event) is events.HandshakeCompleted:
+                    self.send(B, b"must not arrive")
+
+        self.clientClass = Intruder
+        bad = generateToken("another-secret", NOW + 3600)
+        peers = [self.client(m.peerID(f"intruder-{i}"), token=bad) for i in range(50)]
+        self.network.pump(1.0)
+        for peer in peers:
+            self.assertEqual((peer.closeEvent.error_code, peer.closeEvent.frame_type), (quic.CLOSE_ERROR, None))
+            self.failureResultOf(peer.authenticated, quic.QuicHandshakeFailed)
+        self.assertEqual(link.take(), [])
+        self.assertEqual(self.relay.counters.handshakeRejects["bad_signature"], 50)
+        self.assertEqual(self.relay.counters.connections["quic"], 0)
+
+    def test_peerVanishes(self):
+        """
+        A peer that vanishes without a word goes offline for its
+        subscribers once the idle timeout ends its connection; a relay that
+        vanishes is noticed by the client's own idle timeout.
+        """
+        a = self.connected(A)
+        b = self.connected(B)
+        b.subscribe([A])
+        self.network.pump()
+        self.assertEqual(self.successResultOf(b.events.get()), ("online", [A]))
+        self.network.drop = lambda source, destination, data: a.addr in (source, destination)
+        self.network.pump(quic.IDLE_TIMEOUT - 1, step=0.05)
+        self.assertIn(A, self.relay.store.peers)
+        # The relay's health check, unanswered, restarts its idle timer.
+        self.network.pump(30.0, step=0.05)
+        self.assertNotIn(A, self.relay.store.peers)
+        self.assertEqual(self.successResultOf(b.events.get()), ("offline", [A]))
+        self.assertEqual(a.closeEvent.reason_phrase, "Idle timeout")
+        self.network.drop = lambda source, destination, data: True
+        self.network.pump(quic.IDLE_TIMEOUT + 1, step=0.05)
+        self.assertEqual(b.closeEvent.reason_phrase, "Idle timeout")
+
+    def test_peerCloseSeenAtOnce(self):
+        """
+        A client's CONNECTION_CLOSE takes its peer offline as it arrives,
+        not when aioquic's closing period ends three probe timeouts later.
+        """
+        a = self.connected(A)
+        b = self.connected(B)
+        b.subscribe([A])
+        self.network.pump()
+        self.successResultOf(b.events.get())
+        a.abort()
+        self.network.pump(0.004, step=0.002)
+        self.assertNotIn(A, self.relay.store.peers)
         self.assertEqual(self.relay.counters.connections["quic"], 1)
 
 
