@@ -505,6 +505,17 @@ class QuicPeerLink(_QuicDriver):
 
     # The link interface of PeerSession
 
+    @property
+    def maxMessageSize(self):
+        """
+        The largest relay message one datagram to this peer carries now
+        (L{relay.session.PeerSession} splits id lists by it).
+        """
+        if len(self.quic._peer_cid.cid) != self._cidLength:
+            self._cidLength = len(self.quic._peer_cid.cid)
+            self._room = min(self._frameRoom, self._packetRoom())
+        return self._room
+
     def writeMessage(self, message):
         if not self._open:
             return False

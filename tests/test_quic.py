@@ -1011,6 +1011,26 @@ class UDPQuicTests(unittest.TestCase):
         self.assertEqual(self.relay.counters.dropped["too_large_for_datagram"], 1)
 
     @defer.inlineCallbacks
+    def test_peersOnlineFitDatagrams(self):
+        """
+        PeersOnline for 244 ids, 8786 bytes in one message over WebSocket,
+        is split to fit the QUIC subscriber's datagrams (issue 12, item 12).
+        """
+        ids = [m.peerID(f"online-{n}") for n in range(244)]
+        for pid in ids:
+            self.relay.store.peers[pid] = object()
+        # Large datagrams out, small ones in: one Subscribe carries all 244.
+        q = yield self.quicPeer(A, maxDatagramSize=9000, maxDatagramFrameSize=1400)
+        q.subscribe(ids)
+        received = []
+        while len(received) < len(ids):
+            kind, some = yield q.events.get().addTimeout(5, reactor)
+            self.assertEqual(kind, "online")
+            received += some
+        self.assertEqual(received, ids)
+        self.assertEqual(self.relay.counters.dropped["too_large_for_datagram"], 0)
+
+    @defer.inlineCallbacks
     def test_reloadCertificate(self):
         """
         reloadCertificate serves new connections with the new certificate;
