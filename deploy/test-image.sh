@@ -282,19 +282,14 @@ stopRelay() {
   fi
 }
 
-# Two peers, A at $1 and B at $2 (ws://, wss://, rel://, rels:// or
-# quic://ip:port), find each other and bounce messages: A sends, B echoes.
-# Prints the instances each peer landed on.
+# Two peers, A at $1 and B at $2 (ws://, wss://, rel:// or rels://), find
+# each other and bounce messages: A sends, B echoes. Prints the instances each peer landed on.
 PAIR=$(cat <<'EOF'
 import os, sys
 from twisted.internet import defer, task
 from relay import client, messages as m
-from relay.quic import connectQuic
 
 def connect(reactor, spec, peerID):
-    if spec.startswith("quic://"):
-        host, port = spec[len("quic://"):].rsplit(":", 1)
-        return connectQuic(reactor, host, int(port), peerID, secret=os.environ["OZ_AUTH_SECRET"], cafile=os.environ["SSL_CERT_FILE"], timeout=10)
     return client.connect(reactor, spec, peerID, secret=os.environ["OZ_AUTH_SECRET"], timeout=10)
 
 @defer.inlineCallbacks
@@ -371,11 +366,10 @@ else
   fail "relay.probe over TLS WebSocket: $out"
 fi
 
-# QUIC: two QUIC peers through the relay (relay.probe has no QUIC option yet).
-if out=$(inImage - "quic://127.0.0.1:$peerPort" "quic://127.0.0.1:$peerPort" <<<"$PAIR" 2>&1); then
-  pass "QUIC peers relay through the image: $out"
+if out=$(inImage -m relay.probe --transport quic --cafile /certs/localhost.crt "rels://localhost:$peerPort" --count 50 </dev/null 2>&1); then
+  pass "relay.probe over QUIC: $out"
 else
-  fail "QUIC peers relay through the image: $out"
+  fail "relay.probe over QUIC: $out"
 fi
 
 received=$(httpBody "127.0.0.1:$metricsPort" metrics | awk '/^relay_transfer_received_bytes_total[ {]/ {s += $NF} END {print int(s)}')

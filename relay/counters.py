@@ -42,6 +42,9 @@ class RelayCounters:
     @ivar metricsRefusals: on the metrics port, connections evicted at its
         connection limit (C{connections}) and requests refused unread
         (C{method}, C{body}).
+    @ivar quicRefusals: QUIC datagrams and connections the listener
+        refused before any session saw them, by reason (see
+        L{relay.quic.QuicPeerProtocol}).
     """
 
     def __init__(self):
@@ -54,6 +57,7 @@ class RelayCounters:
         self.connections = Counter()
         self.senderPauses = 0
         self.metricsRefusals = Counter()
+        self.quicRefusals = Counter()
 
 
 class ClusterCounters:

@@ -251,6 +251,11 @@ class RelayMetrics:
             description="Metrics-port connections evicted at its limit and requests refused unread, split by reason",
         )
         meter.create_observable_counter(
+            "relay_quic_refusals_total",
+            callbacks=[_observeByLabel("reason", lambda: counters.quicRefusals)],
+            description="QUIC datagrams and connections refused before reaching a session (unknown connection id, malformed, failed handshake, Retry sent, ...), split by reason",
+        )
+        meter.create_observable_counter(
             "relay_protocol_errors_total",
             callbacks=[_observeByLabel("reason", lambda: counters.protocolErrors)],
             description="Authenticated peers closed for a protocol error, split by reason",

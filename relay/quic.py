@@ -99,6 +99,8 @@ from relay import messages as m
 from relay.auth import generateToken
 from relay.client import PeerClient
 from relay.cluster.transport import joinAddress
+from relay.logtext import quoted
+from relay.peer import CLOSE_REASON_SHOWN
 from relay.server import ConfigurationError
 from relay.session import PeerSession
 
@@ -305,9 +307,16 @@ class _QuicDriver:
             self.quic.receive_datagram(data, addr, self._clock.seconds())
             self._events()
         except Exception:
-            self._log.failure("QUIC connection from {where}: failed handling a datagram", where=joinAddress(addr[0], addr[1]))
+            self._noisy(self._log.failure, "QUIC connection from {where}: failed handling a datagram", where=joinAddress(addr[0], addr[1]))
             self._failed()
         self._needFlush()
+
+    def _noisy(self, log, format, **fields):
+        """
+        Log a line the other end can cause at will (a relay's links put it
+        under the log budget).
+        """
+        log(format, **fields)
 
     def _events(self):
         nextEvent = self.quic.next_event
@@ -420,6 +429,8 @@ class QuicPeerLink(_QuicDriver):
         self._protocol = protocol
         self._relay = protocol.relay
         self.peerAddress = joinAddress(addr[0], addr[1])
+        self.sourceHost = addr[0]
+        self._admitted = False
         self.session = None
         self.connectionIDs = set()
         self._open = False
@@ -438,10 +449,26 @@ class QuicPeerLink(_QuicDriver):
         return f"<QuicPeerLink {self.peerAddress}>"
 
     def start(self):
+        """
+        A new client, through the same admission as a WebSocket one (UDP
+        holds no descriptor per connection, so only the per-address limits
+        and the pending slots apply).
+        """
+        relay = self._relay
+        reason = relay.admission.admit(self.sourceHost)
+        if reason is not None:
+            relay.counters.handshakeRejects[reason] += 1
+            relay.noisyLog(self._log.warn, "{where}: QUIC connection refused: {reason}", where=self.peerAddress, reason=reason)
+            self._close(CLOSE_ERROR, "refused")
+            return
+        self._admitted = True
         self._handshaking = True
         self._protocol.handshaking += 1
-        self._relay.counters.connections[self.transportName] += 1
-        self.session = PeerSession(self._relay, self)
+        relay.counters.connections[self.transportName] += 1
+        self.session = PeerSession(relay, self)
+
+    def _noisy(self, log, format, **fields):
+        self._relay.noisyLog(log, format, **fields)
 
     def _handshakeEnded(self):
         if self._handshaking:
@@ -467,7 +494,7 @@ class QuicPeerLink(_QuicDriver):
             # The protocol has no streams. A client that opens one is not an
             # agent; closing at once frees what aioquic would buffer for it.
             self._protocol.counters["stream_refused"] += 1
-            self._log.info("{where}: QUIC client opened a stream; closing", where=self.peerAddress)
+            self._noisy(self._log.info, "{where}: QUIC client opened a stream; closing", where=self.peerAddress)
             self._close(CLOSE_ERROR, "streams are not supported")
 
     def _eventsHandled(self):
@@ -482,7 +509,7 @@ class QuicPeerLink(_QuicDriver):
         remote = self._remoteMaxDatagramFrameSize()
         if not remote:
             self._protocol.counters["no_datagrams"] += 1
-            self._log.info("{where}: QUIC client did not enable datagrams; closing", where=self.peerAddress)
+            self._noisy(self._log.info, "{where}: QUIC client did not enable datagrams; closing", where=self.peerAddress)
             self._close(CLOSE_ERROR, "datagrams are required")
             return
         self._frameRoom = _payloadRoom(remote)
@@ -495,11 +522,13 @@ class QuicPeerLink(_QuicDriver):
 
     def _terminated(self, event):
         if not self._closedHere and (event.error_code != CLOSE_NORMAL or event.reason_phrase == "Idle timeout"):
-            self._log.info(
-                "{where}: QUIC connection ended: code {code:#x} {reason!r}",
+            # The reason phrase is the client's text, up to a datagram long.
+            self._noisy(
+                self._log.info,
+                "{where}: QUIC connection ended: code {code:#x} {reason}",
                 where=self.peerAddress,
                 code=event.error_code,
-                reason=event.reason_phrase,
+                reason=quoted(event.reason_phrase, CLOSE_REASON_SHOWN),
             )
         self._forget()
 
@@ -606,7 +635,7 @@ class QuicPeerLink(_QuicDriver):
             for data, addr in self.quic.datagrams_to_send(self._clock.seconds()):
                 self._sendDatagram(data, addr)
         except Exception as e:
-            self._log.warn("QUIC connection from {where}: no CONNECTION_CLOSE sent ({error!r})", where=self.peerAddress, error=e)
+            self._noisy(self._log.warn, "QUIC connection from {where}: no CONNECTION_CLOSE sent ({error!r})", where=self.peerAddress, error=e)
         self._forget()
 
     def _linkDown(self):
@@ -616,6 +645,9 @@ class QuicPeerLink(_QuicDriver):
         self._down = True
         self._open = False
         self._relay.counters.connections[self.transportName] -= 1
+        if self._admitted:
+            self._admitted = False
+            self._relay.admission.release(self.sourceHost)
         self.session.linkLost()
         waiters, self._closeWaiters = self._closeWaiters, None
         for d in waiters:
@@ -700,7 +732,7 @@ class QuicPeerProtocol(DatagramProtocol):
         self.retryAbove = retryAbove
         self.handshaking = 0
         self.links = {}
-        self.counters = Counter()
+        self.counters = relay.counters.quicRefusals
         self._tokens = _RetryTokens(clock)
         self._dirty = []
         self._flushCall = None
@@ -713,7 +745,7 @@ class QuicPeerProtocol(DatagramProtocol):
             self._dispatch(data, addr)
         except Exception:
             self.counters["malformed"] += 1
-            self._log.failure("QUIC: dropped a datagram from {where}", where=joinAddress(addr[0], addr[1]))
+            self.relay.noisyLog(self._log.failure, "QUIC: dropped a datagram from {where}", where=joinAddress(addr[0], addr[1]))
 
     def _dispatch(self, data, addr):
         if not data:

@@ -265,6 +265,7 @@ class CounterTests(unittest.TestCase):
         counters.handshakeRejects["bad_token"] += 1
         counters.protocolErrors["unexpected_message"] += 4
         counters.senderPauses += 9
+        counters.quicRefusals["unknown_connection"] += 7
         self.fixture.cluster.forwards["ok"] += 11
         self.fixture.cluster.forwards["stream_gone"] += 1
         self.fixture.cluster.helloRejects["hmac_mismatch"] += 3
@@ -281,6 +282,7 @@ class CounterTests(unittest.TestCase):
             value("relay_protocol_errors_total", "reason", "unexpected_message"), 4
         )
         self.assertEqual(found[("relay_sender_pauses_total", frozenset())], 9)
+        self.assertEqual(value("relay_quic_refusals_total", "reason", "unknown_connection"), 7)
         self.assertEqual(value("relay_cluster_forwards_total", "result", "ok"), 11)
         self.assertEqual(value("relay_cluster_forwards_total", "result", "stream_gone"), 1)
         self.assertEqual(

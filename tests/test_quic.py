@@ -24,6 +24,7 @@ from relay import client
 from relay import messages as m
 from relay import quic
 from relay.auth import TokenValidator, generateToken
+from relay.limits import Limits
 from relay.peer import PeerWebSocketFactory
 from relay.server import ConfigurationError, Relay
 from relay.store import Store
@@ -526,6 +527,26 @@ class ClockedQuicTests(_ClockedQuicBase):
         self.assertEqual(self.protocol.counters["stream_refused"], 1)
         self.assertNotIn(A, self.relay.store.peers)
 
+    def test_strangersLinesBudgeted(self):
+        """
+        The lines a QUIC client can cause at will go through the relay's log
+        budget, and a client's close reason is quoted and cut.
+        """
+        budgeted = []
+        self.relay.noisyLog = lambda emit, format, **fields: budgeted.append((format, fields))
+        a = self.connected(A)
+        a.quic.send_stream_data(0, b"GET / HTTP/1.1\r\n\r\n")
+        a.flush()
+        b = self.connected(B)
+        b.quic.close(error_code=7, reason_phrase="\x1b[31m" + "x" * 500)
+        b.flush()
+        self.network.pump(1.0)
+        formats = [format for format, _ in budgeted]
+        self.assertIn("{where}: QUIC client opened a stream; closing", formats)
+        [reason] = [fields["reason"] for format, fields in budgeted if "connection ended" in format]
+        self.assertNotIn("\x1b", reason)
+        self.assertLess(len(reason), 120)
+
     def test_peerClose(self):
         """
         A peer that sends Close leaves the store; its connection ends.
@@ -537,6 +558,41 @@ class ClockedQuicTests(_ClockedQuicBase):
         self.assertEqual(self.relay.store.peers, {})
         self.assertEqual(self.relay.counters.connections["quic"], 0)
         self.assertEqual(self.protocol.links, {})
+
+    def test_admission(self):
+        """
+        QUIC clients go through the relay's admission as WebSocket ones do:
+        one over the per-address limit is closed with an application error,
+        counted and given no session; an admitted client's slot is released
+        when it leaves, and the next one gets in.
+        """
+        self.relay.limits = Limits(maxPerIP=1)
+        a = self.connected(A)
+        refused = self.client(B)
+        self.network.pump(1.0)
+        # Before the handshake is done an application close travels as a
+        # transport one (RFC 9000 section 10.2.3).
+        self.assertEqual(refused.closeEvent.error_code, QuicErrorCode.APPLICATION_ERROR)
+        self.failureResultOf(refused.authenticated, quic.QuicHandshakeFailed)
+        self.assertEqual(self.relay.counters.handshakeRejects["per_ip_connections"], 1)
+        self.assertEqual(self.relay.counters.connections["quic"], 1)
+        self.assertEqual(list(self.relay.store.peers), [A])
+        d = a.close()
+        self.network.pump(1.0)
+        self.successResultOf(d)
+        self.assertEqual(self.relay.admission._open, {})
+        self.connected(B)
+        self.assertEqual(list(self.relay.store.peers), [B])
+
+    def test_pendingSlotsPerSource(self):
+        """
+        A QUIC client waiting for Auth holds a pending slot of its own
+        address, so the admission can tell sources apart.
+        """
+        self.client(A, authenticate=False)
+        self.network.pump(1.0)
+        self.assertEqual(list(self.relay.admission._bySource), ["127.0.0.1"])
+        self.assertEqual(self.relay.pendingHandshakes, 1)
 
     def test_shutdownSendsCloseThenCode0(self):
         """
