@@ -10,6 +10,7 @@ from twisted.trial import unittest
 
 from relay import messages as m
 from relay.auth import generateToken
+from relay.cluster import frames
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -57,5 +58,28 @@ class PeerProtocolVectorTests(unittest.TestCase):
             "authResponse(rel://127.0.0.1:33080)": m.encodeAuthResponse("rel://127.0.0.1:33080"),
             "transport(peer-b, hello)": m.encodeTransport(self.idB, b"hello"),
             "delivered(peer-a, hello)": m.stampTransport(m.encodeTransport(self.idB, b"hello"), self.idA),
+        }
+        self.assertEqual({k: self.vectors[k] for k in expected}, expected)
+
+
+class ClusterVectorTests(unittest.TestCase):
+    """
+    docs/cluster.md.
+    """
+
+    def setUp(self):
+        self.vectors = vectors("cluster.md")
+        self.idA, self.idB = m.peerID("peer-a"), m.peerID("peer-b")
+
+    def test_ids(self):
+        self.assertEqual((self.vectors["id(peer-a)"], self.vectors["id(peer-b)"]), (self.idA, self.idB))
+
+    def test_frames(self):
+        delivered = m.stampTransport(m.encodeTransport(self.idB, b"hello"), self.idA)
+        expected = {
+            "hello(signed)": frames.helloFrame("10.0.5.7:7090", 1893456000, "cluster-secret"),
+            "hello(unsigned)": frames.helloFrame("10.0.5.7:7090", 1893456000, ""),
+            "iHave(peer-a, 42)": frames.iHaveFrame(self.idA, 42),
+            "fwd(peer-b, hello)": frames.fwdFrame(self.idB, delivered),
         }
         self.assertEqual({k: self.vectors[k] for k in expected}, expected)
