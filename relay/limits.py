@@ -180,7 +180,7 @@ class Admission:
     """
     Which connections the relay takes on, whatever carries them.
 
-    Two duties, both keyed by source (L{sourceGroup}):
+    Three duties, the first and last keyed by source (L{sourceGroup}):
 
       - L{admit} / L{release}, once per connection: the optional per-source
         limits (open connections, new connections per second).
