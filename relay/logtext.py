@@ -46,7 +46,6 @@ class ClassicText:
             self._stamp = formatTime(second)
         return f"{self._stamp} [{self._tag}{_system(event)}] {text}".replace("\n", "\n\t") + "\n"
 
-
     def _twisted(self, event):
         if self._tag:
             event = dict(event, log_system=self._tag + _system(event))
