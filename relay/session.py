@@ -182,6 +182,7 @@ class PeerSession:
                 ids = m.decodeIDList(message)
             except m.MessageError as e:
                 self.relay.noisyLog(self._log.warn, "{peer}: ignored {kind}: {error}", peer=self, kind=m.NAMES[kind], error=str(e))
+                self.relay.counters.dropped["malformed"] += 1
                 return
             if kind == m.SUBSCRIBE_PEER_STATE:
                 self._subscribe(ids)

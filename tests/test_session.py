@@ -234,8 +234,14 @@ class SubscriptionTests(unittest.TestCase):
         self.assertEqual(self.linkA.take(), [])
 
     def test_malformedIgnored(self):
+        """
+        An id list that is not a multiple of 36 bytes is ignored and
+        counted (docs/protocol.md's bad-input table), the connection kept.
+        """
         self.a.messageReceived(b"\x01\x08" + B + b"\x00")
+        self.a.messageReceived(b"\x01\x09" + B[:35])
         self.assertFalse(self.linkA.aborted)
+        self.assertEqual(self.relay.counters.dropped["malformed"], 2)
         connect(self.relay, "peer-b")
         self.assertEqual(self.linkA.take(), [])
 
