@@ -21,8 +21,10 @@ class RelayCounters:
     @ivar reconnections: peers that authenticated while an older connection
         with the same id was stored (Go: relay_peer_reconnections_total).
     @ivar dropped: messages dropped, by reason (C{unknown_peer},
-        C{slow_consumer}, C{too_large_for_datagram}, ...), and
-        C{subscription_limit}: subscribed ids refused, one per id.
+        C{slow_consumer}, C{too_large_for_datagram}, C{rate_limited},
+        C{malformed}: a short Transport or an id list that is not a
+        multiple of 36 bytes), and C{subscription_limit}: subscribed ids
+        refused, one per id.
     @ivar handshakeRejects: failed or refused handshakes, by reason: the
         first message (C{too_large}, C{malformed}, C{bad_version},
         C{bad_type}, C{not_auth}, C{legacy_hello}, C{bad_magic}), the token
@@ -69,7 +71,12 @@ class ClusterCounters:
     @ivar helloRejects: refused inter-pod streams by reason (PROTOCOL.md 3).
     @ivar pingsSent: PING frames sent.
     @ivar pingsLost: PINGs whose PONG did not arrive in time.
-    @ivar dropped: frames or queued packets dropped, by reason.
+    @ivar dropped: frames or queued packets dropped, by reason: the
+        stream's (C{malformed_frame}, C{frame_auth_mismatch},
+        C{slow_stream}, C{stream_overflow}), incoming FWD
+        (C{fwd_not_transport}, C{fwd_too_large}, C{fwd_peer_not_here}),
+        lookups (C{lookup_queue_full}, C{lookup_share_full}, the same with
+        C{subscription_} before them for subscriptions) and C{shutdown}.
     """
 
     def __init__(self):
