@@ -17,6 +17,33 @@ STOP_TIMEOUT = 35.0
 
 
 
+class RawClient(protocol.Protocol):
+    """
+    A raw TCP client, for what a stranger, an attacker or a Go pod sends:
+    records what it receives, and C{closed} fires when it is closed.
+    """
+
+    def __init__(self):
+        self.received = b""
+        self.closed = defer.Deferred()
+
+    def dataReceived(self, data):
+        self.received += data
+
+    def connectionLost(self, reason):
+        self.closed.callback(None)
+
+
+def rawConnect(port, host="127.0.0.1", source=None):
+    """
+    A L{RawClient} connected to C{host}:C{port}, from C{source} if given
+    (loopback lets a test pick any 127/8 address, as an attacker spoofing
+    one would).
+    """
+    bindAddress = None if source is None else (source, 0)
+    return connectProtocol(TCP4ClientEndpoint(reactor, host, port, timeout=5, bindAddress=bindAddress), RawClient())
+
+
 def sleep(seconds):
     d = defer.Deferred()
     reactor.callLater(seconds, d.callback, None)

@@ -9,8 +9,6 @@ import signal
 import time
 
 from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
 from twisted.trial import unittest
 
 from relay import client
@@ -18,38 +16,13 @@ from relay import messages as m
 from relay.cluster import frames
 from relay.cluster.locator import seqnoOf
 from relay.loopback import commonPort
-from tests.e2e import RelayProcess, relayArgs, sleep
+from tests.e2e import RelayProcess, rawConnect, relayArgs, sleep
 
 PODS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 HEADLESS = ",".join(PODS)
 A, B, C = m.peerID("peer-a"), m.peerID("peer-b"), m.peerID("peer-c")
 TIMEOUT = 10
 SECRET = "cluster-secret"
-
-
-class RawPod(Protocol):
-    """
-    A raw inter-pod connection: what an attacker, or a Go pod, sends.
-    """
-
-    def connectionMade(self):
-        self.received = b""
-        self.lost = defer.Deferred()
-
-    def dataReceived(self, data):
-        self.received += data
-
-    def connectionLost(self, reason):
-        self.lost.callback(None)
-
-
-def rawConnect(source, target, port):
-    """
-    Connect from C{source} (bound: loopback lets us pick any 127/8 address,
-    as an attacker spoofing a pod's address would) to a pod's cluster port.
-    """
-    endpoint = TCP4ClientEndpoint(reactor, target, port, bindAddress=(source, 0))
-    return endpoint.connect(Factory.forProtocol(RawPod))
 
 
 class ClusterTestCase(unittest.TestCase):
@@ -255,7 +228,7 @@ class TrustTests(ClusterTestCase):
         hello = frames.helloFrame(f"{pod}:{self.clusterPort}", int(time.time()), SECRET)
         spoofed = frames.fwdFrame(B, m.encodeTransport(A, b"spoofed source"))
         forged = frames.iHaveFrame(A, seqnoOf(time.time() + 60))
-        d = rawConnect(source, target, self.clusterPort)
+        d = rawConnect(self.clusterPort, target, source=source)
         d.addCallback(lambda raw: (raw.transport.write(hello + spoofed + forged), raw)[1])
         return d
 
@@ -268,7 +241,7 @@ class TrustTests(ClusterTestCase):
         # From a stranger's address, then from pod .4's own (spoofed).
         for source in ("127.0.0.9", PODS[2]):
             raw = yield self.attack(source, PODS[1], PODS[2])
-            yield raw.lost.addTimeout(TIMEOUT, reactor)
+            yield raw.closed.addTimeout(TIMEOUT, reactor)
             # Nothing for the attacker: no snapshot of the pod's peers.
             self.assertEqual(raw.received, b"")
         yield sleep(0.2)
@@ -304,7 +277,7 @@ class CompatibilityTests(ClusterTestCase):
         b = yield self.connect("peer-b", compat)
         hello = frames.helloFrame(f"{goPod}:{self.clusterPort}", int(time.time()), SECRET)
         fwd = frames.fwdFrame(B, m.encodeTransport(A, b"from a Go pod"))
-        raw = yield rawConnect(goPod, compat, self.clusterPort)
+        raw = yield rawConnect(self.clusterPort, compat, source=goPod)
         raw.transport.write(hello + fwd + frames.whoHasFrame(B))
         yield self.waitFor(lambda: b.received and len(raw.received) >= 43)
         self.assertEqual(b.received, [(A, b"from a Go pod")])
@@ -314,9 +287,9 @@ class CompatibilityTests(ClusterTestCase):
         self.assertEqual({frameType for frameType, _ in got}, {frames.I_HAVE})
         self.assertEqual({payload[:36] for _, payload in got}, {B})
 
-        refused = yield rawConnect(goPod, strict, self.clusterPort)
+        refused = yield rawConnect(self.clusterPort, strict, source=goPod)
         refused.transport.write(hello + fwd)
-        yield refused.lost.addTimeout(TIMEOUT, reactor)
+        yield refused.closed.addTimeout(TIMEOUT, reactor)
         self.assertEqual(refused.received, b"")
         self.assertIn(b"not_secured", self.pods[strict].output)
         raw.transport.loseConnection()

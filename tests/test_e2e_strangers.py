@@ -3,36 +3,15 @@ End to end: what strangers can send a real C{twistd relay} before they
 authenticate, on the peer port and on the metrics port, is bounded.
 """
 
-from twisted.internet import defer, protocol, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from relay.peer import MAX_UPGRADE_REQUEST
 from relay.web import MAX_CONNECTIONS
-from tests.e2e import freePort, sleep, startRelay
+from tests.e2e import freePort, rawConnect, sleep, startRelay
 from tests.test_e2e_operability import get, sample
 
 TIMEOUT = 10
-
-
-class Stranger(protocol.Protocol):
-    """
-    A raw TCP client that records what it receives and when it is closed.
-    """
-
-    def __init__(self):
-        self.received = b""
-        self.closed = defer.Deferred()
-
-    def dataReceived(self, data):
-        self.received += data
-
-    def connectionLost(self, reason):
-        self.closed.callback(None)
-
-
-def stranger(port):
-    return connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5), Stranger())
 
 
 class StrangerTests(unittest.TestCase):
@@ -57,7 +36,7 @@ class StrangerTests(unittest.TestCase):
         idle = []
         self.addCleanup(self.closeAll, idle)
         for _ in range(300):
-            idle.append((yield stranger(self.metricsPort)))
+            idle.append((yield rawConnect(self.metricsPort)))
         yield sleep(0.5)
         code, body = yield get(self.metricsPort, "/healthz")
         self.assertEqual((code, body), (200, "ok\n"))
@@ -72,7 +51,7 @@ class StrangerTests(unittest.TestCase):
         A POST to /metrics announcing 40 MiB is answered 405 and closed
         after its headers, not spooled to a temporary file.
         """
-        c = yield stranger(self.metricsPort)
+        c = yield rawConnect(self.metricsPort)
         self.addCleanup(self.closeAll, [c])
         c.transport.write(b"POST /metrics HTTP/1.1\r\nHost: relay\r\nContent-Length: 41943040\r\n\r\n" + b"z" * 65536)
         yield c.closed.addTimeout(TIMEOUT, reactor)
@@ -87,7 +66,7 @@ class StrangerTests(unittest.TestCase):
         it passes the limit; it used to be buffered (and searched from its
         start on every read) until the handshake timeout.
         """
-        c = yield stranger(self.relay.port)
+        c = yield rawConnect(self.relay.port)
         self.addCleanup(self.closeAll, [c])
         c.transport.write(b"GET /relay HTTP/1.1\r\nHost: relay\r\nX-Pad: ")
         for _ in range(MAX_UPGRADE_REQUEST // 1024 + 1):
