@@ -5,12 +5,10 @@ bounded number of lines for a flood of strangers.
 
 import json
 import os
-import re
 import sys
 from datetime import datetime
 
-from twisted.internet import defer, protocol, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from relay import client
@@ -18,7 +16,8 @@ from relay import messages as m
 from relay.auth import generateToken
 from relay.loopback import freePort
 from tests import wsraw
-from tests.e2e import ROOT, RelayProcess, relayArgs, sleep, startRelay
+from tests.e2e import ROOT, RelayProcess, rawConnect, relayArgs, sleep, startRelay
+from tests.test_e2e_operability import get, sample
 
 TWISTED_KEYS = {"log_logger", "log_source", "log_format", "log_flattened", "log_namespace", "log_level", "log_time", "log_io", "log_text", "__class_uuid__", "isError", "message"}
 
@@ -44,17 +43,9 @@ def rawConnection(port, data):
     """
     Send C{data} on a plain TCP connection and wait for the relay to close it.
     """
-    done = defer.Deferred()
-
-    class Sender(protocol.Protocol):
-        def connectionMade(self):
-            self.transport.write(data)
-
-        def connectionLost(self, reason):
-            done.callback(None)
-
-    yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5), Sender())
-    yield done.addTimeout(15, reactor)
+    raw = yield rawConnect(port)
+    raw.transport.write(data)
+    yield raw.closed.addTimeout(15, reactor)
 
 
 class JSONSessionTests(unittest.TestCase):
@@ -190,7 +181,7 @@ class DescriptorFloodTests(unittest.TestCase):
         self.addCleanup(lambda: [p.transport.abortConnection() for p in held if p.transport.connected])
         # Fill the table: connections that wait to authenticate.
         for _ in range(relay.limit):
-            held.append((yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", relay.port, timeout=5), protocol.Protocol())))
+            held.append((yield rawConnect(relay.port)))
         yield sleep(0.5)
         before = len(relay.output.splitlines())
         # All at once, so that the flood falls within one or two windows of
@@ -206,11 +197,10 @@ class DescriptorFloodTests(unittest.TestCase):
         for p in held:
             p.transport.abortConnection()
         yield sleep(0.5)
-        metrics = yield _get(metricsPort, b"/metrics")
-        reasons = (b"no_descriptors", b"descriptors", b"pending_evicted")
-        found = [re.search(rb'relay_handshake_rejects_total\{[^}]*reason="' + r + rb'"\} ([\d.]+)', metrics) for r in reasons]
+        _, metrics = yield get(metricsPort, "/metrics")
+        found = [sample(metrics, "relay_handshake_rejects_total", reason=r) for r in ("no_descriptors", "descriptors", "pending_evicted")]
         self.assertTrue(any(found), metrics[-2000:])
-        counted = sum(int(float(f.group(1))) for f in found if f)
+        counted = sum(int(f) for f in found if f)
         # Every connection of the flood the relay closed is counted, and so
         # are the held ones it closed to make room; none twice.
         self.assertGreater(len(closed), 0)
@@ -218,23 +208,3 @@ class DescriptorFloodTests(unittest.TestCase):
         self.assertLessEqual(counted, 300 + relay.limit)
         self.assertLessEqual(len(accepting), 100)
         self.assertEqual((yield relay.stop()), 0)
-
-
-@defer.inlineCallbacks
-def _get(port, path):
-    received = []
-    done = defer.Deferred()
-
-    class Getter(protocol.Protocol):
-        def connectionMade(self):
-            self.transport.write(b"GET " + path + b" HTTP/1.0\r\n\r\n")
-
-        def dataReceived(self, data):
-            received.append(data)
-
-        def connectionLost(self, reason):
-            done.callback(None)
-
-    yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5), Getter())
-    yield done.addTimeout(15, reactor)
-    return b"".join(received)
