@@ -15,6 +15,7 @@ from relay.bench import peers
 from relay.bench.peers import HandshakeRun
 from relay.bench.relayproc import RelayProcess, raiseFileLimit
 from relay.loopback import freePort
+from tests.test_e2e_operability import sample
 
 SECRET = "admission-secret"
 
@@ -78,12 +79,9 @@ def closeAll(sockets):
     del sockets[:]
 
 
-def metric(port, name, label):
+def metric(port, name, **labels):
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    for line in text.splitlines():
-        if line.startswith(name + "{") and label in line:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return sample(text, name, **labels) or 0.0
 
 
 class DefaultsTests(unittest.TestCase):
@@ -120,7 +118,7 @@ class DefaultsTests(unittest.TestCase):
         idleConnections(["127.0.0.2", "127.0.0.3", "127.0.0.4"], 90, 4.0, relay.port, flood)
         run = handshakes(self, relay.port, 20, 4, "agent", source="127.0.0.5")
         self.assertEqual((len(run.socks), run.errors), (20, {}))
-        self.assertGreaterEqual(metric(metricsPort, "relay_handshake_rejects_total", 'reason="pending_evicted"'), 20)
+        self.assertGreaterEqual(metric(metricsPort, "relay_handshake_rejects_total", reason="pending_evicted"), 20)
 
 
 class _LowLimitRelay(RelayProcess):
@@ -154,7 +152,7 @@ class DescriptorTests(unittest.TestCase):
         except OSError as e:
             self.fail(f"{e}\n{relay.logTail(30000)}")
         self.assertEqual((answer.status, answer.read()), (200, b"ok\n"))
-        refused = metric(metricsPort, "relay_handshake_rejects_total", 'reason="descriptors"')
+        refused = metric(metricsPort, "relay_handshake_rejects_total", reason="descriptors")
         self.assertGreater(refused, 0)
         log = relay.logTail(20000)
         self.assertIn("open file limit raised from 200 to 300 (the hard limit)", log)
@@ -163,7 +161,7 @@ class DescriptorTests(unittest.TestCase):
         # oldest flood connection.
         run = handshakes(self, relay.port, 10, 2, "agent", source="127.0.0.9")
         self.assertEqual((len(run.socks), run.errors), (10, {}))
-        self.assertGreaterEqual(metric(metricsPort, "relay_handshake_rejects_total", 'reason="pending_evicted"'), 10)
+        self.assertGreaterEqual(metric(metricsPort, "relay_handshake_rejects_total", reason="pending_evicted"), 10)
         # Once the flood is gone there is room again.
         closeAll(flood)
         time.sleep(0.5)
