@@ -253,6 +253,16 @@ inImage() {
     -e OZ_AUTH_SECRET -e SSL_CERT_FILE=/certs/localhost.crt \
     --entrypoint /opt/relay/bin/python "$image" "$@"
 }
+# relay.probe from the image, 50 round trips: probe LABEL [ARG...] URL.
+probe() {
+  local label=$1 out
+  shift
+  if out=$(inImage -m relay.probe --count 50 "$@" </dev/null 2>&1); then
+    pass "relay.probe over $label: $out"
+  else
+    fail "relay.probe over $label: $out"
+  fi
+}
 # A relay container as the Kubernetes manifests run it: uid 10001 (the
 # image's USER), read-only root filesystem with a small /tmp, no capabilities.
 runRelay() {
@@ -360,17 +370,8 @@ else
   fail "HEALTHCHECK: $health"
 fi
 
-if out=$(inImage -m relay.probe "rels://localhost:$peerPort" --count 50 </dev/null 2>&1); then
-  pass "relay.probe over TLS WebSocket: $out"
-else
-  fail "relay.probe over TLS WebSocket: $out"
-fi
-
-if out=$(inImage -m relay.probe --transport quic --cafile /certs/localhost.crt "rels://localhost:$peerPort" --count 50 </dev/null 2>&1); then
-  pass "relay.probe over QUIC: $out"
-else
-  fail "relay.probe over QUIC: $out"
-fi
+probe "TLS WebSocket" "rels://localhost:$peerPort"
+probe QUIC --transport quic --cafile /certs/localhost.crt "rels://localhost:$peerPort"
 
 received=$(httpBody "127.0.0.1:$metricsPort" metrics | awk '/^relay_transfer_received_bytes_total[ {]/ {s += $NF} END {print int(s)}')
 if [ "$received" -gt 0 ]; then
@@ -415,11 +416,7 @@ else
   fail "cluster not formed: relay_cluster_streams ${streams[*]} (want 2 2 2)"
 fi
 
-if out=$(inImage -m relay.probe "rel://${cluster[0]}:$peerPort" --count 50 </dev/null 2>&1); then
-  pass "relay.probe over WebSocket: $out"
-else
-  fail "relay.probe over WebSocket: $out"
-fi
+probe WebSocket "rel://${cluster[0]}:$peerPort"
 
 for pair in "0 1" "2 0"; do
   set -- $pair
