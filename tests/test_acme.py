@@ -21,6 +21,7 @@ from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import Certificate, CertificateOptions, TLSVersion, optionsForClientTLS
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
@@ -709,23 +710,48 @@ class ChallengeResourceTests(unittest.TestCase):
         self.assertEqual(self.render(b"/.well-known/acme-challenge/tok/x", {"tok": "tok.thumb"})[0], 404)
 
 
+class _PoolClock(Clock):
+    """
+    A Clock that is also its own thread pool: a call runs at once, and its
+    result is delivered when the work it simulated is done, C{busy}
+    seconds later on this clock, so that a timeout races it in clock time.
+    """
+
+    busy = 0.0
+
+    def getThreadPool(self):
+        return self
+
+    def callFromThread(self, f, *args):
+        f(*args)
+
+    def callInThreadWithCallback(self, onResult, f, *args):
+        self.busy = 0.0
+        try:
+            outcome = (True, f(*args))
+        except Exception as e:
+            outcome = (False, Failure(e))
+        self.callLater(self.busy, onResult, *outcome)
+
+
 class _SlowCA:
     """
     An ACME client in the reactor's thread pool whose every challenge
     answer takes C{answerTime} and whose validation and issuance take
-    C{finishTime}.
+    C{finishTime}, on C{clock}.
     """
 
-    def __init__(self, answerTime, finishTime):
+    def __init__(self, clock, answerTime, finishTime):
+        self.clock = clock
         self.answerTime, self.finishTime = answerTime, finishTime
         self.answered = []
 
     def answer_challenge(self, challengeBody, response):
-        time.sleep(self.answerTime)
+        self.clock.busy += self.answerTime
         self.answered.append(challengeBody.domain)
 
     def poll_and_finalize(self, order, deadline):
-        time.sleep(self.finishTime)
+        self.clock.busy += self.finishTime
         return types.SimpleNamespace(fullchain_pem="chain")
 
 
@@ -745,7 +771,6 @@ class _SlowOrder(AcmeCertificateService):
 
 
 class OverallTimeoutTests(unittest.TestCase):
-    @defer.inlineCallbacks
     def test_everyDomainFits(self):
         """
         Answering three domains' challenges, each within the per-request
@@ -753,9 +778,12 @@ class OverallTimeoutTests(unittest.TestCase):
         overall timeout grows with the number of authorisations (it was
         order + one request timeout, 0.75 s here, and gave up at 0.9 s).
         """
-        s = _SlowOrder(["a.example", "b.example", "c.example"], self.mktemp(), None, "https://acme.invalid/", reactor, requestTimeout=0.25, orderTimeout=0.5)
-        s.ca = _SlowCA(answerTime=0.2, finishTime=0.3)
-        keyPEM, chain = yield s._obtain()
+        clock = _PoolClock()
+        s = _SlowOrder(["a.example", "b.example", "c.example"], self.mktemp(), None, "https://acme.invalid/", clock, requestTimeout=0.25, orderTimeout=0.5)
+        s.ca = _SlowCA(clock, answerTime=0.2, finishTime=0.3)
+        d = s._obtain()
+        clock.pump([0.1] * 20)
+        keyPEM, chain = self.successResultOf(d)
         self.assertEqual(chain, b"chain")
         self.assertEqual(s.ca.answered, ["a.example", "b.example", "c.example"])
         self.assertEqual(s._finishTimeout(3), 0.5 + 7 * 0.25 + 1.0)
