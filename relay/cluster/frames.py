@@ -398,6 +398,10 @@ def confirmFrame(mac):
 
 
 def decodeConfirm(payload):
+    """
+    @return: the dialer's mac.
+    @raise FrameError: (C{malformed}) for a wrong size.
+    """
     if len(payload) != MAC_SIZE:
         raise FrameError(MALFORMED, f"CONFIRM of {len(payload)} bytes")
     return bytes(payload)
@@ -425,14 +429,27 @@ class Handshake:
         self.acceptorKey = _helloMAC(base, b"acceptor frames" + transcript)
 
 
-class Sealer:
+class _Tags:
     """
-    Seals the frames of one direction of a secured stream.
+    The tags of one direction of a secured stream, numbered from 0.
     """
 
     def __init__(self, key):
         self._mac = hmac.new(key, digestmod=hashlib.sha256)
         self._seqno = 0
+
+    def _tag(self, header, body):
+        mac = self._mac.copy()
+        mac.update(_U64.pack(self._seqno))
+        mac.update(header)
+        mac.update(body)
+        return mac.digest()[:TAG_SIZE]
+
+
+class Sealer(_Tags):
+    """
+    Seals the frames of one direction of a secured stream.
+    """
 
     def seal(self, frame):
         """
@@ -444,21 +461,16 @@ class Sealer:
         length = len(frame) - HEADER_SIZE + TAG_SIZE
         if length > MAX_PAYLOAD:
             raise FrameError(MALFORMED, f"payload of {length} bytes exceeds {MAX_PAYLOAD}")
-        mac = self._mac.copy()
-        mac.update(_U64.pack(self._seqno))
-        mac.update(frame)
+        body = memoryview(frame)[HEADER_SIZE:]
+        tag = self._tag(memoryview(frame)[:HEADER_SIZE], body)
         self._seqno += 1
-        return b"".join((_HEADER.pack(frame[0], length), memoryview(frame)[HEADER_SIZE:], mac.digest()[:TAG_SIZE]))
+        return b"".join((_HEADER.pack(frame[0], length), body, tag))
 
 
-class Opener:
+class Opener(_Tags):
     """
     Checks and strips the tags of one direction of a secured stream.
     """
-
-    def __init__(self, key):
-        self._mac = hmac.new(key, digestmod=hashlib.sha256)
-        self._seqno = 0
 
     def open(self, frameType, payload):
         """
@@ -470,11 +482,7 @@ class Opener:
         if size < 0:
             raise FrameError(AUTH_MISMATCH, f"{frameName(frameType)} of {len(payload)} bytes has no tag")
         body = payload[:size]
-        mac = self._mac.copy()
-        mac.update(_U64.pack(self._seqno))
-        mac.update(_HEADER.pack(frameType, size))
-        mac.update(body)
-        if not hmac.compare_digest(mac.digest()[:TAG_SIZE], payload[size:]):
+        if not hmac.compare_digest(self._tag(_HEADER.pack(frameType, size), body), payload[size:]):
             raise FrameError(AUTH_MISMATCH, f"{frameName(frameType)} tag at seqno {self._seqno}")
         self._seqno += 1
         return body
