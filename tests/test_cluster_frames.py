@@ -358,6 +358,17 @@ class SecuredHandshakeTests(SynchronousTestCase):
         self.assertEqual(len(sealed), len(frames.whoHasFrame(PEER_A)) + frames.TAG_SIZE)
         self.assertEqual(struct.unpack(">H", sealed[1:3])[0], 36 + 16)
 
+    def test_sealedTag(self):
+        """
+        The tag is HMAC-SHA256(direction key, [seqno u64][the unsealed
+        frame]) cut to 16 bytes (the module docstring's formula), computed
+        here without the codec.
+        """
+        sealer = frames.Sealer(self.handshake.dialerKey)
+        for seqno, frame in enumerate((frames.whoHasFrame(PEER_A), frames.pingFrame())):
+            expected = hmac.new(self.handshake.dialerKey, struct.pack(">Q", seqno) + frame, hashlib.sha256).digest()[:16]
+            self.assertEqual(sealer.seal(frame)[-16:], expected)
+
     def test_openRefuses(self):
         """
         A wrong key, a tampered type, payload or tag, a frame out of order
