@@ -276,11 +276,13 @@ class PeerSession:
         return self.link.writeMessage(message)
 
     def peersOnline(self, ids):
-        for message in m.encodeIDList(m.PEERS_ONLINE, ids, getattr(self.link, "maxMessageSize", m.MAX_MESSAGE_SIZE)):
-            self.link.writeMessage(message)
+        self._writeIDList(m.PEERS_ONLINE, ids)
 
     def peersWentOffline(self, ids):
-        for message in m.encodeIDList(m.PEERS_WENT_OFFLINE, ids, getattr(self.link, "maxMessageSize", m.MAX_MESSAGE_SIZE)):
+        self._writeIDList(m.PEERS_WENT_OFFLINE, ids)
+
+    def _writeIDList(self, kind, ids):
+        for message in m.encodeIDList(kind, ids, getattr(self.link, "maxMessageSize", m.MAX_MESSAGE_SIZE)):
             self.link.writeMessage(message)
 
     def close(self):
