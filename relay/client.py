@@ -22,7 +22,7 @@ CLOSE_TIMEOUT = 3.0
 
 class HandshakeRefused(Exception):
     """
-    The relay did not authenticate us; it never says why (PROTOCOL.md 2.1).
+    The relay did not authenticate us; it never says why (docs/protocol.md, "The handshake").
     """
 
 

@@ -68,7 +68,7 @@ class ClusterCounters:
 
     @ivar forwards: FWD attempts by result (C{ok}, C{peer_not_found},
         C{stream_gone}, C{send_error}).
-    @ivar helloRejects: refused inter-pod streams by reason (PROTOCOL.md 3).
+    @ivar helloRejects: refused inter-pod streams by reason (docs/cluster.md, "Failures").
     @ivar pingsSent: PING frames sent.
     @ivar pingsLost: PINGs whose PONG did not arrive in time.
     @ivar dropped: frames or queued packets dropped, by reason: the

@@ -2,7 +2,7 @@
 Peer protocol v1: the messages openZro / NetBird agents exchange with a relay.
 
 Pure functions over C{bytes}; no I/O. The layouts are fixed by the Go
-implementation that deployed agents run (PROTOCOL.md section 2): every message
+implementation that deployed agents run (docs/protocol.md): every message
 is C{[version=1][type][body]}, ids are 36 bytes (C{b"sha-"} + a SHA-256
 digest), and every size limit below is one the agents rely on.
 """

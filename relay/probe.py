@@ -26,7 +26,7 @@ from relay import quic
 # The largest payload one DATAGRAM frame carries to the probe's QUIC peers
 # (aioquic's 8-byte connection ids): larger ones would be dropped, not lost.
 MAX_QUIC_SIZE = quic._payloadRoom(quic.MAX_UDP_PAYLOAD - quic.SHORT_HEADER_SIZE - quic.CONNECTION_ID_LENGTH - quic.AEAD_TAG_SIZE) - m.TRANSPORT_HEADER_SIZE
-# The largest a Go agent's QUIC datagram carries (PROTOCOL.md 2.3).
+# The largest a Go agent's QUIC datagram carries (docs/protocol.md, "Carriers").
 DEFAULT_QUIC_SIZE = 1377
 DEFAULT_WS_SIZE = 1400
 

@@ -119,7 +119,7 @@ class PeerSession:
         self._stampPrefix = bytes((m.VERSION, m.TRANSPORT)) + pid
         self.messageReceived = self._authenticated
         # AuthResponse and registration in one reactor turn: nothing can reach
-        # the peer before its AuthResponse (PROTOCOL.md 2.1, "Ordering").
+        # the peer before its AuthResponse (docs/protocol.md, "The handshake").
         self.link.writeMessage(self.relay.authResponse)
         self.relay.register(self, self._startedAt)
         self._startHealthCheck()
@@ -212,7 +212,7 @@ class PeerSession:
         self.relay.counters.protocolErrors[reason] += 1
         self._close()
 
-    # Health check (PROTOCOL.md 2.2): a ping every 25 s; a window of 45 s
+    # Health check (docs/protocol.md): a ping every 25 s; a window of 45 s
     # without an answer counts as a miss; OZ_RELAY_HC_ATTEMPT_THRESHOLD
     # consecutive misses close the connection. The same shape as the Go
     # sender, so agents tuned against it behave the same here. Both

@@ -6,7 +6,7 @@ again replaces its older connection; a connection that ends only removes the
 entry if it is still the stored one, so a late close of a replaced connection
 never takes a reconnected peer offline.
 
-Interest (PROTOCOL.md 2.2): a subscriber's interest in an id is consumed when
+Interest (docs/protocol.md, "After the handshake"): a subscriber's interest in an id is consumed when
 it is told the id came online (once per subscription), and kept for going
 offline. Everything here runs in the reactor thread, so notifications are
 delivered synchronously and in the order the events happened.

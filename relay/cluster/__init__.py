@@ -4,5 +4,5 @@ forward Transport messages to peers connected to a sibling pod.
 
 frames (codecs), transport (streams), locator (WHO_HAS / I_HAVE), forwarder
 (FWD, presence push), discovery (headless name) and service (all of them as
-one Twisted service). PROTOCOL.md section 3 is the wire contract.
+one Twisted service). docs/cluster.md describes it.
 """

@@ -1,5 +1,5 @@
 """
-Frame and payload codecs of the inter-pod protocol (ADR-0014, PROTOCOL.md 3).
+Frame and payload codecs of the inter-pod protocol (ADR-0014; docs/cluster.md).
 
 Pure functions over C{bytes}: no I/O, no clock of their own (the caller passes
 "now"), so every byte layout can be checked against the test vectors without a
@@ -81,7 +81,7 @@ AUTH_SIZE = NONCE_SIZE + MAC_SIZE
 TRANSPORT_HEADER = bytes((messages.VERSION, messages.TRANSPORT))
 TRANSPORT_MIN_SIZE = messages.TRANSPORT_HEADER_SIZE
 
-# HELLO rejection reasons (PROTOCOL.md 3); the transport adds the last two.
+# HELLO rejection reasons (docs/cluster.md); the transport adds the last two.
 HMAC_MISMATCH = "hmac_mismatch"
 UNSIGNED_BUT_REQUIRED = "unsigned_but_required"
 SIGNED_BUT_UNSUPPORTED = "signed_but_unsupported"
@@ -122,7 +122,7 @@ class FrameError(Exception):
 
 def peerIDOf(name):
     """
-    The 36-byte peer id of a peer name (PROTOCOL.md 1); like
+    The 36-byte peer id of a peer name (docs/protocol.md, "Peer ids"); like
     L{relay.messages.peerID} but also takes the name as bytes.
     """
     if isinstance(name, str):

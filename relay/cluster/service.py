@@ -48,7 +48,7 @@ def listeningEndpoint(reactor, listenAddress):
 @implementer(ICrossPodForwarder)
 class ClusterService(MultiService):
     """
-    The inter-pod fabric of one relay pod (ADR-0014).
+    The inter-pod fabric of one relay pod (ADR-0014; docs/cluster.md).
 
     @ivar transport: the L{ClusterTransport}.
     @ivar locator: the L{Locator}.
