@@ -15,6 +15,7 @@ from collections import deque
 from aioquic import tls
 from aioquic.buffer import Buffer
 from aioquic.quic import events
+from aioquic.quic.crypto import NoCallback
 from aioquic.quic.packet import QuicErrorCode, QuicProtocolVersion, pull_quic_header
 from aioquic.tls import AlertDescription
 from twisted.internet import defer, error, reactor, task
@@ -206,6 +207,37 @@ class ClockedQuicTests(_ClockedQuicBase):
         a.send(A, b"echo")
         self.network.pump()
         self.assertEqual(self.successResultOf(a.transports.get()), (A, b"echo"))
+
+    def test_idlePeerSharesConstantState(self):
+        """
+        After the handshake two connections share their frame handler
+        epochs, and the keys' logging callbacks are aioquic's no-op; a key
+        update (which calls them) and messages after it still work.
+        """
+        a = self.connected(A)
+        b = self.connected(B)
+        linkA, linkB = self.relay.store.peers[A].link, self.relay.store.peers[B].link
+        handlersA = linkA.quic._QuicConnection__frame_handlers
+        handlersB = linkB.quic._QuicConnection__frame_handlers
+        self.assertEqual(set(handlersA), set(handlersB))
+        self.assertGreater(len(handlersA), 20)
+        for frameType, (handler, epochs) in handlersA.items():
+            self.assertIs(epochs, handlersB[frameType][1])
+            self.assertIsInstance(epochs, frozenset)
+            self.assertIs(handler.__self__, linkA.quic)
+        for pair in linkA.quic._cryptos.values():
+            for context in (pair.recv, pair.send):
+                self.assertIs(context._setup_cb, NoCallback)
+                self.assertIs(context._teardown_cb, NoCallback)
+        phase = linkA.quic._cryptos[tls.Epoch.ONE_RTT].send.key_phase
+        a.quic.request_key_update()
+        a.send(B, b"after key update")
+        self.network.pump()
+        self.assertEqual(self.successResultOf(b.transports.get()), (A, b"after key update"))
+        b.send(A, b"answer")
+        self.network.pump()
+        self.assertEqual(self.successResultOf(a.transports.get()), (B, b"answer"))
+        self.assertNotEqual(linkA.quic._cryptos[tls.Epoch.ONE_RTT].send.key_phase, phase)
 
     def test_acknowledgementsRideOnDatagrams(self):
         """
