@@ -164,7 +164,7 @@ PACING_BURST = 0.002
 
 # The TLS output buffers a connection keeps after its handshake (see
 # L{_QuicDriver._shrinkCryptoBuffers}).
-POST_HANDSHAKE_CRYPTO_BUFFER = 1024
+POST_HANDSHAKE_CRYPTO_BUFFER = 64
 
 # Application error codes in CONNECTION_CLOSE. Go agents read 0 as "closed
 # by the server" (relay/client/dialer/quic/conn.go) and anything else as an
@@ -384,6 +384,25 @@ class _QuicDriver:
                 for context in (pair.recv, pair.send):
                     context._setup_cb = context._teardown_cb = NoCallback
 
+    def _dropHandshakeSecrets(self):
+        """
+        A server's TLS context past its handshake refuses every message
+        before reading any of its state (RFC 9001 forbids TLS KeyUpdate; 1-RTT
+        keys are updated by the QUIC layer from its own secrets), yet aioquic
+        keeps the handshake's key schedule (a running transcript hash), the
+        client's extensions and the traffic keys: freed here.
+        """
+        context = self.quic.tls
+        if context.state is not tls.State.SERVER_POST_HANDSHAKE:
+            return
+        context.key_schedule = None
+        context.received_extensions = None
+        context._certificate_request = None
+        context._enc_key = context._dec_key = None
+        context._ec_private_keys = []
+        context._x25519_private_key = context._x448_private_key = None
+        context._receive_buffer = b""
+
     def _receivedNothing(self):
         """
         True while no packet of this connection has decrypted.
@@ -599,6 +618,7 @@ class QuicPeerLink(_QuicDriver):
         self._frameRoom = _payloadRoom(remote)
         self._shrinkCryptoBuffers()
         self._shareConnectionState()
+        self._dropHandshakeSecrets()
         # The client now sends only to ids the relay chose; the one it made
         # up for its first Initial routes nothing more.
         if self._initialCID is not None:

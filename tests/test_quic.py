@@ -199,11 +199,18 @@ class ClockedQuicTests(_ClockedQuicBase):
     def test_idlePeerMemory(self):
         """
         After the handshake a connection keeps small TLS output buffers
-        instead of aioquic's three 16 KiB ones, and still works.
+        instead of aioquic's three 16 KiB ones, the relay's end drops the
+        handshake's secrets, and it still works.
         """
         a = self.connected(A)
         link = self.relay.store.peers[A].link
         self.assertEqual({buf.capacity for buf in link.quic._crypto_buffers.values()}, {quic.POST_HANDSHAKE_CRYPTO_BUFFER})
+        # The server's TLS context keeps no handshake secrets.
+        context = link.quic.tls
+        self.assertIs(context.state, tls.State.SERVER_POST_HANDSHAKE)
+        self.assertEqual((context.key_schedule, context.received_extensions, context._enc_key, context._dec_key), (None, None, None, None))
+        self.assertEqual((context._ec_private_keys, context._x25519_private_key, context._x448_private_key), ([], None, None))
+        self.assertIsNotNone(a.quic.tls.key_schedule)
         a.send(A, b"echo")
         self.network.pump()
         self.assertEqual(self.successResultOf(a.transports.get()), (A, b"echo"))
