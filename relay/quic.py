@@ -62,9 +62,14 @@ timeout ends it.
 
 aioquic keeps some state private that a relay needs: the peer's
 C{max_datagram_frame_size} and connection id, the pending-datagram queue,
-whether the connection is closing, its pacer and its TLS output buffers.
+whether the connection is closing, its pacer and its TLS output buffers;
+for speed, the application space's C{ack_at} (an ACK rides on the
+datagrams of the same turn); for an idle peer's memory, the frame handler
+table, the keys' callbacks and the server TLS context's handshake state.
 L{_QuicDriver} (and the size check in L{QuicPeerLink.writeMessage}) touch
 them; the supported aioquic range (1.4 to 1.x) is tested against them.
+Packets leave straight from the socket, a connection's run of one size as
+one C{sendmsg} with UDP GSO (L{_SocketSender}).
 """
 
 import errno
