@@ -62,22 +62,31 @@ timeout ends it.
 
 aioquic keeps some state private that a relay needs: the peer's
 C{max_datagram_frame_size} and connection id, the pending-datagram queue,
-whether the connection is closing, its pacer and its TLS output buffers.
+whether the connection is closing, its pacer and its TLS output buffers;
+for speed, the application space's C{ack_at} (an ACK rides on the
+datagrams of the same turn); for an idle peer's memory, the frame handler
+table, the keys' callbacks and the server TLS context's handshake state.
 L{_QuicDriver} (and the size check in L{QuicPeerLink.writeMessage}) touch
 them; the supported aioquic range (1.4 to 1.x) is tested against them.
+Packets leave straight from the socket, a connection's run of one size as
+one C{sendmsg} with UDP GSO (L{_SocketSender}).
 """
 
+import errno
 import logging
 import os
 import socket
 import ssl
 import struct
+import sys
 import time
 from collections import Counter, deque
 
+from aioquic import tls
 from aioquic.buffer import Buffer, size_uint_var
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.crypto import NoCallback
 from aioquic.quic.connection import QuicConnection, QuicConnectionState
 from aioquic.quic.recovery import QuicPacketPacer
 from aioquic.quic.packet import (
@@ -122,6 +131,14 @@ MIN_INITIAL_SIZE = 1200
 # would cut off a DATAGRAM frame holding an 8820-byte message).
 MAX_READ_SIZE = 65535
 SOCKET_BUFFER_SIZE = 4 * 1024 * 1024
+# UDP generic segmentation offload (linux/udp.h; not in Python's socket
+# module): at most 64 segments (UDP_MAX_SEGMENTS before Linux 6.9) and one
+# UDP datagram's worth of bytes per call.
+UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
+GSO_MAX_SEGMENTS = 64
+GSO_MAX_BYTES = 65000
+# What a kernel or device without segmentation offload answers.
+GSO_REFUSED = (errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EIO)
 
 # A DATAGRAM frame (type 0x31, a length, the data) that carries one
 # 8820-byte message: the transport parameter counts the whole frame.
@@ -154,13 +171,17 @@ PACING_BURST = 0.002
 
 # The TLS output buffers a connection keeps after its handshake (see
 # L{_QuicDriver._shrinkCryptoBuffers}).
-POST_HANDSHAKE_CRYPTO_BUFFER = 1024
+POST_HANDSHAKE_CRYPTO_BUFFER = 64
 
 # Application error codes in CONNECTION_CLOSE. Go agents read 0 as "closed
 # by the server" (relay/client/dialer/quic/conn.go) and anything else as an
 # error; both make them reconnect.
 CLOSE_NORMAL = 0x0
 CLOSE_ERROR = 0x1
+
+
+# The frozensets of epochs in aioquic's frame handler tables, one of each.
+_SHARED_EPOCHS = {}
 
 
 def _payloadRoom(frameSpace):
@@ -205,6 +226,62 @@ def _writeDatagram(transport, data, addr):
         # A full socket buffer is packet loss; QUIC recovers from it.
         return False
     return True
+
+
+class _SocketSender:
+    """
+    Writes a connection's packets to the listening socket itself, not
+    through Twisted's C{Port.write} (an address check per packet), and
+    consecutive ones to the same address as one C{sendmsg} with UDP
+    generic segmentation offload (Linux's C{UDP_SEGMENT}): the kernel cuts
+    the buffer into packets of the first one's size, so a run is packets of
+    one size with at most the last shorter. Python has no C{sendmmsg}; a
+    flush of one connection is nearly always such a run (full DATAGRAM
+    packets, then maybe an ACK). Where the kernel or the device refuses
+    segmentation, packets go one per C{sendto} from then on.
+
+    @ivar gso: whether runs are still sent with segmentation offload.
+    """
+
+    def __init__(self, sock):
+        self._sock = sock
+        self.gso = sys.platform.startswith("linux")
+
+    def send(self, datagrams):
+        """
+        @return: how many packets the socket refused (packet loss).
+        """
+        sock = self._sock
+        failed = 0
+        i = 0
+        n = len(datagrams)
+        while i < n:
+            data, addr = datagrams[i]
+            size = len(data)
+            j = i + 1
+            if self.gso:
+                total = size
+                while j < n and j - i < GSO_MAX_SEGMENTS:
+                    more, to = datagrams[j]
+                    if to != addr or len(more) > size or total + len(more) > GSO_MAX_BYTES:
+                        break
+                    total += len(more)
+                    j += 1
+                    if len(more) < size:
+                        break
+            try:
+                if j - i == 1:
+                    sock.sendto(data, addr)
+                else:
+                    sock.sendmsg([d for d, _ in datagrams[i:j]], [(socket.SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))], 0, addr)
+            except OSError as e:
+                if j - i > 1 and e.errno in GSO_REFUSED:
+                    self.gso = False
+                    continue
+                # A full socket buffer is packet loss; QUIC recovers from it.
+                failed += j - i
+            i = j
+        return failed
 
 
 def serverConfiguration(certFile, keyFile):
@@ -254,7 +331,7 @@ class _QuicDriver:
     out, datagrams to send, and its one timer on the injected clock.
 
     Subclasses implement C{_event(event)}, C{_scheduleFlush()},
-    C{_sendDatagram(data, addr)} and C{_failed()}.
+    C{_sendDatagrams(datagrams)} and C{_failed()}.
     """
 
     _log = Logger()
@@ -270,6 +347,7 @@ class _QuicDriver:
         self._pending = quic._datagrams_pending
         self._queued = deque()
         self._queuedBytes = 0
+        self._applicationSpace = None
 
     def _isClosing(self):
         return self.quic._close_event is not None
@@ -293,6 +371,44 @@ class _QuicDriver:
         """
         quic = self.quic
         quic._crypto_buffers = {epoch: Buffer(capacity=POST_HANDSHAKE_CRYPTO_BUFFER) for epoch in quic._crypto_buffers}
+
+    def _shareConnectionState(self):
+        """
+        Replace per-connection copies of constant state with shared ones
+        (an idle peer's memory; guarded by tests/test_quic.py):
+          - aioquic's table of frame handlers holds a new frozenset of
+            allowed epochs per frame type (33 of them, 7 KiB): equal ones
+            are one shared set;
+          - every key of every epoch keeps two callbacks that only log to
+            a qlog the relay never has: the library's no-op instead.
+        """
+        quic = self.quic
+        handlers = quic._QuicConnection__frame_handlers
+        for frameType, (handler, epochs) in handlers.items():
+            handlers[frameType] = (handler, _SHARED_EPOCHS.setdefault(epochs, epochs))
+        if quic._quic_logger is None:
+            for pair in quic._cryptos.values():
+                for context in (pair.recv, pair.send):
+                    context._setup_cb = context._teardown_cb = NoCallback
+
+    def _dropHandshakeSecrets(self):
+        """
+        A server's TLS context past its handshake refuses every message
+        before reading any of its state (RFC 9001 forbids TLS KeyUpdate; 1-RTT
+        keys are updated by the QUIC layer from its own secrets), yet aioquic
+        keeps the handshake's key schedule (a running transcript hash), the
+        client's extensions and the traffic keys: freed here.
+        """
+        context = self.quic.tls
+        if context.state is not tls.State.SERVER_POST_HANDSHAKE:
+            return
+        context.key_schedule = None
+        context.received_extensions = None
+        context._certificate_request = None
+        context._enc_key = context._dec_key = None
+        context._ec_private_keys = []
+        context._x25519_private_key = context._x448_private_key = None
+        context._receive_buffer = b""
 
     def _receivedNothing(self):
         """
@@ -355,14 +471,16 @@ class _QuicDriver:
         self._armTimer()
 
     def _transmit(self):
-        send = self._sendDatagram
-        datagrams = self.quic.datagrams_to_send(self._clock.seconds())
+        now = self._clock.seconds()
+        if self._pending:
+            self._ackNow(now)
+        datagrams = self.quic.datagrams_to_send(now)
         # aioquic issues connection ids (ConnectionIdIssued) while it builds
         # the packets that announce them, and quic-go switches to a new one
         # as soon as it arrives: route them before those packets leave.
         self._events()
-        for data, addr in datagrams:
-            send(data, addr)
+        if datagrams:
+            self._sendDatagrams(datagrams)
         pending = self._pending
         queued = self._queued
         while len(queued) > len(pending):
@@ -373,6 +491,23 @@ class _QuicDriver:
             pending.popleft()
             self._queuedBytes -= queued.popleft()
             self._droppedTooLarge()
+
+    def _ackNow(self, now):
+        """
+        Acknowledge in the packets about to leave what would otherwise be
+        acknowledged later. aioquic delays an ACK by 1 ms and then sends it
+        alone, a packet (and a timer wake-up) for every few received, even
+        while it sends datagrams to the same peer in between.
+        """
+        space = self._applicationSpace
+        if space is None:
+            space = self._applicationSpace = self.quic._spaces.get(tls.Epoch.ONE_RTT)
+            if space is None:
+                return
+        # Only when the pacer lets a packet leave now: aioquic does not pace
+        # a due ACK, and one held back would be due again at once, forever.
+        if space.ack_at is not None and space.ack_at > now and self.quic._loss._pacer.next_send_time(now) is None:
+            space.ack_at = now
 
     def _droppedTooLarge(self):
         pass
@@ -514,6 +649,8 @@ class QuicPeerLink(_QuicDriver):
             return
         self._frameRoom = _payloadRoom(remote)
         self._shrinkCryptoBuffers()
+        self._shareConnectionState()
+        self._dropHandshakeSecrets()
         # The client now sends only to ids the relay chose; the one it made
         # up for its first Initial routes nothing more.
         if self._initialCID is not None:
@@ -602,8 +739,8 @@ class QuicPeerLink(_QuicDriver):
     def _scheduleFlush(self):
         self._protocol.scheduleFlush(self)
 
-    def _sendDatagram(self, data, addr):
-        self._protocol.sendDatagram(data, addr)
+    def _sendDatagrams(self, datagrams):
+        self._protocol.sendDatagrams(datagrams)
 
     def _close(self, code, reason, frameType=None):
         """
@@ -632,8 +769,7 @@ class QuicPeerLink(_QuicDriver):
         """
         try:
             self._close(QuicErrorCode.INTERNAL_ERROR, "internal error", frameType=QuicFrameType.PADDING)
-            for data, addr in self.quic.datagrams_to_send(self._clock.seconds()):
-                self._sendDatagram(data, addr)
+            self._sendDatagrams(self.quic.datagrams_to_send(self._clock.seconds()))
         except Exception as e:
             self._noisy(self._log.warn, "QUIC connection from {where}: no CONNECTION_CLOSE sent ({error!r})", where=self.peerAddress, error=e)
         self._forget()
@@ -736,9 +872,12 @@ class QuicPeerProtocol(DatagramProtocol):
         self._tokens = _RetryTokens(clock)
         self._dirty = []
         self._flushCall = None
+        self._sender = None
 
     def startProtocol(self):
         _enlargeBuffers(self.transport)
+        sock = getattr(self.transport, "socket", None)
+        self._sender = _SocketSender(sock) if isinstance(sock, socket.socket) else None
 
     def datagramReceived(self, data, addr):
         try:
@@ -884,6 +1023,19 @@ class QuicPeerProtocol(DatagramProtocol):
     def sendDatagram(self, data, addr):
         if not _writeDatagram(self.transport, data, addr):
             self.counters["send_failed"] += 1
+
+    def sendDatagrams(self, datagrams):
+        """
+        Send one connection's packets, several per system call where the
+        socket allows.
+        """
+        if self._sender is not None:
+            failed = self._sender.send(datagrams)
+            if failed:
+                self.counters["send_failed"] += failed
+            return
+        for data, addr in datagrams:
+            self.sendDatagram(data, addr)
 
     def closeAll(self):
         """
@@ -1083,8 +1235,9 @@ class QuicRelayClient(PeerClient, _QuicDriver, DatagramProtocol):
         if self._lostWaiters is not None:
             self.flush()
 
-    def _sendDatagram(self, data, addr):
-        _writeDatagram(self.transport, data, addr)
+    def _sendDatagrams(self, datagrams):
+        for data, addr in datagrams:
+            _writeDatagram(self.transport, data, addr)
 
     # The peer protocol
 

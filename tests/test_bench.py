@@ -259,3 +259,40 @@ class QuicTinyRunTests(unittest.TestCase):
         self.assertEqual((t["id_errors"], t["payload_errors"], t["closed_conns"]), (0, 0, 0))
         self.assertGreater(t["msgs_per_s"], 0)
         self.assertTrue(relay.running())
+
+
+class QuicGoLoadTests(unittest.TestCase):
+    """
+    The Go load of the quic case (tests/goquic -scenario load): one tiny run
+    per transport against a real relay; its figures come from the load's
+    own counts and the relay's CPU time.
+    """
+
+    timeout = 120
+
+    def setUp(self):
+        try:
+            self.binary = cases.buildGoLoad()
+        except cases.Skip as e:
+            if os.environ.get("CI"):
+                raise
+            raise unittest.SkipTest(str(e))
+        cert, key = writeCertificate(os.path.abspath(self.mktemp()))
+        self.cert = cert
+        self.relay = RelayProcess("relay-secret", extra=["--tls-cert-file", cert, "--tls-key-file", key]).start()
+        self.addCleanup(self.relay.stop)
+        self.o = parseArgs(["quic", "--duration", "0.5", "--warmup", "0.2", "--quic-window", "8", "--quic-batch", "4"])
+
+    def test_eachTransport(self):
+        self.assertEqual(self.o.quic_size, 1179)
+        for transport in ("quic", "wss"):
+            for window in (8, 1):
+                r = cases.quicGoRun(self.relay, self.o, transport, 2, window, 0, self.cert, self.binary)
+                self.assertTrue(r["ok"], r)
+                self.assertEqual((r["load"], r["transport"], r["window"], r["failures"]), ("go", transport, window, []))
+                self.assertGreater(r["echoed"], 50)
+                self.assertEqual((r["sent"], r["lost"], r["late"]), (r["echoed"], 0, 0))
+                self.assertGreater(r["msgs_per_s"], 0)
+                self.assertGreater(r["relay_us_per_msg"], 0)
+                self.assertLessEqual(r["p50_us"], r["p99_us"])
+        self.assertTrue(self.relay.running())

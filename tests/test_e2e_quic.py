@@ -137,7 +137,9 @@ GOQUIC_BINARY = os.path.join(ROOT, "build", "goquic", "goquic")
 # Debian's quic-go 0.29 lives in this GOPATH; nothing is downloaded.
 GOPATH = "/usr/share/gocode"
 QUIC_GO_SOURCE = os.path.join(GOPATH, "src", "github.com", "lucas-clemente", "quic-go")
-GO_PACKAGES = "golang-go golang-github-lucas-clemente-quic-go-dev"
+# The load mode's TLS WebSocket peers (tests/goquic/load.go).
+WEBSOCKET_GO_SOURCE = os.path.join(GOPATH, "src", "nhooyr.io", "websocket")
+GO_PACKAGES = "golang-go golang-github-lucas-clemente-quic-go-dev golang-nhooyr-websocket-dev"
 SECRET = "relay-secret"
 # Fresh connections per scenario: the race of issue 11 hit about one in two.
 CONNECTIONS = 50
@@ -228,8 +230,8 @@ class GoQuicEndToEndTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        if shutil.which("go") is None or not os.path.isdir(QUIC_GO_SOURCE):
-            message = f"the Go test client needs Go and quic-go 0.29 in {GOPATH}: apt-get install {GO_PACKAGES}"
+        if shutil.which("go") is None or not os.path.isdir(QUIC_GO_SOURCE) or not os.path.isdir(WEBSOCKET_GO_SOURCE):
+            message = f"the Go test client needs Go, quic-go 0.29 and nhooyr websocket in {GOPATH}: apt-get install {GO_PACKAGES}"
             if os.environ.get("CI"):
                 self.fail(message)
             raise unittest.SkipTest(message)

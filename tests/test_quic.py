@@ -7,12 +7,15 @@ the last class runs them over real UDP on 127.0.0.1 beside a WebSocket
 listener sharing the same relay.
 """
 
+import errno
 import os
 import socket
 from collections import deque
 
+from aioquic import tls
 from aioquic.buffer import Buffer
 from aioquic.quic import events
+from aioquic.quic.crypto import NoCallback
 from aioquic.quic.packet import QuicErrorCode, QuicProtocolVersion, pull_quic_header
 from aioquic.tls import AlertDescription
 from twisted.internet import defer, error, reactor, task
@@ -197,14 +200,78 @@ class ClockedQuicTests(_ClockedQuicBase):
     def test_idlePeerMemory(self):
         """
         After the handshake a connection keeps small TLS output buffers
-        instead of aioquic's three 16 KiB ones, and still works.
+        instead of aioquic's three 16 KiB ones, the relay's end drops the
+        handshake's secrets, and it still works.
         """
         a = self.connected(A)
         link = self.relay.store.peers[A].link
         self.assertEqual({buf.capacity for buf in link.quic._crypto_buffers.values()}, {quic.POST_HANDSHAKE_CRYPTO_BUFFER})
+        # The server's TLS context keeps no handshake secrets.
+        context = link.quic.tls
+        self.assertIs(context.state, tls.State.SERVER_POST_HANDSHAKE)
+        self.assertEqual((context.key_schedule, context.received_extensions, context._enc_key, context._dec_key), (None, None, None, None))
+        self.assertEqual((context._ec_private_keys, context._x25519_private_key, context._x448_private_key), ([], None, None))
+        self.assertIsNotNone(a.quic.tls.key_schedule)
         a.send(A, b"echo")
         self.network.pump()
         self.assertEqual(self.successResultOf(a.transports.get()), (A, b"echo"))
+
+    def test_idlePeerSharesConstantState(self):
+        """
+        After the handshake two connections share their frame handler
+        epochs, and the keys' logging callbacks are aioquic's no-op; a key
+        update (which calls them) and messages after it still work.
+        """
+        a = self.connected(A)
+        b = self.connected(B)
+        linkA, linkB = self.relay.store.peers[A].link, self.relay.store.peers[B].link
+        handlersA = linkA.quic._QuicConnection__frame_handlers
+        handlersB = linkB.quic._QuicConnection__frame_handlers
+        self.assertEqual(set(handlersA), set(handlersB))
+        self.assertGreater(len(handlersA), 20)
+        for frameType, (handler, epochs) in handlersA.items():
+            self.assertIs(epochs, handlersB[frameType][1])
+            self.assertIsInstance(epochs, frozenset)
+            self.assertIs(handler.__self__, linkA.quic)
+        for pair in linkA.quic._cryptos.values():
+            for context in (pair.recv, pair.send):
+                self.assertIs(context._setup_cb, NoCallback)
+                self.assertIs(context._teardown_cb, NoCallback)
+        phase = linkA.quic._cryptos[tls.Epoch.ONE_RTT].send.key_phase
+        a.quic.request_key_update()
+        a.send(B, b"after key update")
+        self.network.pump()
+        self.assertEqual(self.successResultOf(b.transports.get()), (A, b"after key update"))
+        b.send(A, b"answer")
+        self.network.pump()
+        self.assertEqual(self.successResultOf(a.transports.get()), (B, b"answer"))
+        self.assertNotEqual(linkA.quic._cryptos[tls.Epoch.ONE_RTT].send.key_phase, phase)
+
+    def test_acknowledgementsRideOnDatagrams(self):
+        """
+        A packet received is acknowledged in the next datagram the relay
+        sends on that connection, not in a packet of its own 1 ms later:
+        a peer echoing through the relay gets one packet per message.
+        """
+        a = self.connected(A)
+        self.network.pump(0.1)
+        # The aioquic internals the relay moves the ACK with.
+        link = self.relay.store.peers[A].link
+        self.assertIn("ack_at", vars(link.quic._spaces[tls.Epoch.ONE_RTT]))
+        self.assertIsNone(link.quic._loss._pacer.next_send_time(self.clock.seconds()))
+        fromRelay = []
+
+        def record(source, destination, data):
+            if source == SERVER and destination == a.addr:
+                fromRelay.append(data)
+            return False
+
+        self.network.drop = record
+        for i in range(50):
+            a.send(A, b"echo %d" % i)
+            self.network.pump(0.01)
+        self.assertEqual([self.successResultOf(a.transports.get()) for _ in range(50)], [(A, b"echo %d" % i) for i in range(50)])
+        self.assertLessEqual(len(fromRelay), 52)
 
     def test_quicAndOtherTransport(self):
         """
@@ -929,6 +996,96 @@ class HelperTests(unittest.TestCase):
         reactor = _UDPRecordingReactor(refuse=True)
         d = quic.connectQuic(reactor, "192.0.2.1", 443, A, secret=SECRET, timeout=5)
         self.failureResultOf(d, error.CannotListenError)
+
+
+class SocketSenderTests(unittest.TestCase):
+    """
+    L{quic._SocketSender}: a connection's packets leave in runs of one
+    size with UDP segmentation offload and arrive as the same packets.
+    """
+
+    def setUp(self):
+        self.receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(self.receiver.close)
+        self.receiver.bind(("127.0.0.1", 0))
+        self.receiver.settimeout(5)
+        self.other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(self.other.close)
+        self.other.bind(("127.0.0.1", 0))
+        self.other.settimeout(5)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(self.sock.close)
+
+    def packets(self):
+        to = self.receiver.getsockname()
+        there = self.other.getsockname()
+        sizes = [1452] * 5 + [700, 1452, 1452, 60, 1200, 1200]
+        datagrams = [(bytes([i]) * size, to) for i, size in enumerate(sizes)]
+        datagrams.insert(7, (b"elsewhere", there))
+        return datagrams
+
+    def received(self, count, sock=None):
+        return [(sock or self.receiver).recv(65535) for _ in range(count)]
+
+    def test_runs(self):
+        """
+        Every packet arrives whole and in order, the runs broken where the
+        size grows or the address changes; fewer system calls than packets.
+        """
+        sender = quic._SocketSender(self.sock)
+        calls = []
+        real = self.sock
+
+        class Counting:
+            def sendto(self, *args):
+                calls.append("sendto")
+                return real.sendto(*args)
+
+            def sendmsg(self, buffers, ancdata, flags, addr):
+                calls.append(len(buffers))
+                return real.sendmsg(buffers, ancdata, flags, addr)
+
+        sender._sock = Counting()
+        datagrams = self.packets()
+        self.assertEqual(sender.send(datagrams), 0)
+        mine = [d for d, addr in datagrams if addr == self.receiver.getsockname()]
+        self.assertEqual(self.received(len(mine)), mine)
+        self.assertEqual(self.received(1, self.other), [b"elsewhere"])
+        if sender.gso:
+            # 5 x 1452 + 700 | 1452 | elsewhere | 1452 + 60 | 1200 x 2
+            self.assertEqual(calls, [6, "sendto", "sendto", 2, 2])
+
+    def test_refused(self):
+        """
+        A kernel without segmentation offload: the same packets go one by
+        one, from then on; a full socket buffer is counted as loss.
+        """
+        real = self.sock
+
+        class NoGSO:
+            def sendto(self, *args):
+                return real.sendto(*args)
+
+            def sendmsg(self, *args):
+                raise OSError(errno.EIO, "Input/output error")
+
+        sender = quic._SocketSender(self.sock)
+        sender._sock = NoGSO()
+        datagrams = self.packets()
+        self.assertEqual(sender.send(datagrams), 0)
+        self.assertFalse(sender.gso)
+        mine = [d for d, addr in datagrams if addr == self.receiver.getsockname()]
+        self.assertEqual(self.received(len(mine)), mine)
+
+        class Full:
+            def sendto(self, *args):
+                raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+
+            sendmsg = sendto
+
+        for gso in (True, False):
+            sender._sock, sender.gso = Full(), gso
+            self.assertEqual(sender.send(datagrams), len(datagrams))
 
 
 class _UDPRecordingReactor(Clock):

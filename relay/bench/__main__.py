@@ -93,13 +93,17 @@ def parseArgs(argv):
                     help="compare: extra argument for compare.py (repeatable), e.g. --compare-arg=--reps=5")
     ap.add_argument("--quic-pairs", type=_ints, default=[1, 10], help="quic: throughput pair counts (default 1,10)")
     ap.add_argument("--quic-latency-pairs", type=_ints, default=[1], help="quic: latency pair counts (default 1)")
-    ap.add_argument("--quic-size", type=int, default=1300,
-                    help="quic: payload bytes after the 38-byte header (default 1300: fits a Go agent's datagram)")
+    ap.add_argument("--quic-size", type=int, default=None,
+                    help="quic: payload bytes after the 38-byte header (default 1179 with the Go load, the most quic-go 0.29 "
+                         "takes in a datagram; 1300 with the python load)")
     ap.add_argument("--quic-window", type=int, default=64, help="quic: messages in flight per pair (default 64)")
     ap.add_argument("--quic-batch", type=int, default=16, help="quic: a sender writes when this much window is free (default 16)")
     ap.add_argument("--quic-stall", type=float, default=0.5,
                     help="quic: seconds without an acknowledgement before a sender writes its window off as lost (default 0.5)")
     ap.add_argument("--quic-procs", type=int, default=1, help="quic: receiver processes, and as many sender processes (default 1)")
+    ap.add_argument("--quic-load", choices=("go", "python"), default="go",
+                    help="quic: the load generator: go (tests/goquic on quic-go and nhooyr websocket, built here; the "
+                         "relay sets the pace) or python (aioquic and Autobahn clients) (default go)")
     ap.add_argument("--quic-transports", default="quic,wss",
                     help="quic: transports measured side by side, quic and/or wss (TLS WebSocket, same relay) (default quic,wss)")
     ap.add_argument("--keep-logs", action="store_true", help="keep the relay logs (printed path)")
@@ -132,6 +136,10 @@ def parseArgs(argv):
         ap.error("--runs must be at least 1")
     if any(n < 1 for n in o.quic_pairs + o.quic_latency_pairs):
         ap.error("--quic-pairs and --quic-latency-pairs: counts of at least 1 (an empty list measures none)")
+    if o.quic_size is None:
+        o.quic_size = 1179 if o.quic_load == "go" else 1300
+    if o.quic_load == "go" and not 16 <= o.quic_size <= 1179:
+        ap.error("--quic-size must be 16..1179 with the Go load (quic-go 0.29 takes DATAGRAM frames of at most 1220 bytes)")
     if not 8 <= o.quic_size <= 1400:
         ap.error("--quic-size must be 8..1400 (one relay message per QUIC packet of at most 1452 bytes)")
     if o.quic_window < 1 or not 1 <= o.quic_batch <= o.quic_window:
@@ -301,11 +309,21 @@ class Bench:
         o = self.o
         transports = [t.strip() for t in o.quic_transports.split(",") if t.strip()]
         plan = []
-        for n in o.quic_pairs:
+        binary = []
+        if o.quic_load == "go":
+            for n in o.quic_pairs:
+                for tr in transports:
+                    plan.append((f"{tr}-tput-p{n}-{o.quic_size}", {"pairs": n, "size": o.quic_size, "window": o.quic_window, "load": "go"},
+                                 lambda t, run, tr=tr, n=n: C.quicGoRun(t, o, tr, n, o.quic_window, run, cert, binary[0])))
+            for n in o.quic_latency_pairs:
+                for tr in transports:
+                    plan.append((f"{tr}-lat-p{n}-{o.quic_size}", {"pairs": n, "size": o.quic_size, "load": "go"},
+                                 lambda t, run, tr=tr, n=n: C.quicGoRun(t, o, tr, n, 1, run, cert, binary[0])))
+        for n in o.quic_pairs if o.quic_load == "python" else ():
             for tr in transports:
                 plan.append((f"{tr}-tput-p{n}-{o.quic_size}", {"pairs": n, "size": o.quic_size, "window": o.quic_window},
                              lambda t, run, tr=tr, n=n: C.quicThroughputRun(t, o, tr, n, run, cert)))
-        for n in o.quic_latency_pairs:
+        for n in o.quic_latency_pairs if o.quic_load == "python" else ():
             for tr in transports:
                 plan.append((f"{tr}-lat-p{n}-{o.quic_size}", {"pairs": n, "size": o.quic_size},
                              lambda t, run, tr=tr, n=n: C.quicLatencyRun(t, o, tr, n, run, cert)))
@@ -317,6 +335,14 @@ class Bench:
                 e["skipped"] = "needs a relay started here with a certificate (not with --url)"
             self.log(f"quic skipped: {next(iter(entries.values()))['skipped']}")
             return
+        if o.quic_load == "go":
+            try:
+                binary.append(C.buildGoLoad())
+            except C.Skip as e:
+                for e2 in entries.values():
+                    e2["skipped"] = str(e)
+                self.log(f"quic skipped: {e}")
+                return
         cert, key = writeCertificate(os.path.join(self.logDir, "quic-cert"))
         extra = list(o.relay_arg) + ["--tls-cert-file", cert, "--tls-key-file", key]
         target = None

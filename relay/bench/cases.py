@@ -3,14 +3,17 @@ The benchmark cases: each run returns one dict of figures; L{runCase}
 repeats it and takes medians.
 """
 
+import json
 import multiprocessing
 import os
+import shutil
+import subprocess
 import time
 
 from relay.bench import wire
 from relay.bench.loads import EchoLoop, pairWorker, probeRoute
 from relay.bench.peers import BenchError, HandshakeRun, connectPeer
-from relay.bench.relayproc import RelayProcess, cpuSeconds, listenOverflows, rssKiB, runQueueSeconds, udpCounters
+from relay.bench.relayproc import ROOT, RelayProcess, cpuSeconds, listenOverflows, rssKiB, runQueueSeconds, udpCounters
 from relay.loopback import commonPort, freePort
 
 
@@ -682,4 +685,106 @@ def quicLatencyRun(target, o, transport, pairs, run, cafile):
     res.update(r)
     res["ok"] = (r["id_errors"] == 0 and r["payload_errors"] == 0 and r["closed_conns"] == 0 and bool(s)
                  and (transport == "quic" or (res["lost"] == 0 and r["late"] == 0)))
+    return res
+
+
+# ---------------------------------------------------------------------------
+# QUIC beside TLS WebSocket with the Go load (tests/goquic, -scenario load:
+# quic-go and nhooyr websocket, the stacks of the Go agents), so that the
+# relay, not the load, sets the pace.
+
+GOPATH = "/usr/share/gocode"
+GOQUIC_SOURCE = os.path.join(ROOT, "tests", "goquic")
+
+
+def buildGoLoad(root=ROOT):
+    """
+    Build tests/goquic into build/goquic (ignored by git) from Debian's Go
+    packages alone (GOPATH mode, nothing downloaded).
+
+    @return: the binary's path.
+    @raise Skip: no Go toolchain, or the build failed.
+    """
+    go = shutil.which("go")
+    if go is None:
+        raise Skip("the Go load needs go and quic-go (apt-get install golang-go golang-github-lucas-clemente-quic-go-dev "
+                   "golang-nhooyr-websocket-dev), or --quic-load python")
+    binary = os.path.join(root, "build", "goquic", "goquic")
+    env = dict(os.environ, GO111MODULE="off", GOPROXY="off", GOFLAGS="", GOPATH=GOPATH,
+               GOCACHE=os.environ.get("GOCACHE") or os.path.join(root, "build", "go-cache"))
+    built = subprocess.run([go, "build", "-o", binary, "."], cwd=os.path.join(root, "tests", "goquic"), env=env,
+                           capture_output=True, text=True, timeout=600)
+    if built.returncode != 0:
+        raise Skip(f"go build of tests/goquic failed: {(built.stdout + built.stderr).strip()[-2000:]}")
+    return binary
+
+
+def _readJSONLine(proc, want, deadline):
+    """
+    The next line of C{proc}'s stdout holding key C{want}.
+    """
+    while True:
+        if time.monotonic() > deadline:
+            raise BenchError(f"Go load: no {want!r} line in time")
+        line = proc.stdout.readline()
+        if not line:
+            raise BenchError(f"Go load ended before {want!r} (status {proc.wait()}): {proc.stderr.read()[-2000:]}")
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if want in obj:
+            return obj
+
+
+def quicGoRun(target, o, transport, pairs, window, run, cafile, binary):
+    """
+    C{pairs} echo pairs of the Go load over C{transport} ("quic" or "wss"),
+    C{window} messages in flight per pair (1: ping-pong, for round trips).
+    The relay's CPU time is read when the load marks the measured interval.
+    """
+    cmd = [binary, "-scenario", "load", "-addr", f"{target.host}:{target.port}", "-ca", cafile,
+           "-secret", target.secret, "-transport", transport, "-pairs", str(pairs), "-window", str(window),
+           "-size", str(o.quic_size), "-warmup", f"{o.warmup}s", "-duration", f"{o.duration}s",
+           "-stall", f"{o.quic_stall}s", "-tag", _prefix(f"go{transport}{window}", run)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60 + o.warmup + o.duration
+        ready = _readJSONLine(proc, "ready", deadline)
+        if "summary" in ready:
+            raise BenchError(f"Go load could not connect: {ready.get('failures')}")
+        _readJSONLine(proc, "mark", deadline)
+        c0, q0, t0 = _relayCpu(target), _relayRunq(target), time.monotonic()
+        l0 = cpuSeconds(proc.pid, tree=False)
+        _readJSONLine(proc, "mark", deadline)
+        c1, q1, t1 = _relayCpu(target), _relayRunq(target), time.monotonic()
+        l1 = cpuSeconds(proc.pid, tree=False)
+        summary = _readJSONLine(proc, "summary", deadline + 30)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    dt = t1 - t0
+    rate = summary["msgs_per_s"]
+    relayCpu = round((c1 - c0) / dt, 3) if c0 is not None else None
+    res = {
+        "transport": transport, "pairs": pairs, "window": window, "size": o.quic_size, "load": "go",
+        "msgs_per_s": round(rate, 1),
+        "offered_msgs_per_s": round(summary["offered_msgs_per_s"], 1),
+        "gbit_per_s": round(rate * o.quic_size * 8 / 1e9, 4),
+        "relay_cpu": relayCpu,
+        "relay_us_per_msg": round(1e6 * relayCpu / rate, 2) if relayCpu and rate else None,
+        "msgs_per_relay_cpu_s": round(rate / relayCpu, 1) if relayCpu else None,
+        "client_cpu": round((l1 - l0) / dt, 3),
+        "relay_runq_wait": _waitFraction(q0, q1, dt),
+        "p50_us": round(summary["rtt_p50_us"], 1), "p90_us": round(summary["rtt_p90_us"], 1),
+        "p99_us": round(summary["rtt_p99_us"], 1), "max_us": round(summary["rtt_max_us"], 1),
+        "sent": summary["sent"], "echoed": summary["echoed"], "lost": summary["lost"], "late": summary["late"],
+        "delivered_ratio": round(summary["echoed"] / summary["sent"], 5) if summary["sent"] else None,
+        "failures": summary["failures"],
+    }
+    res["ok"] = not summary["failures"] and summary["echoed"] > 0 and (transport == "quic" or res["lost"] == 0)
     return res

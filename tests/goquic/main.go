@@ -30,6 +30,8 @@
 //	           Transport to echo at once; reports how the relay closed
 //	hold       -n peers connect and stay; one line when all are up, one per
 //	           connection as it ends (idle timeout when the relay vanishes)
+//	load       the benchmark's load: -pairs echo pairs over QUIC or TLS
+//	           WebSocket, -window messages in flight each (load.go)
 //
 // The echo peer (-echo NAME) must send every Transport it receives back to
 // its sender (for sizes: answer as described); the tests run it over
@@ -88,7 +90,7 @@ var (
 	addr      = flag.String("addr", "127.0.0.1:443", "the relay's host:port (UDP)")
 	caFile    = flag.String("ca", "", "PEM certificate to trust (required)")
 	secret    = flag.String("secret", "", "the relay's auth secret")
-	scenario  = flag.String("scenario", "first", "first, exchange, cidchange, sizes, badtoken or hold")
+	scenario  = flag.String("scenario", "first", "first, exchange, cidchange, sizes, badtoken, hold or load")
 	count     = flag.Int("n", 50, "fresh connections")
 	echoName  = flag.String("echo", "", "name of the echo peer")
 	tag       = flag.String("tag", "goquic", "prefix of this run's peer names")
@@ -414,6 +416,8 @@ func main() {
 		runBadToken(tlsConf, echo, summary, fail)
 	case "hold":
 		runHold(tlsConf, summary, fail)
+	case "load":
+		runLoad(tlsConf, summary, fail)
 	default:
 		fatal("unknown scenario %q", *scenario)
 	}
