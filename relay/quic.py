@@ -686,10 +686,7 @@ class QuicPeerLink(_QuicDriver):
         if not self._open:
             return False
         size = len(message)
-        if len(self.quic._peer_cid.cid) != self._cidLength:
-            self._cidLength = len(self.quic._peer_cid.cid)
-            self._room = min(self._frameRoom, self._packetRoom())
-        if size > self._room:
+        if size > self.maxMessageSize:
             self._relay.counters.dropped["too_large_for_datagram"] += 1
             return False
         if self._queuedBytes + size > self._protocol.highWater:
