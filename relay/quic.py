@@ -1,5 +1,5 @@
 """
-Peers over QUIC: relay messages in RFC 9221 DATAGRAM frames (PROTOCOL.md 2.3).
+Peers over QUIC: relay messages in RFC 9221 DATAGRAM frames (docs/protocol.md, "Carriers").
 
 Agents race QUIC against WebSocket and keep the winner, so a relay that only
 speaks WebSocket is slower for every agent that would have won with QUIC. This
