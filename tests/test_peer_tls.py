@@ -273,6 +273,38 @@ class ReadTests(unittest.SynchronousTestCase):
     lean path batches per read as over plain TCP.
     """
 
+    def test_incompleteRecordKept(self):
+        """
+        A record split across reads is delivered once whole.
+        """
+        pair = self.connected()
+        pair.client.send(b"split record")
+        data = pair.client.bio_read(2**16)
+        pair.server.dataReceived(data[:10])
+        self.assertEqual(pair.app.received, [])
+        pair.server.dataReceived(data[10:])
+        self.assertEqual(pair.app.received, [b"split record"])
+
+    def test_withoutMemoryBIOLength(self):
+        """
+        Without the private binding (a changed pyOpenSSL) reads and writes
+        work as before, on Twisted's exceptions.
+        """
+        from relay import peer
+
+        self.patch(peer, "_memoryBIOLength", None)
+        pair = self.connected()
+        messages = [b"%04d" % i * 300 for i in range(50)]
+        for msg in messages:
+            pair.client.send(msg)
+        pair.toServer()
+        self.assertEqual(pair.app.received, [b"".join(messages)])
+        data = os.urandom(100_000)
+        pair.server.writeNow(data)
+        self.assertEqual(len(pair.transport.sent), 1)
+        pair.toClient()
+        self.assertEqual(pair.clientReceived(), data)
+
     def connected(self):
         pair = _InMemory(self, _fakeTCP())
         pair.handshake()
@@ -372,6 +404,34 @@ class TwistedInternalsTests(unittest.SynchronousTestCase):
         pair.server._flushSendBIO()
         pair.toClient()
         self.assertEqual(pair.clientReceived(), b"cdef")
+
+    def test_memoryBIOLength(self):
+        """
+        PeerTLSProtocol reads how much a memory BIO holds through pyOpenSSL's
+        private binding (C{OpenSSL._util.lib.BIO_get_mem_data}) and
+        Connection attributes (C{_into_ssl}, C{_from_ssl}); without them it
+        still works, with two exceptions more per read (see relay.peer).
+        """
+        import OpenSSL
+
+        from relay import peer
+
+        self.assertIsNotNone(peer._memoryBIOLength,
+                             f"pyOpenSSL {OpenSSL.__version__}: OpenSSL._util.lib.BIO_get_mem_data is gone")
+        pair = _InMemory(self, _fakeTCP())
+        connection = pair.server._tlsConnection
+        for name in ("_into_ssl", "_from_ssl"):
+            self.assertTrue(hasattr(connection, name), f"pyOpenSSL {OpenSSL.__version__}: Connection has no {name}")
+        pair.handshake()
+        pair.wire()
+        self.assertEqual(peer._memoryBIOLength(connection._from_ssl, peer._MEMORY_BIO_DATA), 0)
+        connection.send(b"x" * 100)
+        waiting = peer._memoryBIOLength(connection._from_ssl, peer._MEMORY_BIO_DATA)
+        self.assertEqual(len(connection.bio_read(2**16)), waiting)
+        pair.client.send(b"y" * 100)
+        incoming = pair.client.bio_read(2**16)
+        connection.bio_write(incoming)
+        self.assertEqual(peer._memoryBIOLength(connection._into_ssl, peer._MEMORY_BIO_DATA), len(incoming))
 
     def test_tcpServerState(self):
         """
