@@ -285,6 +285,33 @@ class ReadTests(unittest.SynchronousTestCase):
         pair.server.dataReceived(data[10:])
         self.assertEqual(pair.app.received, [b"split record"])
 
+    def test_everyRecordDeliveredWhateverTheSplits(self):
+        """
+        Records of many sizes cut into reads at random places: in order, and
+        all of it once the last byte is in. The read loop stops
+        when the receive BIO is empty instead of on a WantReadError; this
+        fails if OpenSSL ever keeps a whole record it has taken from the BIO
+        undecrypted (read-ahead).
+        """
+        import random
+
+        rnd = random.Random(13)
+        for attempt in range(20):
+            pair = self.connected()
+            sent = []
+            for _ in range(rnd.randint(1, 60)):
+                msg = os.urandom(rnd.choice([1, 10, 500, 1500, 9000, 20000]))
+                pair.client.sendall(msg)
+                sent.append(msg)
+            wire = pair.client.bio_read(2**22)
+            fed = 0
+            while fed < len(wire):
+                step = min(len(wire), fed + rnd.randint(1, 40000))
+                pair.server.dataReceived(wire[fed:step])
+                fed = step
+                self.assertTrue(b"".join(sent).startswith(b"".join(pair.app.received)))
+            self.assertEqual(b"".join(pair.app.received), b"".join(sent), f"attempt {attempt}: records left undelivered")
+
     def test_withoutMemoryBIOLength(self):
         """
         Without the private binding (a changed pyOpenSSL) reads and writes
