@@ -8,8 +8,11 @@ running process the way an attacker or a broken client meets it: many
 connections at once, each sending random or mutated-valid traffic (garbage
 TCP, broken HTTP upgrades, random WebSocket frames, mutated Auth, Transport
 and Subscribe messages, oversized, text and fragmented frames, pings,
-slowloris-style partial frames; bad HELLOs and valid-looking frames with bad
-payloads on the cluster port), while two well-behaved peers exchange
+slowloris-style partial frames; on the cluster port bad HELLOs, secured
+handshakes gone wrong, and fuzz pods that pass the handshake as a pod does
+(dialing from the address they announce, proving the cluster secret) and
+then send sealed frames with bad payloads, hostile bursts, forged, untagged
+and replayed frames), while two well-behaved peers exchange
 sequence-numbered messages through the relay and check every byte.
 
 Pass means:
@@ -21,16 +24,18 @@ Pass means:
     closed (the numbers are in the report);
   - the relay never did what it must not: answer an invalid Auth with an
     AuthResponse, keep an unauthenticated connection past its handshake
-    timeout, keep an inter-pod stream whose HELLO was refused, or send a
-    malformed WebSocket frame; and (for relays started here) its log holds no
-    traceback and it exits 0 on SIGTERM.
+    timeout, keep an inter-pod stream whose HELLO or handshake was refused
+    or that carried a forged, untagged or replayed frame, send a frame
+    before the handshake is complete or one whose tag does not check, or
+    send a malformed WebSocket frame; and (for relays started here) its log
+    holds no traceback and it exits 0 on SIGTERM.
 
 Targets: C{--spawn} starts one relay on 127.0.0.1, C{--cluster} three pods on
 127.0.0.2-4 with the good pair split across pods, C{--url} (and optionally
 C{--pid}, C{--cluster-target}, C{--cluster-secret}) points at relays started
-elsewhere. Fuzz connections come from random source addresses in 127.0.0.0/8,
-so the relay's per-address limits do not turn the run into a test of those
-limits alone; loopback only.
+elsewhere (pods without C{--cluster-compat}). Fuzz connections come from
+random source addresses in 127.0.0.0/8, so the relay's per-address limits do
+not turn the run into a test of those limits alone; loopback only.
 
 The summary is one JSON object on stdout; progress goes to stderr; the exit
 status is 0 on pass, 1 on failure, 2 on a usage or start-up error. Secrets
@@ -39,6 +44,7 @@ are never printed.
 
 import argparse
 import base64
+import hmac
 import json
 import os
 import random
@@ -190,7 +196,10 @@ class FuzzConnection(protocol.Protocol):
         self.messages = []
         self.badFrame = None
         self.clusterReader = None
+        self.clusterOpener = None
         self.clusterFrames = []
+        self.badClusterTag = None
+        self.source = None
         self._waiters = []
         self.openedAt = None
 
@@ -201,9 +210,16 @@ class FuzzConnection(protocol.Protocol):
         self.received += len(data)
         self.stats.bytesReceived += len(data)
         if self.clusterReader is not None:
-            frames = self.clusterReader.feed(data)
-            if len(self.clusterFrames) < 256:
-                self.clusterFrames.extend(frames)
+            for frameType, payload in self.clusterReader.feed(data):
+                if self.clusterOpener is not None and self.badClusterTag is None:
+                    # Opened as they arrive, so the sequence numbers stay in
+                    # step even when the scenario keeps only the first frames.
+                    try:
+                        payload = self.clusterOpener.open(frameType, payload)
+                    except cf.FrameError as e:
+                        self.badClusterTag = str(e)
+                if len(self.clusterFrames) < 256:
+                    self.clusterFrames.append((frameType, payload))
         elif self.reader is not None and self.badFrame is None:
             try:
                 for message in self.reader.feed(data):
@@ -300,6 +316,8 @@ class Stats:
         self.acceptedAuth = 0
         self.podSessions = 0
         self.podSessionsAnswered = 0
+        self.podSessionsSecured = 0
+        self.podForgedFrames = 0
 
     def anomaly(self, name, detail):
         self.anomalies[name] = self.anomalies.get(name, 0) + 1
@@ -317,6 +335,8 @@ class Stats:
             "fuzz_peers_authenticated": self.acceptedAuth,
             "fuzz_pod_sessions": self.podSessions,
             "fuzz_pod_sessions_answered": self.podSessionsAnswered,
+            "fuzz_pod_sessions_secured": self.podSessionsSecured,
+            "fuzz_pod_forged_frames": self.podForgedFrames,
             "anomalies": self.anomalies,
             "anomaly_examples": self.anomalyExamples,
             "fuzzer_errors": self.fuzzerErrors,
@@ -389,6 +409,7 @@ class Fuzzer:
         self.stats = Stats()
         self.active = set()
         self.fuzzPeerIDs = []
+        self.lastConfirm = None
         self.serial = 0
         self._tokens = 0.0
         self._last = None
@@ -407,7 +428,8 @@ class Fuzzer:
             ("cluster_garbage", 2, self.clusterGarbage),
             ("cluster_bad_hello", 3, self.clusterBadHello),
             ("cluster_no_hello", 1, self.clusterNoHello),
-            ("cluster_session", 3, self.clusterSession),
+            ("cluster_bad_handshake", 2, self.clusterBadHandshake),
+            ("cluster_session", 4, self.clusterSession),
         ]
         self.scenarios = list(peerScenarios)
         if any(t.clusterPort for t in targets):
@@ -466,6 +488,7 @@ class Fuzzer:
         except Exception:
             self.stats.connectErrors += 1
             return
+        conn.source = source
         self.active.add(conn)
         try:
             yield scenario(conn, target, rng)
@@ -475,6 +498,8 @@ class Fuzzer:
         finally:
             if conn.badFrame is not None:
                 self.stats.anomaly("bad_server_frame", f"{name}: {conn.badFrame}")
+            if conn.badClusterTag is not None:
+                self.stats.anomaly("cluster_bad_tag_from_pod", f"{name}: {conn.badClusterTag}")
             conn.finish(rng)
             yield conn.whenClosed(self.reactor, 5)
             self.active.discard(conn)
@@ -840,13 +865,23 @@ class Fuzzer:
         if not closed and len(data) >= 3 and data[0] != cf.HELLO and not self.stopping:
             self.stats.anomaly("cluster_first_frame_not_hello_kept", f"first header {data[:3].hex()}")
 
-    def helloVariants(self, target, rng):
+    def ownAnnounce(self, conn, target):
+        """
+        The announce address of a fuzz pod: its own source address (the
+        pod checks that a HELLO comes from the host it names).
+        """
+        return f"{conn.source}:{target.clusterPort}"
+
+    def helloVariants(self, target, rng, source):
         """
         C{(payload-bearing frame, must be refused)} pairs.
         """
         now = int(time.time())
         secret = self.clusterSecret
-        address = rng.choice([f"127.{rng.randint(100, 250)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}:{target.clusterPort}", target.announce] + [t.announce for t in self.targets if t.clusterPort])
+        address = rng.choice(
+            [f"127.{rng.randint(100, 250)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}:{target.clusterPort}", target.announce, f"{source}:{target.clusterPort}"]
+            + [t.announce for t in self.targets if t.clusterPort]
+        )
         other = "wrong-" + (secret or "secret")
         variants = [
             (cf.encodeFrame(cf.HELLO, cf.encodeHello(address, now, other)), True),
@@ -869,18 +904,31 @@ class Fuzzer:
 
     @defer.inlineCallbacks
     def clusterBadHello(self, conn, target, rng):
-        frame, refused = rng.choice(self.helloVariants(target, rng))
+        """
+        A broken HELLO, or a valid one from a host it does not name, or a
+        valid one from its own host followed by anything but CHALLENGE (the
+        pod then waits for CHALLENGE until its handshake timeout): each is
+        refused.
+        """
+        frame, refused = rng.choice(self.helloVariants(target, rng, conn.source))
+        tail = b"".join(cf.encodeFrame(rng.choice([1, 2, 3, 0x14, 0x20]), rng.randbytes(rng.randint(0, 80))) for _ in range(rng.randint(0, 4)))
+        limit = REFUSED_LIMIT
         if frame[0] == cf.HELLO and len(frame) > 3:
             try:
-                cf.decodeHello(frame[3:], self.clusterSecret, time.time())
-                refused = False
+                hello = cf.decodeHello(frame[3:], self.clusterSecret, time.time())
             except cf.FrameError:
                 pass
-        tail = b"".join(cf.encodeFrame(rng.choice([1, 2, 3, 0x14, 0x20]), rng.randbytes(rng.randint(0, 80))) for _ in range(rng.randint(0, 4)))
+            else:
+                fromNamedHost = hello.address.rpartition(":")[0] == conn.source
+                if fromNamedHost and not self.clusterSecret:
+                    refused = False
+                elif fromNamedHost:
+                    refused = True
+                    limit = REFUSED_LIMIT if tail else HELLO_LIMIT
         yield conn.sendPieces(self.reactor, frame + tail, rng)
-        closed = yield conn.whenClosed(self.reactor, REFUSED_LIMIT)
+        closed = yield conn.whenClosed(self.reactor, limit)
         if refused and not closed and not self.stopping:
-            self.stats.anomaly("cluster_bad_hello_kept", f"stream still open {REFUSED_LIMIT:g} s after HELLO {frame[:12].hex()}... ({len(frame)} bytes)")
+            self.stats.anomaly("cluster_bad_hello_kept", f"stream still open {limit:g} s after HELLO {frame[:12].hex()}... ({len(frame)} bytes)")
 
     @defer.inlineCallbacks
     def clusterNoHello(self, conn, target, rng):
@@ -889,14 +937,16 @@ class Fuzzer:
         if not closed and not self.stopping:
             self.stats.anomaly("cluster_hello_timeout_not_enforced", f"still open {HELLO_LIMIT:g} s without a HELLO")
 
-    def randomClusterFrame(self, rng):
+    def randomClusterFrame(self, rng, room=0):
         """
-        A frame from a pod that passed HELLO but sends nonsense: malformed
-        payloads of known types (which close the stream), FWDs of random
-        messages to random and fuzz peers, unknown types, PING/PONG, repeated
-        HELLO. Never about the good pair's ids: an authenticated pod is
-        trusted to name owners, so claiming the good peers would be a test of
-        trust, not of parsing.
+        A frame from a pod that passed the handshake but sends nonsense:
+        malformed payloads of known types (which close the stream), FWDs of
+        random messages to random and fuzz peers, unknown types (the
+        handshake's among them), PING/PONG, repeated HELLO. Never about the
+        good pair's ids: an authenticated pod is trusted to name owners, so
+        claiming the good peers would be a test of trust, not of parsing.
+
+        @param room: bytes to leave free in the payload (for the tag).
         """
         r = rng.randrange(12)
         pid = self.randomID(rng)
@@ -914,44 +964,188 @@ class Fuzzer:
         if r == 6:
             return cf.pongFrame()
         if r == 7:
-            return cf.encodeFrame(rng.choice([0x04, 0x10, 0x11, 0x12, 0x13, 0x15, 0x22, 0xFF]), rng.randbytes(rng.randint(0, 2000)))
+            return cf.encodeFrame(rng.choice([cf.CHALLENGE, cf.AUTH, cf.CONFIRM, 0x10, 0x11, 0x12, 0x13, 0x15, 0x22, 0xFF]), rng.randbytes(rng.randint(0, 2000)))
         if r == 8:
             return cf.helloFrame("127.1.2.3:1", int(time.time()), self.clusterSecret)
         if r == 9:
             kind = rng.choice([cf.WHO_HAS, cf.I_HAVE, cf.PEER_GONE, cf.FWD, cf.PING, cf.PONG])
             return cf.encodeFrame(kind, rng.randbytes(rng.choice([0, 1, 35, 37, 39, 41, 100])))
         if r == 10:
-            return cf.encodeFrame(cf.FWD, pid + rng.randbytes(rng.choice([0, 100, 65535 - 36])))
-        return mutate(cf.iHaveFrame(pid, 1), rng)
+            return cf.encodeFrame(cf.FWD, pid + rng.randbytes(rng.choice([0, 100, cf.MAX_PAYLOAD - 36 - room])))
+        return cf.encodeFrame(cf.I_HAVE, mutate(cf.iHaveFrame(pid, 1)[cf.HEADER_SIZE:], rng)[:cf.MAX_PAYLOAD - room])
+
+    @defer.inlineCallbacks
+    def podHandshake(self, conn, target, rng):
+        """
+        Dial as a pod does: a HELLO announcing our own source address, a
+        CHALLENGE with a fresh nonce and, once the pod's AUTH proves the
+        cluster secret, CONFIRM. From then on the pod's frames are opened as
+        they arrive (a bad tag is an anomaly).
+
+        @return: the L{cf.Handshake}, or None if the pod did not let us in.
+        """
+        hello = cf.encodeHello(self.ownAnnounce(conn, target), int(time.time()), self.clusterSecret)
+        nonce = rng.randbytes(cf.NONCE_SIZE)
+        conn.clusterReader = cf.FrameReader()
+        self.stats.podSessions += 1
+        yield conn.sendPieces(self.reactor, cf.encodeFrame(cf.HELLO, hello) + cf.challengeFrame(nonce), rng)
+        handshake = yield self.awaitAuth(conn, hello, nonce, HELLO_LIMIT)
+        if handshake is None:
+            return None
+        self.stats.podSessionsAnswered += 1
+        conn.clusterOpener = cf.Opener(handshake.acceptorKey)
+        conn.send(cf.confirmFrame(handshake.dialerMAC))
+        return handshake
+
+    @defer.inlineCallbacks
+    def awaitAuth(self, conn, hello, nonce, timeout):
+        """
+        Wait for the pod's AUTH and check its proof.
+
+        @return: the L{cf.Handshake}, or None (closed, or an anomaly).
+        """
+        answered = yield conn.waitUntil(self.reactor, lambda c: c.clusterFrames, timeout)
+        if not answered:
+            if not conn.closed and not self.stopping:
+                self.stats.anomaly("cluster_handshake_stalled", f"no AUTH {timeout:g} s after HELLO and CHALLENGE, connection kept")
+            return None
+        frameType, payload = conn.clusterFrames.pop(0)
+        try:
+            if frameType != cf.AUTH:
+                raise cf.FrameError(cf.MALFORMED, f"{cf.frameName(frameType)} instead of AUTH")
+            acceptorNonce, mac = cf.decodeAuth(payload)
+        except cf.FrameError as e:
+            self.stats.anomaly("cluster_bad_auth_from_pod", str(e))
+            return None
+        handshake = cf.Handshake(self.clusterSecret, hello, nonce, acceptorNonce)
+        handshake.acceptorNonce = acceptorNonce
+        if not hmac.compare_digest(mac, handshake.acceptorMAC):
+            self.stats.anomaly("cluster_bad_auth_from_pod", "AUTH does not prove the cluster secret")
+            return None
+        return handshake
+
+    @defer.inlineCallbacks
+    def clusterBadHandshake(self, conn, target, rng):
+        """
+        A valid HELLO from its own host, then a secured handshake gone wrong:
+        the pod closes the connection and never sends a frame beyond AUTH.
+        """
+        if not self.clusterSecret:
+            return (yield self.clusterBadHello(conn, target, rng))
+        conn.clusterReader = cf.FrameReader()
+        secret = self.clusterSecret
+        announce = self.ownAnnounce(conn, target)
+        variant = rng.randrange(10)
+        if variant == 5:
+            # A HELLO naming another host (a real pod's, or anyone's).
+            announce = rng.choice([target.announce, f"127.{rng.randint(100, 250)}.0.1:{target.clusterPort}"])
+        hello = cf.encodeHello(announce, int(time.time()), secret)
+        nonce = rng.randbytes(cf.NONCE_SIZE)
+        helloFrame = cf.encodeFrame(cf.HELLO, hello)
+        limit = REFUSED_LIMIT
+        answered = variant in (1, 2, 3, 6, 7, 9)
+        if variant == 0:
+            challenge = rng.choice([b"", bytes([3]) + nonce[:-1], bytes([3]) + nonce + b"\x00", bytes([2]) + nonce, bytes([4]) + nonce])
+            yield conn.sendPieces(self.reactor, helloFrame + cf.encodeFrame(cf.CHALLENGE, challenge), rng)
+        elif variant == 4:
+            yield conn.sendPieces(self.reactor, helloFrame + cf.confirmFrame(rng.randbytes(cf.MAC_SIZE)), rng)
+        elif variant == 5:
+            yield conn.sendPieces(self.reactor, helloFrame + cf.challengeFrame(nonce), rng)
+        elif variant == 8:
+            yield conn.sendPieces(self.reactor, helloFrame + cf.authFrame(nonce, rng.randbytes(cf.MAC_SIZE)), rng)
+        else:
+            yield conn.sendPieces(self.reactor, helloFrame + cf.challengeFrame(nonce), rng)
+            handshake = yield self.awaitAuth(conn, hello, nonce, REFUSED_LIMIT)
+            if handshake is None:
+                return
+            if variant == 1:
+                conn.send(cf.confirmFrame(rng.randbytes(cf.MAC_SIZE)))
+            elif variant == 2:
+                conn.send(cf.confirmFrame(cf.Handshake("wrong-" + secret, hello, nonce, handshake.acceptorNonce).dialerMAC))
+            elif variant == 3:
+                frame = self.randomClusterFrame(rng, room=cf.TAG_SIZE)
+                conn.send(cf.Sealer(handshake.dialerKey).seal(frame) if rng.random() < 0.5 else frame)
+            elif variant == 6:
+                limit = HELLO_LIMIT
+            elif variant == 7:
+                conn.send(self.lastConfirm or cf.confirmFrame(rng.randbytes(cf.MAC_SIZE)))
+            else:
+                conn.send(cf.challengeFrame(rng.randbytes(cf.NONCE_SIZE)))
+        closed = yield conn.whenClosed(self.reactor, limit)
+        if self.stopping:
+            return
+        if not closed:
+            self.stats.anomaly("cluster_bad_handshake_kept", f"variant {variant}: still open {limit:g} s later")
+        if conn.clusterFrames:
+            kinds = [cf.frameName(t) for t, _ in conn.clusterFrames[:4]]
+            what = "after AUTH" if answered else "to a handshake it refused"
+            self.stats.anomaly("cluster_frames_before_auth", f"variant {variant}: {kinds} {what}")
 
     @defer.inlineCallbacks
     def clusterSession(self, conn, target, rng):
         """
-        Pass HELLO with the cluster secret (when we know it) under a made-up
-        announce address, then send random frames, answering the pod's WHO_HAS
-        for non-good ids now and then, and its PINGs sometimes.
+        Pass the secured handshake as a pod (when we know the cluster
+        secret), check the stream is live (a sealed PING is answered), then
+        send random sealed frames, answering the pod's WHO_HAS for non-good
+        ids now and then, and its PINGs sometimes. Now and then a frame is
+        forged (a bit of a sealed frame flipped), sent without its tag, or
+        replayed: the pod must close the stream.
         """
         if self.clusterSecret is None:
             return (yield self.clusterBadHello(conn, target, rng))
-        address = f"127.{rng.randint(100, 250)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}:{target.clusterPort}"
-        conn.clusterReader = cf.FrameReader()
-        conn.send(cf.helloFrame(address, int(time.time()), self.clusterSecret))
+        handshake = yield self.podHandshake(conn, target, rng)
+        if handshake is None:
+            return
+        sealer = cf.Sealer(handshake.dialerKey)
+        conn.send(sealer.seal(cf.pingFrame()))
+        live = yield conn.waitUntil(self.reactor, lambda c: any(t == cf.PONG for t, _ in c.clusterFrames), REFUSED_LIMIT)
+        if not live:
+            if not conn.closed and not self.stopping:
+                self.stats.anomaly("cluster_secured_ping_unanswered", f"no PONG {REFUSED_LIMIT:g} s after CONFIRM and a sealed PING")
+            return
+        self.stats.podSessionsSecured += 1
+        self.lastConfirm = cf.confirmFrame(handshake.dialerMAC)
         answersPings = rng.random() < 0.5
         end = self.reactor.seconds() + rng.choice([0.5, 2, 6])
-        self.stats.podSessions += 1
-        answered = False
+        sent = []
+        inStep = True  # whether the pod's frame boundaries are still ours
         while not conn.closed and self.reactor.seconds() < end and not self.stopping:
-            frame = self.randomClusterFrame(rng)
-            yield conn.sendPieces(self.reactor, frame, rng)
             incoming, conn.clusterFrames = conn.clusterFrames, []
-            if incoming and not answered:
-                answered = True
-                self.stats.podSessionsAnswered += 1
             for frameType, payload in incoming:
                 if frameType == cf.PING and answersPings:
-                    conn.send(cf.pongFrame())
+                    conn.send(sealer.seal(cf.pongFrame()))
                 elif frameType == cf.WHO_HAS and len(payload) == 36 and payload not in self.goodIDs and rng.random() < 0.3:
-                    conn.send(cf.iHaveFrame(payload, rng.getrandbits(32)))
+                    conn.send(sealer.seal(cf.iHaveFrame(payload, rng.getrandbits(32))))
+            frame = self.randomClusterFrame(rng, room=cf.TAG_SIZE)
+            r = rng.random()
+            if r < 0.06 and inStep:
+                if r < 0.02:
+                    kind, data = "forged", bytearray(sealer.seal(frame))
+                    data[rng.randrange(cf.HEADER_SIZE, len(data))] ^= 1 << rng.randrange(8)
+                elif r < 0.04 or not sent:
+                    kind, data = "untagged", frame
+                else:
+                    kind, data = "replayed", rng.choice(sent)
+                self.stats.podForgedFrames += 1
+                yield conn.sendPieces(self.reactor, bytes(data), rng)
+                closed = yield conn.whenClosed(self.reactor, REFUSED_LIMIT)
+                if not closed and not self.stopping:
+                    self.stats.anomaly("cluster_forged_frame_kept", f"a {kind} {cf.frameName(data[0])} frame of {len(data)} bytes")
+                return
+            if r < 0.09:
+                data, inStep = mutate(sealer.seal(frame), rng), False
+            elif r < 0.15:
+                # Valid but hostile: a burst of claims, lookups and goodbyes
+                # for ids that are nobody's.
+                burst = [
+                    rng.choice((cf.iHaveFrame(pid, rng.getrandbits(32)), cf.whoHasFrame(pid), cf.peerGoneFrame(pid)))
+                    for pid in (self.randomID(rng) for _ in range(rng.randint(2, 200)))
+                ]
+                data = b"".join(sealer.seal(f) for f in burst)
+            else:
+                data = sealer.seal(frame)
+                sent = (sent + [data])[-8:]
+            yield conn.sendPieces(self.reactor, data, rng)
             yield self.sleep(rng.random() * 0.1)
 
 

@@ -17,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from relay.cluster import frames, transport
 from relay.counters import ClusterCounters
+from relay.limits import LogBudget
 
 NOW = 1893456000
 SECRET = "cluster-secret"
@@ -1292,3 +1293,92 @@ class CapTests(SynchronousTestCase):
         self.assertEqual(reactor.tcpClients[0][4], ("10.0.0.1", 0))
         endpoint = transport.tcpEndpoint(reactor, "[fd00::2]:7090", bindHost="10.0.0.1")
         self.assertIsNone(endpoint._bindAddress)
+
+
+# A transport without the relay's budget has one of its own, of the default size.
+DEFAULT_BUDGET = LogBudget(None)
+
+
+class LogBudgetTests(SynchronousTestCase):
+    """
+    Lines anyone who reaches the fabric port can cause share a log budget
+    (L{relay.limits.LogBudget}); the counters still count every event.
+    """
+
+    def setUp(self):
+        self.logged = []
+        globalLogPublisher.addObserver(self.logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.logged.append)
+
+    def lines(self, word):
+        return [e for e in self.logged if word in e.get("log_format", "")]
+
+    def test_badHelloFlood(self):
+        """
+        A thousand strangers' bad HELLOs (each on its own connection) are
+        all counted, give at most one budget's worth of lines and then one
+        summary line with the rest.
+        """
+        owner = makeTransport()
+        for i in range(1000):
+            proto, tr = accept(owner)
+            proto.dataReceived(frames.helloFrame("10.0.0.2:7090", NOW, "not-the-secret"))
+            self.assertTrue(tr.disconnecting)
+            lose(proto)
+        self.assertEqual(dict(owner.counters.helloRejects), {frames.HMAC_MISMATCH: 1000})
+        self.assertEqual(len(self.lines("rejecting inter-pod stream")), DEFAULT_BUDGET.burst)
+        owner.clock.advance(DEFAULT_BUDGET.window)
+        [summary] = self.lines("were not logged")
+        self.assertEqual(summary["count"], 1000 - DEFAULT_BUDGET.burst)
+
+    def test_budgetShared(self):
+        """
+        A budget given to the transport (the relay's) is the one spent.
+        """
+        clock = Clock()
+        clock.advance(NOW)
+        budget = LogBudget(clock, burst=3)
+        owner = makeTransport(clock=clock, noisyLog=budget)
+        for i in range(5):
+            proto, tr = accept(owner)
+            proto.dataReceived(b"\x7f\x00\x00")
+            lose(proto)
+        self.assertEqual(dict(owner.counters.helloRejects), {frames.FIRST_FRAME_NOT_HELLO: 5})
+        self.assertEqual(len(self.lines("rejecting inter-pod stream")), 3)
+        self.assertEqual(budget.suppressed, 2)
+
+    def test_detailQuoted(self):
+        """
+        What a stranger wrote (a 255-byte announce address with control
+        characters) is quoted and cut in the reject line.
+        """
+        owner = makeTransport()
+        proto, tr = accept(owner, peerHost="10.0.0.9")
+        address = "\x1b[31m" + "a" * 240 + "\n:7090"
+        proto.dataReceived(frames.helloFrame(address, NOW, SECRET))
+        [event] = self.lines("rejecting inter-pod stream")
+        self.assertEqual(event["reason"], frames.ADDRESS_MISMATCH)
+        detail = event["detail"]
+        self.assertLessEqual(len(detail), 110)
+        self.assertTrue(detail.endswith("..."), detail)
+        self.assertNotIn("\x1b", detail)
+        self.assertNotIn("\n", detail)
+
+    def test_forgedFrameFlood(self):
+        """
+        Forged and malformed frames on live streams: every one counted,
+        lines within the budget.
+        """
+        owner = makeTransport()
+        for i in range(200):
+            proto, tr = accept(owner)
+            remote = Remote(proto, tr)
+            if i % 2:
+                proto.dataReceived(frames.whoHasFrame(PEER_A) + b"\x00" * frames.TAG_SIZE)
+            else:
+                remote.send(frames.encodeFrame(frames.WHO_HAS, b"\x00" * 3))
+            self.assertTrue(tr.disconnecting)
+            lose(proto)
+        self.assertEqual(owner.counters.dropped["frame_auth_mismatch"], 100)
+        self.assertEqual(owner.counters.dropped["malformed_frame"], 100)
+        self.assertEqual(len(self.lines("cluster: closing")), DEFAULT_BUDGET.burst)

@@ -98,6 +98,38 @@ class Smoke(unittest.SynchronousTestCase):
         self.assertEqual(done.returncode, 0 if summary["ok"] else 1)
 
 
+class ClusterSmoke(unittest.SynchronousTestCase):
+    """
+    A few seconds of fuzz against three pods started by the tool. Its fuzz
+    pods must get past the secured handshake (a live, sealed stream that
+    answers PING) and send forged frames, so the stream parser keeps being
+    fuzzed after authentication; before this the tool's HELLOs came from
+    made-up addresses and every one was refused.
+    """
+
+    def test_securedSessions(self):
+        command = [
+            sys.executable, "-m", "relay.fuzz", "--cluster",
+            "--duration", "10", "--connections", "32", "--rate", "60",
+            "--warmup", "1", "--settle", "2", "--seed", "20261202",
+        ]
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, timeout=240)
+        try:
+            summary = json.loads(done.stdout)
+        except ValueError:
+            self.fail(f"no JSON summary (exit {done.returncode}):\n{done.stderr.decode(errors='replace')[-3000:]}")
+        fuzzed = summary["fuzz"]
+        self.assertEqual(fuzzed["anomalies"], {}, fuzzed["anomaly_examples"])
+        self.assertEqual(fuzzed["fuzzer_errors"], {})
+        self.assertGreater(fuzzed["by_scenario"].get("cluster_bad_handshake", 0), 0)
+        self.assertGreater(fuzzed["fuzz_pod_sessions"], 0)
+        self.assertGreater(fuzzed["fuzz_pod_sessions_secured"], fuzzed["fuzz_pod_sessions"] // 2)
+        self.assertGreater(fuzzed["fuzz_pod_forged_frames"], 0)
+        self.assertEqual([r["log_tracebacks"] for r in summary["relays"]], [0, 0, 0])
+        self.assertEqual(summary["good_pair"]["received"], summary["good_pair"]["sent"])
+        self.assertEqual(done.returncode, 0 if summary["ok"] else 1)
+
+
 class SoakSmoke(unittest.SynchronousTestCase):
     """
     relay.soak at a toy size, so the tool keeps working between long runs.

@@ -61,6 +61,8 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from relay.cluster import frames
+from relay.limits import LogBudget
+from relay.logtext import quoted
 
 HELLO_TIMEOUT = 10.0
 DIAL_TIMEOUT = 5.0
@@ -355,12 +357,13 @@ class ClusterStream(Protocol):
     def _rejectHello(self, reason, detail):
         self._helloCancelTimer()
         self.owner.counters.helloRejects[reason] += 1
-        _log.warn(
+        self.owner.noisyLog(
+            _log.warn,
             "cluster: rejecting inter-pod stream {side} {peer}: {reason} ({detail})",
             side="to" if self.dialedByUs else "from",
             peer=self._peerName(),
             reason=reason,
-            detail=detail,
+            detail=quoted(detail),
         )
         self.close()
 
@@ -520,7 +523,7 @@ class ClusterStream(Protocol):
                 payload = self._opener.open(frameType, payload)
             except frames.FrameError as e:
                 self.owner.counters.dropped["frame_auth_mismatch"] += 1
-                _log.warn("cluster: closing {stream}: {error}", stream=self, error=e)
+                self.owner.noisyLog(_log.warn, "cluster: closing {stream}: {error}", stream=self, error=quoted(str(e)))
                 self.abort()
                 return
         if frameType == frames.HELLO:
@@ -530,7 +533,7 @@ class ClusterStream(Protocol):
             frame = frames.decodePayload(frameType, payload)
         except frames.FrameError as e:
             self.owner.counters.dropped["malformed_frame"] += 1
-            _log.warn("cluster: closing {stream}: {error}", stream=self, error=e)
+            self.owner.noisyLog(_log.warn, "cluster: closing {stream}: {error}", stream=self, error=quoted(str(e)))
             self.abort()
             return
         if isinstance(frame, frames.Unknown):
@@ -724,6 +727,7 @@ class ClusterTransport:
         maxPendingPerHost=MAX_PENDING_PER_HOST,
         maxConnections=MAX_CONNECTIONS,
         wallClock=None,
+        noisyLog=None,
     ):
         """
         @param announceAddress: C{host:port} this pod sends in its HELLO.
@@ -740,6 +744,9 @@ class ClusterTransport:
             timestamps and their replay memory (L{relay.clocks}); C{clock}
             by default.
         @param counters: a L{relay.counters.ClusterCounters}.
+        @param noisyLog: the L{LogBudget} for lines anyone who reaches the
+            fabric port can cause (refused handshakes, malformed or forged
+            frames); one of its own on C{clock} by default.
         @param endpointFactory: called with C{host:port}, returns an
             L{IStreamClientEndpoint} to dial it.
         """
@@ -760,6 +767,7 @@ class ClusterTransport:
         self.maxPending = maxPending
         self.maxPendingPerHost = maxPendingPerHost
         self.maxConnections = maxConnections
+        self.noisyLog = LogBudget(clock) if noisyLog is None else noisyLog
         self._streams = {}
         self._connections = set()
         self._pending = {}
