@@ -553,6 +553,7 @@ def _makeCluster(options, relay, readiness, reactor):
         reactor,
         compat=options["cluster-compat"],
         wallClock=relay.wallClock,
+        noisyLog=relay.noisyLog,
     )
     relay.forwarder = cluster
     cluster.whenDiscoveryRan().addCallback(lambda _: setattr(readiness, "discoveryDone", True))

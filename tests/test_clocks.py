@@ -143,6 +143,8 @@ class ServiceClockTests(unittest.TestCase):
             wallClock=dates,
         )
         self.assertIs(top.cluster.transport.wallClock, dates)
+        # One log budget for every line strangers cause, the fabric's too.
+        self.assertIs(top.cluster.transport.noisyLog, top.relay.noisyLog)
 
 
 class ClusterHelloTimeTests(unittest.TestCase):

@@ -70,6 +70,7 @@ class ClusterService(MultiService):
         reactor,
         compat=False,
         wallClock=None,
+        noisyLog=None,
     ):
         """
         @param localPeers: the relay, as L{relay.interfaces.ILocalPeers}.
@@ -90,6 +91,9 @@ class ClusterService(MultiService):
             pods) are taken, at the Go relay's level of trust.
         @param wallClock: unix time for HELLO timestamps (L{relay.clocks});
             the reactor by default.
+        @param noisyLog: the L{relay.limits.LogBudget} for lines strangers
+            cause (the relay's, so one budget covers every port); the
+            fabric's own by default.
         """
         MultiService.__init__(self)
         self.reactor = reactor
@@ -107,6 +111,7 @@ class ClusterService(MultiService):
             endpointFactory=lambda address: tcpEndpoint(reactor, address, bindHost=podIP),
             compat=compat,
             wallClock=wallClock,
+            noisyLog=noisyLog,
         )
         self.locator = Locator(self.transport, localPeers, reactor)
         self.forwarder = Forwarder(self.transport, self.locator, localPeers, reactor, counters)
