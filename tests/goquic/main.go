@@ -468,18 +468,27 @@ func runFirst(tlsConf *tls.Config, echo []byte, summary result, fail failer) {
 	summary["switched_id"] = switched
 }
 
+// connectToEcho connects as name, subscribes to the echo peer and waits
+// until the relay says it is online; on failure the connection is closed.
+func connectToEcho(tlsConf *tls.Config, name string, echo []byte) (*peer, error) {
+	p, err := connect(tlsConf, name, token(*secret))
+	if err != nil {
+		return nil, err
+	}
+	p.send(append([]byte{version, msgSubscribe}, echo...))
+	if !p.waitOnline(echo) {
+		p.close()
+		return nil, errors.New("echo peer never online")
+	}
+	return p, nil
+}
+
 func runExchange(tlsConf *tls.Config, echo []byte, summary result, fail failer) {
 	total, returned := 0, 0
 	for i := 0; i < *count; i++ {
-		p, err := connect(tlsConf, fmt.Sprintf("%s-exchange-%d", *tag, i), token(*secret))
+		p, err := connectToEcho(tlsConf, fmt.Sprintf("%s-exchange-%d", *tag, i), echo)
 		if err != nil {
 			fail(i, "%v", err)
-			continue
-		}
-		p.send(append([]byte{version, msgSubscribe}, echo...))
-		if !p.waitOnline(echo) {
-			fail(i, "echo peer never online")
-			p.close()
 			continue
 		}
 		payloads := make([][]byte, *messages)
@@ -564,15 +573,9 @@ func runIDChange(tlsConf *tls.Config, summary result, fail failer) {
 func runSizes(tlsConf *tls.Config, echo []byte, summary result, fail failer) {
 	back := map[int]int{}
 	for i := 0; i < *count; i++ {
-		p, err := connect(tlsConf, fmt.Sprintf("%s-sizes-%d", *tag, i), token(*secret))
+		p, err := connectToEcho(tlsConf, fmt.Sprintf("%s-sizes-%d", *tag, i), echo)
 		if err != nil {
 			fail(i, "%v", err)
-			continue
-		}
-		p.send(append([]byte{version, msgSubscribe}, echo...))
-		if !p.waitOnline(echo) {
-			fail(i, "echo peer never online")
-			p.close()
 			continue
 		}
 		request := []byte(fmt.Sprintf("sizes %d ", i))
