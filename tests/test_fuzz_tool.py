@@ -63,22 +63,28 @@ class Helpers(unittest.SynchronousTestCase):
         self.assertEqual(len(seen), 400)
 
 
+def runFuzz(testCase, args, timeout):
+    """
+    Run C{python -m relay.fuzz} with C{args} (and a short warm-up and
+    settle at 60 connections per second).
+
+    @return: the finished process and its JSON summary.
+    """
+    command = [sys.executable, "-m", "relay.fuzz", *args, "--rate", "60", "--warmup", "1", "--settle", "2"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, timeout=timeout)
+    try:
+        return done, json.loads(done.stdout)
+    except ValueError:
+        testCase.fail(f"no JSON summary (exit {done.returncode}):\n{done.stderr.decode(errors='replace')[-3000:]}")
+
+
 class Smoke(unittest.SynchronousTestCase):
     """
     Five seconds of fuzz against a relay started by the tool.
     """
 
     def test_fiveSeconds(self):
-        command = [
-            sys.executable, "-m", "relay.fuzz", "--spawn",
-            "--duration", "5", "--connections", "24", "--rate", "60",
-            "--warmup", "1", "--settle", "2", "--seed", "20261127",
-        ]
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, timeout=180)
-        try:
-            summary = json.loads(done.stdout)
-        except ValueError:
-            self.fail(f"no JSON summary (exit {done.returncode}):\n{done.stderr.decode(errors='replace')[-3000:]}")
+        done, summary = runFuzz(self, ["--spawn", "--duration", "5", "--connections", "24", "--seed", "20261127"], 180)
         good = summary["good_pair"]
         self.assertGreater(min(good["sent"]), 0)
         self.assertEqual(good["received"], good["sent"])
@@ -108,16 +114,7 @@ class ClusterSmoke(unittest.SynchronousTestCase):
     """
 
     def test_securedSessions(self):
-        command = [
-            sys.executable, "-m", "relay.fuzz", "--cluster",
-            "--duration", "10", "--connections", "32", "--rate", "60",
-            "--warmup", "1", "--settle", "2", "--seed", "20261202",
-        ]
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, timeout=240)
-        try:
-            summary = json.loads(done.stdout)
-        except ValueError:
-            self.fail(f"no JSON summary (exit {done.returncode}):\n{done.stderr.decode(errors='replace')[-3000:]}")
+        done, summary = runFuzz(self, ["--cluster", "--duration", "10", "--connections", "32", "--seed", "20261202"], 240)
         fuzzed = summary["fuzz"]
         self.assertEqual(fuzzed["anomalies"], {}, fuzzed["anomaly_examples"])
         self.assertEqual(fuzzed["fuzzer_errors"], {})
