@@ -462,13 +462,6 @@ class AcmeCertificateService(Service):
 
     # Public API
 
-    def currentCertificateOptions(self):
-        """
-        @return: L{CertificateOptions} for the current certificate, or L{None}
-            before the first one is available.
-        """
-        return self._options
-
     def whenReady(self):
         """
         @return: a L{Deferred} firing with the current L{CertificateOptions}
@@ -499,12 +492,6 @@ class AcmeCertificateService(Service):
         if self._notAfter is None:
             return None
         return renewalTime(self._notBefore, self._notAfter)
-
-    def http01Address(self):
-        """
-        @return: the HTTP-01 listener's address, or L{None} if not listening.
-        """
-        return None if self._listeningPort is None else self._listeningPort.getHost()
 
     # IService
 

@@ -18,11 +18,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from relay.cluster import frames, transport
 from relay.counters import ClusterCounters
 from relay.limits import LogBudget
+from relay.messages import peerID
 
 NOW = 1893456000
 SECRET = "cluster-secret"
-PEER_A = frames.peerIDOf("peer-a")
-PEER_B = frames.peerIDOf("peer-b")
+PEER_A = peerID("peer-a")
+PEER_B = peerID("peer-b")
 
 
 class RecordingHandler:

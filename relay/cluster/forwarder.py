@@ -118,7 +118,7 @@ class Forwarder:
             self._forward(destinationID, message)
         except Exception:
             self.counters.forwards["send_error"] += 1
-            _log.failure("cluster: forwarding to {peer}", peer=frames.humanID(destinationID))
+            _log.failure("cluster: forwarding to {peer}", peer=messages.humanID(destinationID))
 
     def _forward(self, destinationID, message):
         peer = self.localPeers.localPeer(destinationID)
@@ -222,7 +222,7 @@ class Forwarder:
             _log.debug(
                 "cluster: gave up forwarding {count} packets to {peer}",
                 count=len(packets),
-                peer=frames.humanID(destinationID),
+                peer=messages.humanID(destinationID),
             )
             self.counters.forwards["peer_not_found"] += len(packets)
 
@@ -328,7 +328,7 @@ class Forwarder:
             _log.debug(
                 "cluster: FWD from {stream} for {peer}, not connected here, dropped",
                 stream=stream,
-                peer=frames.humanID(frame.destinationID),
+                peer=messages.humanID(frame.destinationID),
             )
             return
         peer.sendMessage(frame.message)
@@ -350,7 +350,3 @@ class Forwarder:
             packets = self._release(destinationID, waiting)
             if packets:
                 self.counters.dropped["shutdown"] += len(packets)
-
-    def waitingPackets(self, destinationID):
-        waiting = self._waiting.get(destinationID)
-        return 0 if waiting is None else len(waiting.packets)

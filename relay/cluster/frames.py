@@ -25,7 +25,6 @@ them unless they dial or are dialed by a pod in compatibility mode (see
 L{relay.cluster.transport}).
 """
 
-import base64
 import hashlib
 import hmac
 import struct
@@ -62,7 +61,6 @@ FRAME_NAMES = {
 HEADER_SIZE = 3
 MAX_PAYLOAD = 0xFFFF
 PEER_ID_SIZE = messages.ID_SIZE
-PEER_ID_PREFIX = messages.ID_PREFIX
 
 HELLO_VERSION = 2
 HELLO_HMAC_SIZE = 32
@@ -118,23 +116,6 @@ class FrameError(Exception):
         if self.detail:
             return f"{self.reason}: {self.detail}"
         return self.reason
-
-
-def peerIDOf(name):
-    """
-    The 36-byte peer id of a peer name (docs/protocol.md, "Peer ids"); like
-    L{relay.messages.peerID} but also takes the name as bytes.
-    """
-    if isinstance(name, str):
-        return messages.peerID(name)
-    return PEER_ID_PREFIX + hashlib.sha256(name).digest()
-
-
-def humanID(peerID):
-    """
-    The human form of a peer id for logs: C{"sha-" + base64(id[4:])}.
-    """
-    return "sha-" + base64.b64encode(bytes(peerID[4:])).decode("ascii")
 
 
 def frameName(frameType):
@@ -196,12 +177,6 @@ class FrameReader:
         if len(self._buffer) < HEADER_SIZE:
             return None
         return _HEADER.unpack_from(self._buffer, 0)
-
-    def pending(self):
-        """
-        @return: how many bytes of an incomplete frame are buffered.
-        """
-        return len(self._buffer)
 
 
 # Payloads
