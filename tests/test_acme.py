@@ -627,7 +627,7 @@ class ChallengeListenerTests(unittest.TestCase):
         held = [self.connect() for _ in range(acme.HTTP01_MAX_CONNECTIONS)]
         self.assertNotIn(None, held)
         self.assertIsNone(self.connect())
-        self.assertEqual(self.factory.refused, 1)
+        self.assertEqual(self.factory.refusals["connections"], 1)
         channel, transport = held[0]
         channel.connectionLost(Failure(ConnectionDone()))
         self.assertIsNotNone(self.connect())
