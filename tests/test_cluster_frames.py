@@ -345,6 +345,17 @@ class SecuredHandshakeTests(SynchronousTestCase):
         ):
             self.assertEqual({other.acceptorMAC, other.dialerMAC, other.dialerKey, other.acceptorKey} & values, set())
 
+    def test_sides(self):
+        """
+        Each end proves itself with its own MAC and expects the other's, and
+        seals with the key the other end opens with.
+        """
+        h = self.handshake
+        dialer, acceptor = h.side(dialer=True), h.side(dialer=False)
+        self.assertEqual((dialer.ownMAC, dialer.remoteMAC, dialer.sendKey, dialer.receiveKey), (h.dialerMAC, h.acceptorMAC, h.dialerKey, h.acceptorKey))
+        self.assertEqual((acceptor.ownMAC, acceptor.remoteMAC), (dialer.remoteMAC, dialer.ownMAC))
+        self.assertEqual((acceptor.sendKey, acceptor.receiveKey), (dialer.receiveKey, dialer.sendKey))
+
     def test_sealOpen(self):
         sealer = frames.Sealer(self.handshake.dialerKey)
         opener = frames.Opener(self.handshake.dialerKey)

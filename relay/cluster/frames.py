@@ -403,6 +403,35 @@ class Handshake:
         self.dialerKey = _helloMAC(base, b"dialer frames" + transcript)
         self.acceptorKey = _helloMAC(base, b"acceptor frames" + transcript)
 
+    def side(self, dialer):
+        """
+        The handshake as one end sees it, so that both ends run the same
+        code: the dialer proves itself with C{dialerMAC} and seals with
+        C{dialerKey}, the acceptor with the other two.
+
+        @return: a L{HandshakeSide}.
+        """
+        if dialer:
+            return HandshakeSide(self.dialerMAC, self.acceptorMAC, self.dialerKey, self.acceptorKey)
+        return HandshakeSide(self.acceptorMAC, self.dialerMAC, self.acceptorKey, self.dialerKey)
+
+
+@dataclass(frozen=True)
+class HandshakeSide:
+    """
+    One end's view of a L{Handshake}.
+
+    @ivar ownMAC: the MAC this end sends to prove it holds the secret.
+    @ivar remoteMAC: the MAC it expects from the other end.
+    @ivar sendKey: the key that seals the frames it sends.
+    @ivar receiveKey: the key that checks the frames it receives.
+    """
+
+    ownMAC: bytes
+    remoteMAC: bytes
+    sendKey: bytes
+    receiveKey: bytes
+
 
 class _Tags:
     """
