@@ -120,11 +120,22 @@ class Forwarder:
             self.counters.forwards["send_error"] += 1
             _log.failure("cluster: forwarding to {peer}", peer=messages.humanID(destinationID))
 
-    def _forward(self, destinationID, message):
+    def _deliverHere(self, destinationID, message):
+        """
+        Hand C{message} to its destination if that peer is connected to this
+        pod (it may have come here while its pod was being looked up).
+
+        @return: whether it was.
+        """
         peer = self.localPeers.localPeer(destinationID)
-        if peer is not None:
-            peer.sendMessage(message)
-            self.counters.forwards["ok"] += 1
+        if peer is None:
+            return False
+        peer.sendMessage(message)
+        self.counters.forwards["ok"] += 1
+        return True
+
+    def _forward(self, destinationID, message):
+        if self._deliverHere(destinationID, message):
             return
         waiting = self._waiting.get(destinationID)
         if waiting is not None:
@@ -206,11 +217,9 @@ class Forwarder:
         if packets is None:
             return
         for message in packets:
-            peer = self.localPeers.localPeer(destinationID)
-            if peer is not None:
-                peer.sendMessage(message)
-                self.counters.forwards["ok"] += 1
-            elif address is None:
+            if self._deliverHere(destinationID, message):
+                continue
+            if address is None:
                 self.counters.forwards["peer_not_found"] += 1
             else:
                 self._send(destinationID, address, message)
