@@ -64,6 +64,7 @@ import json
 import os
 import random
 import re
+from collections import Counter
 from io import BytesIO
 
 import josepy
@@ -77,15 +78,15 @@ from twisted.application.service import Service
 from twisted.internet import defer, error as ierror, threads
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
-from twisted.protocols.policies import ProtocolWrapper, TimeoutMixin, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import Request
 from zope.interface import implementer
 
 from relay.server import ConfigurationError
 from relay.tls import loadCertificateOptions
+from relay.web import ConnectionCap, QuietSite
 
 LETSENCRYPT_DIRECTORY = "https://acme-v02.api.letsencrypt.org/directory"
 
@@ -282,65 +283,6 @@ class _ChallengeChannel(HTTPChannel):
     totalHeadersSize = HTTP01_MAX_HEADER_BYTES
 
 
-class _QuietSite(Site):
-    """
-    No access log: port 80 on the internet is scanned all day.
-    """
-
-    noisy = False
-    protocol = _ChallengeChannel
-    requestFactory = _ChallengeRequest
-
-    def log(self, request):
-        pass
-
-
-class _Lifetime(ProtocolWrapper, TimeoutMixin):
-    """
-    A connection aborted after L{HTTP01_LIFETIME} seconds, however it
-    trickles: the channel's own timeout only measures idle time.
-    """
-
-    def makeConnection(self, transport):
-        self.callLater = self.factory.reactor.callLater
-        self.setTimeout(HTTP01_LIFETIME)
-        super().makeConnection(transport)
-
-    def connectionLost(self, reason):
-        self.setTimeout(None)
-        super().connectionLost(reason)
-
-    def timeoutConnection(self):
-        self.transport.abortConnection()
-
-
-class _ConnectionCap(WrappingFactory):
-    """
-    At most C{limit} open connections, each for at most L{HTTP01_LIFETIME};
-    more are closed at once.
-
-    Twisted's policies have no total cap that wraps a Site:
-    C{LimitTotalConnectionsFactory} builds its protocol itself, bypassing
-    C{Site.buildProtocol}, and C{ThrottlingFactory} logs every refusal,
-    which a flood would turn into a flood of log lines.
-    """
-
-    noisy = False
-    protocol = _Lifetime
-
-    def __init__(self, wrappedFactory, limit, reactor):
-        super().__init__(wrappedFactory)
-        self.limit = limit
-        self.reactor = reactor
-        self.refused = 0
-
-    def buildProtocol(self, addr):
-        if len(self.protocols) >= self.limit:
-            self.refused += 1
-            return None
-        return super().buildProtocol(addr)
-
-
 def challengeSite(responses, reactor):
     """
     The factory of the HTTP-01 listener, bounded in connections, header and
@@ -349,8 +291,17 @@ def challengeSite(responses, reactor):
     @param responses: token → key authorization, filled while an order is
         pending.
     """
-    site = _QuietSite(_ChallengeResource(responses), timeout=HTTP01_TIMEOUT, reactor=reactor)
-    return _ConnectionCap(site, HTTP01_MAX_CONNECTIONS, reactor)
+    refusals = Counter()
+    # No access log at all: port 80 on the internet is scanned all day.
+    site = QuietSite(
+        _ChallengeResource(responses),
+        _ChallengeChannel,
+        refusals,
+        requestFactory=_ChallengeRequest,
+        timeout=HTTP01_TIMEOUT,
+        reactor=reactor,
+    )
+    return ConnectionCap(site, HTTP01_MAX_CONNECTIONS, refusals, evict=False, lifetime=HTTP01_LIFETIME, reactor=reactor)
 
 
 class AcmeCertificateService(Service):
@@ -462,13 +413,6 @@ class AcmeCertificateService(Service):
 
     # Public API
 
-    def currentCertificateOptions(self):
-        """
-        @return: L{CertificateOptions} for the current certificate, or L{None}
-            before the first one is available.
-        """
-        return self._options
-
     def whenReady(self):
         """
         @return: a L{Deferred} firing with the current L{CertificateOptions}
@@ -499,12 +443,6 @@ class AcmeCertificateService(Service):
         if self._notAfter is None:
             return None
         return renewalTime(self._notBefore, self._notAfter)
-
-    def http01Address(self):
-        """
-        @return: the HTTP-01 listener's address, or L{None} if not listening.
-        """
-        return None if self._listeningPort is None else self._listeningPort.getHost()
 
     # IService
 

@@ -81,12 +81,18 @@ def humanID(pid):
     """
     The form peer ids take in logs: C{"sha-" + base64(digest)}.
 
-    Anything that is not a well-formed id is shown as its hex, so a log line
-    never fails on hostile input.
+    Both the peer side and the cluster fabric log ids that a stranger chose
+    (an agent's Auth, a pod's WHO_HAS or FWD), so anything that is not a
+    well-formed id is shown as the hex of at most its first 36 bytes: a log
+    line never fails on hostile input, and never carries its control
+    characters or its length.
+
+    @param pid: any bytes-like object.
     """
-    if len(pid) == ID_SIZE and pid.startswith(ID_PREFIX):
-        return "sha-" + b64encode(pid[4:]).decode("ascii")
-    return "invalid:" + bytes(pid[:ID_SIZE]).hex()
+    head = bytes(pid[:ID_SIZE])
+    if len(pid) == ID_SIZE and head.startswith(ID_PREFIX):
+        return "sha-" + b64encode(head[len(ID_PREFIX):]).decode("ascii")
+    return "invalid:" + head.hex()
 
 
 def messageType(message):
@@ -170,14 +176,6 @@ def decodeTransport(message):
     if len(message) < TRANSPORT_HEADER_SIZE:
         raise MessageError("malformed", f"{len(message)}-byte transport message")
     return bytes(message[HEADER_SIZE:TRANSPORT_HEADER_SIZE]), bytes(message[TRANSPORT_HEADER_SIZE:])
-
-
-def stampTransport(message, sourceID):
-    """
-    The Transport message as the relay delivers it: the destination id
-    replaced by the sender's.
-    """
-    return message[:HEADER_SIZE] + sourceID + message[TRANSPORT_HEADER_SIZE:]
 
 
 def encodeIDList(kind, ids, maxSize=MAX_MESSAGE_SIZE):

@@ -67,9 +67,6 @@ class Store:
     def __len__(self):
         return len(self.peers)
 
-    def get(self, pid):
-        return self.peers.get(pid)
-
     def add(self, peer):
         """
         Store C{peer}, replacing any connection stored under its id.
@@ -114,13 +111,6 @@ class Store:
                 new.add(pid)
                 accepted.append(pid)
         return accepted, len(ids) - len(accepted)
-
-    def subscriptions(self, peer):
-        """
-        @return: how many ids C{peer} is subscribed to.
-        """
-        sub = self._subscribers.get(peer)
-        return 0 if sub is None else len(sub.offline)
 
     def subscribe(self, peer, ids):
         """

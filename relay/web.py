@@ -182,23 +182,38 @@ class _BodilessChannel(http.HTTPChannel):
             super().rawDataReceived(data)
 
 
-class _QuietSite(server.Site):
+class QuietSite(server.Site):
     """
-    A Site that keeps scrapes and probes out of the log at info level.
+    A Site for a port that strangers reach (the metrics port, ACME's port
+    80): it writes no access-log line above debug, so that scrapes, probes
+    and scanners never fill the log.
 
-    @ivar refusals: connections and requests refused, by reason.
+    @ivar refusals: connections and requests refused, by reason (the
+        channel counts its own refusals here).
     """
 
     noisy = False
-    protocol = _BodilessChannel
 
-    def __init__(self, root, refusals, **kwargs):
+    def __init__(self, root, channel, refusals, logLabel=None, **kwargs):
+        """
+        @param channel: the C{HTTPChannel} subclass to serve with, with the
+            bounds this port needs.
+        @param logLabel: what a debug line per request starts with; None
+            for no line at all.
+        @param kwargs: for C{Site} (C{requestFactory}, C{timeout},
+            C{reactor}).
+        """
         super().__init__(root, **kwargs)
+        self.protocol = channel
         self.refusals = refusals
+        self.logLabel = logLabel
 
     def log(self, request):
+        if self.logLabel is None:
+            return
         _log.debug(
-            "metrics port: {method} {uri} {code}",
+            "{label}: {method} {uri} {code}",
+            label=self.logLabel,
             method=request.method.decode("ascii", "replace"),
             uri=request.uri.decode("ascii", "replace"),
             code=request.code,
@@ -223,32 +238,68 @@ def makeMetricsRoot(registry, readiness):
     return root
 
 
-class _ConnectionCap(policies.WrappingFactory):
+class _Lifetime(policies.ProtocolWrapper, policies.TimeoutMixin):
     """
-    Holds at most C{limit} connections of the wrapped factory; at the limit
-    a new connection evicts the oldest.
+    A connection aborted after its factory's C{lifetime} seconds, however
+    it trickles: a channel's own timeout only measures idle time.
+    """
 
-    Refusing new connections instead would let whoever holds C{limit} idle
-    connections lock out the kubelet's C{/healthz} probe and get the pod
-    restarted; scrapes and probes last milliseconds, so the oldest
-    connection is nearly always one that sits idle or trickles. (Twisted's
-    C{LimitTotalConnectionsFactory} refuses instead, and cannot wrap a
-    C{Site}: it builds protocols without their factory.)
+    def makeConnection(self, transport):
+        self.callLater = self.factory.reactor.callLater
+        self.setTimeout(self.factory.lifetime)
+        super().makeConnection(transport)
+
+    def connectionLost(self, reason):
+        self.setTimeout(None)
+        super().connectionLost(reason)
+
+    def timeoutConnection(self):
+        self.transport.abortConnection()
+
+
+class ConnectionCap(policies.WrappingFactory):
+    """
+    Holds at most C{limit} connections of the wrapped factory, counting
+    each one turned away at the limit as C{refusals["connections"]}.
+
+    At the limit a new connection either evicts the oldest (C{evict}) or is
+    closed at once. Evicting suits a port that must stay reachable for a
+    few known clients (the metrics port: refusing would let whoever holds
+    C{limit} idle connections lock out the kubelet's C{/healthz} probe and
+    get the pod restarted; scrapes and probes last milliseconds, so the
+    oldest connection is nearly always one that sits idle or trickles);
+    ACME's port 80 closes new ones instead, each held connection living at
+    most C{lifetime}. Twisted's policies have no cap that wraps a C{Site}:
+    C{LimitTotalConnectionsFactory} refuses only, and builds its protocol
+    itself, bypassing C{Site.buildProtocol}; C{ThrottlingFactory} logs
+    every refusal, which a flood would turn into a flood of log lines.
     """
 
     noisy = False
 
-    def __init__(self, wrappedFactory, limit, refusals):
+    def __init__(self, wrappedFactory, limit, refusals, evict=True, lifetime=None, reactor=None):
+        """
+        @param lifetime: seconds after which any connection is aborted, or
+            None for no bound.
+        @param reactor: the L{IReactorTime} for C{lifetime}.
+        """
         super().__init__(wrappedFactory)
         self.limit = limit
         self.refusals = refusals
+        self.evict = evict
+        self.lifetime = lifetime
+        self.reactor = reactor
+        if lifetime is not None:
+            self.protocol = _Lifetime
 
     def buildProtocol(self, addr):
         if len(self.protocols) >= self.limit:
+            self.refusals["connections"] += 1
+            if not self.evict:
+                return None
             oldest = next(iter(self.protocols))
             # Forgotten now: its connectionLost comes a reactor turn later.
             del self.protocols[oldest]
-            self.refusals["connections"] += 1
             oldest.transport.abortConnection()
         return super().buildProtocol(addr)
 
@@ -270,7 +321,12 @@ def makeMetricsSite(registry, readiness, reactor=None, refusals=None):
         such as L{relay.counters.RelayCounters.metricsRefusals}.
     """
     refusals = Counter() if refusals is None else refusals
-    site = _QuietSite(
-        makeMetricsRoot(registry, readiness), refusals, timeout=IDLE_TIMEOUT, reactor=reactor
+    site = QuietSite(
+        makeMetricsRoot(registry, readiness),
+        _BodilessChannel,
+        refusals,
+        logLabel="metrics port",
+        timeout=IDLE_TIMEOUT,
+        reactor=reactor,
     )
-    return _ConnectionCap(site, MAX_CONNECTIONS, refusals)
+    return ConnectionCap(site, MAX_CONNECTIONS, refusals)

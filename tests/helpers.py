@@ -64,6 +64,23 @@ def authMessage(name, expiresAt=NOW + 3600, secret=SECRET):
     return m.encodeAuth(m.peerID(name), generateToken(secret, expiresAt))
 
 
+def stamped(message, source):
+    """
+    The Transport C{message} as the relay delivers it: the same payload,
+    from C{source} (the relay writes the sender's id over the destination's).
+    """
+    return m.encodeTransport(source, m.decodeTransport(message)[1])
+
+
+def subscriptionCount(store, peer):
+    """
+    How many ids C{peer} is subscribed to in C{store} (its bounded set; the
+    relay itself never needs the number, only L{Store.admitSubscriptions}).
+    """
+    subscriber = store._subscribers.get(peer)
+    return 0 if subscriber is None else len(subscriber.offline)
+
+
 def connect(relay, name, address="192.0.2.1:40000"):
     """
     An authenticated session for C{name}, its link's writes cleared.

@@ -239,7 +239,7 @@ class UnitTests(unittest.TestCase):
         self.assertNoResult(ready)
         self.clock.advance(0)
         options = self.successResultOf(ready)
-        self.assertIs(options, s.currentCertificateOptions())
+        self.assertIs(self.successResultOf(s.whenReady()), options)
         self.assertEqual(self.loaded, [options])
         self.assertEqual(s.orders, 1)
         self.assertEqual(_mode(self.dataDir), 0o700)
@@ -295,7 +295,7 @@ class UnitTests(unittest.TestCase):
         self.assertEqual(s.orders, 1)
         self.assertEqual(len(self.loaded), 2)
         self.assertIsNot(self.loaded[0], self.loaded[1])
-        self.assertIs(s.currentCertificateOptions(), self.loaded[1])
+        self.assertIs(self.successResultOf(s.whenReady()), self.loaded[1])
         self.assertGreater(s.renewalTime(), self.clock.seconds())
 
     def test_dueOnDiskServedThenRenewed(self):
@@ -373,7 +373,7 @@ class UnitTests(unittest.TestCase):
         s.failWith = ValueError("order failed")
         s.startService()
         self.clock.advance(0)
-        self.assertIsNotNone(s.currentCertificateOptions())
+        self.assertEqual(self.loaded, [self.successResultOf(s.whenReady())])
         [text] = [t for t in events.texts() if "could not obtain" in t]
         self.assertIn("the current certificate is valid until", text)
         self.assertEqual(len(self.clock.getDelayedCalls()), 1)
@@ -627,7 +627,7 @@ class ChallengeListenerTests(unittest.TestCase):
         held = [self.connect() for _ in range(acme.HTTP01_MAX_CONNECTIONS)]
         self.assertNotIn(None, held)
         self.assertIsNone(self.connect())
-        self.assertEqual(self.factory.refused, 1)
+        self.assertEqual(self.factory.refusals["connections"], 1)
         channel, transport = held[0]
         channel.connectionLost(Failure(ConnectionDone()))
         self.assertIsNotNone(self.connect())
@@ -806,7 +806,7 @@ class PortBusyTests(unittest.TestCase):
         s.privilegedStartService()
         s.startService()
         self.addCleanup(s.stopService)
-        self.assertIsNone(s.http01Address())
+        self.assertIsNone(s._listeningPort)
         self.assertEqual(s.challenge, TLS_ALPN_01)
         [text] = [t for t in events.texts() if "HTTP-01" in t]
         self.assertEqual(text, f"ACME: cannot listen on port {port} for HTTP-01 challenges (Address already in use); answering TLS-ALPN-01 on the peer port instead")
@@ -944,7 +944,7 @@ class PebbleTests(unittest.TestCase):
         yield s.whenReady().addTimeout(30, reactor)
         self.assertIn(b"set VALID by completed challenge", self.pebble.output)
         self.assertTrue(any("answered the TLS-ALPN-01 challenge for localhost" in t for t in events.texts()))
-        self.assertIsNone(s.http01Address())
+        self.assertIsNone(s._listeningPort)
         self.assertEqual((yield self.handshake(s)), _serial(s.certificatePath))
         self.assertEqual((yield self.handshake(s, [b"h2", b"http/1.1"])), _serial(s.certificatePath))
 
@@ -962,7 +962,7 @@ class PebbleTests(unittest.TestCase):
         renewed = defer.Deferred()
         s._onCertificate = lambda options: renewed.called or renewed.callback(options)
         options = yield renewed.addTimeout(30, reactor)
-        self.assertIs(options, s.currentCertificateOptions())
+        self.assertIs((yield s.whenReady()), options)
         second = _serial(s.certificatePath)
         self.assertNotEqual(first, second)
         self.assertEqual(s.orders, 2)

@@ -8,7 +8,7 @@ from twisted.internet import defer
 from twisted.internet.error import CannotListenError, ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -19,16 +19,26 @@ from relay.cluster.service import ClusterService
 from relay.cluster.transport import GONE, SLOW, ClusterStream, ClusterTransport, IStreamHandler
 from relay.counters import ClusterCounters
 from relay.interfaces import ICrossPodForwarder
+from relay.messages import peerID
 from tests.test_cluster_discovery import FakeResolver
 from tests.test_cluster_locator import FakeLocalPeers, FakePeer, FakeTransport
 from tests.test_cluster_transport import FakeEndpoints, Wire, answer
 
 NOW = 1893456000
-PEER_A = frames.peerIDOf("peer-a")
-PEER_B = frames.peerIDOf("peer-b")
-PEER_C = frames.peerIDOf("peer-c")
+PEER_A = peerID("peer-a")
+PEER_B = peerID("peer-b")
+PEER_C = peerID("peer-c")
 B = "10.0.0.2:7090"
 C = "10.0.0.3:7090"
+
+
+def waitingPackets(forwarder, destinationID):
+    """
+    How many packets for C{destinationID} wait for its lookup in
+    C{forwarder}.
+    """
+    waiting = forwarder._waiting.get(destinationID)
+    return 0 if waiting is None else len(waiting.packets)
 
 
 def transportMessage(source, payload=b"hello"):
@@ -98,7 +108,7 @@ class ForwardTests(ForwarderTestMixin, SynchronousTestCase):
         self.transport.streams.clear()
         self.forwarder.forward(PEER_B, transportMessage(PEER_A))
         self.assertEqual(dict(self.counters.forwards), {"peer_not_found": 1})
-        self.assertEqual(self.forwarder.waitingPackets(PEER_B), 0)
+        self.assertEqual(waitingPackets(self.forwarder, PEER_B), 0)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_lookupThenFWDInOrder(self):
@@ -110,7 +120,7 @@ class ForwardTests(ForwarderTestMixin, SynchronousTestCase):
         self.forwarder.forward(PEER_B, transportMessage(PEER_A, b"2"))
         self.assertEqual(self.b.sent, [frames.whoHasFrame(PEER_B)])
         self.assertEqual(self.c.sent, [frames.whoHasFrame(PEER_B)])
-        self.assertEqual(self.forwarder.waitingPackets(PEER_B), 2)
+        self.assertEqual(waitingPackets(self.forwarder, PEER_B), 2)
         self.locator.iHaveReceived(B, PEER_C, 1)
         self.forwarder.forward(PEER_C, transportMessage(PEER_A, b"other"))
         self.assertEqual(self.b.sent[-1], frames.fwdFrame(PEER_C, transportMessage(PEER_A, b"other")))
@@ -122,7 +132,7 @@ class ForwardTests(ForwarderTestMixin, SynchronousTestCase):
             [frames.fwdFrame(PEER_B, transportMessage(PEER_A, n)) for n in (b"1", b"2", b"3")],
         )
         self.assertEqual(dict(self.counters.forwards), {"ok": 4})
-        self.assertEqual(self.forwarder.waitingPackets(PEER_B), 0)
+        self.assertEqual(waitingPackets(self.forwarder, PEER_B), 0)
         self.assertEqual(self.local.online, [])
         self.forwarder.forward(PEER_B, transportMessage(PEER_A, b"4"))
         self.assertEqual(self.c.sent[-1], frames.fwdFrame(PEER_B, transportMessage(PEER_A, b"4")))
@@ -132,7 +142,7 @@ class ForwardTests(ForwarderTestMixin, SynchronousTestCase):
     def test_queueBoundedByPackets(self):
         for n in range(6):
             self.forwarder.forward(PEER_B, transportMessage(PEER_A, bytes([n])))
-        self.assertEqual(self.forwarder.waitingPackets(PEER_B), 4)
+        self.assertEqual(waitingPackets(self.forwarder, PEER_B), 4)
         self.assertEqual(self.counters.dropped["lookup_queue_full"], 2)
         self.forwarder.frameReceived(self.b, frames.IHave(PEER_B, 1))
         self.assertEqual(
@@ -149,7 +159,7 @@ class ForwardTests(ForwarderTestMixin, SynchronousTestCase):
         self.assertEqual(dict(self.counters.forwards), {"peer_not_found": 2})
         self.forwarder.forward(PEER_C, big)
         self.forwarder.forward(PEER_C, big)
-        self.assertEqual(self.forwarder.waitingPackets(PEER_C), 2)
+        self.assertEqual(waitingPackets(self.forwarder, PEER_C), 2)
 
     def test_concurrentLookupsBounded(self):
         forwarder = Forwarder(self.transport, self.locator, self.local, self.clock, self.counters, maxLookups=2)
@@ -166,7 +176,7 @@ class ForwardTests(ForwarderTestMixin, SynchronousTestCase):
             self.forwarder.forward(PEER_B, transportMessage(PEER_A, bytes([n])))
         self.clock.advance(0.2)
         self.assertEqual(dict(self.counters.forwards), {"peer_not_found": 3})
-        self.assertEqual(self.forwarder.waitingPackets(PEER_B), 0)
+        self.assertEqual(waitingPackets(self.forwarder, PEER_B), 0)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_becameLocalDuringLookup(self):
@@ -221,7 +231,7 @@ class ForwardTests(ForwarderTestMixin, SynchronousTestCase):
         self.assertEqual(dict(self.counters.forwards), {})
         self.clock.advance(0.01)
         self.assertEqual(dict(self.counters.forwards), {"peer_not_found": 2})
-        self.assertEqual(forwarder.waitingPackets(PEER_B), 0)
+        self.assertEqual(waitingPackets(forwarder, PEER_B), 0)
         never.lookups[0].callback(B)
         self.assertEqual(self.b.sent, [])
         self.assertEqual(dict(self.counters.forwards), {"peer_not_found": 2})
@@ -241,7 +251,7 @@ class ForwardTests(ForwarderTestMixin, SynchronousTestCase):
         self.forwarder.forward(PEER_B, transportMessage(PEER_A))
         self.forwarder.stop()
         self.assertEqual(self.counters.dropped["shutdown"], 1)
-        self.assertEqual(self.forwarder.waitingPackets(PEER_B), 0)
+        self.assertEqual(waitingPackets(self.forwarder, PEER_B), 0)
         self.locator.stop()
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
@@ -315,19 +325,19 @@ class LookupShareTests(SynchronousTestCase):
         While one agent sends to 2,000 random ids, the first packets of ten
         other agents to real peers on another pod are looked up and leave.
         """
-        sprayer = frames.peerIDOf("sprayer")
+        sprayer = peerID("sprayer")
         for n in range(2000):
-            self.forwarder.forward(frames.peerIDOf(f"random-{n}"), transportMessage(sprayer))
+            self.forwarder.forward(peerID(f"random-{n}"), transportMessage(sprayer))
         self.assertEqual(self.counters.dropped["lookup_share_full"], 2000 - LOOKUPS_PER_PEER)
         self.assertEqual(len(self.b.sent), LOOKUPS_PER_PEER)
         self.b.sent.clear()
         for n in range(10):
-            source, destination = frames.peerIDOf(f"agent-{n}"), frames.peerIDOf(f"remote-{n}")
+            source, destination = peerID(f"agent-{n}"), peerID(f"remote-{n}")
             self.forwarder.forward(destination, transportMessage(source, b"first"))
             self.forwarder.frameReceived(self.b, frames.IHave(destination, 1))
         self.assertEqual(
             [frame for frame in self.b.sent if frame[0] == frames.FWD],
-            [frames.fwdFrame(frames.peerIDOf(f"remote-{n}"), transportMessage(frames.peerIDOf(f"agent-{n}"), b"first")) for n in range(10)],
+            [frames.fwdFrame(peerID(f"remote-{n}"), transportMessage(peerID(f"agent-{n}"), b"first")) for n in range(10)],
         )
         self.assertEqual(self.counters.dropped["lookup_queue_full"], 0)
 
@@ -337,7 +347,7 @@ class LookupShareTests(SynchronousTestCase):
         slots come back when lookups end.
         """
         for n in range(MAX_LOOKUPS + 10):
-            self.forwarder.forward(frames.peerIDOf(f"random-{n}"), transportMessage(frames.peerIDOf(f"s-{n % 100}")))
+            self.forwarder.forward(peerID(f"random-{n}"), transportMessage(peerID(f"s-{n % 100}")))
         self.assertEqual(len(self.b.sent), MAX_LOOKUPS)
         self.assertEqual(self.counters.dropped["lookup_queue_full"], 10)
         self.clock.advance(0.2)
@@ -351,7 +361,7 @@ class LookupShareTests(SynchronousTestCase):
         self.assertEqual(self.counters.dropped["lookup_share_full"], 1)
         self.clock.advance(5)
         forwarder.forward(PEER_C, transportMessage(PEER_A))
-        self.assertEqual(forwarder.waitingPackets(PEER_C), 1)
+        self.assertEqual(waitingPackets(forwarder, PEER_C), 1)
 
     def test_subscriptionLookupsBounded(self):
         """
@@ -360,7 +370,7 @@ class LookupShareTests(SynchronousTestCase):
         the rest answered "not found" at once and counted, and packets keep
         their slots.
         """
-        results = [self.forwarder.locate(frames.peerIDOf(f"random-{n}")) for n in range(9760)]
+        results = [self.forwarder.locate(peerID(f"random-{n}")) for n in range(9760)]
         self.assertEqual(len(self.b.sent), SUBSCRIPTION_LOOKUPS)
         self.assertEqual(self.counters.dropped["subscription_lookup_share_full"], 9760 - SUBSCRIPTION_LOOKUPS)
         self.assertEqual([self.successResultOf(d) for d in results[SUBSCRIPTION_LOOKUPS:]], [False] * (9760 - SUBSCRIPTION_LOOKUPS))
@@ -377,9 +387,9 @@ class LookupShareTests(SynchronousTestCase):
         Given the subscriber, its lookups count against its own share (the
         one its packets use too), so another subscriber still gets slots.
         """
-        churner, other = frames.peerIDOf("churner"), frames.peerIDOf("other")
+        churner, other = peerID("churner"), peerID("other")
         for n in range(100):
-            self.forwarder.locate(frames.peerIDOf(f"random-{n}"), churner)
+            self.forwarder.locate(peerID(f"random-{n}"), churner)
         self.assertEqual(len(self.b.sent), LOOKUPS_PER_PEER)
         self.assertEqual(self.counters.dropped["subscription_lookup_share_full"], 100 - LOOKUPS_PER_PEER)
         self.forwarder.forward(PEER_C, transportMessage(churner))
@@ -420,6 +430,23 @@ class IncomingTests(ForwarderTestMixin, SynchronousTestCase):
         self.assertEqual(other.received, [])
         self.assertEqual(dict(self.counters.dropped), {"fwd_peer_not_here": 1})
         self.assertEqual(self.b.sent, [])
+
+    def test_hostileIDLogged(self):
+        """
+        The id of a FWD from another pod is logged in the peer side's
+        guarded form: a 36-byte destination that is not a peer id shows as
+        hex, so its newline and escape bytes never reach the log line.
+        """
+        logged = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        hostile = b"\n\x1b[2J" + b"\r" * 31
+        self.forwarder.frameReceived(self.b, frames.Fwd(hostile, transportMessage(PEER_C)))
+        self.assertEqual(dict(self.counters.dropped), {"fwd_peer_not_here": 1})
+        [event] = [e for e in logged if e.get("log_namespace") == "relay.cluster.forwarder"]
+        self.assertEqual(event["peer"], "invalid:" + hostile.hex())
+        self.assertNotIn("\n", formatEvent(event))
+        self.assertNotIn("\x1b", formatEvent(event))
 
     def test_fwdNotTransport(self):
         peer = FakePeer(PEER_B)

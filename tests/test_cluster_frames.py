@@ -13,10 +13,11 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from relay.cluster import frames
+from relay.messages import peerID
 from tests.helpers import hypothesisProfile
 
 PEER_A = bytes.fromhex("7368612dbdb94c73d53c44023a715a2970a10c4d54fa9550b70fd9d34cc4b0a2de5ddcbe")
-PEER_B = frames.peerIDOf("peer-b")
+PEER_B = peerID("peer-b")
 HELLO_SIGNED = bytes.fromhex(
     "000038020d31302e302e352e373a373039300000000070dbd880201bee1d331b5b7c7437589964feb412360caba9"
     "c354c2a163d5c401ba76aa0a27"
@@ -26,14 +27,11 @@ TS = 1893456000
 TRANSPORT_AS_DELIVERED = b"\x01\x03" + PEER_A + b"hello"
 
 
-class PeerIDTests(SynchronousTestCase):
-    def test_peerID(self):
-        self.assertEqual(frames.peerIDOf("peer-a"), PEER_A)
-        self.assertEqual(frames.peerIDOf(b"peer-a"), PEER_A)
-        self.assertEqual(len(PEER_B), 36)
-
-    def test_humanID(self):
-        self.assertEqual(frames.humanID(PEER_A), "sha-vblMc9U8RAI6cVopcKEMTVT6lVC3D9nTTMSwot5d3L4=")
+def buffered(reader):
+    """
+    How many bytes of an incomplete frame C{reader} holds.
+    """
+    return len(reader._buffer)
 
 
 class VectorTests(SynchronousTestCase):
@@ -96,7 +94,7 @@ class FrameReaderTests(SynchronousTestCase):
                 reader = frames.FrameReader()
                 out = reader.feed(stream[:i]) + reader.feed(stream[i:j]) + reader.feed(stream[j:])
                 self.assertEqual(out, expected)
-                self.assertEqual(reader.pending(), 0)
+                self.assertEqual(buffered(reader), 0)
 
     def test_byteByByte(self):
         stream = frames.iHaveFrame(PEER_A, 1) * 3
@@ -112,7 +110,7 @@ class FrameReaderTests(SynchronousTestCase):
         self.assertEqual(data[:3], b"\x7f\xff\xff")
         reader = frames.FrameReader()
         self.assertEqual(reader.feed(data[:-1]), [])
-        self.assertEqual(reader.pending(), 3 + frames.MAX_PAYLOAD - 1)
+        self.assertEqual(buffered(reader), 3 + frames.MAX_PAYLOAD - 1)
         self.assertEqual(reader.feed(data[-1:]), [(0x7F, payload)])
 
     def test_tooLarge(self):
@@ -296,7 +294,7 @@ class PropertyTests(SynchronousTestCase):
             out += reader.feed(data[previous:cut])
             previous = cut
         self.assertEqual(out, frameList)
-        self.assertEqual(reader.pending(), 0)
+        self.assertEqual(buffered(reader), 0)
 
 
 _HELLO_REASONS = {
@@ -346,6 +344,17 @@ class SecuredHandshakeTests(SynchronousTestCase):
             frames.Handshake("cluster-secret", self.hello, b"\x01" * 32, b"\x03" * 32),
         ):
             self.assertEqual({other.acceptorMAC, other.dialerMAC, other.dialerKey, other.acceptorKey} & values, set())
+
+    def test_sides(self):
+        """
+        Each end proves itself with its own MAC and expects the other's, and
+        seals with the key the other end opens with.
+        """
+        h = self.handshake
+        dialer, acceptor = h.side(dialer=True), h.side(dialer=False)
+        self.assertEqual((dialer.ownMAC, dialer.remoteMAC, dialer.sendKey, dialer.receiveKey), (h.dialerMAC, h.acceptorMAC, h.dialerKey, h.acceptorKey))
+        self.assertEqual((acceptor.ownMAC, acceptor.remoteMAC), (dialer.remoteMAC, dialer.ownMAC))
+        self.assertEqual((acceptor.sendKey, acceptor.receiveKey), (dialer.receiveKey, dialer.sendKey))
 
     def test_sealOpen(self):
         sealer = frames.Sealer(self.handshake.dialerKey)

@@ -12,10 +12,11 @@ from zope.interface import implementer
 from relay.cluster import frames, locator
 from relay.cluster.transport import GONE, SENT
 from relay.interfaces import ILocalPeers, IPeerConnection
+from relay.messages import peerID
 
 NOW = 1893456000
-PEER_A = frames.peerIDOf("peer-a")
-PEER_B = frames.peerIDOf("peer-b")
+PEER_A = peerID("peer-a")
+PEER_B = peerID("peer-b")
 
 
 class FakeStream:
@@ -356,11 +357,11 @@ class CacheTests(SynchronousTestCase):
         Entries nobody asks for again are dropped once they expire.
         """
         for i in range(50):
-            self.locator.iHaveReceived("10.0.0.2:7090", frames.peerIDOf(str(i)), 1)
-        self.assertEqual(self.locator.cacheSize(), 50)
+            self.locator.iHaveReceived("10.0.0.2:7090", peerID(str(i)), 1)
+        self.assertEqual(len(self.locator._cache), 50)
         self.clock.advance(300)
         self.locator.iHaveReceived("10.0.0.2:7090", PEER_A, 1)
-        self.assertEqual(self.locator.cacheSize(), 1)
+        self.assertEqual(len(self.locator._cache), 1)
 
 
 class WhoHasTests(SynchronousTestCase):

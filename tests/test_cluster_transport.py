@@ -18,11 +18,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from relay.cluster import frames, transport
 from relay.counters import ClusterCounters
 from relay.limits import LogBudget
+from relay.messages import peerID
 
 NOW = 1893456000
 SECRET = "cluster-secret"
-PEER_A = frames.peerIDOf("peer-a")
-PEER_B = frames.peerIDOf("peer-b")
+PEER_A = peerID("peer-a")
+PEER_B = peerID("peer-b")
 
 
 class RecordingHandler:
@@ -1062,6 +1063,27 @@ class AttackTests(SynchronousTestCase):
         self.assertTrue(tr.disconnecting)
         self.assertEqual(dict(owner.counters.helloRejects), {frames.AUTH_MISMATCH: 1})
         self.assertIsNone(owner.stream("10.0.0.2:7090"))
+
+    def test_malformedProofRefused(self):
+        """
+        An AUTH (at the dialer) or CONFIRM (at the acceptor) of the wrong
+        size is refused as malformed, and no stream is made.
+        """
+        owner = makeTransport()
+        stream, endpoint, d = dialedStream(owner, "10.0.0.2:7090")
+        tr = StringTransport()
+        stream.makeConnection(tr)
+        endpoint.result.callback(stream)
+        stream.dataReceived(frames.encodeFrame(frames.AUTH, b"\x00" * (frames.AUTH_SIZE - 1)))
+        self.assertTrue(tr.disconnecting)
+        proto, tr = accept(owner)
+        hello = frames.encodeHello("10.0.0.2:7090", NOW, SECRET)
+        proto.dataReceived(frames.encodeFrame(frames.HELLO, hello) + frames.challengeFrame(b"\x11" * 32))
+        proto.dataReceived(frames.encodeFrame(frames.CONFIRM, b"\x00" * (frames.MAC_SIZE + 1)))
+        self.assertTrue(tr.disconnecting)
+        self.assertEqual(dict(owner.counters.helloRejects), {frames.MALFORMED: 2})
+        self.assertIsNone(owner.stream("10.0.0.2:7090"))
+        self.assertEqual(owner.handler.events, [])
 
     def test_injectedFramesCloseTheStream(self):
         """

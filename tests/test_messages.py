@@ -23,6 +23,46 @@ class VectorTests(unittest.TestCase):
     def test_humanIDOfGarbage(self):
         self.assertEqual(m.humanID(b"\x00\xff"), "invalid:00ff")
 
+
+class HumanIDTests(unittest.TestCase):
+    """
+    L{m.humanID} is how the peer side and the cluster fabric both put ids
+    that strangers chose into log lines.
+    """
+
+    def test_controlCharacters(self):
+        """
+        A 36-byte id with the right prefix is base64 (which has no control
+        characters whatever the digest); without the prefix it is hex, so a
+        newline or a terminal escape never reaches a log line.
+        """
+        hostile = b"\n\r\x1b[31m\x00" + b"\x7f" * 28
+        self.assertEqual(len(hostile), m.ID_SIZE)
+        self.assertEqual(m.humanID(hostile), "invalid:" + hostile.hex())
+        self.assertEqual(m.humanID(b"sha-" + b"\n" * 32), "sha-" + "CgoK" * 10 + "Cgo=")
+
+    def test_overLong(self):
+        """
+        However long the input, the form is at most 8 + 72 characters: the
+        hex of its first 36 bytes.
+        """
+        self.assertEqual(m.humanID(ID_A + b"\n" * 1_000_000), "invalid:" + ID_A.hex())
+        self.assertEqual(m.humanID(b"x" * 37), "invalid:" + (b"x" * 36).hex())
+
+    def test_shortAndEmpty(self):
+        self.assertEqual(m.humanID(b""), "invalid:")
+        self.assertEqual(m.humanID(b"sha-"), "invalid:" + b"sha-".hex())
+        self.assertEqual(m.humanID(ID_A[:-1]), "invalid:" + ID_A[:-1].hex())
+
+    def test_bytesLike(self):
+        """
+        Ids cut out of a buffer (memoryview, bytearray) get the same form.
+        """
+        expected = m.humanID(ID_A)
+        self.assertEqual(m.humanID(memoryview(b"..." + ID_A)[3:]), expected)
+        self.assertEqual(m.humanID(bytearray(ID_A)), expected)
+        self.assertEqual(m.humanID(memoryview(b"\n" * 40)), "invalid:" + "0a" * 36)
+
     def test_token(self):
         self.assertEqual(generateToken("relay-secret", 1893456000), TOKEN)
 
@@ -41,7 +81,7 @@ class VectorTests(unittest.TestCase):
         idB = m.peerID("peer-b")
         sent = m.encodeTransport(idB, b"hello")
         self.assertEqual(sent, bytes.fromhex("0103") + idB + b"hello")
-        self.assertEqual(m.stampTransport(sent, ID_A), bytes.fromhex("0103") + ID_A + bytes.fromhex("68656c6c6f"))
+        self.assertEqual(m.encodeTransport(ID_A, b"hello"), bytes.fromhex("0103") + ID_A + bytes.fromhex("68656c6c6f"))
         self.assertEqual(m.decodeTransport(sent), (idB, b"hello"))
 
 

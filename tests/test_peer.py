@@ -26,7 +26,7 @@ from relay.peer import (
     PeerWebSocketFactory,
     _writeNow,
 )
-from tests.helpers import authMessage, makeRelay
+from tests.helpers import authMessage, makeRelay, stamped
 
 A, B = m.peerID("peer-a"), m.peerID("peer-b")
 
@@ -131,7 +131,7 @@ class PeerTestCase(unittest.TestCase):
         return [m.encodeTransport(B, (b"%05d" % i) * (size // 5)) for i in range(count)]
 
     def expected(self, sent):
-        return [m.stampTransport(x, A) for x in sent]
+        return [stamped(x, A) for x in sent]
 
     def assertOnlyAClosed(self, a, b):
         self.assertTrue(a.closed)
@@ -222,7 +222,7 @@ class WebSocketTests(PeerTestCase):
     def test_connectionLostUnregisters(self):
         a = self.authenticated("peer-a")
         a.protocol.connectionLost(Failure(ConnectionLost("gone")))
-        self.assertIsNone(self.relay.store.get(A))
+        self.assertIsNone(self.relay.store.peers.get(A))
         self.assertEqual(self.relay.counters.connections["websocket"], 0)
 
     def test_slowConsumerDropsAndCounts(self):
@@ -457,7 +457,7 @@ class ControlFrameTests(PeerTestCase):
         for i in range(1, MAX_FRAMES_PER_MESSAGE - 1):
             a.send(message[i : i + 1], opcode=0, fin=False)
         a.send(message[MAX_FRAMES_PER_MESSAGE - 1 :], opcode=0)
-        self.assertEqual(b.messages(), [m.stampTransport(message, A)])
+        self.assertEqual(b.messages(), [stamped(message, A)])
 
     def test_leanPathTakesOverAfterAFragmentedMessage(self):
         """
@@ -602,7 +602,7 @@ class BatchTests(PeerTestCase):
         a.protocol.dataReceived(b"".join(clientFrame(x) for x in interleaved))
         self.assertEqual((b.transport.writes, c.transport.writes), (1, 1))
         self.assertEqual(b.messages(), self.expected(toB))
-        self.assertEqual(c.messages(), [m.stampTransport(x, A) for x in toC])
+        self.assertEqual(c.messages(), [stamped(x, A) for x in toC])
         self.assertEqual(self.factory.batched, [])
         self.assertIsNone(self.factory.reading)
 
@@ -612,8 +612,8 @@ class BatchTests(PeerTestCase):
         QUIC peer, a health check) is written at once.
         """
         a, b = self.pair()
-        self.relay.route(B, m.stampTransport(m.encodeTransport(B, b"from elsewhere"), A))
-        self.assertEqual(b.messages(), [m.stampTransport(m.encodeTransport(B, b"from elsewhere"), A)])
+        self.relay.route(B, stamped(m.encodeTransport(B, b"from elsewhere"), A))
+        self.assertEqual(b.messages(), [stamped(m.encodeTransport(B, b"from elsewhere"), A)])
         self.assertEqual(self.factory.batched, [])
 
     def test_batchFlushedWhenSenderFails(self):
@@ -812,7 +812,7 @@ class SenderPauseTests(PeerTestCase):
     def test_otherSendersUntouched(self):
         a, b, c = self.congested()
         c.send(m.encodeTransport(A, b"hello"))
-        self.assertEqual(a.messages(), [m.stampTransport(m.encodeTransport(A, b"hello"), m.peerID("peer-c"))])
+        self.assertEqual(a.messages(), [stamped(m.encodeTransport(A, b"hello"), m.peerID("peer-c"))])
         self.assertEqual(c.transport.producerState, "producing")
 
     def test_senderGoneWhilePaused(self):
@@ -828,7 +828,7 @@ class SenderPauseTests(PeerTestCase):
         """
         a, b, c = self.congested()
         self.clock.advance(SENDER_PAUSE)
-        self.relay.route(B, m.stampTransport(m.encodeTransport(B, b"x" * 1400), A))
+        self.relay.route(B, stamped(m.encodeTransport(B, b"x" * 1400), A))
         self.assertEqual(self.relay.counters.dropped["slow_consumer"], 2)
         self.assertEqual(self.relay.counters.senderPauses, 1)
         self.assertEqual(a.transport.producerState, "producing")
@@ -857,6 +857,6 @@ class BatchPropertyTests(PeerTestCase):
             a.protocol.dataReceived(stream[position : position + cut])
             position += cut
         for d, receiver in enumerate(receivers):
-            mine = [m.stampTransport(x, A) for x, (dest, _) in zip(sent, plan) if dest == d]
+            mine = [stamped(x, A) for x, (dest, _) in zip(sent, plan) if dest == d]
             self.assertEqual(receiver.messages(), mine)
         self.assertEqual(self.factory.batched, [])

@@ -11,7 +11,7 @@ import hmac
 from hashlib import sha256
 
 from relay.auth import generateToken, tokenKey
-from tests.helpers import NOW, SECRET, FakeLink, authMessage, connect, makeRelay
+from tests.helpers import NOW, SECRET, FakeLink, authMessage, connect, makeRelay, subscriptionCount
 
 A, B, C = m.peerID("peer-a"), m.peerID("peer-b"), m.peerID("peer-c")
 
@@ -40,7 +40,7 @@ class HandshakeTests(unittest.TestCase):
         self.assertEqual(link.written, [b"\x01\x07rel://127.0.0.1:33080"])
         self.assertFalse(link.aborted)
         self.assertEqual(session.peerID, A)
-        self.assertIs(self.relay.store.get(A), session)
+        self.assertIs(self.relay.store.peers.get(A), session)
         self.assertEqual(session.registeredAt, NOW)
 
     def test_badVersion(self):
@@ -195,13 +195,13 @@ class TransportTests(unittest.TestCase):
         self.assertFalse(self.linkA.aborted)
         self.assertEqual(self.linkA.take(), [])
         self.assertEqual(self.a.peerID, A)
-        self.assertIsNone(self.relay.store.get(C))
+        self.assertIsNone(self.relay.store.peers.get(C))
 
     def test_close(self):
         self.a.messageReceived(m.CLOSE_MESSAGE)
         self.assertTrue(self.linkA.aborted)
         self.a.linkLost()
-        self.assertIsNone(self.relay.store.get(A))
+        self.assertIsNone(self.relay.store.peers.get(A))
 
 
 class SubscriptionTests(unittest.TestCase):
@@ -262,10 +262,10 @@ class SubscriptionTests(unittest.TestCase):
         self.linkA.take()
         new, newLink = connect(self.relay, "peer-b", address="192.0.2.2:1")
         self.assertTrue(oldLink.aborted)
-        self.assertIs(self.relay.store.get(B), new)
+        self.assertIs(self.relay.store.peers.get(B), new)
         self.assertEqual(self.relay.counters.reconnections, 1)
         old.linkLost()
-        self.assertIs(self.relay.store.get(B), new)
+        self.assertIs(self.relay.store.peers.get(B), new)
         self.assertEqual(self.linkA.take(), [])
         self.a.messageReceived(m.encodeTransport(B, b"to the new one"))
         self.assertEqual(newLink.take(), [b"\x01\x03" + A + b"to the new one"])
@@ -295,7 +295,7 @@ class SubscriptionLimitTests(unittest.TestCase):
 
     def test_excessRefusedAndCounted(self):
         self.subscribe([f"p{i}" for i in range(1000)])
-        self.assertEqual(self.relay.store.subscriptions(self.a), 300)
+        self.assertEqual(subscriptionCount(self.relay.store, self.a), 300)
         self.assertEqual(self.relay.counters.dropped["subscription_limit"], 700)
         self.assertFalse(self.linkA.aborted)
         connect(self.relay, "p299")
@@ -306,7 +306,7 @@ class SubscriptionLimitTests(unittest.TestCase):
         self.subscribe([f"p{i}" for i in range(300)])
         self.subscribe(["p0", "p1", "new"])
         self.assertEqual(self.relay.counters.dropped["subscription_limit"], 1)
-        self.assertEqual(self.relay.store.subscriptions(self.a), 300)
+        self.assertEqual(subscriptionCount(self.relay.store, self.a), 300)
 
     def test_unsubscribingMakesRoom(self):
         self.subscribe([f"p{i}" for i in range(300)])
@@ -361,7 +361,7 @@ class SmallMessageLinkTests(unittest.TestCase):
         for x in written:
             self.assertEqual(x[:2], b"\x01\x0a")
         for name in names[:50]:
-            relay.store.get(m.peerID(name)).linkLost()
+            relay.store.peers.get(m.peerID(name)).linkLost()
         self.assertEqual(len(linkA.take()), 50)
 
     def test_peersWentOfflineSplitToFit(self):

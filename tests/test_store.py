@@ -6,6 +6,7 @@ from twisted.trial import unittest
 
 from relay.messages import peerID
 from relay.store import Store
+from tests.helpers import subscriptionCount
 
 A, B, C = peerID("a"), peerID("b"), peerID("c")
 
@@ -29,23 +30,23 @@ class StoreTests(unittest.TestCase):
     def test_addAndGet(self):
         a = FakePeer(A)
         self.assertIsNone(self.store.add(a))
-        self.assertIs(self.store.get(A), a)
+        self.assertIs(self.store.peers.get(A), a)
         self.assertEqual(len(self.store), 1)
 
     def test_replace(self):
         old, new = FakePeer(A), FakePeer(A)
         self.store.add(old)
         self.assertIs(self.store.add(new), old)
-        self.assertIs(self.store.get(A), new)
+        self.assertIs(self.store.peers.get(A), new)
 
     def test_removeOnlyIfSame(self):
         old, new = FakePeer(A), FakePeer(A)
         self.store.add(old)
         self.store.add(new)
         self.assertFalse(self.store.remove(old))
-        self.assertIs(self.store.get(A), new)
+        self.assertIs(self.store.peers.get(A), new)
         self.assertTrue(self.store.remove(new))
-        self.assertIsNone(self.store.get(A))
+        self.assertIsNone(self.store.peers.get(A))
         self.assertFalse(self.store.remove(new))
 
     def test_subscribeReportsOnline(self):
@@ -145,7 +146,7 @@ class SubscriptionLimitTests(unittest.TestCase):
         self.assertEqual(self.store.admitSubscriptions(self.a, [A, B, C]), ([A, B], 1))
         self.store.subscribe(self.a, [A, B])
         self.assertEqual(self.store.admitSubscriptions(self.a, [C, B, A, C]), ([B, A], 2))
-        self.assertEqual(self.store.subscriptions(self.a), 2)
+        self.assertEqual(subscriptionCount(self.store, self.a), 2)
 
     def test_duplicatesCountOnce(self):
         self.assertEqual(self.store.admitSubscriptions(self.a, [C, C, C, B, A]), ([C, C, C, B], 1))

@@ -118,13 +118,24 @@ class Forwarder:
             self._forward(destinationID, message)
         except Exception:
             self.counters.forwards["send_error"] += 1
-            _log.failure("cluster: forwarding to {peer}", peer=frames.humanID(destinationID))
+            _log.failure("cluster: forwarding to {peer}", peer=messages.humanID(destinationID))
+
+    def _deliverHere(self, destinationID, message):
+        """
+        Hand C{message} to its destination if that peer is connected to this
+        pod (it may have come here while its pod was being looked up).
+
+        @return: whether it was.
+        """
+        peer = self.localPeers.localPeer(destinationID)
+        if peer is None:
+            return False
+        peer.sendMessage(message)
+        self.counters.forwards["ok"] += 1
+        return True
 
     def _forward(self, destinationID, message):
-        peer = self.localPeers.localPeer(destinationID)
-        if peer is not None:
-            peer.sendMessage(message)
-            self.counters.forwards["ok"] += 1
+        if self._deliverHere(destinationID, message):
             return
         waiting = self._waiting.get(destinationID)
         if waiting is not None:
@@ -206,11 +217,9 @@ class Forwarder:
         if packets is None:
             return
         for message in packets:
-            peer = self.localPeers.localPeer(destinationID)
-            if peer is not None:
-                peer.sendMessage(message)
-                self.counters.forwards["ok"] += 1
-            elif address is None:
+            if self._deliverHere(destinationID, message):
+                continue
+            if address is None:
                 self.counters.forwards["peer_not_found"] += 1
             else:
                 self._send(destinationID, address, message)
@@ -222,7 +231,7 @@ class Forwarder:
             _log.debug(
                 "cluster: gave up forwarding {count} packets to {peer}",
                 count=len(packets),
-                peer=frames.humanID(destinationID),
+                peer=messages.humanID(destinationID),
             )
             self.counters.forwards["peer_not_found"] += len(packets)
 
@@ -328,7 +337,7 @@ class Forwarder:
             _log.debug(
                 "cluster: FWD from {stream} for {peer}, not connected here, dropped",
                 stream=stream,
-                peer=frames.humanID(frame.destinationID),
+                peer=messages.humanID(frame.destinationID),
             )
             return
         peer.sendMessage(frame.message)
@@ -350,7 +359,3 @@ class Forwarder:
             packets = self._release(destinationID, waiting)
             if packets:
                 self.counters.dropped["shutdown"] += len(packets)
-
-    def waitingPackets(self, destinationID):
-        waiting = self._waiting.get(destinationID)
-        return 0 if waiting is None else len(waiting.packets)

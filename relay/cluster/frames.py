@@ -25,7 +25,6 @@ them unless they dial or are dialed by a pod in compatibility mode (see
 L{relay.cluster.transport}).
 """
 
-import base64
 import hashlib
 import hmac
 import struct
@@ -62,7 +61,6 @@ FRAME_NAMES = {
 HEADER_SIZE = 3
 MAX_PAYLOAD = 0xFFFF
 PEER_ID_SIZE = messages.ID_SIZE
-PEER_ID_PREFIX = messages.ID_PREFIX
 
 HELLO_VERSION = 2
 HELLO_HMAC_SIZE = 32
@@ -118,23 +116,6 @@ class FrameError(Exception):
         if self.detail:
             return f"{self.reason}: {self.detail}"
         return self.reason
-
-
-def peerIDOf(name):
-    """
-    The 36-byte peer id of a peer name (docs/protocol.md, "Peer ids"); like
-    L{relay.messages.peerID} but also takes the name as bytes.
-    """
-    if isinstance(name, str):
-        return messages.peerID(name)
-    return PEER_ID_PREFIX + hashlib.sha256(name).digest()
-
-
-def humanID(peerID):
-    """
-    The human form of a peer id for logs: C{"sha-" + base64(id[4:])}.
-    """
-    return "sha-" + base64.b64encode(bytes(peerID[4:])).decode("ascii")
 
 
 def frameName(frameType):
@@ -196,12 +177,6 @@ class FrameReader:
         if len(self._buffer) < HEADER_SIZE:
             return None
         return _HEADER.unpack_from(self._buffer, 0)
-
-    def pending(self):
-        """
-        @return: how many bytes of an incomplete frame are buffered.
-        """
-        return len(self._buffer)
 
 
 # Payloads
@@ -427,6 +402,35 @@ class Handshake:
         self.dialerMAC = _helloMAC(base, b"dialer proof" + transcript)
         self.dialerKey = _helloMAC(base, b"dialer frames" + transcript)
         self.acceptorKey = _helloMAC(base, b"acceptor frames" + transcript)
+
+    def side(self, dialer):
+        """
+        The handshake as one end sees it, so that both ends run the same
+        code: the dialer proves itself with C{dialerMAC} and seals with
+        C{dialerKey}, the acceptor with the other two.
+
+        @return: a L{HandshakeSide}.
+        """
+        if dialer:
+            return HandshakeSide(self.dialerMAC, self.acceptorMAC, self.dialerKey, self.acceptorKey)
+        return HandshakeSide(self.acceptorMAC, self.dialerMAC, self.acceptorKey, self.dialerKey)
+
+
+@dataclass(frozen=True)
+class HandshakeSide:
+    """
+    One end's view of a L{Handshake}.
+
+    @ivar ownMAC: the MAC this end sends to prove it holds the secret.
+    @ivar remoteMAC: the MAC it expects from the other end.
+    @ivar sendKey: the key that seals the frames it sends.
+    @ivar receiveKey: the key that checks the frames it receives.
+    """
+
+    ownMAC: bytes
+    remoteMAC: bytes
+    sendKey: bytes
+    receiveKey: bytes
 
 
 class _Tags:

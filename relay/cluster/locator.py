@@ -24,6 +24,7 @@ original tells nobody when a peer leaves) expire after 5 min as there.
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from relay import messages
 from relay.cluster import frames
 
 LOOKUP_TIMEOUT = 0.2
@@ -154,9 +155,6 @@ class Locator:
         """
         self._announcing.add(address)
 
-    def cacheSize(self):
-        return len(self._cache)
-
     def _remember(self, peerID, address, seqno):
         """
         Cache C{peerID} at C{address} unless a higher seqno is cached.
@@ -217,7 +215,7 @@ class Locator:
         if lookup.timer is not None and lookup.timer.active():
             lookup.timer.cancel()
         if address is None:
-            _log.debug("cluster: no pod answered WHO_HAS {peer}", peer=frames.humanID(peerID))
+            _log.debug("cluster: no pod answered WHO_HAS {peer}", peer=messages.humanID(peerID))
         if self.lookupObserver is not None:
             try:
                 self.lookupObserver(self.clock.seconds() - lookup.startedAt)

@@ -382,10 +382,8 @@ class ClusterStream(Protocol):
             self._acceptHello(frameType, payload)
         elif state == AWAIT_CHALLENGE and frameType == frames.CHALLENGE:
             self._challengeReceived(payload)
-        elif state == AWAIT_CONFIRM and frameType == frames.CONFIRM:
-            self._confirmReceived(payload)
-        elif state == AWAIT_AUTH and frameType == frames.AUTH:
-            self._authReceived(payload)
+        elif (state, frameType) in ((AWAIT_AUTH, frames.AUTH), (AWAIT_CONFIRM, frames.CONFIRM)):
+            self._proofReceived(frameType, payload)
         else:
             self._notSecured(frameType, payload)
 
@@ -436,30 +434,31 @@ class ClusterStream(Protocol):
         self._state = AWAIT_CONFIRM
         self._restartTimer(self.owner.helloTimeout)
 
-    def _confirmReceived(self, payload):
+    def _proofReceived(self, frameType, payload):
+        """
+        The remote's proof that it holds the cluster secret: AUTH at the
+        dialer (the acceptor's nonce and MAC), CONFIRM at the acceptor (the
+        dialer's MAC). Each side checks the other's MAC over the same
+        exchange and seals with its own key; the dialer, which learns the
+        acceptor's nonce only now, proves itself in turn with CONFIRM.
+        """
+        dialer = self.dialedByUs
         try:
-            mac = frames.decodeConfirm(payload)
+            if dialer:
+                nonce, mac = frames.decodeAuth(payload)
+                self._handshake = frames.Handshake(self.owner.secret, self._hello, self._nonce, nonce)
+            else:
+                mac = frames.decodeConfirm(payload)
         except frames.FrameError as e:
             self._rejectHello(e.reason, e.detail)
             return
-        handshake = self._handshake
-        if not hmac.compare_digest(mac, handshake.dialerMAC):
-            self._rejectHello(frames.AUTH_MISMATCH, "CONFIRM does not prove the cluster secret")
+        side = self._handshake.side(dialer)
+        if not hmac.compare_digest(mac, side.remoteMAC):
+            self._rejectHello(frames.AUTH_MISMATCH, f"{frames.frameName(frameType)} does not prove the cluster secret")
             return
-        self._secure(send=handshake.acceptorKey, receive=handshake.dialerKey)
-
-    def _authReceived(self, payload):
-        try:
-            nonce, mac = frames.decodeAuth(payload)
-        except frames.FrameError as e:
-            self._rejectHello(e.reason, e.detail)
-            return
-        handshake = frames.Handshake(self.owner.secret, self._hello, self._nonce, nonce)
-        if not hmac.compare_digest(mac, handshake.acceptorMAC):
-            self._rejectHello(frames.AUTH_MISMATCH, "AUTH does not prove the cluster secret")
-            return
-        self.send(frames.confirmFrame(handshake.dialerMAC))
-        self._secure(send=handshake.dialerKey, receive=handshake.acceptorKey)
+        if dialer:
+            self.send(frames.confirmFrame(side.ownMAC))
+        self._secure(side.sendKey, side.receiveKey)
 
     def _secure(self, send, receive):
         self._hello = self._nonce = self._handshake = None
