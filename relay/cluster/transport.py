@@ -60,6 +60,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
+from relay.addresses import joinAddress, splitAddress
 from relay.cluster import frames
 from relay.limits import LogBudget
 from relay.logtext import quoted
@@ -117,32 +118,6 @@ class IStreamHandler(Interface):
         A decoded L{frames.WhoHas}, L{frames.IHave}, L{frames.PeerGone} or
         L{frames.Fwd} arrived on a live stream.
         """
-
-
-def splitAddress(address):
-    """
-    Split C{host:port} (C{[v6]:port} for IPv6) into C{(host, port)}.
-
-    @raise ValueError: if it is not that.
-    """
-    host, sep, port = address.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"not host:port: {address!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    portNumber = int(port)
-    if not 0 < portNumber < 65536:
-        raise ValueError(f"bad port in {address!r}")
-    return host, portNumber
-
-
-def joinAddress(host, port):
-    """
-    The C{host:port} form of an address, brackets around an IPv6 literal.
-    """
-    if ":" in host:
-        return f"[{host}]:{port}"
-    return f"{host}:{port}"
 
 
 def ipOf(host):
