@@ -428,6 +428,26 @@ class WiringTests(unittest.TestCase):
         self.assertNotIdentical(top.tls.current, before[0])
         self.assertNotIdentical(quic.protocol.configuration, before[1])
 
+    def test_quicReloadKeepsAUsableCertificate(self):
+        """
+        SIGHUP with a broken certificate file: QUIC says so and keeps the
+        certificate it has.
+        """
+        from tests.certs import writeCertificate
+
+        cert, key, _ = writeCertificate(self.mktemp())
+        top = makeService(parse(REQUIRED + ["--tls-cert-file", cert, "--tls-key-file", key]), reactor=MemoryReactorClock())
+        configuration = top.quic.quic.protocol.configuration
+        with open(cert, "w") as f:
+            f.write("not a certificate")
+        events = []
+        self.patch(top.quic, "_log", Logger(observer=events.append))
+        top.quic.reload()
+        self.assertIs(top.quic.quic.protocol.configuration, configuration)
+        [event] = events
+        self.assertEqual(event["log_level"], LogLevel.error)
+        self.assertIn("QUIC certificate reload failed, keeping the previous one", formatEvent(event))
+
     def test_acmeCertificateRenewal(self):
         """
         With ACME, QUIC starts once ACME has a certificate and reloads from
