@@ -2,10 +2,10 @@
 The relay: the peers connected to this process and the routing between them.
 
 L{Relay} is what every session talks to: it authenticates (through its token
-validator), stores peers, routes Transport messages locally or hands them to
-the inter-pod fabric, and runs subscriptions. It knows nothing of WebSocket or
-QUIC. This module also holds the start-up rules that are not protocol: the
-instance URL and TLS options.
+validator), admits and stores peers, routes Transport messages locally or
+hands them to the inter-pod fabric, and runs subscriptions. It knows nothing
+of WebSocket, QUIC or TLS. This module also holds the one start-up rule that
+is about the protocol: the instance URL peers are told (L{instanceURL}).
 """
 
 from urllib.parse import urlsplit
@@ -59,24 +59,87 @@ def _noop(value):
 
 
 @implementer(ILocalPeers)
+class LocalPeers:
+    """
+    The peers connected to this pod, as the inter-pod fabric sees them
+    (L{ILocalPeers}): a view of the L{relay.store.Store} the L{Relay} fills.
+
+    Its own object, not the relay, so the fabric can be built before the
+    relay that forwards to it (L{relay.service.makeService}).
+    """
+
+    def __init__(self, store):
+        self.store = store
+
+    def localPeer(self, peerID):
+        return self.store.peers.get(peerID)
+
+    def localPeers(self):
+        return list(self.store.peers.values())
+
+    def peerOnlineElsewhere(self, peerID):
+        if peerID not in self.store.peers:
+            self.store.cameOnline(peerID)
+
+    def peerGoneElsewhere(self, peerID):
+        if peerID not in self.store.peers:
+            self.store.wentOffline(peerID)
+
+
 class Relay:
     """
     Peers connected here and what passes between them.
 
+    Sessions (L{relay.session.PeerSession}) and the listeners of each carrier
+    (L{relay.peer}, L{relay.quic}) use: L{authenticate}, L{refusal},
+    L{register}, L{unregister}, L{route}, L{admitSubscriptions},
+    L{subscribe}, L{unsubscribe}; and the collaborators below, which are
+    given at construction and never replaced.
+
     @ivar store: the L{relay.store.Store}.
     @ivar forwarder: an L{ICrossPodForwarder} in cluster mode, else None.
     @ivar counters: the L{RelayCounters} the data path increments.
-    @ivar recordAuthenticationTime: called with milliseconds per handshake.
-    @ivar recordStoreTime: called with milliseconds per store update.
     @ivar limits: the L{Limits} sessions enforce.
     @ivar admission: the L{Admission} every carrier's connections and
         sessions go through.
     @ivar noisyLog: the L{LogBudget} for lines strangers can cause.
+    @ivar clock: the L{IReactorTime} timers and intervals run on.
+    @ivar healthCheckThreshold: health checks a peer may miss in a row.
+    @ivar authResponse: the encoded AuthResponse every peer is sent.
+    @ivar draining: whether the relay is shutting down (no new peer).
     """
 
     _log = Logger()
 
-    def __init__(self, validator, instanceURL, clock, store, healthCheckThreshold=1, counters=None, wallClock=None):
+    def __init__(
+        self,
+        validator,
+        instanceURL,
+        clock,
+        store,
+        healthCheckThreshold=1,
+        counters=None,
+        wallClock=None,
+        limits=None,
+        forwarder=None,
+        noisyLog=None,
+        recordAuthenticationTime=_noop,
+        recordStoreTime=_noop,
+    ):
+        """
+        @param validator: the L{relay.auth.TokenValidator} of peers' tokens.
+        @param instanceURL: the URL peers are told to reach this relay at.
+        @param wallClock: unix time, for L{register}'s C{registeredAt};
+            C{clock} by default.
+        @param limits: the L{Limits}; none by default.
+        @param forwarder: the inter-pod fabric (L{ICrossPodForwarder}), or
+            None in single-pod mode.
+        @param noisyLog: the L{LogBudget} shared by every port strangers can
+            reach; one of its own by default.
+        @param recordAuthenticationTime: called with milliseconds per
+            handshake (the metrics' histogram).
+        @param recordStoreTime: called with milliseconds per store update.
+        """
         self.validator = validator
         self.instanceURL = instanceURL
         self.authResponse = m.encodeAuthResponse(instanceURL)
@@ -86,12 +149,12 @@ class Relay:
         self.store = store
         self.healthCheckThreshold = healthCheckThreshold
         self.counters = counters if counters is not None else RelayCounters()
-        self.forwarder = None
-        self.recordAuthenticationTime = _noop
-        self.recordStoreTime = _noop
+        self.forwarder = forwarder
+        self.recordAuthenticationTime = recordAuthenticationTime
+        self.recordStoreTime = recordStoreTime
         self.draining = False
-        self.admission = Admission(Limits(), clock)
-        self.noisyLog = LogBudget(clock)
+        self.admission = Admission(Limits() if limits is None else limits, clock)
+        self.noisyLog = LogBudget(clock) if noisyLog is None else noisyLog
 
     @property
     def limits(self):
@@ -107,6 +170,52 @@ class Relay:
         Connections that have not authenticated yet.
         """
         return self.admission.pending
+
+    # What a session asks during its handshake
+
+    def authenticate(self, token):
+        """
+        Check a peer's token.
+
+        @raise relay.auth.AuthError: it is not valid now.
+        """
+        self.validator.validate(token)
+
+    def refusal(self, peerID):
+        """
+        Why a peer that authenticated as C{peerID} may not be registered now,
+        or None if it may: C{"draining"} while shutting down, C{"max_peers"}
+        when the peer limit is reached (a peer replacing its own older
+        connection is not counted twice).
+        """
+        if self.draining:
+            return "draining"
+        maxPeers = self.admission.limits.maxPeers
+        if maxPeers and len(self.store) >= maxPeers and peerID not in self.store.peers:
+            return "max_peers"
+        return None
+
+    def peerCount(self):
+        """
+        How many peers are registered here.
+        """
+        return len(self.store)
+
+    def admitSubscriptions(self, session, ids):
+        """
+        The part of C{ids} C{session} may subscribe to under the
+        per-session limit.
+
+        @return: C{(admitted ids, how many were refused)}.
+        """
+        return self.store.admitSubscriptions(session, ids)
+
+    @property
+    def maxSubscriptions(self):
+        """
+        Most ids one session may be subscribed to.
+        """
+        return self.store.maxSubscriptions
 
     def register(self, session, startedAt):
         """
@@ -170,22 +279,6 @@ class Relay:
 
     def unsubscribe(self, session, ids):
         self.store.unsubscribe(session, ids)
-
-    # ILocalPeers, for the fabric
-
-    def localPeer(self, peerID):
-        return self.store.peers.get(peerID)
-
-    def localPeers(self):
-        return list(self.store.peers.values())
-
-    def peerOnlineElsewhere(self, peerID):
-        if peerID not in self.store.peers:
-            self.store.cameOnline(peerID)
-
-    def peerGoneElsewhere(self, peerID):
-        if peerID not in self.store.peers:
-            self.store.wentOffline(peerID)
 
     # Shutdown
 

@@ -2,9 +2,9 @@
 Every core of one host: C{--workers N} relay processes sharing the peer port.
 
 A Twisted reactor uses one core. On a VM with several, C{--workers N} runs N
-relay processes that all listen on the peer port with C{SO_REUSEPORT} (the
-kernel spreads new connections across them) and are joined by the inter-pod
-fabric over loopback, exactly as pods are: worker I{i} is a "pod" at
+relay processes that all listen on the peer port with C{SO_REUSEPORT}
+(L{relay.endpoints.ReusePortEndpoint}; the kernel spreads new connections
+across them) and are joined by the inter-pod fabric over loopback, exactly as pods are: worker I{i} is a "pod" at
 C{127.0.1.<i+1>} on the cluster port, so two peers that landed on different
 workers still reach each other. The first process supervises the others
 (L{twisted.runner.procmon.ProcessMonitor}: restarted with backoff if they die,
@@ -22,18 +22,16 @@ scaling there.
 """
 
 import os
-import socket
 import sys
 
 from twisted.application.service import Service
-from twisted.internet import defer
-from twisted.internet.interfaces import IReactorProcess, IReactorTime, IStreamServerEndpoint
+from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.runner.procmon import ProcessMonitor
 from zope.interface import implementer
 
-from relay.peer import RefusableTLSFactory
+from relay.config import variableFor
 
 WORKER_NETWORK = "127.0.1."
 SUPERVISOR_CHECK_INTERVAL = 1.0
@@ -50,41 +48,6 @@ def workerAddress(index):
 
 def workerAddresses(count):
     return ",".join(workerAddress(i) for i in range(count))
-
-
-@implementer(IStreamServerEndpoint)
-class ReusePortEndpoint:
-    """
-    A TCP listener several processes can bind at once (C{SO_REUSEPORT}).
-
-    Twisted's own TCP endpoints do not set the option, so the socket is made
-    here and adopted by the reactor.
-    """
-
-    def __init__(self, reactor, host, port, tls=None, backlog=1024):
-        self.reactor = reactor
-        self.host = host or "0.0.0.0"
-        self.port = port
-        self.tls = tls
-        self.backlog = backlog
-
-    def listen(self, factory):
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((self.host, self.port))
-            sock.listen(self.backlog)
-            sock.setblocking(False)
-            if self.tls is not None:
-                factory = RefusableTLSFactory(self.tls, False, factory)
-            port = self.reactor.adoptStreamPort(sock.fileno(), family, factory)
-        except OSError as e:
-            return defer.fail(e)
-        finally:
-            sock.close()
-        return defer.succeed(port)
 
 
 class SupervisorWatch(Service):
@@ -115,17 +78,18 @@ class SupervisorWatch(Service):
             self.reactor.stop()
 
 
-def workerEnvironment(options, index, variableFor):
+def workerEnvironment(config, index):
     """
-    The environment of worker C{index}: every option as its C{OZ_*} variable
-    (secrets never appear on a command line), with the worker's own fabric
-    address and metrics port.
+    The environment of worker C{index}: every option of C{config} (a
+    L{relay.config.RelayConfig}) as its C{OZ_*} variable (secrets never
+    appear on a command line), with the worker's own fabric address and
+    metrics port.
     """
     env = dict(os.environ)
-    for name, value in options.settings.items():
+    for name, value in config.settings.items():
         if value is not None:
             env[variableFor(name)] = str(value)
-    metricsPort = options["metrics-port"]
+    metricsPort = config.metricsPort
     env[variableFor("metrics-port")] = str(metricsPort + index if metricsPort else 0)
     env[variableFor("worker-index")] = str(index)
     return env
@@ -154,7 +118,7 @@ class SharedOutput:
         return self._reactor.spawnProcess(processProtocol, executable, args, {} if env is None else env, path, uid, gid, usePTY, self.CHILD_FDS)
 
 
-def makeSupervisor(options, reactor, variableFor):
+def makeSupervisor(config, reactor):
     """
     A L{ProcessMonitor} running workers 1 … N-1 (this process is worker 0),
     which write their own output (L{SharedOutput}).
@@ -162,6 +126,6 @@ def makeSupervisor(options, reactor, variableFor):
     monitor = ProcessMonitor(SharedOutput(reactor))
     monitor.killTime = 35
     argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "relay"]
-    for index in range(1, options["workers"]):
-        monitor.addProcess(f"relay-worker-{index}", argv, env=workerEnvironment(options, index, variableFor), cwd=os.getcwd())
+    for index in range(1, config.workers):
+        monitor.addProcess(f"relay-worker-{index}", argv, env=workerEnvironment(config, index), cwd=os.getcwd())
     return monitor

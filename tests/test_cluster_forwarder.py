@@ -1,28 +1,24 @@
 """
 Tests for L{relay.cluster.forwarder}: FWD out and in, bounded lookup queues,
 result counts, the 5 s limit, locate, presence push and PEER_GONE, two pods
-joined in memory; and L{relay.cluster.service}, which wires it all.
+joined in memory.
 """
 
 from twisted.internet import defer
-from twisted.internet.error import CannotListenError, ConnectionDone
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from relay.cluster import frames
 from relay.cluster.forwarder import LOOKUPS_PER_PEER, MAX_LOOKUPS, SUBSCRIPTION_LOOKUPS, Forwarder
 from relay.cluster.locator import Locator, seqnoOf
-from relay.cluster.service import ClusterService
-from relay.cluster.transport import GONE, SLOW, ClusterStream, ClusterTransport, IStreamHandler
+from relay.cluster.transport import GONE, SLOW, ClusterTransport, IStreamHandler
 from relay.counters import ClusterCounters
 from relay.interfaces import ICrossPodForwarder
 from relay.messages import peerID
-from tests.test_cluster_discovery import FakeResolver
 from tests.test_cluster_locator import FakeLocalPeers, FakePeer, FakeTransport
-from tests.test_cluster_transport import FakeEndpoints, Wire, answer
+from tests.test_cluster_transport import FakeEndpoints, Wire
 
 NOW = 1893456000
 PEER_A = peerID("peer-a")
@@ -665,134 +661,3 @@ class TwoPodTests(SynchronousTestCase):
         self.clock.advance(10)
         self.assertEqual(self.countersA.pingsLost, 1)
         self.assertTrue(self.wire.dialerTransport.disconnecting)
-
-
-class ClusterServiceTests(SynchronousTestCase):
-    """
-    L{relay.cluster.service.ClusterService} wired on a memory reactor.
-    """
-
-    def setUp(self):
-        self.reactor = MemoryReactorClock()
-        self.reactor.advance(NOW)
-        self.local = FakeLocalPeers(FakePeer(PEER_A))
-        self.counters = ClusterCounters()
-        self.logged = []
-        globalLogPublisher.addObserver(self.logged.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.logged.append)
-
-    def makeService(self, listenAddress="0.0.0.0:7090", secret="cluster-secret", headless="10.0.0.1,10.0.0.2"):
-        return ClusterService(
-            self.local, "10.0.0.1", 7090, listenAddress, headless, secret, 10.0, self.counters, self.reactor
-        )
-
-    def warnings(self):
-        return [e for e in self.logged if e.get("log_level") == LogLevel.warn and e.get("log_namespace", "").startswith("relay.cluster")]
-
-    def test_interfaces(self):
-        service = self.makeService()
-        verifyObject(ICrossPodForwarder, service)
-        self.assertEqual(service.announceAddress, "10.0.0.1:7090")
-
-    def test_start(self):
-        service = self.makeService()
-        service.startService()
-        [(port, factory, backlog, interface)] = self.reactor.tcpServers
-        self.assertEqual((port, interface), (7090, "0.0.0.0"))
-        self.assertIsNotNone(service.port)
-        [(host, port, clientFactory, timeout, bindAddress)] = self.reactor.tcpClients
-        self.assertEqual((host, port), ("10.0.0.2", 7090))
-        self.assertTrue(service.discoveryHasRun())
-        self.assertEqual(service.streamCount(), 0)
-        self.assertEqual(self.warnings(), [])
-        self.assertEqual(bindAddress, ("10.0.0.1", 0))
-        stream = clientFactory.buildProtocol(None)
-        tr = StringTransport()
-        stream.makeConnection(tr)
-        hello = frames.helloFrame("10.0.0.1:7090", NOW, "cluster-secret")
-        self.assertEqual(tr.value()[:len(hello)], hello)
-        self.assertEqual(service.streamCount(), 0)
-        handshake = answer(stream, tr)
-        [_, (frameType, payload)] = frames.FrameReader().feed(tr.value())
-        self.assertEqual(
-            frames.encodeFrame(frameType, frames.Opener(handshake.dialerKey).open(frameType, payload)),
-            frames.iHaveFrame(PEER_A, seqnoOf(NOW)),
-        )
-        self.assertEqual(service.streamCount(), 1)
-        accepted = factory.buildProtocol(None)
-        self.assertIsInstance(accepted, ClusterStream)
-
-    def test_cannotListen(self):
-        service = self.makeService()
-
-        def refuse(port, factory, backlog=50, interface=""):
-            raise CannotListenError(interface, port, OSError(98, "Address already in use"))
-
-        self.reactor.listenTCP = refuse
-        self.assertRaises(CannotListenError, service.startService)
-        self.assertFalse(service.running)
-        self.assertEqual(self.reactor.tcpClients, [])
-        [critical] = [e for e in self.logged if e.get("log_level") == LogLevel.critical]
-        self.assertIn("Address already in use", critical["reason"])
-
-    def test_whenDiscoveryRan(self):
-        service = self.makeService(headless="relay-internal")
-        service.discovery.resolver = FakeResolver({"relay-internal": ["10.0.0.2"]})
-        service.discovery.resolver.hold.add("relay-internal")
-        d = service.whenDiscoveryRan()
-        service.startService()
-        self.assertNoResult(d)
-        self.assertFalse(service.discoveryHasRun())
-        service.discovery.resolver.held["relay-internal"].resolutionComplete()
-        self.assertIsNone(self.successResultOf(d))
-        self.assertTrue(service.discoveryHasRun())
-        self.assertIsNone(self.successResultOf(service.whenDiscoveryRan()))
-
-    def test_emptySecretWarns(self):
-        service = self.makeService(secret="")
-        service.startService()
-        [warning] = self.warnings()
-        self.assertIn("NO CLUSTER SECRET", warning["log_format"])
-
-    def test_listenAddresses(self):
-        for listenAddress, expected in (
-            (":7091", (7091, "0.0.0.0")),
-            ("127.0.0.1:7092", (7092, "127.0.0.1")),
-            ("[::]:7093", (7093, "::")),
-            ("tcp:7094:interface=127.0.0.2", (7094, "127.0.0.2")),
-            (("10.0.0.1", 7095), (7095, "10.0.0.1")),
-            (("", 7096), (7096, "0.0.0.0")),
-            (("::", 7097), (7097, "::")),
-        ):
-            self.reactor.tcpServers.clear()
-            service = self.makeService(listenAddress=listenAddress, headless="10.0.0.1")
-            service.startService()
-            [(port, factory, backlog, interface)] = self.reactor.tcpServers
-            self.assertEqual((port, interface), expected)
-            self.successResultOf(service.stopService())
-
-    def test_delegates(self):
-        service = self.makeService(headless="10.0.0.1")
-        service.startService()
-        service.forward(PEER_B, b"\x01\x03" + PEER_A)
-        self.assertEqual(dict(self.counters.forwards), {"peer_not_found": 1})
-        self.assertIs(self.successResultOf(service.locate(PEER_B)), False)
-        self.assertIs(self.successResultOf(service.locate(PEER_A)), True)
-        service.peerConnected(FakePeer(PEER_C))
-        service.peerDisconnected(FakePeer(PEER_C))
-
-    def test_stop(self):
-        service = self.makeService()
-        service.startService()
-        [(host, port, clientFactory, timeout, bindAddress)] = self.reactor.tcpClients
-        stream = clientFactory.buildProtocol(None)
-        tr = StringTransport()
-        stream.makeConnection(tr)
-        d = service.stopService()
-        self.assertTrue(tr.disconnecting)
-        self.assertNoResult(d)
-        stream.connectionLost(ConnectionDone())
-        self.assertIsNone(self.successResultOf(d))
-        self.assertIsNone(service.port)
-        self.reactor.advance(60)
-        self.assertEqual(len(self.reactor.tcpClients), 1)

@@ -72,7 +72,11 @@ class FakeEndpoints:
         return endpoint
 
 
-def makeTransport(address="10.0.0.1:7090", secret=SECRET, clock=None, counters=None, handler=None, **kw):
+def makeTransport(address="10.0.0.1:7090", secret=SECRET, clock=None, counters=None, handler=None, compat=False, wallClock=None, noisyLog=None, **settings):
+    """
+    A transport on fake endpoints; C{settings} are L{transport.FabricSettings}
+    fields.
+    """
     if clock is None:
         clock = Clock()
         clock.advance(NOW)
@@ -83,7 +87,10 @@ def makeTransport(address="10.0.0.1:7090", secret=SECRET, clock=None, counters=N
         counters if counters is not None else ClusterCounters(),
         FakeEndpoints(),
         handler=handler if handler is not None else RecordingHandler(),
-        **kw,
+        settings=transport.FabricSettings(**settings),
+        compat=compat,
+        wallClock=wallClock,
+        noisyLog=noisyLog,
     )
 
 
@@ -485,7 +492,7 @@ def legacy(owner=None, address="10.0.0.2:7090"):
     owner = owner or makeTransport(compat=True)
     proto, tr = accept(owner, transport.splitAddress(address)[0])
     proto.dataReceived(frames.helloFrame(address, NOW, SECRET))
-    owner.clock.advance(owner.upgradeWait)
+    owner.clock.advance(owner.settings.upgradeWait)
     assert owner.stream(address) is proto
     owner.handler.events.clear()
     return owner, proto, tr
@@ -1124,7 +1131,7 @@ class AttackTests(SynchronousTestCase):
         tr = StringTransport()
         stream.makeConnection(tr)
         endpoint.result.callback(stream)
-        owner.clock.advance(owner.helloTimeout)
+        owner.clock.advance(owner.settings.helloTimeout)
         self.assertTrue(tr.disconnecting)
         self.assertEqual(owner.counters.helloRejects[frames.TIMEOUT], 1)
         self.assertEqual(owner.handler.events, [])
@@ -1160,7 +1167,7 @@ class AttackTests(SynchronousTestCase):
         owner, old, oldTransport = legacy(makeTransport(compat=True))
         third, tr3 = accept(owner)
         third.dataReceived(frames.helloFrame("10.0.0.2:7090", NOW - 2, SECRET))
-        owner.clock.advance(owner.upgradeWait)
+        owner.clock.advance(owner.settings.upgradeWait)
         self.assertTrue(tr3.disconnecting)
         self.assertIs(owner.stream("10.0.0.2:7090"), old)
 
@@ -1216,7 +1223,7 @@ class CompatibilityTests(SynchronousTestCase):
         owner = makeTransport(compat=True)
         proto, tr = accept(owner)
         proto.dataReceived(frames.helloFrame("10.0.0.2:7090", NOW, SECRET))
-        owner.clock.advance(owner.upgradeWait - 0.01)
+        owner.clock.advance(owner.settings.upgradeWait - 0.01)
         self.assertIsNone(owner.stream("10.0.0.2:7090"))
         owner.clock.advance(0.01)
         self.assertIs(owner.stream("10.0.0.2:7090"), proto)
@@ -1236,7 +1243,7 @@ class CompatibilityTests(SynchronousTestCase):
         self.assertEqual(frames.decodeHello(hello, SECRET, NOW).address, "10.0.0.1:7090")
         self.assertEqual(challengeType, frames.CHALLENGE)
         tr.clear()
-        owner.clock.advance(owner.upgradeWait)
+        owner.clock.advance(owner.settings.upgradeWait)
         self.assertIs(owner.stream("10.0.0.2:7090"), stream)
         self.assertFalse(stream.secured)
         owner.clock.advance(15)
@@ -1268,7 +1275,7 @@ class CompatibilityTests(SynchronousTestCase):
         owner = makeTransport()
         proto, tr = accept(owner)
         proto.dataReceived(frames.helloFrame("10.0.0.2:7090", NOW, SECRET))
-        owner.clock.advance(owner.helloTimeout)
+        owner.clock.advance(owner.settings.helloTimeout)
         self.assertTrue(tr.disconnecting)
         self.assertEqual(dict(owner.counters.helloRejects), {frames.TIMEOUT: 1})
         self.assertIsNone(owner.stream("10.0.0.2:7090"))

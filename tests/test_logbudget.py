@@ -18,7 +18,7 @@ from relay.peer import PeerWebSocketFactory
 from relay.service import makeLogObserver
 from tests.helpers import authMessage, makeRelay
 from tests.test_peer import Peer
-from tests.test_service import REQUIRED, parse
+from tests.test_service import REQUIRED, config
 
 FLOOD = 500
 
@@ -30,7 +30,7 @@ class LogCapture:
 
     def __init__(self, testCase, relay, argv=()):
         self.stream = io.StringIO()
-        observer = makeLogObserver(parse(REQUIRED + list(argv)), self.stream, budget=relay.noisyLog, counters=relay.counters)
+        observer = makeLogObserver(config(REQUIRED + list(argv)), self.stream, budget=relay.noisyLog, counters=relay.counters)
         globalLogPublisher.addObserver(observer)
         testCase.addCleanup(globalLogPublisher.removeObserver, observer)
 

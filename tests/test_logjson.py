@@ -14,7 +14,7 @@ from twisted.trial import unittest
 
 from relay.logjson import JSONLines, jsonLinesFileLogObserver
 from relay.service import makeLogObserver
-from tests.test_service import REQUIRED, parse
+from tests.test_service import REQUIRED, config
 
 T = 1795823970.25
 
@@ -183,7 +183,7 @@ class JSONLinesTests(unittest.TestCase):
 class OptionTests(unittest.TestCase):
     def lines(self, argv, env=None):
         stream = io.StringIO()
-        options = parse(REQUIRED + argv, env) if env is not None else parse(REQUIRED + argv)
+        options = config(REQUIRED + argv, env) if env is not None else config(REQUIRED + argv)
         Logger(observer=makeLogObserver(options, stream), namespace="relay.test").info("hello {who}", who="peer")
         return stream.getvalue()
 

@@ -7,20 +7,33 @@ import json
 
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.python import usage
 from twisted.trial import unittest
 
+from relay.config import Options, variableFor
 from relay.server import ConfigurationError, instanceURL
-from relay.service import Options, RelayService, makeLogObserver, makeService, variableFor
+from relay.service import RelayService, makeLogObserver, makeService
 
 REQUIRED = ["--exposed-address", "127.0.0.1:33080", "--auth-secret", "s3cret"]
 
 
 def parse(argv, environ=None):
+    """
+    The L{Options} of a command line, parsed (as twistd gives them to
+    L{makeService}).
+    """
     options = Options(environ or {})
     options.parseOptions(argv)
     return options
+
+
+def config(argv, environ=None):
+    """
+    The L{relay.config.RelayConfig} of a command line.
+    """
+    return parse(argv, environ).config
 
 
 class InstanceURLTests(unittest.TestCase):
@@ -45,30 +58,30 @@ class InstanceURLTests(unittest.TestCase):
 
 class OptionsTests(unittest.TestCase):
     def test_defaults(self):
-        options = parse(REQUIRED)
-        self.assertEqual(options["listen"], ("", 443))
-        self.assertEqual(options["metrics-port"], 9090)
-        self.assertEqual(options["log-level"], "info")
-        self.assertEqual(options["log-file"], "console")
-        self.assertEqual(options["instance-url"], "rel://127.0.0.1:33080")
-        self.assertEqual(options["hc-attempt-threshold"], 1)
-        self.assertEqual(options["cluster-port"], 7090)
-        self.assertFalse(options["tls"])
+        c = config(REQUIRED)
+        self.assertEqual(c.listen, ("", 443))
+        self.assertEqual(c.metricsPort, 9090)
+        self.assertEqual(c.logLevel, "info")
+        self.assertEqual(c.logFile, "console")
+        self.assertEqual(c.instanceURL, "rel://127.0.0.1:33080")
+        self.assertEqual(c.healthCheckThreshold, 1)
+        self.assertIsNone(c.cluster)
+        self.assertFalse(c.tls)
 
     def test_shortFlags(self):
-        options = parse(["-e", "relay.example:443", "-s", "x", "-l", "127.0.0.1:8443"])
-        self.assertEqual(options["listen"], ("127.0.0.1", 8443))
-        self.assertEqual(options["instance-url"], "rel://relay.example:443")
+        c = config(["-e", "relay.example:443", "-s", "x", "-l", "127.0.0.1:8443"])
+        self.assertEqual(c.listen, ("127.0.0.1", 8443))
+        self.assertEqual(c.instanceURL, "rel://relay.example:443")
 
     def test_environment(self):
-        options = parse([], {"OZ_EXPOSED_ADDRESS": "relay.example:443", "OZ_AUTH_SECRET": "x", "OZ_LISTEN_ADDRESS": ":33080", "OZ_METRICS_PORT": "0", "OZ_RELAY_HC_ATTEMPT_THRESHOLD": "3"})
-        self.assertEqual(options["listen"], ("", 33080))
-        self.assertEqual(options["metrics-port"], 0)
-        self.assertEqual(options["hc-attempt-threshold"], 3)
+        c = config([], {"OZ_EXPOSED_ADDRESS": "relay.example:443", "OZ_AUTH_SECRET": "x", "OZ_LISTEN_ADDRESS": ":33080", "OZ_METRICS_PORT": "0", "OZ_RELAY_HC_ATTEMPT_THRESHOLD": "3"})
+        self.assertEqual(c.listen, ("", 33080))
+        self.assertEqual(c.metricsPort, 0)
+        self.assertEqual(c.healthCheckThreshold, 3)
 
     def test_flagBeatsVariable(self):
-        options = parse(REQUIRED + ["--listen-address", ":1"], {"OZ_LISTEN_ADDRESS": ":2"})
-        self.assertEqual(options["listen"], ("", 1))
+        c = config(REQUIRED + ["--listen-address", ":1"], {"OZ_LISTEN_ADDRESS": ":2"})
+        self.assertEqual(c.listen, ("", 1))
 
     def test_variableNames(self):
         self.assertEqual(variableFor("auth-secret"), "OZ_AUTH_SECRET")
@@ -94,17 +107,17 @@ class OptionsTests(unittest.TestCase):
         self.assertUsage(REQUIRED + ["--tls-cert-file", "/x"], "go together")
 
     def test_letsEncrypt(self):
-        options = parse(REQUIRED + ["--letsencrypt-domains", "relay.example, relay2.example", "--letsencrypt-data-dir", "/var/lib/relay"])
-        self.assertTrue(options["acme"])
-        self.assertTrue(options["tls"])
-        self.assertEqual(options["instance-url"], "rels://127.0.0.1:33080")
-        self.assertEqual(options["letsencrypt-domains"], ["relay.example", "relay2.example"])
-        self.assertEqual(options["letsencrypt-challenge"], "tls-alpn-01")
+        c = config(REQUIRED + ["--letsencrypt-domains", "relay.example, relay2.example", "--letsencrypt-data-dir", "/var/lib/relay"])
+        self.assertIsNotNone(c.acme)
+        self.assertTrue(c.tls)
+        self.assertEqual(c.instanceURL, "rels://127.0.0.1:33080")
+        self.assertEqual(c.acme.domains, ("relay.example", "relay2.example"))
+        self.assertEqual(c.acme.challenge, "tls-alpn-01")
         # TLS-ALPN-01 whatever the peer port, as the Go relay; HTTP-01 when asked.
-        options = parse(REQUIRED + ["-a", "relay.example", "-d", "/x", "-l", ":8443"])
-        self.assertEqual(options["letsencrypt-challenge"], "tls-alpn-01")
-        options = parse(REQUIRED + ["-a", "relay.example", "-d", "/x", "--letsencrypt-challenge", "HTTP-01"])
-        self.assertEqual(options["letsencrypt-challenge"], "http-01")
+        c = config(REQUIRED + ["-a", "relay.example", "-d", "/x", "-l", ":8443"])
+        self.assertEqual(c.acme.challenge, "tls-alpn-01")
+        c = config(REQUIRED + ["-a", "relay.example", "-d", "/x", "--letsencrypt-challenge", "HTTP-01"])
+        self.assertEqual(c.acme.challenge, "http-01")
 
     def test_letsEncryptErrors(self):
         self.assertUsage(REQUIRED + ["--letsencrypt-domains", "relay.example"], "go together")
@@ -117,10 +130,10 @@ class OptionsTests(unittest.TestCase):
         self.assertUsage(REQUIRED + ["--cluster-headless", "relay-headless"], "--pod-ip")
 
     def test_podIPFromDownwardAPI(self):
-        options = parse(REQUIRED + ["--cluster-headless", "relay-headless", "--cluster-auth-secret", "s"], {"POD_IP": "10.0.0.7"})
-        self.assertEqual(options["pod-ip"], "10.0.0.7")
-        self.assertEqual(options["cluster-listen"], ("10.0.0.7", 7090))
-        self.assertFalse(options["cluster-compat"])
+        c = config(REQUIRED + ["--cluster-headless", "relay-headless", "--cluster-auth-secret", "s"], {"POD_IP": "10.0.0.7"})
+        self.assertEqual(c.cluster.podIP, "10.0.0.7")
+        self.assertEqual(c.cluster.listen, ("10.0.0.7", 7090))
+        self.assertFalse(c.cluster.compat)
 
     def test_clusterNeedsSecret(self):
         """
@@ -128,14 +141,14 @@ class OptionsTests(unittest.TestCase):
         """
         cluster = ["--cluster-headless", "relay-headless", "--pod-ip", "10.0.0.7"]
         self.assertUsage(REQUIRED + cluster, "--cluster-auth-secret (or OZ_CLUSTER_AUTH_SECRET) is required")
-        options = parse(REQUIRED + cluster + ["--cluster-insecure"])
-        self.assertEqual(options["cluster-auth-secret"], "")
-        options = parse(REQUIRED + cluster, {"OZ_CLUSTER_INSECURE": "true", "OZ_CLUSTER_COMPAT": "1", "OZ_CLUSTER_AUTH_SECRET": "s"})
-        self.assertTrue(options["cluster-compat"])
-        options = parse(REQUIRED + cluster + ["--cluster-auth-secret", "s", "--cluster-listen-address", "0.0.0.0:7090"])
-        self.assertEqual(options["cluster-listen"], ("0.0.0.0", 7090))
-        options = parse(REQUIRED + ["--cluster-headless", "relay-headless", "--pod-ip", "fd00::7", "--cluster-auth-secret", "s"])
-        self.assertEqual(options["cluster-listen"], ("fd00::7", 7090))
+        c = config(REQUIRED + cluster + ["--cluster-insecure"])
+        self.assertEqual(c.cluster.secret, "")
+        c = config(REQUIRED + cluster, {"OZ_CLUSTER_INSECURE": "true", "OZ_CLUSTER_COMPAT": "1", "OZ_CLUSTER_AUTH_SECRET": "s"})
+        self.assertTrue(c.cluster.compat)
+        c = config(REQUIRED + cluster + ["--cluster-auth-secret", "s", "--cluster-listen-address", "0.0.0.0:7090"])
+        self.assertEqual(c.cluster.listen, ("0.0.0.0", 7090))
+        c = config(REQUIRED + ["--cluster-headless", "relay-headless", "--pod-ip", "fd00::7", "--cluster-auth-secret", "s"])
+        self.assertEqual(c.cluster.listen, ("fd00::7", 7090))
 
     def test_usageQuietAfterBadValue(self):
         options = Options({})
@@ -146,7 +159,7 @@ class OptionsTests(unittest.TestCase):
 class LoggingTests(unittest.TestCase):
     def emit(self, argv, level, **fields):
         stream = io.StringIO()
-        observer = makeLogObserver(parse(REQUIRED + argv), stream)
+        observer = makeLogObserver(config(REQUIRED + argv), stream)
         Logger(observer=observer).emit(level, "hello {who}", who="peer", **fields)
         return stream.getvalue()
 
@@ -262,9 +275,7 @@ class ReloadTests(unittest.TestCase):
     """
 
     def service(self, supervisor):
-        top = RelayService(None, None, None, None, tls=_FakeTLS())
-        top.supervisor = supervisor
-        return top
+        return RelayService(None, None, None, None, tls=_FakeTLS(), supervisor=supervisor)
 
     def test_withoutWorkers(self):
         top = self.service(None)
@@ -300,12 +311,12 @@ class ReloadTests(unittest.TestCase):
 
 class LimitOptionsTests(unittest.TestCase):
     def test_defaults(self):
-        limits = parse(REQUIRED)["limits"]
+        limits = config(REQUIRED).limits
         self.assertEqual((limits.maxPeers, limits.maxPending, limits.maxPerIP, limits.ratePerIP, limits.peerByteRate), (50000, 2048, 0, 0, 0))
         self.assertEqual(limits.trustedProxies, ())
 
     def test_fromEnvironment(self):
-        limits = parse(REQUIRED, {"OZ_MAX_PEERS": "10", "OZ_TRUSTED_PROXIES": "10.0.0.0/8"})["limits"]
+        limits = config(REQUIRED, {"OZ_MAX_PEERS": "10", "OZ_TRUSTED_PROXIES": "10.0.0.0/8"}).limits
         self.assertEqual(limits.maxPeers, 10)
         self.assertEqual(len(limits.trustedProxies), 1)
 
@@ -315,11 +326,11 @@ class LimitOptionsTests(unittest.TestCase):
         # byte rate stays whole.
         argv = REQUIRED + ["--workers", "3", "--max-peers", "1000", "--max-pending-handshakes", "2048", "--max-connections-per-ip", "10", "--connection-rate-per-ip", "30", "--peer-rate-limit", "5000"]
         for index in range(3):
-            limits = parse(argv + ["--worker-index", str(index)])["limits"]
+            limits = config(argv + ["--worker-index", str(index)]).limits
             self.assertEqual((limits.maxPeers, limits.maxPending, limits.maxPerIP, limits.ratePerIP, limits.peerByteRate), (334, 683, 4, 10, 5000))
-        limits = parse(REQUIRED + ["--workers", "3"])["limits"]
+        limits = config(REQUIRED + ["--workers", "3"]).limits
         self.assertEqual((limits.maxPerIP, limits.ratePerIP), (0, 0))
-        limits = parse(REQUIRED + ["--workers", "3", "--connection-rate-per-ip", "1"])["limits"]
+        limits = config(REQUIRED + ["--workers", "3", "--connection-rate-per-ip", "1"]).limits
         self.assertAlmostEqual(limits.ratePerIP, 1 / 3)
 
     def test_invalid(self):
@@ -331,11 +342,11 @@ class LimitOptionsTests(unittest.TestCase):
 
 class ListenerTests(unittest.TestCase):
     def test_backlog(self):
-        from relay.service import LISTEN_BACKLOG, _serverEndpoint
+        from relay.endpoints import LISTEN_BACKLOG, serverEndpoint
 
         self.assertGreaterEqual(LISTEN_BACKLOG, 4096)
-        self.assertEqual(_serverEndpoint(Clock(), "127.0.0.1", 1)._backlog, LISTEN_BACKLOG)
-        self.assertEqual(_serverEndpoint(Clock(), "::1", 1)._backlog, LISTEN_BACKLOG)
+        self.assertEqual(serverEndpoint(Clock(), "127.0.0.1", 1)._backlog, LISTEN_BACKLOG)
+        self.assertEqual(serverEndpoint(Clock(), "::1", 1)._backlog, LISTEN_BACKLOG)
 
     def test_metricsAddress(self):
         from twisted.internet.testing import MemoryReactor
@@ -344,3 +355,134 @@ class ListenerTests(unittest.TestCase):
         top = makeService(parse(REQUIRED + ["--metrics-port", "9191", "--metrics-address", "127.0.0.1"]), reactor=reactor)
         top.privilegedStartService()
         self.assertIn((9191, "127.0.0.1"), [(port, interface) for port, _, _, interface in reactor.tcpServers])
+
+
+class WiringTests(unittest.TestCase):
+    """
+    L{makeService} builds each collaborator before what uses it and hands
+    it over at construction; the files are read here, not while parsing.
+    """
+
+    def test_collaboratorsGivenToTheRelay(self):
+        from relay import service as module
+
+        built = []
+
+        class RecordingMetrics(module.RelayMetrics):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self.lookups = []
+                built.append(self)
+
+            def recordLookupDuration(self, seconds):
+                self.lookups.append(seconds)
+
+        self.patch(module, "RelayMetrics", RecordingMetrics)
+        options = parse(REQUIRED + ["--max-peers", "7", "--cluster-headless", "127.0.0.2", "--pod-ip", "127.0.0.1", "--cluster-auth-secret", "c"])
+        top = makeService(options, reactor=MemoryReactorClock())
+        [metrics] = built
+        relay = top.relay
+        self.assertIs(relay.forwarder, top.cluster)
+        self.assertIs(relay.limits, options.config.limits)
+        self.assertEqual(relay.limits.maxPeers, 7)
+        self.assertIs(top.cluster.transport.noisyLog, relay.noisyLog)
+        self.assertEqual(relay.recordAuthenticationTime, metrics.recordAuthenticationTime)
+        self.assertEqual(relay.recordStoreTime, metrics.recordStoreTime)
+        # The fabric, built before the metrics, reports its lookups to them.
+        top.cluster.locator.lookupObserver(0.25)
+        self.assertEqual(metrics.lookups, [0.25])
+        # The fabric sees the relay's peers through the same store.
+        self.assertIs(top.cluster.locator.localPeers.store, relay.store)
+
+    def test_singlePodHasNoForwarder(self):
+        top = makeService(parse(REQUIRED), reactor=Clock())
+        self.assertIsNone(top.relay.forwarder)
+        self.assertIsNone(top.cluster)
+        self.assertIsNone(top.quic)
+
+    def test_certificateReadByTheWiring(self):
+        """
+        A certificate file that cannot be read passes the options (no file
+        is opened while parsing) and stops makeService with a message naming
+        it.
+        """
+        options = parse(REQUIRED + ["--tls-cert-file", "/nonexistent.crt", "--tls-key-file", "/nonexistent.key"])
+        e = self.assertRaises(SystemExit, makeService, options, reactor=Clock())
+        self.assertIn("relay: cannot read TLS certificate file", str(e))
+        self.assertIn("/nonexistent.crt", str(e))
+
+    def test_certificateFiles(self):
+        """
+        With certificate files QUIC is served at once from them, and SIGHUP
+        re-reads them for both carriers.
+        """
+        from tests.certs import writeCertificate
+
+        cert, key, _ = writeCertificate(self.mktemp())
+        top = makeService(parse(REQUIRED + ["--tls-cert-file", cert, "--tls-key-file", key]), reactor=MemoryReactorClock())
+        quic = top.quic.quic
+        self.assertIn(quic, list(top.quic))
+        self.assertEqual((quic.certFile, quic.keyFile), (cert, key))
+        before = (top.tls.current, quic.protocol.configuration)
+        top.reloadTLS()
+        self.assertNotIdentical(top.tls.current, before[0])
+        self.assertNotIdentical(quic.protocol.configuration, before[1])
+
+    def test_quicReloadKeepsAUsableCertificate(self):
+        """
+        SIGHUP with a broken certificate file: QUIC says so and keeps the
+        certificate it has.
+        """
+        from tests.certs import writeCertificate
+
+        cert, key, _ = writeCertificate(self.mktemp())
+        top = makeService(parse(REQUIRED + ["--tls-cert-file", cert, "--tls-key-file", key]), reactor=MemoryReactorClock())
+        configuration = top.quic.quic.protocol.configuration
+        with open(cert, "w") as f:
+            f.write("not a certificate")
+        events = []
+        self.patch(top.quic, "_log", Logger(observer=events.append))
+        top.quic.reload()
+        self.assertIs(top.quic.quic.protocol.configuration, configuration)
+        [event] = events
+        self.assertEqual(event["log_level"], LogLevel.error)
+        self.assertIn("QUIC certificate reload failed, keeping the previous one", formatEvent(event))
+
+    def test_acmeCertificateRenewal(self):
+        """
+        With ACME, QUIC starts once ACME has a certificate and reloads from
+        ACME's files on each new one; readiness waits for the first.
+        """
+        import os
+        import time
+
+        from relay.acme import AcmeCertificateService
+        from tests.certs import writeCertificate
+
+        dataDir = os.path.abspath(self.mktemp())
+        reactor = MemoryReactorClock()
+        reactor.advance(time.time())
+        top = makeService(parse(REQUIRED + ["-a", "relay.example", "-d", dataDir, "--metrics-port", "0"]), reactor=reactor)
+        [acme] = [child for child in top if isinstance(child, AcmeCertificateService)]
+        self.assertIsNone(top.quic.quic)
+        self.assertFalse(top.readiness.certificateReady)
+        # A certificate a previous run left: ACME loads it when it starts.
+        os.makedirs(dataDir, mode=0o700)
+        cert, key, _ = writeCertificate(dataDir + ".old", name="relay.example")
+        for source, target in ((cert, acme.certificatePath), (key, acme.keyPath)):
+            with open(source, "rb") as f, open(target, "wb") as t:
+                t.write(f.read())
+            os.chmod(target, 0o600)
+        with open(acme.metadataPath, "w") as f:
+            json.dump({"directoryURL": acme.directoryURL, "domains": acme.domains}, f)
+        acme.startService()
+        self.addCleanup(acme.stopService)
+        quic = top.quic.quic
+        self.assertIsNotNone(quic)
+        self.assertEqual((quic.certFile, quic.keyFile), (acme.certificatePath, acme.keyPath))
+        self.assertTrue(top.readiness.certificateReady)
+        # A renewal: the same QUIC service, its configuration read again.
+        configuration = quic.protocol.configuration
+        top.quic.certificateRenewed(self.successResultOf(acme.whenReady()))
+        self.assertIs(top.quic.quic, quic)
+        self.assertNotIdentical(quic.protocol.configuration, configuration)

@@ -13,48 +13,48 @@ from twisted.trial import unittest
 
 from relay import client
 from relay import messages as m
-from relay.service import variableFor
-from relay.workers import ReusePortEndpoint, workerAddresses, workerEnvironment
+from relay.endpoints import ReusePortEndpoint
+from relay.workers import workerAddresses, workerEnvironment
 from tests.e2e import sleep, startRelay
-from tests.test_service import REQUIRED, parse
+from tests.test_service import REQUIRED, config
 
 TIMESTAMP = re.compile(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} ")
 
 
 class OptionTests(unittest.TestCase):
     def test_oneWorkerIsPlain(self):
-        options = parse(REQUIRED)
-        self.assertEqual(options["workers"], 1)
-        self.assertEqual(options["cluster-headless"], "")
+        c = config(REQUIRED)
+        self.assertEqual(c.workers, 1)
+        self.assertIsNone(c.cluster)
 
     def test_firstWorker(self):
-        options = parse(REQUIRED + ["--workers", "3"])
-        self.assertEqual(options["cluster-headless"], "127.0.1.1,127.0.1.2,127.0.1.3")
-        self.assertEqual(options["pod-ip"], "127.0.1.1")
-        self.assertEqual(options["cluster-listen"], ("127.0.1.1", 7090))
-        self.assertEqual(len(options["cluster-auth-secret"]), 64)
+        cluster = config(REQUIRED + ["--workers", "3"]).cluster
+        self.assertEqual(cluster.headless, "127.0.1.1,127.0.1.2,127.0.1.3")
+        self.assertEqual(cluster.podIP, "127.0.1.1")
+        self.assertEqual(cluster.listen, ("127.0.1.1", 7090))
+        self.assertEqual(len(cluster.secret), 64)
 
     def test_otherWorkerFromEnvironment(self):
-        first = parse(REQUIRED + ["--workers", "2", "--metrics-port", "9100"])
-        env = workerEnvironment(first, 1, variableFor)
+        first = config(REQUIRED + ["--workers", "2", "--metrics-port", "9100"])
+        env = workerEnvironment(first, 1)
         self.assertEqual(env["OZ_METRICS_PORT"], "9101")
         self.assertEqual(env["OZ_AUTH_SECRET"], "s3cret")
-        second = parse([], env)
-        self.assertEqual(second["worker-index"], 1)
-        self.assertEqual(second["pod-ip"], "127.0.1.2")
-        self.assertEqual(second["cluster-auth-secret"], first["cluster-auth-secret"])
-        self.assertEqual(second["listen"], first["listen"])
+        second = config([], env)
+        self.assertEqual(second.workerIndex, 1)
+        self.assertEqual(second.cluster.podIP, "127.0.1.2")
+        self.assertEqual(second.cluster.secret, first.cluster.secret)
+        self.assertEqual(second.listen, first.listen)
 
     def test_noMetricsStaysOff(self):
-        first = parse(REQUIRED + ["--workers", "2", "--metrics-port", "0"])
-        self.assertEqual(workerEnvironment(first, 1, variableFor)["OZ_METRICS_PORT"], "0")
+        first = config(REQUIRED + ["--workers", "2", "--metrics-port", "0"])
+        self.assertEqual(workerEnvironment(first, 1)["OZ_METRICS_PORT"], "0")
 
     def test_notWithACluster(self):
-        e = self.assertRaises(usage.UsageError, parse, REQUIRED + ["--workers", "2", "--cluster-headless", "x", "--pod-ip", "10.0.0.1"])
+        e = self.assertRaises(usage.UsageError, config, REQUIRED + ["--workers", "2", "--cluster-headless", "x", "--pod-ip", "10.0.0.1"])
         self.assertIn("do not mix", str(e))
 
     def test_atLeastOne(self):
-        self.assertRaises(usage.UsageError, parse, REQUIRED + ["--workers", "0"])
+        self.assertRaises(usage.UsageError, config, REQUIRED + ["--workers", "0"])
 
     def test_addresses(self):
         self.assertEqual(workerAddresses(2), "127.0.1.1,127.0.1.2")

@@ -9,15 +9,17 @@ cluster port, and is itself the relay's L{ICrossPodForwarder}.
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
+from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relay.addresses import joinAddress, splitAddress
 from relay.cluster.discovery import Discovery
 from relay.cluster.forwarder import Forwarder
 from relay.cluster.locator import Locator
-from relay.cluster.transport import ClusterTransport, joinAddress, splitAddress, tcpEndpoint
+from relay.cluster.transport import ClusterTransport, tcpEndpoint
+from relay.endpoints import serverEndpoint
 from relay.interfaces import ICrossPodForwarder
 
 _ENDPOINT_PREFIXES = ("tcp:", "tcp6:", "unix:", "systemd:")
@@ -29,20 +31,16 @@ def listeningEndpoint(reactor, listenAddress):
     """
     A server endpoint for C{host:port} (empty host: every IPv4 interface;
     C{[v6]:port} for IPv6), a C{(host, port)} tuple, or a Twisted endpoint
-    string such as C{tcp:7090}.
+    string such as C{tcp:7090}; the first two through the relay's one
+    builder (L{serverEndpoint}), with its listen backlog.
     """
     if isinstance(listenAddress, tuple):
         host, port = listenAddress
     elif listenAddress.startswith(_ENDPOINT_PREFIXES):
         return serverFromString(reactor, listenAddress)
     else:
-        if listenAddress.startswith(":"):
-            listenAddress = "0.0.0.0" + listenAddress
-        host, port = splitAddress(listenAddress)
-    host = host or "0.0.0.0"
-    if ":" in host:
-        return TCP6ServerEndpoint(reactor, port, interface=host)
-    return TCP4ServerEndpoint(reactor, port, interface=host)
+        host, port = splitAddress(listenAddress, listening=True)
+    return serverEndpoint(reactor, host, port)
 
 
 @implementer(ICrossPodForwarder)
@@ -71,9 +69,11 @@ class ClusterService(MultiService):
         compat=False,
         wallClock=None,
         noisyLog=None,
+        lookupObserver=None,
     ):
         """
-        @param localPeers: the relay, as L{relay.interfaces.ILocalPeers}.
+        @param localPeers: the peers connected to this pod, an
+            L{relay.interfaces.ILocalPeers} (L{relay.server.LocalPeers}).
         @param podIP: this pod's IP (announced, and never dialed).
         @param clusterPort: the inter-pod port of every pod (int).
         @param listenAddress: where to listen: C{host:port}, C{(host, port)}
@@ -94,6 +94,8 @@ class ClusterService(MultiService):
         @param noisyLog: the L{relay.limits.LogBudget} for lines strangers
             cause (the relay's, so one budget covers every port); the
             fabric's own by default.
+        @param lookupObserver: called with the duration in seconds of each
+            WHO_HAS lookup (the metrics' histogram), or None.
         """
         MultiService.__init__(self)
         self.reactor = reactor
@@ -113,7 +115,7 @@ class ClusterService(MultiService):
             wallClock=wallClock,
             noisyLog=noisyLog,
         )
-        self.locator = Locator(self.transport, localPeers, reactor)
+        self.locator = Locator(self.transport, localPeers, reactor, lookupObserver=lookupObserver)
         self.forwarder = Forwarder(self.transport, self.locator, localPeers, reactor, counters)
         self.transport.handler = self.forwarder
         self.discovery = Discovery(
@@ -185,9 +187,6 @@ class ClusterService(MultiService):
 
     def streamCount(self):
         return self.transport.streamCount()
-
-    def discoveryHasRun(self):
-        return self.discovery.hasRun
 
     def whenDiscoveryRan(self):
         """

@@ -50,6 +50,7 @@ import ipaddress
 import os
 import socket
 from collections import OrderedDict, deque
+from dataclasses import dataclass
 
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
@@ -60,6 +61,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
+from relay.addresses import joinAddress, splitAddress
 from relay.cluster import frames
 from relay.limits import LogBudget
 from relay.logtext import quoted
@@ -117,32 +119,6 @@ class IStreamHandler(Interface):
         A decoded L{frames.WhoHas}, L{frames.IHave}, L{frames.PeerGone} or
         L{frames.Fwd} arrived on a live stream.
         """
-
-
-def splitAddress(address):
-    """
-    Split C{host:port} (C{[v6]:port} for IPv6) into C{(host, port)}.
-
-    @raise ValueError: if it is not that.
-    """
-    host, sep, port = address.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"not host:port: {address!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    portNumber = int(port)
-    if not 0 < portNumber < 65536:
-        raise ValueError(f"bad port in {address!r}")
-    return host, portNumber
-
-
-def joinAddress(host, port):
-    """
-    The C{host:port} form of an address, brackets around an IPv6 literal.
-    """
-    if ":" in host:
-        return f"[{host}]:{port}"
-    return f"{host}:{port}"
 
 
 def ipOf(host):
@@ -279,10 +255,10 @@ class ClusterStream(Protocol):
             self._nonce = os.urandom(frames.NONCE_SIZE)
             self.send(frames.challengeFrame(self._nonce))
             self._state = AWAIT_AUTH
-            wait = owner.upgradeWait if owner.compat else owner.helloTimeout
+            wait = owner.settings.upgradeWait if owner.compat else owner.settings.helloTimeout
         else:
             self._state = AWAIT_HELLO
-            wait = owner.helloTimeout
+            wait = owner.settings.helloTimeout
         self._helloTimer = owner.clock.callLater(wait, self._helloTimedOut)
 
     def connectionLost(self, reason):
@@ -341,7 +317,7 @@ class ClusterStream(Protocol):
             return
         self._pinger = LoopingCall(self._ping)
         self._pinger.clock = self.owner.clock
-        self._pinger.start(self.owner.pingInterval, now=False).addErrback(
+        self._pinger.start(self.owner.settings.pingInterval, now=False).addErrback(
             lambda failure: _log.failure("cluster: keepalive of {stream} stopped", failure, stream=self)
         )
 
@@ -352,7 +328,7 @@ class ClusterStream(Protocol):
         if self.owner.compat and self._state in (AWAIT_CHALLENGE, AWAIT_AUTH):
             self._notSecured(None, None)
             return
-        self._rejectHello(frames.TIMEOUT, f"handshake not done within {self.owner.helloTimeout:g} s ({self._state})")
+        self._rejectHello(frames.TIMEOUT, f"handshake not done within {self.owner.settings.helloTimeout:g} s ({self._state})")
 
     def _rejectHello(self, reason, detail):
         self._helloCancelTimer()
@@ -408,7 +384,7 @@ class ClusterStream(Protocol):
         self._hello = bytes(payload)
         self._state = AWAIT_CHALLENGE
         if owner.compat:
-            self._restartTimer(owner.upgradeWait)
+            self._restartTimer(owner.settings.upgradeWait)
 
     def _fromAnnouncedHost(self, address):
         """
@@ -432,7 +408,7 @@ class ClusterStream(Protocol):
         self._handshake = frames.Handshake(self.owner.secret, self._hello, dialerNonce, nonce)
         self.send(frames.authFrame(nonce, self._handshake.acceptorMAC))
         self._state = AWAIT_CONFIRM
-        self._restartTimer(self.owner.helloTimeout)
+        self._restartTimer(self.owner.settings.helloTimeout)
 
     def _proofReceived(self, frameType, payload):
         """
@@ -559,7 +535,7 @@ class ClusterStream(Protocol):
         if self.send(frames.pingFrame()) != SENT:
             return
         self.owner.counters.pingsSent += 1
-        self._pongTimer = self.owner.clock.callLater(self.owner.pongTimeout, self._pongMissed)
+        self._pongTimer = self.owner.clock.callLater(self.owner.settings.pongTimeout, self._pongMissed)
 
     def _pongReceived(self):
         self.answersPing = True
@@ -574,7 +550,7 @@ class ClusterStream(Protocol):
             _log.warn(
                 "cluster: closing {stream}: no PONG within {timeout:g} s",
                 stream=self,
-                timeout=self.owner.pongTimeout,
+                timeout=self.owner.settings.pongTimeout,
             )
             self.abort()
 
@@ -597,7 +573,7 @@ class ClusterStream(Protocol):
             self.transport.write(data)
             return SENT
         size = len(data)
-        highWater = self.owner.highWater
+        highWater = self.owner.settings.highWater
         if droppable and self._queued + size > highWater:
             self.owner.counters.dropped["slow_stream"] += 1
             return SLOW
@@ -656,11 +632,11 @@ class _AcceptingFactory(Factory):
         owner = self.owner
         host = getattr(addr, "host", None)
         pending = owner._pending
-        if len(owner._connections) >= owner.maxConnections or sum(1 for h in pending.values() if h == host) >= owner.maxPendingPerHost:
+        if len(owner._connections) >= owner.settings.maxConnections or sum(1 for h in pending.values() if h == host) >= owner.settings.maxPendingPerHost:
             owner.counters.helloRejects[frames.CONNECTION_LIMIT] += 1
             self._logCap(host)
             return None
-        if len(pending) >= owner.maxPending:
+        if len(pending) >= owner.settings.maxPending:
             oldest = next(iter(pending))
             pending.pop(oldest)
             owner.counters.helloRejects[frames.EVICTED] += 1
@@ -699,12 +675,44 @@ class _DialingFactory(Factory):
         return self.stream
 
 
+@dataclass(frozen=True)
+class FabricSettings:
+    """
+    The timings and caps of one pod's inter-pod streams. The defaults are
+    the production values; tests shorten or lower them.
+
+    @ivar helloTimeout: seconds an accepted stream has to complete its
+        handshake.
+    @ivar dialTimeout: seconds a dial may take, name resolution included.
+    @ivar pingInterval: seconds between PINGs on a live stream;
+        C{pongTimeout}: seconds its PONG may take.
+    @ivar highWater: bytes queued on a paused stream beyond which a FWD is
+        dropped.
+    @ivar upgradeWait: in compatibility mode, seconds to wait for the other
+        side's secured handshake before taking it for an original pod.
+    @ivar maxPending: most accepted connections still in their handshake
+        (the oldest makes room for a new one); C{maxPendingPerHost}: most of
+        those from one address; C{maxConnections}: most connections in all.
+    """
+
+    helloTimeout: float = HELLO_TIMEOUT
+    dialTimeout: float = DIAL_TIMEOUT
+    pingInterval: float = PING_INTERVAL
+    pongTimeout: float = PONG_TIMEOUT
+    highWater: int = HIGH_WATER
+    upgradeWait: float = UPGRADE_WAIT
+    maxPending: int = MAX_PENDING
+    maxPendingPerHost: int = MAX_PENDING_PER_HOST
+    maxConnections: int = MAX_CONNECTIONS
+
+
 class ClusterTransport:
     """
     Every inter-pod stream of this pod, keyed by announced address.
 
     @ivar handler: the L{IStreamHandler} told about streams and frames (set
         after construction: the forwarder needs the transport first).
+    @ivar settings: the L{FabricSettings}.
     """
 
     def __init__(
@@ -714,17 +722,10 @@ class ClusterTransport:
         clock,
         counters,
         endpointFactory,
+        *,
         handler=None,
-        helloTimeout=HELLO_TIMEOUT,
-        dialTimeout=DIAL_TIMEOUT,
-        pingInterval=PING_INTERVAL,
-        pongTimeout=PONG_TIMEOUT,
-        highWater=HIGH_WATER,
+        settings=FabricSettings(),
         compat=False,
-        upgradeWait=UPGRADE_WAIT,
-        maxPending=MAX_PENDING,
-        maxPendingPerHost=MAX_PENDING_PER_HOST,
-        maxConnections=MAX_CONNECTIONS,
         wallClock=None,
         noisyLog=None,
     ):
@@ -734,10 +735,7 @@ class ClusterTransport:
             empty (unsigned HELLO, no secured handshake: no protection).
         @param compat: whether to take pods that skip the secured handshake
             (original pods) at the original's level of trust.
-        @param maxPending: most accepted connections still in their
-            handshake (the oldest makes room for a new one);
-            C{maxPendingPerHost}: most of those from one address;
-            C{maxConnections}: most connections in all.
+        @param settings: the L{FabricSettings} (timings and caps).
         @param clock: the L{IReactorTime} timers run on.
         @param wallClock: whose C{seconds()} is unix time, for HELLO
             timestamps and their replay memory (L{relay.clocks}); C{clock}
@@ -756,16 +754,8 @@ class ClusterTransport:
         self.counters = counters
         self.endpointFactory = endpointFactory
         self.handler = handler
-        self.helloTimeout = helloTimeout
-        self.dialTimeout = dialTimeout
-        self.pingInterval = pingInterval
-        self.pongTimeout = pongTimeout
-        self.highWater = highWater
+        self.settings = settings
         self.compat = compat
-        self.upgradeWait = upgradeWait
-        self.maxPending = maxPending
-        self.maxPendingPerHost = maxPendingPerHost
-        self.maxConnections = maxConnections
         self.noisyLog = LogBudget(clock) if noisyLog is None else noisyLog
         self._streams = {}
         self._connections = set()
@@ -832,7 +822,7 @@ class ClusterTransport:
         except Exception as e:
             connecting = defer.fail(e)
         self._attempts[address] = connecting
-        connecting.addTimeout(self.dialTimeout, self.clock)
+        connecting.addTimeout(self.settings.dialTimeout, self.clock)
         connecting.addBoth(self._dialFinished, address)
 
     def _dialFinished(self, result, address):

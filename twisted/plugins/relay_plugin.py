@@ -1,5 +1,6 @@
 """
-Makes C{twistd relay} start the relay (see L{relay.service}).
+Makes C{twistd relay} start the relay: its options are L{relay.config}'s,
+its service tree L{relay.service.makeService}.
 """
 
 from twisted.application.service import ServiceMaker
