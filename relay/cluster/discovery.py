@@ -13,7 +13,7 @@ Vanished addresses need nothing: their streams end by themselves.
 A DNS failure (or a name listing no address) is retried at the next pass
 and logged at warn, at most once a minute per name while it lasts, and its
 end at info: a pod whose name stops resolving loses its siblings quietly
-otherwise. C{hasRun} tells readiness whether at least one pass has
+otherwise. L{Discovery.whenRun} tells readiness when the first pass has
 completed.
 """
 
@@ -26,7 +26,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from relay.cluster.transport import joinAddress
+from relay.addresses import joinAddress
 
 DISCOVERY_INTERVAL = 10.0
 MAX_BACKOFF = 160.0
