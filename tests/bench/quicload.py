@@ -29,7 +29,7 @@ import os
 import struct
 import time
 
-from relay.bench import wire
+from tests.bench import wire
 
 ACK = struct.Struct("!IQ")  # pair index, next expected sequence number
 
