@@ -14,7 +14,7 @@ from tests.bench import wire
 from tests.bench import peers
 from tests.bench.peers import HandshakeRun
 from tests.bench.relayproc import RelayProcess, raiseFileLimit
-from relay.loopback import freePort
+from tests.loopback import freePort
 from tests.test_e2e_operability import sample
 
 SECRET = "admission-secret"

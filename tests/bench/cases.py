@@ -14,7 +14,7 @@ from tests.bench import wire
 from tests.bench.loads import EchoLoop, pairWorker, probeRoute
 from tests.bench.peers import BenchError, HandshakeRun, connectPeer
 from tests.bench.relayproc import ROOT, RelayProcess, cpuSeconds, listenOverflows, rssKiB, runQueueSeconds, udpCounters
-from relay.loopback import commonPort, freePort
+from tests.loopback import commonPort, freePort
 
 
 class Skip(Exception):
