@@ -328,10 +328,26 @@ EOF
 # --- One relay with TLS: WebSocket over TLS and QUIC -----------------------------
 mkdir -p "$work/certs"
 chown 10001:10001 "$work/certs"
-# A throwaway certificate for localhost and 127.0.0.1, written as uid 10001.
-timeout 60 podman run --rm --no-healthcheck --network none -v "$work/certs:/certs" --entrypoint /opt/relay/bin/python "$image" \
-  -c "from relay.bench.relayproc import writeCertificate; writeCertificate('/certs', 'localhost', prefix='')" \
+# A throwaway certificate for localhost and 127.0.0.1, written as uid 10001
+# by the tests' writer: the image holds no test code, so the repository's
+# tests/ is mounted, read-only, for this one run.
+timeout 60 podman run --rm --no-healthcheck --network none -v "$work/certs:/certs" -v "$repo/tests:/src/tests:ro" \
+  --entrypoint /opt/relay/bin/python "$image" \
+  -c "import sys; sys.path.insert(0, '/src'); from tests.bench.relayproc import writeCertificate; writeCertificate('/certs', 'localhost', prefix='')" \
   || die "throwaway certificate"
+
+# The image holds the product (the relay, its client library, the probe),
+# none of the tools: the installed package's files name no tool module.
+if tools=$(inImage -c "
+import importlib.metadata, re, sys
+tools = [str(f) for f in importlib.metadata.files('relay') if re.search(r'(^|/)(bench|tests|deploy)/|(^|/)(fuzz|soak|lint|loopback)\.py$', str(f))]
+print(' '.join(tools))
+sys.exit(1 if tools else 0)
+" </dev/null 2>&1); then
+  pass "the image holds no tools (bench, fuzz, soak, lint)"
+else
+  fail "the image holds tools: $tools"
+fi
 
 single=relay-image-test-tls-$tag
 runRelay "$single" \

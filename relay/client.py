@@ -15,7 +15,7 @@ from twisted.logger import Logger
 
 from relay import messages as m
 from relay.auth import generateToken
-from relay.peer import _noDelay
+from relay.tcp import noDelay
 
 CLOSE_TIMEOUT = 3.0
 
@@ -107,7 +107,7 @@ class RelayClientProtocol(PeerClient, WebSocketClientProtocol):
 
     def connectionMade(self):
         super().connectionMade()
-        _noDelay(self.transport)
+        noDelay(self.transport)
 
     def onOpen(self):
         self.sendMessage(m.encodeAuth(self.factory.peerID, self.factory.token), isBinary=True)

@@ -46,6 +46,7 @@ from zope.interface import implementer
 from relay import messages as m
 from relay.logtext import quoted
 from relay.session import PeerSession
+from relay.tcp import noDelay as _noDelay
 
 
 
@@ -694,13 +695,6 @@ def _writeNow(transport, data):
                 return
             data = data[sent:]
     transport.write(data)
-
-
-def _noDelay(transport):
-    try:
-        transport.setTcpNoDelay(True)
-    except (AttributeError, OSError):
-        pass
 
 
 def _originHost(origin):

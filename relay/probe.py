@@ -21,7 +21,7 @@ from twisted.internet import defer, ssl, task, threads
 
 from relay import client
 from relay import messages as m
-from relay import quic
+from relay import quic, quicclient
 
 # The largest payload one DATAGRAM frame carries to the probe's QUIC peers
 # (aioquic's 8-byte connection ids): larger ones would be dropped, not lost.
@@ -49,12 +49,12 @@ def _connectQuic(reactor, url, peerID, secret, timeout, cafile):
     # connectQuic needs an address; the name stays for the certificate.
     infos = yield threads.deferToThread(socket.getaddrinfo, host, port, type=socket.SOCK_DGRAM)
     address = infos[0][4][0]
-    configuration = quic.clientConfiguration(cafile=cafile, serverName=host)
+    configuration = quicclient.clientConfiguration(cafile=cafile, serverName=host)
     if cafile is None:
         # clientConfiguration skips verification without a cafile (tests);
         # a probe checks the certificate against certifi's roots.
         configuration.verify_mode = CERT_REQUIRED
-    peer = yield quic.connectQuic(reactor, address, port, peerID, secret=secret, timeout=timeout, configuration=configuration)
+    peer = yield quicclient.connectQuic(reactor, address, port, peerID, secret=secret, timeout=timeout, configuration=configuration)
     return peer
 
 

@@ -2,14 +2,14 @@
 Throwaway certificates for TLS tests.
 """
 
-from relay.bench import relayproc
+from tests.bench import relayproc
 
 
 def writeCertificate(directory, name="localhost", days=30, expired=False):
     """
     A self-signed EC certificate for C{name} (and 127.0.0.1), written as
     C{<name>.crt} and C{<name>.key} in C{directory}; see
-    L{relay.bench.relayproc.writeCertificate}.
+    L{tests.bench.relayproc.writeCertificate}.
 
     @return: C{(certificate path, key path, certificate PEM bytes)}.
     """

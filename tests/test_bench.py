@@ -1,5 +1,5 @@
 """
-The benchmark harness (relay.bench): the pieces that can silently lie (frame
+The benchmark harness (tests.bench): the pieces that can silently lie (frame
 building, frame parsing, percentiles) checked against PROTOCOL.md and RFC 6455,
 and one tiny real run against a real relay process.
 """
@@ -10,11 +10,11 @@ import socket
 
 from twisted.trial import unittest
 
-from relay.bench import cases, wire
-from relay.bench.loads import Flow, PairLoop
-from relay.bench.peers import Peer
-from relay.bench.__main__ import parseArgs
-from relay.bench.relayproc import RelayProcess, raiseFileLimit, writeCertificate
+from tests.bench import cases, wire
+from tests.bench.loads import Flow, PairLoop
+from tests.bench.peers import Peer
+from tests.bench.__main__ import parseArgs
+from tests.bench.relayproc import RelayProcess, raiseFileLimit, writeCertificate
 
 PEER_A = bytes.fromhex("7368612dbdb94c73d53c44023a715a2970a10c4d54fa9550b70fd9d34cc4b0a2de5ddcbe")
 TOKEN = bytes.fromhex("01171b78c230f8924ea423b2db791f90effa360b02a58889d318e4aba5bdfb2eff31383933343536303030")
@@ -22,7 +22,7 @@ TOKEN = bytes.fromhex("01171b78c230f8924ea423b2db791f90effa360b02a58889d318e4aba
 
 def unmaskClientFrames(data):
     """
-    Parse masked client frames independently of relay.bench: list of
+    Parse masked client frames independently of tests.bench: list of
     (fin, opcode, unmasked payload).
     """
     out = []

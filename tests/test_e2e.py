@@ -12,7 +12,7 @@ from twisted.trial import unittest
 
 from relay import client
 from relay import messages as m
-from relay.quic import connectQuic
+from relay.quicclient import connectQuic
 from tests.certs import writeCertificate
 from tests.e2e import ROOT, sleep, startRelay
 

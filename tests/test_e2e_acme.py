@@ -17,8 +17,8 @@ from zope.interface import implementer
 
 from relay import client
 from relay import messages as m
-from relay.loopback import commonPort
-from relay.quic import connectQuic
+from tests.loopback import commonPort
+from relay.quicclient import connectQuic
 from tests.e2e import RelayProcess, freePort, relayArgs, sleep, startRelay
 from tests.pebble import SKIP, HostsDNS, Pebble
 

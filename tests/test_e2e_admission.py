@@ -10,11 +10,11 @@ import urllib.request
 
 from twisted.trial import unittest
 
-from relay.bench import wire
-from relay.bench import peers
-from relay.bench.peers import HandshakeRun
-from relay.bench.relayproc import RelayProcess, raiseFileLimit
-from relay.loopback import freePort
+from tests.bench import wire
+from tests.bench import peers
+from tests.bench.peers import HandshakeRun
+from tests.bench.relayproc import RelayProcess, raiseFileLimit
+from tests.loopback import freePort
 from tests.test_e2e_operability import sample
 
 SECRET = "admission-secret"

@@ -15,7 +15,7 @@ from relay import client
 from relay import messages as m
 from relay.cluster import frames
 from relay.cluster.locator import seqnoOf
-from relay.loopback import commonPort
+from tests.loopback import commonPort
 from tests.e2e import RelayProcess, rawConnect, relayArgs, sleep
 
 PODS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")

@@ -14,7 +14,7 @@ from twisted.trial import unittest
 from relay import client
 from relay import messages as m
 from relay.auth import generateToken
-from relay.loopback import freePort
+from tests.loopback import freePort
 from tests import wsraw
 from tests.e2e import ROOT, RelayProcess, rawConnect, relayArgs, sleep, startRelay
 from tests.test_e2e_operability import get, sample

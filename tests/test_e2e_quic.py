@@ -18,7 +18,7 @@ from twisted.trial import unittest
 
 from relay import client, probe
 from relay import messages as m
-from relay.quic import QuicHandshakeFailed, connectQuic
+from relay.quicclient import QuicHandshakeFailed, connectQuic
 from tests.certs import writeCertificate
 from tests.e2e import ROOT, freePort, sleep, startRelay
 from tests.test_e2e_operability import get, sample

@@ -1,5 +1,5 @@
 """
-The live fuzzer (relay.fuzz) against a real relay for a few seconds, its
+The live fuzzer (tests.fuzz) against a real relay for a few seconds, its
 byte-level helpers, and regressions for what it found.
 
 The long runs (10 minutes, one relay and three pods) are manual; this keeps
@@ -16,9 +16,9 @@ import time
 
 from twisted.trial import unittest
 
-from relay import fuzz
-from relay.bench import wire
-from relay.bench.relayproc import RelayProcess
+from tests import fuzz
+from tests.bench import wire
+from tests.bench.relayproc import RelayProcess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,12 +65,12 @@ class Helpers(unittest.SynchronousTestCase):
 
 def runFuzz(testCase, args, timeout):
     """
-    Run C{python -m relay.fuzz} with C{args} (and a short warm-up and
+    Run C{python -m tests.fuzz} with C{args} (and a short warm-up and
     settle at 60 connections per second).
 
     @return: the finished process and its JSON summary.
     """
-    command = [sys.executable, "-m", "relay.fuzz", *args, "--rate", "60", "--warmup", "1", "--settle", "2"]
+    command = [sys.executable, "-m", "tests.fuzz", *args, "--rate", "60", "--warmup", "1", "--settle", "2"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, timeout=timeout)
     try:
         return done, json.loads(done.stdout)
@@ -129,12 +129,12 @@ class ClusterSmoke(unittest.SynchronousTestCase):
 
 class SoakSmoke(unittest.SynchronousTestCase):
     """
-    relay.soak at a toy size, so the tool keeps working between long runs.
+    tests.soak at a toy size, so the tool keeps working between long runs.
     """
 
     def test_sixSeconds(self):
         command = [
-            sys.executable, "-m", "relay.soak", "--peers", "200", "--pairs", "4",
+            sys.executable, "-m", "tests.soak", "--peers", "200", "--pairs", "4",
             "--duration", "6", "--warmup", "2", "--window", "2", "--drain", "5",
         ]
         done = subprocess.run(command, cwd=ROOT, capture_output=True, timeout=180)

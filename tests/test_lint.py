@@ -1,5 +1,5 @@
 """
-Tests for L{relay.lint}: the deployment checker must pass the shipped files
+Tests for L{deploy.lint}: the deployment checker must pass the shipped files
 and name each kind of mistake in one line.
 """
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from twisted.trial import unittest
 
-from relay import lint
+from deploy import lint
 
 try:
     import kubernetes_validate  # noqa: F401
@@ -327,7 +327,7 @@ class ShippedManifestTests(unittest.TestCase):
 
         status, out, err = run(DEPLOY)
         self.assertEqual((status, err), (0, ""))
-        self.assertTrue(out.startswith("relay.lint: ok: "), out)
+        self.assertTrue(out.startswith("deploy.lint: ok: "), out)
         status, out, err = run(target)
         self.assertEqual(status, 1)
         self.assertEqual(out, "")

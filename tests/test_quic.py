@@ -25,7 +25,7 @@ from twisted.trial import unittest
 
 from relay import client
 from relay import messages as m
-from relay import quic
+from relay import quic, quicclient
 from relay.auth import TokenValidator, generateToken
 from relay.limits import Limits
 from relay.peer import PeerWebSocketFactory
@@ -104,7 +104,7 @@ class Network:
             self.clock.advance(step)
 
 
-class EagerClient(quic.QuicRelayClient):
+class EagerClient(quicclient.QuicRelayClient):
     """
     An aioquic client that moves to a connection id the relay issued as
     soon as one arrives, as quic-go does once its handshake is complete
@@ -140,7 +140,7 @@ class _ClockedQuicBase(unittest.TestCase):
     The QUIC listener and aioquic clients on one clock and a fake network.
     """
 
-    clientClass = quic.QuicRelayClient
+    clientClass = quicclient.QuicRelayClient
 
     def setUp(self):
         self.clock = Clock()
@@ -156,7 +156,7 @@ class _ClockedQuicBase(unittest.TestCase):
 
     def client(self, peerID, token=TOKEN, authenticate=True, versions=None, connectionIDLength=None, **options):
         options.setdefault("cafile", self.cert)
-        configuration = quic.clientConfiguration(**options)
+        configuration = quicclient.clientConfiguration(**options)
         if versions is not None:
             configuration.supported_versions = versions
         if connectionIDLength is not None:
@@ -377,7 +377,7 @@ class ClockedQuicTests(_ClockedQuicBase):
         self.assertEqual(silent.closeEvent.error_code, quic.CLOSE_ERROR)
         self.assertEqual(self.relay.counters.handshakeRejects["timeout"], 1)
         self.assertEqual(self.relay.counters.connections["quic"], 0)
-        self.failureResultOf(silent.authenticated, quic.QuicHandshakeFailed)
+        self.failureResultOf(silent.authenticated, quicclient.QuicHandshakeFailed)
         self.assertEqual(self.protocol.links, {})
 
     def test_neverFinishesQuicHandshake(self):
@@ -411,7 +411,7 @@ class ClockedQuicTests(_ClockedQuicBase):
         for alpn in ("h3", None):
             peer = self.client(A, alpn=alpn)
             self.network.pump(1.0)
-            failure = self.failureResultOf(peer.authenticated, quic.QuicHandshakeFailed)
+            failure = self.failureResultOf(peer.authenticated, quicclient.QuicHandshakeFailed)
             assertTLSRefusal(self, failure.value.errorCode)
         self.assertEqual(self.protocol.counters["handshake_failed"], 2)
         self.assertEqual(self.relay.counters.connections["quic"], 0)
@@ -529,7 +529,7 @@ class ClockedQuicTests(_ClockedQuicBase):
                 if self._is_client:
                     self.tls.handshake_extensions.append((0x0A0A, bytes(1600)))
 
-        self.patch(quic, "QuicConnection", PaddedHello)
+        self.patch(quicclient, "QuicConnection", PaddedHello)
         peer = self.client(A)
         self.clock.advance(0)
         self.assertEqual(len(self.network.sent), 2)
@@ -570,7 +570,7 @@ class ClockedQuicTests(_ClockedQuicBase):
         self.network.pump(10.0)
         self.assertEqual(self.protocol.handshaking, 0)
         # The stuck client was closed by the 10 s handshake timer.
-        self.failureResultOf(stuck.authenticated, quic.QuicHandshakeFailed)
+        self.failureResultOf(stuck.authenticated, quicclient.QuicHandshakeFailed)
 
     def test_noRetryNormally(self):
         """
@@ -640,7 +640,7 @@ class ClockedQuicTests(_ClockedQuicBase):
         # Before the handshake is done an application close travels as a
         # transport one (RFC 9000 section 10.2.3).
         self.assertEqual(refused.closeEvent.error_code, QuicErrorCode.APPLICATION_ERROR)
-        self.failureResultOf(refused.authenticated, quic.QuicHandshakeFailed)
+        self.failureResultOf(refused.authenticated, quicclient.QuicHandshakeFailed)
         self.assertEqual(self.relay.counters.handshakeRejects["per_ip_connections"], 1)
         self.assertEqual(self.relay.counters.connections["quic"], 1)
         self.assertEqual(list(self.relay.store.peers), [A])
@@ -683,7 +683,7 @@ class ClockedQuicTests(_ClockedQuicBase):
         # The refused client fails once the test tears the listener down;
         # that expected failure must not surface later as an unhandled
         # error in whichever test happens to collect it.
-        late.authenticated.addErrback(lambda failure: failure.trap(quic.QuicHandshakeFailed))
+        late.authenticated.addErrback(lambda failure: failure.trap(quicclient.QuicHandshakeFailed))
 
     def test_shutdownWithCongestedPeer(self):
         """
@@ -885,7 +885,7 @@ class QuicGoLikeClientTests(_ClockedQuicBase):
         self.network.pump(1.0)
         for peer in peers:
             self.assertEqual((peer.closeEvent.error_code, peer.closeEvent.frame_type), (quic.CLOSE_ERROR, None))
-            self.failureResultOf(peer.authenticated, quic.QuicHandshakeFailed)
+            self.failureResultOf(peer.authenticated, quicclient.QuicHandshakeFailed)
         self.assertEqual(link.take(), [])
         self.assertEqual(self.relay.counters.handshakeRejects["bad_signature"], 50)
         self.assertEqual(self.relay.counters.connections["quic"], 0)
@@ -986,7 +986,7 @@ class HelperTests(unittest.TestCase):
         """
         reactor = _UDPRecordingReactor()
         for host, interface in (("192.0.2.1", ""), ("2001:db8::1", "::")):
-            quic.connectQuic(reactor, host, 443, A, secret=SECRET, timeout=5)
+            quicclient.connectQuic(reactor, host, 443, A, secret=SECRET, timeout=5)
             self.assertEqual(reactor.udp[-1][0], interface)
 
     def test_connectQuicCannotBind(self):
@@ -994,7 +994,7 @@ class HelperTests(unittest.TestCase):
         No local UDP socket: a failed Deferred, not an exception.
         """
         reactor = _UDPRecordingReactor(refuse=True)
-        d = quic.connectQuic(reactor, "192.0.2.1", 443, A, secret=SECRET, timeout=5)
+        d = quicclient.connectQuic(reactor, "192.0.2.1", 443, A, secret=SECRET, timeout=5)
         self.failureResultOf(d, error.CannotListenError)
 
 
@@ -1131,7 +1131,7 @@ class UDPQuicTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def quicPeer(self, peerID, **options):
-        peer = yield quic.connectQuic(reactor, "127.0.0.1", self.quicPort, peerID, secret=SECRET, cafile=self.cert, timeout=5, **options)
+        peer = yield quicclient.connectQuic(reactor, "127.0.0.1", self.quicPort, peerID, secret=SECRET, cafile=self.cert, timeout=5, **options)
         self.peers.append(peer)
         return peer
 
@@ -1184,8 +1184,8 @@ class UDPQuicTests(unittest.TestCase):
         Over real UDP, a client offering another ALPN is refused.
         """
         failure = yield self.assertFailure(
-            quic.connectQuic(reactor, "127.0.0.1", self.quicPort, A, secret=SECRET, cafile=self.cert, timeout=5, alpn="h3"),
-            quic.QuicHandshakeFailed,
+            quicclient.connectQuic(reactor, "127.0.0.1", self.quicPort, A, secret=SECRET, cafile=self.cert, timeout=5, alpn="h3"),
+            quicclient.QuicHandshakeFailed,
         )
         assertTLSRefusal(self, failure.errorCode)
         self.assertEqual(self.relay.store.peers, {})
@@ -1257,10 +1257,10 @@ class UDPQuicTests(unittest.TestCase):
         yield self.quicPeer(A)
         self.service.reloadCertificate(newCert, newKey)
         yield self.assertFailure(
-            quic.connectQuic(reactor, "127.0.0.1", self.quicPort, B, secret=SECRET, cafile=self.cert, timeout=5),
-            quic.QuicHandshakeFailed,
+            quicclient.connectQuic(reactor, "127.0.0.1", self.quicPort, B, secret=SECRET, cafile=self.cert, timeout=5),
+            quicclient.QuicHandshakeFailed,
         )
-        peer = yield quic.connectQuic(reactor, "127.0.0.1", self.quicPort, B, secret=SECRET, cafile=newCert, timeout=5)
+        peer = yield quicclient.connectQuic(reactor, "127.0.0.1", self.quicPort, B, secret=SECRET, cafile=newCert, timeout=5)
         self.peers.append(peer)
         self.assertIn(B, self.relay.store.peers)
 

@@ -1,6 +1,6 @@
 package main
 
-// The load scenario: the benchmark's load generator (python -m relay.bench
+// The load scenario: the benchmark's load generator (python -m tests.bench
 // quic), in Go so that the relay, not the load, sets the pace.
 //
 // -pairs pairs of peers over -transport (quic, or wss: TLS WebSocket on the

@@ -1,5 +1,5 @@
 """
-Live fuzzing of real relay processes: C{python -m relay.fuzz}.
+Live fuzzing of real relay processes: C{python -m tests.fuzz}.
 
 A relay is internet-facing: anyone can open a socket to its peer port, and
 in a cluster anything that reaches the inter-pod port can talk to it. Unit
@@ -60,8 +60,8 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from relay import client
 from relay import messages as m
 from relay.auth import generateToken
-from relay.bench import wire
-from relay.bench.relayproc import alive, raiseFileLimit, rssKiB, startRelays
+from tests.bench import wire
+from tests.bench.relayproc import alive, raiseFileLimit, rssKiB, startRelays
 from relay.cluster import frames as cf
 
 MAGIC = m.MAGIC
@@ -1503,7 +1503,7 @@ def run(reactor, options, targets):
 
 
 def parseArgs(argv):
-    parser = argparse.ArgumentParser(prog="python -m relay.fuzz", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tests.fuzz", description=__doc__.split("\n\n")[0])
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--spawn", action="store_true", help="start one relay on 127.0.0.1")
     where.add_argument("--cluster", action="store_true", help="start three pods on 127.0.0.2-4")

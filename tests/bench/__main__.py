@@ -1,5 +1,5 @@
 """
-python -m relay.bench [CASE ...] [options]
+python -m tests.bench [CASE ...] [options]
 
 Starts the relay under test as a separate process (or measures one already
 running: --url, --secret, --pid) and drives it from raw sockets with
@@ -22,10 +22,10 @@ import time
 import traceback
 import urllib.parse
 
-from relay.bench import cases as C
-from relay.bench import wire
-from relay.bench.peers import BenchError
-from relay.bench.relayproc import ROOT, ExternalRelay, RelayProcess, raiseFileLimit, writeCertificate
+from tests.bench import cases as C
+from tests.bench import wire
+from tests.bench.peers import BenchError
+from tests.bench.relayproc import ROOT, ExternalRelay, RelayProcess, raiseFileLimit, writeCertificate
 
 ALL = ("throughput", "latency", "handshakes", "idle", "stall", "crosspod")
 EXTRA = ("compare", "quic")  # not part of "all"
@@ -52,7 +52,7 @@ def _ints(value):
 
 
 def parseArgs(argv):
-    ap = argparse.ArgumentParser(prog="python -m relay.bench", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("cases", nargs="*", help=f"any of {', '.join(ALL)}, or all (default); or compare "
                     "(runs the Go side-by-side compare.py against a relay started here); or quic (QUIC beside TLS "

@@ -16,8 +16,8 @@ import select
 import socket
 import time
 
-from relay.bench import wire
-from relay.bench.peers import BenchError, connectPeer
+from tests.bench import wire
+from tests.bench.peers import BenchError, connectPeer
 
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT

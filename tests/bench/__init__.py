@@ -1,7 +1,7 @@
 """
-The relay benchmark: C{python -m relay.bench}.
+The relay benchmark: C{python -m tests.bench}.
 
 Starts the relay under test as a separate process and measures it from raw
 sockets (throughput, latency, handshakes/s, memory per idle peer, a stalled
-receiver, cross-pod latency); see L{relay.bench.__main__}.
+receiver, cross-pod latency); see L{tests.bench.__main__}.
 """

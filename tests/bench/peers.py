@@ -12,7 +12,7 @@ import select
 import socket
 import time
 
-from relay.bench import wire
+from tests.bench import wire
 
 
 class BenchError(Exception):

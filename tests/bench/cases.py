@@ -10,11 +10,11 @@ import shutil
 import subprocess
 import time
 
-from relay.bench import wire
-from relay.bench.loads import EchoLoop, pairWorker, probeRoute
-from relay.bench.peers import BenchError, HandshakeRun, connectPeer
-from relay.bench.relayproc import ROOT, RelayProcess, cpuSeconds, listenOverflows, rssKiB, runQueueSeconds, udpCounters
-from relay.loopback import commonPort, freePort
+from tests.bench import wire
+from tests.bench.loads import EchoLoop, pairWorker, probeRoute
+from tests.bench.peers import BenchError, HandshakeRun, connectPeer
+from tests.bench.relayproc import ROOT, RelayProcess, cpuSeconds, listenOverflows, rssKiB, runQueueSeconds, udpCounters
+from tests.loopback import commonPort, freePort
 
 
 class Skip(Exception):
@@ -520,16 +520,16 @@ def crosspodRun(pods, o, run):
 
 
 # ---------------------------------------------------------------------------
-# QUIC beside TLS WebSocket (relay.bench.quicload: Twisted clients, one
+# QUIC beside TLS WebSocket (tests.bench.quicload: Twisted clients, one
 # process per role)
 
 
 def _spawnRoles(specs, timeout=60.0):
     """
-    One relay.bench.quicload process per spec (spawn: each gets a fresh
+    One tests.bench.quicload process per spec (spawn: each gets a fresh
     reactor).
     """
-    from relay.bench.quicload import worker
+    from tests.bench.quicload import worker
 
     return _spawnWorkers(worker, specs, "spawn", timeout, f"{specs[0]['transport']} load process")
 

@@ -10,7 +10,7 @@ import sys
 import tempfile
 import time
 
-from relay.loopback import commonPort, freePort
+from tests.loopback import commonPort, freePort
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLK_TCK = os.sysconf("SC_CLK_TCK")

@@ -1,5 +1,5 @@
 """
-Load and soak: C{python -m relay.soak} (C{tox -e soak}; not in CI).
+Load and soak: C{python -m tests.soak} (C{tox -e soak}; not in CI).
 
 Operators need the figures a short benchmark cannot give: whether a relay
 holding many peers for a long time stays flat (no memory creep, no growing
@@ -42,8 +42,8 @@ import sys
 import tempfile
 import time
 
-from relay.bench import wire
-from relay.bench.relayproc import cpuSeconds, raiseFileLimit, rssKiB, startRelays
+from tests.bench import wire
+from tests.bench.relayproc import cpuSeconds, raiseFileLimit, rssKiB, startRelays
 
 HC_SERVER_FRAME = b"\x82\x02\x01\x05"
 EPOLLIN = select.EPOLLIN
@@ -790,7 +790,7 @@ def measure(options, relays, workers, soft, hard):
 
 
 def parseArgs(argv):
-    parser = argparse.ArgumentParser(prog="python -m relay.soak", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tests.soak", description=__doc__.split("\n\n")[0])
     parser.add_argument("--peers", type=int, default=10000, help="idle authenticated peers (default 10000)")
     parser.add_argument("--pairs", type=int, default=100, help="streaming pairs (default 100)")
     parser.add_argument("--duration", type=float, default=600.0, help="seconds of streaming (default 600)")

@@ -1,5 +1,5 @@
 """
-C{python -m relay.lint}: offline checks of the deployment files.
+C{python -m deploy.lint}: offline checks of the deployment files.
 
 Why: a typo in a Kubernetes manifest shows up only when C{kubectl apply}
 refuses it, and a misspelt C{OZ_*} variable never shows up at all: the relay
@@ -332,12 +332,12 @@ def main(argv=None, stdout=None, stderr=None, loadOptions=relayOptionNames):
     try:
         options.parseOptions(sys.argv[1:] if argv is None else argv)
     except usage.UsageError as e:
-        stderr.write(f"relay.lint: {e}\n")
+        stderr.write(f"deploy.lint: {e}\n")
         return 2
     try:
         versions = tuple(options["kubernetes-version"]) or kubernetesVersions()
     except ImportError:
-        stderr.write("relay.lint: the kubernetes-validate package is not installed\n")
+        stderr.write("deploy.lint: the kubernetes-validate package is not installed\n")
         return 2
     names, extras = loadOptions()
     problems, summary = lint(
@@ -351,7 +351,7 @@ def main(argv=None, stdout=None, stderr=None, loadOptions=relayOptionNames):
         stderr.write(problem + "\n")
     if problems:
         return 1
-    stdout.write(f"relay.lint: ok: {summary}\n")
+    stdout.write(f"deploy.lint: ok: {summary}\n")
     return 0
 
 

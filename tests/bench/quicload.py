@@ -1,5 +1,5 @@
 """
-Load processes of the quic case: QUIC peers (L{relay.quic.connectQuic}, the
+Load processes of the quic case: QUIC peers (L{relay.quicclient.connectQuic}, the
 aioquic client shaped like a Go agent) and, for side-by-side figures, TLS
 WebSocket peers (L{relay.client}, Autobahn) on the same relay.
 
@@ -29,7 +29,7 @@ import os
 import struct
 import time
 
-from relay.bench import wire
+from tests.bench import wire
 
 ACK = struct.Struct("!IQ")  # pair index, next expected sequence number
 
@@ -54,7 +54,7 @@ def _connect(reactor, spec, name):
     pid = wire.peerId(spec["prefix"] + name)
     host, port, timeout = spec["host"], spec["port"], spec.get("connect_timeout", 20.0)
     if spec["transport"] == "quic":
-        from relay.quic import connectQuic
+        from relay.quicclient import connectQuic
 
         return connectQuic(reactor, host, port, pid, secret=spec["secret"], cafile=spec["cafile"], timeout=timeout)
     from twisted.internet import ssl
