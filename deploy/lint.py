@@ -14,7 +14,7 @@ silently runs with the default. This checker catches both before a commit:
   - every C{OZ_*} variable the manifests (container C{env}, ConfigMap and
     Secret keys) and C{deploy/Dockerfile} (C{ENV}) set is one the relay
     reads: C{"OZ_" + name.upper().replace("-", "_")} for each option of
-    L{relay.service.Options}, plus the extra variables L{relay.service}
+    L{relay.config.Options}, plus the extra variables L{relay.config}
     names in its C{*_VARIABLE} constants.
 
 Each problem is one line on standard error; the exit status is 1 if there is
@@ -52,18 +52,18 @@ def acceptedVariables(optionNames, extraVariables=()):
 
 def relayOptionNames():
     """
-    The long option names of L{relay.service.Options} and the extra variables
-    L{relay.service} reads, imported only when the real check runs.
+    The long option names of L{relay.config.Options} and the extra variables
+    L{relay.config} reads, imported only when the real check runs.
 
     @return: C{(optionNames, extraVariables)}.
     """
-    from relay import service
+    from relay import config
 
-    names = [entry[0] for entry in service.Options.optParameters]
-    names += [entry[0] for entry in service.Options.optFlags]
+    names = [entry[0] for entry in config.Options.optParameters]
+    names += [entry[0] for entry in config.Options.optFlags]
     extras = [
         value
-        for attribute, value in vars(service).items()
+        for attribute, value in vars(config).items()
         if attribute.endswith("_VARIABLE")
         and isinstance(value, str)
         and value.startswith(ENV_PREFIX)

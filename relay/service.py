@@ -29,8 +29,8 @@ from twisted.python.failure import Failure
 from relay import clocks
 from relay.auth import TokenValidator
 from relay.clocks import useMonotonicTime
-# twistd's plugin finds Options here, and relay.lint the *_VARIABLE names.
-from relay.config import HC_THRESHOLD_VARIABLE, LOG_LEVELS, Options  # noqa: F401
+# twistd's plugin (twisted/plugins/relay_plugin.py) finds Options here.
+from relay.config import LOG_LEVELS, Options  # noqa: F401
 from relay.counters import ClusterCounters, RelayCounters
 from relay.endpoints import serverEndpoint
 from relay.internals.twisted import forgetExitSignal

@@ -21,7 +21,7 @@ else:
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
 # The relay's options as relay.service declares them; the real CLI reads
-# them from relay.service.Options.
+# them from relay.config.Options.
 OPTION_NAMES = [
     "listen-address", "exposed-address", "auth-secret", "tls-cert-file",
     "tls-key-file", "letsencrypt-data-dir", "letsencrypt-domains",
@@ -352,7 +352,7 @@ class RelayServiceTests(unittest.TestCase):
 
     def test_optionsFromService(self):
         """
-        relayOptionNames reads relay.service.Options, whose variables cover
+        relayOptionNames reads relay.config.Options, whose variables cover
         what the deployment files set.
         """
         try:
