@@ -1,0 +1,363 @@
+"""
+The lean QUIC data path (relay.quiclean): DATAGRAM packets received and
+built outside aioquic's general code, on aioquic's own state.
+
+The tests prove that aioquic's state stays what it would have been: the
+same scenario with the lean path on and off sends the same packets and ends
+in the same connection state; key updates, PINGs, loss, migration and
+close still go through aioquic; every packet the lean path sends is
+acknowledged by the client and leaves loss recovery.
+"""
+
+import datetime
+
+from aioquic import tls
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.x509.oid import NameOID
+
+from relay import messages as m
+from relay import quic
+from tests.helpers import connect
+from tests.test_quic import SERVER, A, B, EagerClient, _ClockedQuicBase, exchangeSize, payloadOf
+
+
+def applicationSpace(connection):
+    return connection._spaces[tls.Epoch.ONE_RTT]
+
+
+def writeEd25519Certificate(directory):
+    """
+    A self-signed Ed25519 certificate for localhost: its signatures have one
+    length, so two handshakes send packets of the same sizes (an ECDSA
+    signature's DER length varies by a byte or two).
+    """
+    import os
+
+    os.makedirs(directory)
+    key = ed25519.Ed25519PrivateKey.generate()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, None)
+    )
+    certPath, keyPath = os.path.join(directory, "ed.crt"), os.path.join(directory, "ed.key")
+    with open(certPath, "wb") as f:
+        f.write(certificate.public_bytes(serialization.Encoding.PEM))
+    with open(keyPath, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return certPath, keyPath
+
+
+class LeanPathTests(_ClockedQuicBase):
+    clientClass = EagerClient
+
+    def exchange(self, a, b, count, tag=b"", pump=0.02, batch=20):
+        """
+        C{a} and C{b} send C{count} messages each to the other, C{batch} a
+        turn; both get all of them, in order.
+        """
+        for start in range(0, count, batch):
+            for i in range(start, min(count, start + batch)):
+                a.send(B, tag + b"a%d" % i + payloadOf(1, i, exchangeSize(1, i) - 10))
+                b.send(A, tag + b"b%d" % i + payloadOf(2, i, exchangeSize(2, i) - 10))
+            self.network.pump(pump)
+        self.network.pump(0.1)
+        toB = [self.successResultOf(b.transports.get()) for _ in range(count)]
+        toA = [self.successResultOf(a.transports.get()) for _ in range(count)]
+        self.assertEqual(toB, [(A, tag + b"a%d" % i + payloadOf(1, i, exchangeSize(1, i) - 10)) for i in range(count)])
+        self.assertEqual(toA, [(B, tag + b"b%d" % i + payloadOf(2, i, exchangeSize(2, i) - 10)) for i in range(count)])
+        self.assertFalse(a.transports.pending or b.transports.pending)
+
+    def links(self):
+        return self.relay.store.peers[A].link, self.relay.store.peers[B].link
+
+    def assertAllAcknowledged(self, link, peer):
+        """
+        Every packet the relay sent on C{link} was acknowledged by C{peer}:
+        none is left in loss recovery, nothing is in flight, and the peer
+        received every packet number the relay used.
+        """
+        self.network.pump(0.5)
+        space = applicationSpace(link.quic)
+        # ACK-only packets are acknowledged only with later ones.
+        unacknowledged = [packet for packet in space.sent_packets.values() if packet.is_ack_eliciting]
+        self.assertEqual((unacknowledged, space.ack_eliciting_in_flight, link.quic._loss.bytes_in_flight), ([], 0, 0))
+        received = applicationSpace(peer.quic)
+        self.assertEqual(received.largest_received_packet, link.quic._packet_number - 1)
+
+    def test_trafficTakesTheLeanPath(self):
+        """
+        Messages both ways are received and sent by the lean path, nearly
+        all of them; aioquic is handed only what is not a DATAGRAM packet.
+        """
+        a = self.connected(A)
+        b = self.connected(B)
+        linkA, linkB = self.links()
+        self.network.pump(0.5)
+        before = (linkA._lean.messages, linkA._lean.built, linkA._lean.handedOver)
+        self.exchange(a, b, 500)
+        # Every message from A, and packets for those to A (the relay puts
+        # several in one packet where they fit).
+        self.assertEqual(linkA._lean.messages - before[0], 500)
+        self.assertGreaterEqual(linkA._lean.built - before[1], 250)
+        self.assertLessEqual(linkA._lean.handedOver - before[2], 2)
+        self.assertAllAcknowledged(linkA, a)
+        self.assertAllAcknowledged(linkB, b)
+        self.assertEqual(self.relay.counters.dropped, {})
+
+    def test_sameAsAioquic(self):
+        """
+        One scenario, with the lean path and without: the relay sends
+        datagrams of the same sizes in the same order, and both ends'
+        packet numbers, ACK ranges, loss recovery and congestion state end
+        the same.
+        """
+        self.assertSameAsAioquic(lambda count: False)
+
+    def test_sameAsAioquicWithLoss(self):
+        """
+        As L{test_sameAsAioquic}, with one datagram in nine lost: loss
+        detection, congestion control and the ACK ranges (several, so
+        ACK-of-ACK PINGs too) evolve the same.
+        """
+        self.assertSameAsAioquic(lambda count: count % 9 == 0)
+
+    def assertSameAsAioquic(self, lose):
+        def run(lean):
+            self.setUp()
+            self.cert, self.key = writeEd25519Certificate(self.mktemp())
+            self.protocol = self.makeProtocol()
+            self.protocol.lean = lean
+            a = self.connected(A)
+            b = self.connected(B)
+            sizes = []
+
+            count = [0]
+
+            def record(source, destination, data):
+                if source == SERVER:
+                    sizes.append((destination == a.addr, len(data)))
+                count[0] += 1
+                return lose(count[0])
+
+            self.network.drop = record
+            for i in range(300):
+                a.send(B, b"a%d" % i + payloadOf(1, i, exchangeSize(1, i)))
+                b.send(A, b"b%d" % i + payloadOf(2, i, exchangeSize(2, i)))
+                if i % 30 == 29 or i >= 200:
+                    self.network.pump(0.004)
+            self.network.pump(1.0)
+            linkA, linkB = self.links()
+            state = []
+            for link, peer in ((linkA, a), (linkB, b)):
+                for connection in (link.quic, peer.quic):
+                    space = applicationSpace(connection)
+                    loss = connection._loss
+                    state.append(
+                        (
+                            connection._packet_number,
+                            space.largest_received_packet,
+                            space.expected_packet_number,
+                            list(space.ack_queue),
+                            sorted(space.sent_packets),
+                            space.largest_acked_packet,
+                            loss.bytes_in_flight,
+                            loss.congestion_window,
+                            loss._rtt_smoothed,
+                            connection._close_at,
+                            len(peer.transports.pending),
+                        )
+                    )
+            return sizes, state, (linkA._lean, linkB._lean)
+
+        leanSizes, leanState, leanPaths = run(True)
+        plainSizes, plainState, plainPaths = run(False)
+        self.assertEqual(plainPaths, (None, None))
+        self.assertGreater(sum(path.built for path in leanPaths), 300)
+        self.assertGreater(sum(path.messages for path in leanPaths), 400)
+        self.assertEqual(leanSizes, plainSizes)
+        self.assertEqual(leanState, plainState)
+
+    def test_keyUpdates(self):
+        """
+        Many messages through the lean path, then a key update by the
+        client, then one by the relay: aioquic carries out each (the lean
+        path hands over the first packet of a new key phase), and the lean
+        path goes on in the new phase.
+        """
+        a = self.connected(A)
+        b = self.connected(B)
+        linkA, _ = self.links()
+        pair = linkA.quic._cryptos[tls.Epoch.ONE_RTT]
+        self.exchange(a, b, 200)
+        phase = pair.recv.key_phase
+        handed = linkA._lean.handedOver
+        a.quic.request_key_update()
+        self.exchange(a, b, 200, tag=b"client-update ")
+        self.assertNotEqual(pair.recv.key_phase, phase)
+        self.assertGreater(linkA._lean.handedOver, handed)
+        messages = linkA._lean.messages
+        linkA.quic.request_key_update()
+        self.exchange(a, b, 200, tag=b"relay-update ")
+        self.assertEqual(pair.recv.key_phase, phase)
+        self.assertEqual(a.quic._cryptos[tls.Epoch.ONE_RTT].recv.key_phase, phase)
+        self.assertGreaterEqual(linkA._lean.messages, messages + 190)
+        self.assertAllAcknowledged(linkA, a)
+
+    def test_lossAndRecovery(self):
+        """
+        One packet in seven lost each way: the relay's loss recovery
+        declares its lost packets lost, the rest arrive in order, and once
+        the loss stops every message arrives and nothing stays in flight.
+        """
+        a = self.connected(A)
+        b = self.connected(B)
+        linkA, _ = self.links()
+        count = [0]
+
+        def lossy(source, destination, data):
+            if a.addr in (source, destination):
+                count[0] += 1
+                return count[0] % 7 == 0
+            return False
+
+        self.network.drop = lossy
+        for i in range(300):
+            a.send(B, b"lossy %d" % i)
+            b.send(A, b"lossy %d" % i)
+            if i % 10 == 9:
+                self.network.pump(0.01)
+        self.network.pump(1.0)
+        toB = [self.successResultOf(b.transports.get())[1] for _ in range(len(b.transports.pending))]
+        toA = [self.successResultOf(a.transports.get())[1] for _ in range(len(a.transports.pending))]
+        for got in (toB, toA):
+            numbers = [int(message.split()[1]) for message in got]
+            self.assertEqual(numbers, sorted(numbers))
+            self.assertGreater(len(numbers), 200)
+            self.assertLess(len(numbers), 300)
+        self.assertGreater(linkA._lean.messages, 200)
+        self.network.drop = lambda source, destination, data: False
+        self.exchange(a, b, 200, tag=b"after ")
+        self.assertAllAcknowledged(linkA, a)
+
+    def test_pingAndAckOnly(self):
+        """
+        A client's PING goes to aioquic and is acknowledged; its ACK-only
+        packets are taken by the lean path.
+        """
+        a = self.connected(A)
+        b = self.connected(B)
+        linkA, _ = self.links()
+        self.exchange(a, b, 50)
+        handed = linkA._lean.handedOver
+        a.quic.send_ping(7)
+        a._needFlush()
+        self.network.pump(0.1)
+        self.assertEqual(linkA._lean.handedOver, handed + 1)
+        # The relay's answer to an ACK-only packet: nothing but what is due.
+        received = linkA._lean.received
+        for i in range(20):
+            b.send(A, b"to a %d" % i)
+        self.network.pump(0.2)
+        # A sends nothing but ACKs for these.
+        self.assertEqual(linkA._lean.messages, 50)
+        self.assertGreater(linkA._lean.received, received)
+        self.assertEqual(linkA._lean.handedOver, handed + 1)
+        self.assertEqual([self.successResultOf(a.transports.get()) for _ in range(20)], [(B, b"to a %d" % i) for i in range(20)])
+        self.assertAllAcknowledged(linkA, a)
+
+    def test_migration(self):
+        """
+        A client whose address changes (a NAT rebinding) is handed to
+        aioquic, which validates the new path; messages flow all along and
+        the lean path takes them again on the new path.
+        """
+        a = self.connected(A)
+        b = self.connected(B)
+        linkA, _ = self.links()
+        self.exchange(a, b, 50)
+        old = a.addr
+        a.addr = ("127.0.0.2", 40000)
+        del self.network.endpoints[old]
+        self.network.endpoints[a.addr] = a
+        a.transport.addr = a.addr
+        self.exchange(a, b, 100, tag=b"moved ")
+        self.assertEqual(linkA.quic._network_paths[0].addr, a.addr)
+        self.assertTrue(linkA.quic._network_paths[0].is_validated)
+        messages = linkA._lean.messages
+        self.exchange(a, b, 100, tag=b"settled ")
+        self.assertEqual(linkA._lean.messages, messages + 100)
+        self.assertAllAcknowledged(linkA, a)
+
+    def test_closeAfterLeanTraffic(self):
+        """
+        A client's CONNECTION_CLOSE after lean traffic goes to aioquic: the
+        peer is offline at once, and the relay's close reaches a client.
+        """
+        a = self.connected(A)
+        b = self.connected(B)
+        b.subscribe([A])
+        self.network.pump()
+        self.successResultOf(b.events.get())
+        self.exchange(a, b, 100)
+        a.abort()
+        self.network.pump(0.01)
+        self.assertNotIn(A, self.relay.store.peers)
+        self.assertEqual(self.successResultOf(b.events.get()), ("offline", [A]))
+        linkB = self.relay.store.peers[B].link
+        linkB.closeLink()
+        self.network.pump(0.1)
+        self.assertEqual(b.closeEvent.error_code, quic.CLOSE_ERROR)
+
+    def test_oversizedDatagramHandedOver(self):
+        """
+        A DATAGRAM frame larger than the relay advertised is not taken by
+        the lean path: aioquic closes the connection for it, as before.
+        """
+        a = self.connected(A)
+        linkA = self.relay.store.peers[A].link
+        self.exchange_one(a)
+        a.quic._remote_max_datagram_frame_size = 65535
+        a.quic._max_datagram_size = 65000
+        a.queueDatagram(b"x" * (quic.MAX_DATAGRAM_FRAME_SIZE + 10))
+        self.network.pump(0.1)
+        self.assertNotIn(A, self.relay.store.peers)
+        self.assertTrue(linkA._isClosing())
+
+    def exchange_one(self, a):
+        a.send(A, b"echo")
+        self.network.pump(0.05)
+        self.assertEqual(self.successResultOf(a.transports.get()), (A, b"echo"))
+
+    def test_otherTransport(self):
+        """
+        A peer on another link and a lean QUIC peer: 1,000 messages of 1 to
+        1,179 bytes each way, every byte checked.
+        """
+        a = self.connected(A, maxDatagramFrameSize=1220)
+        session, link = connect(self.relay, "peer-b")
+        payloads = [payloadOf(1, k, exchangeSize(1, k)) for k in range(1000)]
+        toB, toA = [], []
+        for batch in range(10):
+            for payload in payloads[batch * 100 : batch * 100 + 100]:
+                a.send(B, payload)
+                session.messageReceived(m.encodeTransport(A, payload))
+            self.network.pump(0.05)
+            toB.extend(link.take())
+            while a.transports.pending:
+                toA.append(self.successResultOf(a.transports.get()))
+        self.assertEqual(toB, [m.encodeTransport(A, p) for p in payloads])
+        self.assertEqual(toA, [(B, p) for p in payloads])
+        linkA = self.relay.store.peers[A].link
+        self.assertGreater(linkA._lean.built, 500)
+        self.assertAllAcknowledged(linkA, a)
