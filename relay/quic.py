@@ -187,8 +187,8 @@ CLOSE_NORMAL = 0x0
 CLOSE_ERROR = 0x1
 
 
-# The frozensets of epochs in aioquic's frame handler tables, one of each.
-_SHARED_EPOCHS = {}
+# aioquic's frame handler table, by method name, shared by every connection.
+_SHARED_FRAME_HANDLERS = {}
 
 
 def _payloadRoom(frameSpace):
@@ -384,14 +384,16 @@ class _QuicDriver:
         """
         Replace per-connection copies of constant state with shared ones
         (an idle peer's memory; guarded by tests/test_quic.py):
-          - aioquic's table of frame handlers holds a new frozenset of
-            allowed epochs per frame type (33 of them, 7 KiB): equal ones
-            are one shared set;
+          - aioquic's table of frame handlers (33 bound methods, tuples and
+            epoch sets, 5 KiB) becomes a view of one shared table;
           - every key of every epoch keeps two callbacks that only log to
-            a qlog the relay never has: the library's no-op instead.
+            a qlog the relay never has: the library's no-op instead;
+          - the discarded INITIAL and HANDSHAKE epochs' keys, packet spaces,
+            CRYPTO streams and buffers become shared key-less stand-ins.
         """
-        internals.shareFrameHandlerEpochs(self.quic, _SHARED_EPOCHS)
+        internals.shareFrameHandlers(self.quic, _SHARED_FRAME_HANDLERS)
         internals.dropKeyCallbacks(self.quic)
+        internals.trimDiscardedEpochs(self.quic)
 
     def _dropHandshakeSecrets(self):
         """
@@ -399,9 +401,11 @@ class _QuicDriver:
         before reading any of its state (RFC 9001 forbids TLS KeyUpdate; 1-RTT
         keys are updated by the QUIC layer from its own secrets), yet aioquic
         keeps the handshake's key schedule (a running transcript hash), the
-        client's extensions and the traffic keys: freed here.
+        client's extensions, the traffic keys and its own copies of the
+        configuration's lists: it keeps only what it reads in that state.
         """
         internals.dropServerHandshakeState(self.quic.tls, tls.State.SERVER_POST_HANDSHAKE)
+        internals.trimServerTLS(self.quic.tls, tls.State.SERVER_POST_HANDSHAKE)
 
     def _receivedNothing(self):
         """

@@ -12,6 +12,8 @@ acknowledged by the client and leaves loss recovery.
 import datetime
 
 from aioquic import tls
+from aioquic.buffer import Buffer
+from aioquic.quic.packet import QuicPacketType, pull_quic_header
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -361,3 +363,69 @@ class LeanPathTests(_ClockedQuicBase):
         linkA = self.relay.store.peers[A].link
         self.assertGreater(linkA._lean.built, 500)
         self.assertAllAcknowledged(linkA, a)
+
+
+class TrimmedStateTests(_ClockedQuicBase):
+    """
+    What aioquic still does with the state an established connection
+    shares or drops (relay.internals.aioquic.trimDiscardedEpochs and
+    trimServerTLS) works as before.
+    """
+
+    clientClass = EagerClient
+
+    def test_lateHandshakePackets(self):
+        """
+        A client's Initial and Handshake datagrams arriving again after the
+        handshake (late duplicates) are dropped: the connection lives.
+        """
+        early = []
+
+        def record(source, destination, data):
+            if destination == SERVER and data[0] & 0x80:
+                early.append((source, data))
+            return False
+
+        # A client that keeps the relay's first connection id, so that its
+        # second flight (an Initial ACK and the Handshake Finished) goes to
+        # the connection again.
+        self.clientClass = quic.QuicRelayClient
+        self.network.drop = record
+        a = self.connected(A)
+        self.network.drop = lambda source, destination, data: False
+        link = self.relay.store.peers[A].link
+        routed = [pull_quic_header(Buffer(data=data), host_cid_length=quic.CONNECTION_ID_LENGTH) for source, data in early]
+        self.assertIn((QuicPacketType.INITIAL, True), [(header.packet_type, header.destination_cid in link.connectionIDs) for header in routed])
+        for source, data in early:
+            self.protocol.datagramReceived(data, source)
+        self.network.pump()
+        self.assertIs(self.relay.store.peers[A].link, link)
+        self.assertFalse(link._isClosing())
+        a.send(A, b"still here")
+        self.network.pump()
+        self.assertEqual(self.successResultOf(a.transports.get()), (A, b"still here"))
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_postHandshakeCryptoRefused(self):
+        """
+        A TLS message in a 1-RTT CRYPTO frame after the handshake closes the
+        connection with TLS's unexpected_message alert, as aioquic's full
+        context does; a part of one is buffered, and the connection lives.
+        """
+        a = self.connected(A)
+        b = self.connected(B)
+        partial = a.quic._crypto_streams[tls.Epoch.ONE_RTT]
+        partial.sender.write(b"\x04\x00")
+        a._needFlush()
+        self.network.pump()
+        linkA = self.relay.store.peers[A].link
+        self.assertEqual(linkA.quic.tls._receive_buffer, b"\x04\x00")
+        a.send(A, b"alive")
+        self.network.pump()
+        self.assertEqual(self.successResultOf(a.transports.get()), (A, b"alive"))
+        b.quic._crypto_streams[tls.Epoch.ONE_RTT].sender.write(b"\x04\x00\x00\x00")
+        b._needFlush()
+        self.network.pump(1.0)
+        self.assertNotIn(B, self.relay.store.peers)
+        self.assertEqual(b.closeEvent.error_code, 0x100 + tls.AlertDescription.unexpected_message)
+        self.assertEqual(self.flushLoggedErrors(), [])

@@ -89,6 +89,8 @@ CONNECTION = {
     "_ack_delay": "the delay of an ACK timer armed by a received packet",
     "_on_ack_delivery": "the delivery handler of a sent ACK frame (drops acknowledged ranges)",
     "_on_ping_delivery": "the delivery handler of an ACK-of-ACK PING",
+    "_is_client": "the trims apply to the server end only",
+    "_cryptos_initial": "INITIAL keys per QUIC version, replaced by a shared key-less pair once discarded",
     "_events": "whether a lean receive raised events (delivery handlers of acknowledged PINGs), so they are handled",
 }
 
@@ -96,7 +98,7 @@ CONNECTION = {
 SPACE = {
     "ack_at": "ACK timer: made due in the turn's datagrams; set and cleared by the lean path",
     "ack_queue": "received packet ranges to acknowledge",
-    "discarded": "receive_datagram records nothing in a discarded space",
+    "discarded": "receive_datagram records nothing in a discarded space; trimDiscardedEpochs checks it",
     "expected_packet_number": "decoding truncated packet numbers",
     "largest_received_packet": "largest packet received, for the ACK frame",
     "largest_received_time": "its time, for the ACK delay",
@@ -105,6 +107,7 @@ SPACE = {
 
 # Attributes of QuicPacketRecovery.
 RECOVERY = {
+    "spaces": "the packet spaces loss recovery iterates: only the 1-RTT one once the others are discarded",
     "_pacer": "the pacer (replaced; consulted by the lean send)",
     "peer_completed_address_validation": "set by an ACK frame, as aioquic's ACK handler does",
     "on_ack_received": "loss recovery of received ACK frames",
@@ -148,6 +151,11 @@ TLS_CONTEXT = {
     "_x25519_private_key": "key exchange private key",
     "_x448_private_key": "key exchange private key",
     "_receive_buffer": "TLS input buffer",
+    "alpn_negotiated": "kept past the handshake",
+    "early_data_accepted": "kept past the handshake",
+    "_session_resumed": "kept past the handshake",
+    "_is_client": "kept past the handshake",
+    "_Context__logger": "kept past the handshake",
 }
 
 # Module-level functions and classes.
@@ -159,6 +167,7 @@ FUNCTIONS = {
     (_recovery, "QuicPacketPacer"): "the pacer the relay's one derives from",
     (_recovery, "MAX_ACK_RANGES"): "the bound on kept ACK ranges",
     (_connection, "ACK_FRAME_CAPACITY"): "the room an ACK frame needs",
+    (_recovery, "QuicPacketSpace"): "the shared discarded space",
     (_connection.QuicConnection, "_write_application"): "the writer onlyDatagrams() mirrors (checked by name only)",
     (_connection.QuicConnection, "_flush_builder"): "the registration transmit() mirrors (checked by name only)",
 }
@@ -202,7 +211,14 @@ def missing(quic):
         gaps.append("QuicConnection._cryptos[ONE_RTT]")
     for path in getattr(quic, "_network_paths", [])[:1]:
         need(path, NETWORK_PATH, "QuicNetworkPath")
-    need(quic.tls, TLS_CONTEXT, "tls.Context")
+    # A live server's context keeps only these (trimServerTLS); the rest
+    # is checked on a new one.
+    from aioquic import tls as _tls
+
+    need(quic.tls, _POST_HANDSHAKE_TLS, "tls.Context")
+    need(_tls.Context(is_client=False), TLS_CONTEXT, "tls.Context")
+    if not hasattr(_tls.State, "SERVER_POST_HANDSHAKE"):
+        gaps.append("tls.State.SERVER_POST_HANDSHAKE")
     for (owner, name), _why in FUNCTIONS.items():
         if not hasattr(owner, name):
             gaps.append(f"{getattr(owner, '__name__', owner)}.{name}")
@@ -302,14 +318,118 @@ def shrinkCryptoBuffers(quic, capacity):
     quic._crypto_buffers = {epoch: Buffer(capacity=capacity) for epoch in quic._crypto_buffers}
 
 
-def shareFrameHandlerEpochs(quic, shared):
+class _FrameHandlers:
     """
-    Make the frame handler table's epoch sets the equal ones of C{shared}
-    (a dict kept by the caller across connections).
+    aioquic's table of frame handlers (frame type to bound method and
+    allowed epochs), built on demand from one table shared by every
+    connection: aioquic keeps a dict of 33 bound methods and tuples per
+    connection (5 KiB of an idle peer), and only reads it with
+    C{table[frameType]} (a KeyError for an unknown type), now only for
+    the rare packets the lean path hands over.
+    """
+
+    __slots__ = ("_quic", "_shared")
+
+    def __init__(self, quic, shared):
+        self._quic = quic
+        self._shared = shared
+
+    def __getitem__(self, frameType):
+        name, epochs = self._shared[frameType]
+        return getattr(self._quic, name), epochs
+
+    def __len__(self):
+        return len(self._shared)
+
+    def __iter__(self):
+        return iter(self._shared)
+
+    def items(self):
+        return [(frameType, self[frameType]) for frameType in self._shared]
+
+
+def shareFrameHandlers(quic, shared):
+    """
+    Replace a connection's frame handler table with a L{_FrameHandlers}
+    reading C{shared}, a dict the caller keeps across connections (filled
+    from the first connection's table: method names and epoch sets).
     """
     handlers = quic._QuicConnection__frame_handlers
-    for frameType, (handler, epochs) in handlers.items():
-        handlers[frameType] = (handler, shared.setdefault(epochs, epochs))
+    if isinstance(handlers, _FrameHandlers):
+        return
+    if not shared:
+        for frameType, (handler, epochs) in handlers.items():
+            shared[frameType] = (handler.__func__.__name__, epochs)
+    quic._QuicConnection__frame_handlers = _FrameHandlers(quic, shared)
+
+
+# Discarded epochs' state, one of each for every connection (see
+# trimDiscardedEpochs).
+_DEAD_CRYPTO_PAIR = None
+_DISCARDED_SPACE = None
+
+
+def trimDiscardedEpochs(quic):
+    """
+    Once a server's handshake is confirmed its INITIAL and HANDSHAKE epochs
+    are discarded for good (their keys torn down, their packet spaces
+    marked discarded), yet aioquic keeps their crypto pairs (one per QUIC
+    version for INITIAL), packet spaces, CRYPTO streams and TLS output
+    buffers: 5 KiB of an idle peer. What aioquic still does with them is
+    look them up for a late long-header packet, fail to decrypt it (no
+    keys) and drop it, and skip them as discarded when the connection ends.
+    So: one shared key-less crypto pair and one shared discarded space
+    stand in for them, loss recovery iterates only the 1-RTT space, and the
+    CRYPTO streams and buffers of those epochs go (aioquic writes to them
+    only before the handshake is confirmed).
+
+    @return: False if the connection is not in that state (nothing done).
+    """
+    global _DEAD_CRYPTO_PAIR, _DISCARDED_SPACE
+    from aioquic.quic.crypto import CryptoPair
+    from aioquic.quic.recovery import QuicPacketSpace
+    from aioquic.tls import Epoch
+
+    if quic._is_client or not quic._handshake_confirmed:
+        return False
+    spaces = quic._spaces
+    early = (Epoch.INITIAL, Epoch.HANDSHAKE)
+    if not all(spaces[epoch].discarded for epoch in early):
+        return False
+    if any(pair.recv.is_valid() or pair.send.is_valid() for pair in [quic._cryptos[epoch] for epoch in early] + list(quic._cryptos_initial.values())):
+        return False
+    if _DEAD_CRYPTO_PAIR is None:
+        _DEAD_CRYPTO_PAIR = CryptoPair()
+        _DISCARDED_SPACE = QuicPacketSpace()
+        _DISCARDED_SPACE.discarded = True
+    for epoch in early:
+        quic._cryptos[epoch] = _DEAD_CRYPTO_PAIR
+        spaces[epoch] = _DISCARDED_SPACE
+        quic._crypto_streams.pop(epoch, None)
+        quic._crypto_buffers.pop(epoch, None)
+    if not quic._cryptos[Epoch.ZERO_RTT].recv.is_valid() and not quic._cryptos[Epoch.ZERO_RTT].send.is_valid():
+        quic._cryptos[Epoch.ZERO_RTT] = _DEAD_CRYPTO_PAIR
+    quic._cryptos_initial = {version: _DEAD_CRYPTO_PAIR for version in quic._cryptos_initial}
+    quic._loss.spaces = [spaces[Epoch.ONE_RTT]]
+    return True
+
+
+# What a server's TLS context past its handshake still reads: it refuses
+# every message in that state (tls.Context._handle_reassembled_message).
+_POST_HANDSHAKE_TLS = ("state", "_receive_buffer", "alpn_negotiated", "early_data_accepted", "_session_resumed", "_is_client", "_Context__logger")
+
+
+def trimServerTLS(context, postHandshakeState):
+    """
+    Keep of a server's TLS context past its handshake only what it reads
+    in that state (C{handle_message} appends to its receive buffer and
+    refuses each whole message by its state) and what the connection reads
+    of it: its per-connection copies of the configuration's lists and the
+    handshake's leftovers go (1.5 KiB of an idle peer).
+    """
+    if context.state is not postHandshakeState or context._is_client:
+        return
+    context.__dict__ = {name: context.__dict__[name] for name in _POST_HANDSHAKE_TLS}
 
 
 def dropKeyCallbacks(quic):
