@@ -36,6 +36,8 @@ Every aioquic internal used here is named, with its reason, in
 L{relay.internals.aioquic}, and tested there against the installed version.
 """
 
+import struct
+
 from aioquic.buffer import Buffer, BufferReadError, size_uint_var
 from aioquic.quic.connection import QuicConnectionState
 from aioquic.quic.packet import QuicPacketType, decode_packet_number, pull_ack_frame, push_ack_frame
@@ -65,6 +67,14 @@ _AEAD_TAG_SIZE = 16
 # aioquic pads a packet's payload to this many bytes so that header
 # protection can sample (PACKET_NUMBER_MAX_SIZE - PACKET_NUMBER_SEND_SIZE).
 _MIN_PAYLOAD = 4 - _PACKET_NUMBER_SIZE
+# Header protection samples 16 bytes, 4 bytes after the packet number's
+# start (RFC 9001 section 5.4.2).
+_SAMPLE_SIZE = 16
+_PN_MAX_SIZE = 4
+# A sent packet's qlog frames: the lean path runs only without a qlog, so
+# nothing is ever appended to this one list all its packets share.
+_NO_QLOG_FRAMES = []
+_DATAGRAM_HEADS = [bytes((_DATAGRAM_WITH_LENGTH, length)) for length in range(0x40)]
 
 
 class LeanPath:
@@ -121,14 +131,21 @@ class LeanPath:
         if recv.aead is None or self._zeroRtt.recv.aead is not None:
             return self._handOver()
         space = self._space
-        try:
-            plainHeader, truncated = recv.hp.remove(data, pnOffset)
-        except ValueError:
+        # aioquic's HeaderProtection.remove without its copy of the whole
+        # packet: the mask from its cipher, applied to the header only.
+        sample = pnOffset + _PN_MAX_SIZE
+        if len(data) < sample + _SAMPLE_SIZE:
             return self._handOver()
-        first = plainHeader[0]
+        mask = recv.hp._mask(data[sample : sample + _SAMPLE_SIZE])
+        first = data[0] ^ (mask[0] & 0x1F)
         if first & _RESERVED_BITS or ((first & _KEY_PHASE_BIT) >> 2) != recv.key_phase:
             return self._handOver()
-        pn = decode_packet_number(truncated, ((first & 0x03) + 1) * 8, space.expected_packet_number)
+        pnLength = (first & 0x03) + 1
+        truncated = 0
+        for i in range(pnLength):
+            truncated = (truncated << 8) | (data[pnOffset + i] ^ mask[1 + i])
+        plainHeader = bytes((first,)) + hostCID + truncated.to_bytes(pnLength, "big")
+        pn = decode_packet_number(truncated, pnLength * 8, space.expected_packet_number)
         if pn in space.received_packets:
             return self._handOver()
         try:
@@ -304,6 +321,7 @@ class LeanPath:
         flight = 0
         pn = quic._packet_number
         firstByte = _FIXED_BIT | (quic._spin_bit << 5) | (_PACKET_NUMBER_SIZE - 1)
+        header = self._headerFormat(len(peerCID))
         out = []
         packets = []
         stop = False
@@ -347,13 +365,12 @@ class LeanPath:
                     if room - size < frameSize or flightRoom - size < frameSize:
                         break
                     pending.popleft()
-                    frames.append(bytes([_DATAGRAM_WITH_LENGTH]))
                     if length < 0x40:
-                        frames.append(bytes([length]))
+                        frames.append(_DATAGRAM_HEADS[length])
                     elif length < 0x4000:
-                        frames.append((0x4000 | length).to_bytes(2, "big"))
+                        frames.append((_DATAGRAM_WITH_LENGTH_2 | length).to_bytes(3, "big"))
                     else:
-                        frames.append(_varint(length))
+                        frames.append(b"\x31" + _varint(length))
                     frames.append(data)
                     size += frameSize
                     eliciting = True
@@ -363,8 +380,7 @@ class LeanPath:
             if size < _MIN_PAYLOAD:
                 frames.append(bytes(_MIN_PAYLOAD - size))
                 inFlight = True
-            header = bytes([firstByte | (pair.key_phase << 2)]) + peerCID + (pn & 0xFFFF).to_bytes(2, "big")
-            packet = pair.encrypt_packet(header, b"".join(frames), pn)
+            packet = self._protect(header, firstByte | (pair.key_phase << 2), peerCID, pn, b"".join(frames))
             sent = QuicSentPacket(
                 epoch=_ONE_RTT,
                 in_flight=inFlight,
@@ -374,6 +390,7 @@ class LeanPath:
                 packet_type=_ONE_RTT_PACKET,
                 sent_bytes=len(packet),
                 delivery_handlers=handlers,
+                quic_logger_frames=_NO_QLOG_FRAMES,
             )
             if inFlight:
                 flight += len(packet)
@@ -403,6 +420,36 @@ class LeanPath:
             result.append((packet, addr))
         path.bytes_sent += total
         return result
+
+
+    def _headerFormat(self, cidLength):
+        formats = _HEADER_FORMATS
+        if cidLength not in formats:
+            formats[cidLength] = struct.Struct(f">B{cidLength}sH")
+        return formats[cidLength]
+
+    def _protect(self, header, first, cid, pn, payload):
+        """
+        aioquic's CryptoPair.encrypt_packet for the header the builder
+        writes (C{first}, C{cid}, a 2-byte packet number): its AEAD, then
+        its header protection mask applied to the header alone (its
+        HeaderProtection.apply copies the packet twice more). A key update
+        requested is carried out by aioquic's own encrypt_packet.
+        """
+        pair = self._pair
+        plain = header.pack(first, cid, pn & 0xFFFF)
+        if pair._update_key_requested:
+            return pair.encrypt_packet(plain, payload, pn)
+        send = pair.send
+        protected = send.aead.encrypt(payload, plain, pn)
+        sample = _PN_MAX_SIZE - _PACKET_NUMBER_SIZE
+        mask = send.hp._mask(protected[sample : sample + _SAMPLE_SIZE])
+        return header.pack(first ^ (mask[0] & 0x1F), cid, (pn & 0xFFFF) ^ ((mask[1] << 8) | mask[2])) + protected
+
+
+# struct formats of short headers by connection id length.
+_HEADER_FORMATS = {}
+_DATAGRAM_WITH_LENGTH_2 = (_DATAGRAM_WITH_LENGTH << 16) | 0x4000
 
 
 def _varint(value):
