@@ -64,9 +64,9 @@ _KEY_PHASE_BIT = 0x04
 _RESERVED_BITS = 0x18
 _PACKET_NUMBER_SIZE = 2
 _AEAD_TAG_SIZE = 16
-# aioquic pads a packet's payload to this many bytes so that header
-# protection can sample (PACKET_NUMBER_MAX_SIZE - PACKET_NUMBER_SEND_SIZE).
-_MIN_PAYLOAD = 4 - _PACKET_NUMBER_SIZE
+# aioquic pads a packet's payload to 2 bytes so that header protection can
+# sample (PACKET_NUMBER_MAX_SIZE - PACKET_NUMBER_SEND_SIZE); a packet built
+# here never needs it: a DATAGRAM frame is at least 2 bytes, an ACK frame 5.
 # Header protection samples 16 bytes, 4 bytes after the packet number's
 # start (RFC 9001 section 5.4.2).
 _SAMPLE_SIZE = 16
@@ -377,9 +377,6 @@ class LeanPath:
             if not size:
                 break
             inFlight = eliciting
-            if size < _MIN_PAYLOAD:
-                frames.append(bytes(_MIN_PAYLOAD - size))
-                inFlight = True
             packet = self._protect(header, firstByte | (pair.key_phase << 2), peerCID, pn, b"".join(frames))
             sent = QuicSentPacket(
                 epoch=_ONE_RTT,

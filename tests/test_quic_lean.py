@@ -124,7 +124,7 @@ class LeanPathTests(_ClockedQuicBase):
         packet numbers, ACK ranges, loss recovery and congestion state end
         the same.
         """
-        self.assertSameAsAioquic(lambda count: False)
+        self.assertSameAsAioquic(lambda count, source, destination: False)
 
     def test_sameAsAioquicWithLoss(self):
         """
@@ -132,9 +132,37 @@ class LeanPathTests(_ClockedQuicBase):
         detection, congestion control and the ACK ranges (several, so
         ACK-of-ACK PINGs too) evolve the same.
         """
-        self.assertSameAsAioquic(lambda count: count % 9 == 0)
+        self.assertSameAsAioquic(lambda count, source, destination: count % 9 == 0)
 
-    def assertSameAsAioquic(self, lose):
+    def test_sameAsAioquicManyAckRanges(self):
+        """
+        As L{test_sameAsAioquic}, with a client that skips a packet number
+        before each of 100 small packets arriving at once: the relay's ACK
+        ranges pass aioquic's bound of 64 and the oldest are shifted out,
+        the same both ways, and the exchange goes on after.
+        """
+
+        def traffic(a, b):
+            self.exchangeWithPumps(a, b)
+            for i in range(100):
+                a.quic._packet_number += 1
+                a.send(B, b"gap %d" % i)
+                a.flush()
+            self.network.pump(0.5)
+            self.exchangeWithPumps(a, b)
+
+        self.assertSameAsAioquic(lambda count, source, destination: False, traffic, minBuilt=600, minMessages=1000)
+
+    def exchangeWithPumps(self, a, b):
+        for i in range(300):
+            a.send(B, b"a%d" % i + payloadOf(1, i, exchangeSize(1, i)))
+            b.send(A, b"b%d" % i + payloadOf(2, i, exchangeSize(2, i)))
+            if i % 30 == 29 or i >= 200:
+                self.network.pump(0.004)
+
+    def assertSameAsAioquic(self, lose, traffic=None, minBuilt=300, minMessages=400):
+        traffic = traffic or self.exchangeWithPumps
+
         def run(lean):
             self.setUp()
             self.cert, self.key = writeEd25519Certificate(self.mktemp())
@@ -150,14 +178,10 @@ class LeanPathTests(_ClockedQuicBase):
                 if source == SERVER:
                     sizes.append((destination == a.addr, len(data)))
                 count[0] += 1
-                return lose(count[0])
+                return lose(count[0], source, destination)
 
             self.network.drop = record
-            for i in range(300):
-                a.send(B, b"a%d" % i + payloadOf(1, i, exchangeSize(1, i)))
-                b.send(A, b"b%d" % i + payloadOf(2, i, exchangeSize(2, i)))
-                if i % 30 == 29 or i >= 200:
-                    self.network.pump(0.004)
+            traffic(a, b)
             self.network.pump(1.0)
             linkA, linkB = self.links()
             state = []
@@ -185,8 +209,8 @@ class LeanPathTests(_ClockedQuicBase):
         leanSizes, leanState, leanPaths = run(True)
         plainSizes, plainState, plainPaths = run(False)
         self.assertEqual(plainPaths, (None, None))
-        self.assertGreater(sum(path.built for path in leanPaths), 300)
-        self.assertGreater(sum(path.messages for path in leanPaths), 400)
+        self.assertGreater(sum(path.built for path in leanPaths), minBuilt)
+        self.assertGreater(sum(path.messages for path in leanPaths), minMessages)
         self.assertEqual(leanSizes, plainSizes)
         self.assertEqual(leanState, plainState)
 
@@ -429,3 +453,99 @@ class TrimmedStateTests(_ClockedQuicBase):
         self.assertNotIn(B, self.relay.store.peers)
         self.assertEqual(b.closeEvent.error_code, 0x100 + tls.AlertDescription.unexpected_message)
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class ParseTests(_ClockedQuicBase):
+    """
+    The lean receive's frame parser takes exactly the payloads it can
+    handle as aioquic would, and leaves every other one to aioquic.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.connected(A)
+        self.lean = self.relay.store.peers[A].link._lean
+
+    def test_taken(self):
+        """
+        DATAGRAM frames (1- and 2-byte lengths), PADDING runs, ACK and
+        ACK_ECN frames, in any order.
+        """
+        payload = b"\x31\x03abc" + b"\x00" * 5 + b"\x02\x05\x00\x00\x01" + b"\x31\x40\x41" + b"x" * 65 + b"\x03\x09\x01\x00\x00\x01\x02\x03" + b"\x00"
+        datagrams, acks, eliciting = self.lean._parse(payload)
+        self.assertEqual(datagrams, [b"abc", b"x" * 65])
+        self.assertEqual([(list(ranges), delay) for ranges, delay in acks], [([range(4, 6)], 0), ([range(9, 10)], 1)])
+        self.assertTrue(eliciting)
+        datagrams, acks, eliciting = self.lean._parse(b"\x02\x05\x00\x00\x00" + b"\x00" * 30)
+        self.assertEqual((datagrams, eliciting), ([], False))
+
+    def test_handedOver(self):
+        """
+        Anything else is left to aioquic: other frames, no frame, a
+        DATAGRAM frame cut short or with a 4-byte length or larger than the
+        relay advertised, a malformed ACK.
+        """
+        for payload in [
+            b"",
+            b"\x01",
+            b"\x31\x03ab",
+            b"\x31",
+            b"\x31\x40",
+            b"\x31\x80\x00\x00\x01a",
+            b"\x30abc",
+            b"\x31\x03abc\x1c\x00\x00\x00",
+            b"\x02\x05\x00",
+            # Largest acknowledged 1, first range 5: a negative packet number.
+            b"\x02\x01\x00\x00\x05",
+            b"\x40\x31\x01a",
+        ]:
+            self.assertIsNone(self.lean._parse(payload), payload)
+        limit = quic.MAX_DATAGRAM_FRAME_SIZE
+        # aioquic refuses a frame whose length and data reach the limit.
+        fits = limit - 3
+        self.assertIsNotNone(self.lean._parse(b"\x31" + (0x4000 | fits).to_bytes(2, "big") + b"y" * fits))
+        self.assertIsNone(self.lean._parse(b"\x31" + (0x4000 | fits + 1).to_bytes(2, "big") + b"y" * (fits + 1)))
+
+
+class HandOverTests(_ClockedQuicBase):
+    """
+    Packets the lean receive cannot take (duplicates, damaged, cut short)
+    go to aioquic, which drops them; nothing changes.
+    """
+
+    def test_duplicateDamagedShort(self):
+        """
+        A client packet damaged in transit, then cut short, then whole,
+        then again: only the whole one is taken, once.
+        """
+        a = self.connected(A)
+        link = self.relay.store.peers[A].link
+        captured = []
+
+        def hold(source, destination, data):
+            if destination == SERVER:
+                captured.append((source, data))
+                return True
+            return False
+
+        self.network.drop = hold
+        a.send(A, b"once")
+        self.network.pump(0.004, step=0.002)
+        self.network.drop = lambda source, destination, data: False
+        self.assertEqual(len(captured), 1)
+        source, data = captured[0]
+        space = applicationSpace(link.quic)
+        before = (link._lean.handedOver, link._lean.received, list(space.ack_queue), space.largest_received_packet, space.expected_packet_number)
+        damaged = data[:-1] + bytes([data[-1] ^ 1])
+        for packet in (damaged, data[:20]):
+            self.protocol.datagramReceived(packet, source)
+        self.assertEqual(link._lean.handedOver, before[0] + 2)
+        self.assertEqual((link._lean.received, list(space.ack_queue), space.largest_received_packet, space.expected_packet_number), before[1:])
+        self.protocol.datagramReceived(data, source)
+        self.assertEqual((link._lean.handedOver, link._lean.received), (before[0] + 2, before[1] + 1))
+        self.protocol.datagramReceived(data, source)
+        self.assertEqual((link._lean.handedOver, link._lean.received), (before[0] + 3, before[1] + 1))
+        self.network.pump(0.1)
+        self.assertEqual(self.successResultOf(a.transports.get()), (A, b"once"))
+        self.assertFalse(a.transports.pending)
+        self.assertFalse(link._isClosing())
