@@ -262,8 +262,8 @@ class LeanPath:
     def onlyDatagrams(self):
         """
         Whether aioquic's C{datagrams_to_send} would now write nothing but
-        ACK and DATAGRAM frames, in 1-RTT packets on its one validated path:
-        each check below is a frame or packet its writer could add.
+        ACK and DATAGRAM frames, in 1-RTT packets on its validated current
+        path: each check below is a frame or packet its writer could add.
         """
         quic = self._quic
         if quic._state is not _CONNECTED or quic._close_pending or not quic._handshake_confirmed:
@@ -273,11 +273,14 @@ class LeanPath:
         if quic._streams or quic._streams_queue or quic._retire_connection_ids or quic._streams_blocked_pending:
             return False
         paths = quic._network_paths
-        if len(paths) != 1:
-            return False
         path = paths[0]
         if not path.is_validated or path.remote_challenges:
             return False
+        # The other paths (a client's former addresses): aioquic sends on
+        # one only while it has a challenge to answer or to make.
+        for other in paths[1:]:
+            if other.remote_challenges or not (other.is_validated or other.local_challenge_sent):
+                return False
         for cid in quic._host_cids:
             if not cid.was_sent:
                 return False

@@ -153,6 +153,25 @@ class LeanPathTests(_ClockedQuicBase):
 
         self.assertSameAsAioquic(lambda count, source, destination: False, traffic, minBuilt=600, minMessages=1000)
 
+    def test_sameAsAioquicMigration(self):
+        """
+        As L{test_sameAsAioquic}, with the client's address changing mid-way
+        (a NAT rebinding): path validation by aioquic, and the lean path on
+        the new path, leave the same state both ways.
+        """
+
+        def traffic(a, b):
+            self.exchangeWithPumps(a, b)
+            self.migrate(a, ("127.0.0.2", 40000))
+            self.exchangeWithPumps(a, b)
+
+        self.assertSameAsAioquic(lambda count, source, destination: False, traffic, minBuilt=600, minMessages=1000)
+
+    def migrate(self, peer, addr):
+        del self.network.endpoints[peer.addr]
+        peer.addr = peer.transport.addr = addr
+        self.network.endpoints[addr] = peer
+
     def exchangeWithPumps(self, a, b):
         for i in range(300):
             a.send(B, b"a%d" % i + payloadOf(1, i, exchangeSize(1, i)))
@@ -202,6 +221,7 @@ class LeanPathTests(_ClockedQuicBase):
                             loss._rtt_smoothed,
                             connection._close_at,
                             len(peer.transports.pending),
+                            [(path.addr, path.is_validated, path.bytes_sent, path.bytes_received) for path in connection._network_paths],
                         )
                     )
             return sizes, state, (linkA._lean, linkB._lean)
@@ -312,17 +332,17 @@ class LeanPathTests(_ClockedQuicBase):
         b = self.connected(B)
         linkA, _ = self.links()
         self.exchange(a, b, 50)
-        old = a.addr
-        a.addr = ("127.0.0.2", 40000)
-        del self.network.endpoints[old]
-        self.network.endpoints[a.addr] = a
-        a.transport.addr = a.addr
+        self.migrate(a, ("127.0.0.2", 40000))
         self.exchange(a, b, 100, tag=b"moved ")
         self.assertEqual(linkA.quic._network_paths[0].addr, a.addr)
         self.assertTrue(linkA.quic._network_paths[0].is_validated)
-        messages = linkA._lean.messages
+        messages, built = linkA._lean.messages, linkA._lean.built
         self.exchange(a, b, 100, tag=b"settled ")
         self.assertEqual(linkA._lean.messages, messages + 100)
+        # aioquic keeps the former path; it needs no probing, so the lean
+        # send goes on too.
+        self.assertEqual(len(linkA.quic._network_paths), 2)
+        self.assertGreaterEqual(linkA._lean.built, built + 50)
         self.assertAllAcknowledged(linkA, a)
 
     def test_closeAfterLeanTraffic(self):

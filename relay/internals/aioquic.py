@@ -90,7 +90,7 @@ CONNECTION = {
     # Read or written by the lean path (relay.quiclean), as receive_datagram,
     # _write_application and _flush_builder do.
     "_close_pending": "a close not sent yet: lean path off",
-    "_network_paths": "the current path (address, validation, challenges, bytes sent): lean only on the one validated path",
+    "_network_paths": "the current path (address, validation, challenges, bytes sent) and former ones: lean only on the validated current path, and while no other needs probing",
     "_spin_highest_pn": "spin bit bookkeeping of a received packet",
     "_spin_bit": "spin bit of received and sent packets",
     "_close_at": "the idle timer, restarted by a received packet and the first ack-eliciting packet sent after it",
@@ -170,6 +170,7 @@ NETWORK_PATH = {
     "addr": "the peer's address",
     "is_validated": "lean only on a validated path",
     "remote_challenges": "PATH_RESPONSE due: aioquic builds it",
+    "local_challenge_sent": "a PATH_CHALLENGE due on another path: aioquic builds it",
     "bytes_sent": "counted per datagram, as _flush_builder does",
 }
 
