@@ -66,10 +66,16 @@ whether the connection is closing, its pacer and its TLS output buffers;
 for speed, the application space's C{ack_at} (an ACK rides on the
 datagrams of the same turn); for an idle peer's memory, the frame handler
 table, the keys' callbacks and the server TLS context's handshake state.
-L{_QuicDriver} (and the size check in L{QuicPeerLink.writeMessage}) touch
-them; the supported aioquic range (1.4 to 1.x) is tested against them.
-Packets leave straight from the socket, a connection's run of one size as
-one C{sendmsg} with UDP GSO (L{_SocketSender}).
+All of it is reached through L{relay.internals.aioquic}, which names each
+piece with its reason and is tested against the installed aioquic (the
+1.7 series, which pyproject pins).
+
+The data path: once a connection is established, its DATAGRAM packets are
+received and built by L{relay.quiclean.LeanPath} on aioquic's own keys and
+state, and everything else (handshake, key update, PING, loss probes,
+migration, close) goes through aioquic unchanged. Packets leave straight
+from the socket, a connection's run of one size as one C{sendmsg} with UDP
+GSO (L{_SocketSender}).
 """
 
 import errno
@@ -78,14 +84,13 @@ import os
 import socket
 import struct
 import sys
-from collections import Counter, deque
+from collections import deque
 
 from aioquic import tls
 from aioquic.buffer import Buffer, size_uint_var
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.crypto import NoCallback
-from aioquic.quic.connection import QuicConnection, QuicConnectionState
+from aioquic.quic.connection import QuicConnection
 from aioquic.quic.recovery import QuicPacketPacer
 from aioquic.quic.packet import (
     QuicErrorCode,
@@ -103,10 +108,12 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
 from relay import messages as m
-from relay.cluster.transport import joinAddress
+from relay.addresses import joinAddress
 from relay.logtext import quoted
 from relay.peer import CLOSE_REASON_SHOWN
 from relay.server import ConfigurationError
+from relay.internals import aioquic as internals
+from relay.quiclean import LeanPath
 from relay.session import PeerSession
 
 # aioquic reports every refused handshake through the standard library's
@@ -176,8 +183,8 @@ CLOSE_NORMAL = 0x0
 CLOSE_ERROR = 0x1
 
 
-# The frozensets of epochs in aioquic's frame handler tables, one of each.
-_SHARED_EPOCHS = {}
+# aioquic's frame handler table, by method name, shared by every connection.
+_SHARED_FRAME_HANDLERS = {}
 
 
 def _payloadRoom(frameSpace):
@@ -338,25 +345,27 @@ class _QuicDriver:
         self._timer = None
         self._dirty = False
         self._gone = False
-        # aioquic internals, read in this class only.
-        quic._loss._pacer = _ReactorPacer(max_datagram_size=quic._max_datagram_size)
-        self._pending = quic._datagrams_pending
+        internals.setPacer(quic, _ReactorPacer(max_datagram_size=internals.maxDatagramSize(quic)))
+        self._pending = internals.pendingDatagrams(quic)
         self._queued = deque()
         self._queuedBytes = 0
         self._applicationSpace = None
+        # The lean data path (relay.quiclean), once the connection is
+        # established.
+        self._lean = None
 
     def _isClosing(self):
-        return self.quic._close_event is not None
+        return internals.isClosing(self.quic)
 
     def _remoteMaxDatagramFrameSize(self):
-        return self.quic._remote_max_datagram_frame_size
+        return internals.remoteMaxDatagramFrameSize(self.quic)
 
     def _packetRoom(self):
         """
         The largest payload of one DATAGRAM frame in a packet to the peer now.
         """
         quic = self.quic
-        return _payloadRoom(quic._max_datagram_size - SHORT_HEADER_SIZE - len(quic._peer_cid.cid) - AEAD_TAG_SIZE)
+        return _payloadRoom(internals.maxDatagramSize(quic) - SHORT_HEADER_SIZE - len(internals.peerConnectionID(quic)) - AEAD_TAG_SIZE)
 
     def _shrinkCryptoBuffers(self):
         """
@@ -365,27 +374,22 @@ class _QuicDriver:
         neither end writes a TLS message here (the relay issues no session
         tickets, and QUIC forbids TLS KeyUpdate), so small ones do.
         """
-        quic = self.quic
-        quic._crypto_buffers = {epoch: Buffer(capacity=POST_HANDSHAKE_CRYPTO_BUFFER) for epoch in quic._crypto_buffers}
+        internals.shrinkCryptoBuffers(self.quic, POST_HANDSHAKE_CRYPTO_BUFFER)
 
     def _shareConnectionState(self):
         """
         Replace per-connection copies of constant state with shared ones
         (an idle peer's memory; guarded by tests/test_quic.py):
-          - aioquic's table of frame handlers holds a new frozenset of
-            allowed epochs per frame type (33 of them, 7 KiB): equal ones
-            are one shared set;
+          - aioquic's table of frame handlers (33 bound methods, tuples and
+            epoch sets, 5 KiB) becomes a view of one shared table;
           - every key of every epoch keeps two callbacks that only log to
-            a qlog the relay never has: the library's no-op instead.
+            a qlog the relay never has: the library's no-op instead;
+          - the discarded INITIAL and HANDSHAKE epochs' keys, packet spaces,
+            CRYPTO streams and buffers become shared key-less stand-ins.
         """
-        quic = self.quic
-        handlers = quic._QuicConnection__frame_handlers
-        for frameType, (handler, epochs) in handlers.items():
-            handlers[frameType] = (handler, _SHARED_EPOCHS.setdefault(epochs, epochs))
-        if quic._quic_logger is None:
-            for pair in quic._cryptos.values():
-                for context in (pair.recv, pair.send):
-                    context._setup_cb = context._teardown_cb = NoCallback
+        internals.shareFrameHandlers(self.quic, _SHARED_FRAME_HANDLERS)
+        internals.dropKeyCallbacks(self.quic)
+        internals.trimDiscardedEpochs(self.quic)
 
     def _dropHandshakeSecrets(self):
         """
@@ -393,24 +397,17 @@ class _QuicDriver:
         before reading any of its state (RFC 9001 forbids TLS KeyUpdate; 1-RTT
         keys are updated by the QUIC layer from its own secrets), yet aioquic
         keeps the handshake's key schedule (a running transcript hash), the
-        client's extensions and the traffic keys: freed here.
+        client's extensions, the traffic keys and its own copies of the
+        configuration's lists: it keeps only what it reads in that state.
         """
-        context = self.quic.tls
-        if context.state is not tls.State.SERVER_POST_HANDSHAKE:
-            return
-        context.key_schedule = None
-        context.received_extensions = None
-        context._certificate_request = None
-        context._enc_key = context._dec_key = None
-        context._ec_private_keys = []
-        context._x25519_private_key = context._x448_private_key = None
-        context._receive_buffer = b""
+        internals.dropServerHandshakeState(self.quic.tls, tls.State.SERVER_POST_HANDSHAKE)
+        internals.trimServerTLS(self.quic.tls, tls.State.SERVER_POST_HANDSHAKE)
 
     def _receivedNothing(self):
         """
         True while no packet of this connection has decrypted.
         """
-        return self.quic._state is QuicConnectionState.FIRSTFLIGHT
+        return internals.isFirstFlight(self.quic)
 
     # Driving
 
@@ -470,11 +467,15 @@ class _QuicDriver:
         now = self._clock.seconds()
         if self._pending:
             self._ackNow(now)
-        datagrams = self.quic.datagrams_to_send(now)
-        # aioquic issues connection ids (ConnectionIdIssued) while it builds
-        # the packets that announce them, and quic-go switches to a new one
-        # as soon as it arrives: route them before those packets leave.
-        self._events()
+        lean = self._lean
+        datagrams = lean.transmit(now) if lean is not None else None
+        if datagrams is None:
+            datagrams = self.quic.datagrams_to_send(now)
+            # aioquic issues connection ids (ConnectionIdIssued) while it
+            # builds the packets that announce them, and quic-go switches to
+            # a new one as soon as it arrives: route them before those
+            # packets leave.
+            self._events()
         if datagrams:
             self._sendDatagrams(datagrams)
         pending = self._pending
@@ -497,12 +498,12 @@ class _QuicDriver:
         """
         space = self._applicationSpace
         if space is None:
-            space = self._applicationSpace = self.quic._spaces.get(tls.Epoch.ONE_RTT)
+            space = self._applicationSpace = internals.packetSpace(self.quic, tls.Epoch.ONE_RTT)
             if space is None:
                 return
         # Only when the pacer lets a packet leave now: aioquic does not pace
         # a due ACK, and one held back would be due again at once, forever.
-        if space.ack_at is not None and space.ack_at > now and self.quic._loss._pacer.next_send_time(now) is None:
+        if space.ack_at is not None and space.ack_at > now and internals.pacer(self.quic).next_send_time(now) is None:
             space.ack_at = now
 
     def _droppedTooLarge(self):
@@ -601,6 +602,28 @@ class QuicPeerLink(_QuicDriver):
     def _noisy(self, log, format, **fields):
         self._relay.noisyLog(log, format, **fields)
 
+    def receive(self, data, addr):
+        lean = self._lean
+        if lean is not None:
+            try:
+                payloads = lean.receive(data, addr, self._clock.seconds())
+                if payloads is not None:
+                    if internals.hasEvents(self.quic):
+                        # Delivery handlers of acknowledged packets.
+                        self._events()
+                    session = self.session
+                    for payload in payloads:
+                        if self._open:
+                            session.messageReceived(payload)
+            except Exception:
+                self._noisy(self._log.failure, "QUIC connection from {where}: failed handling a datagram", where=self.peerAddress)
+                self._failed()
+                return
+            if payloads is not None:
+                self._needFlush()
+                return
+        super().receive(data, addr)
+
     def _handshakeEnded(self):
         if self._handshaking:
             self._handshaking = False
@@ -652,6 +675,8 @@ class QuicPeerLink(_QuicDriver):
         if self._initialCID is not None:
             self._protocol.removeConnectionID(self._initialCID, self)
         self._open = True
+        if self._protocol.lean:
+            self._lean = LeanPath(self.quic)
 
     def _terminated(self, event):
         if not self._closedHere and (event.error_code != CLOSE_NORMAL or event.reason_phrase == "Idle timeout"):
@@ -673,8 +698,9 @@ class QuicPeerLink(_QuicDriver):
         The largest relay message one datagram to this peer carries now
         (L{relay.session.PeerSession} splits id lists by it).
         """
-        if len(self.quic._peer_cid.cid) != self._cidLength:
-            self._cidLength = len(self.quic._peer_cid.cid)
+        cidLength = len(internals.peerConnectionID(self.quic))
+        if cidLength != self._cidLength:
+            self._cidLength = cidLength
             self._room = min(self._frameRoom, self._packetRoom())
         return self._room
 
@@ -852,6 +878,9 @@ class QuicPeerProtocol(DatagramProtocol):
 
     _log = Logger()
     noisy = False
+    # Established connections take the lean data path (relay.quiclean);
+    # tests turn it off to compare with aioquic's own.
+    lean = True
 
     def __init__(self, relay, clock, configuration, highWater=DEFAULT_HIGH_WATER, retryAbove=RETRY_ABOVE_HANDSHAKES):
         self.relay = relay

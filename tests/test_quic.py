@@ -206,12 +206,28 @@ class ClockedQuicTests(_ClockedQuicBase):
         a = self.connected(A)
         link = self.relay.store.peers[A].link
         self.assertEqual({buf.capacity for buf in link.quic._crypto_buffers.values()}, {quic.POST_HANDSHAKE_CRYPTO_BUFFER})
-        # The server's TLS context keeps no handshake secrets.
+        # The server's TLS context keeps no handshake secrets, nor anything
+        # but what it reads past its handshake.
         context = link.quic.tls
         self.assertIs(context.state, tls.State.SERVER_POST_HANDSHAKE)
-        self.assertEqual((context.key_schedule, context.received_extensions, context._enc_key, context._dec_key), (None, None, None, None))
-        self.assertEqual((context._ec_private_keys, context._x25519_private_key, context._x448_private_key), ([], None, None))
+        self.assertEqual(set(vars(context)), {"state", "_receive_buffer", "alpn_negotiated", "early_data_accepted", "_session_resumed", "_is_client", "_Context__logger"})
         self.assertIsNotNone(a.quic.tls.key_schedule)
+        # The discarded epochs' state is shared, and only the 1-RTT space
+        # is iterated by loss recovery.
+        other = self.connected(B)
+        otherQuic = self.relay.store.peers[B].link.quic
+        for epoch in (tls.Epoch.INITIAL, tls.Epoch.HANDSHAKE, tls.Epoch.ZERO_RTT):
+            self.assertIs(link.quic._cryptos[epoch], otherQuic._cryptos[epoch])
+            self.assertFalse(link.quic._cryptos[epoch].recv.is_valid())
+        for epoch in (tls.Epoch.INITIAL, tls.Epoch.HANDSHAKE):
+            self.assertIs(link.quic._spaces[epoch], otherQuic._spaces[epoch])
+            self.assertTrue(link.quic._spaces[epoch].discarded)
+        self.assertEqual(set(link.quic._crypto_streams), {tls.Epoch.ONE_RTT})
+        self.assertEqual(set(link.quic._crypto_buffers), {tls.Epoch.ONE_RTT})
+        self.assertEqual(link.quic._loss.spaces, [link.quic._spaces[tls.Epoch.ONE_RTT]])
+        other.send(A, b"from b")
+        self.network.pump()
+        self.assertEqual(self.successResultOf(a.transports.get()), (B, b"from b"))
         a.send(A, b"echo")
         self.network.pump()
         self.assertEqual(self.successResultOf(a.transports.get()), (A, b"echo"))
@@ -229,10 +245,16 @@ class ClockedQuicTests(_ClockedQuicBase):
         handlersB = linkB.quic._QuicConnection__frame_handlers
         self.assertEqual(set(handlersA), set(handlersB))
         self.assertGreater(len(handlersA), 20)
+        # One shared table, read through a small view per connection.
+        self.assertIs(handlersA._shared, handlersB._shared)
+        self.assertEqual(type(handlersA).__slots__, ("_quic", "_shared"))
         for frameType, (handler, epochs) in handlersA.items():
             self.assertIs(epochs, handlersB[frameType][1])
             self.assertIsInstance(epochs, frozenset)
             self.assertIs(handler.__self__, linkA.quic)
+            self.assertIs(handler.__func__, handlersB[frameType][0].__func__)
+        with self.assertRaises(KeyError):
+            handlersA[0x99]
         for pair in linkA.quic._cryptos.values():
             for context in (pair.recv, pair.send):
                 self.assertIs(context._setup_cb, NoCallback)
@@ -485,7 +507,9 @@ class ClockedQuicTests(_ClockedQuicBase):
         def explode(*args):
             raise RuntimeError("boom")
 
+        # Whichever path its packets take: aioquic's or the lean one.
         broken.quic.receive_datagram = explode
+        broken._lean.receive = explode
         a.send(B, b"lost")
         c.send(B, b"kept")
         self.network.pump()

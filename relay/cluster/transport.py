@@ -61,7 +61,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from relay.addresses import joinAddress, splitAddress
+from relay.addresses import splitAddress
 from relay.cluster import frames
 from relay.limits import LogBudget
 from relay.logtext import quoted
