@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import NameOID
 
 from relay import messages as m
-from relay import quic
+from relay import quic, quicclient
 from tests.helpers import connect
 from tests.test_quic import SERVER, A, B, EagerClient, _ClockedQuicBase, exchangeSize, payloadOf
 
@@ -433,7 +433,7 @@ class TrimmedStateTests(_ClockedQuicBase):
         # A client that keeps the relay's first connection id, so that its
         # second flight (an Initial ACK and the Handshake Finished) goes to
         # the connection again.
-        self.clientClass = quic.QuicRelayClient
+        self.clientClass = quicclient.QuicRelayClient
         self.network.drop = record
         a = self.connected(A)
         self.network.drop = lambda source, destination, data: False
