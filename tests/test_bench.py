@@ -296,3 +296,78 @@ class QuicGoLoadTests(unittest.TestCase):
                 self.assertGreater(r["relay_us_per_msg"], 0)
                 self.assertLessEqual(r["p50_us"], r["p99_us"])
         self.assertTrue(self.relay.running())
+
+
+class TLSTinyRunTests(unittest.TestCase):
+    """
+    One short throughput and latency run over TLS WebSocket (--tls) against
+    a real relay process with a throwaway certificate: every message checked
+    as over plain WebSocket.
+    """
+
+    timeout = 30
+
+    def test_runs(self):
+        raiseFileLimit(4096)
+        o = parseArgs(["--tls", "yes", "--duration", "0.3", "--warmup", "0.1", "--window", "8", "--batch", "4"])
+        cert, key = writeCertificate(os.path.abspath(self.mktemp()))
+        relay = RelayProcess(o.secret, extra=["--tls-cert-file", cert, "--tls-key-file", key]).start()
+        self.addCleanup(relay.stop)
+        relay.tls = True
+        t = cases.throughputRun(relay, o, 2, 0)
+        self.assertTrue(t["ok"], t)
+        self.assertGreater(t["received"], 100)
+        self.assertEqual(t["received"], t["sent"])
+        lat = cases.latencyRun(relay, o, 1, 0)
+        self.assertTrue(lat["ok"], lat)
+        self.assertGreater(lat["samples"], 10)
+        self.assertTrue(relay.running())
+
+    def test_plainLoadRefused(self):
+        """
+        The TLS relay does not answer a plain upgrade: the loads really
+        connect over TLS when asked to.
+        """
+        o = parseArgs(["--tls", "yes"])
+        cert, key = writeCertificate(os.path.abspath(self.mktemp()))
+        relay = RelayProcess(o.secret, extra=["--tls-cert-file", cert, "--tls-key-file", key]).start()
+        self.addCleanup(relay.stop)
+        from relay.bench.peers import BenchError, connectPeer
+        self.assertRaises((BenchError, OSError), connectPeer, relay.host, relay.port, "plain", wire.token(o.secret), timeout=2)
+        peer = connectPeer(relay.host, relay.port, "tls", wire.token(o.secret), tls=True)
+        peer.close()
+
+    def test_tlsNeedsARelayStartedHere(self):
+        self.assertRaises(SystemExit, parseArgs, ["--tls", "yes", "--url", "ws://127.0.0.1:1/relay", "--secret", "x"])
+
+
+class TLSSocketTests(unittest.TestCase):
+    """
+    L{TLSSocket} hands the loads everything OpenSSL has decrypted, not one
+    record per recv, and turns "would block" into C{BlockingIOError}.
+    """
+
+    def test_allPendingRecords(self):
+        import ssl
+
+        from relay.bench.peers import TLSSocket
+
+        class FakeSSL:
+            def __init__(self, records):
+                self.records = records
+
+            def recv(self, size):
+                if not self.records:
+                    raise ssl.SSLWantReadError()
+                return self.records.pop(0)
+
+            def pending(self):
+                return len(self.records[0]) if self.records else 0
+
+            def send(self, data):
+                raise ssl.SSLWantWriteError()
+
+        s = TLSSocket(FakeSSL([b"one", b"two", b"three"]))
+        self.assertEqual(s.recv(65536), b"onetwothree")
+        self.assertRaises(BlockingIOError, s.recv, 65536)
+        self.assertRaises(BlockingIOError, s.send, b"x")

@@ -74,6 +74,9 @@ def parseArgs(argv):
     ap.add_argument("--batch", type=int, default=16, help="throughput: a sender writes when this much window is free (default 16)")
     ap.add_argument("--procs", type=int, default=0, help="load processes for the pipelined cases (default: 1 up to 10 pairs, else 2)")
     ap.add_argument("--latency-pairs", type=_ints, default=[1, 50], help="latency: comma-separated pair counts (default 1,50)")
+    ap.add_argument("--tls", choices=("no", "yes", "both"), default="no",
+                    help="throughput and latency: over TLS WebSocket (a relay started here with a throwaway certificate; "
+                         "cases named ...-tls), or both plain and TLS, each on a relay of its own (default no)")
     ap.add_argument("--connections", type=int, default=2000, help="handshakes: connections (default 2000)")
     ap.add_argument("--concurrency", type=int, default=64, help="handshakes and idle: connections opened at once (default 64)")
     ap.add_argument("--idle-peers", type=int, default=2000, help="idle: authenticated peers held (default 2000)")
@@ -122,6 +125,8 @@ def parseArgs(argv):
         host = u.hostname or ""
         if not (host.startswith("127.") or host == "localhost"):
             ap.error("--url: only loopback relays may be measured")
+        if o.tls != "no":
+            ap.error("--tls: needs a relay started here (with a throwaway certificate), not --url")
         if u.scheme not in ("ws", "rel", ""):
             ap.error("--url: ws:// or rel:// (TLS is not supported by the load generator)")
         if not o.secret:
@@ -181,11 +186,22 @@ class Bench:
     def log(self, msg):
         print(msg, file=sys.stderr, flush=True)
 
-    def relay(self):
+    def relay(self, tls=False):
+        """
+        The relay under test; with C{tls}, one started with a throwaway
+        certificate, its C{tls} attribute telling the loads to connect over
+        TLS.
+        """
         o = self.o
         if o.url:
             return ExternalRelay(o.host, o.port, o.secret, o.pid)
-        return RelayProcess(o.secret, extra=o.relay_arg, logDir=self.logDir, root=o.relay_root).start()
+        if not tls:
+            return RelayProcess(o.secret, extra=o.relay_arg, logDir=self.logDir, root=o.relay_root).start()
+        cert, key = writeCertificate(os.path.join(self.logDir, "tls-cert"))
+        extra = list(o.relay_arg) + ["--tls-cert-file", cert, "--tls-key-file", key]
+        target = RelayProcess(o.secret, extra=extra, logDir=self.logDir, name="relay-tls", root=o.relay_root).start()
+        target.tls = True
+        return target
 
     def done(self, target):
         """
@@ -199,7 +215,7 @@ class Bench:
             if status not in (0, None):
                 self.problems.append(f"relay (pid {target.pid}) exited with status {status} on SIGTERM:\n{target.logTail()}")
 
-    def series(self, name, params, runOnce, freshRelay=False):
+    def series(self, name, params, runOnce, freshRelay=False, tls=False):
         """
         Run C{runOnce(target, run)} --runs times and record medians.
         """
@@ -211,7 +227,7 @@ class Bench:
         try:
             for run in range(o.runs):
                 if target is None:
-                    target = self.relay()
+                    target = self.relay(tls)
                 self.log(f"[{time.strftime('%H:%M:%S')}] {name} run {run + 1}/{o.runs} ...")
                 try:
                     r = runOnce(target, run)
@@ -243,12 +259,15 @@ class Bench:
         for case in o.chosen:
             if case == "throughput":
                 for n in o.pairs:
-                    self.series(f"throughput-p{n}-{o.size}", {"pairs": n, "size": o.size, "window": o.window},
-                                lambda t, run, n=n: C.throughputRun(t, o, n, run))
+                    for tls in self.overTLS():
+                        self.series(f"throughput-p{n}-{o.size}" + ("-tls" if tls else ""),
+                                    {"pairs": n, "size": o.size, "window": o.window, "tls": tls},
+                                    lambda t, run, n=n: C.throughputRun(t, o, n, run), tls=tls)
             elif case == "latency":
                 for n in o.latency_pairs:
-                    self.series(f"latency-p{n}-{o.size}", {"pairs": n, "size": o.size},
-                                lambda t, run, n=n: C.latencyRun(t, o, n, run))
+                    for tls in self.overTLS():
+                        self.series(f"latency-p{n}-{o.size}" + ("-tls" if tls else ""), {"pairs": n, "size": o.size, "tls": tls},
+                                    lambda t, run, n=n: C.latencyRun(t, o, n, run), tls=tls)
             elif case == "handshakes":
                 self.series(f"handshakes-{o.connections}", {"connections": o.connections, "concurrency": o.concurrency},
                             lambda t, run: C.handshakeRun(t, o, run))
@@ -266,6 +285,13 @@ class Bench:
                 self.compare()
             elif case == "quic":
                 self.quic()
+
+    def overTLS(self):
+        """
+        The throughput and latency variants --tls asks for: C{False} for
+        plain WebSocket, C{True} for TLS.
+        """
+        return {"no": (False,), "yes": (True,), "both": (False, True)}[self.o.tls]
 
     def compare(self):
         """
