@@ -32,11 +32,8 @@ as RFC 6455 5.5.3 allows). PING and PONG frames take the lean path.
 """
 
 import re
-from pprint import pformat
 
-import autobahn.websocket.protocol
-import txaio
-from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.twisted.websocket import WebSocketServerFactory
 from autobahn.websocket.types import ConnectionDeny
 from OpenSSL.SSL import Error as TLSError
 from OpenSSL.SSL import WantReadError, ZeroReturnError
@@ -50,27 +47,11 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay import messages as m
+from relay.internals import autobahn as _autobahn
 from relay.logtext import quoted
 from relay.session import PeerSession
 
-
-
-def _pformatForDebug(value):
-    """
-    Autobahn's C{pformat}, which it only calls for the arguments of debug
-    lines: the text is built only when txaio passes debug lines on at all
-    (it does not unless its global level is lowered).
-
-    Autobahn pretty-prints its ~30 options for a debug line on every new
-    connection, whether the line is logged or not: 90 us of pure-Python
-    pformat per handshake, a quarter of the handshake's CPU.
-    """
-    if txaio.get_global_log_level() in ("debug", "trace"):
-        return pformat(value)
-    return ""
-
-
-autobahn.websocket.protocol.pformat = _pformatForDebug
+_autobahn.formatOnlyForDebug()
 
 try:
     from websockets.speedups import apply_mask
@@ -176,7 +157,7 @@ class _Congestion:
                 sender.resumeReading()
 
 
-class PeerWebSocketProtocol(WebSocketServerProtocol):
+class PeerWebSocketProtocol(_autobahn.ServerProtocol):
     """
     One peer's WebSocket connection, the link of its L{PeerSession}.
     """
@@ -276,8 +257,7 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "Forbidden")
         return None
 
-    def _onOpen(self):
-        super()._onOpen()
+    def opened(self):
         self._fast = True
 
     def dataReceived(self, data):
@@ -307,9 +287,10 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
         super().dataReceived(data)
         # Back to the lean path as soon as Autobahn is between frames; an
         # incomplete frame header it holds moves along with it.
-        self._fast = self.state == self.STATE_OPEN and self.current_frame is None and not self.inside_message
-        if self._fast and self.data:
-            self._pending, self.data = self.data, b""
+        # (_pending is empty here: the lean path handed it to Autobahn.)
+        self._fast = self.betweenFrames()
+        if self._fast:
+            self._pending = self.takeBuffered()
 
     def _upgradeRequest(self, data):
         """
@@ -350,7 +331,7 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
         relay.counters.handshakeRejects[reason] += 1
         self._answer = answer
         # After the answer Autobahn must not parse anything more.
-        self.state = self.STATE_CLOSED
+        self.stopParsing()
         self.session.close()
 
     def _violation(self, reason, detail):
@@ -523,7 +504,7 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
     def _countControlFrame(self):
         if self.session.closed:
             return False
-        if self.inside_message and not self._countMessageFrame():
+        if self.insideMessage() and not self._countMessageFrame():
             return False
         if self.session.peerID is None:
             self._controlFrames += 1
@@ -532,16 +513,15 @@ class PeerWebSocketProtocol(WebSocketServerProtocol):
                 return False
         return True
 
-    def _max_message_size_exceeded(self, size, limit, reason):
-        # Autobahn's hook for a frame or message over maxFramePayloadSize /
-        # maxMessagePayloadSize. With failByDrop it closes without a close
-        # frame, so onClose never sees code 1009: count it here.
+    def messageTooLarge(self, size, limit, reason):
+        # With failByDrop Autobahn would close without a close frame, so
+        # onClose never sees code 1009: count it here.
         self._violation("too_large", f"{size}-byte message")
 
     def failHandshake(self, reason, code=400, responseHeaders=None):
         # Go answers 403 to any Origin that is not the Host, parsable or not;
         # Autobahn refuses an unparsable or "null" one itself, with 400.
-        if reason and reason.startswith(("HTTP Origin header invalid", "WebSocket connection denied: origin")):
+        if reason and reason.startswith(_autobahn.ORIGIN_REFUSALS):
             code = 403
         return super().failHandshake(reason, code, responseHeaders)
 
