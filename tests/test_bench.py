@@ -371,3 +371,52 @@ class TLSSocketTests(unittest.TestCase):
         self.assertEqual(s.recv(65536), b"onetwothree")
         self.assertRaises(BlockingIOError, s.recv, 65536)
         self.assertRaises(BlockingIOError, s.send, b"x")
+
+
+class InterleavedTests(unittest.TestCase):
+    """
+    --tls both: plain and TLS runs take turns, each variant on a relay of its
+    own kept for all its runs, and the TLS / plain ratios are taken run by
+    run.
+    """
+
+    def test_turnsAndRatios(self):
+        from relay.bench.__main__ import Bench
+
+        bench = Bench(parseArgs(["--tls", "both", "--runs", "3"]))
+        events = []
+
+        class FakeRelay:
+            pid = 0
+
+            def __init__(self, tls):
+                self.tls = tls
+
+            def running(self):
+                return True
+
+        def relay(tls=False):
+            events.append(("start", tls))
+            return FakeRelay(tls)
+
+        def runOnce(target, run):
+            events.append(("run", run, target.tls))
+            # TLS: half the rate and twice the p99 of plain, in run 0;
+            # run 1 fails over TLS; run 2 a quarter of the rate.
+            rate = 1000.0 / (1 + target.tls * (1 + 2 * (run == 2)))
+            return {"ok": not (target.tls and run == 1), "msgs_per_s": rate, "p99_us": 100.0 * (1 + target.tls)}
+
+        bench.relay = relay
+        bench.done = lambda target: events.append(("stop", target.tls))
+        bench.overTLSSeries("throughput-p1-10", {"pairs": 1}, runOnce)
+        self.assertEqual(events, [
+            ("start", False), ("run", 0, False), ("start", True), ("run", 0, True),
+            ("run", 1, False), ("run", 1, True), ("run", 2, False), ("run", 2, True),
+            ("stop", False), ("stop", True),
+        ])
+        ratio = bench.results["throughput-p1-10-tls-ratio"]
+        self.assertEqual([(r["run"], r["ok"], r["msgs_per_s"], r["p99_us"]) for r in ratio["runs"]],
+                         [(0, True, 0.5, 2.0), (1, False, 0.5, 2.0), (2, True, 0.25, 2.0)])
+        self.assertEqual((ratio["median"]["msgs_per_s"], ratio["ok"]), (0.5, False))
+        self.assertEqual(bench.results["throughput-p1-10-tls"]["params"], {"pairs": 1, "tls": True})
+        self.assertIn("throughput-p1-10-tls-ratio", bench.summary())

@@ -76,7 +76,8 @@ def parseArgs(argv):
     ap.add_argument("--latency-pairs", type=_ints, default=[1, 50], help="latency: comma-separated pair counts (default 1,50)")
     ap.add_argument("--tls", choices=("no", "yes", "both"), default="no",
                     help="throughput and latency: over TLS WebSocket (a relay started here with a throwaway certificate; "
-                         "cases named ...-tls), or both plain and TLS, each on a relay of its own (default no)")
+                         "cases named ...-tls), or both plain and TLS, each on a relay of its own, taking turns run by "
+                         "run, with the TLS / plain ratios of each run and their medians (...-tls-ratio) (default no)")
     ap.add_argument("--connections", type=int, default=2000, help="handshakes: connections (default 2000)")
     ap.add_argument("--concurrency", type=int, default=64, help="handshakes and idle: connections opened at once (default 64)")
     ap.add_argument("--idle-peers", type=int, default=2000, help="idle: authenticated peers held (default 2000)")
@@ -168,6 +169,27 @@ def _medians(runs):
     return {k: _median(runs, k) for k in keys}
 
 
+def _ratios(plain, tls):
+    """
+    The TLS / plain ratio of each figure, run by run (the runs that took
+    turns), and the median of each.
+    """
+    byRun = {r["run"]: r for r in plain["runs"] if "error" not in r}
+    runs = []
+    for t in tls["runs"]:
+        p = byRun.get(t["run"])
+        if p is None or "error" in t:
+            continue
+        ratio = {"run": t["run"], "ok": bool(p.get("ok") and t.get("ok"))}
+        for k, v in t.items():
+            base = p.get(k)
+            if k != "run" and isinstance(v, (int, float)) and not isinstance(v, bool) and isinstance(base, (int, float)) and base:
+                ratio[k] = round(v / base, 3)
+        runs.append(ratio)
+    return {"params": {"of": "tls / plain, run by run"}, "runs": runs, "median": _medians(runs),
+            "ok": bool(runs) and all(r["ok"] for r in runs)}
+
+
 def _gitHead():
     try:
         return subprocess.run(["git", "log", "-1", "--format=%h %cI %s"], cwd=ROOT, capture_output=True,
@@ -219,55 +241,87 @@ class Bench:
         """
         Run C{runOnce(target, run)} --runs times and record medians.
         """
+        return self.interleaved([(name, params, runOnce, tls)], freshRelay)[0]
+
+    def interleaved(self, variants, freshRelay=False):
+        """
+        Run each of C{variants}, C{(name, params, runOnce, tls)}, --runs
+        times and record medians: run 1 of each, then run 2 of each, and so
+        on, each variant on a relay of its own. On a shared machine, load
+        that comes and goes then weighs on all the variants alike, and their
+        ratios hold better than between series run one after the other.
+
+        @return: the entries recorded, in the order of C{variants}.
+        """
         o = self.o
-        runs = []
-        entry = {"params": params, "runs": runs}
-        self.results[name] = entry
-        target = None
+        entries, targets, live = [], [None] * len(variants), list(range(len(variants)))
+        for name, params, _, _ in variants:
+            entry = {"params": params, "runs": []}
+            self.results[name] = entry
+            entries.append(entry)
         try:
             for run in range(o.runs):
-                if target is None:
-                    target = self.relay(tls)
-                self.log(f"[{time.strftime('%H:%M:%S')}] {name} run {run + 1}/{o.runs} ...")
-                try:
-                    r = runOnce(target, run)
-                except (BenchError, OSError) as e:
-                    r = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-                r["run"] = run
-                runs.append(r)
-                self.log("    " + json.dumps({k: v for k, v in r.items() if not isinstance(v, (list, dict))}))
-                if not target.running():
-                    self.problems.append(f"{name}: relay (pid {target.pid}) died in run {run + 1}:\n{target.logTail()}")
-                    target = None
-                    continue
-                if freshRelay and not o.url:
-                    self.done(target)
-                    target = None
-        except C.Skip as e:
-            entry["skipped"] = str(e)
-            self.log(f"    skipped: {e}")
+                for i in list(live):
+                    name, _, runOnce, tls = variants[i]
+                    entry = entries[i]
+                    try:
+                        if targets[i] is None:
+                            targets[i] = self.relay(tls)
+                        target = targets[i]
+                        self.log(f"[{time.strftime('%H:%M:%S')}] {name} run {run + 1}/{o.runs} ...")
+                        try:
+                            r = runOnce(target, run)
+                        except (BenchError, OSError) as e:
+                            r = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+                    except C.Skip as e:
+                        entry["skipped"] = str(e)
+                        self.log(f"    skipped: {e}")
+                        live.remove(i)
+                        continue
+                    r["run"] = run
+                    entry["runs"].append(r)
+                    self.log("    " + json.dumps({k: v for k, v in r.items() if not isinstance(v, (list, dict))}))
+                    if not target.running():
+                        self.problems.append(f"{name}: relay (pid {target.pid}) died in run {run + 1}:\n{target.logTail()}")
+                        targets[i] = None
+                        continue
+                    if freshRelay and not o.url:
+                        self.done(target)
+                        targets[i] = None
         finally:
-            if target is not None:
-                self.done(target)
-        good = [r for r in runs if "error" not in r]
-        entry["median"] = _medians(good)
-        entry["ok"] = bool(runs) and all(r.get("ok") for r in runs)
-        return entry
+            for target in targets:
+                if target is not None:
+                    self.done(target)
+        for entry in entries:
+            runs = entry["runs"]
+            good = [r for r in runs if "error" not in r]
+            entry["median"] = _medians(good)
+            entry["ok"] = bool(runs) and all(r.get("ok") for r in runs)
+        return entries
+
+    def overTLSSeries(self, name, params, runOnce):
+        """
+        The series of one case over plain and/or TLS WebSocket, as --tls
+        asks; with both, taking turns (L{interleaved}), and the TLS / plain
+        ratio of each figure recorded per run and its median (case
+        C{name-tls-ratio}).
+        """
+        variants = [(name + ("-tls" if tls else ""), dict(params, tls=tls), runOnce, tls) for tls in self.overTLS()]
+        entries = self.interleaved(variants)
+        if len(entries) == 2:
+            self.results[name + "-tls-ratio"] = _ratios(*entries)
 
     def run(self):
         o = self.o
         for case in o.chosen:
             if case == "throughput":
                 for n in o.pairs:
-                    for tls in self.overTLS():
-                        self.series(f"throughput-p{n}-{o.size}" + ("-tls" if tls else ""),
-                                    {"pairs": n, "size": o.size, "window": o.window, "tls": tls},
-                                    lambda t, run, n=n: C.throughputRun(t, o, n, run), tls=tls)
+                    self.overTLSSeries(f"throughput-p{n}-{o.size}", {"pairs": n, "size": o.size, "window": o.window},
+                                       lambda t, run, n=n: C.throughputRun(t, o, n, run))
             elif case == "latency":
                 for n in o.latency_pairs:
-                    for tls in self.overTLS():
-                        self.series(f"latency-p{n}-{o.size}" + ("-tls" if tls else ""), {"pairs": n, "size": o.size, "tls": tls},
-                                    lambda t, run, n=n: C.latencyRun(t, o, n, run), tls=tls)
+                    self.overTLSSeries(f"latency-p{n}-{o.size}", {"pairs": n, "size": o.size},
+                                       lambda t, run, n=n: C.latencyRun(t, o, n, run))
             elif case == "handshakes":
                 self.series(f"handshakes-{o.connections}", {"connections": o.connections, "concurrency": o.concurrency},
                             lambda t, run: C.handshakeRun(t, o, run))
