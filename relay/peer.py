@@ -669,6 +669,25 @@ try:
     _MEMORY_BIO_DATA = _ffi.new("char **")
 except (ImportError, AttributeError):
     _memoryBIOLength = None
+
+# The records of a read decrypted by calling OpenSSL's SSL_read through the
+# same binding (on the Connection's _ssl) into one buffer, until it wants
+# more bytes: a Go agent sends one record per message, and pyOpenSSL's recv
+# costs about 1 us of Python per record on top of the decryption (a 32 KiB
+# buffer allocated, the error check, a copy), plus the checks for more;
+# this path makes one copy per read. Measured in process, 16 messages of
+# 1,400 bytes per read, one record each: 3.8 -> 2.3 us of relay CPU per
+# relayed message (plain WebSocket 1.3). The buffer is shared: the reactor
+# is one thread and it is copied out before anything is delivered.
+_RECEIVE_BUFFER_SIZE = 2**18
+try:
+    _sslRead = _lib.SSL_read
+    _sslGetError = _lib.SSL_get_error
+    _SSL_WANT_READ = _lib.SSL_ERROR_WANT_READ
+    _SSL_ZERO_RETURN = _lib.SSL_ERROR_ZERO_RETURN
+    _receiveBuffer = _ffi.new("char[]", _RECEIVE_BUFFER_SIZE)
+except (NameError, AttributeError):
+    _sslRead = None
 # TLS 1.3 adds 22 bytes to each record of at most 16 KiB (header, content
 # type, AEAD tag); TLS 1.2 with AES-GCM 29.
 _RECORD_OVERHEAD = 64
@@ -789,6 +808,45 @@ class PeerTLSProtocol(TLSMemoryBIOProtocol):
     def _flushReceiveBIO(self):
         # As Twisted's, but the cleartext of all the records is delivered in
         # one dataReceived, before the end of TLS or an error is acted on.
+        if _sslRead is None or self._lostTLSConnection:
+            self._flushReceiveBIOByRecord()
+            return
+        connection = self._tlsConnection
+        ssl = connection._ssl
+        buf = _receiveBuffer
+        chunks = []
+        got = 0
+        ended = failure = None
+        while True:
+            n = _sslRead(ssl, buf + got, _RECEIVE_BUFFER_SIZE - got)
+            if n > 0:
+                got += n
+                if got == _RECEIVE_BUFFER_SIZE:
+                    chunks.append(_ffi.buffer(buf, got)[:])
+                    got = 0
+                continue
+            error = _sslGetError(ssl, n)
+            if error == _SSL_WANT_READ:
+                break
+            if error == _SSL_ZERO_RETURN:
+                ended = True
+                break
+            # pyOpenSSL's own exception for anything else, as its recv
+            # would raise it.
+            try:
+                connection._raise_ssl_error(ssl, n)
+            except TLSError:
+                failure = Failure()
+            break
+        if got:
+            chunks.append(_ffi.buffer(buf, got)[:])
+        self._delivered(chunks, ended, failure)
+
+    def _flushReceiveBIOByRecord(self):
+        """
+        L{_flushReceiveBIO} through pyOpenSSL's C{recv}, one record per
+        call, for a pyOpenSSL without the binding it uses.
+        """
         connection = self._tlsConnection
         chunks = []
         ended = failure = None
@@ -809,6 +867,13 @@ class PeerTLSProtocol(TLSMemoryBIOProtocol):
                 and _memoryBIOLength(connection._into_ssl, _MEMORY_BIO_DATA) <= 0
             ):
                 break
+        self._delivered(chunks, ended, failure)
+
+    def _delivered(self, chunks, ended, failure):
+        """
+        Deliver the cleartext C{chunks} of a read in one C{dataReceived},
+        then act on the end of TLS (C{ended}) or an error (C{failure}).
+        """
         if chunks and not self._aborted:
             ProtocolWrapper.dataReceived(self, chunks[0] if len(chunks) == 1 else b"".join(chunks))
         if ended:

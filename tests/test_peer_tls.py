@@ -419,6 +419,38 @@ class ReadTests(unittest.SynchronousTestCase):
                 self.assertTrue(b"".join(sent).startswith(b"".join(pair.app.received)))
             self.assertEqual(b"".join(pair.app.received), b"".join(sent), f"attempt {attempt}: records left undelivered")
 
+    def test_readLargerThanTheBuffer(self):
+        """
+        A read of more records than the shared receive buffer holds is
+        delivered whole, in order, in one piece.
+        """
+        from relay import peer
+
+        pair = self.connected()
+        messages = [os.urandom(9000) for _ in range(peer._RECEIVE_BUFFER_SIZE // 9000 * 2 + 3)]
+        for msg in messages:
+            pair.client.sendall(msg)
+        pair.toServer()
+        self.assertEqual(len(pair.app.received), 1)
+        self.assertEqual(pair.app.received[0], b"".join(messages))
+
+    def test_byRecordWithoutSSLRead(self):
+        """
+        Without SSL_read from pyOpenSSL's binding the records are read with
+        pyOpenSSL's recv, and still delivered in one piece.
+        """
+        from relay import peer
+
+        self.patch(peer, "_sslRead", None)
+        pair = self.connected()
+        messages = [b"%04d" % i * 300 for i in range(50)]
+        for msg in messages:
+            pair.client.send(msg)
+        pair.client.shutdown()
+        pair.toServer()
+        self.assertEqual(pair.app.received, [b"".join(messages)])
+        self.assertIn("lose", pair.transport.lost)
+
     def test_withoutMemoryBIOLength(self):
         """
         Without the private binding (a changed pyOpenSSL) reads and writes
@@ -427,6 +459,7 @@ class ReadTests(unittest.SynchronousTestCase):
         from relay import peer
 
         self.patch(peer, "_memoryBIOLength", None)
+        self.patch(peer, "_sslRead", None)
         pair = self.connected()
         messages = [b"%04d" % i * 300 for i in range(50)]
         for msg in messages:
@@ -566,6 +599,27 @@ class TwistedInternalsTests(unittest.SynchronousTestCase):
         incoming = pair.client.bio_read(2**16)
         connection.bio_write(incoming)
         self.assertEqual(peer._memoryBIOLength(connection._into_ssl, peer._MEMORY_BIO_DATA), len(incoming))
+
+    def test_sslRead(self):
+        """
+        PeerTLSProtocol decrypts a read's records with SSL_read and
+        SSL_get_error from pyOpenSSL's private binding, on the Connection's
+        C{_ssl}, and has pyOpenSSL raise its own exception for an error
+        (C{Connection._raise_ssl_error}); without them it reads record by
+        record with C{recv} (see relay.peer).
+        """
+        import OpenSSL
+
+        from relay import peer
+
+        self.assertIsNotNone(peer._sslRead, f"pyOpenSSL {OpenSSL.__version__}: OpenSSL._util.lib.SSL_read or "
+                                            f"SSL_get_error is gone")
+        pair = _InMemory(self, _fakeTCP())
+        connection = pair.server._tlsConnection
+        for name in ("_ssl", "_raise_ssl_error"):
+            self.assertTrue(hasattr(connection, name), f"pyOpenSSL {OpenSSL.__version__}: Connection has no {name}")
+        self.assertRaises(SSL.WantReadError, connection._raise_ssl_error, connection._ssl,
+                          peer._sslRead(connection._ssl, peer._receiveBuffer, 10))
 
     def test_tcpServerState(self):
         """
