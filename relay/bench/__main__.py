@@ -495,20 +495,23 @@ class Bench:
 
     def summary(self):
         lines = []
-        lines.append(f"{'case':<26}{'ok':<5}{'runs':<6}medians")
+        # Names up to 26 characters line up as before; a longer one (the
+        # ...-tls-ratio cases) widens the column.
+        w = max([26] + [len(name) + 1 for name in self.results])
+        lines.append(f"{'case':<{w}}{'ok':<5}{'runs':<6}medians")
         for name, e in self.results.items():
             kind = name.split("-")[0]
             if kind not in FIGURES and len(name.split("-")) > 1:
                 kind = name.split("-")[1]
             if kind == "compare":
                 if "skipped" in e:
-                    lines.append(f"{name:<26}{'-':<5}{0:<6}skipped: {e['skipped']}")
+                    lines.append(f"{name:<{w}}{'-':<5}{0:<6}skipped: {e['skipped']}")
                 else:
-                    lines.append(f"{name:<26}{('yes' if e.get('ok') else 'NO'):<5}{'':<6}compare.py table:")
+                    lines.append(f"{name:<{w}}{('yes' if e.get('ok') else 'NO'):<5}{'':<6}compare.py table:")
                     lines.extend("    " + l for l in e.get("table", []))
                 continue
             if "skipped" in e and not e.get("runs"):
-                lines.append(f"{name:<26}{'-':<5}{0:<6}skipped: {e['skipped'][:200]}")
+                lines.append(f"{name:<{w}}{'-':<5}{0:<6}skipped: {e['skipped'][:200]}")
                 continue
             med = e.get("median", {})
             figs = "  ".join(f"{k}={_fmt(med.get(k))}" for k in FIGURES.get(kind, ()) if k in med)
@@ -516,7 +519,7 @@ class Bench:
             extra = f"  errors: {errs[0][:160]}" if errs else ""
             if "skipped" in e:
                 extra += f"  skipped: {e['skipped'][:160]}"
-            lines.append(f"{name:<26}{('yes' if e.get('ok') else 'NO'):<5}{len(e['runs']):<6}{figs}{extra}")
+            lines.append(f"{name:<{w}}{('yes' if e.get('ok') else 'NO'):<5}{len(e['runs']):<6}{figs}{extra}")
         return "\n".join(lines)
 
 
