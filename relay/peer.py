@@ -688,6 +688,23 @@ try:
     _receiveBuffer = _ffi.new("char[]", _RECEIVE_BUFFER_SIZE)
 except (NameError, AttributeError):
     _sslRead = None
+
+# The other way, through the same binding: cleartext encrypted with SSL_write
+# (pyOpenSSL's send wraps each call in Python: the buffer, the error check),
+# and the records read out of the send BIO into one shared buffer, sent to
+# the socket from there, copied only if the socket does not take them all
+# (pyOpenSSL's bio_read allocates a buffer of its own and copies twice).
+# Measured in process, 16 messages of 1,400 bytes per read: 2.15 -> 1.92 us
+# of relay CPU per relayed message; one message per read 8.3 -> 7.7 us
+# (plain WebSocket 1.3 and 2.3).
+_SEND_BUFFER_SIZE = 2**18
+try:
+    _sslWrite = _lib.SSL_write
+    _bioRead = _lib.BIO_read
+    _sendBuffer = _ffi.new("char[]", _SEND_BUFFER_SIZE)
+    _sendView = memoryview(_ffi.buffer(_sendBuffer))
+except (NameError, AttributeError):
+    _sslWrite = None
 # TLS 1.3 adds 22 bytes to each record of at most 16 KiB (header, content
 # type, AEAD tag); TLS 1.2 with AES-GCM 29.
 _RECORD_OVERHEAD = 64
@@ -755,6 +772,42 @@ class PeerTLSProtocol(TLSMemoryBIOProtocol):
         size = len(data)
         if self._lostTLSConnection or not size:
             return
+        if _sslWrite is None:
+            self._writeBySend(data, size)
+            return
+        connection = self._tlsConnection
+        ssl = connection._ssl
+        sent = 0
+        with _ffi.from_buffer(data) as cleartext:
+            while sent < size:
+                n = _sslWrite(ssl, cleartext + sent, size - sent)
+                if n <= 0:
+                    break
+                sent += n
+        if sent == size:
+            self._flushSendBIO(size)
+            return
+        # pyOpenSSL's own exception, as its send would raise it.
+        try:
+            connection._raise_ssl_error(ssl, n)
+        except WantReadError:
+            self._flushSendBIO(sent)
+            self._bufferedWrite(data[sent:])
+            return
+        except TLSError:
+            self._flushSendBIO(sent)
+            self._tlsShutdownFinished(Failure())
+            return
+        # Not an error after all (SSL_ERROR_NONE): what is left waits for
+        # the next write, as after a WantReadError.
+        self._flushSendBIO(sent)
+        self._bufferedWrite(data[sent:])
+
+    def _writeBySend(self, data, size):
+        """
+        L{_write} through pyOpenSSL's C{send}, for a pyOpenSSL without the
+        binding it uses.
+        """
         connection = self._tlsConnection
         sent = 0
         try:
@@ -785,6 +838,15 @@ class PeerTLSProtocol(TLSMemoryBIOProtocol):
         if _memoryBIOLength is not None:
             ask = _memoryBIOLength(connection._from_ssl, _MEMORY_BIO_DATA)
             if ask <= 0:
+                return
+            if _sslWrite is not None and ask <= _SEND_BUFFER_SIZE:
+                got = _bioRead(connection._from_ssl, _sendBuffer, ask)
+                if got <= 0:
+                    return
+                if self._now and self._direct:
+                    _writeNow(self.transport, _sendView[:got])
+                else:
+                    self.transport.write(_sendView[:got].tobytes())
                 return
         else:
             ask = hint + (hint // _RECORD_SIZE + 1) * _RECORD_OVERHEAD if hint else _BIO_READ
@@ -913,6 +975,9 @@ def _writeNow(transport, data):
     finds and reports the usual way) goes through C{write}. "Nothing queued"
     is read from the two buffers of Twisted's C{FileDescriptor}, which is
     why only a plain C{tcp.Server} transport comes here.
+
+    C{data} may be a memoryview of a buffer that is reused (the records of
+    L{PeerTLSProtocol}): what C{write} keeps is a copy.
     """
     if not transport.dataBuffer and not transport._tempDataLen and transport.connected and not transport.disconnecting:
         sent = transport.writeSomeData(data)
@@ -920,7 +985,7 @@ def _writeNow(transport, data):
             if sent == len(data):
                 return
             data = data[sent:]
-    transport.write(data)
+    transport.write(bytes(data))
 
 
 def _noDelay(transport):

@@ -210,6 +210,60 @@ class WriteNowTests(unittest.SynchronousTestCase):
         pair.toClient()
         self.assertEqual(pair.clientReceived(), data)
 
+    def test_queuedRestIsACopy(self):
+        """
+        The records are sent from a buffer shared by all connections: what a
+        partial send leaves to Twisted's buffer is a copy, unchanged by the
+        writes that come after it.
+        """
+        pair = self.connected(accept=1000)
+        t = pair.transport
+        kept = []
+
+        def write(data):
+            kept.append(data)
+            t._tempDataLen += len(data)
+
+        t.write = write
+        first = os.urandom(20_000)
+        pair.server.writeNow(first)
+        self.assertIsInstance(kept[0], bytes)
+        snapshot = bytes(kept[0])
+        t._tempDataLen = 0
+        pair.server.writeNow(os.urandom(20_000))
+        self.assertEqual(kept[0], snapshot)
+        pair.client.bio_write(t.sent[0] + kept[0])
+        self.assertEqual(pair.clientReceived(), first)
+
+    def test_writeLargerThanTheBuffer(self):
+        """
+        More records than the shared send buffer holds go out as pyOpenSSL
+        reads them, still in one send.
+        """
+        from relay import peer
+
+        pair = self.connected()
+        data = os.urandom(peer._SEND_BUFFER_SIZE + 50_000)
+        pair.server.writeNow(data)
+        self.assertEqual((len(pair.transport.sent), pair.transport.written), (1, []))
+        pair.toClient()
+        self.assertEqual(pair.clientReceived(), data)
+
+    def test_bySendWithoutSSLWrite(self):
+        """
+        Without SSL_write and BIO_read from pyOpenSSL's binding, pyOpenSSL's
+        send and bio_read do the work.
+        """
+        from relay import peer
+
+        self.patch(peer, "_sslWrite", None)
+        pair = self.connected(accept=1000)
+        data = os.urandom(100_000)
+        pair.server.writeNow(data)
+        self.assertEqual([len(x) for x in pair.transport.sent], [1000])
+        pair.toClient()
+        self.assertEqual(pair.clientReceived(), data)
+
     def test_nothingJumpsTheQueue(self):
         """
         Records queued in the TCP transport (by a plain write, or a partial
@@ -460,6 +514,7 @@ class ReadTests(unittest.SynchronousTestCase):
 
         self.patch(peer, "_memoryBIOLength", None)
         self.patch(peer, "_sslRead", None)
+        self.patch(peer, "_sslWrite", None)
         pair = self.connected()
         messages = [b"%04d" % i * 300 for i in range(50)]
         for msg in messages:
@@ -604,9 +659,10 @@ class TwistedInternalsTests(unittest.SynchronousTestCase):
         """
         PeerTLSProtocol decrypts a read's records with SSL_read and
         SSL_get_error from pyOpenSSL's private binding, on the Connection's
-        C{_ssl}, and has pyOpenSSL raise its own exception for an error
+        C{_ssl}, encrypts with SSL_write and reads the records out with
+        BIO_read, and has pyOpenSSL raise its own exception for an error
         (C{Connection._raise_ssl_error}); without them it reads record by
-        record with C{recv} (see relay.peer).
+        record with C{recv} and writes with C{send} (see relay.peer).
         """
         import OpenSSL
 
@@ -614,6 +670,8 @@ class TwistedInternalsTests(unittest.SynchronousTestCase):
 
         self.assertIsNotNone(peer._sslRead, f"pyOpenSSL {OpenSSL.__version__}: OpenSSL._util.lib.SSL_read or "
                                             f"SSL_get_error is gone")
+        self.assertIsNotNone(peer._sslWrite, f"pyOpenSSL {OpenSSL.__version__}: OpenSSL._util.lib.SSL_write or "
+                                             f"BIO_read is gone")
         pair = _InMemory(self, _fakeTCP())
         connection = pair.server._tlsConnection
         for name in ("_ssl", "_raise_ssl_error"):
