@@ -725,8 +725,9 @@ class PeerTLSProtocol(TLSMemoryBIOProtocol):
 
     Here L{writeNow}, which L{PeerWebSocketProtocol.flush} calls once per
     destination per read, encrypts the whole batch (one C{SSL_write} per 16
-    KiB record, on a memoryview), reads all the records out of the send BIO
-    in one piece and writes them as L{_writeNow} does for plain TCP: straight
+    KiB record, straight from the batch), reads all the records out of the
+    send BIO in one piece (into a buffer shared by all connections) and
+    writes them as L{_writeNow} does for plain TCP: straight
     to the socket when nothing is queued, else behind what is, so order and
     Twisted's producer pauses stay as they were. Any other write (the
     upgrade answer, messages relayed outside a read, PONGs) is encrypted at
@@ -740,8 +741,12 @@ class PeerTLSProtocol(TLSMemoryBIOProtocol):
 
     This overrides private methods of Twisted's C{TLSMemoryBIOProtocol}
     (C{_write}, C{_flushSendBIO}, C{_flushReceiveBIO}) and reads its private
-    state; tests/test_peer_tls.py (C{TwistedInternalsTests}) fails clearly if
-    an installed Twisted no longer has them.
+    state, and calls OpenSSL through pyOpenSSL's private binding
+    (C{SSL_read}, C{SSL_write}, C{BIO_read}, C{BIO_get_mem_data} on the
+    Connection's C{_ssl}, C{_into_ssl}, C{_from_ssl}; see the comments above
+    the class for what each is worth, and the fallbacks without them);
+    tests/test_peer_tls.py (C{TwistedInternalsTests}) fails clearly if an
+    installed Twisted or pyOpenSSL no longer has them.
     """
 
     # Whether the records now leaving the send BIO go straight to the socket.
