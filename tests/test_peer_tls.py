@@ -105,10 +105,12 @@ class _InMemory:
     memory, pumped by hand.
     """
 
-    def __init__(self, case, transport, wrapped=None, tlsProtocol=None):
+    def __init__(self, case, transport, wrapped=None, tlsProtocol=None, maxVersion=None):
         """
         @param tlsProtocol: the server's TLS protocol class, if not
             L{PeerTLSProtocol}.
+        @param maxVersion: the newest TLS version the client offers (an
+            C{OpenSSL.SSL.TLS1_*_VERSION}), if not the newest there is.
         """
         cert, key = _certificate(case)
         wrapped = wrapped or Factory.forProtocol(_Recorder)
@@ -121,6 +123,8 @@ class _InMemory:
         self.server = self.factory.buildProtocol(IPv4Address("TCP", "192.0.2.1", 1))
         self.transport = transport
         context = SSL.Context(SSL.TLS_METHOD)
+        if maxVersion is not None:
+            context.set_max_proto_version(maxVersion)
         self.client = SSL.Connection(context, None)
         self.client.set_connect_state()
         self.server.makeConnection(transport)
@@ -563,6 +567,44 @@ class ReadTests(unittest.SynchronousTestCase):
         pair.server.dataReceived(good + bytes(bad))
         self.assertEqual(pair.app.received, [b"good"])
         self.assertTrue(pair.transport.lost)
+
+
+class TLS12Tests(unittest.SynchronousTestCase):
+    """
+    Reads and writes over TLS 1.2 (the oldest the relay accepts; other
+    record sizes and no session tickets after the handshake).
+    """
+
+    def connected(self, accept=None):
+        pair = _InMemory(self, _fakeTCP(accept), maxVersion=SSL.TLS1_2_VERSION)
+        pair.handshake()
+        pair.wire()
+        self.assertEqual(pair.client.get_protocol_version_name(), "TLSv1.2")
+        return pair
+
+    def test_manyRecordsOneDelivery(self):
+        pair = self.connected()
+        messages = [os.urandom(1400) for _ in range(50)]
+        for msg in messages:
+            pair.client.send(msg)
+        pair.toServer()
+        self.assertEqual(pair.app.received, [b"".join(messages)])
+
+    def test_writeNowPartialSend(self):
+        pair = self.connected(accept=1000)
+        data = os.urandom(50_000)
+        pair.server.writeNow(data)
+        self.assertEqual([len(x) for x in pair.transport.sent], [1000])
+        pair.toClient()
+        self.assertEqual(pair.clientReceived(), data)
+
+    def test_closeNotify(self):
+        pair = self.connected()
+        pair.client.send(b"last words")
+        pair.client.shutdown()
+        pair.toServer()
+        self.assertEqual(pair.app.received, [b"last words"])
+        self.assertIn("lose", pair.transport.lost)
 
 
 class TwistedInternalsTests(unittest.SynchronousTestCase):
