@@ -296,3 +296,127 @@ class QuicGoLoadTests(unittest.TestCase):
                 self.assertGreater(r["relay_us_per_msg"], 0)
                 self.assertLessEqual(r["p50_us"], r["p99_us"])
         self.assertTrue(self.relay.running())
+
+
+class TLSTinyRunTests(unittest.TestCase):
+    """
+    One short throughput and latency run over TLS WebSocket (--tls) against
+    a real relay process with a throwaway certificate: every message checked
+    as over plain WebSocket.
+    """
+
+    timeout = 30
+
+    def test_runs(self):
+        raiseFileLimit(4096)
+        o = parseArgs(["--tls", "yes", "--duration", "0.3", "--warmup", "0.1", "--window", "8", "--batch", "4"])
+        cert, key = writeCertificate(os.path.abspath(self.mktemp()))
+        relay = RelayProcess(o.secret, extra=["--tls-cert-file", cert, "--tls-key-file", key]).start()
+        self.addCleanup(relay.stop)
+        relay.tls = True
+        t = cases.throughputRun(relay, o, 2, 0)
+        self.assertTrue(t["ok"], t)
+        self.assertGreater(t["received"], 100)
+        self.assertEqual(t["received"], t["sent"])
+        lat = cases.latencyRun(relay, o, 1, 0)
+        self.assertTrue(lat["ok"], lat)
+        self.assertGreater(lat["samples"], 10)
+        self.assertTrue(relay.running())
+
+    def test_plainLoadRefused(self):
+        """
+        The TLS relay does not answer a plain upgrade: the loads really
+        connect over TLS when asked to.
+        """
+        o = parseArgs(["--tls", "yes"])
+        cert, key = writeCertificate(os.path.abspath(self.mktemp()))
+        relay = RelayProcess(o.secret, extra=["--tls-cert-file", cert, "--tls-key-file", key]).start()
+        self.addCleanup(relay.stop)
+        from relay.bench.peers import BenchError, connectPeer
+        self.assertRaises((BenchError, OSError), connectPeer, relay.host, relay.port, "plain", wire.token(o.secret), timeout=2)
+        peer = connectPeer(relay.host, relay.port, "tls", wire.token(o.secret), tls=True)
+        peer.close()
+
+    def test_tlsNeedsARelayStartedHere(self):
+        self.assertRaises(SystemExit, parseArgs, ["--tls", "yes", "--url", "ws://127.0.0.1:1/relay", "--secret", "x"])
+
+
+class TLSSocketTests(unittest.TestCase):
+    """
+    L{TLSSocket} hands the loads everything OpenSSL has decrypted, not one
+    record per recv, and turns "would block" into C{BlockingIOError}.
+    """
+
+    def test_allPendingRecords(self):
+        import ssl
+
+        from relay.bench.peers import TLSSocket
+
+        class FakeSSL:
+            def __init__(self, records):
+                self.records = records
+
+            def recv(self, size):
+                if not self.records:
+                    raise ssl.SSLWantReadError()
+                return self.records.pop(0)
+
+            def pending(self):
+                return len(self.records[0]) if self.records else 0
+
+            def send(self, data):
+                raise ssl.SSLWantWriteError()
+
+        s = TLSSocket(FakeSSL([b"one", b"two", b"three"]))
+        self.assertEqual(s.recv(65536), b"onetwothree")
+        self.assertRaises(BlockingIOError, s.recv, 65536)
+        self.assertRaises(BlockingIOError, s.send, b"x")
+
+
+class InterleavedTests(unittest.TestCase):
+    """
+    --tls both: plain and TLS runs take turns, each variant on a relay of its
+    own kept for all its runs, and the TLS / plain ratios are taken run by
+    run.
+    """
+
+    def test_turnsAndRatios(self):
+        from relay.bench.__main__ import Bench
+
+        bench = Bench(parseArgs(["--tls", "both", "--runs", "3"]))
+        events = []
+
+        class FakeRelay:
+            pid = 0
+
+            def __init__(self, tls):
+                self.tls = tls
+
+            def running(self):
+                return True
+
+        def relay(tls=False):
+            events.append(("start", tls))
+            return FakeRelay(tls)
+
+        def runOnce(target, run):
+            events.append(("run", run, target.tls))
+            # TLS: half the rate and twice the p99 of plain, in run 0;
+            # run 1 fails over TLS; run 2 a quarter of the rate.
+            rate = 1000.0 / (1 + target.tls * (1 + 2 * (run == 2)))
+            return {"ok": not (target.tls and run == 1), "msgs_per_s": rate, "p99_us": 100.0 * (1 + target.tls)}
+
+        bench.relay = relay
+        bench.done = lambda target: events.append(("stop", target.tls))
+        bench.overTLSSeries("throughput-p1-10", {"pairs": 1}, runOnce)
+        self.assertEqual(events, [
+            ("start", False), ("run", 0, False), ("start", True), ("run", 0, True),
+            ("run", 1, False), ("run", 1, True), ("run", 2, False), ("run", 2, True),
+            ("stop", False), ("stop", True),
+        ])
+        ratio = bench.results["throughput-p1-10-tls-ratio"]
+        self.assertEqual([(r["run"], r["ok"], r["msgs_per_s"], r["p99_us"]) for r in ratio["runs"]],
+                         [(0, True, 0.5, 2.0), (1, False, 0.5, 2.0), (2, True, 0.25, 2.0)])
+        self.assertEqual((ratio["median"]["msgs_per_s"], ratio["ok"]), (0.5, False))
+        self.assertEqual(bench.results["throughput-p1-10-tls"]["params"], {"pairs": 1, "tls": True})
+        self.assertIn("throughput-p1-10-tls-ratio", bench.summary())

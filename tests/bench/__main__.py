@@ -74,6 +74,10 @@ def parseArgs(argv):
     ap.add_argument("--batch", type=int, default=16, help="throughput: a sender writes when this much window is free (default 16)")
     ap.add_argument("--procs", type=int, default=0, help="load processes for the pipelined cases (default: 1 up to 10 pairs, else 2)")
     ap.add_argument("--latency-pairs", type=_ints, default=[1, 50], help="latency: comma-separated pair counts (default 1,50)")
+    ap.add_argument("--tls", choices=("no", "yes", "both"), default="no",
+                    help="throughput and latency: over TLS WebSocket (a relay started here with a throwaway certificate; "
+                         "cases named ...-tls), or both plain and TLS, each on a relay of its own, taking turns run by "
+                         "run, with the TLS / plain ratios of each run and their medians (...-tls-ratio) (default no)")
     ap.add_argument("--connections", type=int, default=2000, help="handshakes: connections (default 2000)")
     ap.add_argument("--concurrency", type=int, default=64, help="handshakes and idle: connections opened at once (default 64)")
     ap.add_argument("--idle-peers", type=int, default=2000, help="idle: authenticated peers held (default 2000)")
@@ -122,6 +126,8 @@ def parseArgs(argv):
         host = u.hostname or ""
         if not (host.startswith("127.") or host == "localhost"):
             ap.error("--url: only loopback relays may be measured")
+        if o.tls != "no":
+            ap.error("--tls: needs a relay started here (with a throwaway certificate), not --url")
         if u.scheme not in ("ws", "rel", ""):
             ap.error("--url: ws:// or rel:// (TLS is not supported by the load generator)")
         if not o.secret:
@@ -163,6 +169,27 @@ def _medians(runs):
     return {k: _median(runs, k) for k in keys}
 
 
+def _ratios(plain, tls):
+    """
+    The TLS / plain ratio of each figure, run by run (the runs that took
+    turns), and the median of each.
+    """
+    byRun = {r["run"]: r for r in plain["runs"] if "error" not in r}
+    runs = []
+    for t in tls["runs"]:
+        p = byRun.get(t["run"])
+        if p is None or "error" in t:
+            continue
+        ratio = {"run": t["run"], "ok": bool(p.get("ok") and t.get("ok"))}
+        for k, v in t.items():
+            base = p.get(k)
+            if k != "run" and isinstance(v, (int, float)) and not isinstance(v, bool) and isinstance(base, (int, float)) and base:
+                ratio[k] = round(v / base, 3)
+        runs.append(ratio)
+    return {"params": {"of": "tls / plain, run by run"}, "runs": runs, "median": _medians(runs),
+            "ok": bool(runs) and all(r["ok"] for r in runs)}
+
+
 def _gitHead():
     try:
         return subprocess.run(["git", "log", "-1", "--format=%h %cI %s"], cwd=ROOT, capture_output=True,
@@ -181,11 +208,22 @@ class Bench:
     def log(self, msg):
         print(msg, file=sys.stderr, flush=True)
 
-    def relay(self):
+    def relay(self, tls=False):
+        """
+        The relay under test; with C{tls}, one started with a throwaway
+        certificate, its C{tls} attribute telling the loads to connect over
+        TLS.
+        """
         o = self.o
         if o.url:
             return ExternalRelay(o.host, o.port, o.secret, o.pid)
-        return RelayProcess(o.secret, extra=o.relay_arg, logDir=self.logDir, root=o.relay_root).start()
+        if not tls:
+            return RelayProcess(o.secret, extra=o.relay_arg, logDir=self.logDir, root=o.relay_root).start()
+        cert, key = writeCertificate(os.path.join(self.logDir, "tls-cert"))
+        extra = list(o.relay_arg) + ["--tls-cert-file", cert, "--tls-key-file", key]
+        target = RelayProcess(o.secret, extra=extra, logDir=self.logDir, name="relay-tls", root=o.relay_root).start()
+        target.tls = True
+        return target
 
     def done(self, target):
         """
@@ -199,56 +237,91 @@ class Bench:
             if status not in (0, None):
                 self.problems.append(f"relay (pid {target.pid}) exited with status {status} on SIGTERM:\n{target.logTail()}")
 
-    def series(self, name, params, runOnce, freshRelay=False):
+    def series(self, name, params, runOnce, freshRelay=False, tls=False):
         """
         Run C{runOnce(target, run)} --runs times and record medians.
         """
+        return self.interleaved([(name, params, runOnce, tls)], freshRelay)[0]
+
+    def interleaved(self, variants, freshRelay=False):
+        """
+        Run each of C{variants}, C{(name, params, runOnce, tls)}, --runs
+        times and record medians: run 1 of each, then run 2 of each, and so
+        on, each variant on a relay of its own. On a shared machine, load
+        that comes and goes then weighs on all the variants alike, and their
+        ratios hold better than between series run one after the other.
+
+        @return: the entries recorded, in the order of C{variants}.
+        """
         o = self.o
-        runs = []
-        entry = {"params": params, "runs": runs}
-        self.results[name] = entry
-        target = None
+        entries, targets, live = [], [None] * len(variants), list(range(len(variants)))
+        for name, params, _, _ in variants:
+            entry = {"params": params, "runs": []}
+            self.results[name] = entry
+            entries.append(entry)
         try:
             for run in range(o.runs):
-                if target is None:
-                    target = self.relay()
-                self.log(f"[{time.strftime('%H:%M:%S')}] {name} run {run + 1}/{o.runs} ...")
-                try:
-                    r = runOnce(target, run)
-                except (BenchError, OSError) as e:
-                    r = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-                r["run"] = run
-                runs.append(r)
-                self.log("    " + json.dumps({k: v for k, v in r.items() if not isinstance(v, (list, dict))}))
-                if not target.running():
-                    self.problems.append(f"{name}: relay (pid {target.pid}) died in run {run + 1}:\n{target.logTail()}")
-                    target = None
-                    continue
-                if freshRelay and not o.url:
-                    self.done(target)
-                    target = None
-        except C.Skip as e:
-            entry["skipped"] = str(e)
-            self.log(f"    skipped: {e}")
+                for i in list(live):
+                    name, _, runOnce, tls = variants[i]
+                    entry = entries[i]
+                    try:
+                        if targets[i] is None:
+                            targets[i] = self.relay(tls)
+                        target = targets[i]
+                        self.log(f"[{time.strftime('%H:%M:%S')}] {name} run {run + 1}/{o.runs} ...")
+                        try:
+                            r = runOnce(target, run)
+                        except (BenchError, OSError) as e:
+                            r = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+                    except C.Skip as e:
+                        entry["skipped"] = str(e)
+                        self.log(f"    skipped: {e}")
+                        live.remove(i)
+                        continue
+                    r["run"] = run
+                    entry["runs"].append(r)
+                    self.log("    " + json.dumps({k: v for k, v in r.items() if not isinstance(v, (list, dict))}))
+                    if not target.running():
+                        self.problems.append(f"{name}: relay (pid {target.pid}) died in run {run + 1}:\n{target.logTail()}")
+                        targets[i] = None
+                        continue
+                    if freshRelay and not o.url:
+                        self.done(target)
+                        targets[i] = None
         finally:
-            if target is not None:
-                self.done(target)
-        good = [r for r in runs if "error" not in r]
-        entry["median"] = _medians(good)
-        entry["ok"] = bool(runs) and all(r.get("ok") for r in runs)
-        return entry
+            for target in targets:
+                if target is not None:
+                    self.done(target)
+        for entry in entries:
+            runs = entry["runs"]
+            good = [r for r in runs if "error" not in r]
+            entry["median"] = _medians(good)
+            entry["ok"] = bool(runs) and all(r.get("ok") for r in runs)
+        return entries
+
+    def overTLSSeries(self, name, params, runOnce):
+        """
+        The series of one case over plain and/or TLS WebSocket, as --tls
+        asks; with both, taking turns (L{interleaved}), and the TLS / plain
+        ratio of each figure recorded per run and its median (case
+        C{name-tls-ratio}).
+        """
+        variants = [(name + ("-tls" if tls else ""), dict(params, tls=tls), runOnce, tls) for tls in self.overTLS()]
+        entries = self.interleaved(variants)
+        if len(entries) == 2:
+            self.results[name + "-tls-ratio"] = _ratios(*entries)
 
     def run(self):
         o = self.o
         for case in o.chosen:
             if case == "throughput":
                 for n in o.pairs:
-                    self.series(f"throughput-p{n}-{o.size}", {"pairs": n, "size": o.size, "window": o.window},
-                                lambda t, run, n=n: C.throughputRun(t, o, n, run))
+                    self.overTLSSeries(f"throughput-p{n}-{o.size}", {"pairs": n, "size": o.size, "window": o.window},
+                                       lambda t, run, n=n: C.throughputRun(t, o, n, run))
             elif case == "latency":
                 for n in o.latency_pairs:
-                    self.series(f"latency-p{n}-{o.size}", {"pairs": n, "size": o.size},
-                                lambda t, run, n=n: C.latencyRun(t, o, n, run))
+                    self.overTLSSeries(f"latency-p{n}-{o.size}", {"pairs": n, "size": o.size},
+                                       lambda t, run, n=n: C.latencyRun(t, o, n, run))
             elif case == "handshakes":
                 self.series(f"handshakes-{o.connections}", {"connections": o.connections, "concurrency": o.concurrency},
                             lambda t, run: C.handshakeRun(t, o, run))
@@ -266,6 +339,13 @@ class Bench:
                 self.compare()
             elif case == "quic":
                 self.quic()
+
+    def overTLS(self):
+        """
+        The throughput and latency variants --tls asks for: C{False} for
+        plain WebSocket, C{True} for TLS.
+        """
+        return {"no": (False,), "yes": (True,), "both": (False, True)}[self.o.tls]
 
     def compare(self):
         """
@@ -415,20 +495,23 @@ class Bench:
 
     def summary(self):
         lines = []
-        lines.append(f"{'case':<26}{'ok':<5}{'runs':<6}medians")
+        # Names up to 26 characters line up as before; a longer one (the
+        # ...-tls-ratio cases) widens the column.
+        w = max([26] + [len(name) + 1 for name in self.results])
+        lines.append(f"{'case':<{w}}{'ok':<5}{'runs':<6}medians")
         for name, e in self.results.items():
             kind = name.split("-")[0]
             if kind not in FIGURES and len(name.split("-")) > 1:
                 kind = name.split("-")[1]
             if kind == "compare":
                 if "skipped" in e:
-                    lines.append(f"{name:<26}{'-':<5}{0:<6}skipped: {e['skipped']}")
+                    lines.append(f"{name:<{w}}{'-':<5}{0:<6}skipped: {e['skipped']}")
                 else:
-                    lines.append(f"{name:<26}{('yes' if e.get('ok') else 'NO'):<5}{'':<6}compare.py table:")
+                    lines.append(f"{name:<{w}}{('yes' if e.get('ok') else 'NO'):<5}{'':<6}compare.py table:")
                     lines.extend("    " + l for l in e.get("table", []))
                 continue
             if "skipped" in e and not e.get("runs"):
-                lines.append(f"{name:<26}{'-':<5}{0:<6}skipped: {e['skipped'][:200]}")
+                lines.append(f"{name:<{w}}{'-':<5}{0:<6}skipped: {e['skipped'][:200]}")
                 continue
             med = e.get("median", {})
             figs = "  ".join(f"{k}={_fmt(med.get(k))}" for k in FIGURES.get(kind, ()) if k in med)
@@ -436,7 +519,7 @@ class Bench:
             extra = f"  errors: {errs[0][:160]}" if errs else ""
             if "skipped" in e:
                 extra += f"  skipped: {e['skipped'][:160]}"
-            lines.append(f"{name:<26}{('yes' if e.get('ok') else 'NO'):<5}{len(e['runs']):<6}{figs}{extra}")
+            lines.append(f"{name:<{w}}{('yes' if e.get('ok') else 'NO'):<5}{len(e['runs']):<6}{figs}{extra}")
         return "\n".join(lines)
 
 

@@ -192,7 +192,8 @@ def throughputRun(target, o, pairs, run):
     specs = []
     for part in _split(list(range(pairs)), procs):
         specs.append({"host": target.host, "port": target.port, "token": tok, "prefix": _prefix("tput", run),
-                      "pairs": part, "floods": 0, "size": o.size, "window": o.window, "batch": o.batch})
+                      "pairs": part, "floods": 0, "size": o.size, "window": o.window, "batch": o.batch,
+                      "tls": getattr(target, "tls", False)})
     workers = _spawnPairWorkers(specs)
     start = time.monotonic() + 0.2
     m0 = start + o.warmup
@@ -305,13 +306,13 @@ def stallRun(target, o, run):
 # Latency
 
 
-def _connectPairs(endpointA, endpointB, tok, prefix, n):
+def _connectPairs(endpointA, endpointB, tok, prefix, n, tls=False):
     pairs = []
     try:
         for i in range(n):
-            b = connectPeer(endpointB[0], endpointB[1], f"{prefix}b{i}", tok)
+            b = connectPeer(endpointB[0], endpointB[1], f"{prefix}b{i}", tok, tls=tls)
             try:
-                a = connectPeer(endpointA[0], endpointA[1], f"{prefix}a{i}", tok)
+                a = connectPeer(endpointA[0], endpointA[1], f"{prefix}a{i}", tok, tls=tls)
             except BaseException:
                 b.close()
                 raise
@@ -351,7 +352,8 @@ def latencyRun(target, o, pairs, run, targetB=None, probe=False):
     """
     tok = wire.token(target.secret)
     targetB = targetB or target
-    conns = _connectPairs((target.host, target.port), (targetB.host, targetB.port), tok, _prefix("lat", run), pairs)
+    conns = _connectPairs((target.host, target.port), (targetB.host, targetB.port), tok, _prefix("lat", run), pairs,
+                          tls=getattr(target, "tls", False))
     routeS = None
     if probe:
         try:

@@ -147,7 +147,7 @@ class PairLoop:
         size, window = spec["size"], spec["window"]
 
         def peer(name):
-            return connectPeer(host, port, prefix + name, tok)
+            return connectPeer(host, port, prefix + name, tok, tls=spec.get("tls", False))
 
         # receivers first: once a receiver has its AuthResponse it is registered
         pairs = [(i, peer(f"r{i}")) for i in spec["pairs"]]

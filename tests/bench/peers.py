@@ -10,6 +10,7 @@ import errno
 import os
 import select
 import socket
+import ssl
 import time
 
 from tests.bench import wire
@@ -52,6 +53,78 @@ class Peer:
             pass
 
 
+class TLSSocket:
+    """
+    A client TLS socket that the loads drive as they drive a plain one.
+
+    A non-blocking C{ssl.SSLSocket} raises C{SSLWantReadError} /
+    C{SSLWantWriteError} where a plain socket raises C{BlockingIOError};
+    and one C{recv} returns at most one TLS record, while the loads wait
+    on epoll for the next read: the rest of what OpenSSL has decrypted
+    (C{pending}) would wait for more bytes from the relay. Here C{recv}
+    returns all of it and both errors become C{BlockingIOError}.
+    """
+
+    __slots__ = ("_tls",)
+
+    def __init__(self, tls):
+        self._tls = tls
+
+    def send(self, data):
+        try:
+            return self._tls.send(data)
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            raise BlockingIOError(errno.EAGAIN, "TLS write would block") from None
+
+    def recv(self, size):
+        tls = self._tls
+        try:
+            data = tls.recv(size)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise BlockingIOError(errno.EAGAIN, "TLS read would block") from None
+        if not data or not tls.pending():
+            return data
+        chunks = [data]
+        while tls.pending():
+            try:
+                more = tls.recv(size)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                break
+            if not more:
+                break
+            chunks.append(more)
+        return b"".join(chunks)
+
+    def sendall(self, data):
+        self._tls.sendall(data)
+
+    def settimeout(self, value):
+        self._tls.settimeout(value)
+
+    def setblocking(self, flag):
+        self._tls.setblocking(flag)
+
+    def setsockopt(self, *args):
+        self._tls.setsockopt(*args)
+
+    def fileno(self):
+        return self._tls.fileno()
+
+    def close(self):
+        self._tls.close()
+
+
+def _clientTLS(sock):
+    """
+    Wrap a connected socket in TLS, trusting any certificate: the relay
+    under test serves a throwaway self-signed one.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return TLSSocket(context.wrap_socket(sock))
+
+
 def _recvUntil(sock, marker, limit, deadline):
     data = b""
     while marker not in data:
@@ -71,16 +144,19 @@ def _recvUntil(sock, marker, limit, deadline):
     return data
 
 
-def connectPeer(host, port, name, tok, timeout=10.0):
+def connectPeer(host, port, name, tok, timeout=10.0, tls=False):
     """
     Connect, upgrade, authenticate as C{name} and wait for the AuthResponse.
 
+    @param tls: over TLS (a L{TLSSocket}).
     @return: a L{Peer} with a blocking socket.
     """
     deadline = time.monotonic() + timeout
     sock = socket.create_connection((host, port), timeout=timeout)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls:
+            sock = _clientTLS(sock)
         req, accept = wire.upgradeRequest(host, port)
         sock.sendall(req)
         data = _recvUntil(sock, b"\r\n\r\n", 16384, deadline)
