@@ -50,7 +50,7 @@ from relay import messages as m
 from relay.internals import autobahn as _autobahn
 from relay.logtext import quoted
 from relay.session import PeerSession
-from relay.tcp import noDelay as _noDelay
+from relay.tcp import noDelay
 
 _autobahn.formatOnlyForDebug()
 
@@ -190,7 +190,7 @@ class PeerWebSocketProtocol(_autobahn.ServerProtocol):
         # Autobahn means to set TCP_NODELAY but reads its option before it
         # has copied it from the factory, so the attempt silently fails; a
         # packet relay must never wait for Nagle.
-        _noDelay(self.transport)
+        noDelay(self.transport)
         address = self.transport.getPeer()
         host = getattr(address, "host", "?")
         self.peerAddress = f"{host}:{getattr(address, 'port', '?')}"

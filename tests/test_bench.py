@@ -332,7 +332,7 @@ class TLSTinyRunTests(unittest.TestCase):
         cert, key = writeCertificate(os.path.abspath(self.mktemp()))
         relay = RelayProcess(o.secret, extra=["--tls-cert-file", cert, "--tls-key-file", key]).start()
         self.addCleanup(relay.stop)
-        from relay.bench.peers import BenchError, connectPeer
+        from tests.bench.peers import BenchError, connectPeer
         self.assertRaises((BenchError, OSError), connectPeer, relay.host, relay.port, "plain", wire.token(o.secret), timeout=2)
         peer = connectPeer(relay.host, relay.port, "tls", wire.token(o.secret), tls=True)
         peer.close()
@@ -350,7 +350,7 @@ class TLSSocketTests(unittest.TestCase):
     def test_allPendingRecords(self):
         import ssl
 
-        from relay.bench.peers import TLSSocket
+        from tests.bench.peers import TLSSocket
 
         class FakeSSL:
             def __init__(self, records):
@@ -381,7 +381,7 @@ class InterleavedTests(unittest.TestCase):
     """
 
     def test_turnsAndRatios(self):
-        from relay.bench.__main__ import Bench
+        from tests.bench.__main__ import Bench
 
         bench = Bench(parseArgs(["--tls", "both", "--runs", "3"]))
         events = []
