@@ -98,21 +98,22 @@ class PeerSession:
                 self.relay.noisyLog(self._log.warn, "{where}: handshake rejected: first message is {kind}", where=where, kind=m.NAMES[kind])
                 return "not_auth"
             pid, token = m.decodeAuth(message)
-            self.relay.validator.validate(token)
+            self.relay.authenticate(token)
         except (m.MessageError, AuthError) as e:
             self.relay.noisyLog(self._log.warn, "{where}: handshake rejected: {reason}", where=where, reason=e.reason)
             return e.reason
         relay = self.relay
-        if relay.draining:
+        reason = relay.refusal(pid)
+        if reason == "draining":
             self._log.info("{where}: handshake rejected: the relay is shutting down", where=where)
-            return "draining"
-        limits = relay.limits
-        if limits.maxPeers and len(relay.store) >= limits.maxPeers and pid not in relay.store.peers:
-            self.relay.noisyLog(self._log.warn, "{where}: handshake rejected: {count} peers connected, the limit", where=where, count=len(relay.store))
-            return "max_peers"
+            return reason
+        if reason is not None:
+            relay.noisyLog(self._log.warn, "{where}: handshake rejected: {count} peers connected, the limit", where=where, count=relay.peerCount())
+            return reason
         self._settled()
-        if limits.peerByteRate:
-            self._bucket = TokenBucket(limits.peerByteRate, max(limits.peerByteRate, m.MAX_MESSAGE_SIZE), relay.clock.seconds())
+        rate = relay.limits.peerByteRate
+        if rate:
+            self._bucket = TokenBucket(rate, max(rate, m.MAX_MESSAGE_SIZE), relay.clock.seconds())
         self.peerID = pid
         # The header of every Transport this peer sends, as relayed: the
         # destination id replaced by the source's.
@@ -198,12 +199,12 @@ class PeerSession:
 
     def _subscribe(self, ids):
         relay = self.relay
-        ids, refused = relay.store.admitSubscriptions(self, ids)
+        ids, refused = relay.admitSubscriptions(self, ids)
         if refused:
             # Refused, not fatal: the Go relay takes any number, and an agent
             # over the limit only misses news of the refused ids.
             relay.counters.dropped["subscription_limit"] += refused
-            relay.noisyLog(self._log.warn, "{peer}: refused {count} subscriptions over the limit of {limit} ids", peer=self, count=refused, limit=relay.store.maxSubscriptions)
+            relay.noisyLog(self._log.warn, "{peer}: refused {count} subscriptions over the limit of {limit} ids", peer=self, count=refused, limit=relay.maxSubscriptions)
         if ids:
             relay.subscribe(self, ids)
 
