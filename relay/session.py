@@ -34,6 +34,9 @@ class PeerSession:
     """
     One peer's side of the protocol.
 
+    @ivar relay: the relay it belongs to, seen only through
+        L{relay.interfaces.IRelay} (authentication, admission, routing,
+        subscriptions, counters and the clock).
     @ivar link: the carrier, with C{writeMessage(bytes) -> bool},
         C{closeLink()} (abort), C{closeGracefully()} (Close message, then close),
         C{transportName} and C{peerAddress}; optionally C{maxMessageSize},
