@@ -7,10 +7,15 @@ back through it. Keeping the protocol here, apart from the framing, means
 WebSocket and QUIC peers are the same kind of peer to the store, the
 subscriptions, the health checks and the fabric.
 
-The session has two states: waiting for Auth, and authenticated. They are
-two methods swapped into C{messageReceived} rather than an Automat machine:
-the authenticated state is the per-packet hot path, where one dispatch
-through a state-machine library would cost more than the relaying itself.
+The session has three states: waiting for Auth, authenticated, ended. The
+link calls C{messageReceived} for each message in all of them: the method of
+that name is the first state, and each change of state assigns the next
+state's handler to the instance attribute C{messageReceived}, which then
+hides the method (L{PeerSession.messageReceived}). Not an Automat machine
+nor a method that dispatches on a state: the authenticated state is the
+per-packet hot path, and a dispatching method is one more Python call per
+message: about 5% of the session's own work per relayed message, measured
+with a 1400-byte Transport on a fake link (485 against 460 ns).
 """
 
 from twisted.logger import Logger
@@ -68,7 +73,6 @@ class PeerSession:
         relay.admission.enter(self, getattr(link, "sourceHost", None))
         self._pending = True
         self._timer = relay.clock.callLater(HANDSHAKE_TIMEOUT, self._timerFired)
-        self.messageReceived = self._handshake
 
     def __repr__(self):
         who = m.humanID(self.peerID) if self.peerID else "unauthenticated"
@@ -76,7 +80,17 @@ class PeerSession:
 
     # Handshake
 
-    def _handshake(self, message):
+    def messageReceived(self, message):
+        """
+        One whole message from the link (bytes, version byte first).
+
+        This method is the handshake state: the first message must be a
+        valid Auth. Once it is, the session assigns L{_authenticated} to
+        its C{messageReceived} attribute, and once the session ends,
+        L{_ignore}: the link keeps calling C{session.messageReceived} and
+        from then on reaches that handler directly, with no dispatch in
+        between (the module docstring says why).
+        """
         reason = self._authenticate(message)
         if reason is not None:
             self.relay.counters.handshakeRejects[reason] += 1
@@ -121,6 +135,8 @@ class PeerSession:
         # The header of every Transport this peer sends, as relayed: the
         # destination id replaced by the source's.
         self._stampPrefix = bytes((m.VERSION, m.TRANSPORT)) + pid
+        # The authenticated state: this instance attribute hides the
+        # messageReceived method, so each relayed message costs one call.
         self.messageReceived = self._authenticated
         # AuthResponse and registration in one reactor turn: nothing can reach
         # the peer before its AuthResponse (docs/protocol.md, "The handshake").
@@ -154,6 +170,10 @@ class PeerSession:
     # Authenticated
 
     def _authenticated(self, message):
+        """
+        C{messageReceived} once the peer is authenticated: relay Transport
+        messages, answer the rest of the protocol.
+        """
         size = len(message)
         # The fast path: a well-formed Transport within the size limit. An
         # oversized one falls through to the single size check below, after
@@ -267,6 +287,7 @@ class PeerSession:
         """
         self.closed = True
         self._stopTimers()
+        # The ended state (see messageReceived).
         self.messageReceived = _ignore
 
     def _stopTimers(self):

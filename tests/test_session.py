@@ -102,6 +102,28 @@ class HandshakeTests(unittest.TestCase):
         session.linkLost()
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_messageReceivedStates(self):
+        """
+        The method is the handshake state; authentication, then the end,
+        put the next state's handler in front of it on the instance, so
+        relayed messages reach L{PeerSession._authenticated} with no
+        dispatch in between, and a message after the end does nothing.
+        """
+        session, link = self.handshake(authMessage("peer-a"))
+        self.assertEqual(session.messageReceived, session._authenticated)
+        fresh = PeerSession(self.relay, FakeLink())
+        self.assertNotIn("messageReceived", vars(fresh))
+        self.assertEqual(fresh.messageReceived.__func__, PeerSession.messageReceived)
+        fresh.linkLost()
+        fresh.messageReceived(authMessage("peer-b"))
+        self.assertEqual(fresh.link.written, [])
+        self.assertIsNone(self.relay.store.peers.get(B))
+        session.close()
+        link.take()
+        # A server-only type: a protocol error, were it not ignored.
+        session.messageReceived(b"\x01\x02")
+        self.assertEqual(dict(self.relay.counters.protocolErrors), {})
+
     def test_authenticationTimeRecorded(self):
         times = []
         self.relay.recordAuthenticationTime = times.append
