@@ -95,3 +95,100 @@ class ICrossPodForwarder(Interface):
         """
         An L{IPeerConnection} left the store here (PEER_GONE to siblings).
         """
+
+
+class IRelay(Interface):
+    """
+    What a L{relay.session.PeerSession} may use of the relay it belongs to
+    (L{relay.server.Relay}): everything a session asks or tells about other
+    peers goes through here, so a session can be driven by a fake of it and
+    the relay's store, validator and fabric stay out of the session's reach.
+
+    The carriers' listeners (L{relay.peer}, L{relay.quic}) reach the same
+    C{clock}, C{counters}, C{noisyLog} and C{admission}, and QUIC's also
+    reads L{relay.server.Relay.draining}.
+    """
+
+    clock = Attribute("The IReactorTime the session's timers and rate bucket run on.")
+
+    counters = Attribute(
+        "The L{relay.counters.RelayCounters} the session increments (rejects, "
+        "drops, protocol errors, bytes received)."
+    )
+
+    noisyLog = Attribute(
+        "The L{relay.limits.LogBudget}: C{noisyLog(emit, format, **fields)} "
+        "for every line a stranger can cause."
+    )
+
+    admission = Attribute(
+        "The L{relay.limits.Admission} a session waits in until it is "
+        "authenticated or gone: C{enter(session, sourceHost)} once, "
+        "C{leave(session)} once; it may call the session's C{evict} to make "
+        "room for a newcomer."
+    )
+
+    limits = Attribute(
+        "The L{relay.limits.Limits}; a session reads C{peerByteRate} (bytes "
+        "per second a peer may send, 0 for no limit) once authenticated."
+    )
+
+    healthCheckThreshold = Attribute("Health checks a peer may miss in a row (int).")
+
+    authResponse = Attribute("The encoded AuthResponse every authenticated peer is sent (bytes).")
+
+    maxSubscriptions = Attribute("Most peer ids one session may be subscribed to (int).")
+
+    def authenticate(token):
+        """
+        Check a peer's token.
+
+        @raise relay.auth.AuthError: it is not valid now; its C{reason} is
+            the rejection counter's label.
+        """
+
+    def refusal(peerID):
+        """
+        @return: why a peer that authenticated as C{peerID} may not be
+            registered now (C{"draining"} or C{"max_peers"}), or None.
+        """
+
+    def peerCount():
+        """
+        @return: how many peers are registered here (int), for log lines.
+        """
+
+    def register(session, startedAt):
+        """
+        Store a freshly authenticated session (C{startedAt}: the clock's
+        seconds when its connection began), closing an older connection of
+        the same peer. Sets the session's C{registeredAt}.
+        """
+
+    def unregister(session):
+        """
+        A registered session ended: forget it and its subscriptions.
+        """
+
+    def route(destinationID, message):
+        """
+        Deliver a Transport message, already stamped with its source's id, to
+        C{destinationID} here or on a sibling pod; count it or its drop.
+        """
+
+    def admitSubscriptions(session, ids):
+        """
+        @return: C{(the ids session may subscribe to under the per-session
+            limit, how many were refused)}.
+        """
+
+    def subscribe(session, ids):
+        """
+        Tell C{session} when the peers C{ids} come online (at once for those
+        online now) and go offline.
+        """
+
+    def unsubscribe(session, ids):
+        """
+        Stop telling C{session} about C{ids}.
+        """

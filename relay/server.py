@@ -16,7 +16,7 @@ from zope.interface import implementer
 
 from relay import messages as m
 from relay.counters import RelayCounters
-from relay.interfaces import ILocalPeers
+from relay.interfaces import ILocalPeers, IRelay
 from relay.limits import Admission, Limits, LogBudget
 
 SHUTDOWN_WRITE_TIMEOUT = 3.0
@@ -86,15 +86,17 @@ class LocalPeers:
             self.store.wentOffline(peerID)
 
 
+@implementer(IRelay)
 class Relay:
     """
     Peers connected here and what passes between them.
 
-    Sessions (L{relay.session.PeerSession}) and the listeners of each carrier
-    (L{relay.peer}, L{relay.quic}) use: L{authenticate}, L{refusal},
-    L{register}, L{unregister}, L{route}, L{admitSubscriptions},
-    L{subscribe}, L{unsubscribe}; and the collaborators below, which are
-    given at construction and never replaced.
+    Sessions (L{relay.session.PeerSession}) see it through L{IRelay}, the
+    list of what they may use; the listeners of each carrier (L{relay.peer},
+    L{relay.quic}) use C{clock}, C{counters}, C{noisyLog}, C{admission} and
+    C{draining}. The collaborators below are given at construction and
+    never replaced; the rest (store, forwarder, the metrics' recorders) is
+    for the relay itself, the wiring and tests.
 
     @ivar store: the L{relay.store.Store}.
     @ivar forwarder: an L{ICrossPodForwarder} in cluster mode, else None.
@@ -140,7 +142,7 @@ class Relay:
             handshake (the metrics' histogram).
         @param recordStoreTime: called with milliseconds per store update.
         """
-        self.validator = validator
+        self._validator = validator
         self.instanceURL = instanceURL
         self.authResponse = m.encodeAuthResponse(instanceURL)
         self.clock = clock
@@ -179,7 +181,7 @@ class Relay:
 
         @raise relay.auth.AuthError: it is not valid now.
         """
-        self.validator.validate(token)
+        self._validator.validate(token)
 
     def refusal(self, peerID):
         """

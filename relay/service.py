@@ -346,21 +346,7 @@ def _makeCluster(cluster, store, reactor, wallClock, noisyLog, counters, lookups
         return None
     from relay.cluster.service import ClusterService
 
-    return ClusterService(
-        LocalPeers(store),
-        cluster.podIP,
-        cluster.port,
-        cluster.listen,
-        cluster.headless,
-        cluster.secret,
-        cluster.discoveryInterval,
-        counters,
-        reactor,
-        compat=cluster.compat,
-        wallClock=wallClock,
-        noisyLog=noisyLog,
-        lookupObserver=lookups,
-    )
+    return ClusterService(cluster, LocalPeers(store), counters, reactor, wallClock=wallClock, noisyLog=noisyLog, lookupObserver=lookups)
 
 
 def _makeAcme(acme, reactor, wallClock, counters, renewals):

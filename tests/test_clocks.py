@@ -11,6 +11,7 @@ from twisted.trial import unittest
 
 from relay import clocks
 from relay import service as servicemodule
+from relay.auth import AuthError, generateToken
 from relay.cluster import frames
 from relay.clocks import useMonotonicTime, wallClock
 from relay.service import makeService
@@ -20,6 +21,19 @@ from tests.test_service import REQUIRED, parse
 
 def assertNear(testCase, value, expected):
     testCase.assertTrue(abs(value - expected) < 1, f"{value} is not within 1 of {expected}")
+
+
+def assertExpiryOn(testCase, relay, clock):
+    """
+    C{relay} judges token expiry on C{clock}: a token that expired a second
+    before C{clock}'s now is refused, one that expires a minute after it is
+    taken. The secret is L{REQUIRED}'s; C{clock} must be years from the
+    real time (L{NOW}) for this to tell the two apart.
+    """
+    now = int(clock.seconds())
+    relay.authenticate(generateToken("s3cret", now + 60))
+    error = testCase.assertRaises(AuthError, relay.authenticate, generateToken("s3cret", now - 1))
+    testCase.assertEqual(error.reason, "expired")
 
 
 class WallStep:
@@ -113,20 +127,26 @@ class ServiceClockTests(unittest.TestCase):
 
         switched = []
         self.patch(servicemodule, "useMonotonicTime", switched.append)
+        # A wall clock apart from the reactor's time, to tell which one
+        # judges token expiry.
+        dates = Clock()
+        dates.advance(NOW)
+        self.patch(clocks, "wallClock", dates)
         top = makeService(parse(REQUIRED + ["--metrics-port", "0"]))
         self.assertEqual(switched, [reactor])
         self.assertIs(top.relay.clock, reactor)
-        self.assertIs(top.relay.wallClock, clocks.wallClock)
-        self.assertIs(top.relay.validator._clock, clocks.wallClock)
+        self.assertIs(top.relay.wallClock, dates)
+        assertExpiryOn(self, top.relay, dates)
 
     def test_givenReactor(self):
         """
         Tests that pass a clock get it for dates too.
         """
         clock = Clock()
+        clock.advance(NOW)
         top = makeService(parse(REQUIRED + ["--metrics-port", "0"]), reactor=clock)
         self.assertIs(top.relay.wallClock, clock)
-        self.assertIs(top.relay.validator._clock, clock)
+        assertExpiryOn(self, top.relay, clock)
 
     def test_clusterOnWallClock(self):
         """

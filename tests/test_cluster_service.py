@@ -13,6 +13,7 @@ from relay.cluster import frames
 from relay.cluster.locator import LOOKUP_TIMEOUT, seqnoOf
 from relay.cluster.service import ClusterService
 from relay.cluster.transport import ClusterStream
+from relay.config import ClusterConfig
 from relay.counters import ClusterCounters
 from relay.endpoints import LISTEN_BACKLOG
 from relay.interfaces import ICrossPodForwarder
@@ -36,10 +37,11 @@ class ClusterServiceTests(SynchronousTestCase):
         globalLogPublisher.addObserver(self.logged.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.logged.append)
 
-    def makeService(self, listenAddress="0.0.0.0:7090", secret="cluster-secret", headless="10.0.0.1,10.0.0.2", **kwargs):
-        return ClusterService(
-            self.local, "10.0.0.1", 7090, listenAddress, headless, secret, 10.0, self.counters, self.reactor, **kwargs
+    def makeService(self, listen=("0.0.0.0", 7090), secret="cluster-secret", headless="10.0.0.1,10.0.0.2", compat=False, **kwargs):
+        config = ClusterConfig(
+            headless=headless, podIP="10.0.0.1", port=7090, listen=listen, secret=secret, discoveryInterval=10.0, compat=compat
         )
+        return ClusterService(config, self.local, self.counters, self.reactor, **kwargs)
 
     def liveStream(self, service):
         """
@@ -138,24 +140,36 @@ class ClusterServiceTests(SynchronousTestCase):
         [warning] = self.warnings()
         self.assertIn("NO CLUSTER SECRET", warning["log_format"])
 
+    def test_compatWarns(self):
+        """
+        Compatibility mode from the configuration reaches the transport and
+        is warned about at start.
+        """
+        service = self.makeService(compat=True)
+        self.assertTrue(service.transport.compat)
+        self.assertFalse(self.makeService().transport.compat)
+        service.startService()
+        [warning] = self.warnings()
+        self.assertIn("compatibility mode", warning["log_format"])
+
     def test_listenAddresses(self):
-        for listenAddress, expected in (
-            (":7091", (7091, "0.0.0.0")),
-            ("127.0.0.1:7092", (7092, "127.0.0.1")),
-            ("[::]:7093", (7093, "::")),
-            ("tcp:7094:interface=127.0.0.2", (7094, "127.0.0.2")),
-            (("10.0.0.1", 7095), (7095, "10.0.0.1")),
-            (("", 7096), (7096, "0.0.0.0")),
-            (("::", 7097), (7097, "::")),
+        """
+        The configured C{(host, port)} is listened on through the relay's
+        one listener builder, with its backlog, and logged as C{host:port}.
+        """
+        for listen, expected, logged in (
+            (("10.0.0.1", 7095), (7095, "10.0.0.1"), "10.0.0.1:7095"),
+            (("", 7096), (7096, "0.0.0.0"), "0.0.0.0:7096"),
+            (("::", 7097), (7097, "::"), "[::]:7097"),
         ):
             self.reactor.tcpServers.clear()
-            service = self.makeService(listenAddress=listenAddress, headless="10.0.0.1")
+            del self.logged[:]
+            service = self.makeService(listen=listen, headless="10.0.0.1")
             service.startService()
             [(port, factory, backlog, interface)] = self.reactor.tcpServers
-            self.assertEqual((port, interface), expected)
-            if not isinstance(listenAddress, str) or not listenAddress.startswith("tcp:"):
-                # The relay's one listener builder, with its backlog.
-                self.assertEqual(backlog, LISTEN_BACKLOG)
+            self.assertEqual((port, interface, backlog), expected + (LISTEN_BACKLOG,))
+            [line] = [e for e in self.logged if e.get("log_format", "").startswith("cluster: listening on")]
+            self.assertEqual(line["listen"], logged)
             self.successResultOf(service.stopService())
 
     def test_delegates(self):

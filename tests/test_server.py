@@ -10,7 +10,7 @@ from zope.interface.verify import verifyObject
 
 from relay import messages as m
 from relay.auth import AuthError, generateToken
-from relay.interfaces import ILocalPeers
+from relay.interfaces import ILocalPeers, IRelay
 from relay.limits import Limits, LogBudget
 from relay.server import LocalPeers
 from tests.helpers import NOW, SECRET, connect, makeRelay
@@ -48,6 +48,20 @@ class CollaboratorTests(SynchronousTestCase):
 class HandshakeInterfaceTests(SynchronousTestCase):
     def setUp(self):
         self.relay = makeRelay(Clock(), limits=Limits(maxPeers=1))
+
+    def test_providesIRelay(self):
+        """
+        The relay has every method and attribute sessions are promised
+        (L{IRelay}), with the methods' signatures.
+        """
+        self.assertTrue(verifyObject(IRelay, self.relay))
+
+    def test_validatorPrivate(self):
+        """
+        Tokens are checked through L{Relay.authenticate}; the validator
+        itself is not handed out.
+        """
+        self.assertFalse(hasattr(self.relay, "validator"))
 
     def test_authenticate(self):
         self.relay.authenticate(generateToken(SECRET, NOW + 60))

@@ -383,6 +383,9 @@ class WiringTests(unittest.TestCase):
         [metrics] = built
         relay = top.relay
         self.assertIs(relay.forwarder, top.cluster)
+        # The fabric is handed its settings as checked, in one object.
+        self.assertIs(top.cluster.config, options.config.cluster)
+        self.assertEqual(top.cluster.announceAddress, "127.0.0.1:7090")
         self.assertIs(relay.limits, options.config.limits)
         self.assertEqual(relay.limits.maxPeers, 7)
         self.assertIs(top.cluster.transport.noisyLog, relay.noisyLog)

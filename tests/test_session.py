@@ -6,6 +6,7 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from relay import messages as m
+from relay.interfaces import IRelay
 from relay.session import PeerSession
 import hmac
 from hashlib import sha256
@@ -100,6 +101,28 @@ class HandshakeTests(unittest.TestCase):
         session = PeerSession(self.relay, FakeLink())
         session.linkLost()
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_messageReceivedStates(self):
+        """
+        The method is the handshake state; authentication, then the end,
+        put the next state's handler in front of it on the instance, so
+        relayed messages reach L{PeerSession._authenticated} with no
+        dispatch in between, and a message after the end does nothing.
+        """
+        session, link = self.handshake(authMessage("peer-a"))
+        self.assertEqual(session.messageReceived, session._authenticated)
+        fresh = PeerSession(self.relay, FakeLink())
+        self.assertNotIn("messageReceived", vars(fresh))
+        self.assertEqual(fresh.messageReceived.__func__, PeerSession.messageReceived)
+        fresh.linkLost()
+        fresh.messageReceived(authMessage("peer-b"))
+        self.assertEqual(fresh.link.written, [])
+        self.assertIsNone(self.relay.store.peers.get(B))
+        session.close()
+        link.take()
+        # A server-only type: a protocol error, were it not ignored.
+        session.messageReceived(b"\x01\x02")
+        self.assertEqual(dict(self.relay.counters.protocolErrors), {})
 
     def test_authenticationTimeRecorded(self):
         times = []
@@ -492,3 +515,78 @@ class ShutdownTests(unittest.TestCase):
         self.assertTrue(late.link.aborted)
         self.assertEqual(late.link.written, [])
         self.assertEqual(relay.counters.handshakeRejects["draining"], 1)
+
+
+class _OnlyIRelay:
+    """
+    A relay as far as L{IRelay} describes it: a session reaching for
+    anything else (its store, its validator) gets AttributeError.
+    """
+
+    def __init__(self, relay):
+        self._relay = relay
+        self.used = set()
+
+    def __getattr__(self, name):
+        if name not in IRelay.names(all=True):
+            raise AttributeError(f"{name!r} is not part of IRelay")
+        self.used.add(name)
+        return getattr(self._relay, name)
+
+
+class RelayInterfaceTests(unittest.TestCase):
+    """
+    A session uses nothing of its relay but L{IRelay}: its whole life,
+    every branch that talks to the relay, runs against a relay showing
+    only that.
+    """
+
+    def test_sessionLifeThroughIRelay(self):
+        from relay.limits import Limits
+
+        clock = Clock()
+        real = makeRelay(clock, limits=Limits(maxPeers=2, peerByteRate=100000))
+        real.store.maxSubscriptions = 1
+        relay = _OnlyIRelay(real)
+
+        def session(name=None, address="192.0.2.1:40000"):
+            link = FakeLink(address)
+            s = PeerSession(relay, link)
+            if name is not None:
+                s.messageReceived(authMessage(name))
+            return s, link
+
+        refused, refusedLink = session()
+        refused.messageReceived(authMessage("peer-a", secret="other"))
+        self.assertTrue(refusedLink.aborted)
+        a, linkA = session("peer-a")
+        b, linkB = session("peer-b")
+        self.assertEqual((linkA.take(), linkB.take()), ([real.authResponse], [real.authResponse]))
+        full, fullLink = session("peer-c")
+        self.assertTrue(fullLink.aborted)
+        self.assertEqual(fullLink.written, [])
+
+        a.messageReceived(m.encodeTransport(B, b"hello"))
+        self.assertEqual(linkB.take(), [b"\x01\x03" + A + b"hello"])
+        a.messageReceived(m.encodeIDList(m.SUBSCRIBE_PEER_STATE, [B, C])[0])
+        self.assertEqual(linkA.take(), [b"\x01\x0a" + B])
+        a.messageReceived(m.encodeIDList(m.UNSUBSCRIBE_PEER_STATE, [B])[0])
+        clock.advance(25)
+        self.assertEqual((linkA.take(), linkB.take()), ([m.HEALTH_CHECK_MESSAGE], [m.HEALTH_CHECK_MESSAGE]))
+        b.messageReceived(m.HEALTH_CHECK_MESSAGE)
+        timedOut, timedOutLink = session(address="192.0.2.9:1")
+        clock.advance(20)
+        self.assertEqual((linkA.aborted, linkB.aborted), (True, False))
+        b.messageReceived(b"\x01\x02")
+        self.assertTrue(linkB.aborted)
+        clock.advance(10)
+        self.assertTrue(timedOutLink.aborted)
+        for s in (a, b, refused, full, timedOut):
+            s.linkLost()
+        self.assertEqual(len(real.store), 0)
+        self.assertEqual(dict(real.counters.handshakeRejects), {"bad_signature": 1, "max_peers": 1, "timeout": 1})
+        self.assertEqual(dict(real.counters.protocolErrors), {"bad_type": 1, "health_check_timeout": 1})
+        self.assertEqual(real.counters.dropped["subscription_limit"], 1)
+        self.assertEqual(real.admission.pending, 0)
+        # Every part of the interface but draining's refusal was needed.
+        self.assertEqual(relay.used, set(IRelay.names(all=True)))

@@ -9,12 +9,11 @@ cluster port, and is itself the relay's L{ICrossPodForwarder}.
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relay.addresses import joinAddress, splitAddress
+from relay.addresses import joinAddress
 from relay.cluster.discovery import Discovery
 from relay.cluster.forwarder import Forwarder
 from relay.cluster.locator import Locator
@@ -22,25 +21,7 @@ from relay.cluster.transport import ClusterTransport, tcpEndpoint
 from relay.endpoints import serverEndpoint
 from relay.interfaces import ICrossPodForwarder
 
-_ENDPOINT_PREFIXES = ("tcp:", "tcp6:", "unix:", "systemd:")
-
 _log = Logger()
-
-
-def listeningEndpoint(reactor, listenAddress):
-    """
-    A server endpoint for C{host:port} (empty host: every IPv4 interface;
-    C{[v6]:port} for IPv6), a C{(host, port)} tuple, or a Twisted endpoint
-    string such as C{tcp:7090}; the first two through the relay's one
-    builder (L{serverEndpoint}), with its listen backlog.
-    """
-    if isinstance(listenAddress, tuple):
-        host, port = listenAddress
-    elif listenAddress.startswith(_ENDPOINT_PREFIXES):
-        return serverFromString(reactor, listenAddress)
-    else:
-        host, port = splitAddress(listenAddress, listening=True)
-    return serverEndpoint(reactor, host, port)
 
 
 @implementer(ICrossPodForwarder)
@@ -48,6 +29,7 @@ class ClusterService(MultiService):
     """
     The inter-pod fabric of one relay pod (ADR-0014; docs/cluster.md).
 
+    @ivar config: the L{relay.config.ClusterConfig} it runs.
     @ivar transport: the L{ClusterTransport}.
     @ivar locator: the L{Locator}.
     @ivar forwarder: the L{Forwarder}.
@@ -55,40 +37,21 @@ class ClusterService(MultiService):
     @ivar port: the listening port once started, else None.
     """
 
-    def __init__(
-        self,
-        localPeers,
-        podIP,
-        clusterPort,
-        listenAddress,
-        headless,
-        secret,
-        discoveryInterval,
-        counters,
-        reactor,
-        compat=False,
-        wallClock=None,
-        noisyLog=None,
-        lookupObserver=None,
-    ):
+    def __init__(self, config, localPeers, counters, reactor, wallClock=None, noisyLog=None, lookupObserver=None):
         """
+        @param config: the fabric's settings, a L{relay.config.ClusterConfig}:
+            this pod's IP (announced, and never dialed), the inter-pod port
+            of every pod, the C{(host, port)} to listen on, the pods'
+            headless names or IPs, the discovery interval, the secret (empty:
+            unsigned HELLO and no protection at all, the operator's explicit
+            choice, warned about at start) and whether pods that skip the
+            secured handshake (Go pods) are taken, at the Go relay's level
+            of trust.
         @param localPeers: the peers connected to this pod, an
             L{relay.interfaces.ILocalPeers} (L{relay.server.LocalPeers}).
-        @param podIP: this pod's IP (announced, and never dialed).
-        @param clusterPort: the inter-pod port of every pod (int).
-        @param listenAddress: where to listen: C{host:port}, C{(host, port)}
-            or an endpoint string.
-        @param headless: comma-separated DNS names and/or IP literals
-            listing the pods.
-        @param secret: the cluster secret as given (str or bytes); empty
-            means unsigned HELLO and no protection at all (the operator's
-            explicit choice; a warning is logged at start).
-        @param discoveryInterval: seconds between discovery passes.
         @param counters: a L{relay.counters.ClusterCounters}.
         @param reactor: provides IReactorTCP, IReactorTime and a
             C{nameResolver}.
-        @param compat: whether pods that skip the secured handshake (Go
-            pods) are taken, at the Go relay's level of trust.
         @param wallClock: unix time for HELLO timestamps (L{relay.clocks});
             the reactor by default.
         @param noisyLog: the L{relay.limits.LogBudget} for lines strangers
@@ -98,20 +61,18 @@ class ClusterService(MultiService):
             WHO_HAS lookup (the metrics' histogram), or None.
         """
         MultiService.__init__(self)
+        self.config = config
         self.reactor = reactor
-        self.listenAddress = listenAddress
-        self.secret = secret
-        self.compat = compat
-        self.announceAddress = joinAddress(podIP, clusterPort)
+        self.announceAddress = joinAddress(config.podIP, config.port)
         # Dial from the announced address: the remote checks that the HELLO
         # comes from the host it announces.
         self.transport = ClusterTransport(
             self.announceAddress,
-            secret,
+            config.secret,
             reactor,
             counters,
-            endpointFactory=lambda address: tcpEndpoint(reactor, address, bindHost=podIP),
-            compat=compat,
+            endpointFactory=lambda address: tcpEndpoint(reactor, address, bindHost=config.podIP),
+            compat=config.compat,
             wallClock=wallClock,
             noisyLog=noisyLog,
         )
@@ -119,32 +80,33 @@ class ClusterService(MultiService):
         self.forwarder = Forwarder(self.transport, self.locator, localPeers, reactor, counters)
         self.transport.handler = self.forwarder
         self.discovery = Discovery(
-            headless,
-            clusterPort,
-            podIP,
+            config.headless,
+            config.port,
+            config.podIP,
             self.transport,
             reactor.nameResolver,
             reactor,
-            interval=discoveryInterval,
+            interval=config.discoveryInterval,
         )
         self.port = None
 
     def startService(self):
         MultiService.startService(self)
-        if not self.secret:
+        if not self.config.secret:
             _log.warn(
                 "cluster: NO CLUSTER SECRET (--cluster-insecure): inter-pod streams are not authenticated and "
                 "any host that reaches the cluster port can join the fabric, read peer ids and inject "
                 "packets; restrict it with a NetworkPolicy or set a cluster secret"
             )
-        elif self.compat:
+        elif self.config.compat:
             _log.warn(
                 "cluster: compatibility mode (--cluster-compat): streams with pods that skip the secured "
                 "handshake (Go pods) are authenticated by their HELLO only and their frames are not; "
                 "turn it off once every pod runs this relay"
             )
         outcome = []
-        listeningEndpoint(self.reactor, self.listenAddress).listen(self.transport.serverFactory()).addBoth(outcome.append)
+        host, port = self.config.listen
+        serverEndpoint(self.reactor, host, port).listen(self.transport.serverFactory()).addBoth(outcome.append)
         if not outcome or isinstance(outcome[0], Failure):
             # Stream endpoints listen at once: refuse to start rather than
             # run a pod its siblings cannot reach.
@@ -159,18 +121,16 @@ class ClusterService(MultiService):
             "cluster: listening on {listen}, announcing {announce}, {mode}",
             listen=self._listenText(),
             announce=self.announceAddress,
-            mode="insecure" if not self.secret else ("secured, compatibility mode" if self.compat else "secured"),
+            mode="insecure" if not self.config.secret else ("secured, compatibility mode" if self.config.compat else "secured"),
         )
         self.discovery.start()
 
     def _listenText(self):
         """
-        The listen address for logs: C{host:port} also when given as a tuple.
+        The listen address for logs, C{host:port}.
         """
-        if isinstance(self.listenAddress, tuple):
-            host, port = self.listenAddress
-            return joinAddress(host or "0.0.0.0", port)
-        return self.listenAddress
+        host, port = self.config.listen
+        return joinAddress(host or "0.0.0.0", port)
 
     def stopService(self):
         self.discovery.stop()

@@ -589,9 +589,6 @@ class ClusterStream(Protocol):
         self._queued += size
         return SENT
 
-    def queuedBytes(self):
-        return self._queued
-
     def _dropQueue(self):
         self._queue.clear()
         self._queued = 0
