@@ -164,3 +164,32 @@ class LayoutTests(unittest.TestCase):
         self.assertEqual(PRODUCT_FILES - set(names), set())
         self.assertEqual(toolFiles(names), [])
         self.assertEqual([n for n in names if not n.startswith(("relay/", "twisted/plugins/", "relay-"))], [])
+
+
+def layoutLines(readme):
+    """
+    The module paths the README's Layout section gives a line of its own
+    (C{- `relay/x.py`: what it is}).
+    """
+    section = readme.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    return {line[3 : line.index("`:")] for line in section.splitlines() if line.startswith("- `") and "`:" in line}
+
+
+class ReadmeLayoutTests(unittest.TestCase):
+    def test_layoutLines(self):
+        """
+        L{layoutLines} takes the paths of the section's one-line entries
+        and nothing else.
+        """
+        readme = "# x\n\n## Layout\n\n- `relay/a.py`: A.\n- `relay/b.py` without a colon\ntext `relay/c.py`:\n\n## Next\n\n- `relay/d.py`: D.\n"
+        self.assertEqual(layoutLines(readme), {"relay/a.py"})
+
+    def test_everyModuleHasItsLine(self):
+        """
+        Every module of the product has its line in the README's Layout
+        section, and every line there names a module that exists.
+        """
+        modules = {path.relative_to(ROOT).as_posix() for top in ("relay", "twisted/plugins") for path in (ROOT / top).rglob("*.py")}
+        listed = layoutLines((ROOT / "README.md").read_text())
+        self.assertEqual(sorted(modules - listed), [], "modules without a line in README.md's Layout section")
+        self.assertEqual(sorted(listed - modules), [], "lines in README.md's Layout section naming no module")
