@@ -219,17 +219,6 @@ def dialedStream(owner, address):
 
 
 class AddressTests(SynchronousTestCase):
-    def test_split(self):
-        self.assertEqual(transport.splitAddress("10.0.0.1:7090"), ("10.0.0.1", 7090))
-        self.assertEqual(transport.splitAddress("[fd00::1]:7090"), ("fd00::1", 7090))
-        self.assertEqual(transport.splitAddress("relay-0.relay:7090"), ("relay-0.relay", 7090))
-        for bad in ("10.0.0.1", ":7090", "h:0", "h:65536", "h:x"):
-            self.assertRaises(ValueError, transport.splitAddress, bad)
-
-    def test_join(self):
-        self.assertEqual(transport.joinAddress("10.0.0.1", 7090), "10.0.0.1:7090")
-        self.assertEqual(transport.joinAddress("fd00::1", 7090), "[fd00::1]:7090")
-
     def test_tcpEndpoint(self):
         reactor = MemoryReactorClock()
         self.assertIsInstance(transport.tcpEndpoint(reactor, "10.0.0.1:7090"), TCP4ClientEndpoint)
