@@ -114,8 +114,29 @@ class SharedOutput:
     def __getattr__(self, name):
         return getattr(self._reactor, name)
 
-    def spawnProcess(self, processProtocol, executable, args=(), env=None, path=None, uid=None, gid=None, usePTY=False, childFDs=None):
-        return self._reactor.spawnProcess(processProtocol, executable, args, {} if env is None else env, path, uid, gid, usePTY, self.CHILD_FDS)
+    def spawnProcess(
+        self,
+        processProtocol,
+        executable,
+        args=(),
+        env=None,
+        path=None,
+        uid=None,
+        gid=None,
+        usePTY=False,
+        childFDs=None,
+    ):
+        return self._reactor.spawnProcess(
+            processProtocol,
+            executable,
+            args,
+            {} if env is None else env,
+            path,
+            uid,
+            gid,
+            usePTY,
+            self.CHILD_FDS,
+        )
 
 
 def makeSupervisor(config, reactor):
@@ -125,7 +146,16 @@ def makeSupervisor(config, reactor):
     """
     monitor = ProcessMonitor(SharedOutput(reactor))
     monitor.killTime = 35
-    argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "relay"]
+    argv = [
+        sys.executable,
+        "-c",
+        "from twisted.scripts.twistd import run; run()",
+        "-n",
+        "--pidfile=",
+        "relay",
+    ]
     for index in range(1, config.workers):
-        monitor.addProcess(f"relay-worker-{index}", argv, env=workerEnvironment(config, index), cwd=os.getcwd())
+        monitor.addProcess(
+            f"relay-worker-{index}", argv, env=workerEnvironment(config, index), cwd=os.getcwd()
+        )
     return monitor

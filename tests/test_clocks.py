@@ -156,7 +156,14 @@ class ServiceClockTests(unittest.TestCase):
         top = makeService(
             parse(
                 REQUIRED
-                + ["--metrics-port", "0", "--cluster-headless", "127.0.0.2", "--pod-ip", "127.0.0.1"]
+                + [
+                    "--metrics-port",
+                    "0",
+                    "--cluster-headless",
+                    "127.0.0.2",
+                    "--pod-ip",
+                    "127.0.0.1",
+                ]
                 + ["--cluster-auth-secret", "cluster-secret"]
             ),
             reactor=MemoryReactorClock(),

@@ -49,9 +49,7 @@ def applyMask(data, key):
     if not n:
         return b""
     stream = (key * (n // 4 + 1))[:n]
-    return (int.from_bytes(data, "big") ^ int.from_bytes(stream, "big")).to_bytes(
-        n, "big"
-    )
+    return (int.from_bytes(data, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
 
 
 def encodeFrame(opcode, payload, fin=True, mask=True, maskKey=None, rsv=0):
@@ -207,9 +205,7 @@ class RawWebSocketClient(protocol.Protocol):
             self.status = -1
         for line in headerLines:
             name, _, value = line.partition(b":")
-            self.headers[name.strip().lower().decode("latin-1")] = value.strip().decode(
-                "latin-1"
-            )
+            self.headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
         if self.status == 101:
             expected = base64.b64encode(hashlib.sha1(self.key + GUID).digest()).decode()
             if self.headers.get("sec-websocket-accept") != expected:

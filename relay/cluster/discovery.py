@@ -202,7 +202,11 @@ class Discovery:
     def _resolutionWorked(self, name):
         state = self._failing.pop(name, None)
         if state is not None:
-            _log.info("cluster discovery: {name} resolves again after {count} failed passes", name=name, count=state[0])
+            _log.info(
+                "cluster discovery: {name} resolves again after {count} failed passes",
+                name=name,
+                count=state[0],
+            )
 
     def _isSelf(self, host):
         ip = _ipLiteral(host)
@@ -246,7 +250,9 @@ class Discovery:
             if state.failures and now < state.dialedAt + self._backoff(state.failures):
                 continue
             state.dialedAt = now
-            self.transport.dial(address).addCallbacks(self._dialed, self._dialFailed, (state,), None, (address, state))
+            self.transport.dial(address).addCallbacks(
+                self._dialed, self._dialFailed, (state,), None, (address, state)
+            )
 
     def _backoff(self, failures):
         return min(self.interval * 2 ** (failures - 1), self.maxBackoff)

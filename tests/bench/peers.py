@@ -172,9 +172,13 @@ def connectPeer(host, port, name, tok, timeout=10.0, tls=False):
         messages = reader.feed(rest)
         while True:
             for i, (op, payload) in enumerate(messages):
-                if op == wire.OP_BINARY and payload[:2] == bytes([wire.PROTO_VERSION, wire.T_AUTH_RESPONSE]):
+                if op == wire.OP_BINARY and payload[:2] == bytes(
+                    [wire.PROTO_VERSION, wire.T_AUTH_RESPONSE]
+                ):
                     if i + 1 < len(messages):
-                        raise BenchError("the relay sent a message right after the AuthResponse that the set-up consumed")
+                        raise BenchError(
+                            "the relay sent a message right after the AuthResponse that the set-up consumed"
+                        )
                     sock.settimeout(None)
                     return Peer(name, sock, key, reader.buf)
                 raise BenchError(f"expected AuthResponse, got opcode {op} {payload[:2].hex()}")
@@ -308,7 +312,11 @@ class HandshakeRun:
                     done += 1
                     continue
                 if not chunk:
-                    finish(fd, False, "closed by the relay" if state == 2 else "closed during the upgrade")
+                    finish(
+                        fd,
+                        False,
+                        "closed by the relay" if state == 2 else "closed during the upgrade",
+                    )
                     done += 1
                     continue
                 buf += chunk
