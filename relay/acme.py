@@ -75,7 +75,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL, crypto
 from twisted.application.service import Service
-from twisted.internet import defer, error as ierror, threads
+from twisted.internet import defer, threads
+from twisted.internet import error as ierror
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -182,7 +183,7 @@ def _selfSigned(domain, acmeIdentifier=None):
     """
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, domain)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -593,7 +594,7 @@ class AcmeCertificateService(Service):
         options = loadCertificateOptions(
             self.certificatePath,
             self.keyPath,
-            now=datetime.datetime.fromtimestamp(self._now(), datetime.timezone.utc),
+            now=datetime.datetime.fromtimestamp(self._now(), datetime.UTC),
         )
         leaf = options.certificate.to_cryptography()
         names = _dnsNames(leaf)
@@ -978,9 +979,7 @@ def _dnsNames(certificate):
 
 
 def _iso(seconds):
-    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime(
-        "%Y-%m-%dT%H:%M:%SZ"
-    )
+    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _describe(failure):

@@ -19,9 +19,8 @@ from urllib.parse import urlsplit
 
 from twisted.internet import defer, ssl, task, threads
 
-from relay import client
+from relay import client, quic, quicclient
 from relay import messages as m
-from relay import quic, quicclient
 
 # The largest payload one DATAGRAM frame carries to the probe's QUIC peers
 # (aioquic's 8-byte connection ids): larger ones would be dropped, not lost.

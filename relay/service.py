@@ -20,8 +20,8 @@ from twisted.internet.error import ProcessExitedAlready
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
-    LogLevelFilterPredicate,
     Logger,
+    LogLevelFilterPredicate,
 )
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure

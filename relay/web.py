@@ -29,8 +29,8 @@ from prometheus_client.exposition import choose_encoder
 from twisted.logger import Logger
 from twisted.protocols import policies
 from twisted.web import http, resource, server
-from twisted.web.server import GzipEncoderFactory
 from twisted.web.resource import EncodingResourceWrapper
+from twisted.web.server import GzipEncoderFactory
 
 _log = Logger()
 

@@ -60,9 +60,9 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from relay import client
 from relay import messages as m
 from relay.auth import generateToken
+from relay.cluster import frames as cf
 from tests.bench import wire
 from tests.bench.relayproc import alive, raiseFileLimit, rssKiB, startRelays
-from relay.cluster import frames as cf
 
 MAGIC = m.MAGIC
 GOOD_NAMES = ("fuzz-good-a", "fuzz-good-b")

@@ -17,8 +17,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet import defer, protocol, reactor, threads
-from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import Certificate, CertificateOptions, TLSVersion, optionsForClientTLS
 from twisted.internet.task import Clock

@@ -11,9 +11,9 @@ import socket
 from twisted.trial import unittest
 
 from tests.bench import cases, wire
+from tests.bench.__main__ import parseArgs
 from tests.bench.loads import Flow, PairLoop
 from tests.bench.peers import Peer
-from tests.bench.__main__ import parseArgs
 from tests.bench.relayproc import RelayProcess, raiseFileLimit, writeCertificate
 
 PEER_A = bytes.fromhex("7368612dbdb94c73d53c44023a715a2970a10c4d54fa9550b70fd9d34cc4b0a2de5ddcbe")

@@ -12,8 +12,8 @@ from twisted.trial import unittest
 from relay import clocks
 from relay import service as servicemodule
 from relay.auth import AuthError, generateToken
-from relay.cluster import frames
 from relay.clocks import useMonotonicTime, wallClock
+from relay.cluster import frames
 from relay.service import makeService
 from tests.test_cluster_transport import NOW, SECRET, dialedStream, makeTransport
 from tests.test_service import REQUIRED, parse

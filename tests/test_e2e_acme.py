@@ -17,9 +17,9 @@ from zope.interface import implementer
 
 from relay import client
 from relay import messages as m
-from tests.loopback import commonPort
 from relay.quicclient import connectQuic
 from tests.e2e import RelayProcess, freePort, relayArgs, sleep, startRelay
+from tests.loopback import commonPort
 from tests.pebble import SKIP, HostsDNS, Pebble
 
 A, B = m.peerID("peer-a"), m.peerID("peer-b")

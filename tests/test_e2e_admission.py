@@ -10,8 +10,7 @@ import urllib.request
 
 from twisted.trial import unittest
 
-from tests.bench import wire
-from tests.bench import peers
+from tests.bench import peers, wire
 from tests.bench.peers import HandshakeRun
 from tests.bench.relayproc import RelayProcess, raiseFileLimit
 from tests.loopback import freePort

@@ -15,8 +15,8 @@ from relay import client
 from relay import messages as m
 from relay.cluster import frames
 from relay.cluster.locator import seqnoOf
-from tests.loopback import commonPort
 from tests.e2e import RelayProcess, rawConnect, relayArgs, sleep
+from tests.loopback import commonPort
 
 PODS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 HEADLESS = ",".join(PODS)

@@ -14,9 +14,9 @@ from twisted.trial import unittest
 from relay import client
 from relay import messages as m
 from relay.auth import generateToken
-from tests.loopback import freePort
 from tests import wsraw
 from tests.e2e import ROOT, RelayProcess, rawConnect, relayArgs, sleep, startRelay
+from tests.loopback import freePort
 from tests.test_e2e_operability import get, sample
 
 TWISTED_KEYS = {

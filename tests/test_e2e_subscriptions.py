@@ -10,9 +10,9 @@ from twisted.trial import unittest
 from relay import client
 from relay import messages as m
 from relay.cluster.forwarder import LOOKUPS_PER_PEER, SUBSCRIPTION_LOOKUPS
-from tests.loopback import commonPort
 from relay.store import MAX_SUBSCRIPTIONS
 from tests.e2e import RelayProcess, freePort, relayArgs, sleep, startRelay
+from tests.loopback import commonPort
 from tests.test_e2e_operability import get, sample
 
 SECRET = "relay-secret"

@@ -2,16 +2,16 @@
 The peer protocol of one session, driven with a fake link and a Clock.
 """
 
+import hmac
+from hashlib import sha256
+
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from relay import messages as m
+from relay.auth import generateToken, tokenKey
 from relay.interfaces import IRelay
 from relay.session import PeerSession
-import hmac
-from hashlib import sha256
-
-from relay.auth import generateToken, tokenKey
 from tests.helpers import NOW, SECRET, FakeLink, authMessage, connect, makeRelay, subscriptionCount
 
 A, B, C = m.peerID("peer-a"), m.peerID("peer-b"), m.peerID("peer-c")

@@ -854,7 +854,7 @@ def main(argv=None):
     o = parseArgs(sys.argv[1:] if argv is None else argv)
     raiseFileLimit(max(8192, 2 * max(o.connections, o.idle_peers) + 1024))
     bench = Bench(o)
-    started = datetime.datetime.now(datetime.timezone.utc)
+    started = datetime.datetime.now(datetime.UTC)
     try:
         bench.run()
     except KeyboardInterrupt:
@@ -864,7 +864,7 @@ def main(argv=None):
     out = {
         "meta": {
             "started": started.isoformat(timespec="seconds"),
-            "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "git": _gitHead(),
             "python": platform.python_version(),
             "cpus": os.cpu_count(),

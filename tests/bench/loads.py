@@ -13,7 +13,6 @@ what went wrong.
 
 import os
 import select
-import socket
 import time
 
 from tests.bench import wire
@@ -752,7 +751,7 @@ def probeRoute(a, b, timeout=30.0, interval=0.25):
             while time.monotonic() < end:
                 try:
                     chunk = b.sock.recv(65536)
-                except socket.timeout:
+                except TimeoutError:
                     break
                 if not chunk:
                     raise BenchError("the receiver was disconnected while probing the route")
@@ -779,6 +778,6 @@ def _drainFor(sock, seconds):
         try:
             if not sock.recv(65536):
                 break
-        except socket.timeout:
+        except TimeoutError:
             break
     sock.settimeout(None)

@@ -134,7 +134,7 @@ def _recvUntil(sock, marker, limit, deadline):
         sock.settimeout(remaining)
         try:
             chunk = sock.recv(65536)
-        except socket.timeout:
+        except TimeoutError:
             raise BenchError("timed out waiting for the relay") from None
         if not chunk:
             raise BenchError("the relay closed the connection during the handshake")
@@ -188,7 +188,7 @@ def connectPeer(host, port, name, tok, timeout=10.0, tls=False):
             sock.settimeout(remaining)
             try:
                 chunk = sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 raise BenchError("no AuthResponse in time") from None
             if not chunk:
                 raise BenchError("the relay closed the connection instead of answering Auth")

@@ -347,7 +347,7 @@ def writeCertificate(directory, name="localhost", days=2, expired=False, prefix=
 
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     if expired:
         start, end = now - datetime.timedelta(days=10), now - datetime.timedelta(days=1)
     else:
