@@ -129,7 +129,7 @@ class RelayProcess:
 
     def spawn(self):
         self.port = freePort()
-        address = "127.0.0.1:%d" % (self.port,)
+        address = f"127.0.0.1:{self.port}"
         exposed = self.exposedAddress if self.exposedAddress is not None else address
         self._log = open(self.logPath, "wb")
         self.process = subprocess.Popen(
@@ -165,9 +165,7 @@ class RelayProcess:
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(
-                    "relay exited with %s:\n%s" % (self.process.returncode, self.log())
-                )
+                raise RuntimeError(f"relay exited with {self.process.returncode}:\n{self.log()}")
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
                 return
@@ -251,7 +249,7 @@ class RelayTestCase(unittest.TestCase):
             cls = type(self)
             relay = cls.__dict__.get("_sharedRelay")
             if relay is None or relay.process.poll() is not None:
-                relay = RelayProcess(os.path.abspath("relay-%s.log" % (cls.__name__,)))
+                relay = RelayProcess(os.path.abspath(f"relay-{cls.__name__}.log"))
                 relay.start()
                 cls._sharedRelay = relay
                 atexit.register(relay.stop)
@@ -869,7 +867,7 @@ class SubscriptionTests(RelayTestCase):
 
     @defer.inlineCallbacks
     def _connectMany(self, count):
-        names = ["many-%03d" % i for i in range(count)]
+        names = [f"many-{i:03d}" for i in range(count)]
         peers = yield defer.gatherResults([self.peer(n) for n in names])
         return peers
 
@@ -904,7 +902,7 @@ class SubscriptionTests(RelayTestCase):
         a = yield self.peer("peer-a")
         b = yield self.peer("peer-b")
         c = yield self.peer("peer-c")
-        ids = [peerID("x-%d" % i) for i in range(244)] + [b.id]
+        ids = [peerID(f"x-{i}") for i in range(244)] + [b.id]
         sub = subscribeMessage(ids)
         self.assertEqual(len(sub), 8822)
         seen = len(a.messages)
@@ -1268,7 +1266,7 @@ class InstanceURLTests(unittest.TestCase):
         try:
             code = relay.process.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            self.fail("relay started with --exposed-address %r" % (exposed,))
+            self.fail(f"relay started with --exposed-address {exposed!r}")
         self.assertNotEqual(code, 0, relay.log())
         log = relay.log()
         self.assertTrue(
@@ -1309,7 +1307,7 @@ class HTTPTests(RelayTestCase):
     @defer.inlineCallbacks
     def test_originOtherPort403(self):
         client = yield self.open(
-            extraHeaders=[("Origin", "http://127.0.0.1:%d" % (self.relay.port + 1,))]
+            extraHeaders=[("Origin", f"http://127.0.0.1:{self.relay.port + 1}")]
         )
         self.assertEqual(client.status, 403)
 
@@ -1326,10 +1324,10 @@ class HTTPTests(RelayTestCase):
         """
         statuses = {}
         for origin in [
-            "https://127.0.0.1:%d" % (self.relay.port,),
-            "HTTP://127.0.0.1:%d" % (self.relay.port,),
-            "chrome-extension://127.0.0.1:%d" % (self.relay.port,),
-            "http://127.0.0.1:%d/some/path" % (self.relay.port,),
+            f"https://127.0.0.1:{self.relay.port}",
+            f"HTTP://127.0.0.1:{self.relay.port}",
+            f"chrome-extension://127.0.0.1:{self.relay.port}",
+            f"http://127.0.0.1:{self.relay.port}/some/path",
         ]:
             client = yield self.open(extraHeaders=[("Origin", origin)])
             statuses[origin] = client.status
@@ -1342,21 +1340,19 @@ class HTTPTests(RelayTestCase):
         """
         port = self.relay.port
         client = yield self.open(
-            extraHeaders=[("Origin", "http://relay.example:%d" % (port,))],
-            hostHeader="Relay.EXAMPLE:%d" % (port,),
+            extraHeaders=[("Origin", f"http://relay.example:{port}")],
+            hostHeader=f"Relay.EXAMPLE:{port}",
         )
         self.assertEqual(client.status, 101)
         other = yield self.open(
-            extraHeaders=[("Origin", "http://relay.example:%d" % (port,))],
-            hostHeader="other.example:%d" % (port,),
+            extraHeaders=[("Origin", f"http://relay.example:{port}")],
+            hostHeader=f"other.example:{port}",
         )
         self.assertEqual(other.status, 403)
 
     @defer.inlineCallbacks
     def test_originMatchingHostAccepted(self):
-        client = yield self.open(
-            extraHeaders=[("Origin", "http://127.0.0.1:%d" % (self.relay.port,))]
-        )
+        client = yield self.open(extraHeaders=[("Origin", f"http://127.0.0.1:{self.relay.port}")])
         self.assertEqual(client.status, 101)
         client.sendMessage(authMessage(peerID("peer-a")))
         self.assertEqual((yield client.nextMessage()), self.authResponse)

@@ -463,7 +463,7 @@ class FakePeer:
         self.received.append(("offline", tuple(pids)))
 
     def __repr__(self):
-        return "<FakePeer #%d %s>" % (self.serial, self.peerID[-2:].hex())
+        return f"<FakePeer #{self.serial} {self.peerID[-2:].hex()}>"
 
 
 NAMES = ["a", "b", "c", "d"]
