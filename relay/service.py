@@ -227,7 +227,7 @@ class RelayService(service.MultiService):
         """
         if self.supervisor is None:
             return
-        for name, protocol in sorted(self.supervisor.protocols.items()):
+        for _name, protocol in sorted(self.supervisor.protocols.items()):
             if protocol.transport is None:
                 continue
             try:

@@ -192,7 +192,7 @@ class BackoffTests(SynchronousTestCase):
         discovery.start()
         dialTimes = [clock.seconds()]
         streams.refuse("10.0.0.2:7090")
-        for i in range(80):
+        for _i in range(80):
             clock.advance(10)
             if streams.pending:
                 dialTimes.append(clock.seconds())
@@ -209,7 +209,7 @@ class BackoffTests(SynchronousTestCase):
         discovery, streams, resolver, clock = makeDiscovery(table={"relay-internal": ["10.0.0.2"]})
         discovery.start()
         dialTimes = []
-        for i in range(80):
+        for _i in range(80):
             if streams.pending:
                 dialTimes.append(clock.seconds())
                 streams.connect("10.0.0.2:7090")

@@ -643,7 +643,7 @@ class KeepaliveTests(SynchronousTestCase):
         owner.clock.advance(0.1)
         self.assertEqual(tr.value(), frames.pingFrame())
         self.assertEqual(owner.counters.pingsSent, 1)
-        for i in range(10):
+        for _i in range(10):
             owner.clock.advance(15)
         self.assertEqual(owner.counters.pingsSent, 11)
         self.assertEqual(owner.counters.pingsLost, 10)
@@ -809,7 +809,7 @@ class BoundedWriteTests(SynchronousTestCase):
         owner, proto, tr = unsecured(makeTransport(secret="", highWater=100))
         proto.pauseProducing()
         who = frames.whoHasFrame(PEER_A)  # 39 bytes
-        for i in range(5):
+        for _i in range(5):
             self.assertEqual(proto.send(who), transport.SENT)
         self.assertEqual(proto.send(who), transport.GONE)
         self.assertEqual(owner.counters.dropped["stream_overflow"], 1)
@@ -1423,7 +1423,7 @@ class LogBudgetTests(SynchronousTestCase):
         summary line with the rest.
         """
         owner = makeTransport()
-        for i in range(1000):
+        for _i in range(1000):
             proto, tr = accept(owner)
             proto.dataReceived(frames.helloFrame("10.0.0.2:7090", NOW, "not-the-secret"))
             self.assertTrue(tr.disconnecting)
@@ -1442,7 +1442,7 @@ class LogBudgetTests(SynchronousTestCase):
         clock.advance(NOW)
         budget = LogBudget(clock, burst=3)
         owner = makeTransport(clock=clock, noisyLog=budget)
-        for i in range(5):
+        for _i in range(5):
             proto, tr = accept(owner)
             proto.dataReceived(b"\x7f\x00\x00")
             lose(proto)

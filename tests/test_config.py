@@ -139,7 +139,7 @@ class ValidationTests(SynchronousTestCase):
         A bad value set by a variable is refused with the same message (the
         flag names the setting; its variable is OZ_ and the flag).
         """
-        for argv, environ, message in BAD_VALUES:
+        for argv, _environ, message in BAD_VALUES:
             if len(argv) != 2 or not argv[0].startswith("--") or argv[0] in REQUIRED:
                 continue
             option = argv[0][2:]

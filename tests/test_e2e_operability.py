@@ -62,10 +62,10 @@ class MetricsTests(unittest.TestCase):
             lambda: [p.transport.abortConnection() for p in (a, b) if p.transport.connected]
         )
         yield a.waitOnline(B)
-        for i in range(10):
+        for _i in range(10):
             a.send(B, b"x" * 1000)
             b.send(A, b"y" * 500)
-        for i in range(10):
+        for _i in range(10):
             yield b.transports.get().addTimeout(TIMEOUT, reactor)
             yield a.transports.get().addTimeout(TIMEOUT, reactor)
         a.send(m.peerID("nobody"), b"lost")

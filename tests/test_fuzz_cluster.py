@@ -134,7 +134,7 @@ class FrameLayer(unittest.SynchronousTestCase):
         previous = 0
         ends = []
         offset = 0
-        for t, p in frames:
+        for _t, p in frames:
             offset += 3 + len(p)
             ends.append(offset)
         for cut in cuts + [len(stream)]:

@@ -103,7 +103,7 @@ def _spawnWorkers(worker, specs, method, timeout, what="load process"):
 
 
 def _stopWorkers(workers, join=8):
-    for p, conn, _ in workers:
+    for _p, conn, _ in workers:
         try:
             conn.send(("stop", None))
         except OSError:
@@ -150,7 +150,7 @@ def _receiveReports(connections, timeout):
 
 def _collect(workers, timeout):
     results, errors = _receiveReports([conn for _, conn, _ in workers], timeout)
-    for p, conn, _ in workers:
+    for p, _conn, _ in workers:
         p.join(10)
         if p.is_alive():
             p.kill()
@@ -227,7 +227,7 @@ def throughputRun(target, o, pairs, run):
     m0 = start + o.warmup
     m1 = m0 + o.duration
     sched = {"start": start, "marks": [m0, m1], "stopAt": m1, "drain": 10.0}
-    for p, conn, _ in workers:
+    for _p, conn, _ in workers:
         conn.send(("go", sched))
     _sleepUntil(m0)
     c0, t0 = _relayCpu(target), time.monotonic()
@@ -303,7 +303,7 @@ def stallRun(target, o, run):
     s0 = b1 + 1.0  # the relay's buffers for the stalled peer fill up
     s1 = s0 + o.stall_duration
     sched = {"start": start, "marks": [b0, b1, s0, s1], "floodAt": b1, "stopAt": s1, "drain": 15.0}
-    for p, conn, _ in workers:
+    for _p, conn, _ in workers:
         conn.send(("go", sched))
     _sleepUntil(b0)
     cb0 = _relayCpu(target)

@@ -617,7 +617,7 @@ class EchoLoop:
         active = len(self.pairs)
         lastCheck = perf()
         while active:
-            for fd, ev in ep.poll(0.05):
+            for fd, _ev in ep.poll(0.05):
                 t = perf()
                 p, isA = self.byFd[fd]
                 c = p.a if isA else p.b

@@ -282,7 +282,7 @@ class HandshakeRun:
             if not live:
                 continue
             events = ep.poll(0.1)
-            for fd, ev in events:
+            for fd, _ev in events:
                 st = live.get(fd)
                 if st is None:
                     continue
