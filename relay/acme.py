@@ -818,7 +818,7 @@ class AcmeCertificateService(Service):
                 response, validation = challengeBody.chall.response_and_validation(accountKey)
                 token = challengeBody.chall.encode("token")
                 self._responses[token] = validation
-                cleanups.append(lambda: self._responses.pop(token, None))
+                cleanups.append(lambda token=token: self._responses.pop(token, None))
                 return challengeBody, response
             offered = challengeBody.chall.to_partial_json()
             if (

@@ -173,8 +173,8 @@ class ForwardTests(ForwarderTestMixin, SynchronousTestCase):
         forwarder = Forwarder(
             self.transport, self.locator, self.local, self.clock, self.counters, maxLookups=2
         )
-        for peerID in (PEER_A, PEER_B, PEER_C):
-            forwarder.forward(peerID, transportMessage(PEER_A))
+        for destination in (PEER_A, PEER_B, PEER_C):
+            forwarder.forward(destination, transportMessage(PEER_A))
         self.assertEqual(self.counters.dropped["lookup_queue_full"], 1)
         self.assertEqual(self.b.sent, [frames.whoHasFrame(PEER_A), frames.whoHasFrame(PEER_B)])
         self.clock.advance(0.2)

@@ -71,7 +71,9 @@ class AcmeEndToEndTests(unittest.TestCase):
                     reactor, url, pid, secret="relay-secret", trustRoot=self.root, timeout=5
                 )
                 self.addCleanup(
-                    lambda: peer.transport.abortConnection() if peer.transport.connected else None
+                    lambda peer=peer: (
+                        peer.transport.abortConnection() if peer.transport.connected else None
+                    )
                 )
                 return peer
             except Exception:

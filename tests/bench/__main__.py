@@ -633,13 +633,15 @@ class Bench:
                 self.log("    " + line.rstrip("\n"))
             proc.wait()
             entry["exit_status"] = proc.returncode
-            entry["table"] = [l for l in lines if l and not l.startswith("{")]
-            for l in reversed(lines):
-                if l.startswith('{"summary"'):
-                    entry["summary"] = json.loads(l)["summary"]
+            entry["table"] = [text for text in lines if text and not text.startswith("{")]
+            for text in reversed(lines):
+                if text.startswith('{"summary"'):
+                    entry["summary"] = json.loads(text)["summary"]
                     break
             entry["runs"] = [
-                json.loads(l) for l in lines if l.startswith("{") and not l.startswith('{"summary"')
+                json.loads(text)
+                for text in lines
+                if text.startswith("{") and not text.startswith('{"summary"')
             ]
             entry["ok"] = proc.returncode == 0 and all(
                 v.get("subject_ok", True)
@@ -825,7 +827,7 @@ class Bench:
                     lines.append(
                         f"{name:<{w}}{('yes' if e.get('ok') else 'NO'):<5}{'':<6}compare.py table:"
                     )
-                    lines.extend("    " + l for l in e.get("table", []))
+                    lines.extend("    " + row for row in e.get("table", []))
                 continue
             if "skipped" in e and not e.get("runs"):
                 lines.append(f"{name:<{w}}{'-':<5}{0:<6}skipped: {e['skipped'][:200]}")
