@@ -124,7 +124,7 @@ class RelayProcess(protocol.ProcessProtocol):
                     self.signal("KILL")
                     raise RuntimeError(
                         f"relay did not listen within {START_TIMEOUT} s:\n{self.output.decode(errors='replace')}"
-                    )
+                    ) from None
                 yield sleep(0.05)
 
     def signal(self, name):

@@ -1467,7 +1467,7 @@ class GoodPair:
                     break
                 except defer.TimeoutError:
                     if self.reactor.seconds() > deadline:
-                        raise RuntimeError("the good peers never saw each other online")
+                        raise RuntimeError("the good peers never saw each other online") from None
 
     def _lost(self, _, index):
         if not self.closing:

@@ -347,7 +347,7 @@ class QuicGoLoadTests(unittest.TestCase):
         except cases.Skip as e:
             if os.environ.get("CI"):
                 raise
-            raise unittest.SkipTest(str(e))
+            raise unittest.SkipTest(str(e)) from None
         cert, key = writeCertificate(os.path.abspath(self.mktemp()))
         self.cert = cert
         self.relay = RelayProcess(

@@ -172,7 +172,7 @@ class RelayProcess:
             except OSError:
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError("relay did not listen in time:\n" + self.log())
+                    raise RuntimeError("relay did not listen in time:\n" + self.log()) from None
                 time.sleep(0.02)  # polling for startup only
 
     def terminate(self):

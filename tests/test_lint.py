@@ -364,7 +364,7 @@ class RelayServiceTests(unittest.TestCase):
         try:
             names, extras = lint.relayOptionNames()
         except ImportError as e:
-            raise unittest.SkipTest(f"relay.service cannot be imported: {e}")
+            raise unittest.SkipTest(f"relay.service cannot be imported: {e}") from None
         self.assertIn("auth-secret", names)
         self.assertIn("cluster-headless", names)
         import yaml

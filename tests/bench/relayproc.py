@@ -209,7 +209,7 @@ class RelayProcess:
                     self.kill()
                     raise RuntimeError(
                         f"relay did not listen within {timeout} s:\n{self.logTail()}"
-                    )
+                    ) from None
                 time.sleep(0.05)
 
     def logTail(self, n=2000):
