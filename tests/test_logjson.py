@@ -178,7 +178,7 @@ class JSONLinesTests(unittest.TestCase):
 
     def test_failureTraceback(self):
         try:
-            1 / 0
+            1 / 0  # noqa: B018 raises the ZeroDivisionError whose traceback is logged
         except ZeroDivisionError:
             failure = Failure()
         line = parsed(
@@ -201,7 +201,7 @@ class JSONLinesTests(unittest.TestCase):
         error): its message, and the traceback in its own field.
         """
         try:
-            1 / 0
+            1 / 0  # noqa: B018 raises the ZeroDivisionError whose traceback is logged
         except ZeroDivisionError:
             failure = Failure()
         lines = []

@@ -60,7 +60,7 @@ class ClassicTextTests(unittest.TestCase):
 
     def test_failureSameAsTwisted(self):
         try:
-            1 / 0
+            1 / 0  # noqa: B018 raises the ZeroDivisionError whose traceback is logged
         except ZeroDivisionError:
             e = event("it broke", log_failure=Failure())
         self.assertIn("ZeroDivisionError", ClassicText()(e))
