@@ -161,7 +161,8 @@ def _keyAuthorization(token, accountKey):
     """
     RFC 8555 8.1: the token and the account key's SHA-256 JWK thumbprint.
     """
-    return f"{token}.{josepy.b64encode(accountKey.thumbprint(hash_function=hashes.SHA256)).decode('ascii')}"
+    thumbprint = josepy.b64encode(accountKey.thumbprint(hash_function=hashes.SHA256))
+    return f"{token}.{thumbprint.decode('ascii')}"
 
 
 def tlsALPNCertificate(domain, keyAuthorization):
@@ -633,7 +634,8 @@ class AcmeCertificateService(Service):
             self.log.info("ACME: created a new account key in {dir!r}", dir=self.dataDir)
         except (OSError, ValueError) as e:
             raise ConfigurationError(
-                f"cannot read the ACME account key {path!r}: {getattr(e, 'strerror', None) or e.__class__.__name__}"
+                f"cannot read the ACME account key {path!r}: "
+                f"{getattr(e, 'strerror', None) or e.__class__.__name__}"
             ) from None
         if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
             raise ConfigurationError(f"the ACME account key {path!r} is not an EC P-256 key")
@@ -706,7 +708,8 @@ class AcmeCertificateService(Service):
         message = _describe(failure)
         if message is None:
             self.log.failure(
-                "ACME: unexpected error obtaining a certificate for {domains} from {url} ({still}); retrying in {delay:.0f} s",
+                "ACME: unexpected error obtaining a certificate for {domains} from {url} "
+                "({still}); retrying in {delay:.0f} s",
                 failure,
                 domains=",".join(self.domains),
                 url=self.directoryURL,
@@ -715,7 +718,8 @@ class AcmeCertificateService(Service):
             )
         else:
             self.log.error(
-                "ACME: could not obtain a certificate for {domains} from {url}: {error} ({still}); retrying in {delay:.0f} s",
+                "ACME: could not obtain a certificate for {domains} from {url}: {error} "
+                "({still}); retrying in {delay:.0f} s",
                 domains=",".join(self.domains),
                 url=self.directoryURL,
                 error=message,
@@ -750,7 +754,8 @@ class AcmeCertificateService(Service):
             return
         self.challenge = TLS_ALPN_01
         self.log.warn(
-            "ACME: cannot listen on port {port} for HTTP-01 challenges ({error}); answering TLS-ALPN-01 on the peer port instead",
+            "ACME: cannot listen on port {port} for HTTP-01 challenges ({error}); answering "
+            "TLS-ALPN-01 on the peer port instead",
             port=self.http01Port,
             error=getattr(reason.socketError, "strerror", None) or str(reason.socketError),
         )

@@ -131,7 +131,8 @@ class RelayClientProtocol(PeerClient, WebSocketClientProtocol):
         if not self.factory.authenticated.called:
             self.factory.authenticated.errback(
                 HandshakeRefused(
-                    "the relay closed the connection without an AuthResponse (wrong secret, expired token or not a relay?)"
+                    "the relay closed the connection without an AuthResponse (wrong secret, "
+                    "expired token or not a relay?)"
                 )
             )
         waiters, self._lostWaiters = self._lostWaiters, None

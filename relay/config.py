@@ -162,7 +162,8 @@ class Options(usage.Options):
             "letsencrypt-data-dir",
             "d",
             None,
-            "Directory for the ACME account key and certificates (0700); with --letsencrypt-domains turns ACME on.",
+            "Directory for the ACME account key and certificates (0700); with "
+            "--letsencrypt-domains turns ACME on.",
         ],
         [
             "letsencrypt-domains",
@@ -181,7 +182,8 @@ class Options(usage.Options):
             "letsencrypt-challenge",
             None,
             "tls-alpn-01",
-            "tls-alpn-01 (on the peer port, whatever its number, as the Go relay) or http-01 (on --letsencrypt-http-port; tls-alpn-01 if that port cannot be bound).",
+            "tls-alpn-01 (on the peer port, whatever its number, as the Go relay) or http-01 (on "
+            "--letsencrypt-http-port; tls-alpn-01 if that port cannot be bound).",
         ],
         ["letsencrypt-http-port", None, "80", "Port of the HTTP-01 challenge listener."],
         [
@@ -216,13 +218,15 @@ class Options(usage.Options):
             "max-connections-per-ip",
             None,
             "0",
-            "Open connections from one source address (an IPv6 /64 counts as one); 0 = no limit, the default: NAT, CGNAT and load balancers put many agents behind one.",
+            "Open connections from one source address (an IPv6 /64 counts as one); 0 = no limit, "
+            "the default: NAT, CGNAT and load balancers put many agents behind one.",
         ],
         [
             "connection-rate-per-ip",
             None,
             "0",
-            "New connections per second from one source address (an IPv6 /64 counts as one), bursts of twice that; 0 = no limit, the default.",
+            "New connections per second from one source address (an IPv6 /64 counts as one), "
+            "bursts of twice that; 0 = no limit, the default.",
         ],
         [
             "peer-rate-limit",
@@ -234,13 +238,15 @@ class Options(usage.Options):
             "trusted-proxies",
             None,
             "",
-            "Comma-separated addresses/networks of proxies whose X-Real-IP header names the source address.",
+            "Comma-separated addresses/networks of proxies whose X-Real-IP header names the "
+            "source address.",
         ],
         [
             "cluster-headless",
             None,
             "",
-            "Headless Service name (or comma-separated names/IPs) of the relay pods; empty = single-pod mode.",
+            "Headless Service name (or comma-separated names/IPs) of the relay pods; empty = "
+            "single-pod mode.",
         ],
         ["cluster-port", None, "7090", "Inter-pod TCP port, the same on every pod."],
         [
@@ -259,20 +265,23 @@ class Options(usage.Options):
             "cluster-auth-secret",
             None,
             "",
-            "Secret authenticating the pods to each other and every inter-pod frame, the same on every pod. Required with --cluster-headless unless --cluster-insecure.",
+            "Secret authenticating the pods to each other and every inter-pod frame, the same on "
+            "every pod. Required with --cluster-headless unless --cluster-insecure.",
         ],
         ["cluster-discovery-interval", None, "10", "Seconds between discovery passes."],
         [
             "workers",
             None,
             "1",
-            "Relay processes on this host sharing the peer port (SO_REUSEPORT), joined by the fabric over 127.0.1.x; keep 1 per pod on Kubernetes.",
+            "Relay processes on this host sharing the peer port (SO_REUSEPORT), joined by the "
+            "fabric over 127.0.1.x; keep 1 per pod on Kubernetes.",
         ],
         [
             "worker-index",
             None,
             "0",
-            "Internal: which of --workers this process is (set by the first worker for the others).",
+            "Internal: which of --workers this process is (set by the first worker for the "
+            "others).",
         ],
     ]
 
@@ -281,12 +290,14 @@ class Options(usage.Options):
         [
             "cluster-insecure",
             None,
-            "Run the inter-pod fabric without a cluster secret: anyone reaching the cluster port joins it.",
+            "Run the inter-pod fabric without a cluster secret: anyone reaching the cluster port "
+            "joins it.",
         ],
         [
             "cluster-compat",
             None,
-            "Also take Go relay pods into the fabric (their HELLO only authenticates them, their frames are not); for migrating pod by pod.",
+            "Also take Go relay pods into the fabric (their HELLO only authenticates them, their "
+            "frames are not); for migrating pod by pod.",
         ],
     ]
 
@@ -380,7 +391,8 @@ def configFrom(values, environ):
     level = values["log-level"].lower()
     if level not in LOG_LEVELS:
         raise usage.UsageError(
-            f"--log-level must be one of trace, debug, info, warn, error, not {values['log-level']!r}"
+            "--log-level must be one of trace, debug, info, warn, error, not "
+            f"{values['log-level']!r}"
         )
     if values["log-format"] not in ("text", "json"):
         raise usage.UsageError(f"--log-format must be text or json, not {values['log-format']!r}")
@@ -525,8 +537,8 @@ def _clusterConfig(values, environ, acme, settings):
         )
     if not secret and not values["cluster-insecure"]:
         raise usage.UsageError(
-            "--cluster-auth-secret (or OZ_CLUSTER_AUTH_SECRET) is required with --cluster-headless; "
-            "--cluster-insecure runs the fabric without authentication"
+            "--cluster-auth-secret (or OZ_CLUSTER_AUTH_SECRET) is required with "
+            "--cluster-headless; --cluster-insecure runs the fabric without authentication"
         )
     # Only the pod's own address: the fabric has no business on other
     # interfaces (the Go relay binds every one).

@@ -438,7 +438,8 @@ class LogBudget:
 
     def _summarise(self):
         self._log.warn(
-            "{count} more lines about refused or ignored traffic were not logged in the last {window:.0f} s (the counters in /metrics have every event)",
+            "{count} more lines about refused or ignored traffic were not logged in the last "
+            "{window:.0f} s (the counters in /metrics have every event)",
             count=self.suppressed,
             window=self.window,
         )

@@ -234,7 +234,10 @@ class RelayMetrics:
         meter.create_observable_counter(
             "relay_sender_pauses_total",
             callbacks=[_observeScalar(lambda: counters.senderPauses)],
-            description="Times a sender was left unread because its messages were dropped for a congested destination",
+            description=(
+                "Times a sender was left unread because its messages were dropped for a "
+                "congested destination"
+            ),
         )
         meter.create_observable_up_down_counter(
             "relay_connections",
@@ -244,12 +247,18 @@ class RelayMetrics:
         meter.create_observable_counter(
             "relay_metrics_refusals_total",
             callbacks=[_observeByLabel("reason", lambda: counters.metricsRefusals)],
-            description="Metrics-port connections evicted at its limit and requests refused unread, split by reason",
+            description=(
+                "Metrics-port connections evicted at its limit and requests refused unread, "
+                "split by reason"
+            ),
         )
         meter.create_observable_counter(
             "relay_quic_refusals_total",
             callbacks=[_observeByLabel("reason", lambda: counters.quicRefusals)],
-            description="QUIC datagrams and connections refused before reaching a session (unknown connection id, malformed, failed handshake, Retry sent, ...), split by reason",
+            description=(
+                "QUIC datagrams and connections refused before reaching a session (unknown "
+                "connection id, malformed, failed handshake, Retry sent, ...), split by reason"
+            ),
         )
         meter.create_observable_counter(
             "relay_protocol_errors_total",

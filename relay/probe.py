@@ -151,7 +151,8 @@ def main(argv=None):
     largest = MAX_QUIC_SIZE if quicTransport else m.MAX_MESSAGE_SIZE - m.TRANSPORT_HEADER_SIZE
     if not 0 <= args.size <= largest or args.count < 1:
         parser.error(
-            f"--size must fit one message (over {args.transport}: at most {largest} bytes) and --count be positive"
+            f"--size must fit one message (over {args.transport}: at most {largest} bytes) and "
+            "--count be positive"
         )
     if quicTransport:
         try:
@@ -165,7 +166,9 @@ def main(argv=None):
             rtts.sort()
             p99 = rtts[min(len(rtts) - 1, int(len(rtts) * 0.99))]
             print(
-                f"ok ({args.transport}): instance {instanceURL}, {len(rtts)} round trips of {args.size} bytes, median {statistics.median(rtts):.3f} ms, p99 {p99:.3f} ms, max {rtts[-1]:.3f} ms"
+                f"ok ({args.transport}): instance {instanceURL}, {len(rtts)} round trips of "
+                f"{args.size} bytes, median {statistics.median(rtts):.3f} ms, p99 {p99:.3f} ms, "
+                f"max {rtts[-1]:.3f} ms"
             )
 
         def failed(failure):

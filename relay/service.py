@@ -202,8 +202,12 @@ class RelayService(service.MultiService):
         if limits.maxPeers and limits.maxPeers + limits.maxPending <= room:
             return
         self._log.warn(
-            "the open file limit ({soft}) leaves room for {room} peer connections, fewer than --max-peers {peers} and --max-pending-handshakes {pending}: "
-            'beyond that a new connection replaces one still waiting for Auth or is refused (relay_handshake_rejects_total{{reason="descriptors"}}); raise the hard limit (ulimit -Hn, systemd LimitNOFILE, the container runtime\'s nofile) or lower --max-peers',
+            "the open file limit ({soft}) leaves room for {room} peer connections, fewer than "
+            "--max-peers {peers} and --max-pending-handshakes {pending}: "
+            "beyond that a new connection replaces one still waiting for Auth or is refused "
+            '(relay_handshake_rejects_total{{reason="descriptors"}}); raise the hard limit '
+            "(ulimit -Hn, systemd LimitNOFILE, the container runtime's nofile) or lower "
+            "--max-peers",
             soft=soft,
             room=room,
             peers=limits.maxPeers or "(no limit)",

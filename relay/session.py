@@ -177,7 +177,8 @@ class PeerSession:
         self._pending = False
         self.relay.noisyLog(
             self._log.warn,
-            "{where}: closed before Auth: {pending} connections waiting to authenticate, the most from {source}",
+            "{where}: closed before Auth: {pending} connections waiting to authenticate, the "
+            "most from {source}",
             where=self.link.peerAddress,
             pending=pending,
             source=source or "unknown sources",

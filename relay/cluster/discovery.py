@@ -192,7 +192,8 @@ class Discovery:
         if now >= state[1] + WARN_EVERY:
             state[1] = now
             _log.warn(
-                "cluster discovery: {name}: {why} ({count} passes in a row; next warning in {every:g} s at the earliest)",
+                "cluster discovery: {name}: {why} ({count} passes in a row; next warning in "
+                "{every:g} s at the earliest)",
                 name=name,
                 why=why,
                 count=state[0],
@@ -263,7 +264,8 @@ class Discovery:
     def _dialFailed(self, failure, address, state):
         state.failures += 1
         _log.debug(
-            "cluster discovery: dialing {address} failed ({count} in a row, next in {delay:g} s): {error}",
+            "cluster discovery: dialing {address} failed ({count} in a row, "
+            "next in {delay:g} s): {error}",
             address=address,
             count=state.failures,
             delay=self._backoff(state.failures),

@@ -103,15 +103,16 @@ class ClusterService(MultiService):
         MultiService.startService(self)
         if not self.config.secret:
             _log.warn(
-                "cluster: NO CLUSTER SECRET (--cluster-insecure): inter-pod streams are not authenticated and "
-                "any host that reaches the cluster port can join the fabric, read peer ids and inject "
-                "packets; restrict it with a NetworkPolicy or set a cluster secret"
+                "cluster: NO CLUSTER SECRET (--cluster-insecure): inter-pod streams are not "
+                "authenticated and any host that reaches the cluster port can join the fabric, "
+                "read peer ids and inject packets; restrict it with a NetworkPolicy or set a "
+                "cluster secret"
             )
         elif self.config.compat:
             _log.warn(
-                "cluster: compatibility mode (--cluster-compat): streams with pods that skip the secured "
-                "handshake (Go pods) are authenticated by their HELLO only and their frames are not; "
-                "turn it off once every pod runs this relay"
+                "cluster: compatibility mode (--cluster-compat): streams with pods that skip "
+                "the secured handshake (Go pods) are authenticated by their HELLO only and "
+                "their frames are not; turn it off once every pod runs this relay"
             )
         outcome = []
         host, port = self.config.listen

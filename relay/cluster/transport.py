@@ -699,8 +699,8 @@ class _AcceptingFactory(Factory):
         if now >= owner._capLoggedAt + 10:
             owner._capLoggedAt = now
             _log.warn(
-                "cluster: inter-pod connections at their caps (from {peer}, among others): {pending} handshakes "
-                "pending, {connections} connections",
+                "cluster: inter-pod connections at their caps (from {peer}, among others): "
+                "{pending} handshakes pending, {connections} connections",
                 peer=host or "?",
                 pending=len(owner._pending),
                 connections=len(owner._connections),
