@@ -123,7 +123,8 @@ class RelayProcess(protocol.ProcessProtocol):
                 if reactor.seconds() > deadline:
                     self.signal("KILL")
                     raise RuntimeError(
-                        f"relay did not listen within {START_TIMEOUT} s:\n{self.output.decode(errors='replace')}"
+                        f"relay did not listen within {START_TIMEOUT} s:\n"
+                        f"{self.output.decode(errors='replace')}"
                     ) from None
                 yield sleep(0.05)
 

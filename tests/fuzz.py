@@ -689,7 +689,10 @@ class Fuzzer:
             (
                 b"GET /relay HTTP/1.1\r\nSec-WebSocket-Key: "
                 + key
-                + b"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n",
+                + (
+                    b"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                    b"Sec-WebSocket-Version: 13\r\n\r\n"
+                ),
                 None,
             ),
         ]
@@ -802,7 +805,8 @@ class Fuzzer:
         if self.authResponded(conn):
             self.stats.anomaly(
                 "accepted_invalid_auth",
-                f"variant {variant} framing {framing}: {message[:8].hex()}... ({len(message)} bytes)",
+                f"variant {variant} framing {framing}: {message[:8].hex()}... ({len(message)} "
+                "bytes)",
             )
         yield self.checkHandshakeTimeout(conn, f"refused auth variant {variant}")
 
@@ -1030,9 +1034,10 @@ class Fuzzer:
         """
         now = int(time.time())
         secret = self.clusterSecret
+        stranger = f"127.{rng.randint(100, 250)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
         address = rng.choice(
             [
-                f"127.{rng.randint(100, 250)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}:{target.clusterPort}",
+                f"{stranger}:{target.clusterPort}",
                 target.announce,
                 f"{source}:{target.clusterPort}",
             ]
@@ -1125,7 +1130,8 @@ class Fuzzer:
         if refused and not closed and not self.stopping:
             self.stats.anomaly(
                 "cluster_bad_hello_kept",
-                f"stream still open {limit:g} s after HELLO {frame[:12].hex()}... ({len(frame)} bytes)",
+                f"stream still open {limit:g} s after HELLO {frame[:12].hex()}... ({len(frame)} "
+                "bytes)",
             )
 
     @defer.inlineCallbacks
@@ -1745,7 +1751,8 @@ def run(reactor, options, targets):
     for round_ in range(options.rounds):
         monitor.phase = "fuzz"
         log(
-            f"round {round_ + 1} of {options.rounds}: fuzzing for {options.duration:g} s with {options.connections} connections at up to {options.rate:g} new/s"
+            f"round {round_ + 1} of {options.rounds}: fuzzing for {options.duration:g} s with "
+            f"{options.connections} connections at up to {options.rate:g} new/s"
         )
         fuzzer.start()
         started = reactor.seconds()
@@ -1753,9 +1760,10 @@ def run(reactor, options, targets):
             yield sleep(reactor, min(10, options.duration - (reactor.seconds() - started)))
             s = fuzzer.stats
             log(
-                f"{reactor.seconds() - started:5.0f} s: {s.started} connections, {s.connectErrors} connect errors, "
-                f"{len(fuzzer.active)} open, good {good.received} of {good.sent}, anomalies {sum(s.anomalies.values())}, "
-                f"rss {[t.rssKiB() for t in targets]} KiB"
+                f"{reactor.seconds() - started:5.0f} s: {s.started} connections, "
+                f"{s.connectErrors} connect errors, {len(fuzzer.active)} open, good "
+                f"{good.received} of {good.sent}, anomalies {sum(s.anomalies.values())}, rss "
+                f"{[t.rssKiB() for t in targets]} KiB"
             )
             if not all(t.running() for t in targets):
                 failures.append("a relay process exited during the fuzz")
@@ -1802,7 +1810,8 @@ def run(reactor, options, targets):
             )
         if relay["rss"]["ok"] is False:
             failures.append(
-                f"{where}: RSS {relay['rss']['after_kib']} KiB after the fuzz, baseline {relay['rss']['baseline_kib']} KiB"
+                f"{where}: RSS {relay['rss']['after_kib']} KiB after the fuzz, baseline "
+                f"{relay['rss']['baseline_kib']} KiB"
             )
     if not good.ok():
         failures.append("the good pair lost, reordered or corrupted messages, or was disconnected")
@@ -1840,7 +1849,10 @@ def parseArgs(argv):
     )
     parser.add_argument(
         "--cluster-secret",
-        help="inter-pod secret, to fuzz past HELLO (default: $OZ_CLUSTER_AUTH_SECRET; random when spawning)",
+        help=(
+            "inter-pod secret, to fuzz past HELLO (default: $OZ_CLUSTER_AUTH_SECRET; random when "
+            "spawning)"
+        ),
     )
     parser.add_argument(
         "--duration", type=float, default=60.0, help="seconds of fuzzing (default 60)"

@@ -62,7 +62,8 @@ class _PebbleProcess(protocol.ProcessProtocol):
         if not self.ready.called:
             self.ready.errback(
                 RuntimeError(
-                    f"pebble exited before it was ready: {self.output.decode('utf-8', 'replace')[-2000:]}"
+                    "pebble exited before it was ready: "
+                    f"{self.output.decode('utf-8', 'replace')[-2000:]}"
                 )
             )
         self.ended.callback(None)

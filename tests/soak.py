@@ -707,9 +707,10 @@ def run(options):
 
 def measure(options, relays, workers, soft, hard):
     relayLimits = [processFileLimit(r.pid) for r in relays]
-    log(
-        f"relays {[f'{r.host}:{r.port} (pid {r.pid}, nofile {lim})' for r, lim in zip(relays, relayLimits)]}"
-    )
+    described = [
+        f"{r.host}:{r.port} (pid {r.pid}, nofile {lim})" for r, lim in zip(relays, relayLimits)
+    ]
+    log(f"relays {described}")
     specs = plan(options, relays)
     ctx = multiprocessing.get_context("fork")
     for spec in specs:
@@ -736,8 +737,9 @@ def measure(options, relays, workers, soft, hard):
     connectS = time.monotonic() - connectStarted
     ready = sum(r["ready"] for r in readiness)
     log(
-        f"{ready} of {options.peers + 2 * options.pairs} connections authenticated in {connectS:.1f} s; "
-        f"{sum(r['routed'] for r in readiness)} of {options.pairs} pairs routed; failures {[r['failed'] for r in readiness]}"
+        f"{ready} of {options.peers + 2 * options.pairs} connections authenticated in "
+        f"{connectS:.1f} s; {sum(r['routed'] for r in readiness)} of {options.pairs} pairs "
+        f"routed; failures {[r['failed'] for r in readiness]}"
     )
     sample(relays, samples, t0, last)
     startNs = time.perf_counter_ns() + 500_000_000
@@ -776,10 +778,12 @@ def measure(options, relays, workers, soft, hard):
                             }
                         )
                         log(
-                            f"t={payload['t']:.0f}s sent {sum(r['sent'] for r in rows)} received {sum(r['received'] for r in rows)} "
-                            f"hc {sum(r['health_checks'] for r in rows)} closed {sum(r['closed'] for r in rows)} "
-                            f"p99 {max(p99) if p99 else None} ms; relay {samples[-1]['rss_kib']} KiB {samples[-1]['cpu_pct']} %CPU, "
-                            f"load average {samples[-1]['loadavg_1m']}"
+                            f"t={payload['t']:.0f}s sent {sum(r['sent'] for r in rows)} received "
+                            f"{sum(r['received'] for r in rows)} hc "
+                            f"{sum(r['health_checks'] for r in rows)} closed "
+                            f"{sum(r['closed'] for r in rows)} p99 {max(p99) if p99 else None} "
+                            f"ms; relay {samples[-1]['rss_kib']} KiB {samples[-1]['cpu_pct']} "
+                            f"%CPU, load average {samples[-1]['loadavg_1m']}"
                         )
                 elif kind == "done":
                     results[i] = payload

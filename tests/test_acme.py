@@ -947,7 +947,8 @@ class PortBusyTests(unittest.TestCase):
         [text] = [t for t in events.texts() if "HTTP-01" in t]
         self.assertEqual(
             text,
-            f"ACME: cannot listen on port {port} for HTTP-01 challenges (Address already in use); answering TLS-ALPN-01 on the peer port instead",
+            f"ACME: cannot listen on port {port} for HTTP-01 challenges (Address already in "
+            "use); answering TLS-ALPN-01 on the peer port instead",
         )
         self.assertEqual(
             [e["log_level"].name for e in events.events if "HTTP-01" in formatEvent(e)], ["warn"]

@@ -150,8 +150,8 @@ class _LowLimitRelay(RelayProcess):
     def argv(self):
         argv = super().argv
         argv[2] = (
-            f"import resource; resource.setrlimit(resource.RLIMIT_NOFILE, ({self.soft}, {self.hard})); "
-            + argv[2]
+            f"import resource; resource.setrlimit(resource.RLIMIT_NOFILE, ({self.soft}, "
+            f"{self.hard})); " + argv[2]
         )
         return argv
 

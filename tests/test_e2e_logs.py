@@ -129,7 +129,8 @@ class JSONSessionTests(unittest.TestCase):
         yield rawConnection(relay.port, b"\x16\x03\x01\x00\xff\x01garbage that is not HTTP\r\n\r\n")
         yield rawConnection(
             relay.port,
-            b"GET /relay HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 99\r\n\r\n",
+            b"GET /relay HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Version: 99\r\n\r\n",
         )
         self.assertEqual((yield relay.stop()), 0)
 
@@ -180,7 +181,8 @@ class FloodTests(unittest.TestCase):
                 [
                     rawConnection(
                         relay.port,
-                        b"GET /relay HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 99\r\n\r\n",
+                        b"GET /relay HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                        b"Connection: Upgrade\r\nSec-WebSocket-Version: 99\r\n\r\n",
                     )
                     for _ in range(10)
                 ]
@@ -202,7 +204,10 @@ class _LowDescriptorRelay(RelayProcess):
     def spawn(self):
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
-        code = f"import resource; resource.setrlimit(resource.RLIMIT_NOFILE, ({self.limit}, {self.limit})); from twisted.scripts.twistd import run; run()"
+        code = (
+            f"import resource; resource.setrlimit(resource.RLIMIT_NOFILE, ({self.limit}, "
+            f"{self.limit})); from twisted.scripts.twistd import run; run()"
+        )
         argv = [sys.executable, "-c", code, "-n", "--pidfile=", "relay"] + self.args
         self.transport = reactor.spawnProcess(self, sys.executable, argv, env=env, path=ROOT)
 

@@ -87,7 +87,8 @@ def runFuzz(testCase, args, timeout):
         return done, json.loads(done.stdout)
     except ValueError:
         testCase.fail(
-            f"no JSON summary (exit {done.returncode}):\n{done.stderr.decode(errors='replace')[-3000:]}"
+            f"no JSON summary (exit {done.returncode}):\n"
+            f"{done.stderr.decode(errors='replace')[-3000:]}"
         )
 
 
@@ -174,7 +175,8 @@ class SoakSmoke(unittest.SynchronousTestCase):
             summary = json.loads(done.stdout)
         except ValueError:
             self.fail(
-                f"no JSON summary (exit {done.returncode}):\n{done.stderr.decode(errors='replace')[-3000:]}"
+                f"no JSON summary (exit {done.returncode}):\n"
+                f"{done.stderr.decode(errors='replace')[-3000:]}"
             )
         self.assertEqual(summary["connect"]["authenticated"], 208)
         self.assertEqual(summary["connect"]["routed_pairs"], 4)

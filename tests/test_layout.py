@@ -110,7 +110,8 @@ class ImportCheckerTests(unittest.TestCase):
             "from . import x\n\n\ndef f():\n    import hypothesis.strategies as st\n"
         )
         (root / "fine.py").write_text(
-            "import os\nfrom relay import messages\nfrom . import auth\nfrom .cluster import frames\n"
+            "import os\nfrom relay import messages\nfrom . import auth\n"
+            "from .cluster import frames\n"
         )
         (root / "tool.py").write_text(
             "import json\n\n\ndef main():\n    from tests.bench import relayproc\n"
@@ -224,7 +225,10 @@ class ReadmeLayoutTests(unittest.TestCase):
         L{layoutLines} takes the paths of the section's one-line entries
         and nothing else.
         """
-        readme = "# x\n\n## Layout\n\n- `relay/a.py`: A.\n- `relay/b.py` without a colon\ntext `relay/c.py`:\n\n## Next\n\n- `relay/d.py`: D.\n"
+        readme = (
+            "# x\n\n## Layout\n\n- `relay/a.py`: A.\n- `relay/b.py` without a colon\n"
+            "text `relay/c.py`:\n\n## Next\n\n- `relay/d.py`: D.\n"
+        )
         self.assertEqual(layoutLines(readme), {"relay/a.py"})
 
     def test_everyModuleHasItsLine(self):

@@ -292,7 +292,8 @@ class DescriptorTests(unittest.TestCase):
         [(level, text)] = lines
         self.assertEqual(level, LogLevel.warn)
         self.assertIn(
-            "the open file limit (20000) leaves room for 19852 peer connections, fewer than --max-peers 50000 and --max-pending-handshakes 2048",
+            "the open file limit (20000) leaves room for 19852 peer connections, fewer than "
+            "--max-peers 50000 and --max-pending-handshakes 2048",
             text,
         )
         self.assertIn('reason="descriptors"', text)

@@ -269,7 +269,8 @@ class StrangerTests(WebFixture):
     def test_nothingServedAfterARefusal(self):
         channel, transport = connection(self.site)
         channel.dataReceived(
-            b"DELETE /metrics HTTP/1.1\r\nHost: relay\r\n\r\nGET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n"
+            b"DELETE /metrics HTTP/1.1\r\nHost: relay\r\n\r\n"
+            b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n"
         )
         self.assertEqual(transport.value().count(b"HTTP/1.1 "), 1)
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 405 "))

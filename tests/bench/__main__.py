@@ -87,8 +87,8 @@ def parseArgs(argv):
         "cases",
         nargs="*",
         help=f"any of {', '.join(ALL)}, or all (default); or compare "
-        "(runs the Go side-by-side compare.py against a relay started here); or quic (QUIC beside TLS "
-        "WebSocket, --quic-* options)",
+        "(runs the Go side-by-side compare.py against a relay started here); or quic (QUIC "
+        "beside TLS WebSocket, --quic-* options)",
     )
     ap.add_argument(
         "--case",
@@ -102,7 +102,10 @@ def parseArgs(argv):
     ap.add_argument("--json", metavar="FILE", help="write every run and the medians to FILE")
     ap.add_argument(
         "--url",
-        help="measure a running relay (ws://127.0.0.1:PORT/relay or rel://127.0.0.1:PORT) instead of starting one",
+        help=(
+            "measure a running relay (ws://127.0.0.1:PORT/relay or rel://127.0.0.1:PORT) instead "
+            "of starting one"
+        ),
     )
     ap.add_argument(
         "--secret",
@@ -117,7 +120,10 @@ def parseArgs(argv):
         action="append",
         default=[],
         metavar="ARG",
-        help="extra argument for the relays started here (repeatable), e.g. --relay-arg=--log-level=warn",
+        help=(
+            "extra argument for the relays started here (repeatable), e.g. "
+            "--relay-arg=--log-level=warn"
+        ),
     )
     ap.add_argument(
         "--relay-root",
@@ -173,9 +179,10 @@ def parseArgs(argv):
         "--tls",
         choices=("no", "yes", "both"),
         default="no",
-        help="throughput and latency: over TLS WebSocket (a relay started here with a throwaway certificate; "
-        "cases named ...-tls), or both plain and TLS, each on a relay of its own, taking turns run by "
-        "run, with the TLS / plain ratios of each run and their medians (...-tls-ratio) (default no)",
+        help="throughput and latency: over TLS WebSocket (a relay started here with a throwaway "
+        "certificate; cases named ...-tls), or both plain and TLS, each on a relay of its own, "
+        "taking turns run by run, with the TLS / plain ratios of each run and their medians "
+        "(...-tls-ratio) (default no)",
     )
     ap.add_argument(
         "--connections", type=int, default=2000, help="handshakes: connections (default 2000)"
@@ -261,8 +268,10 @@ def parseArgs(argv):
         "--quic-size",
         type=int,
         default=None,
-        help="quic: payload bytes after the 38-byte header (default 1179 with the Go load, the most quic-go 0.29 "
-        "takes in a datagram; 1300 with the python load)",
+        help=(
+            "quic: payload bytes after the 38-byte header (default 1179 with the Go load, "
+            "the most quic-go 0.29 takes in a datagram; 1300 with the python load)"
+        ),
     )
     ap.add_argument(
         "--quic-window", type=int, default=64, help="quic: messages in flight per pair (default 64)"
@@ -277,7 +286,10 @@ def parseArgs(argv):
         "--quic-stall",
         type=float,
         default=0.5,
-        help="quic: seconds without an acknowledgement before a sender writes its window off as lost (default 0.5)",
+        help=(
+            "quic: seconds without an acknowledgement before a sender writes its window off as "
+            "lost (default 0.5)"
+        ),
     )
     ap.add_argument(
         "--quic-procs",
@@ -289,13 +301,19 @@ def parseArgs(argv):
         "--quic-load",
         choices=("go", "python"),
         default="go",
-        help="quic: the load generator: go (tests/goquic on quic-go and nhooyr websocket, built here; the "
-        "relay sets the pace) or python (aioquic and Autobahn clients) (default go)",
+        help=(
+            "quic: the load generator: go (tests/goquic on quic-go and nhooyr websocket, "
+            "built here; the relay sets the pace) or python (aioquic and Autobahn clients) "
+            "(default go)"
+        ),
     )
     ap.add_argument(
         "--quic-transports",
         default="quic,wss",
-        help="quic: transports measured side by side, quic and/or wss (TLS WebSocket, same relay) (default quic,wss)",
+        help=(
+            "quic: transports measured side by side, quic and/or wss (TLS WebSocket, same relay) "
+            "(default quic,wss)"
+        ),
     )
     ap.add_argument("--keep-logs", action="store_true", help="keep the relay logs (printed path)")
     o = ap.parse_args(argv)
@@ -329,13 +347,15 @@ def parseArgs(argv):
         ap.error("--runs must be at least 1")
     if any(n < 1 for n in o.quic_pairs + o.quic_latency_pairs):
         ap.error(
-            "--quic-pairs and --quic-latency-pairs: counts of at least 1 (an empty list measures none)"
+            "--quic-pairs and --quic-latency-pairs: counts of at least 1 (an empty list measures "
+            "none)"
         )
     if o.quic_size is None:
         o.quic_size = 1179 if o.quic_load == "go" else 1300
     if o.quic_load == "go" and not 16 <= o.quic_size <= 1179:
         ap.error(
-            "--quic-size must be 16..1179 with the Go load (quic-go 0.29 takes DATAGRAM frames of at most 1220 bytes)"
+            "--quic-size must be 16..1179 with the Go load (quic-go 0.29 takes DATAGRAM frames "
+            "of at most 1220 bytes)"
         )
     if not 8 <= o.quic_size <= 1400:
         ap.error(
@@ -454,7 +474,8 @@ class Bench:
             status = target.stop()
             if status not in (0, None):
                 self.problems.append(
-                    f"relay (pid {target.pid}) exited with status {status} on SIGTERM:\n{target.logTail()}"
+                    f"relay (pid {target.pid}) exited with status {status} on SIGTERM:\n"
+                    f"{target.logTail()}"
                 )
 
     def series(self, name, params, runOnce, freshRelay=False, tls=False):
@@ -508,7 +529,8 @@ class Bench:
                     )
                     if not target.running():
                         self.problems.append(
-                            f"{name}: relay (pid {target.pid}) died in run {run + 1}:\n{target.logTail()}"
+                            f"{name}: relay (pid {target.pid}) died in run {run + 1}:\n"
+                            f"{target.logTail()}"
                         )
                         targets[i] = None
                         continue
@@ -756,7 +778,8 @@ class Bench:
                     )
                     if not target.running():
                         self.problems.append(
-                            f"{name}: relay (pid {target.pid}) died in run {run + 1}:\n{target.logTail()}"
+                            f"{name}: relay (pid {target.pid}) died in run {run + 1}:\n"
+                            f"{target.logTail()}"
                         )
                         target = None
         finally:

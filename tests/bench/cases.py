@@ -438,8 +438,9 @@ def latencyRun(target, o, pairs, run, targetB=None, probe=False):
                 t2 = probeRoute(b, a, timeout=o.crosspod_timeout) if t1 is not None else None
                 if t1 is None or t2 is None:
                     raise Skip(
-                        f"no transport message crossed between the pods within {o.crosspod_timeout:g} s "
-                        "(both relays accepted the cluster options; the fabric does not forward yet?)"
+                        "no transport message crossed between the pods within "
+                        f"{o.crosspod_timeout:g} s (both relays accepted the cluster options; "
+                        "the fabric does not forward yet?)"
                     )
                 routeS = max(routeS or 0, t1, t2)
         except BaseException:
@@ -598,8 +599,8 @@ def clusterRelays(o, logDir):
             for x in relays:
                 x.stop()
             raise Skip(
-                f"the relay rejects the cluster options or cannot start in cluster mode: {_reason(str(e))} "
-                f"(log: {r.logPath})"
+                "the relay rejects the cluster options or cannot start in cluster mode: "
+                f"{_reason(str(e))} (log: {r.logPath})"
             ) from None
         relays.append(r)
     return relays
@@ -876,8 +877,9 @@ def buildGoLoad(root=ROOT):
     go = shutil.which("go")
     if go is None:
         raise Skip(
-            "the Go load needs go and quic-go (apt-get install golang-go golang-github-lucas-clemente-quic-go-dev "
-            "golang-nhooyr-websocket-dev), or --quic-load python"
+            "the Go load needs go and quic-go (apt-get install golang-go "
+            "golang-github-lucas-clemente-quic-go-dev golang-nhooyr-websocket-dev), or "
+            "--quic-load python"
         )
     binary = os.path.join(root, "build", "goquic", "goquic")
     env = dict(
@@ -913,7 +915,8 @@ def _readJSONLine(proc, want, deadline):
         line = proc.stdout.readline()
         if not line:
             raise BenchError(
-                f"Go load ended before {want!r} (status {proc.wait()}): {proc.stderr.read()[-2000:]}"
+                f"Go load ended before {want!r} (status {proc.wait()}): "
+                f"{proc.stderr.read()[-2000:]}"
             )
         try:
             obj = json.loads(line)

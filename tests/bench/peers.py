@@ -177,7 +177,8 @@ def connectPeer(host, port, name, tok, timeout=10.0, tls=False):
                 ):
                     if i + 1 < len(messages):
                         raise BenchError(
-                            "the relay sent a message right after the AuthResponse that the set-up consumed"
+                            "the relay sent a message right after the AuthResponse that the "
+                            "set-up consumed"
                         )
                     sock.settimeout(None)
                     return Peer(name, sock, key, reader.buf)

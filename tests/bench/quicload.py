@@ -192,7 +192,8 @@ class _Role:
         def failed(f):
             self.report(
                 "error",
-                f"set-up ({self.spec['role']}, {self.spec['transport']}): {f.getErrorMessage() or f.type.__name__}",
+                f"set-up ({self.spec['role']}, {self.spec['transport']}): "
+                f"{f.getErrorMessage() or f.type.__name__}",
             )
             self.stop()
 

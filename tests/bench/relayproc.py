@@ -199,7 +199,8 @@ class RelayProcess:
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(
-                    f"relay exited with status {self.proc.returncode} at start-up:\n{self.logTail()}"
+                    f"relay exited with status {self.proc.returncode} at start-up:\n"
+                    f"{self.logTail()}"
                 )
             try:
                 with socket.create_connection((self.host, self.port), timeout=1):
