@@ -196,8 +196,7 @@ def schemaProblems(document, source, versions):
             problems.append(f"{what}: {e.message}")
         except (utils.VersionNotSupportedError, IndexError):
             problems.append(
-                f"{what}: this kubernetes-validate has no schemas for "
-                f"Kubernetes {version}"
+                f"{what}: this kubernetes-validate has no schemas for Kubernetes {version}"
             )
     return problems
 
@@ -250,7 +249,8 @@ def lint(manifestDirectory, dockerfile, accepted, versions, root=None):
     settings = []
     objects = 0
     manifests = sorted(
-        p for p in manifestDirectory.iterdir()
+        p
+        for p in manifestDirectory.iterdir()
         if p.suffix in (".yaml", ".yml") and p.name != KUSTOMIZATION
     )
     kustomizationPath = manifestDirectory / KUSTOMIZATION

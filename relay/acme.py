@@ -75,7 +75,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL, crypto
 from twisted.application.service import Service
-from twisted.internet import defer, error as ierror, threads
+from twisted.internet import defer, threads
+from twisted.internet import error as ierror
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -160,7 +161,8 @@ def _keyAuthorization(token, accountKey):
     """
     RFC 8555 8.1: the token and the account key's SHA-256 JWK thumbprint.
     """
-    return f"{token}.{josepy.b64encode(accountKey.thumbprint(hash_function=hashes.SHA256)).decode('ascii')}"
+    thumbprint = josepy.b64encode(accountKey.thumbprint(hash_function=hashes.SHA256))
+    return f"{token}.{thumbprint.decode('ascii')}"
 
 
 def tlsALPNCertificate(domain, keyAuthorization):
@@ -182,7 +184,7 @@ def _selfSigned(domain, acmeIdentifier=None):
     """
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, domain)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -229,7 +231,11 @@ class _ChallengeResource(Resource):
             token = path[2].decode("ascii", "replace")
             keyAuthorization = self._responses.get(token)
             if keyAuthorization is not None:
-                self.log.info("ACME: answered the HTTP-01 challenge {token} for {client}", token=token, client=getattr(request.getClientAddress(), "host", "?"))
+                self.log.info(
+                    "ACME: answered the HTTP-01 challenge {token} for {client}",
+                    token=token,
+                    client=getattr(request.getClientAddress(), "host", "?"),
+                )
                 request.setHeader(b"content-type", b"text/plain")
                 return keyAuthorization.encode("ascii")
         request.setResponseCode(404)
@@ -301,7 +307,14 @@ def challengeSite(responses, reactor):
         timeout=HTTP01_TIMEOUT,
         reactor=reactor,
     )
-    return ConnectionCap(site, HTTP01_MAX_CONNECTIONS, refusals, evict=False, lifetime=HTTP01_LIFETIME, reactor=reactor)
+    return ConnectionCap(
+        site,
+        HTTP01_MAX_CONNECTIONS,
+        refusals,
+        evict=False,
+        lifetime=HTTP01_LIFETIME,
+        reactor=reactor,
+    )
 
 
 class AcmeCertificateService(Service):
@@ -374,7 +387,9 @@ class AcmeCertificateService(Service):
         if not domains:
             raise ConfigurationError("--letsencrypt-domains: at least one domain is needed")
         if challenge not in (HTTP_01, TLS_ALPN_01):
-            raise ConfigurationError(f"ACME challenge {challenge!r} is not supported; use {HTTP_01} or {TLS_ALPN_01}")
+            raise ConfigurationError(
+                f"ACME challenge {challenge!r} is not supported; use {HTTP_01} or {TLS_ALPN_01}"
+            )
         if not dataDir:
             raise ConfigurationError("--letsencrypt-data-dir is needed with --letsencrypt-domains")
         self.domains = list(dict.fromkeys(domains))
@@ -455,7 +470,11 @@ class AcmeCertificateService(Service):
         try:
             self._prepareDirectory()
         except OSError as e:
-            self.log.error("ACME: cannot use the data directory {dir!r}: {error}", dir=self.dataDir, error=e.strerror or str(e))
+            self.log.error(
+                "ACME: cannot use the data directory {dir!r}: {error}",
+                dir=self.dataDir,
+                error=e.strerror or str(e),
+            )
         self._listen()
         self._loadFromDisk()
         self._schedule(0 if self._options is None else self._untilCheck())
@@ -481,14 +500,21 @@ class AcmeCertificateService(Service):
             try:
                 os.chmod(self.dataDir, 0o700)
             except OSError as e:
-                self.log.warn("ACME: cannot restrict {dir!r} to its owner: {error}", dir=self.dataDir, error=e.strerror)
+                self.log.warn(
+                    "ACME: cannot restrict {dir!r} to its owner: {error}",
+                    dir=self.dataDir,
+                    error=e.strerror,
+                )
 
     def _loadFromDisk(self):
         """
         Use the certificate on disk if it was ordered from this directory for
         these domains, matches its key and is not yet due for renewal.
         """
-        if not (os.path.exists(self.certificatePath) and os.path.exists(self.keyPath)) and not self._importGoCertificate():
+        if (
+            not (os.path.exists(self.certificatePath) and os.path.exists(self.keyPath))
+            and not self._importGoCertificate()
+        ):
             return
         try:
             with open(self.metadataPath) as f:
@@ -496,12 +522,20 @@ class AcmeCertificateService(Service):
         except (OSError, ValueError):
             metadata = {}
         if metadata.get("directoryURL") != self.directoryURL:
-            self.log.info("ACME: the certificate in {dir!r} was not ordered from {url}; ordering a new one", dir=self.dataDir, url=self.directoryURL)
+            self.log.info(
+                "ACME: the certificate in {dir!r} was not ordered from {url}; ordering a new one",
+                dir=self.dataDir,
+                url=self.directoryURL,
+            )
             return
         try:
             self._install(*self._load())
         except (ConfigurationError, ValueError) as e:
-            self.log.warn("ACME: not using the certificate in {dir!r}: {error}; ordering a new one", dir=self.dataDir, error=str(e))
+            self.log.warn(
+                "ACME: not using the certificate in {dir!r}: {error}; ordering a new one",
+                dir=self.dataDir,
+                error=str(e),
+            )
             return
         if self._now() >= self.renewalTime():
             self.log.info("ACME: the certificate on disk is due for renewal")
@@ -523,17 +557,33 @@ class AcmeCertificateService(Service):
             chain = b"".join(pem for kind, pem in blocks if kind == b"CERTIFICATE")
             key = serialization.load_pem_private_key(keys[0], password=None)
             leaf = x509.load_pem_x509_certificate(chain)
-            if key.public_key() != leaf.public_key() or not set(self.domains) <= _dnsNames(leaf) or leaf.not_valid_after_utc.timestamp() <= self._now():
+            if (
+                key.public_key() != leaf.public_key()
+                or not set(self.domains) <= _dnsNames(leaf)
+                or leaf.not_valid_after_utc.timestamp() <= self._now()
+            ):
                 raise ValueError("it does not fit")
         except (OSError, ValueError, IndexError) as e:
-            self.log.info("ACME: not taking over the Go relay's certificate {path!r}: {error}", path=path, error=getattr(e, "strerror", None) or str(e) or e.__class__.__name__)
+            self.log.info(
+                "ACME: not taking over the Go relay's certificate {path!r}: {error}",
+                path=path,
+                error=getattr(e, "strerror", None) or str(e) or e.__class__.__name__,
+            )
             return False
         try:
             self._store(_keyPEM(key), chain)
         except OSError as e:
-            self.log.error("ACME: cannot take over the Go relay's certificate into {dir!r}: {error}", dir=self.dataDir, error=e.strerror or str(e))
+            self.log.error(
+                "ACME: cannot take over the Go relay's certificate into {dir!r}: {error}",
+                dir=self.dataDir,
+                error=e.strerror or str(e),
+            )
             return False
-        self.log.info("ACME: took over the Go relay's certificate for {domains} from {path!r}", domains=",".join(self.domains), path=path)
+        self.log.info(
+            "ACME: took over the Go relay's certificate for {domains} from {path!r}",
+            domains=",".join(self.domains),
+            path=path,
+        )
         return True
 
     def _load(self):
@@ -542,7 +592,11 @@ class AcmeCertificateService(Service):
         @raise ConfigurationError: unusable files.
         @raise ValueError: the certificate does not name every domain.
         """
-        options = loadCertificateOptions(self.certificatePath, self.keyPath, now=datetime.datetime.fromtimestamp(self._now(), datetime.timezone.utc))
+        options = loadCertificateOptions(
+            self.certificatePath,
+            self.keyPath,
+            now=datetime.datetime.fromtimestamp(self._now(), datetime.UTC),
+        )
         leaf = options.certificate.to_cryptography()
         names = _dnsNames(leaf)
         missing = [d for d in self.domains if d not in names]
@@ -554,13 +608,21 @@ class AcmeCertificateService(Service):
         self._prepareDirectory()
         _writePrivate(self.keyPath, keyPEM)
         _writePrivate(self.certificatePath, chainPEM)
-        _writePrivate(self.metadataPath, json.dumps({"directoryURL": self.directoryURL, "domains": self.domains}, indent=1).encode("utf-8") + b"\n")
+        _writePrivate(
+            self.metadataPath,
+            json.dumps(
+                {"directoryURL": self.directoryURL, "domains": self.domains}, indent=1
+            ).encode("utf-8")
+            + b"\n",
+        )
 
     def _accountKey(self):
         """
         @return: the account key from disk, made and stored on first use.
         """
-        paths = [self.accountKeyPath] + [os.path.join(self.dataDir, name) for name in _GO_ACCOUNT_KEYS]
+        paths = [self.accountKeyPath] + [
+            os.path.join(self.dataDir, name) for name in _GO_ACCOUNT_KEYS
+        ]
         path = next((p for p in paths if os.path.exists(p)), self.accountKeyPath)
         try:
             with open(path, "rb") as f:
@@ -571,7 +633,10 @@ class AcmeCertificateService(Service):
             _writePrivate(self.accountKeyPath, _keyPEM(key))
             self.log.info("ACME: created a new account key in {dir!r}", dir=self.dataDir)
         except (OSError, ValueError) as e:
-            raise ConfigurationError(f"cannot read the ACME account key {path!r}: {getattr(e, 'strerror', None) or e.__class__.__name__}") from None
+            raise ConfigurationError(
+                f"cannot read the ACME account key {path!r}: "
+                f"{getattr(e, 'strerror', None) or e.__class__.__name__}"
+            ) from None
         if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
             raise ConfigurationError(f"the ACME account key {path!r} is not an EC P-256 key")
         return josepy.JWKEC(key=key)
@@ -643,7 +708,8 @@ class AcmeCertificateService(Service):
         message = _describe(failure)
         if message is None:
             self.log.failure(
-                "ACME: unexpected error obtaining a certificate for {domains} from {url} ({still}); retrying in {delay:.0f} s",
+                "ACME: unexpected error obtaining a certificate for {domains} from {url} "
+                "({still}); retrying in {delay:.0f} s",
                 failure,
                 domains=",".join(self.domains),
                 url=self.directoryURL,
@@ -652,7 +718,8 @@ class AcmeCertificateService(Service):
             )
         else:
             self.log.error(
-                "ACME: could not obtain a certificate for {domains} from {url}: {error} ({still}); retrying in {delay:.0f} s",
+                "ACME: could not obtain a certificate for {domains} from {url}: {error} "
+                "({still}); retrying in {delay:.0f} s",
                 domains=",".join(self.domains),
                 url=self.directoryURL,
                 error=message,
@@ -675,15 +742,20 @@ class AcmeCertificateService(Service):
         interfaces = [self.http01Interface] if self.http01Interface is not None else ["::", ""]
         for interface in interfaces:
             try:
-                self._listeningPort = self._reactor.listenTCP(self.http01Port, site, interface=interface)
+                self._listeningPort = self._reactor.listenTCP(
+                    self.http01Port, site, interface=interface
+                )
             except ierror.CannotListenError as e:
                 reason = e
                 continue
-            self.log.info("ACME: HTTP-01 challenges on {address}", address=self._listeningPort.getHost())
+            self.log.info(
+                "ACME: HTTP-01 challenges on {address}", address=self._listeningPort.getHost()
+            )
             return
         self.challenge = TLS_ALPN_01
         self.log.warn(
-            "ACME: cannot listen on port {port} for HTTP-01 challenges ({error}); answering TLS-ALPN-01 on the peer port instead",
+            "ACME: cannot listen on port {port} for HTTP-01 challenges ({error}); answering "
+            "TLS-ALPN-01 on the peer port instead",
             port=self.http01Port,
             error=getattr(reason.socketError, "strerror", None) or str(reason.socketError),
         )
@@ -715,8 +787,14 @@ class AcmeCertificateService(Service):
         certificateKey = ec.generate_private_key(ec.SECP256R1())
         keyPEM = _keyPEM(certificateKey)
         csrPEM = crypto_util.make_csr(keyPEM, self.domains)
-        self.log.info("ACME: ordering a certificate for {domains} from {url}", domains=",".join(self.domains), url=self.directoryURL)
-        acmeClient, order = yield self._blocking(self._orderTimeout + self._requestTimeout, self._newOrder, accountKey, csrPEM)
+        self.log.info(
+            "ACME: ordering a certificate for {domains} from {url}",
+            domains=",".join(self.domains),
+            url=self.directoryURL,
+        )
+        acmeClient, order = yield self._blocking(
+            self._orderTimeout + self._requestTimeout, self._newOrder, accountKey, csrPEM
+        )
         self.orders += 1
         answers, cleanups = [], []
         try:
@@ -724,7 +802,9 @@ class AcmeCertificateService(Service):
                 if authorization.body.status == messages.STATUS_VALID:
                     continue
                 answers.append(self._prepareChallenge(authorization, accountKey, cleanups))
-            order = yield self._blocking(self._finishTimeout(len(answers)), self._finish, acmeClient, order, answers)
+            order = yield self._blocking(
+                self._finishTimeout(len(answers)), self._finish, acmeClient, order, answers
+            )
         finally:
             for cleanup in cleanups:
                 cleanup()
@@ -743,10 +823,14 @@ class AcmeCertificateService(Service):
                 response, validation = challengeBody.chall.response_and_validation(accountKey)
                 token = challengeBody.chall.encode("token")
                 self._responses[token] = validation
-                cleanups.append(lambda: self._responses.pop(token, None))
+                cleanups.append(lambda token=token: self._responses.pop(token, None))
                 return challengeBody, response
             offered = challengeBody.chall.to_partial_json()
-            if self.challenge == TLS_ALPN_01 and offered.get("type") == TLS_ALPN_01 and isinstance(offered.get("token"), str):
+            if (
+                self.challenge == TLS_ALPN_01
+                and offered.get("type") == TLS_ALPN_01
+                and isinstance(offered.get("token"), str)
+            ):
                 keyAuthorization = _keyAuthorization(offered["token"], accountKey)
                 self._alpnResponses[domain] = tlsALPNCertificate(domain, keyAuthorization)
                 cleanups.append(lambda: self._alpnResponses.pop(domain, None))
@@ -796,7 +880,11 @@ class AcmeCertificateService(Service):
         if where & SSL.SSL_CB_HANDSHAKE_DONE:
             refused = connection.get_alpn_proto_negotiated() != ACME_TLS_ALPN
         else:
-            refused = where & SSL.SSL_CB_READ_ALERT == SSL.SSL_CB_READ_ALERT and code >> 8 == _FATAL_ALERT and connection.get_alpn_proto_negotiated() != ACME_TLS_ALPN
+            refused = (
+                where & SSL.SSL_CB_READ_ALERT == SSL.SSL_CB_READ_ALERT
+                and code >> 8 == _FATAL_ALERT
+                and connection.get_alpn_proto_negotiated() != ACME_TLS_ALPN
+            )
         if not refused:
             return
         if self._counters is not None:
@@ -805,7 +893,9 @@ class AcmeCertificateService(Service):
         if tlsProtocol is not None:
             # As Twisted's own client-side hostname check does from its info
             # callback; the reason it sets is the one the protocol gets.
-            tlsProtocol.failVerification(Failure(ierror.ConnectionAborted(f"no certificate for {self.domains[0]} yet")))
+            tlsProtocol.failVerification(
+                Failure(ierror.ConnectionAborted(f"no certificate for {self.domains[0]} yet"))
+            )
 
     def _selectALPN(self, connection, offered):
         """
@@ -837,11 +927,15 @@ class AcmeCertificateService(Service):
         )
         directory = client.ClientV2.get_directory(self.directoryURL, network)
         acmeClient = client.ClientV2(directory, network)
-        registration = messages.NewRegistration.from_data(email=self.email, terms_of_service_agreed=True)
+        registration = messages.NewRegistration.from_data(
+            email=self.email, terms_of_service_agreed=True
+        )
         try:
             acmeClient.new_account(registration)
         except errors.ConflictError as e:
-            network.account = messages.RegistrationResource(uri=e.location, body=messages.Registration())
+            network.account = messages.RegistrationResource(
+                uri=e.location, body=messages.Registration()
+            )
         return acmeClient
 
     def _newOrder(self, accountKey, csrPEM):
@@ -872,7 +966,9 @@ def _keyPEM(key):
     """
     @return: C{key} as unencrypted PKCS#8 PEM.
     """
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _dnsNames(certificate):
@@ -888,7 +984,7 @@ def _dnsNames(certificate):
 
 
 def _iso(seconds):
-    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _describe(failure):
@@ -911,6 +1007,13 @@ def _describe(failure):
         return "the CA did not answer in time"
     if failure.check(messages.Error):
         return f"the CA refused: {failure.value}"
-    if failure.check(errors.Error, requests.RequestException, _AcmeProblem, ConfigurationError, OSError, ValueError):
+    if failure.check(
+        errors.Error,
+        requests.RequestException,
+        _AcmeProblem,
+        ConfigurationError,
+        OSError,
+        ValueError,
+    ):
         return str(failure.value) or failure.value.__class__.__name__
     return None

@@ -119,7 +119,9 @@ class RelayClientProtocol(PeerClient, WebSocketClientProtocol):
                 self.instanceURL = m.decodeAuthResponse(payload)
                 self.factory.authenticated.callback(self)
             else:
-                self.factory.authenticated.errback(ValueError(f"unexpected first message {payload[:2].hex()}"))
+                self.factory.authenticated.errback(
+                    ValueError(f"unexpected first message {payload[:2].hex()}")
+                )
                 self.dropConnection(abort=True)
             return
         self.messageReceived(payload)
@@ -127,7 +129,12 @@ class RelayClientProtocol(PeerClient, WebSocketClientProtocol):
     def connectionLost(self, reason):
         super().connectionLost(reason)
         if not self.factory.authenticated.called:
-            self.factory.authenticated.errback(HandshakeRefused("the relay closed the connection without an AuthResponse (wrong secret, expired token or not a relay?)"))
+            self.factory.authenticated.errback(
+                HandshakeRefused(
+                    "the relay closed the connection without an AuthResponse (wrong secret, "
+                    "expired token or not a relay?)"
+                )
+            )
         waiters, self._lostWaiters = self._lostWaiters, None
         for d in waiters:
             d.callback(None)
@@ -216,4 +223,3 @@ def connect(reactor, relayURL, peerID, token=None, secret=None, timeout=10.0, tr
         return failure
 
     return factory.authenticated.addTimeout(timeout, reactor).addErrback(timedOut)
-

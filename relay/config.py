@@ -143,43 +143,162 @@ class Options(usage.Options):
     )
 
     optParameters = [
-        ["listen-address", "l", ":443", "host:port the peer listener (WebSocket, and QUIC with TLS) binds."],
-        ["exposed-address", "e", None, "Address peers reach this instance at (host:port, rel://… or rels://…). Required."],
+        [
+            "listen-address",
+            "l",
+            ":443",
+            "host:port the peer listener (WebSocket, and QUIC with TLS) binds.",
+        ],
+        [
+            "exposed-address",
+            "e",
+            None,
+            "Address peers reach this instance at (host:port, rel://… or rels://…). Required.",
+        ],
         ["auth-secret", "s", None, "Secret shared with the management server. Required."],
         ["tls-cert-file", "c", None, "PEM certificate (chain) for TLS on the peer listener."],
         ["tls-key-file", "k", None, "PEM private key for --tls-cert-file."],
-        ["letsencrypt-data-dir", "d", None, "Directory for the ACME account key and certificates (0700); with --letsencrypt-domains turns ACME on."],
-        ["letsencrypt-domains", "a", None, "Comma-separated domains to obtain one certificate for (with --letsencrypt-data-dir)."],
+        [
+            "letsencrypt-data-dir",
+            "d",
+            None,
+            "Directory for the ACME account key and certificates (0700); with "
+            "--letsencrypt-domains turns ACME on.",
+        ],
+        [
+            "letsencrypt-domains",
+            "a",
+            None,
+            "Comma-separated domains to obtain one certificate for (with --letsencrypt-data-dir).",
+        ],
         ["letsencrypt-email", None, None, "ACME account contact e-mail."],
-        ["letsencrypt-directory-url", None, None, "ACME directory URL (default: Let's Encrypt production); for staging or a private CA."],
-        ["letsencrypt-challenge", None, "tls-alpn-01", "tls-alpn-01 (on the peer port, whatever its number, as the Go relay) or http-01 (on --letsencrypt-http-port; tls-alpn-01 if that port cannot be bound)."],
+        [
+            "letsencrypt-directory-url",
+            None,
+            None,
+            "ACME directory URL (default: Let's Encrypt production); for staging or a private CA.",
+        ],
+        [
+            "letsencrypt-challenge",
+            None,
+            "tls-alpn-01",
+            "tls-alpn-01 (on the peer port, whatever its number, as the Go relay) or http-01 (on "
+            "--letsencrypt-http-port; tls-alpn-01 if that port cannot be bound).",
+        ],
         ["letsencrypt-http-port", None, "80", "Port of the HTTP-01 challenge listener."],
-        ["metrics-port", None, "9090", "Port of the metrics and health HTTP endpoint; 0 turns it off."],
-        ["metrics-address", None, "", "Address the metrics endpoint binds (empty: every interface, as the Go relay)."],
+        [
+            "metrics-port",
+            None,
+            "9090",
+            "Port of the metrics and health HTTP endpoint; 0 turns it off.",
+        ],
+        [
+            "metrics-address",
+            None,
+            "",
+            "Address the metrics endpoint binds (empty: every interface, as the Go relay).",
+        ],
         ["log-level", None, "info", "trace, debug, info, warn or error."],
         ["log-file", None, "console", "'console' for standard output, or a file path."],
         ["log-format", None, "text", "text, or json for one JSON object per line."],
-        ["peer-buffer-limit", None, str(DEFAULT_HIGH_WATER), "Bytes queued for one slow peer before messages to it are dropped."],
+        [
+            "peer-buffer-limit",
+            None,
+            str(DEFAULT_HIGH_WATER),
+            "Bytes queued for one slow peer before messages to it are dropped.",
+        ],
         ["max-peers", None, "50000", "Authenticated peers in all; 0 = no limit."],
-        ["max-pending-handshakes", None, "2048", "Connections waiting to authenticate; 0 = no limit."],
-        ["max-connections-per-ip", None, "0", "Open connections from one source address (an IPv6 /64 counts as one); 0 = no limit, the default: NAT, CGNAT and load balancers put many agents behind one."],
-        ["connection-rate-per-ip", None, "0", "New connections per second from one source address (an IPv6 /64 counts as one), bursts of twice that; 0 = no limit, the default."],
-        ["peer-rate-limit", None, "0", "Inbound transport bytes per second from one peer; excess is dropped; 0 = no limit."],
-        ["trusted-proxies", None, "", "Comma-separated addresses/networks of proxies whose X-Real-IP header names the source address."],
-        ["cluster-headless", None, "", "Headless Service name (or comma-separated names/IPs) of the relay pods; empty = single-pod mode."],
+        [
+            "max-pending-handshakes",
+            None,
+            "2048",
+            "Connections waiting to authenticate; 0 = no limit.",
+        ],
+        [
+            "max-connections-per-ip",
+            None,
+            "0",
+            "Open connections from one source address (an IPv6 /64 counts as one); 0 = no limit, "
+            "the default: NAT, CGNAT and load balancers put many agents behind one.",
+        ],
+        [
+            "connection-rate-per-ip",
+            None,
+            "0",
+            "New connections per second from one source address (an IPv6 /64 counts as one), "
+            "bursts of twice that; 0 = no limit, the default.",
+        ],
+        [
+            "peer-rate-limit",
+            None,
+            "0",
+            "Inbound transport bytes per second from one peer; excess is dropped; 0 = no limit.",
+        ],
+        [
+            "trusted-proxies",
+            None,
+            "",
+            "Comma-separated addresses/networks of proxies whose X-Real-IP header names the "
+            "source address.",
+        ],
+        [
+            "cluster-headless",
+            None,
+            "",
+            "Headless Service name (or comma-separated names/IPs) of the relay pods; empty = "
+            "single-pod mode.",
+        ],
         ["cluster-port", None, "7090", "Inter-pod TCP port, the same on every pod."],
-        ["cluster-listen-address", None, None, "host:port the inter-pod listener binds (default <pod-ip>:<cluster-port>)."],
-        ["pod-ip", None, None, "This pod's IP (default: the POD_IP variable). Required with --cluster-headless."],
-        ["cluster-auth-secret", None, "", "Secret authenticating the pods to each other and every inter-pod frame, the same on every pod. Required with --cluster-headless unless --cluster-insecure."],
+        [
+            "cluster-listen-address",
+            None,
+            None,
+            "host:port the inter-pod listener binds (default <pod-ip>:<cluster-port>).",
+        ],
+        [
+            "pod-ip",
+            None,
+            None,
+            "This pod's IP (default: the POD_IP variable). Required with --cluster-headless.",
+        ],
+        [
+            "cluster-auth-secret",
+            None,
+            "",
+            "Secret authenticating the pods to each other and every inter-pod frame, the same on "
+            "every pod. Required with --cluster-headless unless --cluster-insecure.",
+        ],
         ["cluster-discovery-interval", None, "10", "Seconds between discovery passes."],
-        ["workers", None, "1", "Relay processes on this host sharing the peer port (SO_REUSEPORT), joined by the fabric over 127.0.1.x; keep 1 per pod on Kubernetes."],
-        ["worker-index", None, "0", "Internal: which of --workers this process is (set by the first worker for the others)."],
+        [
+            "workers",
+            None,
+            "1",
+            "Relay processes on this host sharing the peer port (SO_REUSEPORT), joined by the "
+            "fabric over 127.0.1.x; keep 1 per pod on Kubernetes.",
+        ],
+        [
+            "worker-index",
+            None,
+            "0",
+            "Internal: which of --workers this process is (set by the first worker for the "
+            "others).",
+        ],
     ]
 
     optFlags = [
         ["letsencrypt-aws-route53", None, "Use Route 53 DNS-01 for Let's Encrypt (not supported)."],
-        ["cluster-insecure", None, "Run the inter-pod fabric without a cluster secret: anyone reaching the cluster port joins it."],
-        ["cluster-compat", None, "Also take Go relay pods into the fabric (their HELLO only authenticates them, their frames are not); for migrating pod by pod."],
+        [
+            "cluster-insecure",
+            None,
+            "Run the inter-pod fabric without a cluster secret: anyone reaching the cluster port "
+            "joins it.",
+        ],
+        [
+            "cluster-compat",
+            None,
+            "Also take Go relay pods into the fabric (their HELLO only authenticates them, their "
+            "frames are not); for migrating pod by pod.",
+        ],
     ]
 
     def __init__(self, environ=None):
@@ -256,7 +375,9 @@ def configFrom(values, environ):
         if not values[required]:
             raise usage.UsageError(f"--{required} (or {variableFor(required)}) is required")
     if values["letsencrypt-aws-route53"]:
-        raise usage.UsageError("--letsencrypt-aws-route53: Route 53 DNS-01 is not supported by this relay")
+        raise usage.UsageError(
+            "--letsencrypt-aws-route53: Route 53 DNS-01 is not supported by this relay"
+        )
     certFile, keyFile = values["tls-cert-file"] or None, values["tls-key-file"] or None
     if bool(certFile) != bool(keyFile):
         raise usage.UsageError("--tls-cert-file and --tls-key-file go together")
@@ -269,14 +390,19 @@ def configFrom(values, environ):
     limits = _limits(values)
     level = values["log-level"].lower()
     if level not in LOG_LEVELS:
-        raise usage.UsageError(f"--log-level must be one of trace, debug, info, warn, error, not {values['log-level']!r}")
+        raise usage.UsageError(
+            "--log-level must be one of trace, debug, info, warn, error, not "
+            f"{values['log-level']!r}"
+        )
     if values["log-format"] not in ("text", "json"):
         raise usage.UsageError(f"--log-format must be text or json, not {values['log-format']!r}")
     threshold = environ.get(HC_THRESHOLD_VARIABLE, "1")
     try:
         healthCheckThreshold = max(1, int(threshold))
     except ValueError:
-        raise usage.UsageError(f"{HC_THRESHOLD_VARIABLE} must be an integer, not {threshold!r}") from None
+        raise usage.UsageError(
+            f"{HC_THRESHOLD_VARIABLE} must be an integer, not {threshold!r}"
+        ) from None
     try:
         url = instanceURL(values["exposed-address"], certFile is not None or acme is not None)
     except ConfigurationError as e:
@@ -309,17 +435,23 @@ def configFrom(values, environ):
 
 
 def _acmeConfig(values):
-    domains = tuple(d.strip() for d in (values["letsencrypt-domains"] or "").split(",") if d.strip())
+    domains = tuple(
+        d.strip() for d in (values["letsencrypt-domains"] or "").split(",") if d.strip()
+    )
     if not (domains or values["letsencrypt-data-dir"]):
         return None
     if not (domains and values["letsencrypt-data-dir"]):
         raise usage.UsageError("--letsencrypt-domains and --letsencrypt-data-dir go together")
     if values["tls-cert-file"]:
-        raise usage.UsageError("use either --tls-cert-file/--tls-key-file or --letsencrypt-*, not both")
+        raise usage.UsageError(
+            "use either --tls-cert-file/--tls-key-file or --letsencrypt-*, not both"
+        )
     httpPort = _nonNegativeInt(values["letsencrypt-http-port"], "letsencrypt-http-port")
     challenge = (values["letsencrypt-challenge"] or "tls-alpn-01").strip().lower()
     if challenge not in ("tls-alpn-01", "http-01"):
-        raise usage.UsageError(f"--letsencrypt-challenge must be tls-alpn-01 or http-01, not {challenge!r}")
+        raise usage.UsageError(
+            f"--letsencrypt-challenge must be tls-alpn-01 or http-01, not {challenge!r}"
+        )
     return AcmeConfig(
         domains=domains,
         dataDir=values["letsencrypt-data-dir"],
@@ -332,7 +464,13 @@ def _acmeConfig(values):
 
 def _limits(values):
     counts = {}
-    for name in ("max-peers", "max-pending-handshakes", "max-connections-per-ip", "connection-rate-per-ip", "peer-rate-limit"):
+    for name in (
+        "max-peers",
+        "max-pending-handshakes",
+        "max-connections-per-ip",
+        "connection-rate-per-ip",
+        "peer-rate-limit",
+    ):
         counts[name] = _nonNegativeInt(values[name], name)
     try:
         trusted = parseNetworks(values["trusted-proxies"])
@@ -376,9 +514,13 @@ def _clusterConfig(values, environ, acme, settings):
         if workerIndex >= workers:
             raise usage.UsageError("--worker-index must be below --workers")
         if headless and workerIndex == 0:
-            raise usage.UsageError("--workers and --cluster-headless do not mix: run one worker per pod in a cluster")
+            raise usage.UsageError(
+                "--workers and --cluster-headless do not mix: run one worker per pod in a cluster"
+            )
         if acme is not None:
-            raise usage.UsageError("--workers and --letsencrypt-* do not mix: give the workers certificate files")
+            raise usage.UsageError(
+                "--workers and --letsencrypt-* do not mix: give the workers certificate files"
+            )
         from relay.workers import workerAddress, workerAddresses
 
         if not secret:
@@ -390,21 +532,27 @@ def _clusterConfig(values, environ, acme, settings):
         return workers, workerIndex, None
     podIP = podIP or environ.get("POD_IP")
     if not podIP:
-        raise usage.UsageError("--pod-ip (or OZ_POD_IP or POD_IP) is required with --cluster-headless")
+        raise usage.UsageError(
+            "--pod-ip (or OZ_POD_IP or POD_IP) is required with --cluster-headless"
+        )
     if not secret and not values["cluster-insecure"]:
         raise usage.UsageError(
-            "--cluster-auth-secret (or OZ_CLUSTER_AUTH_SECRET) is required with --cluster-headless; "
-            "--cluster-insecure runs the fabric without authentication"
+            "--cluster-auth-secret (or OZ_CLUSTER_AUTH_SECRET) is required with "
+            "--cluster-headless; --cluster-insecure runs the fabric without authentication"
         )
     # Only the pod's own address: the fabric has no business on other
     # interfaces (the Go relay binds every one).
     listen = _listenAddress(listenAddress or joinAddress(podIP, port), "cluster-listen-address")
-    return workers, workerIndex, ClusterConfig(
-        headless=headless,
-        podIP=podIP,
-        port=port,
-        listen=listen,
-        secret=secret,
-        discoveryInterval=interval,
-        compat=bool(values["cluster-compat"]),
+    return (
+        workers,
+        workerIndex,
+        ClusterConfig(
+            headless=headless,
+            podIP=podIP,
+            port=port,
+            listen=listen,
+            secret=secret,
+            discoveryInterval=interval,
+            compat=bool(values["cluster-compat"]),
+        ),
     )

@@ -16,9 +16,7 @@ class IPeerConnection(Interface):
 
     peerID = Attribute("The peer's 36-byte id (bytes).")
 
-    registeredAt = Attribute(
-        "When the peer was stored, in the relay clock's seconds (float)."
-    )
+    registeredAt = Attribute("When the peer was stored, in the relay clock's seconds (float).")
 
     def sendMessage(message):
         """

@@ -111,7 +111,11 @@ def parseNetworks(value):
 
     @raise ValueError: a part that is not an address or network.
     """
-    return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in value.split(",") if part.strip())
+    return tuple(
+        ipaddress.ip_network(part.strip(), strict=False)
+        for part in value.split(",")
+        if part.strip()
+    )
 
 
 class Limits:
@@ -129,7 +133,9 @@ class Limits:
         source address.
     """
 
-    def __init__(self, maxPeers=0, maxPending=0, maxPerIP=0, ratePerIP=0.0, peerByteRate=0, trustedProxies=()):
+    def __init__(
+        self, maxPeers=0, maxPending=0, maxPerIP=0, ratePerIP=0.0, peerByteRate=0, trustedProxies=()
+    ):
         self.maxPeers = maxPeers
         self.maxPending = maxPending
         self.maxPerIP = maxPerIP
@@ -261,7 +267,9 @@ class Admission:
             # whatever its age: an agent must not be refused because a flood
             # holds them all. Its descriptor is freed on the next reactor
             # turn; half the reserve covers those still being closed.
-            if self.connections >= self.maxConnections + DESCRIPTOR_RESERVE // 2 or not self._evict(force=True):
+            if self.connections >= self.maxConnections + DESCRIPTOR_RESERVE // 2 or not self._evict(
+                force=True
+            ):
                 return "descriptors"
         self.connections += 1
         return None
@@ -284,7 +292,9 @@ class Admission:
             now = self.clock.seconds()
             bucket = self._buckets.get(source)
             if bucket is None:
-                bucket = self._buckets[source] = TokenBucket(limits.ratePerIP, 2 * limits.ratePerIP, now)
+                bucket = self._buckets[source] = TokenBucket(
+                    limits.ratePerIP, 2 * limits.ratePerIP, now
+                )
             if not bucket.take(1, now):
                 return "per_ip_rate"
         self._open[source] = self._open.get(source, 0) + 1
@@ -428,7 +438,8 @@ class LogBudget:
 
     def _summarise(self):
         self._log.warn(
-            "{count} more lines about refused or ignored traffic were not logged in the last {window:.0f} s (the counters in /metrics have every event)",
+            "{count} more lines about refused or ignored traffic were not logged in the last "
+            "{window:.0f} s (the counters in /metrics have every event)",
             count=self.suppressed,
             window=self.window,
         )

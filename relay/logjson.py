@@ -36,7 +36,9 @@ LEVELS = {
 RESERVED = frozenset(("time", "level", "msg", "logger", "traceback", "worker"))
 
 # What twisted.python.log's events carry besides their fields.
-_LEGACY_KEYS = frozenset(("message", "isError", "system", "time", "format", "why", "failure", "printed", "logLevel"))
+_LEGACY_KEYS = frozenset(
+    ("message", "isError", "system", "time", "format", "why", "failure", "printed", "logLevel")
+)
 
 _encode = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode
 
@@ -92,7 +94,9 @@ class JSONLines:
 
     def __call__(self, event):
         failure = event.get("log_failure")
-        legacyFailure = failure is None and event.get("isError") and isinstance(event.get("failure"), Failure)
+        legacyFailure = (
+            failure is None and event.get("isError") and isinstance(event.get("failure"), Failure)
+        )
         if legacyFailure:
             # twisted.python.log.err: the traceback goes in its own field,
             # not in the message.

@@ -32,7 +32,13 @@ class ClassicText:
     def __call__(self, event):
         fmt = event.get("log_format")
         when = event.get("log_time")
-        if type(fmt) is not str or "()" in fmt or "log_flattened" in event or "log_failure" in event or when is None:
+        if (
+            type(fmt) is not str
+            or "()" in fmt
+            or "log_flattened" in event
+            or "log_failure" in event
+            or when is None
+        ):
             return self._twisted(event)
         try:
             text = fmt.format_map(event)

@@ -91,7 +91,7 @@ def humanID(pid):
     """
     head = bytes(pid[:ID_SIZE])
     if len(pid) == ID_SIZE and head.startswith(ID_PREFIX):
-        return "sha-" + b64encode(head[len(ID_PREFIX):]).decode("ascii")
+        return "sha-" + b64encode(head[len(ID_PREFIX) :]).decode("ascii")
     return "invalid:" + head.hex()
 
 
@@ -193,10 +193,7 @@ def encodeIDList(kind, ids, maxSize=MAX_MESSAGE_SIZE):
             raise MessageError("malformed", "peer id must be 36 bytes")
     header = bytes((VERSION, kind))
     perMessage = max(1, min(MAX_IDS_PER_MESSAGE, (maxSize - HEADER_SIZE) // ID_SIZE))
-    return [
-        header + b"".join(ids[i : i + perMessage])
-        for i in range(0, len(ids), perMessage)
-    ]
+    return [header + b"".join(ids[i : i + perMessage]) for i in range(0, len(ids), perMessage)]
 
 
 def decodeIDList(message):

@@ -34,9 +34,7 @@ IDLE_TIMEOUT = 30.0
 
 # Go: getStandardBucketBoundaries(), in milliseconds. Floats, so that the
 # "le" labels read "1.0" as the Go exporter writes them in OpenMetrics.
-STANDARD_BUCKETS_MS = (
-    0.1, 0.5, 1.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 5000.0, 10000.0
-)
+STANDARD_BUCKETS_MS = (0.1, 0.5, 1.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 5000.0, 10000.0)
 
 # Go: relay_cluster_lookup_duration_seconds boundaries, in seconds.
 LOOKUP_BUCKETS_SECONDS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.0)
@@ -236,24 +234,31 @@ class RelayMetrics:
         meter.create_observable_counter(
             "relay_sender_pauses_total",
             callbacks=[_observeScalar(lambda: counters.senderPauses)],
-            description="Times a sender was left unread because its messages were dropped for a congested destination",
+            description=(
+                "Times a sender was left unread because its messages were dropped for a "
+                "congested destination"
+            ),
         )
         meter.create_observable_up_down_counter(
             "relay_connections",
-            callbacks=[
-                _observeByLabel("transport", lambda: counters.connections, TRANSPORTS)
-            ],
+            callbacks=[_observeByLabel("transport", lambda: counters.connections, TRANSPORTS)],
             description="Open peer connections, authenticated or not, split by transport",
         )
         meter.create_observable_counter(
             "relay_metrics_refusals_total",
             callbacks=[_observeByLabel("reason", lambda: counters.metricsRefusals)],
-            description="Metrics-port connections evicted at its limit and requests refused unread, split by reason",
+            description=(
+                "Metrics-port connections evicted at its limit and requests refused unread, "
+                "split by reason"
+            ),
         )
         meter.create_observable_counter(
             "relay_quic_refusals_total",
             callbacks=[_observeByLabel("reason", lambda: counters.quicRefusals)],
-            description="QUIC datagrams and connections refused before reaching a session (unknown connection id, malformed, failed handshake, Retry sent, ...), split by reason",
+            description=(
+                "QUIC datagrams and connections refused before reaching a session (unknown "
+                "connection id, malformed, failed handshake, Retry sent, ...), split by reason"
+            ),
         )
         meter.create_observable_counter(
             "relay_protocol_errors_total",
@@ -265,9 +270,7 @@ class RelayMetrics:
         meter.create_observable_counter(
             "relay_cluster_forwards_total",
             callbacks=[
-                _observeByLabel(
-                    "result", lambda: clusterCounters.forwards, FORWARD_RESULTS
-                )
+                _observeByLabel("result", lambda: clusterCounters.forwards, FORWARD_RESULTS)
             ],
             description="Cross-pod forward attempts split by outcome",
         )

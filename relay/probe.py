@@ -19,13 +19,20 @@ from urllib.parse import urlsplit
 
 from twisted.internet import defer, ssl, task, threads
 
-from relay import client
+from relay import client, quic, quicclient
 from relay import messages as m
-from relay import quic, quicclient
 
 # The largest payload one DATAGRAM frame carries to the probe's QUIC peers
 # (aioquic's 8-byte connection ids): larger ones would be dropped, not lost.
-MAX_QUIC_SIZE = quic._payloadRoom(quic.MAX_UDP_PAYLOAD - quic.SHORT_HEADER_SIZE - quic.CONNECTION_ID_LENGTH - quic.AEAD_TAG_SIZE) - m.TRANSPORT_HEADER_SIZE
+MAX_QUIC_SIZE = (
+    quic._payloadRoom(
+        quic.MAX_UDP_PAYLOAD
+        - quic.SHORT_HEADER_SIZE
+        - quic.CONNECTION_ID_LENGTH
+        - quic.AEAD_TAG_SIZE
+    )
+    - m.TRANSPORT_HEADER_SIZE
+)
 # The largest a Go agent's QUIC datagram carries (docs/protocol.md, "Carriers").
 DEFAULT_QUIC_SIZE = 1377
 DEFAULT_WS_SIZE = 1400
@@ -54,7 +61,9 @@ def _connectQuic(reactor, url, peerID, secret, timeout, cafile):
         # clientConfiguration skips verification without a cafile (tests);
         # a probe checks the certificate against certifi's roots.
         configuration.verify_mode = CERT_REQUIRED
-    peer = yield quicclient.connectQuic(reactor, address, port, peerID, secret=secret, timeout=timeout, configuration=configuration)
+    peer = yield quicclient.connectQuic(
+        reactor, address, port, peerID, secret=secret, timeout=timeout, configuration=configuration
+    )
     return peer
 
 
@@ -87,7 +96,9 @@ def probe(reactor, url, secret, count, size, timeout, transport="ws", cafile=Non
         raise
     try:
         yield a.waitOnline(idB, timeout)
-        b.onTransport = lambda message: b.sendRaw(message[:2] + idA + message[m.TRANSPORT_HEADER_SIZE :])
+        b.onTransport = lambda message: b.sendRaw(
+            message[:2] + idA + message[m.TRANSPORT_HEADER_SIZE :]
+        )
         payload = os.urandom(size)
         rtts = []
         for _ in range(count):
@@ -103,14 +114,34 @@ def probe(reactor, url, secret, count, size, timeout, transport="ws", cafile=Non
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m relay.probe", description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m relay.probe", description=__doc__.strip().splitlines()[0]
+    )
     parser.add_argument("url", help="rel://host:port, rels://host:port, ws://… or wss://…")
-    parser.add_argument("--secret", default=os.environ.get("OZ_AUTH_SECRET"), help="the relay's auth secret (default: $OZ_AUTH_SECRET)")
+    parser.add_argument(
+        "--secret",
+        default=os.environ.get("OZ_AUTH_SECRET"),
+        help="the relay's auth secret (default: $OZ_AUTH_SECRET)",
+    )
     parser.add_argument("--count", type=int, default=100, help="round trips (default 100)")
-    parser.add_argument("--size", type=int, help=f"payload bytes (default {DEFAULT_WS_SIZE}, over QUIC {DEFAULT_QUIC_SIZE})")
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for any step (default 10)")
-    parser.add_argument("--transport", choices=("ws", "quic"), default="ws", help="how the probe peers connect: WebSocket (default) or QUIC (rels:// URLs)")
-    parser.add_argument("--cafile", help="PEM certificate to trust instead of the system's roots (a self-signed relay)")
+    parser.add_argument(
+        "--size",
+        type=int,
+        help=f"payload bytes (default {DEFAULT_WS_SIZE}, over QUIC {DEFAULT_QUIC_SIZE})",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds to wait for any step (default 10)"
+    )
+    parser.add_argument(
+        "--transport",
+        choices=("ws", "quic"),
+        default="ws",
+        help="how the probe peers connect: WebSocket (default) or QUIC (rels:// URLs)",
+    )
+    parser.add_argument(
+        "--cafile",
+        help="PEM certificate to trust instead of the system's roots (a self-signed relay)",
+    )
     args = parser.parse_args(argv)
     if not args.secret:
         parser.error("--secret (or OZ_AUTH_SECRET) is required")
@@ -119,7 +150,10 @@ def main(argv=None):
         args.size = DEFAULT_QUIC_SIZE if quicTransport else DEFAULT_WS_SIZE
     largest = MAX_QUIC_SIZE if quicTransport else m.MAX_MESSAGE_SIZE - m.TRANSPORT_HEADER_SIZE
     if not 0 <= args.size <= largest or args.count < 1:
-        parser.error(f"--size must fit one message (over {args.transport}: at most {largest} bytes) and --count be positive")
+        parser.error(
+            f"--size must fit one message (over {args.transport}: at most {largest} bytes) and "
+            "--count be positive"
+        )
     if quicTransport:
         try:
             _quicAddress(args.url)
@@ -131,13 +165,29 @@ def main(argv=None):
             instanceURL, rtts = result
             rtts.sort()
             p99 = rtts[min(len(rtts) - 1, int(len(rtts) * 0.99))]
-            print(f"ok ({args.transport}): instance {instanceURL}, {len(rtts)} round trips of {args.size} bytes, median {statistics.median(rtts):.3f} ms, p99 {p99:.3f} ms, max {rtts[-1]:.3f} ms")
+            print(
+                f"ok ({args.transport}): instance {instanceURL}, {len(rtts)} round trips of "
+                f"{args.size} bytes, median {statistics.median(rtts):.3f} ms, p99 {p99:.3f} ms, "
+                f"max {rtts[-1]:.3f} ms"
+            )
 
         def failed(failure):
-            print(f"probe failed: {failure.getErrorMessage() or failure.type.__name__}", file=sys.stderr)
+            print(
+                f"probe failed: {failure.getErrorMessage() or failure.type.__name__}",
+                file=sys.stderr,
+            )
             raise SystemExit(1)
 
-        return probe(reactor, args.url, args.secret, args.count, args.size, args.timeout, args.transport, args.cafile).addCallbacks(report, failed)
+        return probe(
+            reactor,
+            args.url,
+            args.secret,
+            args.count,
+            args.size,
+            args.timeout,
+            args.transport,
+            args.cafile,
+        ).addCallbacks(report, failed)
 
     task.react(run)
 

@@ -20,8 +20,8 @@ from twisted.internet.error import ProcessExitedAlready
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
-    LogLevelFilterPredicate,
     Logger,
+    LogLevelFilterPredicate,
 )
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from relay import clocks
 from relay.auth import TokenValidator
 from relay.clocks import useMonotonicTime
+
 # twistd's plugin (twisted/plugins/relay_plugin.py) finds Options here.
 from relay.config import LOG_LEVELS, Options  # noqa: F401
 from relay.counters import ClusterCounters, RelayCounters
@@ -56,7 +57,11 @@ def makeLogObserver(config, stream=None, budget=None, counters=None):
     Twisted write about peer traffic are under it too (L{StrangerLines}).
     """
     if stream is None:
-        stream = sys.stdout if config.logFile == "console" else open(config.logFile, "a", encoding="utf-8")
+        stream = (
+            sys.stdout
+            if config.logFile == "console"
+            else open(config.logFile, "a", encoding="utf-8")
+        )
     index = config.workerTag
     if config.logFormat == "json":
         observer = jsonLinesFileLogObserver(stream, None if index is None else {"worker": index})
@@ -97,7 +102,19 @@ class RelayService(service.MultiService):
 
     _log = Logger()
 
-    def __init__(self, relay, peerEndpoint, peerFactory, readiness, logObserver=None, reactor=None, cluster=None, tls=None, quic=None, supervisor=None):
+    def __init__(
+        self,
+        relay,
+        peerEndpoint,
+        peerFactory,
+        readiness,
+        logObserver=None,
+        reactor=None,
+        cluster=None,
+        tls=None,
+        quic=None,
+        supervisor=None,
+    ):
         """
         @param tls: the L{ReloadableTLS} of C{--tls-cert-file}, which SIGHUP
             re-reads, or None (no TLS, or ACME's certificates).
@@ -153,9 +170,15 @@ class RelayService(service.MultiService):
         if self.tls is not None:
             # SIGHUP re-reads the certificate files; established connections
             # keep theirs, new ones get the new one.
-            signal.signal(signal.SIGHUP, lambda number, frame: self.reactor.callFromThread(self.reloadTLS))
+            signal.signal(
+                signal.SIGHUP, lambda number, frame: self.reactor.callFromThread(self.reloadTLS)
+            )
         self.readiness.listenerUp = True
-        self._log.info("relay listening on {address}, instance URL {url}", address=_describe(self.peerPort.getHost()), url=self.relay.instanceURL)
+        self._log.info(
+            "relay listening on {address}, instance URL {url}",
+            address=_describe(self.peerPort.getHost()),
+            url=self.relay.instanceURL,
+        )
         super().startService()
         _freezeStartupObjects()
 
@@ -168,15 +191,23 @@ class RelayService(service.MultiService):
         if soft is None:
             return
         if soft != before:
-            self._log.info("open file limit raised from {before} to {soft} (the hard limit)", before=before, soft=soft)
+            self._log.info(
+                "open file limit raised from {before} to {soft} (the hard limit)",
+                before=before,
+                soft=soft,
+            )
         room = max(1, soft - descriptorsInUse() - DESCRIPTOR_RESERVE)
         self.relay.admission.maxConnections = room
         limits = self.relay.limits
         if limits.maxPeers and limits.maxPeers + limits.maxPending <= room:
             return
         self._log.warn(
-            "the open file limit ({soft}) leaves room for {room} peer connections, fewer than --max-peers {peers} and --max-pending-handshakes {pending}: "
-            "beyond that a new connection replaces one still waiting for Auth or is refused (relay_handshake_rejects_total{{reason=\"descriptors\"}}); raise the hard limit (ulimit -Hn, systemd LimitNOFILE, the container runtime's nofile) or lower --max-peers",
+            "the open file limit ({soft}) leaves room for {room} peer connections, fewer than "
+            "--max-peers {peers} and --max-pending-handshakes {pending}: "
+            "beyond that a new connection replaces one still waiting for Auth or is refused "
+            '(relay_handshake_rejects_total{{reason="descriptors"}}); raise the hard limit '
+            "(ulimit -Hn, systemd LimitNOFILE, the container runtime's nofile) or lower "
+            "--max-peers",
             soft=soft,
             room=room,
             peers=limits.maxPeers or "(no limit)",
@@ -200,7 +231,7 @@ class RelayService(service.MultiService):
         """
         if self.supervisor is None:
             return
-        for name, protocol in sorted(self.supervisor.protocols.items()):
+        for _name, protocol in sorted(self.supervisor.protocols.items()):
             if protocol.transport is None:
                 continue
             try:
@@ -231,7 +262,9 @@ def _describe(address):
 
 def _peerStats(store, clock):
     def stats():
-        active, idle = splitActiveIdle((peer.lastTransport for peer in store.peers.values()), clock.seconds())
+        active, idle = splitActiveIdle(
+            (peer.lastTransport for peer in store.peers.values()), clock.seconds()
+        )
         return len(store), active, idle
 
     return stats
@@ -295,7 +328,15 @@ class QuicCarrier(service.MultiService):
     def _serve(self):
         from relay.quic import QuicService
 
-        self.quic = QuicService(self.relay, self.reactor, self.host, self.port, self.certFile, self.keyFile, highWater=self.highWater)
+        self.quic = QuicService(
+            self.relay,
+            self.reactor,
+            self.host,
+            self.port,
+            self.certFile,
+            self.keyFile,
+            highWater=self.highWater,
+        )
         self.quic.setServiceParent(self)
 
     def certificateRenewed(self, certificateOptions):
@@ -318,7 +359,9 @@ class QuicCarrier(service.MultiService):
         try:
             self.quic.reloadCertificate()
         except ConfigurationError as e:
-            self._log.error("QUIC certificate reload failed, keeping the previous one: {error}", error=str(e))
+            self._log.error(
+                "QUIC certificate reload failed, keeping the previous one: {error}", error=str(e)
+            )
 
 
 def _loadTLS(config):
@@ -346,7 +389,15 @@ def _makeCluster(cluster, store, reactor, wallClock, noisyLog, counters, lookups
         return None
     from relay.cluster.service import ClusterService
 
-    return ClusterService(cluster, LocalPeers(store), counters, reactor, wallClock=wallClock, noisyLog=noisyLog, lookupObserver=lookups)
+    return ClusterService(
+        cluster,
+        LocalPeers(store),
+        counters,
+        reactor,
+        wallClock=wallClock,
+        noisyLog=noisyLog,
+        lookupObserver=lookups,
+    )
 
 
 def _makeAcme(acme, reactor, wallClock, counters, renewals):
@@ -422,8 +473,15 @@ def buildRelay(config, reactor, wallClock):
 
     clusterCounters = ClusterCounters() if config.cluster is not None else None
     lookups = _Observers()
-    cluster = _makeCluster(config.cluster, store, reactor, wallClock, noisyLog, clusterCounters, lookups)
-    metrics = RelayMetrics(counters, _peerStats(store, reactor), clusterCounters, cluster.streamCount if cluster is not None else None)
+    cluster = _makeCluster(
+        config.cluster, store, reactor, wallClock, noisyLog, clusterCounters, lookups
+    )
+    metrics = RelayMetrics(
+        counters,
+        _peerStats(store, reactor),
+        clusterCounters,
+        cluster.streamCount if cluster is not None else None,
+    )
     lookups.add(metrics.recordLookupDuration)
 
     relay = Relay(
@@ -449,14 +507,37 @@ def buildRelay(config, reactor, wallClock):
     # must stay with one process, and UDP has no accept() to hand it over.
     if config.workerIndex == 0:
         if acme is not None:
-            quic = QuicCarrier(relay, reactor, host, port, config.peerBufferLimit, acme.certificatePath, acme.keyPath, renewals)
+            quic = QuicCarrier(
+                relay,
+                reactor,
+                host,
+                port,
+                config.peerBufferLimit,
+                acme.certificatePath,
+                acme.keyPath,
+                renewals,
+            )
         elif tls is not None:
-            quic = QuicCarrier(relay, reactor, host, port, config.peerBufferLimit, config.tlsCertFile, config.tlsKeyFile)
+            quic = QuicCarrier(
+                relay,
+                reactor,
+                host,
+                port,
+                config.peerBufferLimit,
+                config.tlsCertFile,
+                config.tlsKeyFile,
+            )
     supervisor, workers = _makeWorkers(config, reactor)
 
     top = RelayService(
         relay,
-        serverEndpoint(reactor, host, port, tls=acme.serverConnectionCreator() if acme is not None else tls, reusePort=config.workers > 1),
+        serverEndpoint(
+            reactor,
+            host,
+            port,
+            tls=acme.serverConnectionCreator() if acme is not None else tls,
+            reusePort=config.workers > 1,
+        ),
         PeerWebSocketFactory(relay, reactor, highWater=config.peerBufferLimit),
         readiness,
         logObserver=makeLogObserver(config, budget=noisyLog, counters=counters),
@@ -467,8 +548,12 @@ def buildRelay(config, reactor, wallClock):
         supervisor=supervisor,
     )
     if config.metricsPort:
-        site = makeMetricsSite(metrics.registry, readiness, reactor=reactor, refusals=counters.metricsRefusals)
-        StreamServerEndpointService(serverEndpoint(reactor, config.metricsAddress, config.metricsPort), site).setServiceParent(top)
+        site = makeMetricsSite(
+            metrics.registry, readiness, reactor=reactor, refusals=counters.metricsRefusals
+        )
+        StreamServerEndpointService(
+            serverEndpoint(reactor, config.metricsAddress, config.metricsPort), site
+        ).setServiceParent(top)
     if acme is not None:
         readiness.certificateReady = False
         acme.whenReady().addCallback(lambda _: setattr(readiness, "certificateReady", True))

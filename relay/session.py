@@ -104,20 +104,39 @@ class PeerSession:
         """
         where = self.link.peerAddress
         if len(message) > m.MAX_HANDSHAKE_SIZE:
-            self.relay.noisyLog(self._log.warn, "{where}: handshake rejected: {size}-byte first message", where=where, size=len(message))
+            self.relay.noisyLog(
+                self._log.warn,
+                "{where}: handshake rejected: {size}-byte first message",
+                where=where,
+                size=len(message),
+            )
             return "too_large"
         try:
             kind = m.messageType(message)
             if kind == m.HELLO:
-                self.relay.noisyLog(self._log.warn, "{where}: handshake rejected: deprecated Hello from an outdated client", where=where)
+                self.relay.noisyLog(
+                    self._log.warn,
+                    "{where}: handshake rejected: deprecated Hello from an outdated client",
+                    where=where,
+                )
                 return "legacy_hello"
             if kind != m.AUTH:
-                self.relay.noisyLog(self._log.warn, "{where}: handshake rejected: first message is {kind}", where=where, kind=m.NAMES[kind])
+                self.relay.noisyLog(
+                    self._log.warn,
+                    "{where}: handshake rejected: first message is {kind}",
+                    where=where,
+                    kind=m.NAMES[kind],
+                )
                 return "not_auth"
             pid, token = m.decodeAuth(message)
             self.relay.authenticate(token)
         except (m.MessageError, AuthError) as e:
-            self.relay.noisyLog(self._log.warn, "{where}: handshake rejected: {reason}", where=where, reason=e.reason)
+            self.relay.noisyLog(
+                self._log.warn,
+                "{where}: handshake rejected: {reason}",
+                where=where,
+                reason=e.reason,
+            )
             return e.reason
         relay = self.relay
         reason = relay.refusal(pid)
@@ -125,7 +144,12 @@ class PeerSession:
             self._log.info("{where}: handshake rejected: the relay is shutting down", where=where)
             return reason
         if reason is not None:
-            relay.noisyLog(self._log.warn, "{where}: handshake rejected: {count} peers connected, the limit", where=where, count=relay.peerCount())
+            relay.noisyLog(
+                self._log.warn,
+                "{where}: handshake rejected: {count} peers connected, the limit",
+                where=where,
+                count=relay.peerCount(),
+            )
             return reason
         self._settled()
         rate = relay.limits.peerByteRate
@@ -151,7 +175,14 @@ class PeerSession:
         L{relay.limits.Admission}).
         """
         self._pending = False
-        self.relay.noisyLog(self._log.warn, "{where}: closed before Auth: {pending} connections waiting to authenticate, the most from {source}", where=self.link.peerAddress, pending=pending, source=source or "unknown sources")
+        self.relay.noisyLog(
+            self._log.warn,
+            "{where}: closed before Auth: {pending} connections waiting to authenticate, the "
+            "most from {source}",
+            where=self.link.peerAddress,
+            pending=pending,
+            source=source or "unknown sources",
+        )
         self.relay.counters.handshakeRejects[reason] += 1
         self._close()
 
@@ -163,7 +194,12 @@ class PeerSession:
             self._healthTick()
 
     def _handshakeTimedOut(self):
-        self.relay.noisyLog(self._log.warn, "{where}: handshake rejected: no Auth within {timeout:.0f} s", where=self.link.peerAddress, timeout=HANDSHAKE_TIMEOUT)
+        self.relay.noisyLog(
+            self._log.warn,
+            "{where}: handshake rejected: no Auth within {timeout:.0f} s",
+            where=self.link.peerAddress,
+            timeout=HANDSHAKE_TIMEOUT,
+        )
         self.relay.counters.handshakeRejects["timeout"] += 1
         self._close()
 
@@ -179,14 +215,21 @@ class PeerSession:
         # oversized one falls through to the single size check below, after
         # the header check, so a message both oversized and malformed is
         # still counted by its header error.
-        if m.TRANSPORT_HEADER_SIZE <= size <= m.MAX_MESSAGE_SIZE and message[1] == m.TRANSPORT and message[0] == m.VERSION:
+        if (
+            m.TRANSPORT_HEADER_SIZE <= size <= m.MAX_MESSAGE_SIZE
+            and message[1] == m.TRANSPORT
+            and message[0] == m.VERSION
+        ):
             relay = self.relay
             now = self.lastTransport = relay.clock.seconds()
             if self._bucket is not None and not self._bucket.take(size, now):
                 relay.counters.dropped["rate_limited"] += 1
                 return
             relay.counters.transferReceivedBytes += size
-            relay.route(message[m.HEADER_SIZE : m.TRANSPORT_HEADER_SIZE], self._stampPrefix + message[m.TRANSPORT_HEADER_SIZE:])
+            relay.route(
+                message[m.HEADER_SIZE : m.TRANSPORT_HEADER_SIZE],
+                self._stampPrefix + message[m.TRANSPORT_HEADER_SIZE :],
+            )
             return
         try:
             kind = m.messageType(message)
@@ -199,13 +242,24 @@ class PeerSession:
             self._acked = True
             self._missed = 0
         elif kind == m.TRANSPORT:
-            self.relay.noisyLog(self._log.warn, "{peer}: ignored a {size}-byte transport message", peer=self, size=size)
+            self.relay.noisyLog(
+                self._log.warn,
+                "{peer}: ignored a {size}-byte transport message",
+                peer=self,
+                size=size,
+            )
             self.relay.counters.dropped["malformed"] += 1
         elif kind == m.SUBSCRIBE_PEER_STATE or kind == m.UNSUBSCRIBE_PEER_STATE:
             try:
                 ids = m.decodeIDList(message)
             except m.MessageError as e:
-                self.relay.noisyLog(self._log.warn, "{peer}: ignored {kind}: {error}", peer=self, kind=m.NAMES[kind], error=str(e))
+                self.relay.noisyLog(
+                    self._log.warn,
+                    "{peer}: ignored {kind}: {error}",
+                    peer=self,
+                    kind=m.NAMES[kind],
+                    error=str(e),
+                )
                 self.relay.counters.dropped["malformed"] += 1
                 return
             if kind == m.SUBSCRIBE_PEER_STATE:
@@ -227,12 +281,20 @@ class PeerSession:
             # Refused, not fatal: the Go relay takes any number, and an agent
             # over the limit only misses news of the refused ids.
             relay.counters.dropped["subscription_limit"] += refused
-            relay.noisyLog(self._log.warn, "{peer}: refused {count} subscriptions over the limit of {limit} ids", peer=self, count=refused, limit=relay.maxSubscriptions)
+            relay.noisyLog(
+                self._log.warn,
+                "{peer}: refused {count} subscriptions over the limit of {limit} ids",
+                peer=self,
+                count=refused,
+                limit=relay.maxSubscriptions,
+            )
         if ids:
             relay.subscribe(self, ids)
 
     def protocolError(self, reason, detail):
-        self.relay.noisyLog(self._log.warn, "{peer}: protocol error, closing: {detail}", peer=self, detail=detail)
+        self.relay.noisyLog(
+            self._log.warn, "{peer}: protocol error, closing: {detail}", peer=self, detail=detail
+        )
         self.relay.counters.protocolErrors[reason] += 1
         self._close()
 
@@ -267,7 +329,9 @@ class PeerSession:
             self._healthWindowEnded()
             if self.closed:
                 return
-        self._timer = self.relay.clock.callLater(min(self._nextPing, self._nextWindow) - now, self._timerFired)
+        self._timer = self.relay.clock.callLater(
+            min(self._nextPing, self._nextWindow) - now, self._timerFired
+        )
 
     def _healthWindowEnded(self):
         if self._acked:
@@ -275,7 +339,12 @@ class PeerSession:
             return
         self._missed += 1
         if self._missed < self.relay.healthCheckThreshold:
-            self._log.warn("{peer}: health check missed ({missed} of {threshold})", peer=self, missed=self._missed, threshold=self.relay.healthCheckThreshold)
+            self._log.warn(
+                "{peer}: health check missed ({missed} of {threshold})",
+                peer=self,
+                missed=self._missed,
+                threshold=self.relay.healthCheckThreshold,
+            )
             return
         self._log.warn("{peer}: health check timed out, closing", peer=self)
         self.relay.counters.protocolErrors["health_check_timeout"] += 1
@@ -307,7 +376,9 @@ class PeerSession:
         self._writeIDList(m.PEERS_WENT_OFFLINE, ids)
 
     def _writeIDList(self, kind, ids):
-        for message in m.encodeIDList(kind, ids, getattr(self.link, "maxMessageSize", m.MAX_MESSAGE_SIZE)):
+        for message in m.encodeIDList(
+            kind, ids, getattr(self.link, "maxMessageSize", m.MAX_MESSAGE_SIZE)
+        ):
             self.link.writeMessage(message)
 
     def close(self):

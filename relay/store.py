@@ -6,10 +6,11 @@ again replaces its older connection; a connection that ends only removes the
 entry if it is still the stored one, so a late close of a replaced connection
 never takes a reconnected peer offline.
 
-Interest (docs/protocol.md, "After the handshake"): a subscriber's interest in an id is consumed when
-it is told the id came online (once per subscription), and kept for going
-offline. Everything here runs in the reactor thread, so notifications are
-delivered synchronously and in the order the events happened.
+Interest (docs/protocol.md, "After the handshake"): a subscriber's interest
+in an id is consumed when it is told the id came online (once per
+subscription), and kept for going offline. Everything here runs in the
+reactor thread, so notifications are delivered synchronously and in the
+order the events happened.
 
 One peer's interest is bounded (L{MAX_SUBSCRIPTIONS} ids): each id costs
 about 200 bytes here and, in a cluster, a lookup across the pods, so an

@@ -29,8 +29,8 @@ from prometheus_client.exposition import choose_encoder
 from twisted.logger import Logger
 from twisted.protocols import policies
 from twisted.web import http, resource, server
-from twisted.web.server import GzipEncoderFactory
 from twisted.web.resource import EncodingResourceWrapper
+from twisted.web.server import GzipEncoderFactory
 
 _log = Logger()
 
@@ -44,8 +44,13 @@ MAX_CONNECTIONS = 32
 # interval.
 IDLE_TIMEOUT = 30
 _SERVED_METHODS = (b"GET", b"HEAD")
-_METHOD_NOT_ALLOWED = b"HTTP/1.1 405 Method Not Allowed\r\nAllow: GET, HEAD\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-_CONTENT_TOO_LARGE = b"HTTP/1.1 413 Content Too Large\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+_METHOD_NOT_ALLOWED = (
+    b"HTTP/1.1 405 Method Not Allowed\r\nAllow: GET, HEAD\r\nConnection: close\r\n"
+    b"Content-Length: 0\r\n\r\n"
+)
+_CONTENT_TOO_LARGE = (
+    b"HTTP/1.1 413 Content Too Large\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+)
 
 
 class Readiness:

@@ -4,9 +4,10 @@ Every core of one host: C{--workers N} relay processes sharing the peer port.
 A Twisted reactor uses one core. On a VM with several, C{--workers N} runs N
 relay processes that all listen on the peer port with C{SO_REUSEPORT}
 (L{relay.endpoints.ReusePortEndpoint}; the kernel spreads new connections
-across them) and are joined by the inter-pod fabric over loopback, exactly as pods are: worker I{i} is a "pod" at
-C{127.0.1.<i+1>} on the cluster port, so two peers that landed on different
-workers still reach each other. The first process supervises the others
+across them) and are joined by the inter-pod fabric over loopback, exactly
+as pods are: worker I{i} is a "pod" at C{127.0.1.<i+1>} on the cluster port,
+so two peers that landed on different workers still reach each other. The
+first process supervises the others
 (L{twisted.runner.procmon.ProcessMonitor}: restarted with backoff if they die,
 SIGTERM then SIGKILL when it stops); each worker also stops by itself if its
 supervisor disappears.
@@ -114,8 +115,29 @@ class SharedOutput:
     def __getattr__(self, name):
         return getattr(self._reactor, name)
 
-    def spawnProcess(self, processProtocol, executable, args=(), env=None, path=None, uid=None, gid=None, usePTY=False, childFDs=None):
-        return self._reactor.spawnProcess(processProtocol, executable, args, {} if env is None else env, path, uid, gid, usePTY, self.CHILD_FDS)
+    def spawnProcess(
+        self,
+        processProtocol,
+        executable,
+        args=(),
+        env=None,
+        path=None,
+        uid=None,
+        gid=None,
+        usePTY=False,
+        childFDs=None,
+    ):
+        return self._reactor.spawnProcess(
+            processProtocol,
+            executable,
+            args,
+            {} if env is None else env,
+            path,
+            uid,
+            gid,
+            usePTY,
+            self.CHILD_FDS,
+        )
 
 
 def makeSupervisor(config, reactor):
@@ -125,7 +147,16 @@ def makeSupervisor(config, reactor):
     """
     monitor = ProcessMonitor(SharedOutput(reactor))
     monitor.killTime = 35
-    argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "relay"]
+    argv = [
+        sys.executable,
+        "-c",
+        "from twisted.scripts.twistd import run; run()",
+        "-n",
+        "--pidfile=",
+        "relay",
+    ]
     for index in range(1, config.workers):
-        monitor.addProcess(f"relay-worker-{index}", argv, env=workerEnvironment(config, index), cwd=os.getcwd())
+        monitor.addProcess(
+            f"relay-worker-{index}", argv, env=workerEnvironment(config, index), cwd=os.getcwd()
+        )
     return monitor

@@ -13,7 +13,9 @@ def writeCertificate(directory, name="localhost", days=30, expired=False):
 
     @return: C{(certificate path, key path, certificate PEM bytes)}.
     """
-    certPath, keyPath = relayproc.writeCertificate(directory, name=name, days=days, expired=expired, prefix="")
+    certPath, keyPath = relayproc.writeCertificate(
+        directory, name=name, days=days, expired=expired, prefix=""
+    )
     with open(certPath, "rb") as f:
         pem = f.read()
     return certPath, keyPath, pem

@@ -16,7 +16,6 @@ START_TIMEOUT = 20.0
 STOP_TIMEOUT = 35.0
 
 
-
 class RawClient(protocol.Protocol):
     """
     A raw TCP client, for what a stranger, an attacker or a Go pod sends:
@@ -41,7 +40,9 @@ def rawConnect(port, host="127.0.0.1", source=None):
     one would).
     """
     bindAddress = None if source is None else (source, 0)
-    return connectProtocol(TCP4ClientEndpoint(reactor, host, port, timeout=5, bindAddress=bindAddress), RawClient())
+    return connectProtocol(
+        TCP4ClientEndpoint(reactor, host, port, timeout=5, bindAddress=bindAddress), RawClient()
+    )
 
 
 def sleep(seconds):
@@ -80,14 +81,23 @@ class RelayProcess(protocol.ProcessProtocol):
         if isinstance(reason.value, ProcessDone):
             self.exitCode = 0
         elif isinstance(reason.value, ProcessTerminated):
-            self.exitCode = reason.value.exitCode if reason.value.exitCode is not None else -reason.value.signal
+            self.exitCode = (
+                reason.value.exitCode if reason.value.exitCode is not None else -reason.value.signal
+            )
         for d in self._waiters:
             d.callback(self.exitCode)
 
     def spawn(self):
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault("PYTHONUNBUFFERED", "1")
-        argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "relay"] + self.args
+        argv = [
+            sys.executable,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "-n",
+            "--pidfile=",
+            "relay",
+        ] + self.args
         self.transport = reactor.spawnProcess(self, sys.executable, argv, env=env, path=ROOT)
 
     @defer.inlineCallbacks
@@ -99,15 +109,23 @@ class RelayProcess(protocol.ProcessProtocol):
         deadline = reactor.seconds() + START_TIMEOUT
         while True:
             if self.exitCode is not None:
-                raise RuntimeError(f"relay exited with {self.exitCode}:\n{self.output.decode(errors='replace')}")
+                raise RuntimeError(
+                    f"relay exited with {self.exitCode}:\n{self.output.decode(errors='replace')}"
+                )
             try:
-                p = yield connectProtocol(TCP4ClientEndpoint(reactor, self.host, self.port, timeout=1), protocol.Protocol())
+                p = yield connectProtocol(
+                    TCP4ClientEndpoint(reactor, self.host, self.port, timeout=1),
+                    protocol.Protocol(),
+                )
                 p.transport.abortConnection()
                 return self
             except Exception:
                 if reactor.seconds() > deadline:
                     self.signal("KILL")
-                    raise RuntimeError(f"relay did not listen within {START_TIMEOUT} s:\n{self.output.decode(errors='replace')}")
+                    raise RuntimeError(
+                        f"relay did not listen within {START_TIMEOUT} s:\n"
+                        f"{self.output.decode(errors='replace')}"
+                    ) from None
                 yield sleep(0.05)
 
     def signal(self, name):
@@ -141,10 +159,14 @@ class RelayProcess(protocol.ProcessProtocol):
 
 def relayArgs(process, secret="relay-secret", *extra):
     return [
-        "--listen-address", f"{process.host}:{process.port}",
-        "--exposed-address", f"{process.host}:{process.port}",
-        "--auth-secret", secret,
-        "--metrics-port", "0",
+        "--listen-address",
+        f"{process.host}:{process.port}",
+        "--exposed-address",
+        f"{process.host}:{process.port}",
+        "--auth-secret",
+        secret,
+        "--metrics-port",
+        "0",
         *extra,
     ]
 
@@ -159,5 +181,3 @@ def startRelay(testCase, *extra, host="127.0.0.1", secret="relay-secret", env=No
     testCase.addCleanup(process.stop)
     yield process.start()
     return process
-
-

@@ -60,9 +60,9 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from relay import client
 from relay import messages as m
 from relay.auth import generateToken
+from relay.cluster import frames as cf
 from tests.bench import wire
 from tests.bench.relayproc import alive, raiseFileLimit, rssKiB, startRelays
-from relay.cluster import frames as cf
 
 MAGIC = m.MAGIC
 GOOD_NAMES = ("fuzz-good-a", "fuzz-good-b")
@@ -130,18 +130,20 @@ def mutate(data, rng, count=None):
             i = rng.randrange(len(data))
             data[i] ^= 1 << rng.randrange(8)
         elif op == 1 and data:
-            data[rng.randrange(len(data))] = rng.choice((0, 1, 0x7F, 0x80, 0xFF, rng.randrange(256)))
+            data[rng.randrange(len(data))] = rng.choice(
+                (0, 1, 0x7F, 0x80, 0xFF, rng.randrange(256))
+            )
         elif op == 2:
             i = rng.randint(0, len(data))
             data[i:i] = rng.randbytes(rng.randint(1, 16))
         elif op == 3 and data:
             i = rng.randrange(len(data))
-            del data[i:i + rng.randint(1, 16)]
+            del data[i : i + rng.randint(1, 16)]
         elif op == 4 and data:
-            del data[rng.randrange(len(data)):]
+            del data[rng.randrange(len(data)) :]
         elif op == 5 and data:
             i = rng.randrange(len(data))
-            data[i:i] = data[i:i + rng.randint(1, 64)]
+            data[i:i] = data[i : i + rng.randint(1, 64)]
         else:
             data += rng.randbytes(rng.randint(1, 64))
     return bytes(data)
@@ -482,7 +484,9 @@ class Fuzzer:
     @defer.inlineCallbacks
     def _run(self, name, scenario, target, port, rng):
         source = f"127.{rng.randint(10, 250)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
-        endpoint = TCP4ClientEndpoint(self.reactor, target.host, port, timeout=5, bindAddress=(source, 0))
+        endpoint = TCP4ClientEndpoint(
+            self.reactor, target.host, port, timeout=5, bindAddress=(source, 0)
+        )
         try:
             conn = yield connectProtocol(endpoint, FuzzConnection(self.stats))
         except Exception:
@@ -578,13 +582,25 @@ class Fuzzer:
         left = HANDSHAKE_LIMIT - (time.monotonic() - conn.openedAt)
         closed = yield conn.whenClosed(self.reactor, max(0.1, left))
         if not closed and not self.stopping:
-            self.stats.anomaly("handshake_timeout_not_enforced", f"{what}: still open {HANDSHAKE_LIMIT:g} s after accept")
+            self.stats.anomaly(
+                "handshake_timeout_not_enforced",
+                f"{what}: still open {HANDSHAKE_LIMIT:g} s after accept",
+            )
 
     # Peer port scenarios
 
     @defer.inlineCallbacks
     def peerGarbage(self, conn, target, rng):
-        prefix = rng.choice([b"", b"", b"GET ", b"GET /relay HTTP/1.1\r\n", b"\x16\x03\x01", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"])
+        prefix = rng.choice(
+            [
+                b"",
+                b"",
+                b"GET ",
+                b"GET /relay HTTP/1.1\r\n",
+                b"\x16\x03\x01",
+                b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            ]
+        )
         data = prefix + rng.randbytes(rng.choice([1, 16, 200, 1500, 8000, 70000]))
         yield conn.sendPieces(self.reactor, data, rng)
         yield conn.whenClosed(self.reactor, rng.random() * 2)
@@ -602,24 +618,83 @@ class Fuzzer:
         return [
             (mutate(good, rng), None),
             (mutate(good, rng, 8), None),
-            (good.replace(b"/relay", rng.choice([b"/", b"/relay/", b"/RELAY", b"//relay", b"/" + b"a" * 5000])), b"404"),
-            (good.replace(b"Sec-WebSocket-Version: 13", b"Sec-WebSocket-Version: " + rng.choice([b"8", b"", b"999999999999", b"13, 8"])), None),
-            (good.replace(b"Sec-WebSocket-Key: " + goodKey, b"Sec-WebSocket-Key: " + rng.choice([b"", b"x", b"A" * 500])), None),
+            (
+                good.replace(
+                    b"/relay",
+                    rng.choice([b"/", b"/relay/", b"/RELAY", b"//relay", b"/" + b"a" * 5000]),
+                ),
+                b"404",
+            ),
+            (
+                good.replace(
+                    b"Sec-WebSocket-Version: 13",
+                    b"Sec-WebSocket-Version: " + rng.choice([b"8", b"", b"999999999999", b"13, 8"]),
+                ),
+                None,
+            ),
+            (
+                good.replace(
+                    b"Sec-WebSocket-Key: " + goodKey,
+                    b"Sec-WebSocket-Key: " + rng.choice([b"", b"x", b"A" * 500]),
+                ),
+                None,
+            ),
             (good.replace(b"Upgrade: websocket\r\n", b""), None),
             (good.replace(b"Connection: Upgrade", b"Connection: close"), None),
-            (good.replace(b"HTTP/1.1", rng.choice([b"HTTP/1.0", b"HTTP/2.0", b"HTTP/9.9", b"HTTP/1.1 extra"])), None),
-            (good.replace(b"GET", rng.choice([b"POST", b"PUT", b"CONNECT", b"G\x00T", b"get"])), None),
+            (
+                good.replace(
+                    b"HTTP/1.1",
+                    rng.choice([b"HTTP/1.0", b"HTTP/2.0", b"HTTP/9.9", b"HTTP/1.1 extra"]),
+                ),
+                None,
+            ),
+            (
+                good.replace(b"GET", rng.choice([b"POST", b"PUT", b"CONNECT", b"G\x00T", b"get"])),
+                None,
+            ),
             (good[:-2] + b"Origin: http://evil.example\r\n\r\n", b"403"),
-            (good[:-2] + b"X-Real-IP: " + rng.choice([b"10.0.0.1", b"::1", b"not-an-ip", b"1" * 300]) + b"\r\n\r\n", None),
+            (
+                good[:-2]
+                + b"X-Real-IP: "
+                + rng.choice([b"10.0.0.1", b"::1", b"not-an-ip", b"1" * 300])
+                + b"\r\n\r\n",
+                None,
+            ),
             (good[:-2] + b"X-Big: " + b"z" * rng.choice([8000, 70000]) + b"\r\n\r\n", None),
-            (good[:-2] + b"".join(b"H%d: v\r\n" % i for i in range(rng.choice([100, 2000]))) + b"\r\n", None),
+            (
+                good[:-2]
+                + b"".join(b"H%d: v\r\n" % i for i in range(rng.choice([100, 2000])))
+                + b"\r\n",
+                None,
+            ),
             (b"GET /relay HTTP/1.1\r\nHost: " + host + b"\r\n\r\n", None),
-            (b"GET /relay HTTP/1.1\r\n" + b"Host: " + host + b"\r\nContent-Length: 100000\r\n\r\n" + rng.randbytes(1000), None),
-            (b"GET /relay HTTP/1.1\r\nHost: " + host + b"\r\nTransfer-Encoding: chunked\r\n\r\nffffffff\r\n" + rng.randbytes(100), None),
+            (
+                b"GET /relay HTTP/1.1\r\n"
+                + b"Host: "
+                + host
+                + b"\r\nContent-Length: 100000\r\n\r\n"
+                + rng.randbytes(1000),
+                None,
+            ),
+            (
+                b"GET /relay HTTP/1.1\r\nHost: "
+                + host
+                + b"\r\nTransfer-Encoding: chunked\r\n\r\nffffffff\r\n"
+                + rng.randbytes(100),
+                None,
+            ),
             (b"GET /metrics HTTP/1.1\r\nHost: " + host + b"\r\n\r\n", None),
             (good + good, None),
             (b"\r\n" * rng.randint(1, 5000), None),
-            (b"GET /relay HTTP/1.1\r\nSec-WebSocket-Key: " + key + b"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n", None),
+            (
+                b"GET /relay HTTP/1.1\r\nSec-WebSocket-Key: "
+                + key
+                + (
+                    b"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                    b"Sec-WebSocket-Version: 13\r\n\r\n"
+                ),
+                None,
+            ),
         ]
 
     @defer.inlineCallbacks
@@ -630,14 +705,21 @@ class Fuzzer:
         if status is not None and not self.stopping:
             got = conn.buf.split(b"\r\n", 1)[0]
             if not answered or got.split(b" ")[1:2] != [status]:
-                self.stats.anomaly("http_refusal_not_answered", f"expected {status.decode()}, got {got[:60]!r} to {request[:40]!r}")
+                self.stats.anomaly(
+                    "http_refusal_not_answered",
+                    f"expected {status.decode()}, got {got[:60]!r} to {request[:40]!r}",
+                )
         if conn.buf.startswith(b"HTTP/1.1 101") and not conn.closed:
             # Accepted after all (a benign mutation): throw frames at it, it
             # must still close us by its handshake timeout.
             conn.upgraded()
             key = self.key(rng)
             for _ in range(rng.randint(0, 5)):
-                conn.send(wsFrame(rng.randbytes(rng.randint(0, 300)), opcode=rng.choice([1, 2, 9]), key=key))
+                conn.send(
+                    wsFrame(
+                        rng.randbytes(rng.randint(0, 300)), opcode=rng.choice([1, 2, 9]), key=key
+                    )
+                )
             if rng.random() < 0.1:
                 yield self.checkHandshakeTimeout(conn, "upgraded, never authenticated")
         elif not conn.closed and rng.random() < 0.1:
@@ -665,7 +747,9 @@ class Fuzzer:
         yield conn.sendPieces(self.reactor, data, rng)
         yield conn.whenClosed(self.reactor, rng.random() * 2)
         if self.authResponded(conn):
-            self.stats.anomaly("accepted_invalid_auth", "random frames were answered with an AuthResponse")
+            self.stats.anomaly(
+                "accepted_invalid_auth", "random frames were answered with an AuthResponse"
+            )
 
     @defer.inlineCallbacks
     def peerMutatedAuth(self, conn, target, rng):
@@ -687,7 +771,9 @@ class Fuzzer:
         elif variant == 2:
             message = m.encodeAuth(pid, generateToken("not-the-" + self.secret, time.time() + 3600))
         elif variant == 3:
-            message = m.encodeAuth(pid, generateToken(self.secret, time.time() - rng.choice([2, 60, 10**6])))
+            message = m.encodeAuth(
+                pid, generateToken(self.secret, time.time() - rng.choice([2, 60, 10**6]))
+            )
         elif variant == 4:
             message = b"\x01\x01" + MAGIC + pid + rng.randbytes(rng.randint(0, 150))
         elif variant == 5:
@@ -695,7 +781,9 @@ class Fuzzer:
         elif variant == 6:
             message = bytes([rng.choice([0, 2, 255]), 6]) + MAGIC + pid + token
         elif variant == 7:
-            message = bytes([1, rng.choice([0, 3, 4, 5, 7, 8, 9, 10, 11, 200])]) + MAGIC + pid + token
+            message = (
+                bytes([1, rng.choice([0, 3, 4, 5, 7, 8, 9, 10, 11, 200])]) + MAGIC + pid + token
+            )
         else:
             message = m.encodeAuth(pid, token)[: rng.randint(0, 84)]
         framing = rng.randrange(4)
@@ -705,13 +793,21 @@ class Fuzzer:
             data = wsFrame(message, opcode=wire.OP_TEXT, key=key)
         elif framing == 2 and len(message) > 2:
             cut = rng.randint(1, len(message) - 1)
-            data = wsFrame(message[:cut], fin=False, key=key) + wsFrame(b"", opcode=wire.OP_PING, key=key) + wsFrame(message[cut:], opcode=0, key=key)
+            data = (
+                wsFrame(message[:cut], fin=False, key=key)
+                + wsFrame(b"", opcode=wire.OP_PING, key=key)
+                + wsFrame(message[cut:], opcode=0, key=key)
+            )
         else:
             data = wsFrame(message, key=key, lengthForm=rng.choice([126, 127]))
         yield conn.sendPieces(self.reactor, data, rng)
         yield conn.waitUntil(self.reactor, self.authResponded, 2)
         if self.authResponded(conn):
-            self.stats.anomaly("accepted_invalid_auth", f"variant {variant} framing {framing}: {message[:8].hex()}... ({len(message)} bytes)")
+            self.stats.anomaly(
+                "accepted_invalid_auth",
+                f"variant {variant} framing {framing}: {message[:8].hex()}... ({len(message)} "
+                "bytes)",
+            )
         yield self.checkHandshakeTimeout(conn, f"refused auth variant {variant}")
 
     def randomMessage(self, rng):
@@ -721,11 +817,17 @@ class Fuzzer:
         r = rng.randrange(16)
         if r < 5:
             size = rng.choice([0, 1, 8, 60, 200, 1300, 1400, 8782])
-            return m.encodeTransport(self.randomID(rng, allowGood=rng.random() < 0.05), rng.randbytes(rng.randint(0, min(size, 64) if rng.random() < 0.5 else size)))
+            return m.encodeTransport(
+                self.randomID(rng, allowGood=rng.random() < 0.05),
+                rng.randbytes(rng.randint(0, min(size, 64) if rng.random() < 0.5 else size)),
+            )
         if r == 5:
             return b"\x01\x03" + rng.randbytes(rng.randint(0, 37))
         if r in (6, 7):
-            ids = [self.randomID(rng, allowGood=True) for _ in range(rng.choice([0, 1, 3, 244, 245, 300]))]
+            ids = [
+                self.randomID(rng, allowGood=True)
+                for _ in range(rng.choice([0, 1, 3, 244, 245, 300]))
+            ]
             body = b"".join(ids)
             if rng.random() < 0.3:
                 body = body[: rng.randint(0, len(body))] if body else rng.randbytes(5)
@@ -735,9 +837,13 @@ class Fuzzer:
         if r == 9:
             return m.encodeAuth(self.randomID(rng), self.token(rng))
         if r == 10:
-            return bytes([rng.choice([0, 2, 255]), rng.randrange(256)]) + rng.randbytes(rng.randint(0, 50))
+            return bytes([rng.choice([0, 2, 255]), rng.randrange(256)]) + rng.randbytes(
+                rng.randint(0, 50)
+            )
         if r == 11:
-            return bytes([1, rng.choice([0, 2, 7, 10, 11, 12, 100, 255])]) + rng.randbytes(rng.randint(0, 50))
+            return bytes([1, rng.choice([0, 2, 7, 10, 11, 12, 100, 255])]) + rng.randbytes(
+                rng.randint(0, 50)
+            )
         if r == 12:
             return rng.choice([b"", b"\x01"])
         if r == 13:
@@ -763,9 +869,18 @@ class Fuzzer:
                 pieces = [message[:1], message[1:]]
             out = []
             for i, piece in enumerate(pieces):
-                out.append(wsFrame(piece, opcode=wire.OP_BINARY if i == 0 else wire.OP_CONT, fin=i == len(pieces) - 1, key=key))
+                out.append(
+                    wsFrame(
+                        piece,
+                        opcode=wire.OP_BINARY if i == 0 else wire.OP_CONT,
+                        fin=i == len(pieces) - 1,
+                        key=key,
+                    )
+                )
                 if rng.random() < 0.3:
-                    out.append(wsFrame(rng.randbytes(rng.randint(0, 125)), opcode=wire.OP_PING, key=key))
+                    out.append(
+                        wsFrame(rng.randbytes(rng.randint(0, 125)), opcode=wire.OP_PING, key=key)
+                    )
             return b"".join(out)
         if r == 8:
             return wsFrame(message, opcode=wire.OP_TEXT, key=key)
@@ -790,10 +905,23 @@ class Fuzzer:
                 data = mutate(data, rng)
             yield conn.sendPieces(self.reactor, data, rng)
             if rng.random() < 0.2:
-                conn.send(wsFrame(rng.randbytes(rng.randint(0, 125)), opcode=rng.choice([wire.OP_PING, wire.OP_PONG]), key=key))
+                conn.send(
+                    wsFrame(
+                        rng.randbytes(rng.randint(0, 125)),
+                        opcode=rng.choice([wire.OP_PING, wire.OP_PONG]),
+                        key=key,
+                    )
+                )
             yield self.sleep(rng.random() * 0.1)
         if not conn.closed and rng.random() < 0.3:
-            conn.send(wsFrame(struct.pack(">H", rng.choice([1000, 1001, 1002, 999, 5000])) + rng.randbytes(rng.randint(0, 40)), opcode=wire.OP_CLOSE, key=key))
+            conn.send(
+                wsFrame(
+                    struct.pack(">H", rng.choice([1000, 1001, 1002, 999, 5000]))
+                    + rng.randbytes(rng.randint(0, 40)),
+                    opcode=wire.OP_CLOSE,
+                    key=key,
+                )
+            )
             yield conn.whenClosed(self.reactor, 4)
 
     @defer.inlineCallbacks
@@ -803,16 +931,35 @@ class Fuzzer:
             return
         r = rng.randrange(6)
         if r == 0:
-            data = wsFrame(b"\x01\x03" + self.randomID(rng) + rng.randbytes(rng.randint(8783, 70000)), key=key)
+            data = wsFrame(
+                b"\x01\x03" + self.randomID(rng) + rng.randbytes(rng.randint(8783, 70000)), key=key
+            )
         elif r == 1:
-            data = bytes([0x82, 0xFF]) + rng.choice([2**63 - 1, 2**63, 2**64 - 1, 2**32, 10**9]).to_bytes(8, "big") + key + rng.randbytes(rng.randint(0, 4096))
+            data = (
+                bytes([0x82, 0xFF])
+                + rng.choice([2**63 - 1, 2**63, 2**64 - 1, 2**32, 10**9]).to_bytes(8, "big")
+                + key
+                + rng.randbytes(rng.randint(0, 4096))
+            )
         elif r == 2:
             data = bytes([0x82, 0xFE, 0xFF, 0xFF]) + key + rng.randbytes(rng.randint(0, 65535))
         elif r == 3:
-            pieces = [wsFrame(rng.randbytes(4000), opcode=wire.OP_BINARY if i == 0 else wire.OP_CONT, fin=False, key=key) for i in range(rng.randint(3, 40))]
+            pieces = [
+                wsFrame(
+                    rng.randbytes(4000),
+                    opcode=wire.OP_BINARY if i == 0 else wire.OP_CONT,
+                    fin=False,
+                    key=key,
+                )
+                for i in range(rng.randint(3, 40))
+            ]
             data = b"".join(pieces)
         elif r == 4:
-            data = wsFrame(rng.randbytes(rng.randint(126, 70000)), opcode=rng.choice([wire.OP_PING, wire.OP_PONG, wire.OP_CLOSE]), key=key)
+            data = wsFrame(
+                rng.randbytes(rng.randint(126, 70000)),
+                opcode=rng.choice([wire.OP_PING, wire.OP_PONG, wire.OP_CLOSE]),
+                key=key,
+            )
         else:
             data = wsFrame(rng.randbytes(rng.randint(8821, 200000)), opcode=wire.OP_TEXT, key=key)
         yield conn.sendPieces(self.reactor, data, rng)
@@ -841,9 +988,14 @@ class Fuzzer:
             preAuth = False
         limit = time.monotonic() + (HANDSHAKE_LIMIT if preAuth else rng.choice([3, 12]))
         pos = 0
-        while not conn.closed and pos < len(data) - 1 and time.monotonic() < limit and not self.stopping:
+        while (
+            not conn.closed
+            and pos < len(data) - 1
+            and time.monotonic() < limit
+            and not self.stopping
+        ):
             step = rng.randint(1, 3)
-            conn.send(data[pos:pos + step])
+            conn.send(data[pos : pos + step])
             pos += step
             yield self.sleep(rng.choice([0.2, 0.5, 1.0]))
         if preAuth and not conn.closed and not self.stopping:
@@ -857,13 +1009,17 @@ class Fuzzer:
         if r == 0:
             data = rng.randbytes(rng.choice([1, 2, 3, 100, 5000]))
         elif r == 1:
-            data = bytes([rng.choice([1, 2, 3, 0x14, 0x20, 0x21, 0x10, 0xFF])]) + rng.randbytes(rng.randint(2, 200))
+            data = bytes([rng.choice([1, 2, 3, 0x14, 0x20, 0x21, 0x10, 0xFF])]) + rng.randbytes(
+                rng.randint(2, 200)
+            )
         else:
             data = upgradeRequest(target.host, target.clusterPort)
         yield conn.sendPieces(self.reactor, data, rng)
         closed = yield conn.whenClosed(self.reactor, REFUSED_LIMIT)
         if not closed and len(data) >= 3 and data[0] != cf.HELLO and not self.stopping:
-            self.stats.anomaly("cluster_first_frame_not_hello_kept", f"first header {data[:3].hex()}")
+            self.stats.anomaly(
+                "cluster_first_frame_not_hello_kept", f"first header {data[:3].hex()}"
+            )
 
     def ownAnnounce(self, conn, target):
         """
@@ -878,28 +1034,69 @@ class Fuzzer:
         """
         now = int(time.time())
         secret = self.clusterSecret
+        stranger = f"127.{rng.randint(100, 250)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
         address = rng.choice(
-            [f"127.{rng.randint(100, 250)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}:{target.clusterPort}", target.announce, f"{source}:{target.clusterPort}"]
+            [
+                f"{stranger}:{target.clusterPort}",
+                target.announce,
+                f"{source}:{target.clusterPort}",
+            ]
             + [t.announce for t in self.targets if t.clusterPort]
         )
         other = "wrong-" + (secret or "secret")
         variants = [
             (cf.encodeFrame(cf.HELLO, cf.encodeHello(address, now, other)), True),
-            (cf.encodeFrame(cf.HELLO, cf.encodeHello(address, now + rng.choice([-1, 1]) * rng.choice([301, 400, 10**6, 10**9]), secret)), True),
-            (cf.encodeFrame(cf.HELLO, mutateChanged(cf.encodeHello(address, now, secret), rng)), bool(secret)),
-            (cf.encodeFrame(cf.HELLO, bytes([rng.choice([0, 1, 3, 255])]) + cf.encodeHello(address, now, secret)[1:]), True),
+            (
+                cf.encodeFrame(
+                    cf.HELLO,
+                    cf.encodeHello(
+                        address,
+                        now + rng.choice([-1, 1]) * rng.choice([301, 400, 10**6, 10**9]),
+                        secret,
+                    ),
+                ),
+                True,
+            ),
+            (
+                cf.encodeFrame(cf.HELLO, mutateChanged(cf.encodeHello(address, now, secret), rng)),
+                bool(secret),
+            ),
+            (
+                cf.encodeFrame(
+                    cf.HELLO,
+                    bytes([rng.choice([0, 1, 3, 255])]) + cf.encodeHello(address, now, secret)[1:],
+                ),
+                True,
+            ),
             (cf.encodeFrame(cf.HELLO, b"\x02\x00" + struct.pack(">Q", now) + b"\x00"), True),
             (cf.encodeFrame(cf.HELLO, cf.encodeHello(address, now, secret)[:-1]), True),
             (cf.encodeFrame(cf.HELLO, cf.encodeHello(address, now, secret) + b"\x00"), True),
             (cf.encodeFrame(cf.HELLO, rng.randbytes(rng.randint(0, 300))), True),
-            (cf.encodeFrame(cf.HELLO, b"\x02\x05\xff\xfe\xfd\xfc\xfb" + struct.pack(">Q", now) + b"\x00"), True),
-            (bytes([0]) + struct.pack(">H", rng.randint(cf.HELLO_MAX_PAYLOAD + 1, 65535)) + rng.randbytes(100), True),
-            (cf.encodeFrame(rng.choice([1, 2, 3, 0x14, 0x20, 0x21, 0x7F]), rng.randbytes(rng.randint(0, 60))), True),
+            (
+                cf.encodeFrame(
+                    cf.HELLO, b"\x02\x05\xff\xfe\xfd\xfc\xfb" + struct.pack(">Q", now) + b"\x00"
+                ),
+                True,
+            ),
+            (
+                bytes([0])
+                + struct.pack(">H", rng.randint(cf.HELLO_MAX_PAYLOAD + 1, 65535))
+                + rng.randbytes(100),
+                True,
+            ),
+            (
+                cf.encodeFrame(
+                    rng.choice([1, 2, 3, 0x14, 0x20, 0x21, 0x7F]), rng.randbytes(rng.randint(0, 60))
+                ),
+                True,
+            ),
         ]
         if secret:
             variants.append((cf.encodeFrame(cf.HELLO, cf.encodeHello(address, now, "")), True))
         else:
-            variants.append((cf.encodeFrame(cf.HELLO, cf.encodeHello(address, now, "some-secret")), True))
+            variants.append(
+                (cf.encodeFrame(cf.HELLO, cf.encodeHello(address, now, "some-secret")), True)
+            )
         return variants
 
     @defer.inlineCallbacks
@@ -911,7 +1108,10 @@ class Fuzzer:
         refused.
         """
         frame, refused = rng.choice(self.helloVariants(target, rng, conn.source))
-        tail = b"".join(cf.encodeFrame(rng.choice([1, 2, 3, 0x14, 0x20]), rng.randbytes(rng.randint(0, 80))) for _ in range(rng.randint(0, 4)))
+        tail = b"".join(
+            cf.encodeFrame(rng.choice([1, 2, 3, 0x14, 0x20]), rng.randbytes(rng.randint(0, 80)))
+            for _ in range(rng.randint(0, 4))
+        )
         limit = REFUSED_LIMIT
         if frame[0] == cf.HELLO and len(frame) > 3:
             try:
@@ -928,14 +1128,21 @@ class Fuzzer:
         yield conn.sendPieces(self.reactor, frame + tail, rng)
         closed = yield conn.whenClosed(self.reactor, limit)
         if refused and not closed and not self.stopping:
-            self.stats.anomaly("cluster_bad_hello_kept", f"stream still open {limit:g} s after HELLO {frame[:12].hex()}... ({len(frame)} bytes)")
+            self.stats.anomaly(
+                "cluster_bad_hello_kept",
+                f"stream still open {limit:g} s after HELLO {frame[:12].hex()}... ({len(frame)} "
+                "bytes)",
+            )
 
     @defer.inlineCallbacks
     def clusterNoHello(self, conn, target, rng):
         conn.send(rng.choice([b"", b"\x00", b"\x00\x00", b"\x00\x00\x30" + b"\x02"]))
         closed = yield conn.whenClosed(self.reactor, HELLO_LIMIT)
         if not closed and not self.stopping:
-            self.stats.anomaly("cluster_hello_timeout_not_enforced", f"still open {HELLO_LIMIT:g} s without a HELLO")
+            self.stats.anomaly(
+                "cluster_hello_timeout_not_enforced",
+                f"still open {HELLO_LIMIT:g} s without a HELLO",
+            )
 
     def randomClusterFrame(self, rng, room=0):
         """
@@ -957,22 +1164,38 @@ class Fuzzer:
         if r == 2:
             return cf.peerGoneFrame(pid)
         if r in (3, 4):
-            message = rng.choice([m.encodeTransport(self.randomID(rng), rng.randbytes(rng.randint(0, 1400))), rng.randbytes(rng.randint(0, 100)), b"\x01\x03", b""])
+            message = rng.choice(
+                [
+                    m.encodeTransport(self.randomID(rng), rng.randbytes(rng.randint(0, 1400))),
+                    rng.randbytes(rng.randint(0, 100)),
+                    b"\x01\x03",
+                    b"",
+                ]
+            )
             return cf.fwdFrame(pid, message)
         if r == 5:
             return cf.pingFrame()
         if r == 6:
             return cf.pongFrame()
         if r == 7:
-            return cf.encodeFrame(rng.choice([cf.CHALLENGE, cf.AUTH, cf.CONFIRM, 0x10, 0x11, 0x12, 0x13, 0x15, 0x22, 0xFF]), rng.randbytes(rng.randint(0, 2000)))
+            return cf.encodeFrame(
+                rng.choice(
+                    [cf.CHALLENGE, cf.AUTH, cf.CONFIRM, 0x10, 0x11, 0x12, 0x13, 0x15, 0x22, 0xFF]
+                ),
+                rng.randbytes(rng.randint(0, 2000)),
+            )
         if r == 8:
             return cf.helloFrame("127.1.2.3:1", int(time.time()), self.clusterSecret)
         if r == 9:
             kind = rng.choice([cf.WHO_HAS, cf.I_HAVE, cf.PEER_GONE, cf.FWD, cf.PING, cf.PONG])
             return cf.encodeFrame(kind, rng.randbytes(rng.choice([0, 1, 35, 37, 39, 41, 100])))
         if r == 10:
-            return cf.encodeFrame(cf.FWD, pid + rng.randbytes(rng.choice([0, 100, cf.MAX_PAYLOAD - 36 - room])))
-        return cf.encodeFrame(cf.I_HAVE, mutate(cf.iHaveFrame(pid, 1)[cf.HEADER_SIZE:], rng)[:cf.MAX_PAYLOAD - room])
+            return cf.encodeFrame(
+                cf.FWD, pid + rng.randbytes(rng.choice([0, 100, cf.MAX_PAYLOAD - 36 - room]))
+            )
+        return cf.encodeFrame(
+            cf.I_HAVE, mutate(cf.iHaveFrame(pid, 1)[cf.HEADER_SIZE :], rng)[: cf.MAX_PAYLOAD - room]
+        )
 
     @defer.inlineCallbacks
     def podHandshake(self, conn, target, rng):
@@ -988,7 +1211,9 @@ class Fuzzer:
         nonce = rng.randbytes(cf.NONCE_SIZE)
         conn.clusterReader = cf.FrameReader()
         self.stats.podSessions += 1
-        yield conn.sendPieces(self.reactor, cf.encodeFrame(cf.HELLO, hello) + cf.challengeFrame(nonce), rng)
+        yield conn.sendPieces(
+            self.reactor, cf.encodeFrame(cf.HELLO, hello) + cf.challengeFrame(nonce), rng
+        )
         handshake = yield self.awaitAuth(conn, hello, nonce, HELLO_LIMIT)
         if handshake is None:
             return None
@@ -1007,7 +1232,10 @@ class Fuzzer:
         answered = yield conn.waitUntil(self.reactor, lambda c: c.clusterFrames, timeout)
         if not answered:
             if not conn.closed and not self.stopping:
-                self.stats.anomaly("cluster_handshake_stalled", f"no AUTH {timeout:g} s after HELLO and CHALLENGE, connection kept")
+                self.stats.anomaly(
+                    "cluster_handshake_stalled",
+                    f"no AUTH {timeout:g} s after HELLO and CHALLENGE, connection kept",
+                )
             return None
         frameType, payload = conn.clusterFrames.pop(0)
         try:
@@ -1020,7 +1248,9 @@ class Fuzzer:
         handshake = cf.Handshake(self.clusterSecret, hello, nonce, acceptorNonce)
         handshake.acceptorNonce = acceptorNonce
         if not hmac.compare_digest(mac, handshake.acceptorMAC):
-            self.stats.anomaly("cluster_bad_auth_from_pod", "AUTH does not prove the cluster secret")
+            self.stats.anomaly(
+                "cluster_bad_auth_from_pod", "AUTH does not prove the cluster secret"
+            )
             return None
         return handshake
 
@@ -1038,21 +1268,37 @@ class Fuzzer:
         variant = rng.randrange(10)
         if variant == 5:
             # A HELLO naming another host (a real pod's, or anyone's).
-            announce = rng.choice([target.announce, f"127.{rng.randint(100, 250)}.0.1:{target.clusterPort}"])
+            announce = rng.choice(
+                [target.announce, f"127.{rng.randint(100, 250)}.0.1:{target.clusterPort}"]
+            )
         hello = cf.encodeHello(announce, int(time.time()), secret)
         nonce = rng.randbytes(cf.NONCE_SIZE)
         helloFrame = cf.encodeFrame(cf.HELLO, hello)
         limit = REFUSED_LIMIT
         answered = variant in (1, 2, 3, 6, 7, 9)
         if variant == 0:
-            challenge = rng.choice([b"", bytes([3]) + nonce[:-1], bytes([3]) + nonce + b"\x00", bytes([2]) + nonce, bytes([4]) + nonce])
-            yield conn.sendPieces(self.reactor, helloFrame + cf.encodeFrame(cf.CHALLENGE, challenge), rng)
+            challenge = rng.choice(
+                [
+                    b"",
+                    bytes([3]) + nonce[:-1],
+                    bytes([3]) + nonce + b"\x00",
+                    bytes([2]) + nonce,
+                    bytes([4]) + nonce,
+                ]
+            )
+            yield conn.sendPieces(
+                self.reactor, helloFrame + cf.encodeFrame(cf.CHALLENGE, challenge), rng
+            )
         elif variant == 4:
-            yield conn.sendPieces(self.reactor, helloFrame + cf.confirmFrame(rng.randbytes(cf.MAC_SIZE)), rng)
+            yield conn.sendPieces(
+                self.reactor, helloFrame + cf.confirmFrame(rng.randbytes(cf.MAC_SIZE)), rng
+            )
         elif variant == 5:
             yield conn.sendPieces(self.reactor, helloFrame + cf.challengeFrame(nonce), rng)
         elif variant == 8:
-            yield conn.sendPieces(self.reactor, helloFrame + cf.authFrame(nonce, rng.randbytes(cf.MAC_SIZE)), rng)
+            yield conn.sendPieces(
+                self.reactor, helloFrame + cf.authFrame(nonce, rng.randbytes(cf.MAC_SIZE)), rng
+            )
         else:
             yield conn.sendPieces(self.reactor, helloFrame + cf.challengeFrame(nonce), rng)
             handshake = yield self.awaitAuth(conn, hello, nonce, REFUSED_LIMIT)
@@ -1061,10 +1307,18 @@ class Fuzzer:
             if variant == 1:
                 conn.send(cf.confirmFrame(rng.randbytes(cf.MAC_SIZE)))
             elif variant == 2:
-                conn.send(cf.confirmFrame(cf.Handshake("wrong-" + secret, hello, nonce, handshake.acceptorNonce).dialerMAC))
+                conn.send(
+                    cf.confirmFrame(
+                        cf.Handshake(
+                            "wrong-" + secret, hello, nonce, handshake.acceptorNonce
+                        ).dialerMAC
+                    )
+                )
             elif variant == 3:
                 frame = self.randomClusterFrame(rng, room=cf.TAG_SIZE)
-                conn.send(cf.Sealer(handshake.dialerKey).seal(frame) if rng.random() < 0.5 else frame)
+                conn.send(
+                    cf.Sealer(handshake.dialerKey).seal(frame) if rng.random() < 0.5 else frame
+                )
             elif variant == 6:
                 limit = HELLO_LIMIT
             elif variant == 7:
@@ -1075,7 +1329,9 @@ class Fuzzer:
         if self.stopping:
             return
         if not closed:
-            self.stats.anomaly("cluster_bad_handshake_kept", f"variant {variant}: still open {limit:g} s later")
+            self.stats.anomaly(
+                "cluster_bad_handshake_kept", f"variant {variant}: still open {limit:g} s later"
+            )
         if conn.clusterFrames:
             kinds = [cf.frameName(t) for t, _ in conn.clusterFrames[:4]]
             what = "after AUTH" if answered else "to a handshake it refused"
@@ -1098,10 +1354,15 @@ class Fuzzer:
             return
         sealer = cf.Sealer(handshake.dialerKey)
         conn.send(sealer.seal(cf.pingFrame()))
-        live = yield conn.waitUntil(self.reactor, lambda c: any(t == cf.PONG for t, _ in c.clusterFrames), REFUSED_LIMIT)
+        live = yield conn.waitUntil(
+            self.reactor, lambda c: any(t == cf.PONG for t, _ in c.clusterFrames), REFUSED_LIMIT
+        )
         if not live:
             if not conn.closed and not self.stopping:
-                self.stats.anomaly("cluster_secured_ping_unanswered", f"no PONG {REFUSED_LIMIT:g} s after CONFIRM and a sealed PING")
+                self.stats.anomaly(
+                    "cluster_secured_ping_unanswered",
+                    f"no PONG {REFUSED_LIMIT:g} s after CONFIRM and a sealed PING",
+                )
             return
         self.stats.podSessionsSecured += 1
         self.lastConfirm = cf.confirmFrame(handshake.dialerMAC)
@@ -1114,7 +1375,12 @@ class Fuzzer:
             for frameType, payload in incoming:
                 if frameType == cf.PING and answersPings:
                     conn.send(sealer.seal(cf.pongFrame()))
-                elif frameType == cf.WHO_HAS and len(payload) == 36 and payload not in self.goodIDs and rng.random() < 0.3:
+                elif (
+                    frameType == cf.WHO_HAS
+                    and len(payload) == 36
+                    and payload not in self.goodIDs
+                    and rng.random() < 0.3
+                ):
                     conn.send(sealer.seal(cf.iHaveFrame(payload, rng.getrandbits(32))))
             frame = self.randomClusterFrame(rng, room=cf.TAG_SIZE)
             r = rng.random()
@@ -1130,7 +1396,10 @@ class Fuzzer:
                 yield conn.sendPieces(self.reactor, bytes(data), rng)
                 closed = yield conn.whenClosed(self.reactor, REFUSED_LIMIT)
                 if not closed and not self.stopping:
-                    self.stats.anomaly("cluster_forged_frame_kept", f"a {kind} {cf.frameName(data[0])} frame of {len(data)} bytes")
+                    self.stats.anomaly(
+                        "cluster_forged_frame_kept",
+                        f"a {kind} {cf.frameName(data[0])} frame of {len(data)} bytes",
+                    )
                 return
             if r < 0.09:
                 data, inStep = mutate(sealer.seal(frame), rng), False
@@ -1138,7 +1407,13 @@ class Fuzzer:
                 # Valid but hostile: a burst of claims, lookups and goodbyes
                 # for ids that are nobody's.
                 burst = [
-                    rng.choice((cf.iHaveFrame(pid, rng.getrandbits(32)), cf.whoHasFrame(pid), cf.peerGoneFrame(pid)))
+                    rng.choice(
+                        (
+                            cf.iHaveFrame(pid, rng.getrandbits(32)),
+                            cf.whoHasFrame(pid),
+                            cf.peerGoneFrame(pid),
+                        )
+                    )
                     for pid in (self.randomID(rng) for _ in range(rng.randint(2, 200)))
                 ]
                 data = b"".join(sealer.seal(f) for f in burst)
@@ -1178,7 +1453,7 @@ class GoodPair:
     def payload(self, direction, seq):
         size = 8 + (seq * 7919 + direction * 104729) % (self.maxSize - 8)
         offset = (seq * 131 + direction * 977) % (len(BLOCK) - size)
-        return struct.pack(">Q", seq) + BLOCK[offset:offset + size - 8]
+        return struct.pack(">Q", seq) + BLOCK[offset : offset + size - 8]
 
     @defer.inlineCallbacks
     def connect(self, urlA, urlB, secret, timeout=30.0):
@@ -1198,7 +1473,7 @@ class GoodPair:
                     break
                 except defer.TimeoutError:
                     if self.reactor.seconds() > deadline:
-                        raise RuntimeError("the good peers never saw each other online")
+                        raise RuntimeError("the good peers never saw each other online") from None
 
     def _lost(self, _, index):
         if not self.closing:
@@ -1303,7 +1578,9 @@ class GoodPair:
 @defer.inlineCallbacks
 def probeAccept(reactor, host, port):
     try:
-        p = yield connectProtocol(TCP4ClientEndpoint(reactor, host, port, timeout=3), protocol.Protocol())
+        p = yield connectProtocol(
+            TCP4ClientEndpoint(reactor, host, port, timeout=3), protocol.Protocol()
+        )
     except Exception:
         return False
     p.transport.abortConnection()
@@ -1319,7 +1596,9 @@ def probeRelay(reactor, target, secret, serial):
     peers = []
     try:
         for pid in ids:
-            peers.append((yield client.connect(reactor, target.url, pid, secret=secret, timeout=10)))
+            peers.append(
+                (yield client.connect(reactor, target.url, pid, secret=secret, timeout=10))
+            )
         peers[0].send(ids[1], b"probe")
         source, payload = yield peers[1].transports.get().addTimeout(10, reactor)
         return source == ids[0] and payload == b"probe"
@@ -1363,7 +1642,9 @@ class Monitor:
                 for port in (target.port, target.clusterPort):
                     if port:
                         target.probes += 1
-                        probeAccept(self.reactor, target.host, port).addCallback(self._accepted, target, port)
+                        probeAccept(self.reactor, target.host, port).addCallback(
+                            self._accepted, target, port
+                        )
 
     def _accepted(self, ok, target, port):
         if not ok:
@@ -1380,8 +1661,14 @@ def spawnRelays(options, logDir):
 
     @return: a list of L{Target}.
     """
-    processes, clusterPort = startRelays(options.secret, list(options.relay_arg or []), logDir, "fuzz",
-                                         cluster=options.cluster, clusterSecret=options.cluster_secret)
+    processes, clusterPort = startRelays(
+        options.secret,
+        list(options.relay_arg or []),
+        logDir,
+        "fuzz",
+        cluster=options.cluster,
+        clusterSecret=options.cluster_secret,
+    )
     return [Target(p.host, p.port, clusterPort=clusterPort, process=p) for p in processes]
 
 
@@ -1400,7 +1687,14 @@ def externalTargets(options):
             host, _, port = ct.rpartition(":")
             if host == split.hostname:
                 clusterPort = int(port)
-        targets.append(Target(split.hostname, split.port, clusterPort=clusterPort, pid=pids[i] if i < len(pids) else None))
+        targets.append(
+            Target(
+                split.hostname,
+                split.port,
+                clusterPort=clusterPort,
+                pid=pids[i] if i < len(pids) else None,
+            )
+        )
     return targets
 
 
@@ -1413,7 +1707,12 @@ def rssSummary(target, options):
     rounds = [stat(target.rss.get(f"after-{k}"), min) for k in range(options.rounds)]
     rounds = [r for r in rounds if r is not None]
     after = rounds[-1] if rounds else None
-    summary = {"baseline_kib": baseline, "peak_kib": peak, "after_kib": after, "after_by_round_kib": rounds}
+    summary = {
+        "baseline_kib": baseline,
+        "peak_kib": peak,
+        "after_kib": after,
+        "after_by_round_kib": rounds,
+    }
     if baseline is None or after is None:
         summary["ok"] = None
         return summary
@@ -1439,19 +1738,32 @@ def run(reactor, options, targets):
     monitor.start()
     good.start()
     yield sleep(reactor, options.warmup)
-    fuzzer = Fuzzer(reactor, targets, options.secret, options.cluster_secret, rng, options.connections, options.rate, good.ids)
+    fuzzer = Fuzzer(
+        reactor,
+        targets,
+        options.secret,
+        options.cluster_secret,
+        rng,
+        options.connections,
+        options.rate,
+        good.ids,
+    )
     for round_ in range(options.rounds):
         monitor.phase = "fuzz"
-        log(f"round {round_ + 1} of {options.rounds}: fuzzing for {options.duration:g} s with {options.connections} connections at up to {options.rate:g} new/s")
+        log(
+            f"round {round_ + 1} of {options.rounds}: fuzzing for {options.duration:g} s with "
+            f"{options.connections} connections at up to {options.rate:g} new/s"
+        )
         fuzzer.start()
         started = reactor.seconds()
         while reactor.seconds() - started < options.duration:
             yield sleep(reactor, min(10, options.duration - (reactor.seconds() - started)))
             s = fuzzer.stats
             log(
-                f"{reactor.seconds() - started:5.0f} s: {s.started} connections, {s.connectErrors} connect errors, "
-                f"{len(fuzzer.active)} open, good {good.received} of {good.sent}, anomalies {sum(s.anomalies.values())}, "
-                f"rss {[t.rssKiB() for t in targets]} KiB"
+                f"{reactor.seconds() - started:5.0f} s: {s.started} connections, "
+                f"{s.connectErrors} connect errors, {len(fuzzer.active)} open, good "
+                f"{good.received} of {good.sent}, anomalies {sum(s.anomalies.values())}, rss "
+                f"{[t.rssKiB() for t in targets]} KiB"
             )
             if not all(t.running() for t in targets):
                 failures.append("a relay process exited during the fuzz")
@@ -1479,7 +1791,8 @@ def run(reactor, options, targets):
                 "pid": target.pid,
                 "running": running,
                 "accepts": accepts,
-                "relays_new_peer": running and (yield probeRelay(reactor, target, options.secret, i)),
+                "relays_new_peer": running
+                and (yield probeRelay(reactor, target, options.secret, i)),
                 "accept_probe_failures": target.acceptFailures,
                 "accept_probes": target.probes,
                 "rss": rssSummary(target, options),
@@ -1492,46 +1805,119 @@ def run(reactor, options, targets):
         if not relay["accepts"]:
             failures.append(f"{where}: peer port does not accept")
         if not relay["relays_new_peer"]:
-            failures.append(f"{where}: a new peer pair could not authenticate and exchange a message")
+            failures.append(
+                f"{where}: a new peer pair could not authenticate and exchange a message"
+            )
         if relay["rss"]["ok"] is False:
-            failures.append(f"{where}: RSS {relay['rss']['after_kib']} KiB after the fuzz, baseline {relay['rss']['baseline_kib']} KiB")
+            failures.append(
+                f"{where}: RSS {relay['rss']['after_kib']} KiB after the fuzz, baseline "
+                f"{relay['rss']['baseline_kib']} KiB"
+            )
     if not good.ok():
         failures.append("the good pair lost, reordered or corrupted messages, or was disconnected")
     for name, count in fuzzer.stats.anomalies.items():
         failures.append(f"anomaly {name} x{count}")
-    return {"relays": relays, "good_pair": good.summary(), "fuzz": fuzzer.stats.summary(), "failures": failures}
+    return {
+        "relays": relays,
+        "good_pair": good.summary(),
+        "fuzz": fuzzer.stats.summary(),
+        "failures": failures,
+    }
 
 
 def parseArgs(argv):
-    parser = argparse.ArgumentParser(prog="python -m tests.fuzz", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.fuzz", description=__doc__.split("\n\n")[0]
+    )
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--spawn", action="store_true", help="start one relay on 127.0.0.1")
     where.add_argument("--cluster", action="store_true", help="start three pods on 127.0.0.2-4")
-    where.add_argument("--url", action="append", help="rel://127.x.y.z:port of a running relay (repeat for pods)")
-    parser.add_argument("--secret", help="the relays' auth secret (default: $OZ_AUTH_SECRET; random when spawning)")
-    parser.add_argument("--pid", type=int, action="append", help="pid of the --url relay, same order, for RSS and liveness")
-    parser.add_argument("--cluster-target", action="append", help="host:port of a --url relay's inter-pod listener")
-    parser.add_argument("--cluster-secret", help="inter-pod secret, to fuzz past HELLO (default: $OZ_CLUSTER_AUTH_SECRET; random when spawning)")
-    parser.add_argument("--duration", type=float, default=60.0, help="seconds of fuzzing (default 60)")
-    parser.add_argument("--rounds", type=int, default=1, help="fuzz rounds of --duration, RSS read after each (default 1)")
-    parser.add_argument("--connections", type=int, default=64, help="fuzz connections open at once (default 64)")
-    parser.add_argument("--rate", type=float, default=100.0, help="new fuzz connections per second at most (default 100)")
-    parser.add_argument("--good-rate", type=float, default=200.0, help="good-pair messages per second each way (default 200)")
+    where.add_argument(
+        "--url", action="append", help="rel://127.x.y.z:port of a running relay (repeat for pods)"
+    )
+    parser.add_argument(
+        "--secret", help="the relays' auth secret (default: $OZ_AUTH_SECRET; random when spawning)"
+    )
+    parser.add_argument(
+        "--pid",
+        type=int,
+        action="append",
+        help="pid of the --url relay, same order, for RSS and liveness",
+    )
+    parser.add_argument(
+        "--cluster-target", action="append", help="host:port of a --url relay's inter-pod listener"
+    )
+    parser.add_argument(
+        "--cluster-secret",
+        help=(
+            "inter-pod secret, to fuzz past HELLO (default: $OZ_CLUSTER_AUTH_SECRET; random when "
+            "spawning)"
+        ),
+    )
+    parser.add_argument(
+        "--duration", type=float, default=60.0, help="seconds of fuzzing (default 60)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="fuzz rounds of --duration, RSS read after each (default 1)",
+    )
+    parser.add_argument(
+        "--connections", type=int, default=64, help="fuzz connections open at once (default 64)"
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=100.0,
+        help="new fuzz connections per second at most (default 100)",
+    )
+    parser.add_argument(
+        "--good-rate",
+        type=float,
+        default=200.0,
+        help="good-pair messages per second each way (default 200)",
+    )
     parser.add_argument("--seed", type=int, help="random seed (default: random, reported)")
-    parser.add_argument("--warmup", type=float, default=5.0, help="seconds of good traffic before the fuzz (RSS baseline)")
-    parser.add_argument("--settle", type=float, default=15.0, help="seconds after the fuzz before RSS is read again")
-    parser.add_argument("--rss-slack-mib", type=float, default=16.0, help="RSS may end this much above baseline (MiB)")
-    parser.add_argument("--rss-slack-ratio", type=float, default=0.2, help="... or this fraction of it, whichever is larger")
-    parser.add_argument("--relay-arg", action="append", help="extra argument for spawned relays (repeat)")
-    parser.add_argument("--log-dir", help="where spawned relays log (default: a new temporary directory)")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=5.0,
+        help="seconds of good traffic before the fuzz (RSS baseline)",
+    )
+    parser.add_argument(
+        "--settle", type=float, default=15.0, help="seconds after the fuzz before RSS is read again"
+    )
+    parser.add_argument(
+        "--rss-slack-mib",
+        type=float,
+        default=16.0,
+        help="RSS may end this much above baseline (MiB)",
+    )
+    parser.add_argument(
+        "--rss-slack-ratio",
+        type=float,
+        default=0.2,
+        help="... or this fraction of it, whichever is larger",
+    )
+    parser.add_argument(
+        "--relay-arg", action="append", help="extra argument for spawned relays (repeat)"
+    )
+    parser.add_argument(
+        "--log-dir", help="where spawned relays log (default: a new temporary directory)"
+    )
     options = parser.parse_args(argv)
     spawning = options.spawn or options.cluster
     if options.secret is None:
-        options.secret = os.environ.get("OZ_AUTH_SECRET") or (os.urandom(16).hex() if spawning else None)
+        options.secret = os.environ.get("OZ_AUTH_SECRET") or (
+            os.urandom(16).hex() if spawning else None
+        )
     if options.secret is None:
         parser.error("--secret (or OZ_AUTH_SECRET) is needed with --url")
     if options.cluster_secret is None:
-        options.cluster_secret = os.environ.get("OZ_CLUSTER_AUTH_SECRET") or (os.urandom(16).hex() if options.cluster else None)
+        options.cluster_secret = os.environ.get("OZ_CLUSTER_AUTH_SECRET") or (
+            os.urandom(16).hex() if options.cluster else None
+        )
     if options.seed is None:
         options.seed = random.randrange(2**32)
     return options
@@ -1545,7 +1931,11 @@ def main(argv=None, reactor=None):
     logDir = options.log_dir or tempfile.mkdtemp(prefix="relay-fuzz-")
     os.makedirs(logDir, exist_ok=True)
     try:
-        targets = spawnRelays(options, logDir) if (options.spawn or options.cluster) else externalTargets(options)
+        targets = (
+            spawnRelays(options, logDir)
+            if (options.spawn or options.cluster)
+            else externalTargets(options)
+        )
     except RuntimeError as e:
         log(f"could not start the relays: {e}")
         return 2
@@ -1566,7 +1956,10 @@ def main(argv=None, reactor=None):
     reactor.callWhenRunning(lambda: run(reactor, options, targets).addCallbacks(done, failed))
     reactor.run()
 
-    result = outcome.get("result") or {"relays": [], "failures": [f"the run did not complete: {outcome.get('error')}"]}
+    result = outcome.get("result") or {
+        "relays": [],
+        "failures": [f"the run did not complete: {outcome.get('error')}"],
+    }
     for target in targets:
         if target.process is None:
             continue
@@ -1580,7 +1973,9 @@ def main(argv=None, reactor=None):
         if code != 0:
             result["failures"].append(f"{target.host}:{target.port}: exit status {code} on SIGTERM")
         if tracebacks:
-            result["failures"].append(f"{target.host}:{target.port}: {tracebacks} tracebacks in {target.process.logPath}")
+            result["failures"].append(
+                f"{target.host}:{target.port}: {tracebacks} tracebacks in {target.process.logPath}"
+            )
     result.update(
         {
             "ok": not result["failures"],

@@ -25,7 +25,9 @@ from twisted.names.common import ResolverBase
 
 from tests.certs import writeCertificate
 
-PEBBLE = shutil.which("pebble") or ("/usr/bin/pebble" if os.access("/usr/bin/pebble", os.X_OK) else None)
+PEBBLE = shutil.which("pebble") or (
+    "/usr/bin/pebble" if os.access("/usr/bin/pebble", os.X_OK) else None
+)
 
 _MISSING = "pebble is not installed (apt-get install -y pebble)"
 
@@ -58,7 +60,12 @@ class _PebbleProcess(protocol.ProcessProtocol):
 
     def processEnded(self, reason):
         if not self.ready.called:
-            self.ready.errback(RuntimeError(f"pebble exited before it was ready: {self.output.decode('utf-8', 'replace')[-2000:]}"))
+            self.ready.errback(
+                RuntimeError(
+                    "pebble exited before it was ready: "
+                    f"{self.output.decode('utf-8', 'replace')[-2000:]}"
+                )
+            )
         self.ended.callback(None)
 
 
@@ -71,7 +78,15 @@ class Pebble:
     @ivar managementURL: base URL of the management interface (C{/roots/0}).
     """
 
-    def __init__(self, directory, alwaysValid=True, httpPort=None, tlsPort=None, validityPeriod=None, dnsServer=None):
+    def __init__(
+        self,
+        directory,
+        alwaysValid=True,
+        httpPort=None,
+        tlsPort=None,
+        validityPeriod=None,
+        dnsServer=None,
+    ):
         """
         @param directory: a fresh temporary directory for config and certificate.
         @param alwaysValid: skip challenge validation (C{PEBBLE_VA_ALWAYS_VALID}).
@@ -128,7 +143,9 @@ class Pebble:
         argv = [PEBBLE, "-config", self.configPath]
         if self.dnsServer is not None:
             argv += ["-dnsserver", self.dnsServer]
-        self._process = reactor.spawnProcess(self._protocol, PEBBLE, argv, env=self.environment, path=self.directory)
+        self._process = reactor.spawnProcess(
+            self._protocol, PEBBLE, argv, env=self.environment, path=self.directory
+        )
         return self._protocol.ready.addTimeout(timeout, reactor)
 
     def stop(self, reactor, timeout=10):
@@ -161,7 +178,9 @@ class Pebble:
         import urllib.request
 
         context = ssl.create_default_context(cafile=self.caBundle)
-        with urllib.request.urlopen(f"{self.managementURL}/roots/0", context=context, timeout=timeout) as response:
+        with urllib.request.urlopen(
+            f"{self.managementURL}/roots/0", context=context, timeout=timeout
+        ) as response:
             return response.read()
 
 
@@ -181,7 +200,11 @@ class _Hosts(ResolverBase):
             return defer.fail(error.DomainError(name))
         answers = []
         if type in (dns.A, dns.ALL_RECORDS):
-            answers.append(dns.RRHeader(name, dns.A, dns.IN, 60, dns.Record_A(self.addresses[key], 60), auth=True))
+            answers.append(
+                dns.RRHeader(
+                    name, dns.A, dns.IN, 60, dns.Record_A(self.addresses[key], 60), auth=True
+                )
+            )
         return defer.succeed((answers, [], []))
 
 
@@ -203,7 +226,9 @@ class HostsDNS:
             port = freePort()
             tcp = reactor.listenTCP(port, self._factory, interface="127.0.0.1")
             try:
-                udp = reactor.listenUDP(port, dns.DNSDatagramProtocol(self._factory), interface="127.0.0.1")
+                udp = reactor.listenUDP(
+                    port, dns.DNSDatagramProtocol(self._factory), interface="127.0.0.1"
+                )
             except CannotListenError:
                 tcp.stopListening()
                 continue

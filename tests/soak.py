@@ -83,7 +83,6 @@ def runQueueWaitNs(pid):
         return None
 
 
-
 def percentiles(values):
     """
     Nearest-rank p50/p90/p99/p99.9/max of C{values} (ns) in milliseconds.
@@ -96,15 +95,40 @@ def percentiles(values):
     def at(p):
         return round(wire.percentile(ordered, p) / 1e6, 3)
 
-    return {"n": n, "p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "p999": at(0.999), "max": round(ordered[-1] / 1e6, 3)}
+    return {
+        "n": n,
+        "p50": at(0.5),
+        "p90": at(0.9),
+        "p99": at(0.99),
+        "p999": at(0.999),
+        "max": round(ordered[-1] / 1e6, 3),
+    }
 
 
 # The load worker
 
 
 class Conn:
-    __slots__ = ("sock", "fd", "state", "key", "name", "id", "host", "port", "buf", "out", "reader",
-                 "hcReply", "startedAt", "flowIn", "pair", "role", "request", "authFrame")
+    __slots__ = (
+        "sock",
+        "fd",
+        "state",
+        "key",
+        "name",
+        "id",
+        "host",
+        "port",
+        "buf",
+        "out",
+        "reader",
+        "hcReply",
+        "startedAt",
+        "flowIn",
+        "pair",
+        "role",
+        "request",
+        "authFrame",
+    )
 
     def __init__(self, name, host, port, role, tok):
         self.name = name
@@ -132,8 +156,19 @@ class Flow:
     One direction of one pair: sequence numbers from 0 at C{rate} a second.
     """
 
-    __slots__ = ("sender", "receiver", "size", "tail", "headerPlain", "sent", "expected", "lost",
-                 "reordered", "corrupt", "foreign")
+    __slots__ = (
+        "sender",
+        "receiver",
+        "size",
+        "tail",
+        "headerPlain",
+        "sent",
+        "expected",
+        "lost",
+        "reordered",
+        "corrupt",
+        "foreign",
+    )
 
     def __init__(self, sender, receiver, size, index):
         self.sender = sender
@@ -372,7 +407,7 @@ class Worker:
             flow.corrupt += 1
             return
         seq, sentNs = struct.unpack_from(">QQ", payload, 38)
-        if payload[38 + HEADER:] != flow.tail:
+        if payload[38 + HEADER :] != flow.tail:
             flow.corrupt += 1
         if seq != flow.expected:
             if seq < flow.expected:
@@ -408,7 +443,11 @@ class Worker:
         while time.monotonic() < deadline:
             while self.pending and self.inFlight < self.maxInFlight:
                 self.start(self.pending.pop())
-            if not self.pending and self.inFlight == 0 and all(p[2] or p[0].state == CLOSED or p[1].state == CLOSED for p in self.pairs):
+            if (
+                not self.pending
+                and self.inFlight == 0
+                and all(p[2] or p[0].state == CLOSED or p[1].state == CLOSED for p in self.pairs)
+            ):
                 return True
             self.poll(0.05)
         return False
@@ -465,7 +504,9 @@ class Worker:
         wait = runQueueWaitNs(os.getpid())
         entry = {
             "loop_max_gap_ms": round(self.maxGapNs / 1e6, 1),
-            "runqueue_wait_ms": round((wait - self.waitNs) / 1e6, 1) if wait is not None and self.waitNs is not None else None,
+            "runqueue_wait_ms": round((wait - self.waitNs) / 1e6, 1)
+            if wait is not None and self.waitNs is not None
+            else None,
             "t": round((now - startNs) / 1e9, 1),
             "sent": sum(f.sent for f in self.flows),
             "received": sum(f.expected - f.lost for f in self.flows),
@@ -510,8 +551,17 @@ def workerMain(spec, pipe):
     worker = Worker(spec, pipe)
     try:
         finished = worker.connectAll(time.monotonic() + spec["connectTimeout"])
-        pipe.send(("ready", {"ready": worker.ready, "failed": worker.failed, "complete": finished,
-                             "routed": sum(1 for p in worker.pairs if p[2])}))
+        pipe.send(
+            (
+                "ready",
+                {
+                    "ready": worker.ready,
+                    "failed": worker.failed,
+                    "complete": finished,
+                    "routed": sum(1 for p in worker.pairs if p[2]),
+                },
+            )
+        )
         message = worker.idleUntilCommand()
         if message[0] == "go":
             _, startNs, durationNs, rate, windowNs, drainS = message
@@ -532,9 +582,18 @@ def workerMain(spec, pipe):
 
 
 def spawn(options, logDir):
-    extra = ["--max-connections-per-ip", "0", "--connection-rate-per-ip", "0"] + list(options.relay_arg or [])
-    relays, _ = startRelays(options.secret, extra, logDir, "soak", cluster=options.cluster,
-                            clusterSecret=options.cluster_secret, timeout=60)
+    extra = ["--max-connections-per-ip", "0", "--connection-rate-per-ip", "0"] + list(
+        options.relay_arg or []
+    )
+    relays, _ = startRelays(
+        options.secret,
+        extra,
+        logDir,
+        "soak",
+        cluster=options.cluster,
+        clusterSecret=options.cluster_secret,
+        timeout=60,
+    )
     return relays
 
 
@@ -545,8 +604,15 @@ def plan(options, relays):
     """
     run = hashlib.sha256(os.urandom(8)).hexdigest()[:8]
     specs = [
-        {"idle": [], "pairs": [], "secret": options.secret, "size": options.size, "duration": options.duration,
-         "concurrency": options.concurrency, "connectTimeout": options.connect_timeout}
+        {
+            "idle": [],
+            "pairs": [],
+            "secret": options.secret,
+            "size": options.size,
+            "duration": options.duration,
+            "concurrency": options.concurrency,
+            "connectTimeout": options.connect_timeout,
+        }
         for _ in range(options.procs)
     ]
     for i in range(options.peers):
@@ -555,19 +621,28 @@ def plan(options, relays):
     for i in range(options.pairs):
         a = relays[i % len(relays)]
         b = relays[(i + 1) % len(relays)]
-        specs[i % options.procs]["pairs"].append((i, f"soak-{run}-a-{i}", a.host, f"soak-{run}-b-{i}", b.host, a.port))
+        specs[i % options.procs]["pairs"].append(
+            (i, f"soak-{run}-a-{i}", a.host, f"soak-{run}-b-{i}", b.host, a.port)
+        )
     for spec in specs:
         spec["pairs"] = [(i, (na, ha, nb, hb, port)) for i, na, ha, nb, hb, port in spec["pairs"]]
     return specs
 
 
 def sample(relays, samples, t0, last):
-    row = {"t": round(time.monotonic() - t0, 1), "rss_kib": [], "cpu_pct": [], "runqueue_wait_ms": [],
-           "loadavg_1m": round(os.getloadavg()[0], 2)}
+    row = {
+        "t": round(time.monotonic() - t0, 1),
+        "rss_kib": [],
+        "cpu_pct": [],
+        "runqueue_wait_ms": [],
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+    }
     for i, relay in enumerate(relays):
         wait = runQueueWaitNs(relay.pid)
         previous = last.get(("wait", i))
-        row["runqueue_wait_ms"].append(round((wait - previous) / 1e6, 1) if wait is not None and previous is not None else None)
+        row["runqueue_wait_ms"].append(
+            round((wait - previous) / 1e6, 1) if wait is not None and previous is not None else None
+        )
         last[("wait", i)] = wait
         try:
             rss = rssKiB(relay.pid)
@@ -598,15 +673,17 @@ def rssVerdict(samples, relays, warmT, limit):
         warm = sorted(after[:3])[len(after[:3]) // 2]
         end = sorted(after[-3:])[len(after[-3:]) // 2]
         growth = (end - warm) / warm
-        out.append({
-            "address": f"{relay.host}:{relay.port}",
-            "at_start_kib": series[0][1],
-            "after_warmup_kib": warm,
-            "end_kib": end,
-            "max_kib": max(after),
-            "growth_pct": round(100 * growth, 2),
-            "ok": growth <= limit,
-        })
+        out.append(
+            {
+                "address": f"{relay.host}:{relay.port}",
+                "at_start_kib": series[0][1],
+                "after_warmup_kib": warm,
+                "end_kib": end,
+                "max_kib": max(after),
+                "growth_pct": round(100 * growth, 2),
+                "ok": growth <= limit,
+            }
+        )
     return out
 
 
@@ -630,7 +707,10 @@ def run(options):
 
 def measure(options, relays, workers, soft, hard):
     relayLimits = [processFileLimit(r.pid) for r in relays]
-    log(f"relays {[f'{r.host}:{r.port} (pid {r.pid}, nofile {lim})' for r, lim in zip(relays, relayLimits)]}")
+    described = [
+        f"{r.host}:{r.port} (pid {r.pid}, nofile {lim})" for r, lim in zip(relays, relayLimits)
+    ]
+    log(f"relays {described}")
     specs = plan(options, relays)
     ctx = multiprocessing.get_context("fork")
     for spec in specs:
@@ -656,13 +736,18 @@ def measure(options, relays, workers, soft, hard):
         readiness.append(payload)
     connectS = time.monotonic() - connectStarted
     ready = sum(r["ready"] for r in readiness)
-    log(f"{ready} of {options.peers + 2 * options.pairs} connections authenticated in {connectS:.1f} s; "
-        f"{sum(r['routed'] for r in readiness)} of {options.pairs} pairs routed; failures {[r['failed'] for r in readiness]}")
+    log(
+        f"{ready} of {options.peers + 2 * options.pairs} connections authenticated in "
+        f"{connectS:.1f} s; {sum(r['routed'] for r in readiness)} of {options.pairs} pairs "
+        f"routed; failures {[r['failed'] for r in readiness]}"
+    )
     sample(relays, samples, t0, last)
     startNs = time.perf_counter_ns() + 500_000_000
     windowNs = int(options.window * 1e9)
     for _, pipe in workers:
-        pipe.send(("go", startNs, int(options.duration * 1e9), options.rate, windowNs, options.drain))
+        pipe.send(
+            ("go", startNs, int(options.duration * 1e9), options.rate, windowNs, options.drain)
+        )
     streamT0 = time.monotonic()
     nextSample = time.monotonic() + 10
     results = [None] * len(workers)
@@ -678,18 +763,28 @@ def measure(options, relays, workers, soft, hard):
                     if len(progress[slot]) == len(workers):
                         rows = progress.pop(slot)
                         p99 = [r["p99_ms"] for r in rows if r["p99_ms"] is not None]
-                        timeline.append({
-                            "t": payload["t"], "sent": sum(r["sent"] for r in rows), "received": sum(r["received"] for r in rows),
-                            "worst_p99_ms": max(p99) if p99 else None, "rss_kib": samples[-1]["rss_kib"],
-                            "load_loop_max_gap_ms": max(r["loop_max_gap_ms"] for r in rows),
-                            "load_runqueue_wait_ms": [r["runqueue_wait_ms"] for r in rows],
-                            "relay_runqueue_wait_ms": samples[-1]["runqueue_wait_ms"],
-                            "cpu_pct": samples[-1]["cpu_pct"], "loadavg_1m": samples[-1]["loadavg_1m"],
-                        })
-                        log(f"t={payload['t']:.0f}s sent {sum(r['sent'] for r in rows)} received {sum(r['received'] for r in rows)} "
-                            f"hc {sum(r['health_checks'] for r in rows)} closed {sum(r['closed'] for r in rows)} "
-                            f"p99 {max(p99) if p99 else None} ms; relay {samples[-1]['rss_kib']} KiB {samples[-1]['cpu_pct']} %CPU, "
-                            f"load average {samples[-1]['loadavg_1m']}")
+                        timeline.append(
+                            {
+                                "t": payload["t"],
+                                "sent": sum(r["sent"] for r in rows),
+                                "received": sum(r["received"] for r in rows),
+                                "worst_p99_ms": max(p99) if p99 else None,
+                                "rss_kib": samples[-1]["rss_kib"],
+                                "load_loop_max_gap_ms": max(r["loop_max_gap_ms"] for r in rows),
+                                "load_runqueue_wait_ms": [r["runqueue_wait_ms"] for r in rows],
+                                "relay_runqueue_wait_ms": samples[-1]["runqueue_wait_ms"],
+                                "cpu_pct": samples[-1]["cpu_pct"],
+                                "loadavg_1m": samples[-1]["loadavg_1m"],
+                            }
+                        )
+                        log(
+                            f"t={payload['t']:.0f}s sent {sum(r['sent'] for r in rows)} received "
+                            f"{sum(r['received'] for r in rows)} hc "
+                            f"{sum(r['health_checks'] for r in rows)} closed "
+                            f"{sum(r['closed'] for r in rows)} p99 {max(p99) if p99 else None} "
+                            f"ms; relay {samples[-1]['rss_kib']} KiB {samples[-1]['cpu_pct']} "
+                            f"%CPU, load average {samples[-1]['loadavg_1m']}"
+                        )
                 elif kind == "done":
                     results[i] = payload
                 else:
@@ -751,7 +846,9 @@ def measure(options, relays, workers, soft, hard):
     failedConnects = merged("failed")
     expected = options.peers + 2 * options.pairs
     if total("ready") < expected:
-        failures.append(f"only {total('ready')} of {expected} connections authenticated: {failedConnects}")
+        failures.append(
+            f"only {total('ready')} of {expected} connections authenticated: {failedConnects}"
+        )
     if loss["lost_in_sequence"] or loss["missing_at_end"] or loss["reordered"] or loss["corrupt"]:
         failures.append(f"messages lost or damaged: {loss}")
     if closed:
@@ -760,53 +857,108 @@ def measure(options, relays, workers, soft, hard):
         failures.append("a relay process died")
     for verdict in rss:
         if verdict.get("ok") is False:
-            failures.append(f"RSS grew {verdict['growth_pct']} % after warm-up on {verdict['address']}")
+            failures.append(
+                f"RSS grew {verdict['growth_pct']} % after warm-up on {verdict['address']}"
+            )
     if any(code != 0 for code in exitCodes):
         failures.append(f"relay exit codes on SIGTERM: {exitCodes}")
     return {
         "ok": not failures,
         "failures": failures,
         "config": {
-            "cluster": options.cluster, "peers": options.peers, "pairs": options.pairs,
-            "duration_s": options.duration, "rate_per_flow": options.rate, "size": options.size,
-            "procs": options.procs, "warmup_s": options.warmup, "window_s": options.window,
+            "cluster": options.cluster,
+            "peers": options.peers,
+            "pairs": options.pairs,
+            "duration_s": options.duration,
+            "rate_per_flow": options.rate,
+            "size": options.size,
+            "procs": options.procs,
+            "warmup_s": options.warmup,
+            "window_s": options.window,
         },
         "fd_limit": {"soft": soft, "hard": hard, "relays": relayLimits},
         "connect": {
-            "authenticated": total("ready"), "expected": expected, "seconds": round(connectS, 1),
-            "failed": failedConnects, "routed_pairs": total("routed_pairs"),
+            "authenticated": total("ready"),
+            "expected": expected,
+            "seconds": round(connectS, 1),
+            "failed": failedConnects,
+            "routed_pairs": total("routed_pairs"),
             "handshake_ms": percentiles(handshakes),
         },
         "loss": loss,
-        "idle": {"health_checks_answered": total("health_checks"), "closed_by_relay": closed, "unexpected_messages": total("unexpected")},
+        "idle": {
+            "health_checks_answered": total("health_checks"),
+            "closed_by_relay": closed,
+            "unexpected_messages": total("unexpected"),
+        },
         "latency_ms": {"start": latencies("lat_start_ns"), "end": latencies("lat_end_ns")},
         "rss": rss,
         "cpu": {"relay_avg_pct": cpuAvg, "load_cpu_s": round(total("cpu_s"), 1)},
         "timeline": timeline,
         "samples": samples,
-        "relays": [{"address": f"{r.host}:{r.port}", "pid": r.pid, "alive_at_end": a, "exit_code": c, "log": r.logPath}
-                   for r, a, c in zip(relays, relayAlive, exitCodes)],
+        "relays": [
+            {
+                "address": f"{r.host}:{r.port}",
+                "pid": r.pid,
+                "alive_at_end": a,
+                "exit_code": c,
+                "log": r.logPath,
+            }
+            for r, a, c in zip(relays, relayAlive, exitCodes)
+        ],
     }
 
 
 def parseArgs(argv):
-    parser = argparse.ArgumentParser(prog="python -m tests.soak", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--peers", type=int, default=10000, help="idle authenticated peers (default 10000)")
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.soak", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--peers", type=int, default=10000, help="idle authenticated peers (default 10000)"
+    )
     parser.add_argument("--pairs", type=int, default=100, help="streaming pairs (default 100)")
-    parser.add_argument("--duration", type=float, default=600.0, help="seconds of streaming (default 600)")
-    parser.add_argument("--rate", type=float, default=20.0, help="messages per second each way per pair (default 20)")
-    parser.add_argument("--size", type=int, default=1000, help="transport payload bytes (default 1000, at least 16)")
-    parser.add_argument("--cluster", action="store_true", help="three pods on 127.0.0.2-4, pairs split across pods")
+    parser.add_argument(
+        "--duration", type=float, default=600.0, help="seconds of streaming (default 600)"
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=20.0,
+        help="messages per second each way per pair (default 20)",
+    )
+    parser.add_argument(
+        "--size", type=int, default=1000, help="transport payload bytes (default 1000, at least 16)"
+    )
+    parser.add_argument(
+        "--cluster", action="store_true", help="three pods on 127.0.0.2-4, pairs split across pods"
+    )
     parser.add_argument("--procs", type=int, default=2, help="load processes (default 2)")
-    parser.add_argument("--concurrency", type=int, default=128, help="handshakes in flight per load process")
-    parser.add_argument("--connect-timeout", type=float, default=300.0, help="seconds allowed to connect everything")
-    parser.add_argument("--warmup", type=float, default=60.0, help="seconds of streaming before the RSS reference")
-    parser.add_argument("--window", type=float, default=60.0, help="seconds of the start and end latency windows")
-    parser.add_argument("--drain", type=float, default=15.0, help="seconds to wait for messages in flight at the end")
-    parser.add_argument("--rss-growth", type=float, default=5.0, help="allowed RSS growth after warm-up, percent")
+    parser.add_argument(
+        "--concurrency", type=int, default=128, help="handshakes in flight per load process"
+    )
+    parser.add_argument(
+        "--connect-timeout", type=float, default=300.0, help="seconds allowed to connect everything"
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=60.0, help="seconds of streaming before the RSS reference"
+    )
+    parser.add_argument(
+        "--window", type=float, default=60.0, help="seconds of the start and end latency windows"
+    )
+    parser.add_argument(
+        "--drain",
+        type=float,
+        default=15.0,
+        help="seconds to wait for messages in flight at the end",
+    )
+    parser.add_argument(
+        "--rss-growth", type=float, default=5.0, help="allowed RSS growth after warm-up, percent"
+    )
     parser.add_argument("--secret", help="auth secret for the spawned relays (default random)")
     parser.add_argument("--cluster-secret", help="inter-pod secret (default random)")
-    parser.add_argument("--relay-arg", action="append", help="extra argument for the relays (repeat)")
+    parser.add_argument(
+        "--relay-arg", action="append", help="extra argument for the relays (repeat)"
+    )
     parser.add_argument("--log-dir", help="where the relays log")
     options = parser.parse_args(argv)
     if options.size < HEADER:

@@ -17,8 +17,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet import defer, protocol, reactor, threads
-from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import Certificate, CertificateOptions, TLSVersion, optionsForClientTLS
 from twisted.internet.task import Clock
@@ -30,7 +30,19 @@ from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
 
 from relay import acme
-from relay.acme import ACME_TLS_ALPN, HTTP_01, LETSENCRYPT_DIRECTORY, NO_CERTIFICATE, RENEW_BEFORE_MAX, TLS_ALPN_01, AcmeCertificateService, _ChallengeResource, challengeSite, renewalTime, tlsALPNCertificate
+from relay.acme import (
+    ACME_TLS_ALPN,
+    HTTP_01,
+    LETSENCRYPT_DIRECTORY,
+    NO_CERTIFICATE,
+    RENEW_BEFORE_MAX,
+    TLS_ALPN_01,
+    AcmeCertificateService,
+    _ChallengeResource,
+    challengeSite,
+    renewalTime,
+    tlsALPNCertificate,
+)
 from relay.counters import RelayCounters
 from relay.server import ConfigurationError
 from tests.certs import writeCertificate
@@ -134,7 +146,9 @@ class UnitTests(unittest.TestCase):
 
     def service(self, domains=("relay.example",), cls=_FakeIssuer, **kwargs):
         kwargs.setdefault("onCertificate", self.loaded.append)
-        s = cls(list(domains), self.dataDir, "ops@example.org", self.directoryURL, self.clock, **kwargs)
+        s = cls(
+            list(domains), self.dataDir, "ops@example.org", self.directoryURL, self.clock, **kwargs
+        )
         self.addCleanup(lambda: s.running and s.stopService())
         return s
 
@@ -143,7 +157,9 @@ class UnitTests(unittest.TestCase):
         A certificate on disk as a previous run would have left it.
         """
         os.makedirs(self.dataDir, mode=0o700, exist_ok=True)
-        cert, key, _ = writeCertificate(self.dataDir + ".old", name=name, days=days, expired=expired)
+        cert, key, _ = writeCertificate(
+            self.dataDir + ".old", name=name, days=days, expired=expired
+        )
         for source, target in ((cert, "certificate.pem"), (key, "certificate.key")):
             with open(os.path.join(self.dataDir, target), "wb") as f:
                 f.write(_pem(source))
@@ -161,13 +177,23 @@ class UnitTests(unittest.TestCase):
         cert, key, _ = writeCertificate(self.dataDir + ".go", name=name, days=days)
 
         def sec1(pem):
-            return serialization.load_pem_private_key(pem, None).private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption())
+            return serialization.load_pem_private_key(pem, None).private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.TraditionalOpenSSL,
+                serialization.NoEncryption(),
+            )
 
         with open(os.path.join(self.dataDir, name), "wb") as f:
             f.write(sec1(_pem(key)) + _pem(cert))
         account = ec.generate_private_key(ec.SECP256R1())
         with open(os.path.join(self.dataDir, "acme_account+key"), "wb") as f:
-            f.write(account.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()))
+            f.write(
+                account.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.TraditionalOpenSSL,
+                    serialization.NoEncryption(),
+                )
+            )
         return _serial(cert), account
 
     def test_takesOverGoCertificate(self):
@@ -207,7 +233,16 @@ class UnitTests(unittest.TestCase):
         self.assertFalse(os.path.exists(s.accountKeyPath))
 
     def test_refusesOtherChallenges(self):
-        e = self.assertRaises(ConfigurationError, AcmeCertificateService, ["relay.example"], self.dataDir, None, self.directoryURL, self.clock, challenge="dns-01")
+        e = self.assertRaises(
+            ConfigurationError,
+            AcmeCertificateService,
+            ["relay.example"],
+            self.dataDir,
+            None,
+            self.directoryURL,
+            self.clock,
+            challenge="dns-01",
+        )
         self.assertIn("not supported", str(e))
 
     def test_tlsALPNByDefault(self):
@@ -226,7 +261,15 @@ class UnitTests(unittest.TestCase):
         self.assertEqual(s.directoryURL, "https://acme-v02.api.letsencrypt.org/directory")
 
     def test_needsDomains(self):
-        self.assertRaises(ConfigurationError, AcmeCertificateService, [" ", ""], self.dataDir, None, self.directoryURL, self.clock)
+        self.assertRaises(
+            ConfigurationError,
+            AcmeCertificateService,
+            [" ", ""],
+            self.dataDir,
+            None,
+            self.directoryURL,
+            self.clock,
+        )
 
     def test_obtainStoresPrivately(self):
         """
@@ -246,7 +289,10 @@ class UnitTests(unittest.TestCase):
         for path in (s.certificatePath, s.keyPath, s.metadataPath):
             self.assertEqual(_mode(path), 0o600, path)
         self.assertEqual(json.loads(_pem(s.metadataPath))["directoryURL"], self.directoryURL)
-        self.assertEqual(sorted(os.listdir(self.dataDir)), ["certificate.json", "certificate.key", "certificate.pem"])
+        self.assertEqual(
+            sorted(os.listdir(self.dataDir)),
+            ["certificate.json", "certificate.key", "certificate.pem"],
+        )
 
     def test_accountKeyPrivateAndReused(self):
         s = self.service()
@@ -431,10 +477,19 @@ class TLSALPNCertificateTests(unittest.TestCase):
         """
         certificate, key = tlsALPNCertificate("relay.example", "token.thumbprint")
         parsed = certificate.to_cryptography()
-        extension = parsed.extensions.get_extension_for_oid(x509.ObjectIdentifier("1.3.6.1.5.5.7.1.31"))
+        extension = parsed.extensions.get_extension_for_oid(
+            x509.ObjectIdentifier("1.3.6.1.5.5.7.1.31")
+        )
         self.assertTrue(extension.critical)
-        self.assertEqual(extension.value.value, b"\x04\x20" + hashlib.sha256(b"token.thumbprint").digest())
-        self.assertEqual(parsed.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName), ["relay.example"])
+        self.assertEqual(
+            extension.value.value, b"\x04\x20" + hashlib.sha256(b"token.thumbprint").digest()
+        )
+        self.assertEqual(
+            parsed.extensions.get_extension_for_class(
+                x509.SubjectAlternativeName
+            ).value.get_values_for_type(x509.DNSName),
+            ["relay.example"],
+        )
         self.assertEqual(ACME_TLS_ALPN, b"acme-tls/1")
 
     def test_connectionBeforeCertificate(self):
@@ -446,7 +501,14 @@ class TLSALPNCertificateTests(unittest.TestCase):
         """
         clock = MemoryReactorClock()
         for challenge in (HTTP_01, TLS_ALPN_01):
-            s = AcmeCertificateService(["relay.example"], self.mktemp(), None, "https://acme.invalid/", clock, challenge=challenge)
+            s = AcmeCertificateService(
+                ["relay.example"],
+                self.mktemp(),
+                None,
+                "https://acme.invalid/",
+                clock,
+                challenge=challenge,
+            )
             connection = s.serverConnectionCreator().serverConnectionForTLS(None)
             self.assertIs(connection.get_context(), s._bareContext)
 
@@ -493,7 +555,15 @@ class RefusalBeforeCertificateTests(unittest.TestCase):
     def setUp(self):
         self.counters = RelayCounters()
         self.events = _Events(self)
-        self.service = AcmeCertificateService(["relay.example"], self.mktemp(), None, "https://acme.invalid/", reactor, challenge=HTTP_01, counters=self.counters)
+        self.service = AcmeCertificateService(
+            ["relay.example"],
+            self.mktemp(),
+            None,
+            "https://acme.invalid/",
+            reactor,
+            challenge=HTTP_01,
+            counters=self.counters,
+        )
 
     @defer.inlineCallbacks
     def connect(self, options, hangUp=False):
@@ -502,7 +572,9 @@ class RefusalBeforeCertificateTests(unittest.TestCase):
         """
         server = protocol.Factory.forProtocol(_Ended)
         server.ended = defer.Deferred()
-        port = yield SSL4ServerEndpoint(reactor, 0, self.service.serverConnectionCreator(), interface="127.0.0.1").listen(server)
+        port = yield SSL4ServerEndpoint(
+            reactor, 0, self.service.serverConnectionCreator(), interface="127.0.0.1"
+        ).listen(server)
         self.addCleanup(port.stopListening)
         client = protocol.ClientFactory.forProtocol(_Probe)
         client.done, client.hangUp = defer.Deferred(), hangUp
@@ -513,7 +585,10 @@ class RefusalBeforeCertificateTests(unittest.TestCase):
 
     def assertQuiet(self):
         self.assertEqual(self.flushLoggedErrors(), [])
-        self.assertEqual([e for e in self.events.events if e.get("log_failure") is not None or e.get("isError")], [])
+        self.assertEqual(
+            [e for e in self.events.events if e.get("log_failure") is not None or e.get("isError")],
+            [],
+        )
 
     @defer.inlineCallbacks
     def test_verifyingClientRefused(self):
@@ -522,9 +597,17 @@ class RefusalBeforeCertificateTests(unittest.TestCase):
         count per connection, nothing logged. Both modes, every TLS version
         an agent may use.
         """
-        otherRoot = Certificate.loadPEM(tlsALPNCertificate("elsewhere.example", "x")[0].to_cryptography().public_bytes(serialization.Encoding.PEM))
+        otherRoot = Certificate.loadPEM(
+            tlsALPNCertificate("elsewhere.example", "x")[0]
+            .to_cryptography()
+            .public_bytes(serialization.Encoding.PEM)
+        )
         for n, version in enumerate((None, TLSVersion.TLSv1_2), 1):
-            options = optionsForClientTLS("relay.example", trustRoot=otherRoot, extraCertificateOptions={"raiseMinimumTo": version} if version else None)
+            options = optionsForClientTLS(
+                "relay.example",
+                trustRoot=otherRoot,
+                extraCertificateOptions={"raiseMinimumTo": version} if version else None,
+            )
             probe = yield self.connect(options)
             self.assertFalse(probe.completed)
             self.assertEqual(self.counters.handshakeRejects, {NO_CERTIFICATE: n})
@@ -554,9 +637,13 @@ class RefusalBeforeCertificateTests(unittest.TestCase):
         """
         server = protocol.Factory.forProtocol(_Ended)
         server.ended = defer.Deferred()
-        port = yield SSL4ServerEndpoint(reactor, 0, self.service.serverConnectionCreator(), interface="127.0.0.1").listen(server)
+        port = yield SSL4ServerEndpoint(
+            reactor, 0, self.service.serverConnectionCreator(), interface="127.0.0.1"
+        ).listen(server)
         self.addCleanup(port.stopListening)
-        client = yield protocol.ClientCreator(reactor, protocol.Protocol).connectTCP("127.0.0.1", port.getHost().port)
+        client = yield protocol.ClientCreator(reactor, protocol.Protocol).connectTCP(
+            "127.0.0.1", port.getHost().port
+        )
         client.transport.loseConnection()
         yield server.ended.addTimeout(10, reactor)
         self.assertEqual(self.counters.handshakeRejects, {})
@@ -569,11 +656,16 @@ class RefusalBeforeCertificateTests(unittest.TestCase):
         gets its validation certificate and is not counted, even after an
         HTTP-01 relay fell back to TLS-ALPN-01.
         """
-        self.service._alpnResponses["relay.example"] = tlsALPNCertificate("relay.example", "token.thumbprint")
+        self.service._alpnResponses["relay.example"] = tlsALPNCertificate(
+            "relay.example", "token.thumbprint"
+        )
         options = CertificateOptions(acceptableProtocols=[ACME_TLS_ALPN])
         probe = yield self.connect(_WithServerName(options, b"relay.example"), hangUp=True)
         self.assertEqual(probe.negotiated, ACME_TLS_ALPN)
-        self.assertEqual(probe.certificate.get_serial_number(), self.service._alpnResponses["relay.example"][0].get_serial_number())
+        self.assertEqual(
+            probe.certificate.get_serial_number(),
+            self.service._alpnResponses["relay.example"][0].get_serial_number(),
+        )
         self.assertEqual(self.counters.handshakeRejects, {})
         self.assertQuiet()
 
@@ -615,7 +707,9 @@ class ChallengeListenerTests(unittest.TestCase):
 
     def test_answers(self):
         channel, transport = self.connect()
-        channel.dataReceived(b"GET /.well-known/acme-challenge/tok HTTP/1.1\r\nHost: relay.example\r\n\r\n")
+        channel.dataReceived(
+            b"GET /.well-known/acme-challenge/tok HTTP/1.1\r\nHost: relay.example\r\n\r\n"
+        )
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "), transport.value())
         self.assertTrue(transport.value().endswith(b"\r\n\r\ntok.thumb"))
 
@@ -663,11 +757,15 @@ class ChallengeListenerTests(unittest.TestCase):
         closed.
         """
         channel, transport = self.connect()
-        channel.dataReceived(b"GET / HTTP/1.1\r\n" + b"X-Pad: " + b"a" * acme.HTTP01_MAX_HEADER_BYTES + b"\r\n")
+        channel.dataReceived(
+            b"GET / HTTP/1.1\r\n" + b"X-Pad: " + b"a" * acme.HTTP01_MAX_HEADER_BYTES + b"\r\n"
+        )
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 400 "), transport.value())
         self.assertTrue(transport.disconnecting)
         channel, transport = self.connect()
-        channel.dataReceived(b"GET / HTTP/1.1\r\n" + b"X-A: b\r\n" * (acme.HTTP01_MAX_HEADERS + 1) + b"\r\n")
+        channel.dataReceived(
+            b"GET / HTTP/1.1\r\n" + b"X-A: b\r\n" * (acme.HTTP01_MAX_HEADERS + 1) + b"\r\n"
+        )
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 400 "), transport.value())
 
     def test_declaredBodyTooLarge(self):
@@ -679,18 +777,24 @@ class ChallengeListenerTests(unittest.TestCase):
         channel.dataReceived(b"POST / HTTP/1.1\r\nContent-Length: 41943040\r\n\r\n" + b"a" * 65536)
         self.assertEqual(transport.value(), b"")
         self.assertTrue(transport.disconnecting)
-        self.assertLessEqual(channel.wrappedProtocol.requests[-1].content.tell(), acme.HTTP01_MAX_BODY)
+        self.assertLessEqual(
+            channel.wrappedProtocol.requests[-1].content.tell(), acme.HTTP01_MAX_BODY
+        )
 
     def test_chunkedBodyTooLarge(self):
         channel, transport = self.connect()
         chunk = b"%x\r\n%s\r\n" % (4096, b"a" * 4096)
         channel.dataReceived(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk * 4)
         self.assertTrue(transport.disconnecting)
-        self.assertLessEqual(channel.wrappedProtocol.requests[-1].content.tell(), acme.HTTP01_MAX_BODY)
+        self.assertLessEqual(
+            channel.wrappedProtocol.requests[-1].content.tell(), acme.HTTP01_MAX_BODY
+        )
 
     def test_smallBodyServed(self):
         channel, transport = self.connect()
-        channel.dataReceived(b"POST /.well-known/acme-challenge/tok HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}")
+        channel.dataReceived(
+            b"POST /.well-known/acme-challenge/tok HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}"
+        )
         self.assertFalse(transport.disconnecting)
         self.assertIn(b" 405 ", transport.value().split(b"\r\n")[0])
 
@@ -702,12 +806,19 @@ class ChallengeResourceTests(unittest.TestCase):
         return request.responseCode or 200, body
 
     def test_token(self):
-        self.assertEqual(self.render(b"/.well-known/acme-challenge/tok", {"tok": "tok.thumb"}), (200, b"tok.thumb"))
+        self.assertEqual(
+            self.render(b"/.well-known/acme-challenge/tok", {"tok": "tok.thumb"}),
+            (200, b"tok.thumb"),
+        )
 
     def test_unknown(self):
-        self.assertEqual(self.render(b"/.well-known/acme-challenge/other", {"tok": "tok.thumb"})[0], 404)
+        self.assertEqual(
+            self.render(b"/.well-known/acme-challenge/other", {"tok": "tok.thumb"})[0], 404
+        )
         self.assertEqual(self.render(b"/", {"tok": "tok.thumb"})[0], 404)
-        self.assertEqual(self.render(b"/.well-known/acme-challenge/tok/x", {"tok": "tok.thumb"})[0], 404)
+        self.assertEqual(
+            self.render(b"/.well-known/acme-challenge/tok/x", {"tok": "tok.thumb"})[0], 404
+        )
 
 
 class _PoolClock(Clock):
@@ -762,7 +873,14 @@ class _SlowOrder(AcmeCertificateService):
                 body=types.SimpleNamespace(
                     status="pending",
                     identifier=types.SimpleNamespace(value=domain),
-                    challenges=[types.SimpleNamespace(domain=domain, chall=types.SimpleNamespace(to_partial_json=lambda: {"type": TLS_ALPN_01, "token": "tok"}))],
+                    challenges=[
+                        types.SimpleNamespace(
+                            domain=domain,
+                            chall=types.SimpleNamespace(
+                                to_partial_json=lambda: {"type": TLS_ALPN_01, "token": "tok"}
+                            ),
+                        )
+                    ],
                 )
             )
             for domain in self.domains
@@ -779,7 +897,15 @@ class OverallTimeoutTests(unittest.TestCase):
         order + one request timeout, 0.75 s here, and gave up at 0.9 s).
         """
         clock = _PoolClock()
-        s = _SlowOrder(["a.example", "b.example", "c.example"], self.mktemp(), None, "https://acme.invalid/", clock, requestTimeout=0.25, orderTimeout=0.5)
+        s = _SlowOrder(
+            ["a.example", "b.example", "c.example"],
+            self.mktemp(),
+            None,
+            "https://acme.invalid/",
+            clock,
+            requestTimeout=0.25,
+            orderTimeout=0.5,
+        )
         s.ca = _SlowCA(clock, answerTime=0.2, finishTime=0.3)
         d = s._obtain()
         clock.pump([0.1] * 20)
@@ -802,15 +928,31 @@ class PortBusyTests(unittest.TestCase):
         busy.listen(1)
         self.addCleanup(busy.close)
         port = busy.getsockname()[1]
-        s = AcmeCertificateService(["relay.example"], self.mktemp(), None, "https://127.0.0.1:1/dir", reactor, challenge=HTTP_01, http01Port=port, http01Interface="127.0.0.1", retryDelay=60.0)
+        s = AcmeCertificateService(
+            ["relay.example"],
+            self.mktemp(),
+            None,
+            "https://127.0.0.1:1/dir",
+            reactor,
+            challenge=HTTP_01,
+            http01Port=port,
+            http01Interface="127.0.0.1",
+            retryDelay=60.0,
+        )
         s.privilegedStartService()
         s.startService()
         self.addCleanup(s.stopService)
         self.assertIsNone(s._listeningPort)
         self.assertEqual(s.challenge, TLS_ALPN_01)
         [text] = [t for t in events.texts() if "HTTP-01" in t]
-        self.assertEqual(text, f"ACME: cannot listen on port {port} for HTTP-01 challenges (Address already in use); answering TLS-ALPN-01 on the peer port instead")
-        self.assertEqual([e["log_level"].name for e in events.events if "HTTP-01" in formatEvent(e)], ["warn"])
+        self.assertEqual(
+            text,
+            f"ACME: cannot listen on port {port} for HTTP-01 challenges (Address already in "
+            "use); answering TLS-ALPN-01 on the peer port instead",
+        )
+        self.assertEqual(
+            [e["log_level"].name for e in events.events if "HTTP-01" in formatEvent(e)], ["warn"]
+        )
 
 
 @implementer(IHandshakeListener)
@@ -880,11 +1022,15 @@ class PebbleTests(unittest.TestCase):
         """
         root = yield threads.deferToThread(self.pebble.rootPEM)
         server = protocol.Factory.forProtocol(protocol.Protocol)
-        port = yield SSL4ServerEndpoint(reactor, 0, s.serverConnectionCreator(), interface="127.0.0.1").listen(server)
+        port = yield SSL4ServerEndpoint(
+            reactor, 0, s.serverConnectionCreator(), interface="127.0.0.1"
+        ).listen(server)
         self.addCleanup(port.stopListening)
         client = protocol.ClientFactory.forProtocol(_Client)
         client.done = defer.Deferred()
-        options = optionsForClientTLS("localhost", trustRoot=Certificate.loadPEM(root), acceptableProtocols=protocols)
+        options = optionsForClientTLS(
+            "localhost", trustRoot=Certificate.loadPEM(root), acceptableProtocols=protocols
+        )
         reactor.connectSSL("127.0.0.1", port.getHost().port, client, options)
         serial = yield client.done.addTimeout(10, reactor)
         return serial
@@ -938,15 +1084,21 @@ class PebbleTests(unittest.TestCase):
         yield self.pebble.start(reactor)
         s = self.service(os.path.join(self.mktemp(), "acme"), challenge=TLS_ALPN_01, start=False)
         server = protocol.Factory.forProtocol(protocol.Protocol)
-        port = yield SSL4ServerEndpoint(reactor, tlsPort, s.serverConnectionCreator(), interface="127.0.0.1").listen(server)
+        port = yield SSL4ServerEndpoint(
+            reactor, tlsPort, s.serverConnectionCreator(), interface="127.0.0.1"
+        ).listen(server)
         self.addCleanup(port.stopListening)
         s.startService()
         yield s.whenReady().addTimeout(30, reactor)
         self.assertIn(b"set VALID by completed challenge", self.pebble.output)
-        self.assertTrue(any("answered the TLS-ALPN-01 challenge for localhost" in t for t in events.texts()))
+        self.assertTrue(
+            any("answered the TLS-ALPN-01 challenge for localhost" in t for t in events.texts())
+        )
         self.assertIsNone(s._listeningPort)
         self.assertEqual((yield self.handshake(s)), _serial(s.certificatePath))
-        self.assertEqual((yield self.handshake(s, [b"h2", b"http/1.1"])), _serial(s.certificatePath))
+        self.assertEqual(
+            (yield self.handshake(s, [b"h2", b"http/1.1"])), _serial(s.certificatePath)
+        )
 
     @defer.inlineCallbacks
     def test_renewsRunning(self):
@@ -1005,7 +1157,9 @@ class PebbleTests(unittest.TestCase):
         ready = s.whenReady()
         yield _sleep(1.0)
         self.assertNoResult(ready)
-        self.assertTrue(any("could not obtain a certificate" in t and "refused" in t for t in events.texts()))
+        self.assertTrue(
+            any("could not obtain a certificate" in t and "refused" in t for t in events.texts())
+        )
         yield self.pebble.start(reactor)
         yield ready.addTimeout(30, reactor)
         self.assertEqual(s.orders, 1)

@@ -26,7 +26,9 @@ class TokenTests(unittest.TestCase):
         self.assertEqual(tokenKey("relay-secret"), sha256(b"relay-secret").digest())
         payload = str(EXPIRY).encode()
         token = generateToken("relay-secret", EXPIRY)
-        self.assertEqual(token[1:33], hmac.new(sha256(b"relay-secret").digest(), payload, sha256).digest())
+        self.assertEqual(
+            token[1:33], hmac.new(sha256(b"relay-secret").digest(), payload, sha256).digest()
+        )
 
     def test_valid(self):
         self.validator.validate(generateToken("relay-secret", EXPIRY))
@@ -51,8 +53,12 @@ class TokenTests(unittest.TestCase):
         self.assertEqual(self.reason(bytes(token)), "bad_signature")
 
     def test_unknownAlgo(self):
-        self.assertEqual(self.reason(b"\x02" + generateToken("relay-secret", EXPIRY)[1:]), "unknown_algo")
-        self.assertEqual(self.reason(b"\x00" + generateToken("relay-secret", EXPIRY)[1:]), "unknown_algo")
+        self.assertEqual(
+            self.reason(b"\x02" + generateToken("relay-secret", EXPIRY)[1:]), "unknown_algo"
+        )
+        self.assertEqual(
+            self.reason(b"\x00" + generateToken("relay-secret", EXPIRY)[1:]), "unknown_algo"
+        )
 
     def test_empty(self):
         self.assertEqual(self.reason(b""), "malformed")

@@ -11,13 +11,15 @@ import socket
 from twisted.trial import unittest
 
 from tests.bench import cases, wire
+from tests.bench.__main__ import parseArgs
 from tests.bench.loads import Flow, PairLoop
 from tests.bench.peers import Peer
-from tests.bench.__main__ import parseArgs
 from tests.bench.relayproc import RelayProcess, raiseFileLimit, writeCertificate
 
 PEER_A = bytes.fromhex("7368612dbdb94c73d53c44023a715a2970a10c4d54fa9550b70fd9d34cc4b0a2de5ddcbe")
-TOKEN = bytes.fromhex("01171b78c230f8924ea423b2db791f90effa360b02a58889d318e4aba5bdfb2eff31383933343536303030")
+TOKEN = bytes.fromhex(
+    "01171b78c230f8924ea423b2db791f90effa360b02a58889d318e4aba5bdfb2eff31383933343536303030"
+)
 
 
 def unmaskClientFrames(data):
@@ -54,19 +56,36 @@ class VectorTests(unittest.TestCase):
         self.assertEqual(wire.token("relay-secret", ttl=0, now=1893456000), TOKEN)
 
     def test_auth(self):
-        self.assertEqual(wire.authMessage(PEER_A, TOKEN), bytes.fromhex("01062112a442") + PEER_A + TOKEN)
+        self.assertEqual(
+            wire.authMessage(PEER_A, TOKEN), bytes.fromhex("01062112a442") + PEER_A + TOKEN
+        )
         self.assertEqual(len(wire.authMessage(PEER_A, TOKEN)), 85)
 
     def test_upgradeAccept(self):
         # RFC 6455 section 1.3
-        self.assertEqual(wire.acceptFor(b"dGhlIHNhbXBsZSBub25jZQ=="), b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+        self.assertEqual(
+            wire.acceptFor(b"dGhlIHNhbXBsZSBub25jZQ=="), b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        )
         req, accept = wire.upgradeRequest("127.0.0.1", 1234)
         self.assertTrue(req.startswith(b"GET /relay HTTP/1.1\r\nHost: 127.0.0.1:1234\r\n"))
-        key = [line.split(b": ")[1] for line in req.split(b"\r\n") if line.startswith(b"Sec-WebSocket-Key")][0]
+        key = [
+            line.split(b": ")[1]
+            for line in req.split(b"\r\n")
+            if line.startswith(b"Sec-WebSocket-Key")
+        ][0]
         self.assertEqual(accept, wire.acceptFor(key))
-        self.assertIsNone(wire.checkUpgradeResponse(b"HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: " + accept, accept))
+        self.assertIsNone(
+            wire.checkUpgradeResponse(
+                b"HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: " + accept, accept
+            )
+        )
         self.assertRaises(ValueError, wire.checkUpgradeResponse, b"HTTP/1.1 403 Forbidden", accept)
-        self.assertRaises(ValueError, wire.checkUpgradeResponse, b"HTTP/1.1 101 OK\r\nSec-WebSocket-Accept: x", accept)
+        self.assertRaises(
+            ValueError,
+            wire.checkUpgradeResponse,
+            b"HTTP/1.1 101 OK\r\nSec-WebSocket-Accept: x",
+            accept,
+        )
 
 
 class FrameTests(unittest.TestCase):
@@ -100,7 +119,9 @@ class FrameTests(unittest.TestCase):
         src = wire.peerId("a")
         tail = wire.payloadTail(1, 1400)
         e = wire.ExpectTemplate(src, tail)
-        want = b"".join(wire.serverFrame(b"\x01\x03" + src + s.to_bytes(8, "big") + tail) for s in range(10, 13))
+        want = b"".join(
+            wire.serverFrame(b"\x01\x03" + src + s.to_bytes(8, "big") + tail) for s in range(10, 13)
+        )
         self.assertEqual(e.frames(10, 13), want)
         self.assertEqual(want[:4], b"\x82\x7e" + (1438).to_bytes(2, "big"))
 
@@ -116,16 +137,24 @@ class FrameTests(unittest.TestCase):
 
     def test_readerOneByteAtATime(self):
         r = wire.ServerFrameReader()
-        data = wire.serverFrame(b"abc", fin=False) + wire.serverFrame(b"ping", opcode=wire.OP_PING) + wire.serverFrame(b"def", opcode=wire.OP_CONT)
+        data = (
+            wire.serverFrame(b"abc", fin=False)
+            + wire.serverFrame(b"ping", opcode=wire.OP_PING)
+            + wire.serverFrame(b"def", opcode=wire.OP_CONT)
+        )
         got = []
         for i in range(len(data)):
             got.extend(r.feed(data[i : i + 1]))
         self.assertEqual(got, [(wire.OP_PING, b"ping"), (wire.OP_BINARY, b"abcdef")])
 
     def test_readerRejects(self):
-        self.assertRaises(ValueError, wire.ServerFrameReader().feed, wire.clientFrame(b"x", b"abcd"))
+        self.assertRaises(
+            ValueError, wire.ServerFrameReader().feed, wire.clientFrame(b"x", b"abcd")
+        )
         self.assertRaises(ValueError, wire.ServerFrameReader().feed, b"\xc2\x00")  # RSV1
-        self.assertRaises(ValueError, wire.ServerFrameReader().feed, b"\x80\x00")  # continuation first
+        self.assertRaises(
+            ValueError, wire.ServerFrameReader().feed, b"\x80\x00"
+        )  # continuation first
         self.assertRaises(ValueError, wire.ServerFrameReader().feed, b"\x83\x00")  # reserved opcode
 
 
@@ -155,7 +184,9 @@ class ReceiverAccountingTests(unittest.TestCase):
 
     def frame(self, seq, src=None, tail=None):
         src = src or self.flow.sender.peer.id
-        return wire.serverFrame(b"\x01\x03" + src + seq.to_bytes(8, "big") + (self.tail if tail is None else tail))
+        return wire.serverFrame(
+            b"\x01\x03" + src + seq.to_bytes(8, "big") + (self.tail if tail is None else tail)
+        )
 
     def feed(self, data, cut=7):
         for i in range(0, len(data), cut):
@@ -164,21 +195,29 @@ class ReceiverAccountingTests(unittest.TestCase):
     def test_inOrder(self):
         self.feed(b"".join(self.frame(s) for s in range(50)), cut=333)
         f = self.flow
-        self.assertEqual((f.got, f.nseq, f.gaps, f.reordered, f.idErrors, f.dataErrors), (50, 50, 0, 0, 0, 0))
+        self.assertEqual(
+            (f.got, f.nseq, f.gaps, f.reordered, f.idErrors, f.dataErrors), (50, 50, 0, 0, 0, 0)
+        )
 
     def test_lossDamageReorderAndHealthCheck(self):
         damaged = bytearray(self.tail)
         damaged[50] ^= 1
-        data = (self.frame(0) + self.frame(1) + self.frame(4)  # 2 and 3 lost
-                + wire.serverFrame(wire.HEALTHCHECK)
-                + self.frame(3)  # late
-                + self.frame(5, tail=bytes(damaged))
-                + self.frame(6, src=wire.peerId("stranger"))
-                + self.frame(7))
+        data = (
+            self.frame(0)
+            + self.frame(1)
+            + self.frame(4)  # 2 and 3 lost
+            + wire.serverFrame(wire.HEALTHCHECK)
+            + self.frame(3)  # late
+            + self.frame(5, tail=bytes(damaged))
+            + self.frame(6, src=wire.peerId("stranger"))
+            + self.frame(7)
+        )
         self.feed(data)
         f = self.flow
         self.assertEqual(f.got, 7)
-        self.assertEqual((f.gaps, f.gapEvents, f.reordered, f.dataErrors, f.idErrors), (2, 1, 1, 1, 1))
+        self.assertEqual(
+            (f.gaps, f.gapEvents, f.reordered, f.dataErrors, f.idErrors), (2, 1, 1, 1, 1)
+        )
         self.assertEqual(f.nseq, 8)
         self.assertEqual(f.summary()["lost"], 1000 - 7)
         # the health check was answered with a masked [1][5]
@@ -215,8 +254,26 @@ class TinyRunTests(unittest.TestCase):
 
     def setUp(self):
         raiseFileLimit(4096)
-        self.o = parseArgs(["--duration", "0.3", "--warmup", "0.1", "--window", "8", "--batch", "4",
-                            "--connections", "40", "--idle-peers", "40", "--idle-settle", "0.2", "--settle", "0"])
+        self.o = parseArgs(
+            [
+                "--duration",
+                "0.3",
+                "--warmup",
+                "0.1",
+                "--window",
+                "8",
+                "--batch",
+                "4",
+                "--connections",
+                "40",
+                "--idle-peers",
+                "40",
+                "--idle-settle",
+                "0.2",
+                "--settle",
+                "0",
+            ]
+        )
         self.relay = RelayProcess(self.o.secret).start()
         self.addCleanup(self.relay.stop)
 
@@ -248,9 +305,23 @@ class QuicTinyRunTests(unittest.TestCase):
 
     def test_quicThroughput(self):
         raiseFileLimit(4096)
-        o = parseArgs(["quic", "--duration", "0.2", "--warmup", "0.1", "--quic-window", "8", "--quic-batch", "4"])
+        o = parseArgs(
+            [
+                "quic",
+                "--duration",
+                "0.2",
+                "--warmup",
+                "0.1",
+                "--quic-window",
+                "8",
+                "--quic-batch",
+                "4",
+            ]
+        )
         cert, key = writeCertificate(os.path.abspath(self.mktemp()))
-        relay = RelayProcess(o.secret, extra=["--tls-cert-file", cert, "--tls-key-file", key]).start()
+        relay = RelayProcess(
+            o.secret, extra=["--tls-cert-file", cert, "--tls-key-file", key]
+        ).start()
         self.addCleanup(relay.stop)
         t = cases.quicThroughputRun(relay, o, "quic", 1, 0, cert)
         self.assertTrue(t["ok"], t)
@@ -276,20 +347,39 @@ class QuicGoLoadTests(unittest.TestCase):
         except cases.Skip as e:
             if os.environ.get("CI"):
                 raise
-            raise unittest.SkipTest(str(e))
+            raise unittest.SkipTest(str(e)) from None
         cert, key = writeCertificate(os.path.abspath(self.mktemp()))
         self.cert = cert
-        self.relay = RelayProcess("relay-secret", extra=["--tls-cert-file", cert, "--tls-key-file", key]).start()
+        self.relay = RelayProcess(
+            "relay-secret", extra=["--tls-cert-file", cert, "--tls-key-file", key]
+        ).start()
         self.addCleanup(self.relay.stop)
-        self.o = parseArgs(["quic", "--duration", "0.5", "--warmup", "0.2", "--quic-window", "8", "--quic-batch", "4"])
+        self.o = parseArgs(
+            [
+                "quic",
+                "--duration",
+                "0.5",
+                "--warmup",
+                "0.2",
+                "--quic-window",
+                "8",
+                "--quic-batch",
+                "4",
+            ]
+        )
 
     def test_eachTransport(self):
         self.assertEqual(self.o.quic_size, 1179)
         for transport in ("quic", "wss"):
             for window in (8, 1):
-                r = cases.quicGoRun(self.relay, self.o, transport, 2, window, 0, self.cert, self.binary)
+                r = cases.quicGoRun(
+                    self.relay, self.o, transport, 2, window, 0, self.cert, self.binary
+                )
                 self.assertTrue(r["ok"], r)
-                self.assertEqual((r["load"], r["transport"], r["window"], r["failures"]), ("go", transport, window, []))
+                self.assertEqual(
+                    (r["load"], r["transport"], r["window"], r["failures"]),
+                    ("go", transport, window, []),
+                )
                 self.assertGreater(r["echoed"], 50)
                 self.assertEqual((r["sent"], r["lost"], r["late"]), (r["echoed"], 0, 0))
                 self.assertGreater(r["msgs_per_s"], 0)
@@ -309,9 +399,24 @@ class TLSTinyRunTests(unittest.TestCase):
 
     def test_runs(self):
         raiseFileLimit(4096)
-        o = parseArgs(["--tls", "yes", "--duration", "0.3", "--warmup", "0.1", "--window", "8", "--batch", "4"])
+        o = parseArgs(
+            [
+                "--tls",
+                "yes",
+                "--duration",
+                "0.3",
+                "--warmup",
+                "0.1",
+                "--window",
+                "8",
+                "--batch",
+                "4",
+            ]
+        )
         cert, key = writeCertificate(os.path.abspath(self.mktemp()))
-        relay = RelayProcess(o.secret, extra=["--tls-cert-file", cert, "--tls-key-file", key]).start()
+        relay = RelayProcess(
+            o.secret, extra=["--tls-cert-file", cert, "--tls-key-file", key]
+        ).start()
         self.addCleanup(relay.stop)
         relay.tls = True
         t = cases.throughputRun(relay, o, 2, 0)
@@ -330,15 +435,30 @@ class TLSTinyRunTests(unittest.TestCase):
         """
         o = parseArgs(["--tls", "yes"])
         cert, key = writeCertificate(os.path.abspath(self.mktemp()))
-        relay = RelayProcess(o.secret, extra=["--tls-cert-file", cert, "--tls-key-file", key]).start()
+        relay = RelayProcess(
+            o.secret, extra=["--tls-cert-file", cert, "--tls-key-file", key]
+        ).start()
         self.addCleanup(relay.stop)
         from tests.bench.peers import BenchError, connectPeer
-        self.assertRaises((BenchError, OSError), connectPeer, relay.host, relay.port, "plain", wire.token(o.secret), timeout=2)
+
+        self.assertRaises(
+            (BenchError, OSError),
+            connectPeer,
+            relay.host,
+            relay.port,
+            "plain",
+            wire.token(o.secret),
+            timeout=2,
+        )
         peer = connectPeer(relay.host, relay.port, "tls", wire.token(o.secret), tls=True)
         peer.close()
 
     def test_tlsNeedsARelayStartedHere(self):
-        self.assertRaises(SystemExit, parseArgs, ["--tls", "yes", "--url", "ws://127.0.0.1:1/relay", "--secret", "x"])
+        self.assertRaises(
+            SystemExit,
+            parseArgs,
+            ["--tls", "yes", "--url", "ws://127.0.0.1:1/relay", "--secret", "x"],
+        )
 
 
 class TLSSocketTests(unittest.TestCase):
@@ -404,19 +524,35 @@ class InterleavedTests(unittest.TestCase):
             # TLS: half the rate and twice the p99 of plain, in run 0;
             # run 1 fails over TLS; run 2 a quarter of the rate.
             rate = 1000.0 / (1 + target.tls * (1 + 2 * (run == 2)))
-            return {"ok": not (target.tls and run == 1), "msgs_per_s": rate, "p99_us": 100.0 * (1 + target.tls)}
+            return {
+                "ok": not (target.tls and run == 1),
+                "msgs_per_s": rate,
+                "p99_us": 100.0 * (1 + target.tls),
+            }
 
         bench.relay = relay
         bench.done = lambda target: events.append(("stop", target.tls))
         bench.overTLSSeries("throughput-p1-10", {"pairs": 1}, runOnce)
-        self.assertEqual(events, [
-            ("start", False), ("run", 0, False), ("start", True), ("run", 0, True),
-            ("run", 1, False), ("run", 1, True), ("run", 2, False), ("run", 2, True),
-            ("stop", False), ("stop", True),
-        ])
+        self.assertEqual(
+            events,
+            [
+                ("start", False),
+                ("run", 0, False),
+                ("start", True),
+                ("run", 0, True),
+                ("run", 1, False),
+                ("run", 1, True),
+                ("run", 2, False),
+                ("run", 2, True),
+                ("stop", False),
+                ("stop", True),
+            ],
+        )
         ratio = bench.results["throughput-p1-10-tls-ratio"]
-        self.assertEqual([(r["run"], r["ok"], r["msgs_per_s"], r["p99_us"]) for r in ratio["runs"]],
-                         [(0, True, 0.5, 2.0), (1, False, 0.5, 2.0), (2, True, 0.25, 2.0)])
+        self.assertEqual(
+            [(r["run"], r["ok"], r["msgs_per_s"], r["p99_us"]) for r in ratio["runs"]],
+            [(0, True, 0.5, 2.0), (1, False, 0.5, 2.0), (2, True, 0.25, 2.0)],
+        )
         self.assertEqual((ratio["median"]["msgs_per_s"], ratio["ok"]), (0.5, False))
         self.assertEqual(bench.results["throughput-p1-10-tls"]["params"], {"pairs": 1, "tls": True})
         self.assertIn("throughput-p1-10-tls-ratio", bench.summary())

@@ -12,8 +12,8 @@ from twisted.trial import unittest
 from relay import clocks
 from relay import service as servicemodule
 from relay.auth import AuthError, generateToken
-from relay.cluster import frames
 from relay.clocks import useMonotonicTime, wallClock
+from relay.cluster import frames
 from relay.service import makeService
 from tests.test_cluster_transport import NOW, SECRET, dialedStream, makeTransport
 from tests.test_service import REQUIRED, parse
@@ -156,7 +156,14 @@ class ServiceClockTests(unittest.TestCase):
         top = makeService(
             parse(
                 REQUIRED
-                + ["--metrics-port", "0", "--cluster-headless", "127.0.0.2", "--pod-ip", "127.0.0.1"]
+                + [
+                    "--metrics-port",
+                    "0",
+                    "--cluster-headless",
+                    "127.0.0.2",
+                    "--pod-ip",
+                    "127.0.0.1",
+                ]
                 + ["--cluster-auth-secret", "cluster-secret"]
             ),
             reactor=MemoryReactorClock(),

@@ -30,7 +30,9 @@ class FakeResolver:
         self.hold = set()
         self.fail = False
 
-    def resolveHostName(self, receiver, hostName, portNumber=0, addressTypes=None, transportSemantics="TCP"):
+    def resolveHostName(
+        self, receiver, hostName, portNumber=0, addressTypes=None, transportSemantics="TCP"
+    ):
         self.asked.append(hostName)
         if self.fail:
             raise RuntimeError("resolver broken")
@@ -78,7 +80,9 @@ class FakeStreams:
 
 def makeDiscovery(headless="relay-internal", table=None, podIP="10.0.0.1", interval=10.0):
     clock = Clock()
-    resolver = FakeResolver(table if table is not None else {"relay-internal": ["10.0.0.1", "10.0.0.2", "10.0.0.3"]})
+    resolver = FakeResolver(
+        table if table is not None else {"relay-internal": ["10.0.0.1", "10.0.0.2", "10.0.0.3"]}
+    )
     streams = FakeStreams(f"{podIP}:{PORT}" if ":" not in podIP else f"[{podIP}]:{PORT}")
     discovery = Discovery(headless, PORT, podIP, streams, resolver, clock, interval=interval)
     return discovery, streams, resolver, clock
@@ -155,7 +159,9 @@ class PassTests(SynchronousTestCase):
         )
         discovery.start()
         self.assertEqual(resolver.asked, ["relay-a", "relay-b"])
-        self.assertEqual(streams.dials, ["10.0.0.2:7090", "10.0.0.3:7090", "10.0.0.9:7090", "[fd00::7]:7090"])
+        self.assertEqual(
+            streams.dials, ["10.0.0.2:7090", "10.0.0.3:7090", "10.0.0.9:7090", "[fd00::7]:7090"]
+        )
         discovery.stop()
 
     def test_ipv6SelfFiltered(self):
@@ -167,7 +173,9 @@ class PassTests(SynchronousTestCase):
         discovery.stop()
 
     def test_ownAnnounceAddressNotDialed(self):
-        discovery, streams, resolver, clock = makeDiscovery(table={"relay-internal": ["10.0.0.2"]}, podIP="10.0.0.99")
+        discovery, streams, resolver, clock = makeDiscovery(
+            table={"relay-internal": ["10.0.0.2"]}, podIP="10.0.0.99"
+        )
         streams.announceAddress = "10.0.0.2:7090"
         discovery.start()
         self.assertEqual(streams.dials, [])
@@ -184,7 +192,7 @@ class BackoffTests(SynchronousTestCase):
         discovery.start()
         dialTimes = [clock.seconds()]
         streams.refuse("10.0.0.2:7090")
-        for i in range(80):
+        for _i in range(80):
             clock.advance(10)
             if streams.pending:
                 dialTimes.append(clock.seconds())
@@ -201,7 +209,7 @@ class BackoffTests(SynchronousTestCase):
         discovery, streams, resolver, clock = makeDiscovery(table={"relay-internal": ["10.0.0.2"]})
         discovery.start()
         dialTimes = []
-        for i in range(80):
+        for _i in range(80):
             if streams.pending:
                 dialTimes.append(clock.seconds())
                 streams.connect("10.0.0.2:7090")
@@ -300,10 +308,17 @@ class FailureLogTests(SynchronousTestCase):
         self.addCleanup(globalLogPublisher.removeObserver, self.logged.append)
 
     def levels(self):
-        return [e["log_level"] for e in self.logged if e.get("log_namespace") == "relay.cluster.discovery" and "resolv" in e["log_format"] + e.get("why", "")]
+        return [
+            e["log_level"]
+            for e in self.logged
+            if e.get("log_namespace") == "relay.cluster.discovery"
+            and "resolv" in e["log_format"] + e.get("why", "")
+        ]
 
     def test_warnRateLimited(self):
-        discovery, streams, resolver, clock = makeDiscovery(headless="relay-internal,empty", table={"relay-internal": ["10.0.0.2"]})
+        discovery, streams, resolver, clock = makeDiscovery(
+            headless="relay-internal,empty", table={"relay-internal": ["10.0.0.2"]}
+        )
         resolver.fail = True
         discovery.start()
         for _ in range(5):

@@ -74,7 +74,13 @@ class ForwarderTestMixin:
         self.counters = ClusterCounters()
         self.locator = Locator(self.transport, self.local, self.clock)
         self.forwarder = Forwarder(
-            self.transport, self.locator, self.local, self.clock, self.counters, queuePackets=4, queueBytes=1000
+            self.transport,
+            self.locator,
+            self.local,
+            self.clock,
+            self.counters,
+            queuePackets=4,
+            queueBytes=1000,
         )
 
 
@@ -96,7 +102,10 @@ class ForwardTests(ForwarderTestMixin, SynchronousTestCase):
         self.locator.iHaveReceived(C, PEER_B, 1)
         message = transportMessage(PEER_A)
         self.forwarder.forward(PEER_B, message)
-        self.assertEqual(self.c.sent, [bytes.fromhex("14004f") + PEER_B + bytes.fromhex("0103") + PEER_A + b"hello"])
+        self.assertEqual(
+            self.c.sent,
+            [bytes.fromhex("14004f") + PEER_B + bytes.fromhex("0103") + PEER_A + b"hello"],
+        )
         self.assertEqual(self.b.sent, [])
         self.assertEqual(dict(self.counters.forwards), {"ok": 1})
 
@@ -119,7 +128,9 @@ class ForwardTests(ForwarderTestMixin, SynchronousTestCase):
         self.assertEqual(waitingPackets(self.forwarder, PEER_B), 2)
         self.locator.iHaveReceived(B, PEER_C, 1)
         self.forwarder.forward(PEER_C, transportMessage(PEER_A, b"other"))
-        self.assertEqual(self.b.sent[-1], frames.fwdFrame(PEER_C, transportMessage(PEER_A, b"other")))
+        self.assertEqual(
+            self.b.sent[-1], frames.fwdFrame(PEER_C, transportMessage(PEER_A, b"other"))
+        )
         self.forwarder.forward(PEER_B, transportMessage(PEER_A, b"3"))
         self.clock.advance(0.01)
         self.forwarder.frameReceived(self.c, frames.IHave(PEER_B, 9))
@@ -142,7 +153,8 @@ class ForwardTests(ForwarderTestMixin, SynchronousTestCase):
         self.assertEqual(self.counters.dropped["lookup_queue_full"], 2)
         self.forwarder.frameReceived(self.b, frames.IHave(PEER_B, 1))
         self.assertEqual(
-            self.b.sent[1:], [frames.fwdFrame(PEER_B, transportMessage(PEER_A, bytes([n]))) for n in range(4)]
+            self.b.sent[1:],
+            [frames.fwdFrame(PEER_B, transportMessage(PEER_A, bytes([n]))) for n in range(4)],
         )
 
     def test_queueBoundedByBytes(self):
@@ -158,9 +170,11 @@ class ForwardTests(ForwarderTestMixin, SynchronousTestCase):
         self.assertEqual(waitingPackets(self.forwarder, PEER_C), 2)
 
     def test_concurrentLookupsBounded(self):
-        forwarder = Forwarder(self.transport, self.locator, self.local, self.clock, self.counters, maxLookups=2)
-        for peerID in (PEER_A, PEER_B, PEER_C):
-            forwarder.forward(peerID, transportMessage(PEER_A))
+        forwarder = Forwarder(
+            self.transport, self.locator, self.local, self.clock, self.counters, maxLookups=2
+        )
+        for destination in (PEER_A, PEER_B, PEER_C):
+            forwarder.forward(destination, transportMessage(PEER_A))
         self.assertEqual(self.counters.dropped["lookup_queue_full"], 1)
         self.assertEqual(self.b.sent, [frames.whoHasFrame(PEER_A), frames.whoHasFrame(PEER_B)])
         self.clock.advance(0.2)
@@ -314,7 +328,9 @@ class LookupShareTests(SynchronousTestCase):
         self.b = self.transport.streams[B]
         self.counters = ClusterCounters()
         self.locator = Locator(self.transport, FakeLocalPeers(), self.clock)
-        self.forwarder = Forwarder(self.transport, self.locator, FakeLocalPeers(), self.clock, self.counters)
+        self.forwarder = Forwarder(
+            self.transport, self.locator, FakeLocalPeers(), self.clock, self.counters
+        )
 
     def test_sprayerDoesNotStarveOthers(self):
         """
@@ -333,7 +349,12 @@ class LookupShareTests(SynchronousTestCase):
             self.forwarder.frameReceived(self.b, frames.IHave(destination, 1))
         self.assertEqual(
             [frame for frame in self.b.sent if frame[0] == frames.FWD],
-            [frames.fwdFrame(peerID(f"remote-{n}"), transportMessage(peerID(f"agent-{n}"), b"first")) for n in range(10)],
+            [
+                frames.fwdFrame(
+                    peerID(f"remote-{n}"), transportMessage(peerID(f"agent-{n}"), b"first")
+                )
+                for n in range(10)
+            ],
         )
         self.assertEqual(self.counters.dropped["lookup_queue_full"], 0)
 
@@ -351,7 +372,14 @@ class LookupShareTests(SynchronousTestCase):
         self.assertEqual(self.b.sent[-1], frames.whoHasFrame(PEER_C))
 
     def test_slotReleasedOnGiveUp(self):
-        forwarder = Forwarder(self.transport, NeverLocator(), FakeLocalPeers(), self.clock, self.counters, lookupsPerPeer=1)
+        forwarder = Forwarder(
+            self.transport,
+            NeverLocator(),
+            FakeLocalPeers(),
+            self.clock,
+            self.counters,
+            lookupsPerPeer=1,
+        )
         forwarder.forward(PEER_B, transportMessage(PEER_A))
         forwarder.forward(PEER_C, transportMessage(PEER_A))
         self.assertEqual(self.counters.dropped["lookup_share_full"], 1)
@@ -368,8 +396,13 @@ class LookupShareTests(SynchronousTestCase):
         """
         results = [self.forwarder.locate(peerID(f"random-{n}")) for n in range(9760)]
         self.assertEqual(len(self.b.sent), SUBSCRIPTION_LOOKUPS)
-        self.assertEqual(self.counters.dropped["subscription_lookup_share_full"], 9760 - SUBSCRIPTION_LOOKUPS)
-        self.assertEqual([self.successResultOf(d) for d in results[SUBSCRIPTION_LOOKUPS:]], [False] * (9760 - SUBSCRIPTION_LOOKUPS))
+        self.assertEqual(
+            self.counters.dropped["subscription_lookup_share_full"], 9760 - SUBSCRIPTION_LOOKUPS
+        )
+        self.assertEqual(
+            [self.successResultOf(d) for d in results[SUBSCRIPTION_LOOKUPS:]],
+            [False] * (9760 - SUBSCRIPTION_LOOKUPS),
+        )
         self.forwarder.forward(PEER_C, transportMessage(PEER_A))
         self.assertEqual(self.b.sent[-1], frames.whoHasFrame(PEER_C))
         self.clock.advance(0.2)
@@ -387,7 +420,9 @@ class LookupShareTests(SynchronousTestCase):
         for n in range(100):
             self.forwarder.locate(peerID(f"random-{n}"), churner)
         self.assertEqual(len(self.b.sent), LOOKUPS_PER_PEER)
-        self.assertEqual(self.counters.dropped["subscription_lookup_share_full"], 100 - LOOKUPS_PER_PEER)
+        self.assertEqual(
+            self.counters.dropped["subscription_lookup_share_full"], 100 - LOOKUPS_PER_PEER
+        )
         self.forwarder.forward(PEER_C, transportMessage(churner))
         self.assertEqual(self.counters.dropped["lookup_share_full"], 1)
         found = self.forwarder.locate(PEER_B, other)
@@ -399,7 +434,14 @@ class LookupShareTests(SynchronousTestCase):
         self.assertEqual(self.forwarder._lookupsBy, {})
 
     def test_subscriptionJoinsPendingLookupFree(self):
-        forwarder = Forwarder(self.transport, self.locator, FakeLocalPeers(), self.clock, self.counters, subscriptionLookups=1)
+        forwarder = Forwarder(
+            self.transport,
+            self.locator,
+            FakeLocalPeers(),
+            self.clock,
+            self.counters,
+            subscriptionLookups=1,
+        )
         first = forwarder.locate(PEER_B)
         second = forwarder.locate(PEER_B)
         self.assertEqual(self.counters.dropped, {})
@@ -515,7 +557,12 @@ class PresenceTests(ForwarderTestMixin, SynchronousTestCase):
         self.forwarder.streamUp(self.c)
         self.assertEqual(
             sorted(self.c.sent),
-            sorted([frames.iHaveFrame(PEER_A, seqnoOf(NOW)), frames.iHaveFrame(PEER_B, seqnoOf(NOW + 1))]),
+            sorted(
+                [
+                    frames.iHaveFrame(PEER_A, seqnoOf(NOW)),
+                    frames.iHaveFrame(PEER_B, seqnoOf(NOW + 1)),
+                ]
+            ),
         )
         self.assertEqual(self.b.sent, [])
 
@@ -594,7 +641,9 @@ class TwoPodTests(SynchronousTestCase):
         self.podB, self.fwdB, self.countersB = makePod("10.0.0.2:7090", self.clock, self.localB)
         self.podA.dial("10.0.0.2:7090")
         endpoint = self.podA.endpointFactory.made[0]
-        self.wire = Wire(endpoint.factory.buildProtocol(None), self.podB.serverFactory().buildProtocol(None))
+        self.wire = Wire(
+            endpoint.factory.buildProtocol(None), self.podB.serverFactory().buildProtocol(None)
+        )
         self.wire.connect()
         endpoint.result.callback(self.wire.dialer)
         self.wire.pump()

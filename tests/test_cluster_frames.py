@@ -44,10 +44,19 @@ class VectorTests(SynchronousTestCase):
         self.assertEqual(frames.helloFrame("10.0.5.7:7090", TS, None), HELLO_UNSIGNED)
 
     def test_iHave(self):
-        self.assertEqual(frames.iHaveFrame(PEER_A, 42), bytes.fromhex("020028") + PEER_A + bytes.fromhex("0000002a"))
+        self.assertEqual(
+            frames.iHaveFrame(PEER_A, 42),
+            bytes.fromhex("020028") + PEER_A + bytes.fromhex("0000002a"),
+        )
 
     def test_fwd(self):
-        expected = bytes.fromhex("14004f") + PEER_B + bytes.fromhex("0103") + PEER_A + bytes.fromhex("68656c6c6f")
+        expected = (
+            bytes.fromhex("14004f")
+            + PEER_B
+            + bytes.fromhex("0103")
+            + PEER_A
+            + bytes.fromhex("68656c6c6f")
+        )
         self.assertEqual(frames.fwdFrame(PEER_B, TRANSPORT_AS_DELIVERED), expected)
 
     def test_decodeVectors(self):
@@ -56,11 +65,15 @@ class VectorTests(SynchronousTestCase):
         hello = frames.decodeHello(payload, "cluster-secret", TS)
         self.assertEqual(hello, frames.Hello("10.0.5.7:7090", TS, True))
         [(t, payload)] = frames.FrameReader().feed(HELLO_UNSIGNED)
-        self.assertEqual(frames.decodeHello(payload, "", TS), frames.Hello("10.0.5.7:7090", TS, False))
+        self.assertEqual(
+            frames.decodeHello(payload, "", TS), frames.Hello("10.0.5.7:7090", TS, False)
+        )
         [(t, payload)] = frames.FrameReader().feed(frames.iHaveFrame(PEER_A, 42))
         self.assertEqual(frames.decodePayload(t, payload), frames.IHave(PEER_A, 42))
         [(t, payload)] = frames.FrameReader().feed(frames.fwdFrame(PEER_B, TRANSPORT_AS_DELIVERED))
-        self.assertEqual(frames.decodePayload(t, payload), frames.Fwd(PEER_B, TRANSPORT_AS_DELIVERED))
+        self.assertEqual(
+            frames.decodePayload(t, payload), frames.Fwd(PEER_B, TRANSPORT_AS_DELIVERED)
+        )
 
     def test_otherFrames(self):
         self.assertEqual(frames.whoHasFrame(PEER_A), b"\x01\x00\x24" + PEER_A)
@@ -74,7 +87,9 @@ class VectorTests(SynchronousTestCase):
 
     def test_seqnoWraps(self):
         self.assertEqual(frames.iHaveFrame(PEER_A, 2**32 + 5)[-4:], b"\x00\x00\x00\x05")
-        self.assertEqual(frames.decodePayload(frames.I_HAVE, PEER_A + b"\xff\xff\xff\xff").seqno, 2**32 - 1)
+        self.assertEqual(
+            frames.decodePayload(frames.I_HAVE, PEER_A + b"\xff\xff\xff\xff").seqno, 2**32 - 1
+        )
 
 
 class FrameReaderTests(SynchronousTestCase):
@@ -101,7 +116,7 @@ class FrameReaderTests(SynchronousTestCase):
         reader = frames.FrameReader()
         out = []
         for i in range(len(stream)):
-            out += reader.feed(stream[i:i + 1])
+            out += reader.feed(stream[i : i + 1])
         self.assertEqual(out, [(frames.I_HAVE, PEER_A + b"\x00\x00\x00\x01")] * 3)
 
     def test_largestFrame(self):
@@ -129,8 +144,14 @@ class FrameReaderTests(SynchronousTestCase):
         self.assertEqual(frames.FrameReader().feed(b"\x20\x00\x00\x21\x00"), [(frames.PING, b"")])
 
 
-def _hello(address=b"10.0.5.7:7090", ts=TS, secret=b"", version=2, hmacLen=None, sig=None, addrLen=None):
-    body = bytes((version, len(address) if addrLen is None else addrLen)) + address + struct.pack(">Q", ts)
+def _hello(
+    address=b"10.0.5.7:7090", ts=TS, secret=b"", version=2, hmacLen=None, sig=None, addrLen=None
+):
+    body = (
+        bytes((version, len(address) if addrLen is None else addrLen))
+        + address
+        + struct.pack(">Q", ts)
+    )
     if sig is None and secret:
         sig = hmac.new(secret, body, hashlib.sha256).digest()
     sig = sig or b""
@@ -145,18 +166,24 @@ class HelloTests(SynchronousTestCase):
 
     def test_roundTrip(self):
         payload = frames.encodeHello("[fd00::1]:7090", TS, "s")
-        self.assertEqual(frames.decodeHello(payload, "s", TS), frames.Hello("[fd00::1]:7090", TS, True))
+        self.assertEqual(
+            frames.decodeHello(payload, "s", TS), frames.Hello("[fd00::1]:7090", TS, True)
+        )
 
     def test_secretAsGiven(self):
         """
         The HMAC key is the cluster secret itself, not a hash of it.
         """
-        self.assertEqual(frames.decodeHello(_hello(secret=b"cluster-secret"), "cluster-secret", TS).signed, True)
+        self.assertEqual(
+            frames.decodeHello(_hello(secret=b"cluster-secret"), "cluster-secret", TS).signed, True
+        )
         hashed = hashlib.sha256(b"cluster-secret").digest()
         self.assertRejected(_hello(secret=hashed), "cluster-secret", TS, frames.HMAC_MISMATCH)
 
     def test_hmacMismatch(self):
-        self.assertRejected(_hello(secret=b"other-secret"), "cluster-secret", TS, frames.HMAC_MISMATCH)
+        self.assertRejected(
+            _hello(secret=b"other-secret"), "cluster-secret", TS, frames.HMAC_MISMATCH
+        )
         tampered = bytearray(HELLO_SIGNED[3:])
         tampered[5] ^= 1
         self.assertRejected(bytes(tampered), "cluster-secret", TS, frames.HMAC_MISMATCH)
@@ -183,7 +210,9 @@ class HelloTests(SynchronousTestCase):
         """
         A forged HELLO is counted as a forgery even when also stale.
         """
-        self.assertRejected(_hello(secret=b"wrong", ts=5), "cluster-secret", TS, frames.HMAC_MISMATCH)
+        self.assertRejected(
+            _hello(secret=b"wrong", ts=5), "cluster-secret", TS, frames.HMAC_MISMATCH
+        )
 
     def test_malformed(self):
         good = _hello()
@@ -237,7 +266,9 @@ class PayloadTests(SynchronousTestCase):
         payload; HELLO is not decoded here.
         """
         for frameType in (0x04, 0x10, 0x11, 0x12, 0x13, 0x15, 0x22, 0xFF, frames.HELLO):
-            self.assertEqual(frames.decodePayload(frameType, b"\x00abc"), frames.Unknown(frameType, b"\x00abc"))
+            self.assertEqual(
+                frames.decodePayload(frameType, b"\x00abc"), frames.Unknown(frameType, b"\x00abc")
+            )
 
     def test_badIDOnEncode(self):
         self.assertRaises(frames.FrameError, frames.whoHasFrame, b"short")
@@ -263,7 +294,9 @@ class PropertyTests(SynchronousTestCase):
     """
 
     @hypothesisProfile(examples=300)
-    @given(st.binary(max_size=400), st.sampled_from(["", "cluster-secret"]), st.integers(0, 2**64 - 1))
+    @given(
+        st.binary(max_size=400), st.sampled_from(["", "cluster-secret"]), st.integers(0, 2**64 - 1)
+    )
     def test_decodeHelloOnlyFrameError(self, payload, secret, now):
         try:
             hello = frames.decodeHello(payload, secret, now)
@@ -318,8 +351,13 @@ class SecuredHandshakeTests(SynchronousTestCase):
     def test_codecs(self):
         self.assertEqual(frames.challengeFrame(b"\x01" * 32), b"\x04\x00\x21\x03" + b"\x01" * 32)
         self.assertEqual(frames.decodeChallenge(b"\x03" + b"\x01" * 32), b"\x01" * 32)
-        self.assertEqual(frames.authFrame(b"\x01" * 32, b"\x02" * 32), b"\x05\x00\x40" + b"\x01" * 32 + b"\x02" * 32)
-        self.assertEqual(frames.decodeAuth(b"\x01" * 32 + b"\x02" * 32), (b"\x01" * 32, b"\x02" * 32))
+        self.assertEqual(
+            frames.authFrame(b"\x01" * 32, b"\x02" * 32),
+            b"\x05\x00\x40" + b"\x01" * 32 + b"\x02" * 32,
+        )
+        self.assertEqual(
+            frames.decodeAuth(b"\x01" * 32 + b"\x02" * 32), (b"\x01" * 32, b"\x02" * 32)
+        )
         self.assertEqual(frames.confirmFrame(b"\x02" * 32), b"\x06\x00\x20" + b"\x02" * 32)
         self.assertEqual(frames.decodeConfirm(b"\x02" * 32), b"\x02" * 32)
         for bad in (b"", b"\x02" + b"\x01" * 32, b"\x03" + b"\x01" * 31):
@@ -339,11 +377,19 @@ class SecuredHandshakeTests(SynchronousTestCase):
         self.assertEqual(len(values), 5)
         for other in (
             frames.Handshake("another", self.hello, b"\x01" * 32, b"\x02" * 32),
-            frames.Handshake("cluster-secret", frames.encodeHello("10.0.0.9:7090", TS, "cluster-secret"), b"\x01" * 32, b"\x02" * 32),
+            frames.Handshake(
+                "cluster-secret",
+                frames.encodeHello("10.0.0.9:7090", TS, "cluster-secret"),
+                b"\x01" * 32,
+                b"\x02" * 32,
+            ),
             frames.Handshake("cluster-secret", self.hello, b"\x03" * 32, b"\x02" * 32),
             frames.Handshake("cluster-secret", self.hello, b"\x01" * 32, b"\x03" * 32),
         ):
-            self.assertEqual({other.acceptorMAC, other.dialerMAC, other.dialerKey, other.acceptorKey} & values, set())
+            self.assertEqual(
+                {other.acceptorMAC, other.dialerMAC, other.dialerKey, other.acceptorKey} & values,
+                set(),
+            )
 
     def test_sides(self):
         """
@@ -352,14 +398,23 @@ class SecuredHandshakeTests(SynchronousTestCase):
         """
         h = self.handshake
         dialer, acceptor = h.side(dialer=True), h.side(dialer=False)
-        self.assertEqual((dialer.ownMAC, dialer.remoteMAC, dialer.sendKey, dialer.receiveKey), (h.dialerMAC, h.acceptorMAC, h.dialerKey, h.acceptorKey))
+        self.assertEqual(
+            (dialer.ownMAC, dialer.remoteMAC, dialer.sendKey, dialer.receiveKey),
+            (h.dialerMAC, h.acceptorMAC, h.dialerKey, h.acceptorKey),
+        )
         self.assertEqual((acceptor.ownMAC, acceptor.remoteMAC), (dialer.remoteMAC, dialer.ownMAC))
-        self.assertEqual((acceptor.sendKey, acceptor.receiveKey), (dialer.receiveKey, dialer.sendKey))
+        self.assertEqual(
+            (acceptor.sendKey, acceptor.receiveKey), (dialer.receiveKey, dialer.sendKey)
+        )
 
     def test_sealOpen(self):
         sealer = frames.Sealer(self.handshake.dialerKey)
         opener = frames.Opener(self.handshake.dialerKey)
-        sent = [frames.whoHasFrame(PEER_A), frames.pingFrame(), frames.fwdFrame(PEER_B, TRANSPORT_AS_DELIVERED)]
+        sent = [
+            frames.whoHasFrame(PEER_A),
+            frames.pingFrame(),
+            frames.fwdFrame(PEER_B, TRANSPORT_AS_DELIVERED),
+        ]
         reader = frames.FrameReader()
         received = reader.feed(b"".join(sealer.seal(f) for f in sent))
         self.assertEqual([frames.encodeFrame(t, opener.open(t, p)) for t, p in received], sent)
@@ -375,7 +430,9 @@ class SecuredHandshakeTests(SynchronousTestCase):
         """
         sealer = frames.Sealer(self.handshake.dialerKey)
         for seqno, frame in enumerate((frames.whoHasFrame(PEER_A), frames.pingFrame())):
-            expected = hmac.new(self.handshake.dialerKey, struct.pack(">Q", seqno) + frame, hashlib.sha256).digest()[:16]
+            expected = hmac.new(
+                self.handshake.dialerKey, struct.pack(">Q", seqno) + frame, hashlib.sha256
+            ).digest()[:16]
             self.assertEqual(sealer.seal(frame)[-16:], expected)
 
     def test_openRefuses(self):
@@ -406,7 +463,11 @@ class SecuredHandshakeTests(SynchronousTestCase):
 
     def test_sealTooLarge(self):
         sealer = frames.Sealer(self.handshake.dialerKey)
-        self.assertRaises(frames.FrameError, sealer.seal, frames.encodeFrame(frames.FWD, b"x" * (frames.MAX_PAYLOAD - 15)))
+        self.assertRaises(
+            frames.FrameError,
+            sealer.seal,
+            frames.encodeFrame(frames.FWD, b"x" * (frames.MAX_PAYLOAD - 15)),
+        )
 
 
 class SecuredVectorTests(SynchronousTestCase):
@@ -420,7 +481,9 @@ class SecuredVectorTests(SynchronousTestCase):
         secret = b"cluster-secret"
         hello = HELLO_SIGNED[3:]
         base = hmac.new(secret, b"relay cluster v3", hashlib.sha256).digest()
-        transcript = hashlib.sha256(struct.pack(">I", len(hello)) + hello + b"\x01" * 32 + b"\x02" * 32).digest()
+        transcript = hashlib.sha256(
+            struct.pack(">I", len(hello)) + hello + b"\x01" * 32 + b"\x02" * 32
+        ).digest()
 
         def derive(label):
             return hmac.new(base, label + transcript, hashlib.sha256).digest()
@@ -430,11 +493,17 @@ class SecuredVectorTests(SynchronousTestCase):
         self.assertEqual(h.dialerMAC, derive(b"dialer proof"))
         self.assertEqual(h.dialerKey, derive(b"dialer frames"))
         self.assertEqual(h.acceptorKey, derive(b"acceptor frames"))
-        self.assertEqual(h.acceptorMAC.hex(), "8fdb9c6e430ab943f78576f0ed2eea48f7440c8e3b858cdedbaf12a03409badf")
-        self.assertEqual(h.dialerMAC.hex(), "98e4495a6c8da18e03049fb8eeaa9446ded021d091d2036af8ff57fa915f5764")
+        self.assertEqual(
+            h.acceptorMAC.hex(), "8fdb9c6e430ab943f78576f0ed2eea48f7440c8e3b858cdedbaf12a03409badf"
+        )
+        self.assertEqual(
+            h.dialerMAC.hex(), "98e4495a6c8da18e03049fb8eeaa9446ded021d091d2036af8ff57fa915f5764"
+        )
         sealer = frames.Sealer(h.dialerKey)
         first, second = sealer.seal(frames.pingFrame()), sealer.seal(frames.pingFrame())
         for seqno, sealed in enumerate((first, second)):
-            tag = hmac.new(h.dialerKey, struct.pack(">Q", seqno) + b"\x20\x00\x00", hashlib.sha256).digest()[:16]
+            tag = hmac.new(
+                h.dialerKey, struct.pack(">Q", seqno) + b"\x20\x00\x00", hashlib.sha256
+            ).digest()[:16]
             self.assertEqual(sealed, b"\x20\x00\x10" + tag)
         self.assertEqual(first.hex(), "2000105b8aec90f33ecd533cebb8dd9225d2d6")

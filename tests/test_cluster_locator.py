@@ -122,7 +122,10 @@ class LookupTests(SynchronousTestCase):
         self.locator = locator.Locator(
             self.transport, FakeLocalPeers(), self.clock, lookupObserver=self.observed.append
         )
-        self.b, self.c = self.transport.streams["10.0.0.2:7090"], self.transport.streams["10.0.0.3:7090"]
+        self.b, self.c = (
+            self.transport.streams["10.0.0.2:7090"],
+            self.transport.streams["10.0.0.3:7090"],
+        )
 
     def test_noStreamsMissAtOnce(self):
         self.transport.streams.clear()
@@ -244,7 +247,9 @@ class SeqnoChoiceTests(SynchronousTestCase):
         self.locator.iHaveReceived("10.0.0.2:7090", PEER_A, 2**32 - 10)
         self.assertEqual(self.locator.iHaveReceived("10.0.0.3:7090", PEER_A, 5), (True, False))
         self.assertEqual(self.locator.cached(PEER_A), "10.0.0.3:7090")
-        self.assertEqual(self.locator.iHaveReceived("10.0.0.2:7090", PEER_A, 2**32 - 10), (False, False))
+        self.assertEqual(
+            self.locator.iHaveReceived("10.0.0.2:7090", PEER_A, 2**32 - 10), (False, False)
+        )
         self.assertEqual(self.locator.cached(PEER_A), "10.0.0.3:7090")
 
     def test_equalSeqnoUpdates(self):

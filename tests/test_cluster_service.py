@@ -37,9 +37,22 @@ class ClusterServiceTests(SynchronousTestCase):
         globalLogPublisher.addObserver(self.logged.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.logged.append)
 
-    def makeService(self, listen=("0.0.0.0", 7090), secret="cluster-secret", headless="10.0.0.1,10.0.0.2", compat=False, **kwargs):
+    def makeService(
+        self,
+        listen=("0.0.0.0", 7090),
+        secret="cluster-secret",
+        headless="10.0.0.1,10.0.0.2",
+        compat=False,
+        **kwargs,
+    ):
         config = ClusterConfig(
-            headless=headless, podIP="10.0.0.1", port=7090, listen=listen, secret=secret, discoveryInterval=10.0, compat=compat
+            headless=headless,
+            podIP="10.0.0.1",
+            port=7090,
+            listen=listen,
+            secret=secret,
+            discoveryInterval=10.0,
+            compat=compat,
         )
         return ClusterService(config, self.local, self.counters, self.reactor, **kwargs)
 
@@ -57,7 +70,12 @@ class ClusterServiceTests(SynchronousTestCase):
         return stream, tr
 
     def warnings(self):
-        return [e for e in self.logged if e.get("log_level") == LogLevel.warn and e.get("log_namespace", "").startswith("relay.cluster")]
+        return [
+            e
+            for e in self.logged
+            if e.get("log_level") == LogLevel.warn
+            and e.get("log_namespace", "").startswith("relay.cluster")
+        ]
 
     def test_interfaces(self):
         service = self.makeService()
@@ -81,12 +99,14 @@ class ClusterServiceTests(SynchronousTestCase):
         tr = StringTransport()
         stream.makeConnection(tr)
         hello = frames.helloFrame("10.0.0.1:7090", NOW, "cluster-secret")
-        self.assertEqual(tr.value()[:len(hello)], hello)
+        self.assertEqual(tr.value()[: len(hello)], hello)
         self.assertEqual(service.streamCount(), 0)
         handshake = answer(stream, tr)
         [_, (frameType, payload)] = frames.FrameReader().feed(tr.value())
         self.assertEqual(
-            frames.encodeFrame(frameType, frames.Opener(handshake.dialerKey).open(frameType, payload)),
+            frames.encodeFrame(
+                frameType, frames.Opener(handshake.dialerKey).open(frameType, payload)
+            ),
             frames.iHaveFrame(PEER_A, seqnoOf(NOW)),
         )
         self.assertEqual(service.streamCount(), 1)
@@ -168,7 +188,11 @@ class ClusterServiceTests(SynchronousTestCase):
             service.startService()
             [(port, factory, backlog, interface)] = self.reactor.tcpServers
             self.assertEqual((port, interface, backlog), expected + (LISTEN_BACKLOG,))
-            [line] = [e for e in self.logged if e.get("log_format", "").startswith("cluster: listening on")]
+            [line] = [
+                e
+                for e in self.logged
+                if e.get("log_format", "").startswith("cluster: listening on")
+            ]
             self.assertEqual(line["listen"], logged)
             self.successResultOf(service.stopService())
 

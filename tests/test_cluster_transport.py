@@ -72,7 +72,17 @@ class FakeEndpoints:
         return endpoint
 
 
-def makeTransport(address="10.0.0.1:7090", secret=SECRET, clock=None, counters=None, handler=None, compat=False, wallClock=None, noisyLog=None, **settings):
+def makeTransport(
+    address="10.0.0.1:7090",
+    secret=SECRET,
+    clock=None,
+    counters=None,
+    handler=None,
+    compat=False,
+    wallClock=None,
+    noisyLog=None,
+    **settings,
+):
     """
     A transport on fake endpoints; C{settings} are L{transport.FabricSettings}
     fields.
@@ -117,7 +127,16 @@ class Remote:
     reads, as a pod of this kind would.
     """
 
-    def __init__(self, proto, tr, address="10.0.0.2:7090", secret=SECRET, now=NOW, nonce=b"\x11" * 32, helloSent=False):
+    def __init__(
+        self,
+        proto,
+        tr,
+        address="10.0.0.2:7090",
+        secret=SECRET,
+        now=NOW,
+        nonce=b"\x11" * 32,
+        helloSent=False,
+    ):
         self.proto = proto
         self.tr = tr
         self.hello = frames.encodeHello(address, now, secret)
@@ -239,8 +258,8 @@ class DialerTests(SynchronousTestCase):
         tr = StringTransport()
         stream.makeConnection(tr)
         hello = frames.helloFrame("10.0.0.1:7090", NOW, SECRET)
-        self.assertEqual(tr.value()[:len(hello)], hello)
-        [(challengeType, challenge)] = frames.FrameReader().feed(tr.value()[len(hello):])
+        self.assertEqual(tr.value()[: len(hello)], hello)
+        [(challengeType, challenge)] = frames.FrameReader().feed(tr.value()[len(hello) :])
         self.assertEqual((challengeType, len(challenge)), (frames.CHALLENGE, 33))
         self.assertIsNone(owner.stream("10.0.0.2:7090"))
         self.assertEqual(owner.handler.events, [])
@@ -326,7 +345,9 @@ class AcceptorTests(SynchronousTestCase):
         self.addCleanup(globalLogPublisher.removeObserver, self.logged.append)
 
     def rejections(self):
-        return [e for e in self.logged if e.get("reason") and "rejecting" in e.get("log_format", "")]
+        return [
+            e for e in self.logged if e.get("reason") and "rejecting" in e.get("log_format", "")
+        ]
 
     def assertRejected(self, owner, proto, tr, reason):
         self.assertEqual(dict(owner.counters.helloRejects), {reason: 1})
@@ -369,9 +390,13 @@ class AcceptorTests(SynchronousTestCase):
         acceptorNonce, _ = frames.decodeAuth(frames.FrameReader().feed(tr.value())[0][1])
         handshake = frames.Handshake(SECRET, hello, nonce, acceptorNonce)
         sealer = frames.Sealer(handshake.dialerKey)
-        data = frames.confirmFrame(handshake.dialerMAC) + sealer.seal(frames.whoHasFrame(PEER_A)) + sealer.seal(frames.iHaveFrame(PEER_B, 7))
+        data = (
+            frames.confirmFrame(handshake.dialerMAC)
+            + sealer.seal(frames.whoHasFrame(PEER_A))
+            + sealer.seal(frames.iHaveFrame(PEER_B, 7))
+        )
         for i in range(0, len(data), 5):
-            proto.dataReceived(data[i:i + 5])
+            proto.dataReceived(data[i : i + 5])
         self.assertEqual(owner.handler.frames(), [frames.WhoHas(PEER_A), frames.IHave(PEER_B, 7)])
 
     def test_timeout(self):
@@ -386,7 +411,9 @@ class AcceptorTests(SynchronousTestCase):
     def test_firstFrameNotHello(self):
         owner = makeTransport()
         proto, tr = accept(owner)
-        proto.dataReceived(frames.whoHasFrame(PEER_A) + frames.helloFrame("10.0.0.2:7090", NOW, SECRET))
+        proto.dataReceived(
+            frames.whoHasFrame(PEER_A) + frames.helloFrame("10.0.0.2:7090", NOW, SECRET)
+        )
         self.assertRejected(owner, proto, tr, frames.FIRST_FRAME_NOT_HELLO)
         owner.clock.advance(20)
         self.assertEqual(owner.counters.helloRejects[frames.TIMEOUT], 0)
@@ -401,7 +428,10 @@ class AcceptorTests(SynchronousTestCase):
     def test_hmacMismatch(self):
         owner = makeTransport()
         proto, tr = accept(owner)
-        proto.dataReceived(frames.helloFrame("10.0.0.2:7090", NOW, "another") + frames.fwdFrame(PEER_A, b"\x01\x03" + PEER_B))
+        proto.dataReceived(
+            frames.helloFrame("10.0.0.2:7090", NOW, "another")
+            + frames.fwdFrame(PEER_A, b"\x01\x03" + PEER_B)
+        )
         self.assertRejected(owner, proto, tr, frames.HMAC_MISMATCH)
 
     def test_unsignedButRequired(self):
@@ -504,8 +534,11 @@ class StreamFrameTests(SynchronousTestCase):
     def test_unknownIgnored(self):
         owner, proto, tr, remote = established()
         remote.send(
-            frames.encodeFrame(0x07, b"future"), frames.encodeFrame(0x12, b"\x00" * 4), frames.encodeFrame(0x7F, b""),
-            frames.challengeFrame(b"\x00" * 32), frames.whoHasFrame(PEER_A),
+            frames.encodeFrame(0x07, b"future"),
+            frames.encodeFrame(0x12, b"\x00" * 4),
+            frames.encodeFrame(0x7F, b""),
+            frames.challengeFrame(b"\x00" * 32),
+            frames.whoHasFrame(PEER_A),
         )
         self.assertFalse(tr.disconnecting)
         self.assertEqual(owner.handler.frames(), [frames.WhoHas(PEER_A)])
@@ -581,7 +614,9 @@ class StreamFrameTests(SynchronousTestCase):
     def test_framesBeforeHelloNotHandled(self):
         owner = makeTransport()
         proto, tr = accept(owner)
-        proto.dataReceived(frames.helloFrame("10.0.0.2:7090", NOW, "bad") + frames.whoHasFrame(PEER_A))
+        proto.dataReceived(
+            frames.helloFrame("10.0.0.2:7090", NOW, "bad") + frames.whoHasFrame(PEER_A)
+        )
         self.assertEqual(owner.handler.events, [])
 
 
@@ -597,7 +632,7 @@ class KeepaliveTests(SynchronousTestCase):
         owner.clock.advance(0.1)
         self.assertEqual(tr.value(), frames.pingFrame())
         self.assertEqual(owner.counters.pingsSent, 1)
-        for i in range(10):
+        for _i in range(10):
             owner.clock.advance(15)
         self.assertEqual(owner.counters.pingsSent, 11)
         self.assertEqual(owner.counters.pingsLost, 10)
@@ -650,7 +685,10 @@ class KeepaliveTests(SynchronousTestCase):
         tr.clear()
         owner.clock.advance(15)
         [(frameType, payload)] = frames.FrameReader().feed(tr.value())
-        self.assertEqual((frameType, frames.Opener(handshake.dialerKey).open(frameType, payload)), (frames.PING, b""))
+        self.assertEqual(
+            (frameType, frames.Opener(handshake.dialerKey).open(frameType, payload)),
+            (frames.PING, b""),
+        )
 
     def test_securedSilentPodClosed(self):
         """
@@ -760,7 +798,7 @@ class BoundedWriteTests(SynchronousTestCase):
         owner, proto, tr = unsecured(makeTransport(secret="", highWater=100))
         proto.pauseProducing()
         who = frames.whoHasFrame(PEER_A)  # 39 bytes
-        for i in range(5):
+        for _i in range(5):
             self.assertEqual(proto.send(who), transport.SENT)
         self.assertEqual(proto.send(who), transport.GONE)
         self.assertEqual(owner.counters.dropped["stream_overflow"], 1)
@@ -775,7 +813,11 @@ class BoundedWriteTests(SynchronousTestCase):
         """
         owner, proto, tr, remote = established(makeTransport(highWater=1000))
         proto.pauseProducing()
-        sent = [frames.whoHasFrame(PEER_A), frames.fwdFrame(PEER_B, b"\x01\x03" + PEER_A), frames.pingFrame()]
+        sent = [
+            frames.whoHasFrame(PEER_A),
+            frames.fwdFrame(PEER_B, b"\x01\x03" + PEER_A),
+            frames.pingFrame(),
+        ]
         for frame in sent:
             self.assertEqual(proto.send(frame, droppable=True), transport.SENT)
         self.assertEqual(tr.value(), b"")
@@ -825,8 +867,12 @@ class RegistryTests(SynchronousTestCase):
         """
         Both pods hold exactly C{kept} (a L{Wire}) as their live stream.
         """
-        self.assertIs(a.stream(b.announceAddress), kept.dialer if kept.dialer.owner is a else kept.acceptor)
-        self.assertIs(b.stream(a.announceAddress), kept.dialer if kept.dialer.owner is b else kept.acceptor)
+        self.assertIs(
+            a.stream(b.announceAddress), kept.dialer if kept.dialer.owner is a else kept.acceptor
+        )
+        self.assertIs(
+            b.stream(a.announceAddress), kept.dialer if kept.dialer.owner is b else kept.acceptor
+        )
 
     def simultaneous(self, lowAddress, highAddress, order):
         """
@@ -863,7 +909,9 @@ class RegistryTests(SynchronousTestCase):
         announce address and close the other.
         """
         for order in ("interleaved", "lowFirst", "highFirst"):
-            low, high, fromLow, fromHigh = self.simultaneous("10.0.0.1:7090", "10.0.0.2:7090", order)
+            low, high, fromLow, fromHigh = self.simultaneous(
+                "10.0.0.1:7090", "10.0.0.2:7090", order
+            )
             self.assertTrue(fromHigh.lost, order)
             self.assertFalse(fromLow.lost, order)
             self.assertOneStream(low, high, fromLow)
@@ -871,7 +919,9 @@ class RegistryTests(SynchronousTestCase):
 
     def test_simultaneousDialsOtherOrder(self):
         for order in ("interleaved", "lowFirst", "highFirst"):
-            low, high, fromLow, fromHigh = self.simultaneous("10.0.0.5:7090", "10.0.0.40:7090", order)
+            low, high, fromLow, fromHigh = self.simultaneous(
+                "10.0.0.5:7090", "10.0.0.40:7090", order
+            )
             # "10.0.0.40:7090" < "10.0.0.5:7090": the comparison is of the
             # address strings, the same on both pods.
             self.assertTrue(fromLow.lost, order)
@@ -883,7 +933,9 @@ class RegistryTests(SynchronousTestCase):
         When the incoming stream wins over a live one, the handler hears of
         the new one and never of the replaced one going down.
         """
-        low, high, fromLow, fromHigh = self.simultaneous("10.0.0.1:7090", "10.0.0.2:7090", "highFirst")
+        low, high, fromLow, fromHigh = self.simultaneous(
+            "10.0.0.1:7090", "10.0.0.2:7090", "highFirst"
+        )
         self.assertEqual([e[0] for e in high.handler.events], ["up", "up"])
         self.assertIs(high.handler.events[-1][1], fromLow.acceptor)
         self.assertEqual([e[0] for e in low.handler.events], ["up", "up"])
@@ -1020,7 +1072,10 @@ class AttackTests(SynchronousTestCase):
         answer(real, realTransport)
         self.assertIs(owner.stream("10.0.0.2:7090"), real)
         attacker, tr = self.replayFrom(
-            owner, "10.0.0.9", frames.fwdFrame(PEER_A, b"\x01\x03" + PEER_B + b"spoofed"), frames.iHaveFrame(PEER_A, 0xFFFFFFFF)
+            owner,
+            "10.0.0.9",
+            frames.fwdFrame(PEER_A, b"\x01\x03" + PEER_B + b"spoofed"),
+            frames.iHaveFrame(PEER_A, 0xFFFFFFFF),
         )
         self.assertIs(owner.stream("10.0.0.2:7090"), real)
         self.assertFalse(realTransport.disconnecting)
@@ -1083,7 +1138,9 @@ class AttackTests(SynchronousTestCase):
         self.assertTrue(tr.disconnecting)
         proto, tr = accept(owner)
         hello = frames.encodeHello("10.0.0.2:7090", NOW, SECRET)
-        proto.dataReceived(frames.encodeFrame(frames.HELLO, hello) + frames.challengeFrame(b"\x11" * 32))
+        proto.dataReceived(
+            frames.encodeFrame(frames.HELLO, hello) + frames.challengeFrame(b"\x11" * 32)
+        )
         proto.dataReceived(frames.encodeFrame(frames.CONFIRM, b"\x00" * (frames.MAC_SIZE + 1)))
         self.assertTrue(tr.disconnecting)
         self.assertEqual(dict(owner.counters.helloRejects), {frames.MALFORMED: 2})
@@ -1156,7 +1213,9 @@ class AttackTests(SynchronousTestCase):
         """
         owner, real, realTransport, remote = established(makeTransport(compat=True))
         second, tr2 = accept(owner)
-        second.dataReceived(frames.helloFrame("10.0.0.2:7090", NOW - 1, SECRET) + frames.whoHasFrame(PEER_A))
+        second.dataReceived(
+            frames.helloFrame("10.0.0.2:7090", NOW - 1, SECRET) + frames.whoHasFrame(PEER_A)
+        )
         self.assertTrue(tr2.disconnecting)
         self.assertIs(owner.stream("10.0.0.2:7090"), real)
         self.assertFalse(realTransport.disconnecting)
@@ -1182,12 +1241,16 @@ class AttackTests(SynchronousTestCase):
         owner, first, tr1 = legacy(makeTransport(compat=True))
         lose(first)
         again, tr2 = accept(owner)
-        again.dataReceived(frames.helloFrame("10.0.0.2:7090", NOW, SECRET) + frames.whoHasFrame(PEER_A))
+        again.dataReceived(
+            frames.helloFrame("10.0.0.2:7090", NOW, SECRET) + frames.whoHasFrame(PEER_A)
+        )
         self.assertTrue(tr2.disconnecting)
         self.assertEqual(dict(owner.counters.helloRejects), {frames.REPLAYED: 1})
         self.assertIsNone(owner.stream("10.0.0.2:7090"))
         fresh, tr3 = accept(owner)
-        fresh.dataReceived(frames.helloFrame("10.0.0.2:7090", NOW + 1, SECRET) + frames.whoHasFrame(PEER_A))
+        fresh.dataReceived(
+            frames.helloFrame("10.0.0.2:7090", NOW + 1, SECRET) + frames.whoHasFrame(PEER_A)
+        )
         self.assertIs(owner.stream("10.0.0.2:7090"), fresh)
 
     def test_secretNeverLogged(self):
@@ -1211,7 +1274,9 @@ class CompatibilityTests(SynchronousTestCase):
     def test_originalPodDialsUs(self):
         owner = makeTransport(compat=True)
         proto, tr = accept(owner)
-        proto.dataReceived(frames.helloFrame("10.0.0.2:7090", NOW, SECRET) + frames.whoHasFrame(PEER_A))
+        proto.dataReceived(
+            frames.helloFrame("10.0.0.2:7090", NOW, SECRET) + frames.whoHasFrame(PEER_A)
+        )
         self.assertIs(owner.stream("10.0.0.2:7090"), proto)
         self.assertFalse(proto.secured)
         self.assertEqual(owner.handler.frames(), [frames.WhoHas(PEER_A)])
@@ -1347,7 +1412,7 @@ class LogBudgetTests(SynchronousTestCase):
         summary line with the rest.
         """
         owner = makeTransport()
-        for i in range(1000):
+        for _i in range(1000):
             proto, tr = accept(owner)
             proto.dataReceived(frames.helloFrame("10.0.0.2:7090", NOW, "not-the-secret"))
             self.assertTrue(tr.disconnecting)
@@ -1366,7 +1431,7 @@ class LogBudgetTests(SynchronousTestCase):
         clock.advance(NOW)
         budget = LogBudget(clock, burst=3)
         owner = makeTransport(clock=clock, noisyLog=budget)
-        for i in range(5):
+        for _i in range(5):
             proto, tr = accept(owner)
             proto.dataReceived(b"\x7f\x00\x00")
             lose(proto)

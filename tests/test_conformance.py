@@ -45,12 +45,9 @@ VECTOR_ID_PEER_A = bytes.fromhex(
 )
 VECTOR_ID_PEER_A_HUMAN = "sha-vblMc9U8RAI6cVopcKEMTVT6lVC3D9nTTMSwot5d3L4="
 VECTOR_TOKEN = bytes.fromhex(
-    "01171b78c230f8924ea423b2db791f90effa360b02a58889d318e4aba5bdfb2eff"
-    "31383933343536303030"
+    "01171b78c230f8924ea423b2db791f90effa360b02a58889d318e4aba5bdfb2eff31383933343536303030"
 )
-VECTOR_AUTH_RESPONSE_33080 = bytes.fromhex(
-    "010772656c3a2f2f3132372e302e302e313a3333303830"
-)
+VECTOR_AUTH_RESPONSE_33080 = bytes.fromhex("010772656c3a2f2f3132372e302e302e313a3333303830")
 
 # Message types (section 2).
 HELLO, HELLO_RESPONSE, TRANSPORT, CLOSE, HEALTH_CHECK, AUTH, AUTH_RESPONSE = range(1, 8)
@@ -132,7 +129,7 @@ class RelayProcess:
 
     def spawn(self):
         self.port = freePort()
-        address = "127.0.0.1:%d" % (self.port,)
+        address = f"127.0.0.1:{self.port}"
         exposed = self.exposedAddress if self.exposedAddress is not None else address
         self._log = open(self.logPath, "wb")
         self.process = subprocess.Popen(
@@ -168,16 +165,14 @@ class RelayProcess:
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(
-                    "relay exited with %s:\n%s" % (self.process.returncode, self.log())
-                )
+                raise RuntimeError(f"relay exited with {self.process.returncode}:\n{self.log()}")
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
                 return
             except OSError:
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError("relay did not listen in time:\n" + self.log())
+                    raise RuntimeError("relay did not listen in time:\n" + self.log()) from None
                 time.sleep(0.02)  # polling for startup only
 
     def terminate(self):
@@ -226,14 +221,10 @@ class VectorTests(unittest.SynchronousTestCase):
     def test_authMessage(self):
         auth = authMessage(peerID("peer-a"), makeToken(VECTOR_EXPIRY))
         self.assertEqual(len(auth), 85)
-        self.assertEqual(
-            auth, bytes.fromhex("01062112a442") + VECTOR_ID_PEER_A + VECTOR_TOKEN
-        )
+        self.assertEqual(auth, bytes.fromhex("01062112a442") + VECTOR_ID_PEER_A + VECTOR_TOKEN)
 
     def test_authResponse(self):
-        self.assertEqual(
-            msg(AUTH_RESPONSE, b"rel://127.0.0.1:33080"), VECTOR_AUTH_RESPONSE_33080
-        )
+        self.assertEqual(msg(AUTH_RESPONSE, b"rel://127.0.0.1:33080"), VECTOR_AUTH_RESPONSE_33080)
 
     def test_chunkSize(self):
         # 244 ids fit one message, 245 do not.
@@ -258,7 +249,7 @@ class RelayTestCase(unittest.TestCase):
             cls = type(self)
             relay = cls.__dict__.get("_sharedRelay")
             if relay is None or relay.process.poll() is not None:
-                relay = RelayProcess(os.path.abspath("relay-%s.log" % (cls.__name__,)))
+                relay = RelayProcess(os.path.abspath(f"relay-{cls.__name__}.log"))
                 relay.start()
                 cls._sharedRelay = relay
                 atexit.register(relay.stop)
@@ -285,9 +276,7 @@ class RelayTestCase(unittest.TestCase):
         return peerID(self.namespace + name)
 
     def _dropClients(self):
-        return defer.DeferredList(
-            [c.abort() for c in self.clients], consumeErrors=True
-        )
+        return defer.DeferredList([c.abort() for c in self.clients], consumeErrors=True)
 
     # -- helpers ------------------------------------------------------------
 
@@ -296,9 +285,7 @@ class RelayTestCase(unittest.TestCase):
         """
         A TCP connection with the upgrade request sent; waits for the response.
         """
-        client = yield wsraw.connect(
-            reactor, self.relay.port, path, extraHeaders, hostHeader
-        )
+        client = yield wsraw.connect(reactor, self.relay.port, path, extraHeaders, hostHeader)
         self.clients.append(client)
         yield client.handshake.addTimeout(5, reactor)
         return client
@@ -375,9 +362,7 @@ class HandshakeTests(RelayTestCase):
         client.sendMessage(auth)
         response = yield client.nextMessage()
         self.assertEqual(response, b"\x01\x07" + self.instanceURL)
-        self.assertEqual(
-            response, b"\x01\x07rel://127.0.0.1:" + str(self.relay.port).encode()
-        )
+        self.assertEqual(response, b"\x01\x07rel://127.0.0.1:" + str(self.relay.port).encode())
         client.id = VECTOR_ID_PEER_A
         other = yield self.peer("peer-b")
         yield self.assertAlive(client, other)
@@ -423,14 +408,10 @@ class HandshakeTests(RelayTestCase):
         a = yield self.upgraded()
         a.sendRaw(
             wsraw.encodeFrame(wsraw.OP_BINARY, authMessage(peerID("peer-a")))
-            + wsraw.encodeFrame(
-                wsraw.OP_BINARY, transportMessage(peerID("peer-b"), b"right away")
-            )
+            + wsraw.encodeFrame(wsraw.OP_BINARY, transportMessage(peerID("peer-b"), b"right away"))
         )
         self.assertEqual((yield a.nextMessage()), self.authResponse)
-        self.assertEqual(
-            (yield b.nextMessage()), transportMessage(peerID("peer-a"), b"right away")
-        )
+        self.assertEqual((yield b.nextMessage()), transportMessage(peerID("peer-a"), b"right away"))
 
     @defer.inlineCallbacks
     def test_handshakeAt212BytesAccepted(self):
@@ -478,14 +459,10 @@ class HandshakeFailureTests(RelayTestCase):
         return victim
 
     def test_wrongVersion(self):
-        return self._failedHandshake(
-            msg(AUTH, MAGIC + self.pid("victim") + makeToken(), version=2)
-        )
+        return self._failedHandshake(msg(AUTH, MAGIC + self.pid("victim") + makeToken(), version=2))
 
     def test_versionZero(self):
-        return self._failedHandshake(
-            msg(AUTH, MAGIC + self.pid("victim") + makeToken(), version=0)
-        )
+        return self._failedHandshake(msg(AUTH, MAGIC + self.pid("victim") + makeToken(), version=0))
 
     def test_wrongFirstTypeTransport(self):
         return self._failedHandshake(transportMessage(self.pid("peer-a"), b"hello"))
@@ -512,9 +489,7 @@ class HandshakeFailureTests(RelayTestCase):
         return self._failedHandshake(msg(AUTH, MAGIC + self.pid("victim")))
 
     def test_shortTruncatedToken(self):
-        return self._failedHandshake(
-            msg(AUTH, MAGIC + self.pid("victim") + makeToken()[:20])
-        )
+        return self._failedHandshake(msg(AUTH, MAGIC + self.pid("victim") + makeToken()[:20]))
 
     def test_emptyFirstMessage(self):
         return self._failedHandshake(b"")
@@ -540,9 +515,7 @@ class HandshakeFailureTests(RelayTestCase):
         """
         payload = str(EXPIRY).encode()
         sig = hmac.new(SECRET, payload, hashlib.sha256).digest()
-        return self._failedHandshake(
-            authMessage(self.pid("victim"), b"\x01" + sig + payload)
-        )
+        return self._failedHandshake(authMessage(self.pid("victim"), b"\x01" + sig + payload))
 
     def test_expiredToken(self):
         return self._failedHandshake(
@@ -583,9 +556,7 @@ class HandshakeFailureTests(RelayTestCase):
         pad = MAX_HANDSHAKE + 1 - (2 + 4 + 36 + 1 + 32) - len(str(EXPIRY))
         token = makeToken(payload=b"0" * pad + str(EXPIRY).encode())
         auth = authMessage(self.pid("victim"), token)
-        return self._failedHandshake(
-            None, frames=lambda v: v.sendFragmented(auth, [100, 100])
-        )
+        return self._failedHandshake(None, frames=lambda v: v.sendFragmented(auth, [100, 100]))
 
     @defer.inlineCallbacks
     def test_failedHandshakeSendsNoBytes(self):
@@ -593,9 +564,7 @@ class HandshakeFailureTests(RelayTestCase):
         "closes the connection with no response": not a single byte (not
         even a WebSocket close frame) after the 101.
         """
-        victim = yield self._failedHandshake(
-            authMessage(self.pid("victim"), makeToken(algo=2))
-        )
+        victim = yield self._failedHandshake(authMessage(self.pid("victim"), makeToken(algo=2)))
         self.assertEqual(victim.bytesAfterUpgrade, 0, victim.closeFrames)
 
 
@@ -608,9 +577,7 @@ class TransportTests(RelayTestCase):
         """
         a = yield self.peer("peer-a")
         b = yield self.peer("peer-b")
-        a.sendMessage(
-            bytes.fromhex("0103") + peerID("peer-b") + bytes.fromhex("68656c6c6f")
-        )
+        a.sendMessage(bytes.fromhex("0103") + peerID("peer-b") + bytes.fromhex("68656c6c6f"))
         got = yield b.nextMessage()
         self.assertEqual(
             got, bytes.fromhex("0103") + VECTOR_ID_PEER_A + bytes.fromhex("68656c6c6f")
@@ -767,9 +734,7 @@ class SubscriptionTests(RelayTestCase):
         a.sendMessage(subscribeMessage([b.id, peerID("peer-c")]))
         got = yield a.nextMessage()
         self.assertEqual(got, peersOnline([b.id]))
-        self.assertEqual(
-            got, bytes.fromhex("010a") + peerID("peer-b")
-        )
+        self.assertEqual(got, bytes.fromhex("010a") + peerID("peer-b"))
 
     @defer.inlineCallbacks
     def test_noneOnlineNoReply(self):
@@ -836,9 +801,7 @@ class SubscriptionTests(RelayTestCase):
         self.assertEqual((yield a.nextMessage()), peersOnline([b.id]))
         b.sendClose(1000)
         yield b.whenClosed()
-        self.assertEqual(
-            (yield a.nextMessage()), bytes.fromhex("010b") + peerID("peer-b")
-        )
+        self.assertEqual((yield a.nextMessage()), bytes.fromhex("010b") + peerID("peer-b"))
 
     @defer.inlineCallbacks
     def test_unsubscribe(self):
@@ -904,7 +867,7 @@ class SubscriptionTests(RelayTestCase):
 
     @defer.inlineCallbacks
     def _connectMany(self, count):
-        names = ["many-%03d" % i for i in range(count)]
+        names = [f"many-{i:03d}" for i in range(count)]
         peers = yield defer.gatherResults([self.peer(n) for n in names])
         return peers
 
@@ -939,7 +902,7 @@ class SubscriptionTests(RelayTestCase):
         a = yield self.peer("peer-a")
         b = yield self.peer("peer-b")
         c = yield self.peer("peer-c")
-        ids = [peerID("x-%d" % i) for i in range(244)] + [b.id]
+        ids = [peerID(f"x-{i}") for i in range(244)] + [b.id]
         sub = subscribeMessage(ids)
         self.assertEqual(len(sub), 8822)
         seen = len(a.messages)
@@ -973,9 +936,7 @@ class ProtocolErrorTests(RelayTestCase):
         return victim
 
     def test_textFrame(self):
-        return self._protocolError(
-            lambda v: v.sendText("\x01\x03" + "x" * 40)
-        )
+        return self._protocolError(lambda v: v.sendText("\x01\x03" + "x" * 40))
 
     def test_oversizeMessage(self):
         return self._protocolError(
@@ -997,9 +958,7 @@ class ProtocolErrorTests(RelayTestCase):
         A 70000-byte message (64-bit frame length) is refused, not buffered.
         """
         return self._protocolError(
-            lambda v: v.sendMessage(
-                transportMessage(self.pid("peer-b"), os.urandom(70000))
-            )
+            lambda v: v.sendMessage(transportMessage(self.pid("peer-b"), os.urandom(70000)))
         )
 
     def test_unmaskedClientFrame(self):
@@ -1025,9 +984,7 @@ class ProtocolErrorTests(RelayTestCase):
 
     def test_wrongVersion(self):
         return self._protocolError(
-            lambda v: v.sendMessage(
-                msg(TRANSPORT, self.pid("peer-b") + b"hello", version=2)
-            )
+            lambda v: v.sendMessage(msg(TRANSPORT, self.pid("peer-b") + b"hello", version=2))
         )
 
     def test_versionZero(self):
@@ -1040,19 +997,13 @@ class ProtocolErrorTests(RelayTestCase):
         return self._protocolError(lambda v: v.sendMessage(msg(HELLO_RESPONSE)))
 
     def test_type7AuthResponse(self):
-        return self._protocolError(
-            lambda v: v.sendMessage(msg(AUTH_RESPONSE, b"rel://x"))
-        )
+        return self._protocolError(lambda v: v.sendMessage(msg(AUTH_RESPONSE, b"rel://x")))
 
     def test_type10PeersOnline(self):
-        return self._protocolError(
-            lambda v: v.sendMessage(peersOnline([self.pid("peer-b")]))
-        )
+        return self._protocolError(lambda v: v.sendMessage(peersOnline([self.pid("peer-b")])))
 
     def test_type11PeersWentOffline(self):
-        return self._protocolError(
-            lambda v: v.sendMessage(peersWentOffline([self.pid("peer-b")]))
-        )
+        return self._protocolError(lambda v: v.sendMessage(peersWentOffline([self.pid("peer-b")])))
 
     def test_type12(self):
         return self._protocolError(lambda v: v.sendMessage(msg(12)))
@@ -1072,9 +1023,7 @@ class ProtocolErrorTests(RelayTestCase):
         "closes that peer's connection ... without a close handshake": no
         WebSocket close frame reaches the peer.
         """
-        victim = yield self._protocolError(
-            lambda v: v.sendMessage(msg(HEALTH_CHECK, version=2))
-        )
+        victim = yield self._protocolError(lambda v: v.sendMessage(msg(HEALTH_CHECK, version=2)))
         self.assertEqual(victim.closeFrames, [])
 
 
@@ -1113,8 +1062,7 @@ class WireTests(RelayTestCase):
         payloads = [os.urandom(i * 37 % 600) for i in range(200)]
         a.sendRaw(
             b"".join(
-                wsraw.encodeFrame(wsraw.OP_BINARY, transportMessage(b.id, p))
-                for p in payloads
+                wsraw.encodeFrame(wsraw.OP_BINARY, transportMessage(b.id, p)) for p in payloads
             )
         )
         for p in payloads:
@@ -1229,9 +1177,7 @@ class WireTests(RelayTestCase):
 
     def test_continuationWithoutStart(self):
         return self._wireError(
-            lambda v, b: v.sendFrame(
-                wsraw.OP_CONTINUATION, transportMessage(b.id, b"x"), fin=True
-            )
+            lambda v, b: v.sendFrame(wsraw.OP_CONTINUATION, transportMessage(b.id, b"x"), fin=True)
         )
 
     def test_newMessageInsideFragmentedOne(self):
@@ -1260,9 +1206,7 @@ class WireTests(RelayTestCase):
         return self._wireError(lambda v, b: v.sendPing(b"x" * 126))
 
     def test_reservedOpcode(self):
-        return self._wireError(
-            lambda v, b: v.sendFrame(0x3, transportMessage(b.id, b"x"))
-        )
+        return self._wireError(lambda v, b: v.sendFrame(0x3, transportMessage(b.id, b"x")))
 
     def test_oversizeSplitAtEveryByte(self):
         """
@@ -1271,9 +1215,7 @@ class WireTests(RelayTestCase):
         """
         return self._wireError(
             lambda v, b: v.sendSlowly(
-                wsraw.encodeFrame(
-                    wsraw.OP_BINARY, transportMessage(b.id, b"\x00" * 9000)
-                )[:64],
+                wsraw.encodeFrame(wsraw.OP_BINARY, transportMessage(b.id, b"\x00" * 9000))[:64],
                 1,
             )
         )
@@ -1324,7 +1266,7 @@ class InstanceURLTests(unittest.TestCase):
         try:
             code = relay.process.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            self.fail("relay started with --exposed-address %r" % (exposed,))
+            self.fail(f"relay started with --exposed-address {exposed!r}")
         self.assertNotEqual(code, 0, relay.log())
         log = relay.log()
         self.assertTrue(
@@ -1353,9 +1295,7 @@ class HTTPTests(RelayTestCase):
         for path in ["/", "/relay/", "/relayx", "/Relay", "/relay/x", "/x/relay"]:
             client = yield self.open(path=path)
             refused[path] = client.status
-        self.assertEqual(
-            {p: s for p, s in refused.items() if s == 101}, {}, refused
-        )
+        self.assertEqual({p: s for p, s in refused.items() if s == 101}, {}, refused)
         # and /relay itself is upgraded
         yield self.peer("peer-a")
 
@@ -1367,7 +1307,7 @@ class HTTPTests(RelayTestCase):
     @defer.inlineCallbacks
     def test_originOtherPort403(self):
         client = yield self.open(
-            extraHeaders=[("Origin", "http://127.0.0.1:%d" % (self.relay.port + 1,))]
+            extraHeaders=[("Origin", f"http://127.0.0.1:{self.relay.port + 1}")]
         )
         self.assertEqual(client.status, 403)
 
@@ -1384,10 +1324,10 @@ class HTTPTests(RelayTestCase):
         """
         statuses = {}
         for origin in [
-            "https://127.0.0.1:%d" % (self.relay.port,),
-            "HTTP://127.0.0.1:%d" % (self.relay.port,),
-            "chrome-extension://127.0.0.1:%d" % (self.relay.port,),
-            "http://127.0.0.1:%d/some/path" % (self.relay.port,),
+            f"https://127.0.0.1:{self.relay.port}",
+            f"HTTP://127.0.0.1:{self.relay.port}",
+            f"chrome-extension://127.0.0.1:{self.relay.port}",
+            f"http://127.0.0.1:{self.relay.port}/some/path",
         ]:
             client = yield self.open(extraHeaders=[("Origin", origin)])
             statuses[origin] = client.status
@@ -1400,21 +1340,19 @@ class HTTPTests(RelayTestCase):
         """
         port = self.relay.port
         client = yield self.open(
-            extraHeaders=[("Origin", "http://relay.example:%d" % (port,))],
-            hostHeader="Relay.EXAMPLE:%d" % (port,),
+            extraHeaders=[("Origin", f"http://relay.example:{port}")],
+            hostHeader=f"Relay.EXAMPLE:{port}",
         )
         self.assertEqual(client.status, 101)
         other = yield self.open(
-            extraHeaders=[("Origin", "http://relay.example:%d" % (port,))],
-            hostHeader="other.example:%d" % (port,),
+            extraHeaders=[("Origin", f"http://relay.example:{port}")],
+            hostHeader=f"other.example:{port}",
         )
         self.assertEqual(other.status, 403)
 
     @defer.inlineCallbacks
     def test_originMatchingHostAccepted(self):
-        client = yield self.open(
-            extraHeaders=[("Origin", "http://127.0.0.1:%d" % (self.relay.port,))]
-        )
+        client = yield self.open(extraHeaders=[("Origin", f"http://127.0.0.1:{self.relay.port}")])
         self.assertEqual(client.status, 101)
         client.sendMessage(authMessage(peerID("peer-a")))
         self.assertEqual((yield client.nextMessage()), self.authResponse)
@@ -1465,9 +1403,7 @@ class ReconnectionTests(RelayTestCase):
             c.sendMessage(authMessage(peerID("peer-a")))
         # A connection replaced in the same instant may be closed before its
         # AuthResponse reaches it; the others get exactly the AuthResponse.
-        first = yield defer.DeferredList(
-            [c.nextMessage() for c in clients], consumeErrors=True
-        )
+        first = yield defer.DeferredList([c.nextMessage() for c in clients], consumeErrors=True)
         accepted = []
         for c, (ok, value) in zip(clients, first):
             if ok:

@@ -72,7 +72,9 @@ class ClusterVectorTests(unittest.TestCase):
         self.idA, self.idB = m.peerID("peer-a"), m.peerID("peer-b")
 
     def test_ids(self):
-        self.assertEqual((self.vectors["id(peer-a)"], self.vectors["id(peer-b)"]), (self.idA, self.idB))
+        self.assertEqual(
+            (self.vectors["id(peer-a)"], self.vectors["id(peer-b)"]), (self.idA, self.idB)
+        )
 
     def test_frames(self):
         delivered = m.encodeTransport(self.idA, b"hello")

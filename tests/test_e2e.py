@@ -34,7 +34,9 @@ class TwoPeerTests(unittest.TestCase):
     @defer.inlineCallbacks
     def connect(self, name):
         peer = yield client.connect(reactor, self.relay.url, m.peerID(name), secret="relay-secret")
-        self.addCleanup(lambda: peer.transport.abortConnection() if peer.transport.connected else None)
+        self.addCleanup(
+            lambda: peer.transport.abortConnection() if peer.transport.connected else None
+        )
         return peer
 
     @defer.inlineCallbacks
@@ -91,25 +93,41 @@ class TwoPeerTests(unittest.TestCase):
         yield a.close()
         yield b.close()
 
-
     @defer.inlineCallbacks
     def test_sighupReloadsCertificate(self):
         directory = os.path.abspath(self.mktemp())
         cert, key, first = writeCertificate(directory)
         self.relay = yield startRelay(self, "--tls-cert-file", cert, "--tls-key-file", key)
         url = self.relay.url.replace("rel://", "rels://")
-        a = yield client.connect(reactor, url, A, secret="relay-secret", trustRoot=ssl.Certificate.loadPEM(first))
+        a = yield client.connect(
+            reactor, url, A, secret="relay-secret", trustRoot=ssl.Certificate.loadPEM(first)
+        )
         _, _, second = writeCertificate(directory)
         self.relay.signal(signal.SIGHUP)
         b = None
         for _ in range(100):
             try:
-                b = yield client.connect(reactor, url, B, secret="relay-secret", trustRoot=ssl.Certificate.loadPEM(second), timeout=2)
+                b = yield client.connect(
+                    reactor,
+                    url,
+                    B,
+                    secret="relay-secret",
+                    trustRoot=ssl.Certificate.loadPEM(second),
+                    timeout=2,
+                )
                 break
             except Exception:
                 yield sleep(0.05)
         self.assertIsNotNone(b, "no connection with the new certificate")
-        q = yield connectQuic(reactor, "127.0.0.1", self.relay.port, m.peerID("peer-q"), secret="relay-secret", cafile=cert, timeout=5)
+        q = yield connectQuic(
+            reactor,
+            "127.0.0.1",
+            self.relay.port,
+            m.peerID("peer-q"),
+            secret="relay-secret",
+            cafile=cert,
+            timeout=5,
+        )
         q.send(B, b"QUIC has it too")
         self.assertEqual((yield nextTransport(b)), (m.peerID("peer-q"), b"QUIC has it too"))
         yield q.close()
@@ -125,8 +143,17 @@ class StartupErrorTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def twistd(self, *args, env=None):
-        argv = ["-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "relay", *args]
-        out, err, code = yield getProcessOutputAndValue(sys.executable, argv, env=env or dict(os.environ), path=ROOT)
+        argv = [
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "-n",
+            "--pidfile=",
+            "relay",
+            *args,
+        ]
+        out, err, code = yield getProcessOutputAndValue(
+            sys.executable, argv, env=env or dict(os.environ), path=ROOT
+        )
         return out + err, code
 
     @defer.inlineCallbacks
@@ -144,13 +171,35 @@ class StartupErrorTests(unittest.TestCase):
             taken.listen(1)
             port = taken.getsockname()[1]
             address = f"127.0.0.1:{port}"
-            output, code = yield self.twistd("--listen-address", address, "--exposed-address", address, "--auth-secret", "x", "--metrics-port", "0")
+            output, code = yield self.twistd(
+                "--listen-address",
+                address,
+                "--exposed-address",
+                address,
+                "--auth-secret",
+                "x",
+                "--metrics-port",
+                "0",
+            )
             self.assertNotEqual(code, 0)
             self.assertIn(b"relay: cannot start the peer listener:", output)
             self.assertIn(b"Address already in use", output)
             output, code = yield self.twistd(
-                "--listen-address", "127.0.0.1:0", "--exposed-address", address, "--auth-secret", "x", "--metrics-port", "0",
-                "--cluster-headless", "127.0.0.1", "--pod-ip", "127.0.0.1", "--cluster-listen-address", address, "--cluster-insecure",
+                "--listen-address",
+                "127.0.0.1:0",
+                "--exposed-address",
+                address,
+                "--auth-secret",
+                "x",
+                "--metrics-port",
+                "0",
+                "--cluster-headless",
+                "127.0.0.1",
+                "--pod-ip",
+                "127.0.0.1",
+                "--cluster-listen-address",
+                address,
+                "--cluster-insecure",
             )
             self.assertNotEqual(code, 0)
             self.assertIn(b"relay: cannot start the inter-pod fabric:", output)

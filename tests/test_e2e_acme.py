@@ -17,9 +17,9 @@ from zope.interface import implementer
 
 from relay import client
 from relay import messages as m
-from tests.loopback import commonPort
 from relay.quicclient import connectQuic
 from tests.e2e import RelayProcess, freePort, relayArgs, sleep, startRelay
+from tests.loopback import commonPort
 from tests.pebble import SKIP, HostsDNS, Pebble
 
 A, B = m.peerID("peer-a"), m.peerID("peer-b")
@@ -32,7 +32,9 @@ class AcmeEndToEndTests(unittest.TestCase):
     @defer.inlineCallbacks
     def startPebble(self, validityPeriod=None, **kwargs):
         kwargs.setdefault("alwaysValid", True)
-        self.pebble = Pebble(os.path.abspath(self.mktemp()), validityPeriod=validityPeriod, **kwargs)
+        self.pebble = Pebble(
+            os.path.abspath(self.mktemp()), validityPeriod=validityPeriod, **kwargs
+        )
         self.addCleanup(self.pebble.stop, reactor)
         yield self.pebble.start(reactor)
         self.rootPEM = yield threads.deferToThread(self.pebble.rootPEM)
@@ -42,11 +44,16 @@ class AcmeEndToEndTests(unittest.TestCase):
         env = dict(os.environ, REQUESTS_CA_BUNDLE=self.pebble.caBundle)
         return startRelay(
             self,
-            "--letsencrypt-domains", "localhost",
-            "--letsencrypt-data-dir", dataDir,
-            "--letsencrypt-directory-url", self.pebble.directoryURL,
-            "--letsencrypt-challenge", "http-01",
-            "--letsencrypt-http-port", str(freePort()),
+            "--letsencrypt-domains",
+            "localhost",
+            "--letsencrypt-data-dir",
+            dataDir,
+            "--letsencrypt-directory-url",
+            self.pebble.directoryURL,
+            "--letsencrypt-challenge",
+            "http-01",
+            "--letsencrypt-http-port",
+            str(freePort()),
             env=env,
         )
 
@@ -60,8 +67,14 @@ class AcmeEndToEndTests(unittest.TestCase):
         deadline = reactor.seconds() + timeout
         while True:
             try:
-                peer = yield client.connect(reactor, url, pid, secret="relay-secret", trustRoot=self.root, timeout=5)
-                self.addCleanup(lambda: peer.transport.abortConnection() if peer.transport.connected else None)
+                peer = yield client.connect(
+                    reactor, url, pid, secret="relay-secret", trustRoot=self.root, timeout=5
+                )
+                self.addCleanup(
+                    lambda peer=peer: (
+                        peer.transport.abortConnection() if peer.transport.connected else None
+                    )
+                )
                 return peer
             except Exception:
                 if reactor.seconds() > deadline:
@@ -77,7 +90,9 @@ class AcmeEndToEndTests(unittest.TestCase):
         b = yield self.connectTrusting(relay, B)
         self.assertEqual(a.instanceURL, f"rels://127.0.0.1:{relay.port}")
         a.send(B, b"over an ACME certificate")
-        self.assertEqual((yield b.transports.get().addTimeout(10, reactor)), (A, b"over an ACME certificate"))
+        self.assertEqual(
+            (yield b.transports.get().addTimeout(10, reactor)), (A, b"over an ACME certificate")
+        )
         # QUIC serves the same certificate, verified against pebble's root.
         rootFile = os.path.abspath(self.mktemp())
         with open(rootFile, "wb") as f:
@@ -85,13 +100,23 @@ class AcmeEndToEndTests(unittest.TestCase):
         q = None
         for _ in range(50):
             try:
-                q = yield connectQuic(reactor, "127.0.0.1", relay.port, m.peerID("peer-q"), secret="relay-secret", cafile=rootFile, timeout=5)
+                q = yield connectQuic(
+                    reactor,
+                    "127.0.0.1",
+                    relay.port,
+                    m.peerID("peer-q"),
+                    secret="relay-secret",
+                    cafile=rootFile,
+                    timeout=5,
+                )
                 break
             except Exception:
                 yield sleep(0.2)
         self.assertIsNotNone(q, "no QUIC connection with the ACME certificate")
         q.send(B, b"over QUIC")
-        self.assertEqual((yield b.transports.get().addTimeout(10, reactor)), (m.peerID("peer-q"), b"over QUIC"))
+        self.assertEqual(
+            (yield b.transports.get().addTimeout(10, reactor)), (m.peerID("peer-q"), b"over QUIC")
+        )
         yield q.close()
         yield a.close()
         yield b.close()
@@ -146,9 +171,12 @@ class AcmeEndToEndTests(unittest.TestCase):
             process.args = relayArgs(
                 process,
                 "relay-secret",
-                "--letsencrypt-domains", name,
-                "--letsencrypt-data-dir", os.path.abspath(self.mktemp()),
-                "--letsencrypt-directory-url", self.pebble.directoryURL,
+                "--letsencrypt-domains",
+                name,
+                "--letsencrypt-data-dir",
+                os.path.abspath(self.mktemp()),
+                "--letsencrypt-directory-url",
+                self.pebble.directoryURL,
             )
             self.addCleanup(process.stop)
             relays[name] = process
@@ -176,11 +204,15 @@ class AcmeEndToEndTests(unittest.TestCase):
         while True:
             factory = protocol.ClientFactory.forProtocol(_Handshake)
             factory.done = defer.Deferred()
-            reactor.connectSSL(host, port, factory, ssl.optionsForClientTLS(name, trustRoot=self.root))
+            reactor.connectSSL(
+                host, port, factory, ssl.optionsForClientTLS(name, trustRoot=self.root)
+            )
             serial = yield factory.done.addTimeout(10, reactor)
             if serial is not None:
                 return serial
-            self.assertLess(reactor.seconds(), deadline, f"no certificate for {name} on {host}:{port}")
+            self.assertLess(
+                reactor.seconds(), deadline, f"no certificate for {name} on {host}:{port}"
+            )
             yield sleep(0.2)
 
 
@@ -199,18 +231,27 @@ class RefusalBeforeCertificateTests(unittest.TestCase):
             metricsPort = freePort()
             relay = yield startRelay(
                 self,
-                "--letsencrypt-domains", "relay.example",
-                "--letsencrypt-data-dir", os.path.abspath(self.mktemp()),
-                "--letsencrypt-directory-url", "https://127.0.0.1:1/dir",
-                "--letsencrypt-challenge", challenge,
-                "--letsencrypt-http-port", str(freePort()),
-                "--metrics-port", str(metricsPort),
-                "--metrics-address", "127.0.0.1",
+                "--letsencrypt-domains",
+                "relay.example",
+                "--letsencrypt-data-dir",
+                os.path.abspath(self.mktemp()),
+                "--letsencrypt-directory-url",
+                "https://127.0.0.1:1/dir",
+                "--letsencrypt-challenge",
+                challenge,
+                "--letsencrypt-http-port",
+                str(freePort()),
+                "--metrics-port",
+                str(metricsPort),
+                "--metrics-address",
+                "127.0.0.1",
             )
             for _ in range(3):
                 factory = protocol.ClientFactory.forProtocol(_Handshake)
                 factory.done = defer.Deferred()
-                reactor.connectSSL("127.0.0.1", relay.port, factory, ssl.optionsForClientTLS("relay.example"))
+                reactor.connectSSL(
+                    "127.0.0.1", relay.port, factory, ssl.optionsForClientTLS("relay.example")
+                )
                 self.assertIsNone((yield factory.done.addTimeout(10, reactor)))
             # The relay reads each client's alert a moment after the client
             # has gone.
@@ -248,7 +289,9 @@ def _noCertificate(metrics):
     @return: relay_handshake_rejects_total{reason="no_certificate"} in the
         Prometheus text C{metrics}, 0 if absent.
     """
-    found = re.search(r'^relay_handshake_rejects_total\{[^}]*reason="no_certificate"[^}]*\} (\S+)$', metrics, re.M)
+    found = re.search(
+        r'^relay_handshake_rejects_total\{[^}]*reason="no_certificate"[^}]*\} (\S+)$', metrics, re.M
+    )
     return float(found.group(1)) if found else 0
 
 

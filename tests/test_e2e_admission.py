@@ -10,8 +10,7 @@ import urllib.request
 
 from twisted.trial import unittest
 
-from tests.bench import wire
-from tests.bench import peers
+from tests.bench import peers, wire
 from tests.bench.peers import HandshakeRun
 from tests.bench.relayproc import RelayProcess, raiseFileLimit
 from tests.loopback import freePort
@@ -112,13 +111,29 @@ class DefaultsTests(unittest.TestCase):
         # on a Clock); the table is full of the flood, old enough to be
         # evicted, when the agents come.
         metricsPort = freePort("127.0.0.1")
-        relay = start(self, RelayProcess(SECRET, extra=["--max-pending-handshakes", "300", "--metrics-port", str(metricsPort), "--metrics-address", "127.0.0.1"]), metricsPort)
+        relay = start(
+            self,
+            RelayProcess(
+                SECRET,
+                extra=[
+                    "--max-pending-handshakes",
+                    "300",
+                    "--metrics-port",
+                    str(metricsPort),
+                    "--metrics-address",
+                    "127.0.0.1",
+                ],
+            ),
+            metricsPort,
+        )
         flood = []
         self.addCleanup(closeAll, flood)
         idleConnections(["127.0.0.2", "127.0.0.3", "127.0.0.4"], 90, 4.0, relay.port, flood)
         run = handshakes(self, relay.port, 20, 4, "agent", source="127.0.0.5")
         self.assertEqual((len(run.socks), run.errors), (20, {}))
-        self.assertGreaterEqual(metric(metricsPort, "relay_handshake_rejects_total", reason="pending_evicted"), 20)
+        self.assertGreaterEqual(
+            metric(metricsPort, "relay_handshake_rejects_total", reason="pending_evicted"), 20
+        )
 
 
 class _LowLimitRelay(RelayProcess):
@@ -134,14 +149,26 @@ class _LowLimitRelay(RelayProcess):
     @property
     def argv(self):
         argv = super().argv
-        argv[2] = f"import resource; resource.setrlimit(resource.RLIMIT_NOFILE, ({self.soft}, {self.hard})); " + argv[2]
+        argv[2] = (
+            f"import resource; resource.setrlimit(resource.RLIMIT_NOFILE, ({self.soft}, "
+            f"{self.hard})); " + argv[2]
+        )
         return argv
 
 
 class DescriptorTests(unittest.TestCase):
     def test_healthzAnswersWhenDescriptorsRunOut(self):
         metricsPort = freePort("127.0.0.1")
-        relay = start(self, _LowLimitRelay(SECRET, extra=["--metrics-port", str(metricsPort), "--metrics-address", "127.0.0.1"], soft=200, hard=300), metricsPort)
+        relay = start(
+            self,
+            _LowLimitRelay(
+                SECRET,
+                extra=["--metrics-port", str(metricsPort), "--metrics-address", "127.0.0.1"],
+                soft=200,
+                hard=300,
+            ),
+            metricsPort,
+        )
         flood = []
         self.addCleanup(closeAll, flood)
         for _ in range(400):
@@ -161,7 +188,9 @@ class DescriptorTests(unittest.TestCase):
         # oldest flood connection.
         run = handshakes(self, relay.port, 10, 2, "agent", source="127.0.0.9")
         self.assertEqual((len(run.socks), run.errors), (10, {}))
-        self.assertGreaterEqual(metric(metricsPort, "relay_handshake_rejects_total", reason="pending_evicted"), 10)
+        self.assertGreaterEqual(
+            metric(metricsPort, "relay_handshake_rejects_total", reason="pending_evicted"), 10
+        )
         # Once the flood is gone there is room again.
         closeAll(flood)
         time.sleep(0.5)

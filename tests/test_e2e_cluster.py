@@ -15,8 +15,8 @@ from relay import client
 from relay import messages as m
 from relay.cluster import frames
 from relay.cluster.locator import seqnoOf
-from tests.loopback import commonPort
 from tests.e2e import RelayProcess, rawConnect, relayArgs, sleep
+from tests.loopback import commonPort
 
 PODS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 HEADLESS = ",".join(PODS)
@@ -39,12 +39,18 @@ class ClusterTestCase(unittest.TestCase):
         process.args = relayArgs(
             process,
             "relay-secret",
-            "--cluster-headless", headless,
-            "--pod-ip", host,
-            "--cluster-port", str(self.clusterPort),
-            "--cluster-listen-address", f"{host}:{self.clusterPort}",
-            "--cluster-auth-secret", secret,
-            "--cluster-discovery-interval", "1",
+            "--cluster-headless",
+            headless,
+            "--pod-ip",
+            host,
+            "--cluster-port",
+            str(self.clusterPort),
+            "--cluster-listen-address",
+            f"{host}:{self.clusterPort}",
+            "--cluster-auth-secret",
+            secret,
+            "--cluster-discovery-interval",
+            "1",
             *extra,
         )
         self.addCleanup(process.stop)
@@ -57,10 +63,16 @@ class ClusterTestCase(unittest.TestCase):
 
     @defer.inlineCallbacks
     def connect(self, name, host):
-        peer = yield client.connect(reactor, f"rel://{host}:{self.peerPort}", m.peerID(name), secret="relay-secret")
+        peer = yield client.connect(
+            reactor, f"rel://{host}:{self.peerPort}", m.peerID(name), secret="relay-secret"
+        )
         peer.received = []
-        peer.onTransport = lambda message: peer.received.append((bytes(message[2:38]), bytes(message[38:])))
-        self.addCleanup(lambda: peer.transport.abortConnection() if peer.transport.connected else None)
+        peer.onTransport = lambda message: peer.received.append(
+            (bytes(message[2:38]), bytes(message[38:]))
+        )
+        self.addCleanup(
+            lambda: peer.transport.abortConnection() if peer.transport.connected else None
+        )
         return peer
 
     @defer.inlineCallbacks
@@ -136,7 +148,13 @@ class CrossPodTests(ClusterTestCase):
 
     @defer.inlineCallbacks
     def test_wrongSecretRefused(self):
-        yield defer.gatherResults([self.startPod(PODS[0]), self.startPod(PODS[1]), self.startPod(PODS[2], secret="another")])
+        yield defer.gatherResults(
+            [
+                self.startPod(PODS[0]),
+                self.startPod(PODS[1]),
+                self.startPod(PODS[2], secret="another"),
+            ]
+        )
         a = yield self.connect("peer-a", PODS[0])
         b = yield self.connect("peer-b", PODS[1])
         intruder = yield self.connect("peer-c", PODS[2])
@@ -180,7 +198,10 @@ class FailureTableTests(ClusterTestCase):
             a.send(B, b"during %d" % i)
             yield sleep(0.05)
         pod.signal(signal.SIGCONT)
-        yield self.waitFor(lambda: any(p.startswith(b"after") for _, p in b.received), poke=lambda: a.send(B, b"after"))
+        yield self.waitFor(
+            lambda: any(p.startswith(b"after") for _, p in b.received),
+            poke=lambda: a.send(B, b"after"),
+        )
         self.assertOnlyFrom(b, A, b"")
         delivered = [p for _, p in b.received if p.startswith(b"during")]
         self.assertEqual(delivered, sorted(delivered, key=lambda p: int(p.split()[1])))

@@ -14,12 +14,25 @@ from twisted.trial import unittest
 from relay import client
 from relay import messages as m
 from relay.auth import generateToken
-from tests.loopback import freePort
 from tests import wsraw
 from tests.e2e import ROOT, RelayProcess, rawConnect, relayArgs, sleep, startRelay
+from tests.loopback import freePort
 from tests.test_e2e_operability import get, sample
 
-TWISTED_KEYS = {"log_logger", "log_source", "log_format", "log_flattened", "log_namespace", "log_level", "log_time", "log_io", "log_text", "__class_uuid__", "isError", "message"}
+TWISTED_KEYS = {
+    "log_logger",
+    "log_source",
+    "log_format",
+    "log_flattened",
+    "log_namespace",
+    "log_level",
+    "log_time",
+    "log_io",
+    "log_text",
+    "__class_uuid__",
+    "isError",
+    "message",
+}
 
 
 def jsonLines(output):
@@ -62,21 +75,43 @@ class JSONSessionTests(unittest.TestCase):
         object (what C{jq -c .} accepts) with the keys a shipper needs.
         """
         metricsPort = freePort("127.0.0.1")
-        relay = yield startRelay(self, "--log-format", "json", "--log-level", "debug", "--connection-rate-per-ip", "0", "--metrics-port", str(metricsPort), "--metrics-address", "127.0.0.1")
+        relay = yield startRelay(
+            self,
+            "--log-format",
+            "json",
+            "--log-level",
+            "debug",
+            "--connection-rate-per-ip",
+            "0",
+            "--metrics-port",
+            str(metricsPort),
+            "--metrics-address",
+            "127.0.0.1",
+        )
         yield rawConnection(metricsPort, b"GET /metrics HTTP/1.0\r\n\r\n")
         yield rawConnection(metricsPort, b"\x00\xff not HTTP at all\r\n\r\n")
         a = yield client.connect(reactor, relay.url, m.peerID("peer-a"), secret="relay-secret")
         b = yield client.connect(reactor, relay.url, m.peerID("peer-b"), secret="relay-secret")
         yield a.waitOnline(b.factory.peerID)
         a.send(b.factory.peerID, b"hello")
-        self.assertEqual((yield b.transports.get().addTimeout(10, reactor)), (a.factory.peerID, b"hello"))
+        self.assertEqual(
+            (yield b.transports.get().addTimeout(10, reactor)), (a.factory.peerID, b"hello")
+        )
         again = yield client.connect(reactor, relay.url, m.peerID("peer-a"), secret="relay-secret")
         yield a.whenLost()
         yield again.close()
         b.transport.abortConnection()
         yield b.whenLost()
-        yield self.assertFailure(client.connect(reactor, relay.url, m.peerID("peer-c"), secret="wrong"), client.HandshakeRefused)
-        yield self.assertFailure(client.connect(reactor, relay.url, m.peerID("peer-d"), token=generateToken("relay-secret", 1)), client.HandshakeRefused)
+        yield self.assertFailure(
+            client.connect(reactor, relay.url, m.peerID("peer-c"), secret="wrong"),
+            client.HandshakeRefused,
+        )
+        yield self.assertFailure(
+            client.connect(
+                reactor, relay.url, m.peerID("peer-d"), token=generateToken("relay-secret", 1)
+            ),
+            client.HandshakeRefused,
+        )
         raw = yield wsraw.connect(reactor, relay.port)
         self.assertEqual((yield raw.handshake), 101)
         raw.sendMessage(b"\x01\x05not auth")
@@ -87,10 +122,16 @@ class JSONSessionTests(unittest.TestCase):
         yield raw.whenClosed(timeout=10)
         raw = yield wsraw.connect(reactor, relay.port, path="/elsewhere")
         self.assertEqual((yield raw.handshake), 404)
-        raw = yield wsraw.connect(reactor, relay.port, extraHeaders=[("Origin", "http://evil.example")])
+        raw = yield wsraw.connect(
+            reactor, relay.port, extraHeaders=[("Origin", "http://evil.example")]
+        )
         self.assertEqual((yield raw.handshake), 403)
         yield rawConnection(relay.port, b"\x16\x03\x01\x00\xff\x01garbage that is not HTTP\r\n\r\n")
-        yield rawConnection(relay.port, b"GET /relay HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 99\r\n\r\n")
+        yield rawConnection(
+            relay.port,
+            b"GET /relay HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Version: 99\r\n\r\n",
+        )
         self.assertEqual((yield relay.stop()), 0)
 
         lines = jsonLines(relay.output)
@@ -115,7 +156,10 @@ class JSONSessionTests(unittest.TestCase):
             self.assertIn(expected, text)
         self.assertIn("debug", {line["level"] for line in lines})
         closed = [line for line in lines if "code 4000" in line["msg"]][0]
-        self.assertEqual((closed["code"], closed["level"], closed["logger"]), (4000, "warning", "relay.peer.PeerWebSocketProtocol"))
+        self.assertEqual(
+            (closed["code"], closed["level"], closed["logger"]),
+            (4000, "warning", "relay.peer.PeerWebSocketProtocol"),
+        )
         connected = [line for line in lines if line["msg"].endswith(": connected")][0]
         self.assertIsInstance(connected["peer"], str)
         self.assertNotIn("relay-secret", relay.output.decode())
@@ -134,7 +178,14 @@ class FloodTests(unittest.TestCase):
         before = len(relay.output.splitlines())
         for _ in range(30):
             yield defer.gatherResults(
-                [rawConnection(relay.port, b"GET /relay HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 99\r\n\r\n") for _ in range(10)]
+                [
+                    rawConnection(
+                        relay.port,
+                        b"GET /relay HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                        b"Connection: Upgrade\r\nSec-WebSocket-Version: 99\r\n\r\n",
+                    )
+                    for _ in range(10)
+                ]
             )
         yield sleep(0.2)
         lines = jsonLines(relay.output)[before:]
@@ -153,7 +204,10 @@ class _LowDescriptorRelay(RelayProcess):
     def spawn(self):
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
-        code = f"import resource; resource.setrlimit(resource.RLIMIT_NOFILE, ({self.limit}, {self.limit})); from twisted.scripts.twistd import run; run()"
+        code = (
+            f"import resource; resource.setrlimit(resource.RLIMIT_NOFILE, ({self.limit}, "
+            f"{self.limit})); from twisted.scripts.twistd import run; run()"
+        )
         argv = [sys.executable, "-c", code, "-n", "--pidfile=", "relay"] + self.args
         self.transport = reactor.spawnProcess(self, sys.executable, argv, env=env, path=ROOT)
 
@@ -174,11 +228,24 @@ class DescriptorFloodTests(unittest.TestCase):
         """
         relay = _LowDescriptorRelay([])
         metricsPort = freePort("127.0.0.1")
-        relay.args = relayArgs(relay, "relay-secret", "--log-format", "json", "--connection-rate-per-ip", "0", "--metrics-port", str(metricsPort), "--metrics-address", "127.0.0.1")
+        relay.args = relayArgs(
+            relay,
+            "relay-secret",
+            "--log-format",
+            "json",
+            "--connection-rate-per-ip",
+            "0",
+            "--metrics-port",
+            str(metricsPort),
+            "--metrics-address",
+            "127.0.0.1",
+        )
         self.addCleanup(relay.stop)
         yield relay.start()
         held = []
-        self.addCleanup(lambda: [p.transport.abortConnection() for p in held if p.transport.connected])
+        self.addCleanup(
+            lambda: [p.transport.abortConnection() for p in held if p.transport.connected]
+        )
         # Fill the table: connections that wait to authenticate.
         for _ in range(relay.limit):
             held.append((yield rawConnect(relay.port)))
@@ -186,7 +253,10 @@ class DescriptorFloodTests(unittest.TestCase):
         before = len(relay.output.splitlines())
         # All at once, so that the flood falls within one or two windows of
         # the budget.
-        results = yield defer.DeferredList([rawConnection(relay.port, b"").addTimeout(3, reactor) for _ in range(300)], consumeErrors=True)
+        results = yield defer.DeferredList(
+            [rawConnection(relay.port, b"").addTimeout(3, reactor) for _ in range(300)],
+            consumeErrors=True,
+        )
         closed = [ok for ok, _ in results if ok]
         yield sleep(0.5)
         lines = jsonLines(relay.output)
@@ -198,7 +268,10 @@ class DescriptorFloodTests(unittest.TestCase):
             p.transport.abortConnection()
         yield sleep(0.5)
         _, metrics = yield get(metricsPort, "/metrics")
-        found = [sample(metrics, "relay_handshake_rejects_total", reason=r) for r in ("no_descriptors", "descriptors", "pending_evicted")]
+        found = [
+            sample(metrics, "relay_handshake_rejects_total", reason=r)
+            for r in ("no_descriptors", "descriptors", "pending_evicted")
+        ]
         self.assertTrue(any(found), metrics[-2000:])
         counted = sum(int(f) for f in found if f)
         # Every connection of the flood the relay closed is counted, and so

@@ -22,7 +22,11 @@ TIMEOUT = 10
 
 @defer.inlineCallbacks
 def get(port, path):
-    response = yield Agent(reactor).request(b"GET", f"http://127.0.0.1:{port}{path}".encode()).addTimeout(TIMEOUT, reactor)
+    response = (
+        yield Agent(reactor)
+        .request(b"GET", f"http://127.0.0.1:{port}{path}".encode())
+        .addTimeout(TIMEOUT, reactor)
+    )
     body = yield readBody(response)
     return response.code, body.decode()
 
@@ -54,12 +58,14 @@ class MetricsTests(unittest.TestCase):
 
         a = yield client.connect(reactor, relay.url, A, secret=SECRET)
         b = yield client.connect(reactor, relay.url, B, secret=SECRET)
-        self.addCleanup(lambda: [p.transport.abortConnection() for p in (a, b) if p.transport.connected])
+        self.addCleanup(
+            lambda: [p.transport.abortConnection() for p in (a, b) if p.transport.connected]
+        )
         yield a.waitOnline(B)
-        for i in range(10):
+        for _i in range(10):
             a.send(B, b"x" * 1000)
             b.send(A, b"y" * 500)
-        for i in range(10):
+        for _i in range(10):
             yield b.transports.get().addTimeout(TIMEOUT, reactor)
             yield a.transports.get().addTimeout(TIMEOUT, reactor)
         a.send(m.peerID("nobody"), b"lost")
@@ -78,7 +84,9 @@ class MetricsTests(unittest.TestCase):
         self.assertEqual(sample(text, "relay_peer_reconnections_total"), 0)
         self.assertEqual(sample(text, "relay_peer_authentication_time_milliseconds_count"), 2)
         self.assertEqual(sample(text, "relay_peer_store_time_milliseconds_count"), 2)
-        self.assertEqual(sample(text, "relay_peer_authentication_time_milliseconds_bucket", le="10000.0"), 2)
+        self.assertEqual(
+            sample(text, "relay_peer_authentication_time_milliseconds_bucket", le="10000.0"), 2
+        )
         self.assertEqual(sample(text, "relay_connections", transport="websocket"), 2)
         self.assertEqual(sample(text, "relay_handshake_rejects_total", reason="bad_signature"), 1)
         self.assertEqual(sample(text, "relay_dropped_messages_total", reason="unknown_peer"), 1)
@@ -121,5 +129,11 @@ class SecretsTests(unittest.TestCase):
         yield relay.stop()
         log = relay.output
         self.assertIn(b"connected", log)
-        for secret in (SECRET.encode(), token, token[1:33].hex().encode(), token.hex().encode(), token[1:33]):
+        for secret in (
+            SECRET.encode(),
+            token,
+            token[1:33].hex().encode(),
+            token.hex().encode(),
+            token[1:33],
+        ):
             self.assertNotIn(secret, log)

@@ -20,7 +20,9 @@ class StrangerTests(unittest.TestCase):
     @defer.inlineCallbacks
     def setUp(self):
         self.metricsPort = freePort()
-        self.relay = yield startRelay(self, "--metrics-port", str(self.metricsPort), "--metrics-address", "127.0.0.1")
+        self.relay = yield startRelay(
+            self, "--metrics-port", str(self.metricsPort), "--metrics-address", "127.0.0.1"
+        )
 
     def closeAll(self, clients):
         for c in clients:
@@ -43,7 +45,10 @@ class StrangerTests(unittest.TestCase):
         open_ = [c for c in idle if not c.closed.called]
         self.assertLessEqual(len(open_), MAX_CONNECTIONS)
         _, text = yield get(self.metricsPort, "/metrics")
-        self.assertGreaterEqual(sample(text, "relay_metrics_refusals_total", reason="connections"), 300 - MAX_CONNECTIONS)
+        self.assertGreaterEqual(
+            sample(text, "relay_metrics_refusals_total", reason="connections"),
+            300 - MAX_CONNECTIONS,
+        )
 
     @defer.inlineCallbacks
     def test_metricsBodyNotRead(self):
@@ -53,7 +58,10 @@ class StrangerTests(unittest.TestCase):
         """
         c = yield rawConnect(self.metricsPort)
         self.addCleanup(self.closeAll, [c])
-        c.transport.write(b"POST /metrics HTTP/1.1\r\nHost: relay\r\nContent-Length: 41943040\r\n\r\n" + b"z" * 65536)
+        c.transport.write(
+            b"POST /metrics HTTP/1.1\r\nHost: relay\r\nContent-Length: 41943040\r\n\r\n"
+            + b"z" * 65536
+        )
         yield c.closed.addTimeout(TIMEOUT, reactor)
         self.assertTrue(c.received.startswith(b"HTTP/1.1 405 "))
         _, text = yield get(self.metricsPort, "/metrics")
@@ -75,4 +83,6 @@ class StrangerTests(unittest.TestCase):
         yield c.closed.addTimeout(TIMEOUT / 2, reactor)
         self.assertTrue(c.received.startswith(b"HTTP/1.1 431 "), c.received[:40])
         _, text = yield get(self.metricsPort, "/metrics")
-        self.assertEqual(sample(text, "relay_handshake_rejects_total", reason="request_too_large"), 1)
+        self.assertEqual(
+            sample(text, "relay_handshake_rejects_total", reason="request_too_large"), 1
+        )

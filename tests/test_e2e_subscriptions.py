@@ -10,9 +10,9 @@ from twisted.trial import unittest
 from relay import client
 from relay import messages as m
 from relay.cluster.forwarder import LOOKUPS_PER_PEER, SUBSCRIPTION_LOOKUPS
-from tests.loopback import commonPort
 from relay.store import MAX_SUBSCRIPTIONS
 from tests.e2e import RelayProcess, freePort, relayArgs, sleep, startRelay
+from tests.loopback import commonPort
 from tests.test_e2e_operability import get, sample
 
 SECRET = "relay-secret"
@@ -30,7 +30,9 @@ class SubscriptionLimitTests(unittest.TestCase):
     @defer.inlineCallbacks
     def connect(self, url, name):
         peer = yield client.connect(reactor, url, m.peerID(name), secret=SECRET)
-        self.addCleanup(lambda: peer.transport.abortConnection() if peer.transport.connected else None)
+        self.addCleanup(
+            lambda: peer.transport.abortConnection() if peer.transport.connected else None
+        )
         return peer
 
     @defer.inlineCallbacks
@@ -50,10 +52,17 @@ class SubscriptionLimitTests(unittest.TestCase):
         and counted; the agent stays connected and hears of a kept id.
         """
         metricsPort = freePort()
-        relay = yield startRelay(self, "--metrics-port", str(metricsPort), "--metrics-address", "127.0.0.1")
+        relay = yield startRelay(
+            self, "--metrics-port", str(metricsPort), "--metrics-address", "127.0.0.1"
+        )
         a = yield self.connect(relay.url, "peer-a")
         a.subscribe([m.peerID("peer-b")] + randomIDs("x", 4999))
-        refused = yield self.waitForSample(metricsPort, "relay_dropped_messages_total", 5000 - MAX_SUBSCRIPTIONS, reason="subscription_limit")
+        refused = yield self.waitForSample(
+            metricsPort,
+            "relay_dropped_messages_total",
+            5000 - MAX_SUBSCRIPTIONS,
+            reason="subscription_limit",
+        )
         self.assertEqual(refused, 5000 - MAX_SUBSCRIPTIONS)
         b = yield self.connect(relay.url, "peer-b")
         kind, ids = yield a.events.get().addTimeout(TIMEOUT, reactor)
@@ -75,11 +84,24 @@ class SubscriptionLimitTests(unittest.TestCase):
             process = RelayProcess([], host=host, port=peerPort)
             metricsPorts[host] = freePort()
             process.args = relayArgs(
-                process, SECRET,
-                "--cluster-headless", ",".join(PODS), "--pod-ip", host,
-                "--cluster-port", str(clusterPort), "--cluster-listen-address", f"{host}:{clusterPort}",
-                "--cluster-auth-secret", "cluster-secret", "--cluster-discovery-interval", "1",
-                "--metrics-port", str(metricsPorts[host]), "--metrics-address", "127.0.0.1",
+                process,
+                SECRET,
+                "--cluster-headless",
+                ",".join(PODS),
+                "--pod-ip",
+                host,
+                "--cluster-port",
+                str(clusterPort),
+                "--cluster-listen-address",
+                f"{host}:{clusterPort}",
+                "--cluster-auth-secret",
+                "cluster-secret",
+                "--cluster-discovery-interval",
+                "1",
+                "--metrics-port",
+                str(metricsPorts[host]),
+                "--metrics-address",
+                "127.0.0.1",
             )
             self.addCleanup(process.stop)
             yield process.start()
@@ -94,7 +116,12 @@ class SubscriptionLimitTests(unittest.TestCase):
             yield sleep(0.1)
         a = yield self.connect(f"rel://{PODS[0]}:{peerPort}", "peer-a")
         a.subscribe(randomIDs("w", 40 * 244))
-        refused = yield self.waitForSample(first, "relay_dropped_messages_total", 40 * 244 - MAX_SUBSCRIPTIONS, reason="subscription_limit")
+        refused = yield self.waitForSample(
+            first,
+            "relay_dropped_messages_total",
+            40 * 244 - MAX_SUBSCRIPTIONS,
+            reason="subscription_limit",
+        )
         self.assertEqual(refused, 40 * 244 - MAX_SUBSCRIPTIONS)
         yield sleep(0.5)
         _, text = yield get(first, "/metrics")
@@ -102,4 +129,7 @@ class SubscriptionLimitTests(unittest.TestCase):
         # The subscriptions' pool, or the subscriber's own smaller share
         # once the relay says who asks.
         self.assertIn(lookups, (SUBSCRIPTION_LOOKUPS, LOOKUPS_PER_PEER))
-        self.assertEqual(sample(text, "relay_cluster_dropped_total", reason="subscription_lookup_share_full"), MAX_SUBSCRIPTIONS - lookups)
+        self.assertEqual(
+            sample(text, "relay_cluster_dropped_total", reason="subscription_lookup_share_full"),
+            MAX_SUBSCRIPTIONS - lookups,
+        )

@@ -64,7 +64,12 @@ payloads = st.one_of(
     st.sampled_from([b"", b"\x00" * 36, b"\x00" * 40]),
 )
 frameList = st.lists(st.tuples(frameTypes, payloads), max_size=12)
-secrets = st.one_of(st.just(""), st.just(SECRET), st.text(min_size=1, max_size=20), st.binary(min_size=1, max_size=20))
+secrets = st.one_of(
+    st.just(""),
+    st.just(SECRET),
+    st.text(min_size=1, max_size=20),
+    st.binary(min_size=1, max_size=20),
+)
 addresses = st.one_of(
     st.sampled_from(["10.0.5.7:7090", "[fd00::1]:7090", "relay-0.relay:7090"]),
     st.text(min_size=1, max_size=80),
@@ -129,14 +134,16 @@ class FrameLayer(unittest.SynchronousTestCase):
         previous = 0
         ends = []
         offset = 0
-        for t, p in frames:
+        for _t, p in frames:
             offset += 3 + len(p)
             ends.append(offset)
         for cut in cuts + [len(stream)]:
             out.extend(reader.feed(stream[previous:cut]))
             previous = cut
             self.assertEqual(len(out), sum(1 for e in ends if e <= cut))
-            self.assertEqual(buffered(reader), cut - (max([e for e in ends if e <= cut], default=0)))
+            self.assertEqual(
+                buffered(reader), cut - (max([e for e in ends if e <= cut], default=0))
+            )
         self.assertEqual(out, list(frames))
         self.assertEqual(buffered(reader), 0)
 
@@ -164,7 +171,7 @@ class FrameLayer(unittest.SynchronousTestCase):
         reader = f.FrameReader()
         out = []
         for i in range(len(stream)):
-            out.extend(reader.feed(stream[i:i + 1]))
+            out.extend(reader.feed(stream[i : i + 1]))
             header = reader.nextHeader()
             if buffered(reader) >= 3:
                 self.assertIsNotNone(header)
@@ -203,11 +210,18 @@ class HelloCodec(unittest.SynchronousTestCase):
         unsigned = bytes.fromhex("000018020d31302e302e352e373a373039300000000070dbd88000")
         self.assertEqual(f.helloFrame("10.0.5.7:7090", 1893456000, "cluster-secret"), signed)
         self.assertEqual(f.helloFrame("10.0.5.7:7090", 1893456000, ""), unsigned)
-        self.assertEqual(f.decodeHello(signed[3:], "cluster-secret", NOW), f.Hello("10.0.5.7:7090", NOW, True))
+        self.assertEqual(
+            f.decodeHello(signed[3:], "cluster-secret", NOW), f.Hello("10.0.5.7:7090", NOW, True)
+        )
         self.assertEqual(f.decodeHello(unsigned[3:], "", NOW), f.Hello("10.0.5.7:7090", NOW, False))
 
     @PROFILE
-    @given(address=addresses, secret=secrets, delta=st.integers(-400, 400), fraction=st.sampled_from([0.0, 0.25, 0.5, 0.999]))
+    @given(
+        address=addresses,
+        secret=secrets,
+        delta=st.integers(-400, 400),
+        fraction=st.sampled_from([0.0, 0.25, 0.5, 0.999]),
+    )
     def test_roundTripAroundWindow(self, address, secret, delta, fraction):
         """
         Signed with the receiver's secret (or unsigned when neither has one):
@@ -223,7 +237,7 @@ class HelloCodec(unittest.SynchronousTestCase):
             self.assertEqual(result.reason, f.STALE_TIMESTAMP)
 
     @PROFILE
-    @given(address=addresses, sender=secrets, receiver=secrets, delta=st.integers(-10**6, 10**6))
+    @given(address=addresses, sender=secrets, receiver=secrets, delta=st.integers(-(10**6), 10**6))
     def test_policy(self, address, sender, receiver, delta):
         """
         The signature policy decides before the timestamp (an unauthenticated
@@ -253,10 +267,16 @@ class HelloCodec(unittest.SynchronousTestCase):
     @given(
         payload=st.one_of(
             st.binary(max_size=400),
-            st.tuples(st.integers(0, 255), st.binary(max_size=300)).map(lambda t: b"\x02" + bytes([t[0]]) + t[1]),
-            st.tuples(addresses, st.integers(0, 2**64 - 1), secrets, st.binary(max_size=4), st.integers(0, 60)).map(
-                lambda t: f.encodeHello(t[0], t[1], t[2])[: -t[4] or None] + t[3]
+            st.tuples(st.integers(0, 255), st.binary(max_size=300)).map(
+                lambda t: b"\x02" + bytes([t[0]]) + t[1]
             ),
+            st.tuples(
+                addresses,
+                st.integers(0, 2**64 - 1),
+                secrets,
+                st.binary(max_size=4),
+                st.integers(0, 60),
+            ).map(lambda t: f.encodeHello(t[0], t[1], t[2])[: -t[4] or None] + t[3]),
         ),
         secret=secrets,
         now=st.one_of(st.just(NOW), st.integers(0, 2**64 + 10), st.floats(0, 2**40)),
@@ -271,7 +291,10 @@ class HelloCodec(unittest.SynchronousTestCase):
         if not ok:
             self.assertIn(result.reason, HELLO_REASONS)
             return
-        self.assertEqual(f.encodeHello(result.address, result.timestamp, secret if result.signed else ""), payload)
+        self.assertEqual(
+            f.encodeHello(result.address, result.timestamp, secret if result.signed else ""),
+            payload,
+        )
         self.assertLessEqual(abs(now - result.timestamp), 300)
         self.assertLessEqual(len(payload), f.HELLO_MAX_PAYLOAD)
 
@@ -300,7 +323,7 @@ class HelloCodec(unittest.SynchronousTestCase):
 
     def test_hmacCoversEverythingBeforeHmacLen(self):
         payload = f.encodeHello("10.0.5.7:7090", NOW, SECRET)
-        body = payload[: -33]
+        body = payload[:-33]
         self.assertEqual(payload[-33], 32)
         self.assertEqual(payload[-32:], hmac.new(SECRET.encode(), body, hashlib.sha256).digest())
 
@@ -311,7 +334,9 @@ class HelloCodec(unittest.SynchronousTestCase):
 class PayloadCodecs(unittest.SynchronousTestCase):
     def test_vectors(self):
         a, b = peerID("peer-a"), peerID("peer-b")
-        self.assertEqual(f.iHaveFrame(a, 42), bytes.fromhex("020028") + a + bytes.fromhex("0000002a"))
+        self.assertEqual(
+            f.iHaveFrame(a, 42), bytes.fromhex("020028") + a + bytes.fromhex("0000002a")
+        )
         transport_ = bytes.fromhex("0103") + a + b"hello"
         self.assertEqual(f.fwdFrame(b, transport_), bytes.fromhex("14004f") + b + transport_)
         self.assertEqual(f.whoHasFrame(a), bytes.fromhex("010024") + a)
@@ -346,11 +371,19 @@ class PayloadCodecs(unittest.SynchronousTestCase):
     @PROFILE
     @given(bad=st.binary(max_size=80).filter(lambda b: len(b) != 36))
     def test_encodersRejectBadIDs(self, bad):
-        for encode in (f.whoHasFrame, f.peerGoneFrame, lambda p: f.iHaveFrame(p, 1), lambda p: f.fwdFrame(p, b"")):
+        for encode in (
+            f.whoHasFrame,
+            f.peerGoneFrame,
+            lambda p: f.iHaveFrame(p, 1),
+            lambda p: f.fwdFrame(p, b""),
+        ):
             self.assertRaises(f.FrameError, encode, bad)
 
     @PROFILE
-    @given(frameType=st.one_of(st.sampled_from(sorted(KNOWN_TYPES | {f.HELLO})), frameTypes), payload=payloads)
+    @given(
+        frameType=st.one_of(st.sampled_from(sorted(KNOWN_TYPES | {f.HELLO})), frameTypes),
+        payload=payloads,
+    )
     def test_arbitraryPayload(self, frameType, payload):
         """
         Any type and payload: exactly the documented malformed cases raise
@@ -388,8 +421,9 @@ class PayloadCodecs(unittest.SynchronousTestCase):
     @PROFILE
     @given(message=st.binary(max_size=100))
     def test_isTransportMessage(self, message):
-        self.assertEqual(f.isTransportMessage(message), len(message) >= 38 and message[:2] == b"\x01\x03")
-
+        self.assertEqual(
+            f.isTransportMessage(message), len(message) >= 38 and message[:2] == b"\x01\x03"
+        )
 
 
 # A live accepting stream fed arbitrary traffic
@@ -442,7 +476,9 @@ class AcceptingStreamFuzz(unittest.SynchronousTestCase):
         clock.advance(NOW)
         self.counters = ClusterCounters()
         self.handler = RecordingHandler()
-        owner = transport.ClusterTransport("10.0.0.1:7090", SECRET, clock, self.counters, _NoEndpoints(), handler=self.handler)
+        owner = transport.ClusterTransport(
+            "10.0.0.1:7090", SECRET, clock, self.counters, _NoEndpoints(), handler=self.handler
+        )
         stream = owner.serverFactory().buildProtocol(IPv4Address("TCP", "10.0.9.9", 40000))
         tr = StringTransport(peerAddress=IPv4Address("TCP", "10.0.9.9", 40000))
         stream.makeConnection(tr)
@@ -455,7 +491,12 @@ class AcceptingStreamFuzz(unittest.SynchronousTestCase):
             previous = cut
 
     @PROFILE
-    @given(hello=helloFrames, rest=st.lists(fabricFrames, max_size=10), garbage=st.binary(max_size=20), data=st.data())
+    @given(
+        hello=helloFrames,
+        rest=st.lists(fabricFrames, max_size=10),
+        garbage=st.binary(max_size=20),
+        data=st.data(),
+    )
     def test_arbitraryTraffic(self, hello, rest, garbage, data):
         """
         An accepting stream gets a first frame (valid HELLO or not), and
@@ -477,12 +518,23 @@ class AcceptingStreamFuzz(unittest.SynchronousTestCase):
             # An empty or partial HELLO completed by the frames after it
             # into a valid one is a valid start, tested below.
             first = f.FrameReader().feed(wire_)[:1]
-            assume(not (first and first[0][0] == f.HELLO and _raisesOnly(f.decodeHello, first[0][1], SECRET, NOW)[0]))
+            assume(
+                not (
+                    first
+                    and first[0][0] == f.HELLO
+                    and _raisesOnly(f.decodeHello, first[0][1], SECRET, NOW)[0]
+                )
+            )
             self.feed(stream, wire_, data.draw(st.lists(st.integers(0, len(wire_)), max_size=8)))
             parsed = f.FrameReader().feed(wire_)
             self.assertEqual(handler.frames, [])
             self.assertEqual(handler.up, [])
-            if parsed or (len(wire_) >= 3 and (wire_[0] != f.HELLO or struct.unpack(">H", wire_[1:3])[0] > f.HELLO_MAX_PAYLOAD)):
+            if parsed or (
+                len(wire_) >= 3
+                and (
+                    wire_[0] != f.HELLO or struct.unpack(">H", wire_[1:3])[0] > f.HELLO_MAX_PAYLOAD
+                )
+            ):
                 self.assertTrue(stream.closing)
                 self.assertEqual(sum(counters.helloRejects.values()), 1)
             return
@@ -495,7 +547,11 @@ class AcceptingStreamFuzz(unittest.SynchronousTestCase):
         handshake = f.Handshake(SECRET, parsed[0][1], nonce, acceptorNonce)
         self.assertEqual(mac, handshake.acceptorMAC)
         sealer = f.Sealer(handshake.dialerKey)
-        wire_ = f.confirmFrame(handshake.dialerMAC) + b"".join(sealer.seal(frame) for frame in rest) + garbage
+        wire_ = (
+            f.confirmFrame(handshake.dialerMAC)
+            + b"".join(sealer.seal(frame) for frame in rest)
+            + garbage
+        )
         self.feed(stream, wire_, data.draw(st.lists(st.integers(0, len(wire_)), max_size=8)))
 
         self.assertEqual(handler.up, [stream])
@@ -518,7 +574,9 @@ class AcceptingStreamFuzz(unittest.SynchronousTestCase):
         opener = f.Opener(handshake.acceptorKey)
         written = [(t, opener.open(t, p)) for t, p in f.FrameReader().feed(tr.value())]
         self.assertEqual(written, [(f.PONG, b"")] * pings)
-        unsealedGarbage = len(garbage) >= 3 and len(garbage) - 3 >= struct.unpack(">H", garbage[1:3])[0]
+        unsealedGarbage = (
+            len(garbage) >= 3 and len(garbage) - 3 >= struct.unpack(">H", garbage[1:3])[0]
+        )
         self.assertEqual(stream.closing, broken or unsealedGarbage)
         if broken:
             self.assertEqual(counters.dropped["malformed_frame"], 1)
@@ -526,7 +584,10 @@ class AcceptingStreamFuzz(unittest.SynchronousTestCase):
             self.assertEqual(counters.dropped["frame_auth_mismatch"], 1)
 
     @PROFILE
-    @given(hello=st.just(f.helloFrame("10.0.9.9:7090", NOW, SECRET)), rest=st.lists(fabricFrames, min_size=1, max_size=5))
+    @given(
+        hello=st.just(f.helloFrame("10.0.9.9:7090", NOW, SECRET)),
+        rest=st.lists(fabricFrames, min_size=1, max_size=5),
+    )
     def test_unsecuredFramesRefused(self, hello, rest):
         """
         With a secret and without compatibility mode, whatever follows a
@@ -759,4 +820,6 @@ class LocatorMachine(RuleBasedStateMachine):
 
 class LocatorModelTests(unittest.SynchronousTestCase):
     def test_locatorMatchesModel(self):
-        run_state_machine_as_test(LocatorMachine, settings=settings(PROFILE, stateful_step_count=50))
+        run_state_machine_as_test(
+            LocatorMachine, settings=settings(PROFILE, stateful_step_count=50)
+        )

@@ -93,7 +93,13 @@ class CodecRoundTrips(unittest.SynchronousTestCase):
         self.assertRaises(m.MessageError, m.encodeTransport, pid, b"x" * (8820 - 37))
 
     @PROFILE
-    @given(pid=st.one_of(anyID, st.binary(max_size=200), st.binary(min_size=32, max_size=32).map(lambda d: b"sha-" + d)))
+    @given(
+        pid=st.one_of(
+            anyID,
+            st.binary(max_size=200),
+            st.binary(min_size=32, max_size=32).map(lambda d: b"sha-" + d),
+        )
+    )
     def test_humanIDOfAnyBytes(self, pid):
         """
         Whatever bytes a stranger sends as an id, its log form is printable
@@ -335,18 +341,14 @@ class NeverRaisesAnythingElse(unittest.SynchronousTestCase):
             self.assertEqual(token[0], 1)
             self.assertEqual(token[1:33], hmac.new(key, payload, hashlib.sha256).digest())
         else:
-            self.assertIn(
-                result.reason, {"malformed", "unknown_algo", "bad_signature", "expired"}
-            )
+            self.assertIn(result.reason, {"malformed", "unknown_algo", "bad_signature", "expired"})
 
     @PROFILE
     @given(
         payload=st.one_of(
             st.binary(max_size=200),
             st.from_regex(rb"\A[+-]?[0-9]{1,30}\Z"),
-            st.integers(min_value=-(2**64), max_value=2**64).map(
-                lambda i: str(i).encode()
-            ),
+            st.integers(min_value=-(2**64), max_value=2**64).map(lambda i: str(i).encode()),
             st.tuples(st.integers(0, 150), st.integers(0, 2**41)).map(
                 lambda t: b"0" * t[0] + str(t[1]).encode()
             ),
@@ -364,9 +366,7 @@ class NeverRaisesAnythingElse(unittest.SynchronousTestCase):
         token = b"\x01" + hmac.new(key, payload, hashlib.sha256).digest() + payload
         clock = Clock()
         clock.advance(now)
-        ok, result = _raisesOnly(
-            self, AuthError, TokenValidator(SECRET, clock).validate, token
-        )
+        ok, result = _raisesOnly(self, AuthError, TokenValidator(SECRET, clock).validate, token)
         parses = (
             re.fullmatch(rb"[+-]?[0-9]+", payload) is not None
             and -(2**63) <= int(payload) <= 2**63 - 1
@@ -414,9 +414,7 @@ class NeverRaisesAnythingElse(unittest.SynchronousTestCase):
             self.assertEqual(
                 self.assertRaises(AuthError, validator.validate, token).reason, "expired"
             )
-        self.assertRaises(
-            AuthError, TokenValidator("other-secret", clock).validate, token
-        )
+        self.assertRaises(AuthError, TokenValidator("other-secret", clock).validate, token)
         if algo != 1:
             self.assertRaises(AuthError, validator.validate, bytes([algo]) + token[1:])
 
@@ -465,7 +463,7 @@ class FakePeer:
         self.received.append(("offline", tuple(pids)))
 
     def __repr__(self):
-        return "<FakePeer #%d %s>" % (self.serial, self.peerID[-2:].hex())
+        return f"<FakePeer #{self.serial} {self.peerID[-2:].hex()}>"
 
 
 NAMES = ["a", "b", "c", "d"]
@@ -569,6 +567,4 @@ class StoreMachine(RuleBasedStateMachine):
 
 class StoreModelTests(unittest.SynchronousTestCase):
     def test_storeMatchesModel(self):
-        run_state_machine_as_test(
-            StoreMachine, settings=settings(PROFILE, stateful_step_count=40)
-        )
+        run_state_machine_as_test(StoreMachine, settings=settings(PROFILE, stateful_step_count=40))

@@ -70,12 +70,26 @@ def runFuzz(testCase, args, timeout):
 
     @return: the finished process and its JSON summary.
     """
-    command = [sys.executable, "-m", "tests.fuzz", *args, "--rate", "60", "--warmup", "1", "--settle", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "tests.fuzz",
+        *args,
+        "--rate",
+        "60",
+        "--warmup",
+        "1",
+        "--settle",
+        "2",
+    ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, timeout=timeout)
     try:
         return done, json.loads(done.stdout)
     except ValueError:
-        testCase.fail(f"no JSON summary (exit {done.returncode}):\n{done.stderr.decode(errors='replace')[-3000:]}")
+        testCase.fail(
+            f"no JSON summary (exit {done.returncode}):\n"
+            f"{done.stderr.decode(errors='replace')[-3000:]}"
+        )
 
 
 class Smoke(unittest.SynchronousTestCase):
@@ -84,7 +98,9 @@ class Smoke(unittest.SynchronousTestCase):
     """
 
     def test_fiveSeconds(self):
-        done, summary = runFuzz(self, ["--spawn", "--duration", "5", "--connections", "24", "--seed", "20261127"], 180)
+        done, summary = runFuzz(
+            self, ["--spawn", "--duration", "5", "--connections", "24", "--seed", "20261127"], 180
+        )
         good = summary["good_pair"]
         self.assertGreater(min(good["sent"]), 0)
         self.assertEqual(good["received"], good["sent"])
@@ -114,7 +130,11 @@ class ClusterSmoke(unittest.SynchronousTestCase):
     """
 
     def test_securedSessions(self):
-        done, summary = runFuzz(self, ["--cluster", "--duration", "10", "--connections", "32", "--seed", "20261202"], 240)
+        done, summary = runFuzz(
+            self,
+            ["--cluster", "--duration", "10", "--connections", "32", "--seed", "20261202"],
+            240,
+        )
         fuzzed = summary["fuzz"]
         self.assertEqual(fuzzed["anomalies"], {}, fuzzed["anomaly_examples"])
         self.assertEqual(fuzzed["fuzzer_errors"], {})
@@ -134,20 +154,39 @@ class SoakSmoke(unittest.SynchronousTestCase):
 
     def test_sixSeconds(self):
         command = [
-            sys.executable, "-m", "tests.soak", "--peers", "200", "--pairs", "4",
-            "--duration", "6", "--warmup", "2", "--window", "2", "--drain", "5",
+            sys.executable,
+            "-m",
+            "tests.soak",
+            "--peers",
+            "200",
+            "--pairs",
+            "4",
+            "--duration",
+            "6",
+            "--warmup",
+            "2",
+            "--window",
+            "2",
+            "--drain",
+            "5",
         ]
         done = subprocess.run(command, cwd=ROOT, capture_output=True, timeout=180)
         try:
             summary = json.loads(done.stdout)
         except ValueError:
-            self.fail(f"no JSON summary (exit {done.returncode}):\n{done.stderr.decode(errors='replace')[-3000:]}")
+            self.fail(
+                f"no JSON summary (exit {done.returncode}):\n"
+                f"{done.stderr.decode(errors='replace')[-3000:]}"
+            )
         self.assertEqual(summary["connect"]["authenticated"], 208)
         self.assertEqual(summary["connect"]["routed_pairs"], 4)
         loss = summary["loss"]
         self.assertGreater(loss["sent"], 0)
         self.assertEqual(loss["received"], loss["sent"])
-        self.assertEqual([loss[k] for k in ("lost_in_sequence", "missing_at_end", "reordered", "corrupt")], [0, 0, 0, 0])
+        self.assertEqual(
+            [loss[k] for k in ("lost_in_sequence", "missing_at_end", "reordered", "corrupt")],
+            [0, 0, 0, 0],
+        )
         self.assertEqual(summary["idle"]["closed_by_relay"], {})
         self.assertGreater(summary["latency_ms"]["start"]["n"], 0)
         self.assertEqual([r["exit_code"] for r in summary["relays"]], [0])

@@ -63,7 +63,9 @@ def importedNames(module, path, node):
             package.pop()
         package = package[: len(package) - (node.level - 1)]
         base = ".".join(package + ([node.module] if node.module else []))
-    return ([base] if base else []) + [f"{base}.{alias.name}" if base else alias.name for alias in node.names]
+    return ([base] if base else []) + [
+        f"{base}.{alias.name}" if base else alias.name for alias in node.names
+    ]
 
 
 def forbiddenImports(root):
@@ -81,7 +83,9 @@ def forbiddenImports(root):
                 continue
             names = importedNames(module, path, node)
             if any(name == f or name.startswith(f + ".") for name in names for f in FORBIDDEN):
-                found.append(f"{path.relative_to(root.parent)}:{node.lineno}: {module}: {ast.unparse(node)}")
+                found.append(
+                    f"{path.relative_to(root.parent)}:{node.lineno}: {module}: {ast.unparse(node)}"
+                )
     return sorted(found)
 
 
@@ -102,10 +106,19 @@ class ImportCheckerTests(unittest.TestCase):
         root = Path(self.mktemp()) / "relay"
         (root / "sub").mkdir(parents=True)
         (root / "__init__.py").write_text("")
-        (root / "sub" / "__init__.py").write_text("from . import x\n\n\ndef f():\n    import hypothesis.strategies as st\n")
-        (root / "fine.py").write_text("import os\nfrom relay import messages\nfrom . import auth\nfrom .cluster import frames\n")
-        (root / "tool.py").write_text("import json\n\n\ndef main():\n    from tests.bench import relayproc\n")
-        (root / "trial.py").write_text("from twisted.trial import unittest\nimport deploy.lint\nfrom twisted import trial\n")
+        (root / "sub" / "__init__.py").write_text(
+            "from . import x\n\n\ndef f():\n    import hypothesis.strategies as st\n"
+        )
+        (root / "fine.py").write_text(
+            "import os\nfrom relay import messages\nfrom . import auth\n"
+            "from .cluster import frames\n"
+        )
+        (root / "tool.py").write_text(
+            "import json\n\n\ndef main():\n    from tests.bench import relayproc\n"
+        )
+        (root / "trial.py").write_text(
+            "from twisted.trial import unittest\nimport deploy.lint\nfrom twisted import trial\n"
+        )
         self.assertEqual(
             forbiddenImports(root),
             [
@@ -120,17 +133,32 @@ class ImportCheckerTests(unittest.TestCase):
     def test_relativeImportsResolve(self):
         tree = ast.parse("from . import a\nfrom .. import b\nfrom ..c import d\n")
         self.assertEqual(
-            [importedNames("relay.cluster.x", Path("relay/cluster/x.py"), node) for node in tree.body],
+            [
+                importedNames("relay.cluster.x", Path("relay/cluster/x.py"), node)
+                for node in tree.body
+            ],
             [["relay.cluster", "relay.cluster.a"], ["relay", "relay.b"], ["relay.c", "relay.c.d"]],
         )
         self.assertEqual(
-            importedNames("relay.cluster", Path("relay/cluster/__init__.py"), ast.parse("from . import a").body[0]),
+            importedNames(
+                "relay.cluster",
+                Path("relay/cluster/__init__.py"),
+                ast.parse("from . import a").body[0],
+            ),
             ["relay.cluster", "relay.cluster.a"],
         )
 
     def test_toolFiles(self):
         self.assertEqual(
-            toolFiles(["relay/peer.py", "relay/bench/wire.py", "relay/lint.py", "relay/cluster/frames.py", "relay/soak.py"]),
+            toolFiles(
+                [
+                    "relay/peer.py",
+                    "relay/bench/wire.py",
+                    "relay/lint.py",
+                    "relay/cluster/frames.py",
+                    "relay/soak.py",
+                ]
+            ),
             ["relay/bench/wire.py", "relay/lint.py", "relay/soak.py"],
         )
 
@@ -152,7 +180,17 @@ class LayoutTests(unittest.TestCase):
         out = self.mktemp()
         os.makedirs(out)
         built = subprocess.run(
-            [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", out, str(ROOT)],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "--quiet",
+                "--no-deps",
+                "--wheel-dir",
+                out,
+                str(ROOT),
+            ],
             capture_output=True,
             timeout=120,
         )
@@ -163,7 +201,9 @@ class LayoutTests(unittest.TestCase):
             names = wheel.namelist()
         self.assertEqual(PRODUCT_FILES - set(names), set())
         self.assertEqual(toolFiles(names), [])
-        self.assertEqual([n for n in names if not n.startswith(("relay/", "twisted/plugins/", "relay-"))], [])
+        self.assertEqual(
+            [n for n in names if not n.startswith(("relay/", "twisted/plugins/", "relay-"))], []
+        )
 
 
 def layoutLines(readme):
@@ -172,7 +212,11 @@ def layoutLines(readme):
     (C{- `relay/x.py`: what it is}).
     """
     section = readme.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
-    return {line[3 : line.index("`:")] for line in section.splitlines() if line.startswith("- `") and "`:" in line}
+    return {
+        line[3 : line.index("`:")]
+        for line in section.splitlines()
+        if line.startswith("- `") and "`:" in line
+    }
 
 
 class ReadmeLayoutTests(unittest.TestCase):
@@ -181,7 +225,10 @@ class ReadmeLayoutTests(unittest.TestCase):
         L{layoutLines} takes the paths of the section's one-line entries
         and nothing else.
         """
-        readme = "# x\n\n## Layout\n\n- `relay/a.py`: A.\n- `relay/b.py` without a colon\ntext `relay/c.py`:\n\n## Next\n\n- `relay/d.py`: D.\n"
+        readme = (
+            "# x\n\n## Layout\n\n- `relay/a.py`: A.\n- `relay/b.py` without a colon\n"
+            "text `relay/c.py`:\n\n## Next\n\n- `relay/d.py`: D.\n"
+        )
         self.assertEqual(layoutLines(readme), {"relay/a.py"})
 
     def test_everyModuleHasItsLine(self):
@@ -189,7 +236,15 @@ class ReadmeLayoutTests(unittest.TestCase):
         Every module of the product has its line in the README's Layout
         section, and every line there names a module that exists.
         """
-        modules = {path.relative_to(ROOT).as_posix() for top in ("relay", "twisted/plugins") for path in (ROOT / top).rglob("*.py")}
+        modules = {
+            path.relative_to(ROOT).as_posix()
+            for top in ("relay", "twisted/plugins")
+            for path in (ROOT / top).rglob("*.py")
+        }
         listed = layoutLines((ROOT / "README.md").read_text())
-        self.assertEqual(sorted(modules - listed), [], "modules without a line in README.md's Layout section")
-        self.assertEqual(sorted(listed - modules), [], "lines in README.md's Layout section naming no module")
+        self.assertEqual(
+            sorted(modules - listed), [], "modules without a line in README.md's Layout section"
+        )
+        self.assertEqual(
+            sorted(listed - modules), [], "lines in README.md's Layout section naming no module"
+        )

@@ -23,12 +23,26 @@ DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 # The relay's options as relay.service declares them; the real CLI reads
 # them from relay.config.Options.
 OPTION_NAMES = [
-    "listen-address", "exposed-address", "auth-secret", "tls-cert-file",
-    "tls-key-file", "letsencrypt-data-dir", "letsencrypt-domains",
-    "letsencrypt-email", "letsencrypt-aws-route53", "metrics-port",
-    "log-level", "log-file", "log-format", "peer-buffer-limit",
-    "cluster-headless", "cluster-port", "cluster-listen-address", "pod-ip",
-    "cluster-auth-secret", "cluster-discovery-interval",
+    "listen-address",
+    "exposed-address",
+    "auth-secret",
+    "tls-cert-file",
+    "tls-key-file",
+    "letsencrypt-data-dir",
+    "letsencrypt-domains",
+    "letsencrypt-email",
+    "letsencrypt-aws-route53",
+    "metrics-port",
+    "log-level",
+    "log-file",
+    "log-format",
+    "peer-buffer-limit",
+    "cluster-headless",
+    "cluster-port",
+    "cluster-listen-address",
+    "pod-ip",
+    "cluster-auth-secret",
+    "cluster-discovery-interval",
 ]
 EXTRA_VARIABLES = ["OZ_RELAY_HC_ATTEMPT_THRESHOLD"]
 ACCEPTED = lint.acceptedVariables(OPTION_NAMES, EXTRA_VARIABLES)
@@ -44,9 +58,7 @@ class VariableTests(unittest.TestCase):
         Dashes become underscores, letters upper case, OZ_ in front.
         """
         self.assertEqual(lint.variableFor("auth-secret"), "OZ_AUTH_SECRET")
-        self.assertEqual(
-            lint.variableFor("letsencrypt-aws-route53"), "OZ_LETSENCRYPT_AWS_ROUTE53"
-        )
+        self.assertEqual(lint.variableFor("letsencrypt-aws-route53"), "OZ_LETSENCRYPT_AWS_ROUTE53")
 
     def test_accepted(self):
         """
@@ -112,14 +124,10 @@ class DockerfileTests(unittest.TestCase):
         The shipped Dockerfile sets only variables the relay reads, and sets
         the ones that an image must default.
         """
-        settings = lint.dockerfileVariables(
-            (DEPLOY / "Dockerfile").read_text(), "Dockerfile"
-        )
+        settings = lint.dockerfileVariables((DEPLOY / "Dockerfile").read_text(), "Dockerfile")
         names = {name for name, _ in settings}
         self.assertEqual(lint.unknownVariables(settings, ACCEPTED), [])
-        self.assertTrue(
-            {"OZ_LISTEN_ADDRESS", "OZ_METRICS_PORT", "OZ_LOG_FILE"} <= names, names
-        )
+        self.assertTrue({"OZ_LISTEN_ADDRESS", "OZ_METRICS_PORT", "OZ_LOG_FILE"} <= names, names)
         self.assertFalse(names & {"OZ_AUTH_SECRET", "OZ_CLUSTER_AUTH_SECRET"})
 
 
@@ -252,9 +260,7 @@ class ShippedManifestTests(unittest.TestCase):
         (manifests / "extra.yaml").write_text(
             "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n"
         )
-        problems, _ = lint.lint(
-            manifests, target / "Dockerfile", ACCEPTED, ("1.37",), root=target
-        )
+        problems, _ = lint.lint(manifests, target / "Dockerfile", ACCEPTED, ("1.37",), root=target)
         self.assertEqual(
             problems,
             [
@@ -279,10 +285,8 @@ class ShippedManifestTests(unittest.TestCase):
         self.assertEqual(
             lint.schemaProblems(document, "c.yaml", ("1.2", "9.99")),
             [
-                "c.yaml: ConfigMap/c: this kubernetes-validate has no schemas "
-                "for Kubernetes 1.2",
-                "c.yaml: ConfigMap/c: this kubernetes-validate has no schemas "
-                "for Kubernetes 9.99",
+                "c.yaml: ConfigMap/c: this kubernetes-validate has no schemas for Kubernetes 1.2",
+                "c.yaml: ConfigMap/c: this kubernetes-validate has no schemas for Kubernetes 9.99",
             ],
         )
 
@@ -293,13 +297,14 @@ class ShippedManifestTests(unittest.TestCase):
         target = self.copyDeploy()
         (target / "kubernetes" / "configmap.yaml").write_text("a: [\n")
         problems, _ = lint.lint(
-            target / "kubernetes", target / "Dockerfile", ACCEPTED, ("1.37",),
+            target / "kubernetes",
+            target / "Dockerfile",
+            ACCEPTED,
+            ("1.37",),
             root=target,
         )
         self.assertEqual(len(problems), 1)
-        self.assertTrue(
-            problems[0].startswith("kubernetes/configmap.yaml: not YAML: "), problems
-        )
+        self.assertTrue(problems[0].startswith("kubernetes/configmap.yaml: not YAML: "), problems)
 
     def test_main(self):
         """
@@ -315,9 +320,12 @@ class ShippedManifestTests(unittest.TestCase):
             out, err = io.StringIO(), io.StringIO()
             status = lint.main(
                 [
-                    "--manifests", str(directory / "kubernetes"),
-                    "--dockerfile", str(directory / "Dockerfile"),
-                    "--kubernetes-version", "1.30",
+                    "--manifests",
+                    str(directory / "kubernetes"),
+                    "--dockerfile",
+                    str(directory / "Dockerfile"),
+                    "--kubernetes-version",
+                    "1.30",
                 ],
                 out,
                 err,
@@ -332,9 +340,7 @@ class ShippedManifestTests(unittest.TestCase):
         self.assertEqual(status, 1)
         self.assertEqual(out, "")
         self.assertEqual(len(err.splitlines()), 1)
-        self.assertTrue(
-            err.endswith("OZ_NOT_AN_OPTION is not an option of the relay\n"), err
-        )
+        self.assertTrue(err.endswith("OZ_NOT_AN_OPTION is not an option of the relay\n"), err)
 
     def test_badArgument(self):
         """
@@ -358,7 +364,7 @@ class RelayServiceTests(unittest.TestCase):
         try:
             names, extras = lint.relayOptionNames()
         except ImportError as e:
-            raise unittest.SkipTest(f"relay.service cannot be imported: {e}")
+            raise unittest.SkipTest(f"relay.service cannot be imported: {e}") from None
         self.assertIn("auth-secret", names)
         self.assertIn("cluster-headless", names)
         import yaml

@@ -30,7 +30,12 @@ class LogCapture:
 
     def __init__(self, testCase, relay, argv=()):
         self.stream = io.StringIO()
-        observer = makeLogObserver(config(REQUIRED + list(argv)), self.stream, budget=relay.noisyLog, counters=relay.counters)
+        observer = makeLogObserver(
+            config(REQUIRED + list(argv)),
+            self.stream,
+            budget=relay.noisyLog,
+            counters=relay.counters,
+        )
         globalLogPublisher.addObserver(observer)
         testCase.addCleanup(globalLogPublisher.removeObserver, observer)
 
@@ -54,7 +59,14 @@ class StrangerLinesTests(unittest.TestCase):
     def emit(self, namespace, fmt="x", level=LogLevel.info):
         from twisted.logger import FilteringLogObserver, LogLevelFilterPredicate
 
-        observer = FilteringLogObserver(self.lines.append, [self.predicates[0], LogLevelFilterPredicate(defaultLogLevel=self.level), self.predicates[1]])
+        observer = FilteringLogObserver(
+            self.lines.append,
+            [
+                self.predicates[0],
+                LogLevelFilterPredicate(defaultLogLevel=self.level),
+                self.predicates[1],
+            ],
+        )
         Logger(namespace=namespace, observer=observer).emit(level, fmt, address=("192.0.2.1", 1))
 
     level = LogLevel.info
@@ -81,7 +93,10 @@ class StrangerLinesTests(unittest.TestCase):
         it closed counts, even when info lines are not logged at all.
         """
         for _ in range(FLOOD):
-            self.emit("twisted.internet.tcp.Port", "EMFILE encountered; releasing reserved file descriptor.")
+            self.emit(
+                "twisted.internet.tcp.Port",
+                "EMFILE encountered; releasing reserved file descriptor.",
+            )
             self.emit("twisted.internet.tcp.Port", EMFILE_CLOSED)
         self.assertEqual(len(self.lines), 50)
         self.assertEqual(self.budget.suppressed, 2 * FLOOD - 50)
@@ -124,12 +139,18 @@ class PeerFloodTests(unittest.TestCase):
             peer = self.peer()
             self.assertIn(b"400", peer.upgrade(extra="Sec-WebSocket-Version: 99\r\n"))
             peer.lost()
-        self.assertTrue(any("failing WebSocket opening handshake" in line for line in self.log.lines), self.log.lines[:3])
+        self.assertTrue(
+            any("failing WebSocket opening handshake" in line for line in self.log.lines),
+            self.log.lines[:3],
+        )
         self.assertLessEqual(len(self.log.lines), 50)
         self.assertGreaterEqual(self.relay.noisyLog.suppressed, FLOOD - 50)
         suppressed = self.relay.noisyLog.suppressed
         self.clock.advance(10)
-        self.assertIn(f"{suppressed} more lines about refused or ignored traffic were not logged", self.log.lines[-1])
+        self.assertIn(
+            f"{suppressed} more lines about refused or ignored traffic were not logged",
+            self.log.lines[-1],
+        )
 
     def test_closeLineFlood(self):
         """
@@ -144,7 +165,10 @@ class PeerFloodTests(unittest.TestCase):
             peer.lost(ConnectionDone())
         self.assertEqual(len(self.log.lines), 50)
         self.assertTrue(all("WebSocket closed with code 4000" in line for line in self.log.lines))
-        self.assertIn(r"WebSocket closed with code 4000: '\n\x1b[2Jevil " + "x" * 90 + "'...", self.log.lines[0])
+        self.assertIn(
+            r"WebSocket closed with code 4000: '\n\x1b[2Jevil " + "x" * 90 + "'...",
+            self.log.lines[0],
+        )
         self.assertEqual(self.relay.noisyLog.suppressed, FLOOD - 50)
 
     def test_authenticatedCloseLineFlood(self):
@@ -160,7 +184,9 @@ class PeerFloodTests(unittest.TestCase):
             peer.send((4001).to_bytes(2, "big") + reason.encode(), opcode=8)
             peer.lost(ConnectionDone())
         closes = [line for line in self.log.lines if "WebSocket closed with code 4001" in line]
-        self.assertEqual(len([line for line in self.log.lines if line.endswith(": connected")]), FLOOD)
+        self.assertEqual(
+            len([line for line in self.log.lines if line.endswith(": connected")]), FLOOD
+        )
         self.assertEqual(len(closes), 50)
         self.assertEqual(self.relay.noisyLog.suppressed, FLOOD - 50)
 
@@ -174,5 +200,8 @@ class PeerFloodTests(unittest.TestCase):
             self.assertIn(b"101", peer.upgrade())
             peer.send(authMessage(f"peer-{i}"))
             peer.lost()
-        self.assertEqual(len([line for line in self.log.lines if "WebSocket closed with code 1006" in line]), FLOOD // 5)
+        self.assertEqual(
+            len([line for line in self.log.lines if "WebSocket closed with code 1006" in line]),
+            FLOOD // 5,
+        )
         self.assertEqual(self.relay.noisyLog.suppressed, 0)

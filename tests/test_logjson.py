@@ -19,7 +19,17 @@ from tests.test_service import REQUIRED, config
 T = 1795823970.25
 
 # What Twisted's own JSON observer wrote: none of it may appear.
-TWISTED_KEYS = ("log_logger", "log_source", "log_format", "log_flattened", "log_namespace", "log_level", "log_time", "__class_uuid__", "unpersistable")
+TWISTED_KEYS = (
+    "log_logger",
+    "log_source",
+    "log_format",
+    "log_flattened",
+    "log_namespace",
+    "log_level",
+    "log_time",
+    "__class_uuid__",
+    "unpersistable",
+)
 
 
 class Thing:
@@ -33,7 +43,14 @@ class Unprintable:
 
 
 def event(fmt, **kw):
-    e = {"log_format": fmt, "log_time": T, "log_level": LogLevel.info, "log_namespace": "relay.session.PeerSession", "log_source": object(), "log_logger": Logger()}
+    e = {
+        "log_format": fmt,
+        "log_time": T,
+        "log_level": LogLevel.info,
+        "log_namespace": "relay.session.PeerSession",
+        "log_source": object(),
+        "log_logger": Logger(),
+    }
     e.update(kw)
     return e
 
@@ -49,7 +66,13 @@ def parsed(line):
 
 class JSONLinesTests(unittest.TestCase):
     def test_plainObject(self):
-        line = parsed(JSONLines()(event("{peer}: connected after {ms} ms", peer=Thing(), ms=12, log_level=LogLevel.warn)))
+        line = parsed(
+            JSONLines()(
+                event(
+                    "{peer}: connected after {ms} ms", peer=Thing(), ms=12, log_level=LogLevel.warn
+                )
+            )
+        )
         self.assertEqual(line["msg"], "thing-7: connected after 12 ms")
         self.assertEqual(line["level"], "warning")
         self.assertEqual(line["logger"], "relay.session.PeerSession")
@@ -66,11 +89,20 @@ class JSONLinesTests(unittest.TestCase):
 
     def test_timeEachSecond(self):
         format = JSONLines()
-        stamps = [parsed(format(event("x", log_time=T + d)))["time"] for d in (0, 0.5, 0.625, 1.0, 3600.125)]
-        self.assertEqual([datetime.fromisoformat(s).timestamp() for s in stamps], [T, T + 0.5, T + 0.625, T + 1, T + 3600.125])
+        stamps = [
+            parsed(format(event("x", log_time=T + d)))["time"]
+            for d in (0, 0.5, 0.625, 1.0, 3600.125)
+        ]
+        self.assertEqual(
+            [datetime.fromisoformat(s).timestamp() for s in stamps],
+            [T, T + 0.5, T + 0.625, T + 1, T + 3600.125],
+        )
 
     def test_levels(self):
-        names = [parsed(JSONLines()(event("x", log_level=level)))["level"] for level in LogLevel.iterconstants()]
+        names = [
+            parsed(JSONLines()(event("x", log_level=level)))["level"]
+            for level in LogLevel.iterconstants()
+        ]
         self.assertEqual(names, ["debug", "info", "warning", "error", "critical"])
 
     def test_valuesArePlainJSON(self):
@@ -115,19 +147,50 @@ class JSONLinesTests(unittest.TestCase):
         self.assertEqual(parsed(line)["msg"], "\udcff\u00e9\x00")
 
     def test_reservedFieldNames(self):
-        line = parsed(JSONLines({"worker": 2})(event("{time} {level} {msg}", time=1, level="x", msg="m", logger="l", worker=9, message="kept", system="kept")))
+        line = parsed(
+            JSONLines({"worker": 2})(
+                event(
+                    "{time} {level} {msg}",
+                    time=1,
+                    level="x",
+                    msg="m",
+                    logger="l",
+                    worker=9,
+                    message="kept",
+                    system="kept",
+                )
+            )
+        )
         self.assertEqual((line["message"], line["system"]), ("kept", "kept"))
         self.assertEqual(line["msg"], "1 x m")
-        self.assertEqual((line["fields.time"], line["fields.level"], line["fields.msg"], line["fields.logger"], line["fields.worker"]), (1, "x", "m", "l", 9))
+        self.assertEqual(
+            (
+                line["fields.time"],
+                line["fields.level"],
+                line["fields.msg"],
+                line["fields.logger"],
+                line["fields.worker"],
+            ),
+            (1, "x", "m", "l", 9),
+        )
         self.assertEqual(line["worker"], 2)
         self.assertEqual(line["level"], "info")
 
     def test_failureTraceback(self):
         try:
-            1 / 0
+            1 / 0  # noqa: B018 raises the ZeroDivisionError whose traceback is logged
         except ZeroDivisionError:
             failure = Failure()
-        line = parsed(JSONLines()(event("handling {name} failed", name="x", log_failure=failure, log_level=LogLevel.critical)))
+        line = parsed(
+            JSONLines()(
+                event(
+                    "handling {name} failed",
+                    name="x",
+                    log_failure=failure,
+                    log_level=LogLevel.critical,
+                )
+            )
+        )
         self.assertEqual(line["msg"], "handling x failed")
         self.assertIn("Traceback", line["traceback"])
         self.assertIn("ZeroDivisionError", line["traceback"])
@@ -138,11 +201,19 @@ class JSONLinesTests(unittest.TestCase):
         error): its message, and the traceback in its own field.
         """
         try:
-            1 / 0
+            1 / 0  # noqa: B018 raises the ZeroDivisionError whose traceback is logged
         except ZeroDivisionError:
             failure = Failure()
         lines = []
-        legacy = {"message": (), "isError": 1, "failure": failure, "why": "Unhandled Error", "time": T, "system": "-", "printed": 0}
+        legacy = {
+            "message": (),
+            "isError": 1,
+            "failure": failure,
+            "why": "Unhandled Error",
+            "time": T,
+            "system": "-",
+            "printed": 0,
+        }
         publishToNewObserver(lambda e: lines.append(JSONLines()(e)), legacy, textFromEventDict)
         line = parsed(lines[0])
         self.assertEqual(line["msg"], "Unhandled Error")
@@ -153,8 +224,20 @@ class JSONLinesTests(unittest.TestCase):
 
     def test_legacyMessage(self):
         lines = []
-        publishToNewObserver(lambda e: lines.append(JSONLines()(e)), {"message": ("Main loop terminated.",), "isError": 0, "time": T, "system": "-"}, textFromEventDict)
-        self.assertEqual(parsed(lines[0]), {"time": parsed(lines[0])["time"], "level": "info", "msg": "Main loop terminated.", "logger": "log_legacy"})
+        publishToNewObserver(
+            lambda e: lines.append(JSONLines()(e)),
+            {"message": ("Main loop terminated.",), "isError": 0, "time": T, "system": "-"},
+            textFromEventDict,
+        )
+        self.assertEqual(
+            parsed(lines[0]),
+            {
+                "time": parsed(lines[0])["time"],
+                "level": "info",
+                "msg": "Main loop terminated.",
+                "logger": "log_legacy",
+            },
+        )
 
     def test_unusualFormats(self):
         """
@@ -162,7 +245,9 @@ class JSONLinesTests(unittest.TestCase):
         same way here, and every line is still JSON.
         """
         self.assertIn("Unable to format event", parsed(JSONLines()(event("missing {key}")))["msg"])
-        self.assertEqual(parsed(JSONLines()(event("{thing.__str__()}", thing=Thing())))["msg"], "thing-7")
+        self.assertEqual(
+            parsed(JSONLines()(event("{thing.__str__()}", thing=Thing())))["msg"], "thing-7"
+        )
         self.assertEqual(parsed(JSONLines()(event("{{braces}}")))["msg"], "{braces}")
         self.assertIsNone(JSONLines()(event("")))
         self.assertIsNone(JSONLines()(event(None)))
@@ -177,25 +262,34 @@ class JSONLinesTests(unittest.TestCase):
         observer = jsonLinesFileLogObserver(stream)
         observer(event("a"))
         observer(event("b"))
-        self.assertEqual([parsed(line + "\n")["msg"] for line in stream.getvalue().splitlines()], ["a", "b"])
+        self.assertEqual(
+            [parsed(line + "\n")["msg"] for line in stream.getvalue().splitlines()], ["a", "b"]
+        )
 
 
 class OptionTests(unittest.TestCase):
     def lines(self, argv, env=None):
         stream = io.StringIO()
         options = config(REQUIRED + argv, env) if env is not None else config(REQUIRED + argv)
-        Logger(observer=makeLogObserver(options, stream), namespace="relay.test").info("hello {who}", who="peer")
+        Logger(observer=makeLogObserver(options, stream), namespace="relay.test").info(
+            "hello {who}", who="peer"
+        )
         return stream.getvalue()
 
     def test_jsonFormat(self):
         line = parsed(self.lines(["--log-format", "json"]))
-        self.assertEqual((line["msg"], line["who"], line["logger"], line["level"]), ("hello peer", "peer", "relay.test", "info"))
+        self.assertEqual(
+            (line["msg"], line["who"], line["logger"], line["level"]),
+            ("hello peer", "peer", "relay.test", "info"),
+        )
         self.assertNotIn("worker", line)
 
     def test_workerIndex(self):
         """
         With C{--workers}, every line says which worker wrote it.
         """
-        self.assertEqual(parsed(self.lines(["--log-format", "json", "--workers", "2"]))["worker"], 0)
+        self.assertEqual(
+            parsed(self.lines(["--log-format", "json", "--workers", "2"]))["worker"], 0
+        )
         self.assertIn(" [worker-0 relay.test#info] hello peer\n", self.lines(["--workers", "2"]))
         self.assertIn(" [relay.test#info] hello peer\n", self.lines([]))

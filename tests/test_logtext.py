@@ -22,7 +22,12 @@ class Thing:
 
 
 def event(fmt, **kw):
-    e = {"log_format": fmt, "log_time": T, "log_level": LogLevel.info, "log_namespace": "relay.session.PeerSession"}
+    e = {
+        "log_format": fmt,
+        "log_time": T,
+        "log_level": LogLevel.info,
+        "log_namespace": "relay.session.PeerSession",
+    }
     e.update(kw)
     return e
 
@@ -55,7 +60,7 @@ class ClassicTextTests(unittest.TestCase):
 
     def test_failureSameAsTwisted(self):
         try:
-            1 / 0
+            1 / 0  # noqa: B018 raises the ZeroDivisionError whose traceback is logged
         except ZeroDivisionError:
             e = event("it broke", log_failure=Failure())
         self.assertIn("ZeroDivisionError", ClassicText()(e))
@@ -87,8 +92,19 @@ class ClassicTextTests(unittest.TestCase):
         self.patch(logtext, "formatTime", formatTime)
         self.patch(logtext, "formatEventAsClassicLogText", forbidden)
         format = ClassicText()
-        lines = [format(event("a {n}", n=1)), format(event("b", log_time=T + 0.5)), format(event("c", log_time=T + 1))]
-        self.assertEqual(lines, [f"<{int(T)}> [relay.session.PeerSession#info] a 1\n", f"<{int(T)}> [relay.session.PeerSession#info] b\n", f"<{int(T) + 1}> [relay.session.PeerSession#info] c\n"])
+        lines = [
+            format(event("a {n}", n=1)),
+            format(event("b", log_time=T + 0.5)),
+            format(event("c", log_time=T + 1)),
+        ]
+        self.assertEqual(
+            lines,
+            [
+                f"<{int(T)}> [relay.session.PeerSession#info] a 1\n",
+                f"<{int(T)}> [relay.session.PeerSession#info] b\n",
+                f"<{int(T) + 1}> [relay.session.PeerSession#info] c\n",
+            ],
+        )
         self.assertEqual(stamps, [int(T), int(T) + 1])
 
     def test_observerWrites(self):
@@ -112,7 +128,9 @@ class ClassicTextTests(unittest.TestCase):
             if "Unable to format event" in plain:
                 # The text quotes the whole event.
                 system = system.split("]", 1)[0]
-                self.assertTrue(format(e).startswith(f"{stamp} [worker-1 {system}] Unable to format event"))
+                self.assertTrue(
+                    format(e).startswith(f"{stamp} [worker-1 {system}] Unable to format event")
+                )
             else:
                 self.assertEqual(format(e), f"{stamp} [worker-1 {system}")
 

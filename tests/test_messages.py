@@ -81,7 +81,10 @@ class HumanIDTests(unittest.TestCase):
         idB = m.peerID("peer-b")
         sent = m.encodeTransport(idB, b"hello")
         self.assertEqual(sent, bytes.fromhex("0103") + idB + b"hello")
-        self.assertEqual(m.encodeTransport(ID_A, b"hello"), bytes.fromhex("0103") + ID_A + bytes.fromhex("68656c6c6f"))
+        self.assertEqual(
+            m.encodeTransport(ID_A, b"hello"),
+            bytes.fromhex("0103") + ID_A + bytes.fromhex("68656c6c6f"),
+        )
         self.assertEqual(m.decodeTransport(sent), (idB, b"hello"))
 
 
@@ -105,11 +108,15 @@ class HeaderTests(unittest.TestCase):
             self.assertEqual(e.reason, "malformed")
 
     def test_authShort(self):
-        e = self.assertRaises(m.MessageError, m.decodeAuth, bytes.fromhex("01062112a442") + ID_A[:35])
+        e = self.assertRaises(
+            m.MessageError, m.decodeAuth, bytes.fromhex("01062112a442") + ID_A[:35]
+        )
         self.assertEqual(e.reason, "malformed")
 
     def test_authBadMagic(self):
-        e = self.assertRaises(m.MessageError, m.decodeAuth, bytes.fromhex("01062112a443") + ID_A + TOKEN)
+        e = self.assertRaises(
+            m.MessageError, m.decodeAuth, bytes.fromhex("01062112a443") + ID_A + TOKEN
+        )
         self.assertEqual(e.reason, "bad_magic")
 
     def test_transportShort(self):
@@ -151,7 +158,9 @@ class IDListTests(unittest.TestCase):
         messages = m.encodeIDList(m.PEERS_ONLINE, ids, 1415)
         self.assertEqual([len(x) for x in messages], [2 + 39 * 36, 2 + 39 * 36, 2 + 22 * 36])
         self.assertEqual(sum((m.decodeIDList(x) for x in messages), []), ids)
-        self.assertEqual([len(x) for x in m.encodeIDList(m.PEERS_ONLINE, ids[:3], 2 + 36 * 2)], [74, 38])
+        self.assertEqual(
+            [len(x) for x in m.encodeIDList(m.PEERS_ONLINE, ids[:3], 2 + 36 * 2)], [74, 38]
+        )
         self.assertEqual([len(x) for x in m.encodeIDList(m.PEERS_ONLINE, ids[:2], 10)], [38, 38])
         self.assertEqual(len(m.encodeIDList(m.PEERS_ONLINE, self.ids(489), 100000)[0]), 8786)
 

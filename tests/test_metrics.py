@@ -71,9 +71,7 @@ def samples(text):
     found = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            labels = frozenset(
-                (k, v) for k, v in sample.labels.items() if k not in SCOPE_LABELS
-            )
+            labels = frozenset((k, v) for k, v in sample.labels.items() if k not in SCOPE_LABELS)
             found[(sample.name, labels)] = sample.value
     return found
 
@@ -102,9 +100,7 @@ class Fixture:
         self.counters = RelayCounters()
         self.cluster = ClusterCounters() if cluster else None
         self.stats = (0, 0, 0)
-        self.metrics = RelayMetrics(
-            self.counters, lambda: self.stats, self.cluster, streams
-        )
+        self.metrics = RelayMetrics(self.counters, lambda: self.stats, self.cluster, streams)
 
     def text(self):
         return generate_latest(self.metrics.registry).decode("utf-8")
@@ -172,11 +168,7 @@ class NamesTests(unittest.TestCase):
         self.addCleanup(fixture.metrics.shutdown)
         exercise(fixture)
         text = generateOpenMetrics(fixture.metrics.registry).decode("utf-8")
-        names = {
-            sample.name
-            for family in parseOpenMetrics(text)
-            for sample in family.samples
-        }
+        names = {sample.name for family in parseOpenMetrics(text) for sample in family.samples}
         expected = {"target_info"}
         for name, kind in {**PEER_SIDE, **CLUSTER}.items():
             if kind == "histogram":
@@ -278,16 +270,12 @@ class CounterTests(unittest.TestCase):
         self.assertEqual(value("relay_dropped_messages_total", "reason", "unknown_peer"), 2)
         self.assertEqual(value("relay_dropped_messages_total", "reason", "slow_consumer"), 5)
         self.assertEqual(value("relay_handshake_rejects_total", "reason", "bad_token"), 1)
-        self.assertEqual(
-            value("relay_protocol_errors_total", "reason", "unexpected_message"), 4
-        )
+        self.assertEqual(value("relay_protocol_errors_total", "reason", "unexpected_message"), 4)
         self.assertEqual(found[("relay_sender_pauses_total", frozenset())], 9)
         self.assertEqual(value("relay_quic_refusals_total", "reason", "unknown_connection"), 7)
         self.assertEqual(value("relay_cluster_forwards_total", "result", "ok"), 11)
         self.assertEqual(value("relay_cluster_forwards_total", "result", "stream_gone"), 1)
-        self.assertEqual(
-            value("relay_cluster_hello_rejects_total", "reason", "hmac_mismatch"), 3
-        )
+        self.assertEqual(value("relay_cluster_hello_rejects_total", "reason", "hmac_mismatch"), 3)
         self.assertEqual(value("relay_cluster_dropped_total", "reason", "queue_full"), 6)
 
         counters.dropped["unknown_peer"] += 1
@@ -427,8 +415,20 @@ class HistogramTests(unittest.TestCase):
         )
         self.fixture.metrics.recordAuthenticationTime(1)
         self.fixture.metrics.recordStoreTime(1)
-        expected = ["0.1", "0.5", "1.0", "5.0", "10.0", "50.0", "100.0", "500.0",
-                    "1000.0", "5000.0", "10000.0", "+Inf"]
+        expected = [
+            "0.1",
+            "0.5",
+            "1.0",
+            "5.0",
+            "10.0",
+            "50.0",
+            "100.0",
+            "500.0",
+            "1000.0",
+            "5000.0",
+            "10000.0",
+            "+Inf",
+        ]
         for name in (
             "relay_peer_authentication_time_milliseconds",
             "relay_peer_store_time_milliseconds",
@@ -444,8 +444,7 @@ class HistogramTests(unittest.TestCase):
             (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.0),
         )
         self.fixture.metrics.recordLookupDuration(0.2)
-        expected = ["0.0005", "0.001", "0.005", "0.01", "0.05", "0.1", "0.5",
-                    "1.0", "2.0", "+Inf"]
+        expected = ["0.0005", "0.001", "0.005", "0.01", "0.05", "0.1", "0.5", "1.0", "2.0", "+Inf"]
         self.assertEqual(
             sorted(self.buckets("relay_cluster_lookup_duration_seconds"), key=float),
             expected,
@@ -535,9 +534,7 @@ class SplitActiveIdleTests(unittest.TestCase):
         message, or if it never sent one.
         """
         now = 1000.0
-        self.assertEqual(
-            splitActiveIdle([now, now - 30, now - 30.5, None, now - 5], now), (3, 2)
-        )
+        self.assertEqual(splitActiveIdle([now, now - 30, now - 30.5, None, now - 5], now), (3, 2))
 
     def test_empty(self):
         """

@@ -38,13 +38,17 @@ class IndependentClientTests(unittest.TestCase):
 
     def setUp(self):
         self.relay = Relay(TokenValidator(SECRET, reactor), "rel://127.0.0.1:1", reactor, Store())
-        self.port = reactor.listenTCP(0, PeerWebSocketFactory(self.relay, reactor), interface="127.0.0.1")
+        self.port = reactor.listenTCP(
+            0, PeerWebSocketFactory(self.relay, reactor), interface="127.0.0.1"
+        )
         self.addCleanup(self.port.stopListening)
         self.addCleanup(lambda: self.relay.shutdown())
         self.url = f"ws://127.0.0.1:{self.port.getHost().port}/relay"
 
     def peer(self, name):
-        ws = connect(self.url, open_timeout=TIMEOUT, close_timeout=TIMEOUT, max_size=None, compression=None)
+        ws = connect(
+            self.url, open_timeout=TIMEOUT, close_timeout=TIMEOUT, max_size=None, compression=None
+        )
         ws.send(authMessage(name))
         assert ws.recv(timeout=TIMEOUT) == self.relay.authResponse
         return ws
@@ -79,7 +83,9 @@ class IndependentClientTests(unittest.TestCase):
             return got
 
         def check(got):
-            self.assertEqual(got, [m.encodeTransport(A, b"f" * 3000), m.encodeTransport(A, b"after")])
+            self.assertEqual(
+                got, [m.encodeTransport(A, b"f" * 3000), m.encodeTransport(A, b"after")]
+            )
 
         return self.inThread(scenario).addCallback(check)
 
@@ -120,7 +126,11 @@ class IndependentClientTests(unittest.TestCase):
     def test_oversizedUpgradeRequest(self):
         def scenario():
             try:
-                connect(self.url, open_timeout=TIMEOUT, additional_headers={"X-Pad": "p" * MAX_UPGRADE_REQUEST})
+                connect(
+                    self.url,
+                    open_timeout=TIMEOUT,
+                    additional_headers={"X-Pad": "p" * MAX_UPGRADE_REQUEST},
+                )
             except InvalidStatus as e:
                 return e.response.status_code
             except OSError:

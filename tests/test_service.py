@@ -74,7 +74,16 @@ class OptionsTests(unittest.TestCase):
         self.assertEqual(c.instanceURL, "rel://relay.example:443")
 
     def test_environment(self):
-        c = config([], {"OZ_EXPOSED_ADDRESS": "relay.example:443", "OZ_AUTH_SECRET": "x", "OZ_LISTEN_ADDRESS": ":33080", "OZ_METRICS_PORT": "0", "OZ_RELAY_HC_ATTEMPT_THRESHOLD": "3"})
+        c = config(
+            [],
+            {
+                "OZ_EXPOSED_ADDRESS": "relay.example:443",
+                "OZ_AUTH_SECRET": "x",
+                "OZ_LISTEN_ADDRESS": ":33080",
+                "OZ_METRICS_PORT": "0",
+                "OZ_RELAY_HC_ATTEMPT_THRESHOLD": "3",
+            },
+        )
         self.assertEqual(c.listen, ("", 33080))
         self.assertEqual(c.metricsPort, 0)
         self.assertEqual(c.healthCheckThreshold, 3)
@@ -92,22 +101,42 @@ class OptionsTests(unittest.TestCase):
         self.assertIn(fragment, str(e))
 
     def test_missingRequired(self):
-        self.assertUsage(["--auth-secret", "x"], "--exposed-address (or OZ_EXPOSED_ADDRESS) is required")
-        self.assertUsage(["--exposed-address", "a:1"], "--auth-secret (or OZ_AUTH_SECRET) is required")
+        self.assertUsage(
+            ["--auth-secret", "x"], "--exposed-address (or OZ_EXPOSED_ADDRESS) is required"
+        )
+        self.assertUsage(
+            ["--exposed-address", "a:1"], "--auth-secret (or OZ_AUTH_SECRET) is required"
+        )
 
     def test_invalidValues(self):
-        self.assertUsage(REQUIRED + ["--listen-address", "443"], "--listen-address must be host:port")
+        self.assertUsage(
+            REQUIRED + ["--listen-address", "443"], "--listen-address must be host:port"
+        )
         self.assertUsage(REQUIRED + ["--metrics-port", "x"], "--metrics-port must be an integer")
         self.assertUsage(REQUIRED + ["--log-level", "loud"], "--log-level must be one of")
         self.assertUsage(REQUIRED + ["--log-format", "xml"], "--log-format must be text or json")
-        self.assertUsage(["--exposed-address", "ftp://x:1", "--auth-secret", "x"], "scheme must be rel or rels")
-        self.assertUsage(REQUIRED, "OZ_RELAY_HC_ATTEMPT_THRESHOLD must be an integer", {"OZ_RELAY_HC_ATTEMPT_THRESHOLD": "many"})
+        self.assertUsage(
+            ["--exposed-address", "ftp://x:1", "--auth-secret", "x"], "scheme must be rel or rels"
+        )
+        self.assertUsage(
+            REQUIRED,
+            "OZ_RELAY_HC_ATTEMPT_THRESHOLD must be an integer",
+            {"OZ_RELAY_HC_ATTEMPT_THRESHOLD": "many"},
+        )
 
     def test_tlsFilesGoTogether(self):
         self.assertUsage(REQUIRED + ["--tls-cert-file", "/x"], "go together")
 
     def test_letsEncrypt(self):
-        c = config(REQUIRED + ["--letsencrypt-domains", "relay.example, relay2.example", "--letsencrypt-data-dir", "/var/lib/relay"])
+        c = config(
+            REQUIRED
+            + [
+                "--letsencrypt-domains",
+                "relay.example, relay2.example",
+                "--letsencrypt-data-dir",
+                "/var/lib/relay",
+            ]
+        )
         self.assertIsNotNone(c.acme)
         self.assertTrue(c.tls)
         self.assertEqual(c.instanceURL, "rels://127.0.0.1:33080")
@@ -116,21 +145,35 @@ class OptionsTests(unittest.TestCase):
         # TLS-ALPN-01 whatever the peer port, as the Go relay; HTTP-01 when asked.
         c = config(REQUIRED + ["-a", "relay.example", "-d", "/x", "-l", ":8443"])
         self.assertEqual(c.acme.challenge, "tls-alpn-01")
-        c = config(REQUIRED + ["-a", "relay.example", "-d", "/x", "--letsencrypt-challenge", "HTTP-01"])
+        c = config(
+            REQUIRED + ["-a", "relay.example", "-d", "/x", "--letsencrypt-challenge", "HTTP-01"]
+        )
         self.assertEqual(c.acme.challenge, "http-01")
 
     def test_letsEncryptErrors(self):
         self.assertUsage(REQUIRED + ["--letsencrypt-domains", "relay.example"], "go together")
-        self.assertUsage(REQUIRED + ["-a", "r.example", "-d", "/x", "--letsencrypt-challenge", "dns-01"], "must be tls-alpn-01 or http-01")
-        self.assertUsage(REQUIRED + ["-a", "r.example", "-d", "/x", "--tls-cert-file", "/c", "--tls-key-file", "/k"], "not both")
+        self.assertUsage(
+            REQUIRED + ["-a", "r.example", "-d", "/x", "--letsencrypt-challenge", "dns-01"],
+            "must be tls-alpn-01 or http-01",
+        )
+        self.assertUsage(
+            REQUIRED
+            + ["-a", "r.example", "-d", "/x", "--tls-cert-file", "/c", "--tls-key-file", "/k"],
+            "not both",
+        )
         self.assertUsage(REQUIRED + ["-a", "r.example", "-d", "/x", "--workers", "2"], "do not mix")
-        self.assertUsage(REQUIRED + ["--letsencrypt-aws-route53"], "Route 53 DNS-01 is not supported")
+        self.assertUsage(
+            REQUIRED + ["--letsencrypt-aws-route53"], "Route 53 DNS-01 is not supported"
+        )
 
     def test_clusterNeedsPodIP(self):
         self.assertUsage(REQUIRED + ["--cluster-headless", "relay-headless"], "--pod-ip")
 
     def test_podIPFromDownwardAPI(self):
-        c = config(REQUIRED + ["--cluster-headless", "relay-headless", "--cluster-auth-secret", "s"], {"POD_IP": "10.0.0.7"})
+        c = config(
+            REQUIRED + ["--cluster-headless", "relay-headless", "--cluster-auth-secret", "s"],
+            {"POD_IP": "10.0.0.7"},
+        )
         self.assertEqual(c.cluster.podIP, "10.0.0.7")
         self.assertEqual(c.cluster.listen, ("10.0.0.7", 7090))
         self.assertFalse(c.cluster.compat)
@@ -140,14 +183,37 @@ class OptionsTests(unittest.TestCase):
         A fabric without a secret needs the operator's explicit opt-out.
         """
         cluster = ["--cluster-headless", "relay-headless", "--pod-ip", "10.0.0.7"]
-        self.assertUsage(REQUIRED + cluster, "--cluster-auth-secret (or OZ_CLUSTER_AUTH_SECRET) is required")
+        self.assertUsage(
+            REQUIRED + cluster, "--cluster-auth-secret (or OZ_CLUSTER_AUTH_SECRET) is required"
+        )
         c = config(REQUIRED + cluster + ["--cluster-insecure"])
         self.assertEqual(c.cluster.secret, "")
-        c = config(REQUIRED + cluster, {"OZ_CLUSTER_INSECURE": "true", "OZ_CLUSTER_COMPAT": "1", "OZ_CLUSTER_AUTH_SECRET": "s"})
+        c = config(
+            REQUIRED + cluster,
+            {
+                "OZ_CLUSTER_INSECURE": "true",
+                "OZ_CLUSTER_COMPAT": "1",
+                "OZ_CLUSTER_AUTH_SECRET": "s",
+            },
+        )
         self.assertTrue(c.cluster.compat)
-        c = config(REQUIRED + cluster + ["--cluster-auth-secret", "s", "--cluster-listen-address", "0.0.0.0:7090"])
+        c = config(
+            REQUIRED
+            + cluster
+            + ["--cluster-auth-secret", "s", "--cluster-listen-address", "0.0.0.0:7090"]
+        )
         self.assertEqual(c.cluster.listen, ("0.0.0.0", 7090))
-        c = config(REQUIRED + ["--cluster-headless", "relay-headless", "--pod-ip", "fd00::7", "--cluster-auth-secret", "s"])
+        c = config(
+            REQUIRED
+            + [
+                "--cluster-headless",
+                "relay-headless",
+                "--pod-ip",
+                "fd00::7",
+                "--cluster-auth-secret",
+                "s",
+            ]
+        )
         self.assertEqual(c.cluster.listen, ("fd00::7", 7090))
 
     def test_usageQuietAfterBadValue(self):
@@ -209,19 +275,27 @@ class DescriptorTests(unittest.TestCase):
         top = makeService(parse(REQUIRED + ["--metrics-port", "0"] + argv), reactor=Clock())
         self.patch(top, "_log", Logger(observer=events.append))
         top._fitDescriptors()
-        return top.relay.admission.maxConnections, [(e["log_level"], formatEvent(e)) for e in events]
+        return top.relay.admission.maxConnections, [
+            (e["log_level"], formatEvent(e)) for e in events
+        ]
 
     def test_fits(self):
         room, lines = self.fit(["--max-peers", "10000"], 1024, 1048576)
         self.assertEqual(room, 1048576 - 20 - 128)
-        self.assertEqual(lines, [(LogLevel.info, "open file limit raised from 1024 to 1048576 (the hard limit)")])
+        self.assertEqual(
+            lines, [(LogLevel.info, "open file limit raised from 1024 to 1048576 (the hard limit)")]
+        )
 
     def test_doesNotFit(self):
         room, lines = self.fit([], 20000, 20000)
         self.assertEqual(room, 20000 - 20 - 128)
         [(level, text)] = lines
         self.assertEqual(level, LogLevel.warn)
-        self.assertIn("the open file limit (20000) leaves room for 19852 peer connections, fewer than --max-peers 50000 and --max-pending-handshakes 2048", text)
+        self.assertIn(
+            "the open file limit (20000) leaves room for 19852 peer connections, fewer than "
+            "--max-peers 50000 and --max-pending-handshakes 2048",
+            text,
+        )
         self.assertIn('reason="descriptors"', text)
 
     def test_noPeerLimit(self):
@@ -312,7 +386,16 @@ class ReloadTests(unittest.TestCase):
 class LimitOptionsTests(unittest.TestCase):
     def test_defaults(self):
         limits = config(REQUIRED).limits
-        self.assertEqual((limits.maxPeers, limits.maxPending, limits.maxPerIP, limits.ratePerIP, limits.peerByteRate), (50000, 2048, 0, 0, 0))
+        self.assertEqual(
+            (
+                limits.maxPeers,
+                limits.maxPending,
+                limits.maxPerIP,
+                limits.ratePerIP,
+                limits.peerByteRate,
+            ),
+            (50000, 2048, 0, 0, 0),
+        )
         self.assertEqual(limits.trustedProxies, ())
 
     def test_fromEnvironment(self):
@@ -324,17 +407,41 @@ class LimitOptionsTests(unittest.TestCase):
         # Each of N workers enforces its share, so the host as a whole holds
         # the configured limits (rounded up); a peer is on one worker, so its
         # byte rate stays whole.
-        argv = REQUIRED + ["--workers", "3", "--max-peers", "1000", "--max-pending-handshakes", "2048", "--max-connections-per-ip", "10", "--connection-rate-per-ip", "30", "--peer-rate-limit", "5000"]
+        argv = REQUIRED + [
+            "--workers",
+            "3",
+            "--max-peers",
+            "1000",
+            "--max-pending-handshakes",
+            "2048",
+            "--max-connections-per-ip",
+            "10",
+            "--connection-rate-per-ip",
+            "30",
+            "--peer-rate-limit",
+            "5000",
+        ]
         for index in range(3):
             limits = config(argv + ["--worker-index", str(index)]).limits
-            self.assertEqual((limits.maxPeers, limits.maxPending, limits.maxPerIP, limits.ratePerIP, limits.peerByteRate), (334, 683, 4, 10, 5000))
+            self.assertEqual(
+                (
+                    limits.maxPeers,
+                    limits.maxPending,
+                    limits.maxPerIP,
+                    limits.ratePerIP,
+                    limits.peerByteRate,
+                ),
+                (334, 683, 4, 10, 5000),
+            )
         limits = config(REQUIRED + ["--workers", "3"]).limits
         self.assertEqual((limits.maxPerIP, limits.ratePerIP), (0, 0))
         limits = config(REQUIRED + ["--workers", "3", "--connection-rate-per-ip", "1"]).limits
         self.assertAlmostEqual(limits.ratePerIP, 1 / 3)
 
     def test_invalid(self):
-        e = self.assertRaises(usage.UsageError, parse, REQUIRED + ["--trusted-proxies", "10.0.0.0/33"])
+        e = self.assertRaises(
+            usage.UsageError, parse, REQUIRED + ["--trusted-proxies", "10.0.0.0/33"]
+        )
         self.assertIn("--trusted-proxies", str(e))
         e = self.assertRaises(usage.UsageError, parse, REQUIRED + ["--max-peers", "-1"])
         self.assertIn("--max-peers must not be negative", str(e))
@@ -352,9 +459,14 @@ class ListenerTests(unittest.TestCase):
         from twisted.internet.testing import MemoryReactor
 
         reactor = MemoryReactor()
-        top = makeService(parse(REQUIRED + ["--metrics-port", "9191", "--metrics-address", "127.0.0.1"]), reactor=reactor)
+        top = makeService(
+            parse(REQUIRED + ["--metrics-port", "9191", "--metrics-address", "127.0.0.1"]),
+            reactor=reactor,
+        )
         top.privilegedStartService()
-        self.assertIn((9191, "127.0.0.1"), [(port, interface) for port, _, _, interface in reactor.tcpServers])
+        self.assertIn(
+            (9191, "127.0.0.1"), [(port, interface) for port, _, _, interface in reactor.tcpServers]
+        )
 
 
 class WiringTests(unittest.TestCase):
@@ -378,7 +490,19 @@ class WiringTests(unittest.TestCase):
                 self.lookups.append(seconds)
 
         self.patch(module, "RelayMetrics", RecordingMetrics)
-        options = parse(REQUIRED + ["--max-peers", "7", "--cluster-headless", "127.0.0.2", "--pod-ip", "127.0.0.1", "--cluster-auth-secret", "c"])
+        options = parse(
+            REQUIRED
+            + [
+                "--max-peers",
+                "7",
+                "--cluster-headless",
+                "127.0.0.2",
+                "--pod-ip",
+                "127.0.0.1",
+                "--cluster-auth-secret",
+                "c",
+            ]
+        )
         top = makeService(options, reactor=MemoryReactorClock())
         [metrics] = built
         relay = top.relay
@@ -409,7 +533,9 @@ class WiringTests(unittest.TestCase):
         is opened while parsing) and stops makeService with a message naming
         it.
         """
-        options = parse(REQUIRED + ["--tls-cert-file", "/nonexistent.crt", "--tls-key-file", "/nonexistent.key"])
+        options = parse(
+            REQUIRED + ["--tls-cert-file", "/nonexistent.crt", "--tls-key-file", "/nonexistent.key"]
+        )
         e = self.assertRaises(SystemExit, makeService, options, reactor=Clock())
         self.assertIn("relay: cannot read TLS certificate file", str(e))
         self.assertIn("/nonexistent.crt", str(e))
@@ -422,7 +548,10 @@ class WiringTests(unittest.TestCase):
         from tests.certs import writeCertificate
 
         cert, key, _ = writeCertificate(self.mktemp())
-        top = makeService(parse(REQUIRED + ["--tls-cert-file", cert, "--tls-key-file", key]), reactor=MemoryReactorClock())
+        top = makeService(
+            parse(REQUIRED + ["--tls-cert-file", cert, "--tls-key-file", key]),
+            reactor=MemoryReactorClock(),
+        )
         quic = top.quic.quic
         self.assertIn(quic, list(top.quic))
         self.assertEqual((quic.certFile, quic.keyFile), (cert, key))
@@ -439,7 +568,10 @@ class WiringTests(unittest.TestCase):
         from tests.certs import writeCertificate
 
         cert, key, _ = writeCertificate(self.mktemp())
-        top = makeService(parse(REQUIRED + ["--tls-cert-file", cert, "--tls-key-file", key]), reactor=MemoryReactorClock())
+        top = makeService(
+            parse(REQUIRED + ["--tls-cert-file", cert, "--tls-key-file", key]),
+            reactor=MemoryReactorClock(),
+        )
         configuration = top.quic.quic.protocol.configuration
         with open(cert, "w") as f:
             f.write("not a certificate")
@@ -449,7 +581,9 @@ class WiringTests(unittest.TestCase):
         self.assertIs(top.quic.quic.protocol.configuration, configuration)
         [event] = events
         self.assertEqual(event["log_level"], LogLevel.error)
-        self.assertIn("QUIC certificate reload failed, keeping the previous one", formatEvent(event))
+        self.assertIn(
+            "QUIC certificate reload failed, keeping the previous one", formatEvent(event)
+        )
 
     def test_acmeCertificateRenewal(self):
         """
@@ -465,7 +599,10 @@ class WiringTests(unittest.TestCase):
         dataDir = os.path.abspath(self.mktemp())
         reactor = MemoryReactorClock()
         reactor.advance(time.time())
-        top = makeService(parse(REQUIRED + ["-a", "relay.example", "-d", dataDir, "--metrics-port", "0"]), reactor=reactor)
+        top = makeService(
+            parse(REQUIRED + ["-a", "relay.example", "-d", dataDir, "--metrics-port", "0"]),
+            reactor=reactor,
+        )
         [acme] = [child for child in top if isinstance(child, AcmeCertificateService)]
         self.assertIsNone(top.quic.quic)
         self.assertFalse(top.readiness.certificateReady)

@@ -2,16 +2,16 @@
 The peer protocol of one session, driven with a fake link and a Clock.
 """
 
+import hmac
+from hashlib import sha256
+
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from relay import messages as m
+from relay.auth import generateToken, tokenKey
 from relay.interfaces import IRelay
 from relay.session import PeerSession
-import hmac
-from hashlib import sha256
-
-from relay.auth import generateToken, tokenKey
 from tests.helpers import NOW, SECRET, FakeLink, authMessage, connect, makeRelay, subscriptionCount
 
 A, B, C = m.peerID("peer-a"), m.peerID("peer-b"), m.peerID("peer-c")
@@ -79,7 +79,9 @@ class HandshakeTests(unittest.TestCase):
     def test_212BytesAccepted(self):
         token = generateToken(SECRET, NOW + 60)
         payload = token[33:].rjust(212 - 42 - 33, b"0")
-        message = m.encodeAuth(A, token[:1] + hmac.new(tokenKey(SECRET), payload, sha256).digest() + payload)
+        message = m.encodeAuth(
+            A, token[:1] + hmac.new(tokenKey(SECRET), payload, sha256).digest() + payload
+        )
         self.assertEqual(len(message), 212)
         session, link = self.handshake(message)
         self.assertEqual(session.peerID, A)
@@ -572,7 +574,9 @@ class RelayInterfaceTests(unittest.TestCase):
         self.assertEqual(linkA.take(), [b"\x01\x0a" + B])
         a.messageReceived(m.encodeIDList(m.UNSUBSCRIBE_PEER_STATE, [B])[0])
         clock.advance(25)
-        self.assertEqual((linkA.take(), linkB.take()), ([m.HEALTH_CHECK_MESSAGE], [m.HEALTH_CHECK_MESSAGE]))
+        self.assertEqual(
+            (linkA.take(), linkB.take()), ([m.HEALTH_CHECK_MESSAGE], [m.HEALTH_CHECK_MESSAGE])
+        )
         b.messageReceived(m.HEALTH_CHECK_MESSAGE)
         timedOut, timedOutLink = session(address="192.0.2.9:1")
         clock.advance(20)
@@ -584,8 +588,12 @@ class RelayInterfaceTests(unittest.TestCase):
         for s in (a, b, refused, full, timedOut):
             s.linkLost()
         self.assertEqual(len(real.store), 0)
-        self.assertEqual(dict(real.counters.handshakeRejects), {"bad_signature": 1, "max_peers": 1, "timeout": 1})
-        self.assertEqual(dict(real.counters.protocolErrors), {"bad_type": 1, "health_check_timeout": 1})
+        self.assertEqual(
+            dict(real.counters.handshakeRejects), {"bad_signature": 1, "max_peers": 1, "timeout": 1}
+        )
+        self.assertEqual(
+            dict(real.counters.protocolErrors), {"bad_type": 1, "health_check_timeout": 1}
+        )
         self.assertEqual(real.counters.dropped["subscription_limit"], 1)
         self.assertEqual(real.admission.pending, 0)
         # Every part of the interface but draining's refusal was needed.

@@ -132,7 +132,9 @@ class StoreTests(unittest.TestCase):
         self.store.subscribe(watcher, [A, B])
         other = FakePeer(peerID("other"))
         self.store.subscribe(other, [B])
-        self.assertEqual([type(self.store._interested[pid]).__name__ for pid in (A, B)], ["Subscriber", "set"])
+        self.assertEqual(
+            [type(self.store._interested[pid]).__name__ for pid in (A, B)], ["Subscriber", "set"]
+        )
         self.store.dropSubscriber(other)
         self.assertEqual(type(self.store._interested[B]).__name__, "Subscriber")
 

@@ -34,7 +34,9 @@ class LoadTests(unittest.TestCase):
         self.assertIn("does not match", str(e))
 
     def test_missingFile(self):
-        e = self.assertRaises(ConfigurationError, loadCertificateOptions, "/nonexistent.crt", "/nonexistent.key")
+        e = self.assertRaises(
+            ConfigurationError, loadCertificateOptions, "/nonexistent.crt", "/nonexistent.key"
+        )
         self.assertIn("cannot read TLS certificate file", str(e))
 
     def test_notPEM(self):

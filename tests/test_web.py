@@ -102,18 +102,14 @@ class MetricsTests(WebFixture):
             [(b"Accept", b"application/openmetrics-text; version=1.0.0")],
         )
         self.assertEqual(code, 200)
-        self.assertTrue(
-            headers[b"content-type"].startswith(b"application/openmetrics-text")
-        )
+        self.assertTrue(headers[b"content-type"].startswith(b"application/openmetrics-text"))
         self.assertTrue(body.endswith(b"# EOF\n"))
 
     def test_gzip(self):
         """
         Prometheus asks for gzip and gets it.
         """
-        code, headers, body = request(
-            self.site, b"/metrics", [(b"Accept-Encoding", b"gzip")]
-        )
+        code, headers, body = request(self.site, b"/metrics", [(b"Accept-Encoding", b"gzip")])
         self.assertEqual(code, 200)
         self.assertEqual(headers[b"content-encoding"], b"gzip")
         self.assertIn(b"relay_peers_idle", gzip.decompress(body))
@@ -175,9 +171,7 @@ class ReadinessTests(WebFixture):
         site = makeMetricsSite(self.metrics.registry, readiness, reactor=self.clock)
         readiness.listenerUp = True
         code, _, body = request(site, b"/readyz")
-        self.assertEqual(
-            (code, body), (503, b"cluster discovery has not completed a pass\n")
-        )
+        self.assertEqual((code, body), (503, b"cluster discovery has not completed a pass\n"))
         readiness.discoveryDone = True
         self.assertEqual(request(site, b"/readyz")[0], 200)
 
@@ -195,9 +189,7 @@ class ReadinessTests(WebFixture):
         Any callable returning a bool can stand for the readiness.
         """
         answers = [False]
-        site = makeMetricsSite(
-            self.metrics.registry, lambda: answers[0], reactor=self.clock
-        )
+        site = makeMetricsSite(self.metrics.registry, lambda: answers[0], reactor=self.clock)
         self.assertEqual(request(site, b"/readyz")[:3:2], (503, b"not ready\n"))
         answers[0] = True
         self.assertEqual(request(site, b"/readyz")[:3:2], (200, b"ok\n"))
@@ -254,7 +246,9 @@ class StrangerTests(WebFixture):
         spooled to a temporary file.
         """
         channel, transport = connection(self.site)
-        channel.dataReceived(b"POST /metrics HTTP/1.1\r\nHost: relay\r\nContent-Length: 41943040\r\n\r\n")
+        channel.dataReceived(
+            b"POST /metrics HTTP/1.1\r\nHost: relay\r\nContent-Length: 41943040\r\n\r\n"
+        )
         channel.dataReceived(b"z" * 65536)
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 405 "))
         self.assertIn(b"\r\nAllow: GET, HEAD\r\n", transport.value())
@@ -265,14 +259,19 @@ class StrangerTests(WebFixture):
     def test_getWithBodyRefused(self):
         for framing in (b"Content-Length: 10", b"Transfer-Encoding: chunked"):
             channel, transport = connection(self.site)
-            channel.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n" + framing + b"\r\n\r\n" + b"0123456789")
+            channel.dataReceived(
+                b"GET /healthz HTTP/1.1\r\nHost: relay\r\n" + framing + b"\r\n\r\n" + b"0123456789"
+            )
             self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "), transport.value())
             self.assertTrue(transport.disconnecting)
         self.assertEqual(self.counters.metricsRefusals["body"], 2)
 
     def test_nothingServedAfterARefusal(self):
         channel, transport = connection(self.site)
-        channel.dataReceived(b"DELETE /metrics HTTP/1.1\r\nHost: relay\r\n\r\nGET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")
+        channel.dataReceived(
+            b"DELETE /metrics HTTP/1.1\r\nHost: relay\r\n\r\n"
+            b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n"
+        )
         self.assertEqual(transport.value().count(b"HTTP/1.1 "), 1)
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 405 "))
 

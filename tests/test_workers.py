@@ -50,7 +50,11 @@ class OptionTests(unittest.TestCase):
         self.assertEqual(workerEnvironment(first, 1)["OZ_METRICS_PORT"], "0")
 
     def test_notWithACluster(self):
-        e = self.assertRaises(usage.UsageError, config, REQUIRED + ["--workers", "2", "--cluster-headless", "x", "--pod-ip", "10.0.0.1"])
+        e = self.assertRaises(
+            usage.UsageError,
+            config,
+            REQUIRED + ["--workers", "2", "--cluster-headless", "x", "--pod-ip", "10.0.0.1"],
+        )
         self.assertIn("do not mix", str(e))
 
     def test_atLeastOne(self):
@@ -65,9 +69,13 @@ class ReusePortTests(unittest.TestCase):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        first = self.successResultOf(ReusePortEndpoint(reactor, "127.0.0.1", port).listen(Factory()))
+        first = self.successResultOf(
+            ReusePortEndpoint(reactor, "127.0.0.1", port).listen(Factory())
+        )
         self.addCleanup(first.stopListening)
-        second = self.successResultOf(ReusePortEndpoint(reactor, "127.0.0.1", port).listen(Factory()))
+        second = self.successResultOf(
+            ReusePortEndpoint(reactor, "127.0.0.1", port).listen(Factory())
+        )
         self.addCleanup(second.stopListening)
         self.assertEqual(first.getHost().port, second.getHost().port)
 
@@ -88,8 +96,12 @@ class WorkersEndToEndTests(unittest.TestCase):
         self.assertEqual(relay.output.count(b"relay listening on"), 2)
         peers = []
         for i in range(20):
-            peer = yield client.connect(reactor, relay.url, m.peerID(f"p{i}"), secret="relay-secret")
-            self.addCleanup(lambda p=peer: p.transport.abortConnection() if p.transport.connected else None)
+            peer = yield client.connect(
+                reactor, relay.url, m.peerID(f"p{i}"), secret="relay-secret"
+            )
+            self.addCleanup(
+                lambda p=peer: p.transport.abortConnection() if p.transport.connected else None
+            )
             peers.append(peer)
         for i in range(0, 20, 2):
             yield peers[i].waitOnline(peers[i + 1].factory.peerID)
@@ -120,22 +132,41 @@ class WorkersEndToEndTests(unittest.TestCase):
         With --log-format json every line of every worker is one JSON
         object naming its worker, and each event is logged once.
         """
-        relay = yield startRelay(self, "--workers", "2", "--connection-rate-per-ip", "0", "--log-format", "json", "--log-level", "debug")
+        relay = yield startRelay(
+            self,
+            "--workers",
+            "2",
+            "--connection-rate-per-ip",
+            "0",
+            "--log-format",
+            "json",
+            "--log-level",
+            "debug",
+        )
         for _ in range(300):
-            if relay.output.count(b"relay listening on") >= 2 and b"cluster: stream up" in relay.output:
+            if (
+                relay.output.count(b"relay listening on") >= 2
+                and b"cluster: stream up" in relay.output
+            ):
                 break
             yield sleep(0.05)
         peers = []
         for i in range(20):
-            peer = yield client.connect(reactor, relay.url, m.peerID(f"p{i}"), secret="relay-secret")
-            self.addCleanup(lambda p=peer: p.transport.abortConnection() if p.transport.connected else None)
+            peer = yield client.connect(
+                reactor, relay.url, m.peerID(f"p{i}"), secret="relay-secret"
+            )
+            self.addCleanup(
+                lambda p=peer: p.transport.abortConnection() if p.transport.connected else None
+            )
             peers.append(peer)
         for peer in peers:
             yield peer.close()
         self.assertEqual((yield relay.stop()), 0)
         lines = [json.loads(line) for line in relay.output.splitlines()]
         self.assertEqual({line["worker"] for line in lines}, {0, 1})
-        listening = [line["worker"] for line in lines if line["msg"].startswith("relay listening on")]
+        listening = [
+            line["worker"] for line in lines if line["msg"].startswith("relay listening on")
+        ]
         self.assertEqual(sorted(listening), [0, 1])
         connected = [line for line in lines if line["msg"].endswith(": connected")]
         self.assertEqual(len(connected), 20)

@@ -49,9 +49,7 @@ def applyMask(data, key):
     if not n:
         return b""
     stream = (key * (n // 4 + 1))[:n]
-    return (int.from_bytes(data, "big") ^ int.from_bytes(stream, "big")).to_bytes(
-        n, "big"
-    )
+    return (int.from_bytes(data, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
 
 
 def encodeFrame(opcode, payload, fin=True, mask=True, maskKey=None, rsv=0):
@@ -207,9 +205,7 @@ class RawWebSocketClient(protocol.Protocol):
             self.status = -1
         for line in headerLines:
             name, _, value = line.partition(b":")
-            self.headers[name.strip().lower().decode("latin-1")] = value.strip().decode(
-                "latin-1"
-            )
+            self.headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
         if self.status == 101:
             expected = base64.b64encode(hashlib.sha1(self.key + GUID).digest()).decode()
             if self.headers.get("sec-websocket-accept") != expected:
@@ -241,7 +237,7 @@ class RawWebSocketClient(protocol.Protocol):
             if masked:
                 self.violations.append("server frame masked")
             if rsv:
-                self.violations.append("RSV bits set: %d" % (rsv,))
+                self.violations.append(f"RSV bits set: {rsv}")
             if opcode >= 0x8:
                 if not fin or len(payload) > 125:
                     self.violations.append("bad control frame")
@@ -263,7 +259,7 @@ class RawWebSocketClient(protocol.Protocol):
                 else:
                     self._fragments = (opcode, [payload])
             else:
-                self.violations.append("reserved opcode %d" % (opcode,))
+                self.violations.append(f"reserved opcode {opcode}")
 
     def _control(self, opcode, payload):
         if opcode == OP_CLOSE:
@@ -278,7 +274,7 @@ class RawWebSocketClient(protocol.Protocol):
         elif opcode == OP_PONG:
             self.pongs.append(payload)
         else:
-            self.violations.append("reserved control opcode %d" % (opcode,))
+            self.violations.append(f"reserved control opcode {opcode}")
 
     def _message(self, opcode, payload):
         self.messages.append((opcode, payload))
@@ -290,7 +286,7 @@ class RawWebSocketClient(protocol.Protocol):
     @staticmethod
     def _deliver(d, opcode, payload):
         if opcode != OP_BINARY:
-            d.errback(ProtocolViolation("non-binary message %r" % (payload,)))
+            d.errback(ProtocolViolation(f"non-binary message {payload!r}"))
         else:
             d.callback(payload)
 
@@ -415,7 +411,7 @@ def connect(reactor, port, path="/relay", extraHeaders=(), hostHeader=None):
     @return: Deferred firing with the L{RawWebSocketClient} once TCP is
         connected (wait on its C{handshake} for the response).
     """
-    host = hostHeader if hostHeader is not None else "127.0.0.1:%d" % (port,)
+    host = hostHeader if hostHeader is not None else f"127.0.0.1:{port}"
     client = RawWebSocketClient(host, path, extraHeaders, clock=reactor)
     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5)
     return connectProtocol(endpoint, client)

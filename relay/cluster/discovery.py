@@ -192,7 +192,8 @@ class Discovery:
         if now >= state[1] + WARN_EVERY:
             state[1] = now
             _log.warn(
-                "cluster discovery: {name}: {why} ({count} passes in a row; next warning in {every:g} s at the earliest)",
+                "cluster discovery: {name}: {why} ({count} passes in a row; next warning in "
+                "{every:g} s at the earliest)",
                 name=name,
                 why=why,
                 count=state[0],
@@ -202,7 +203,11 @@ class Discovery:
     def _resolutionWorked(self, name):
         state = self._failing.pop(name, None)
         if state is not None:
-            _log.info("cluster discovery: {name} resolves again after {count} failed passes", name=name, count=state[0])
+            _log.info(
+                "cluster discovery: {name} resolves again after {count} failed passes",
+                name=name,
+                count=state[0],
+            )
 
     def _isSelf(self, host):
         ip = _ipLiteral(host)
@@ -246,7 +251,9 @@ class Discovery:
             if state.failures and now < state.dialedAt + self._backoff(state.failures):
                 continue
             state.dialedAt = now
-            self.transport.dial(address).addCallbacks(self._dialed, self._dialFailed, (state,), None, (address, state))
+            self.transport.dial(address).addCallbacks(
+                self._dialed, self._dialFailed, (state,), None, (address, state)
+            )
 
     def _backoff(self, failures):
         return min(self.interval * 2 ** (failures - 1), self.maxBackoff)
@@ -257,7 +264,8 @@ class Discovery:
     def _dialFailed(self, failure, address, state):
         state.failures += 1
         _log.debug(
-            "cluster discovery: dialing {address} failed ({count} in a row, next in {delay:g} s): {error}",
+            "cluster discovery: dialing {address} failed ({count} in a row, "
+            "next in {delay:g} s): {error}",
             address=address,
             count=state.failures,
             delay=self._backoff(state.failures),

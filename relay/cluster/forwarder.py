@@ -156,7 +156,9 @@ class Forwarder:
             return
         waiting = self._waiting[destinationID] = _Waiting(source)
         self._enqueue(waiting, message)
-        waiting.timer = self.clock.callLater(self.forwardTimeout, self._giveUp, destinationID, waiting)
+        waiting.timer = self.clock.callLater(
+            self.forwardTimeout, self._giveUp, destinationID, waiting
+        )
         self.locator.lookup(destinationID).addCallback(self._located, destinationID, waiting)
 
     def _takeSlot(self, *owners):
@@ -190,7 +192,10 @@ class Forwarder:
         return result
 
     def _enqueue(self, waiting, message):
-        if len(waiting.packets) >= self.queuePackets or self._waitingBytes + len(message) > self.queueBytes:
+        if (
+            len(waiting.packets) >= self.queuePackets
+            or self._waitingBytes + len(message) > self.queueBytes
+        ):
             self.counters.dropped["lookup_queue_full"] += 1
             return
         waiting.packets.append(message)
@@ -315,7 +320,9 @@ class Forwarder:
         elif isinstance(frame, frames.WhoHas):
             self.locator.whoHasReceived(stream, frame.peerID)
         elif isinstance(frame, frames.IHave):
-            changed, solicited = self.locator.iHaveReceived(stream.address, frame.peerID, frame.seqno)
+            changed, solicited = self.locator.iHaveReceived(
+                stream.address, frame.peerID, frame.seqno
+            )
             if changed and not solicited:
                 self.localPeers.peerOnlineElsewhere(frame.peerID)
         elif isinstance(frame, frames.PeerGone):
@@ -324,12 +331,18 @@ class Forwarder:
     def _fwdReceived(self, stream, frame):
         if not frames.isTransportMessage(frame.message):
             self.counters.dropped["fwd_not_transport"] += 1
-            _log.debug("cluster: FWD from {stream} carries no Transport message, dropped", stream=stream)
+            _log.debug(
+                "cluster: FWD from {stream} carries no Transport message, dropped", stream=stream
+            )
             return
         if len(frame.message) > messages.MAX_MESSAGE_SIZE:
             # An agent closes (Go: misreads) a message over 8820 bytes.
             self.counters.dropped["fwd_too_large"] += 1
-            _log.debug("cluster: FWD from {stream} carries a {size}-byte message, dropped", stream=stream, size=len(frame.message))
+            _log.debug(
+                "cluster: FWD from {stream} carries a {size}-byte message, dropped",
+                stream=stream,
+                size=len(frame.message),
+            )
             return
         peer = self.localPeers.localPeer(frame.destinationID)
         if peer is None:

@@ -163,7 +163,7 @@ class FrameReader:
             end = offset + HEADER_SIZE + length
             if end > available:
                 break
-            frames.append((frameType, bytes(buffer[offset + HEADER_SIZE:end])))
+            frames.append((frameType, bytes(buffer[offset + HEADER_SIZE : end])))
             offset = end
         if offset:
             del buffer[:offset]
@@ -292,7 +292,7 @@ def decodeHello(payload, secret, now):
     if size != bodyEnd + 1 + hmacLength:
         raise FrameError(MALFORMED, f"HELLO of {size} bytes, expected {bodyEnd + 1 + hmacLength}")
     try:
-        address = bytes(payload[2:2 + addressLength]).decode("utf-8")
+        address = bytes(payload[2 : 2 + addressLength]).decode("utf-8")
     except UnicodeDecodeError:
         raise FrameError(MALFORMED, "HELLO address is not UTF-8") from None
     (timestamp,) = _U64.unpack_from(payload, 2 + addressLength)
@@ -302,10 +302,12 @@ def decodeHello(payload, secret, now):
         if hmacLength == 0:
             raise FrameError(UNSIGNED_BUT_REQUIRED, f"unsigned HELLO from {address!r}")
         expected = _helloMAC(key, bytes(payload[:bodyEnd]))
-        if not hmac.compare_digest(expected, bytes(payload[bodyEnd + 1:])):
+        if not hmac.compare_digest(expected, bytes(payload[bodyEnd + 1 :])):
             raise FrameError(HMAC_MISMATCH, f"HELLO from {address!r}")
     elif hmacLength:
-        raise FrameError(SIGNED_BUT_UNSUPPORTED, f"signed HELLO from {address!r} but no cluster secret here")
+        raise FrameError(
+            SIGNED_BUT_UNSUPPORTED, f"signed HELLO from {address!r} but no cluster secret here"
+        )
 
     if abs(now - timestamp) > HELLO_WINDOW:
         raise FrameError(STALE_TIMESTAMP, f"HELLO from {address!r} is {int(now - timestamp)} s off")
@@ -355,7 +357,9 @@ def decodeChallenge(payload):
 
 
 def authFrame(nonce, mac):
-    return encodeFrame(AUTH, _checkSize(nonce, NONCE_SIZE, "nonce") + _checkSize(mac, MAC_SIZE, "mac"))
+    return encodeFrame(
+        AUTH, _checkSize(nonce, NONCE_SIZE, "nonce") + _checkSize(mac, MAC_SIZE, "mac")
+    )
 
 
 def decodeAuth(payload):
@@ -484,7 +488,9 @@ class Opener(_Tags):
         """
         size = len(payload) - TAG_SIZE
         if size < 0:
-            raise FrameError(AUTH_MISMATCH, f"{frameName(frameType)} of {len(payload)} bytes has no tag")
+            raise FrameError(
+                AUTH_MISMATCH, f"{frameName(frameType)} of {len(payload)} bytes has no tag"
+            )
         body = payload[:size]
         if not hmac.compare_digest(self._tag(_HEADER.pack(frameType, size), body), payload[size:]):
             raise FrameError(AUTH_MISMATCH, f"{frameName(frameType)} tag at seqno {self._seqno}")
@@ -535,7 +541,9 @@ def decodePayload(frameType, payload):
         return WhoHas(_checkID(payload, "WHO_HAS"))
     if frameType == I_HAVE:
         if len(payload) != PEER_ID_SIZE + 4:
-            raise FrameError(MALFORMED, f"I_HAVE of {len(payload)} bytes, expected {PEER_ID_SIZE + 4}")
+            raise FrameError(
+                MALFORMED, f"I_HAVE of {len(payload)} bytes, expected {PEER_ID_SIZE + 4}"
+            )
         return IHave(bytes(payload[:PEER_ID_SIZE]), _U32.unpack_from(payload, PEER_ID_SIZE)[0])
     if frameType == PEER_GONE:
         return PeerGone(_checkID(payload, "PEER_GONE"))

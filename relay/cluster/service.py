@@ -37,7 +37,16 @@ class ClusterService(MultiService):
     @ivar port: the listening port once started, else None.
     """
 
-    def __init__(self, config, localPeers, counters, reactor, wallClock=None, noisyLog=None, lookupObserver=None):
+    def __init__(
+        self,
+        config,
+        localPeers,
+        counters,
+        reactor,
+        wallClock=None,
+        noisyLog=None,
+        lookupObserver=None,
+    ):
         """
         @param config: the fabric's settings, a L{relay.config.ClusterConfig}:
             this pod's IP (announced, and never dialed), the inter-pod port
@@ -94,24 +103,31 @@ class ClusterService(MultiService):
         MultiService.startService(self)
         if not self.config.secret:
             _log.warn(
-                "cluster: NO CLUSTER SECRET (--cluster-insecure): inter-pod streams are not authenticated and "
-                "any host that reaches the cluster port can join the fabric, read peer ids and inject "
-                "packets; restrict it with a NetworkPolicy or set a cluster secret"
+                "cluster: NO CLUSTER SECRET (--cluster-insecure): inter-pod streams are not "
+                "authenticated and any host that reaches the cluster port can join the fabric, "
+                "read peer ids and inject packets; restrict it with a NetworkPolicy or set a "
+                "cluster secret"
             )
         elif self.config.compat:
             _log.warn(
-                "cluster: compatibility mode (--cluster-compat): streams with pods that skip the secured "
-                "handshake (Go pods) are authenticated by their HELLO only and their frames are not; "
-                "turn it off once every pod runs this relay"
+                "cluster: compatibility mode (--cluster-compat): streams with pods that skip "
+                "the secured handshake (Go pods) are authenticated by their HELLO only and "
+                "their frames are not; turn it off once every pod runs this relay"
             )
         outcome = []
         host, port = self.config.listen
-        serverEndpoint(self.reactor, host, port).listen(self.transport.serverFactory()).addBoth(outcome.append)
+        serverEndpoint(self.reactor, host, port).listen(self.transport.serverFactory()).addBoth(
+            outcome.append
+        )
         if not outcome or isinstance(outcome[0], Failure):
             # Stream endpoints listen at once: refuse to start rather than
             # run a pod its siblings cannot reach.
             reason = outcome[0].getErrorMessage() if outcome else "listening did not complete"
-            _log.critical("cluster: cannot listen on {listen}: {reason}", listen=self._listenText(), reason=reason)
+            _log.critical(
+                "cluster: cannot listen on {listen}: {reason}",
+                listen=self._listenText(),
+                reason=reason,
+            )
             MultiService.stopService(self)
             if outcome:
                 outcome[0].raiseException()
@@ -121,7 +137,9 @@ class ClusterService(MultiService):
             "cluster: listening on {listen}, announcing {announce}, {mode}",
             listen=self._listenText(),
             announce=self.announceAddress,
-            mode="insecure" if not self.config.secret else ("secured, compatibility mode" if self.config.compat else "secured"),
+            mode="insecure"
+            if not self.config.secret
+            else ("secured, compatibility mode" if self.config.compat else "secured"),
         )
         self.discovery.start()
 

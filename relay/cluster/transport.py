@@ -149,7 +149,9 @@ def tcpEndpoint(reactor, address, bindHost=None):
     ip = ipOf(host)
     bindIP = ipOf(bindHost) if bindHost else None
     if ip is None:
-        return HostnameEndpoint(reactor, host, port, bindAddress=(bindHost, 0) if bindIP is not None else None)
+        return HostnameEndpoint(
+            reactor, host, port, bindAddress=(bindHost, 0) if bindIP is not None else None
+        )
     bindAddress = (bindHost, 0) if bindIP is not None and bindIP.version == ip.version else None
     if ip.version == 6:
         return TCP6ClientEndpoint(reactor, host, port, bindAddress=bindAddress)
@@ -246,7 +248,9 @@ class ClusterStream(Protocol):
         self.transport.registerProducer(self, True)
         owner = self.owner
         if self.dialedByUs:
-            hello = frames.encodeHello(owner.announceAddress, int(owner.wallClock.seconds()), owner.secret)
+            hello = frames.encodeHello(
+                owner.announceAddress, int(owner.wallClock.seconds()), owner.secret
+            )
             self.send(frames.encodeFrame(frames.HELLO, hello))
             if not owner.secret:
                 self._establish()
@@ -318,7 +322,9 @@ class ClusterStream(Protocol):
         self._pinger = LoopingCall(self._ping)
         self._pinger.clock = self.owner.clock
         self._pinger.start(self.owner.settings.pingInterval, now=False).addErrback(
-            lambda failure: _log.failure("cluster: keepalive of {stream} stopped", failure, stream=self)
+            lambda failure: _log.failure(
+                "cluster: keepalive of {stream} stopped", failure, stream=self
+            )
         )
 
     # Handshake
@@ -328,7 +334,10 @@ class ClusterStream(Protocol):
         if self.owner.compat and self._state in (AWAIT_CHALLENGE, AWAIT_AUTH):
             self._notSecured(None, None)
             return
-        self._rejectHello(frames.TIMEOUT, f"handshake not done within {self.owner.settings.helloTimeout:g} s ({self._state})")
+        self._rejectHello(
+            frames.TIMEOUT,
+            f"handshake not done within {self.owner.settings.helloTimeout:g} s ({self._state})",
+        )
 
     def _rejectHello(self, reason, detail):
         self._helloCancelTimer()
@@ -365,7 +374,9 @@ class ClusterStream(Protocol):
 
     def _acceptHello(self, frameType, payload):
         if frameType != frames.HELLO:
-            self._rejectHello(frames.FIRST_FRAME_NOT_HELLO, f"first frame was {frames.frameName(frameType)}")
+            self._rejectHello(
+                frames.FIRST_FRAME_NOT_HELLO, f"first frame was {frames.frameName(frameType)}"
+            )
             return
         owner = self.owner
         try:
@@ -377,7 +388,11 @@ class ClusterStream(Protocol):
             self._rejectHello(frames.ADDRESS_MISMATCH, f"HELLO announces {hello.address!r}")
             return
         self.address = hello.address
-        _log.debug("cluster: HELLO from {peer} announcing {address}", peer=self._peerName(), address=hello.address)
+        _log.debug(
+            "cluster: HELLO from {peer} announcing {address}",
+            peer=self._peerName(),
+            address=hello.address,
+        )
         if not owner.secret:
             self._establish()
             return
@@ -422,7 +437,9 @@ class ClusterStream(Protocol):
         try:
             if dialer:
                 nonce, mac = frames.decodeAuth(payload)
-                self._handshake = frames.Handshake(self.owner.secret, self._hello, self._nonce, nonce)
+                self._handshake = frames.Handshake(
+                    self.owner.secret, self._hello, self._nonce, nonce
+                )
             else:
                 mac = frames.decodeConfirm(payload)
         except frames.FrameError as e:
@@ -430,7 +447,10 @@ class ClusterStream(Protocol):
             return
         side = self._handshake.side(dialer)
         if not hmac.compare_digest(mac, side.remoteMAC):
-            self._rejectHello(frames.AUTH_MISMATCH, f"{frames.frameName(frameType)} does not prove the cluster secret")
+            self._rejectHello(
+                frames.AUTH_MISMATCH,
+                f"{frames.frameName(frameType)} does not prove the cluster secret",
+            )
             return
         if dialer:
             self.send(frames.confirmFrame(side.ownMAC))
@@ -450,16 +470,26 @@ class ClusterStream(Protocol):
         sent instead, None if nothing came in time): an original pod, taken
         only in compatibility mode, and its HELLO only once.
         """
-        expected = {AWAIT_CHALLENGE: "CHALLENGE", AWAIT_CONFIRM: "CONFIRM", AWAIT_AUTH: "AUTH"}[self._state]
+        expected = {AWAIT_CHALLENGE: "CHALLENGE", AWAIT_CONFIRM: "CONFIRM", AWAIT_AUTH: "AUTH"}[
+            self._state
+        ]
         got = "nothing" if frameType is None else frames.frameName(frameType)
         owner = self.owner
         if not owner.compat:
-            self._rejectHello(frames.NOT_SECURED, f"{got} instead of {expected}; an original pod needs --cluster-compat")
+            self._rejectHello(
+                frames.NOT_SECURED,
+                f"{got} instead of {expected}; an original pod needs --cluster-compat",
+            )
             return
         if not self.dialedByUs and not owner._firstSight(self._hello):
             self._rejectHello(frames.REPLAYED, "this HELLO was already used")
             return
-        _log.info("cluster: {stream} is not secured (an original pod?): {got} instead of {expected}", stream=self, got=got, expected=expected)
+        _log.info(
+            "cluster: {stream} is not secured (an original pod?): {got} instead of {expected}",
+            stream=self,
+            got=got,
+            expected=expected,
+        )
         self._hello = self._nonce = self._handshake = None
         self._establish()
         if frameType is not None and not self.closing:
@@ -498,7 +528,12 @@ class ClusterStream(Protocol):
                 payload = self._opener.open(frameType, payload)
             except frames.FrameError as e:
                 self.owner.counters.dropped["frame_auth_mismatch"] += 1
-                self.owner.noisyLog(_log.warn, "cluster: closing {stream}: {error}", stream=self, error=quoted(str(e)))
+                self.owner.noisyLog(
+                    _log.warn,
+                    "cluster: closing {stream}: {error}",
+                    stream=self,
+                    error=quoted(str(e)),
+                )
                 self.abort()
                 return
         if frameType == frames.HELLO:
@@ -508,7 +543,9 @@ class ClusterStream(Protocol):
             frame = frames.decodePayload(frameType, payload)
         except frames.FrameError as e:
             self.owner.counters.dropped["malformed_frame"] += 1
-            self.owner.noisyLog(_log.warn, "cluster: closing {stream}: {error}", stream=self, error=quoted(str(e)))
+            self.owner.noisyLog(
+                _log.warn, "cluster: closing {stream}: {error}", stream=self, error=quoted(str(e))
+            )
             self.abort()
             return
         if isinstance(frame, frames.Unknown):
@@ -525,7 +562,11 @@ class ClusterStream(Protocol):
         try:
             handler.frameReceived(self, frame)
         except Exception:
-            _log.failure("cluster: handling {name} from {stream}", name=frames.frameName(frameType), stream=self)
+            _log.failure(
+                "cluster: handling {name} from {stream}",
+                name=frames.frameName(frameType),
+                stream=self,
+            )
 
     # Keepalive
 
@@ -535,7 +576,9 @@ class ClusterStream(Protocol):
         if self.send(frames.pingFrame()) != SENT:
             return
         self.owner.counters.pingsSent += 1
-        self._pongTimer = self.owner.clock.callLater(self.owner.settings.pongTimeout, self._pongMissed)
+        self._pongTimer = self.owner.clock.callLater(
+            self.owner.settings.pongTimeout, self._pongMissed
+        )
 
     def _pongReceived(self):
         self.answersPing = True
@@ -582,7 +625,11 @@ class ClusterStream(Protocol):
             size = len(data)
         if self._queued + size > 2 * highWater:
             self.owner.counters.dropped["stream_overflow"] += 1
-            _log.warn("cluster: closing {stream}: it has not drained {size} queued bytes", stream=self, size=self._queued)
+            _log.warn(
+                "cluster: closing {stream}: it has not drained {size} queued bytes",
+                stream=self,
+                size=self._queued,
+            )
             self.abort()
             return GONE
         self._queue.append(data)
@@ -629,7 +676,10 @@ class _AcceptingFactory(Factory):
         owner = self.owner
         host = getattr(addr, "host", None)
         pending = owner._pending
-        if len(owner._connections) >= owner.settings.maxConnections or sum(1 for h in pending.values() if h == host) >= owner.settings.maxPendingPerHost:
+        if (
+            len(owner._connections) >= owner.settings.maxConnections
+            or sum(1 for h in pending.values() if h == host) >= owner.settings.maxPendingPerHost
+        ):
             owner.counters.helloRejects[frames.CONNECTION_LIMIT] += 1
             self._logCap(host)
             return None
@@ -649,8 +699,8 @@ class _AcceptingFactory(Factory):
         if now >= owner._capLoggedAt + 10:
             owner._capLoggedAt = now
             _log.warn(
-                "cluster: inter-pod connections at their caps (from {peer}, among others): {pending} handshakes "
-                "pending, {connections} connections",
+                "cluster: inter-pod connections at their caps (from {peer}, among others): "
+                "{pending} handshakes pending, {connections} connections",
                 peer=host or "?",
                 pending=len(owner._pending),
                 connections=len(owner._connections),
@@ -844,7 +894,7 @@ class ClusterTransport:
         seen = self._seenHellos
         while seen and (len(seen) >= REPLAY_MEMORY or next(iter(seen.values())) < now):
             seen.popitem(last=False)
-        mac = bytes(hello[-frames.HELLO_HMAC_SIZE:])
+        mac = bytes(hello[-frames.HELLO_HMAC_SIZE :])
         if mac in seen:
             return False
         seen[mac] = now + 2 * frames.HELLO_WINDOW
@@ -938,7 +988,9 @@ class ClusterTransport:
         waits = [c.whenClosed() for c in connections]
         for c in connections:
             c.close()
-        timer = self.clock.callLater(CLOSE_TIMEOUT, lambda: [c.abort() for c in connections if c.connected])
+        timer = self.clock.callLater(
+            CLOSE_TIMEOUT, lambda: [c.abort() for c in connections if c.connected]
+        )
         done = defer.DeferredList(waits, consumeErrors=True)
 
         def cancelTimer(result):

@@ -84,7 +84,9 @@ class ServerProtocol(WebSocketServerProtocol):
         (C{current_frame}), no fragmented message under way
         (C{inside_message}). Bytes from here on may be parsed elsewhere.
         """
-        return self.state == self.STATE_OPEN and self.current_frame is None and not self.inside_message
+        return (
+            self.state == self.STATE_OPEN and self.current_frame is None and not self.inside_message
+        )
 
     def insideMessage(self):
         """

@@ -25,7 +25,13 @@ import urllib.parse
 from tests.bench import cases as C
 from tests.bench import wire
 from tests.bench.peers import BenchError
-from tests.bench.relayproc import ROOT, ExternalRelay, RelayProcess, raiseFileLimit, writeCertificate
+from tests.bench.relayproc import (
+    ROOT,
+    ExternalRelay,
+    RelayProcess,
+    raiseFileLimit,
+    writeCertificate,
+)
 
 ALL = ("throughput", "latency", "handshakes", "idle", "stall", "crosspod")
 EXTRA = ("compare", "quic")  # not part of "all"
@@ -35,14 +41,34 @@ DEFAULT_COMPARE = os.path.join(os.path.dirname(ROOT), "shared", "bench", "compar
 FIGURES = {
     "throughput": ("msgs_per_s", "gbit_per_s", "relay_cpu", "msgs_per_relay_cpu_s", "loadgen_cpu"),
     "latency": ("p50_us", "p90_us", "p99_us", "p999_us", "msgs_per_s", "relay_cpu"),
-    "handshakes": ("handshakes_per_s", "handshake_p99_ms", "over_1s", "relay_cpu", "handshakes_per_relay_cpu_s", "loadgen_cpu"),
+    "handshakes": (
+        "handshakes_per_s",
+        "handshake_p99_ms",
+        "over_1s",
+        "relay_cpu",
+        "handshakes_per_relay_cpu_s",
+        "loadgen_cpu",
+    ),
     "idle": ("kib_per_peer",),
-    "stall": ("rate_ratio", "rss_growth_mib", "baseline_msgs_per_s", "stalled_msgs_per_s",
-              "flood_offered_msgs_per_s", "relay_cpu_stalled"),
+    "stall": (
+        "rate_ratio",
+        "rss_growth_mib",
+        "baseline_msgs_per_s",
+        "stalled_msgs_per_s",
+        "flood_offered_msgs_per_s",
+        "relay_cpu_stalled",
+    ),
     "crosspod": ("added_p50_us", "added_p99_us", "same_p50_us", "cross_p50_us"),
     # quic case: "<transport>-tput-..." and "<transport>-lat-..."
-    "tput": ("msgs_per_s", "delivered_ratio", "relay_cpu", "msgs_per_relay_cpu_s", "relay_us_per_msg", "client_cpu",
-             "relay_runq_wait"),
+    "tput": (
+        "msgs_per_s",
+        "delivered_ratio",
+        "relay_cpu",
+        "msgs_per_relay_cpu_s",
+        "relay_us_per_msg",
+        "client_cpu",
+        "relay_runq_wait",
+    ),
     "lat": ("p50_us", "p90_us", "p99_us", "msgs_per_s", "relay_cpu", "relay_us_per_msg", "lost"),
 }
 
@@ -52,64 +78,243 @@ def _ints(value):
 
 
 def parseArgs(argv):
-    ap = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("cases", nargs="*", help=f"any of {', '.join(ALL)}, or all (default); or compare "
-                    "(runs the Go side-by-side compare.py against a relay started here); or quic (QUIC beside TLS "
-                    "WebSocket, --quic-* options)")
-    ap.add_argument("--case", action="append", default=[], help="same as a positional case (repeatable, or comma-separated)")
-    ap.add_argument("--runs", type=int, default=3, help="runs per case; the summary shows medians (default 3)")
+    ap = argparse.ArgumentParser(
+        prog="python -m tests.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "cases",
+        nargs="*",
+        help=f"any of {', '.join(ALL)}, or all (default); or compare "
+        "(runs the Go side-by-side compare.py against a relay started here); or quic (QUIC "
+        "beside TLS WebSocket, --quic-* options)",
+    )
+    ap.add_argument(
+        "--case",
+        action="append",
+        default=[],
+        help="same as a positional case (repeatable, or comma-separated)",
+    )
+    ap.add_argument(
+        "--runs", type=int, default=3, help="runs per case; the summary shows medians (default 3)"
+    )
     ap.add_argument("--json", metavar="FILE", help="write every run and the medians to FILE")
-    ap.add_argument("--url", help="measure a running relay (ws://127.0.0.1:PORT/relay or rel://127.0.0.1:PORT) instead of starting one")
-    ap.add_argument("--secret", default=None, help="its --auth-secret (default: a random one for the relay started here)")
-    ap.add_argument("--pid", type=int, help="its pid (relay CPU and RSS figures; the idle case needs it)")
-    ap.add_argument("--relay-arg", action="append", default=[], metavar="ARG",
-                    help="extra argument for the relays started here (repeatable), e.g. --relay-arg=--log-level=warn")
-    ap.add_argument("--relay-root", metavar="DIR", help="run the relay from this checkout (e.g. a git worktree of another commit)")
-    ap.add_argument("--duration", type=float, default=5.0, help="seconds measured per throughput/latency run (default 5)")
-    ap.add_argument("--warmup", type=float, default=1.0, help="seconds of traffic before measuring (default 1)")
-    ap.add_argument("--size", type=int, default=1400, help="transport payload bytes after the 38-byte header (default 1400)")
-    ap.add_argument("--pairs", type=_ints, default=[10, 50], help="throughput: comma-separated pair counts (default 10,50)")
-    ap.add_argument("--window", type=int, default=64, help="throughput: messages in flight per pair (default 64)")
-    ap.add_argument("--batch", type=int, default=16, help="throughput: a sender writes when this much window is free (default 16)")
-    ap.add_argument("--procs", type=int, default=0, help="load processes for the pipelined cases (default: 1 up to 10 pairs, else 2)")
-    ap.add_argument("--latency-pairs", type=_ints, default=[1, 50], help="latency: comma-separated pair counts (default 1,50)")
-    ap.add_argument("--tls", choices=("no", "yes", "both"), default="no",
-                    help="throughput and latency: over TLS WebSocket (a relay started here with a throwaway certificate; "
-                         "cases named ...-tls), or both plain and TLS, each on a relay of its own, taking turns run by "
-                         "run, with the TLS / plain ratios of each run and their medians (...-tls-ratio) (default no)")
-    ap.add_argument("--connections", type=int, default=2000, help="handshakes: connections (default 2000)")
-    ap.add_argument("--concurrency", type=int, default=64, help="handshakes and idle: connections opened at once (default 64)")
-    ap.add_argument("--idle-peers", type=int, default=2000, help="idle: authenticated peers held (default 2000)")
-    ap.add_argument("--idle-settle", type=float, default=3.0, help="idle: seconds between the last handshake and reading RSS")
-    ap.add_argument("--settle", type=float, default=1.0, help="seconds of rest after closing many connections")
-    ap.add_argument("--stall-pairs", type=int, default=9, help="stall: measured pairs besides the stalled one (default 9)")
-    ap.add_argument("--stall-senders", type=int, default=10,
-                    help="stall: senders flooding the receiver that stops reading, at full speed (default 10)")
-    ap.add_argument("--stall-duration", type=float, default=30.0, help="stall: seconds of flooding (default 30)")
-    ap.add_argument("--stall-baseline", type=float, default=5.0, help="stall: seconds measured before the flood (default 5)")
-    ap.add_argument("--crosspod-timeout", type=float, default=30.0, help="crosspod: seconds to wait for the first message to cross")
+    ap.add_argument(
+        "--url",
+        help=(
+            "measure a running relay (ws://127.0.0.1:PORT/relay or rel://127.0.0.1:PORT) instead "
+            "of starting one"
+        ),
+    )
+    ap.add_argument(
+        "--secret",
+        default=None,
+        help="its --auth-secret (default: a random one for the relay started here)",
+    )
+    ap.add_argument(
+        "--pid", type=int, help="its pid (relay CPU and RSS figures; the idle case needs it)"
+    )
+    ap.add_argument(
+        "--relay-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help=(
+            "extra argument for the relays started here (repeatable), e.g. "
+            "--relay-arg=--log-level=warn"
+        ),
+    )
+    ap.add_argument(
+        "--relay-root",
+        metavar="DIR",
+        help="run the relay from this checkout (e.g. a git worktree of another commit)",
+    )
+    ap.add_argument(
+        "--duration",
+        type=float,
+        default=5.0,
+        help="seconds measured per throughput/latency run (default 5)",
+    )
+    ap.add_argument(
+        "--warmup", type=float, default=1.0, help="seconds of traffic before measuring (default 1)"
+    )
+    ap.add_argument(
+        "--size",
+        type=int,
+        default=1400,
+        help="transport payload bytes after the 38-byte header (default 1400)",
+    )
+    ap.add_argument(
+        "--pairs",
+        type=_ints,
+        default=[10, 50],
+        help="throughput: comma-separated pair counts (default 10,50)",
+    )
+    ap.add_argument(
+        "--window",
+        type=int,
+        default=64,
+        help="throughput: messages in flight per pair (default 64)",
+    )
+    ap.add_argument(
+        "--batch",
+        type=int,
+        default=16,
+        help="throughput: a sender writes when this much window is free (default 16)",
+    )
+    ap.add_argument(
+        "--procs",
+        type=int,
+        default=0,
+        help="load processes for the pipelined cases (default: 1 up to 10 pairs, else 2)",
+    )
+    ap.add_argument(
+        "--latency-pairs",
+        type=_ints,
+        default=[1, 50],
+        help="latency: comma-separated pair counts (default 1,50)",
+    )
+    ap.add_argument(
+        "--tls",
+        choices=("no", "yes", "both"),
+        default="no",
+        help="throughput and latency: over TLS WebSocket (a relay started here with a throwaway "
+        "certificate; cases named ...-tls), or both plain and TLS, each on a relay of its own, "
+        "taking turns run by run, with the TLS / plain ratios of each run and their medians "
+        "(...-tls-ratio) (default no)",
+    )
+    ap.add_argument(
+        "--connections", type=int, default=2000, help="handshakes: connections (default 2000)"
+    )
+    ap.add_argument(
+        "--concurrency",
+        type=int,
+        default=64,
+        help="handshakes and idle: connections opened at once (default 64)",
+    )
+    ap.add_argument(
+        "--idle-peers", type=int, default=2000, help="idle: authenticated peers held (default 2000)"
+    )
+    ap.add_argument(
+        "--idle-settle",
+        type=float,
+        default=3.0,
+        help="idle: seconds between the last handshake and reading RSS",
+    )
+    ap.add_argument(
+        "--settle", type=float, default=1.0, help="seconds of rest after closing many connections"
+    )
+    ap.add_argument(
+        "--stall-pairs",
+        type=int,
+        default=9,
+        help="stall: measured pairs besides the stalled one (default 9)",
+    )
+    ap.add_argument(
+        "--stall-senders",
+        type=int,
+        default=10,
+        help="stall: senders flooding the receiver that stops reading, at full speed (default 10)",
+    )
+    ap.add_argument(
+        "--stall-duration", type=float, default=30.0, help="stall: seconds of flooding (default 30)"
+    )
+    ap.add_argument(
+        "--stall-baseline",
+        type=float,
+        default=5.0,
+        help="stall: seconds measured before the flood (default 5)",
+    )
+    ap.add_argument(
+        "--crosspod-timeout",
+        type=float,
+        default=30.0,
+        help="crosspod: seconds to wait for the first message to cross",
+    )
     ap.add_argument("--cluster-secret", default="bench-cluster-secret")
-    ap.add_argument("--crosspod-relay-arg", action="append", default=[], metavar="ARG",
-                    help="extra argument for the two cluster relays only")
-    ap.add_argument("--compare-script", default=DEFAULT_COMPARE, help=f"compare: path of compare.py (default {DEFAULT_COMPARE})")
-    ap.add_argument("--compare-arg", action="append", default=[], metavar="ARG",
-                    help="compare: extra argument for compare.py (repeatable), e.g. --compare-arg=--reps=5")
-    ap.add_argument("--quic-pairs", type=_ints, default=[1, 10], help="quic: throughput pair counts (default 1,10)")
-    ap.add_argument("--quic-latency-pairs", type=_ints, default=[1], help="quic: latency pair counts (default 1)")
-    ap.add_argument("--quic-size", type=int, default=None,
-                    help="quic: payload bytes after the 38-byte header (default 1179 with the Go load, the most quic-go 0.29 "
-                         "takes in a datagram; 1300 with the python load)")
-    ap.add_argument("--quic-window", type=int, default=64, help="quic: messages in flight per pair (default 64)")
-    ap.add_argument("--quic-batch", type=int, default=16, help="quic: a sender writes when this much window is free (default 16)")
-    ap.add_argument("--quic-stall", type=float, default=0.5,
-                    help="quic: seconds without an acknowledgement before a sender writes its window off as lost (default 0.5)")
-    ap.add_argument("--quic-procs", type=int, default=1, help="quic: receiver processes, and as many sender processes (default 1)")
-    ap.add_argument("--quic-load", choices=("go", "python"), default="go",
-                    help="quic: the load generator: go (tests/goquic on quic-go and nhooyr websocket, built here; the "
-                         "relay sets the pace) or python (aioquic and Autobahn clients) (default go)")
-    ap.add_argument("--quic-transports", default="quic,wss",
-                    help="quic: transports measured side by side, quic and/or wss (TLS WebSocket, same relay) (default quic,wss)")
+    ap.add_argument(
+        "--crosspod-relay-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for the two cluster relays only",
+    )
+    ap.add_argument(
+        "--compare-script",
+        default=DEFAULT_COMPARE,
+        help=f"compare: path of compare.py (default {DEFAULT_COMPARE})",
+    )
+    ap.add_argument(
+        "--compare-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="compare: extra argument for compare.py (repeatable), e.g. --compare-arg=--reps=5",
+    )
+    ap.add_argument(
+        "--quic-pairs",
+        type=_ints,
+        default=[1, 10],
+        help="quic: throughput pair counts (default 1,10)",
+    )
+    ap.add_argument(
+        "--quic-latency-pairs",
+        type=_ints,
+        default=[1],
+        help="quic: latency pair counts (default 1)",
+    )
+    ap.add_argument(
+        "--quic-size",
+        type=int,
+        default=None,
+        help=(
+            "quic: payload bytes after the 38-byte header (default 1179 with the Go load, "
+            "the most quic-go 0.29 takes in a datagram; 1300 with the python load)"
+        ),
+    )
+    ap.add_argument(
+        "--quic-window", type=int, default=64, help="quic: messages in flight per pair (default 64)"
+    )
+    ap.add_argument(
+        "--quic-batch",
+        type=int,
+        default=16,
+        help="quic: a sender writes when this much window is free (default 16)",
+    )
+    ap.add_argument(
+        "--quic-stall",
+        type=float,
+        default=0.5,
+        help=(
+            "quic: seconds without an acknowledgement before a sender writes its window off as "
+            "lost (default 0.5)"
+        ),
+    )
+    ap.add_argument(
+        "--quic-procs",
+        type=int,
+        default=1,
+        help="quic: receiver processes, and as many sender processes (default 1)",
+    )
+    ap.add_argument(
+        "--quic-load",
+        choices=("go", "python"),
+        default="go",
+        help=(
+            "quic: the load generator: go (tests/goquic on quic-go and nhooyr websocket, "
+            "built here; the relay sets the pace) or python (aioquic and Autobahn clients) "
+            "(default go)"
+        ),
+    )
+    ap.add_argument(
+        "--quic-transports",
+        default="quic,wss",
+        help=(
+            "quic: transports measured side by side, quic and/or wss (TLS WebSocket, same relay) "
+            "(default quic,wss)"
+        ),
+    )
     ap.add_argument("--keep-logs", action="store_true", help="keep the relay logs (printed path)")
     o = ap.parse_args(argv)
     chosen = []
@@ -141,13 +346,21 @@ def parseArgs(argv):
     if o.runs < 1:
         ap.error("--runs must be at least 1")
     if any(n < 1 for n in o.quic_pairs + o.quic_latency_pairs):
-        ap.error("--quic-pairs and --quic-latency-pairs: counts of at least 1 (an empty list measures none)")
+        ap.error(
+            "--quic-pairs and --quic-latency-pairs: counts of at least 1 (an empty list measures "
+            "none)"
+        )
     if o.quic_size is None:
         o.quic_size = 1179 if o.quic_load == "go" else 1300
     if o.quic_load == "go" and not 16 <= o.quic_size <= 1179:
-        ap.error("--quic-size must be 16..1179 with the Go load (quic-go 0.29 takes DATAGRAM frames of at most 1220 bytes)")
+        ap.error(
+            "--quic-size must be 16..1179 with the Go load (quic-go 0.29 takes DATAGRAM frames "
+            "of at most 1220 bytes)"
+        )
     if not 8 <= o.quic_size <= 1400:
-        ap.error("--quic-size must be 8..1400 (one relay message per QUIC packet of at most 1452 bytes)")
+        ap.error(
+            "--quic-size must be 8..1400 (one relay message per QUIC packet of at most 1452 bytes)"
+        )
     if o.quic_window < 1 or not 1 <= o.quic_batch <= o.quic_window:
         ap.error("--quic-window must be at least 1 and --quic-batch 1..window")
     if any(t.strip() not in ("quic", "wss") for t in o.quic_transports.split(",") if t.strip()):
@@ -156,7 +369,11 @@ def parseArgs(argv):
 
 
 def _median(runs, key):
-    vals = [r.get(key) for r in runs if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+    vals = [
+        r.get(key)
+        for r in runs
+        if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)
+    ]
     return wire.median(vals)
 
 
@@ -183,17 +400,32 @@ def _ratios(plain, tls):
         ratio = {"run": t["run"], "ok": bool(p.get("ok") and t.get("ok"))}
         for k, v in t.items():
             base = p.get(k)
-            if k != "run" and isinstance(v, (int, float)) and not isinstance(v, bool) and isinstance(base, (int, float)) and base:
+            if (
+                k != "run"
+                and isinstance(v, (int, float))
+                and not isinstance(v, bool)
+                and isinstance(base, (int, float))
+                and base
+            ):
                 ratio[k] = round(v / base, 3)
         runs.append(ratio)
-    return {"params": {"of": "tls / plain, run by run"}, "runs": runs, "median": _medians(runs),
-            "ok": bool(runs) and all(r["ok"] for r in runs)}
+    return {
+        "params": {"of": "tls / plain, run by run"},
+        "runs": runs,
+        "median": _medians(runs),
+        "ok": bool(runs) and all(r["ok"] for r in runs),
+    }
 
 
 def _gitHead():
     try:
-        return subprocess.run(["git", "log", "-1", "--format=%h %cI %s"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", "log", "-1", "--format=%h %cI %s"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -218,10 +450,14 @@ class Bench:
         if o.url:
             return ExternalRelay(o.host, o.port, o.secret, o.pid)
         if not tls:
-            return RelayProcess(o.secret, extra=o.relay_arg, logDir=self.logDir, root=o.relay_root).start()
+            return RelayProcess(
+                o.secret, extra=o.relay_arg, logDir=self.logDir, root=o.relay_root
+            ).start()
         cert, key = writeCertificate(os.path.join(self.logDir, "tls-cert"))
         extra = list(o.relay_arg) + ["--tls-cert-file", cert, "--tls-key-file", key]
-        target = RelayProcess(o.secret, extra=extra, logDir=self.logDir, name="relay-tls", root=o.relay_root).start()
+        target = RelayProcess(
+            o.secret, extra=extra, logDir=self.logDir, name="relay-tls", root=o.relay_root
+        ).start()
         target.tls = True
         return target
 
@@ -230,12 +466,17 @@ class Bench:
         Stop a relay started here; note a crash or a bad exit.
         """
         if not target.running():
-            self.problems.append(f"relay (pid {target.pid}) died during the case:\n{target.logTail()}")
+            self.problems.append(
+                f"relay (pid {target.pid}) died during the case:\n{target.logTail()}"
+            )
             return
         if isinstance(target, RelayProcess):
             status = target.stop()
             if status not in (0, None):
-                self.problems.append(f"relay (pid {target.pid}) exited with status {status} on SIGTERM:\n{target.logTail()}")
+                self.problems.append(
+                    f"relay (pid {target.pid}) exited with status {status} on SIGTERM:\n"
+                    f"{target.logTail()}"
+                )
 
     def series(self, name, params, runOnce, freshRelay=False, tls=False):
         """
@@ -280,9 +521,17 @@ class Bench:
                         continue
                     r["run"] = run
                     entry["runs"].append(r)
-                    self.log("    " + json.dumps({k: v for k, v in r.items() if not isinstance(v, (list, dict))}))
+                    self.log(
+                        "    "
+                        + json.dumps(
+                            {k: v for k, v in r.items() if not isinstance(v, (list, dict))}
+                        )
+                    )
                     if not target.running():
-                        self.problems.append(f"{name}: relay (pid {target.pid}) died in run {run + 1}:\n{target.logTail()}")
+                        self.problems.append(
+                            f"{name}: relay (pid {target.pid}) died in run {run + 1}:\n"
+                            f"{target.logTail()}"
+                        )
                         targets[i] = None
                         continue
                     if freshRelay and not o.url:
@@ -306,7 +555,10 @@ class Bench:
         ratio of each figure recorded per run and its median (case
         C{name-tls-ratio}).
         """
-        variants = [(name + ("-tls" if tls else ""), dict(params, tls=tls), runOnce, tls) for tls in self.overTLS()]
+        variants = [
+            (name + ("-tls" if tls else ""), dict(params, tls=tls), runOnce, tls)
+            for tls in self.overTLS()
+        ]
         entries = self.interleaved(variants)
         if len(entries) == 2:
             self.results[name + "-tls-ratio"] = _ratios(*entries)
@@ -316,23 +568,44 @@ class Bench:
         for case in o.chosen:
             if case == "throughput":
                 for n in o.pairs:
-                    self.overTLSSeries(f"throughput-p{n}-{o.size}", {"pairs": n, "size": o.size, "window": o.window},
-                                       lambda t, run, n=n: C.throughputRun(t, o, n, run))
+                    self.overTLSSeries(
+                        f"throughput-p{n}-{o.size}",
+                        {"pairs": n, "size": o.size, "window": o.window},
+                        lambda t, run, n=n: C.throughputRun(t, o, n, run),
+                    )
             elif case == "latency":
                 for n in o.latency_pairs:
-                    self.overTLSSeries(f"latency-p{n}-{o.size}", {"pairs": n, "size": o.size},
-                                       lambda t, run, n=n: C.latencyRun(t, o, n, run))
+                    self.overTLSSeries(
+                        f"latency-p{n}-{o.size}",
+                        {"pairs": n, "size": o.size},
+                        lambda t, run, n=n: C.latencyRun(t, o, n, run),
+                    )
             elif case == "handshakes":
-                self.series(f"handshakes-{o.connections}", {"connections": o.connections, "concurrency": o.concurrency},
-                            lambda t, run: C.handshakeRun(t, o, run))
+                self.series(
+                    f"handshakes-{o.connections}",
+                    {"connections": o.connections, "concurrency": o.concurrency},
+                    lambda t, run: C.handshakeRun(t, o, run),
+                )
             elif case == "idle":
-                self.series(f"idle-{o.idle_peers}", {"peers": o.idle_peers},
-                            lambda t, run: C.idleRun(t, o, run), freshRelay=True)
+                self.series(
+                    f"idle-{o.idle_peers}",
+                    {"peers": o.idle_peers},
+                    lambda t, run: C.idleRun(t, o, run),
+                    freshRelay=True,
+                )
             elif case == "stall":
-                self.series(f"stall-{o.stall_senders}x{o.stall_pairs}p", {
-                    "pairs": o.stall_pairs, "stall_senders": o.stall_senders, "duration": o.stall_duration,
-                    "baseline": o.stall_baseline, "size": o.size, "window": o.window},
-                    lambda t, run: C.stallRun(t, o, run))
+                self.series(
+                    f"stall-{o.stall_senders}x{o.stall_pairs}p",
+                    {
+                        "pairs": o.stall_pairs,
+                        "stall_senders": o.stall_senders,
+                        "duration": o.stall_duration,
+                        "baseline": o.stall_baseline,
+                        "size": o.size,
+                        "window": o.window,
+                    },
+                    lambda t, run: C.stallRun(t, o, run),
+                )
             elif case == "crosspod":
                 self.crosspod()
             elif case == "compare":
@@ -360,24 +633,43 @@ class Bench:
             return
         target = self.relay()
         try:
-            cmd = [sys.executable, o.compare_script, "--url", f"ws://{target.host}:{target.port}/relay",
-                   "--secret", o.secret] + (["--pid", str(target.pid)] if target.pid else []) + o.compare_arg
+            cmd = (
+                [
+                    sys.executable,
+                    o.compare_script,
+                    "--url",
+                    f"ws://{target.host}:{target.port}/relay",
+                    "--secret",
+                    o.secret,
+                ]
+                + (["--pid", str(target.pid)] if target.pid else [])
+                + o.compare_arg
+            )
             self.log(f"[{time.strftime('%H:%M:%S')}] compare: {' '.join(cmd)}")
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            proc = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
             lines = []
             for line in proc.stdout:
                 lines.append(line.rstrip("\n"))
                 self.log("    " + line.rstrip("\n"))
             proc.wait()
             entry["exit_status"] = proc.returncode
-            entry["table"] = [l for l in lines if l and not l.startswith("{")]
-            for l in reversed(lines):
-                if l.startswith('{"summary"'):
-                    entry["summary"] = json.loads(l)["summary"]
+            entry["table"] = [text for text in lines if text and not text.startswith("{")]
+            for text in reversed(lines):
+                if text.startswith('{"summary"'):
+                    entry["summary"] = json.loads(text)["summary"]
                     break
-            entry["runs"] = [json.loads(l) for l in lines if l.startswith("{") and not l.startswith('{"summary"')]
-            entry["ok"] = proc.returncode == 0 and all(v.get("subject_ok", True) for v in entry.get("summary", {}).values()
-                                                       if isinstance(v, dict) and "subject_ok" in v)
+            entry["runs"] = [
+                json.loads(text)
+                for text in lines
+                if text.startswith("{") and not text.startswith('{"summary"')
+            ]
+            entry["ok"] = proc.returncode == 0 and all(
+                v.get("subject_ok", True)
+                for v in entry.get("summary", {}).values()
+                if isinstance(v, dict) and "subject_ok" in v
+            )
         finally:
             self.done(target)
 
@@ -393,23 +685,55 @@ class Bench:
         if o.quic_load == "go":
             for n in o.quic_pairs:
                 for tr in transports:
-                    plan.append((f"{tr}-tput-p{n}-{o.quic_size}", {"pairs": n, "size": o.quic_size, "window": o.quic_window, "load": "go"},
-                                 lambda t, run, tr=tr, n=n: C.quicGoRun(t, o, tr, n, o.quic_window, run, cert, binary[0])))
+                    plan.append(
+                        (
+                            f"{tr}-tput-p{n}-{o.quic_size}",
+                            {
+                                "pairs": n,
+                                "size": o.quic_size,
+                                "window": o.quic_window,
+                                "load": "go",
+                            },
+                            lambda t, run, tr=tr, n=n: C.quicGoRun(
+                                t, o, tr, n, o.quic_window, run, cert, binary[0]
+                            ),
+                        )
+                    )
             for n in o.quic_latency_pairs:
                 for tr in transports:
-                    plan.append((f"{tr}-lat-p{n}-{o.quic_size}", {"pairs": n, "size": o.quic_size, "load": "go"},
-                                 lambda t, run, tr=tr, n=n: C.quicGoRun(t, o, tr, n, 1, run, cert, binary[0])))
+                    plan.append(
+                        (
+                            f"{tr}-lat-p{n}-{o.quic_size}",
+                            {"pairs": n, "size": o.quic_size, "load": "go"},
+                            lambda t, run, tr=tr, n=n: C.quicGoRun(
+                                t, o, tr, n, 1, run, cert, binary[0]
+                            ),
+                        )
+                    )
         for n in o.quic_pairs if o.quic_load == "python" else ():
             for tr in transports:
-                plan.append((f"{tr}-tput-p{n}-{o.quic_size}", {"pairs": n, "size": o.quic_size, "window": o.quic_window},
-                             lambda t, run, tr=tr, n=n: C.quicThroughputRun(t, o, tr, n, run, cert)))
+                plan.append(
+                    (
+                        f"{tr}-tput-p{n}-{o.quic_size}",
+                        {"pairs": n, "size": o.quic_size, "window": o.quic_window},
+                        lambda t, run, tr=tr, n=n: C.quicThroughputRun(t, o, tr, n, run, cert),
+                    )
+                )
         for n in o.quic_latency_pairs if o.quic_load == "python" else ():
             for tr in transports:
-                plan.append((f"{tr}-lat-p{n}-{o.quic_size}", {"pairs": n, "size": o.quic_size},
-                             lambda t, run, tr=tr, n=n: C.quicLatencyRun(t, o, tr, n, run, cert)))
+                plan.append(
+                    (
+                        f"{tr}-lat-p{n}-{o.quic_size}",
+                        {"pairs": n, "size": o.quic_size},
+                        lambda t, run, tr=tr, n=n: C.quicLatencyRun(t, o, tr, n, run, cert),
+                    )
+                )
         entries = {}
         for name, params, _ in plan:
-            entries[name] = self.results[name] = {"params": dict(params, transports=transports), "runs": []}
+            entries[name] = self.results[name] = {
+                "params": dict(params, transports=transports),
+                "runs": [],
+            }
         if o.url:
             for e in entries.values():
                 e["skipped"] = "needs a relay started here with a certificate (not with --url)"
@@ -430,7 +754,13 @@ class Bench:
             for run in range(o.runs):
                 for name, _, runOnce in plan:
                     if target is None:
-                        target = RelayProcess(o.secret, extra=extra, logDir=self.logDir, name="relay-quic", root=o.relay_root).start()
+                        target = RelayProcess(
+                            o.secret,
+                            extra=extra,
+                            logDir=self.logDir,
+                            name="relay-quic",
+                            root=o.relay_root,
+                        ).start()
                     self.log(f"[{time.strftime('%H:%M:%S')}] {name} run {run + 1}/{o.runs} ...")
                     try:
                         r = runOnce(target, run)
@@ -440,9 +770,17 @@ class Bench:
                         r = {"ok": False, "error": "harness error: " + traceback.format_exc()}
                     r["run"] = run
                     entries[name]["runs"].append(r)
-                    self.log("    " + json.dumps({k: v for k, v in r.items() if not isinstance(v, (list, dict))}))
+                    self.log(
+                        "    "
+                        + json.dumps(
+                            {k: v for k, v in r.items() if not isinstance(v, (list, dict))}
+                        )
+                    )
                     if not target.running():
-                        self.problems.append(f"{name}: relay (pid {target.pid}) died in run {run + 1}:\n{target.logTail()}")
+                        self.problems.append(
+                            f"{name}: relay (pid {target.pid}) died in run {run + 1}:\n"
+                            f"{target.logTail()}"
+                        )
                         target = None
         finally:
             if target is not None:
@@ -481,7 +819,9 @@ class Bench:
                 runs.append(r)
                 self.log("    " + json.dumps(r))
                 if not all(p.running() for p in pods):
-                    self.problems.append(f"{name}: a cluster relay died:\n" + "\n".join(p.logTail() for p in pods))
+                    self.problems.append(
+                        f"{name}: a cluster relay died:\n" + "\n".join(p.logTail() for p in pods)
+                    )
                     break
         except C.Skip as e:
             entry["skipped"] = str(e)
@@ -507,8 +847,10 @@ class Bench:
                 if "skipped" in e:
                     lines.append(f"{name:<{w}}{'-':<5}{0:<6}skipped: {e['skipped']}")
                 else:
-                    lines.append(f"{name:<{w}}{('yes' if e.get('ok') else 'NO'):<5}{'':<6}compare.py table:")
-                    lines.extend("    " + l for l in e.get("table", []))
+                    lines.append(
+                        f"{name:<{w}}{('yes' if e.get('ok') else 'NO'):<5}{'':<6}compare.py table:"
+                    )
+                    lines.extend("    " + row for row in e.get("table", []))
                 continue
             if "skipped" in e and not e.get("runs"):
                 lines.append(f"{name:<{w}}{'-':<5}{0:<6}skipped: {e['skipped'][:200]}")
@@ -519,7 +861,9 @@ class Bench:
             extra = f"  errors: {errs[0][:160]}" if errs else ""
             if "skipped" in e:
                 extra += f"  skipped: {e['skipped'][:160]}"
-            lines.append(f"{name:<{w}}{('yes' if e.get('ok') else 'NO'):<5}{len(e['runs']):<6}{figs}{extra}")
+            lines.append(
+                f"{name:<{w}}{('yes' if e.get('ok') else 'NO'):<5}{len(e['runs']):<6}{figs}{extra}"
+            )
         return "\n".join(lines)
 
 
@@ -535,7 +879,7 @@ def main(argv=None):
     o = parseArgs(sys.argv[1:] if argv is None else argv)
     raiseFileLimit(max(8192, 2 * max(o.connections, o.idle_peers) + 1024))
     bench = Bench(o)
-    started = datetime.datetime.now(datetime.timezone.utc)
+    started = datetime.datetime.now(datetime.UTC)
     try:
         bench.run()
     except KeyboardInterrupt:
@@ -545,10 +889,16 @@ def main(argv=None):
     out = {
         "meta": {
             "started": started.isoformat(timespec="seconds"),
-            "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "git": _gitHead(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "relay": o.url or f"started here from {o.relay_root or ROOT}", "relay_args": o.relay_arg, "runs": o.runs,
-            "duration_s": o.duration, "warmup_s": o.warmup, "logs": bench.logDir,
+            "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "git": _gitHead(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "relay": o.url or f"started here from {o.relay_root or ROOT}",
+            "relay_args": o.relay_arg,
+            "runs": o.runs,
+            "duration_s": o.duration,
+            "warmup_s": o.warmup,
+            "logs": bench.logDir,
         },
         "cases": bench.results,
         "problems": bench.problems,

@@ -13,7 +13,15 @@ import time
 from tests.bench import wire
 from tests.bench.loads import EchoLoop, pairWorker, probeRoute
 from tests.bench.peers import BenchError, HandshakeRun, connectPeer
-from tests.bench.relayproc import ROOT, RelayProcess, cpuSeconds, listenOverflows, rssKiB, runQueueSeconds, udpCounters
+from tests.bench.relayproc import (
+    ROOT,
+    RelayProcess,
+    cpuSeconds,
+    listenOverflows,
+    rssKiB,
+    runQueueSeconds,
+    udpCounters,
+)
 from tests.loopback import commonPort, freePort
 
 
@@ -95,7 +103,7 @@ def _spawnWorkers(worker, specs, method, timeout, what="load process"):
 
 
 def _stopWorkers(workers, join=8):
-    for p, conn, _ in workers:
+    for _p, conn, _ in workers:
         try:
             conn.send(("stop", None))
         except OSError:
@@ -142,7 +150,7 @@ def _receiveReports(connections, timeout):
 
 def _collect(workers, timeout):
     results, errors = _receiveReports([conn for _, conn, _ in workers], timeout)
-    for p, conn, _ in workers:
+    for p, _conn, _ in workers:
         p.join(10)
         if p.is_alive():
             p.kill()
@@ -158,8 +166,17 @@ def _split(indices, procs):
 
 
 def _flowTotals(results):
-    tot = {"sent": 0, "received": 0, "lost": 0, "seq_gaps": 0, "gap_msgs": 0, "reordered": 0,
-           "id_errors": 0, "payload_errors": 0, "window_stalls": 0}
+    tot = {
+        "sent": 0,
+        "received": 0,
+        "lost": 0,
+        "seq_gaps": 0,
+        "gap_msgs": 0,
+        "reordered": 0,
+        "id_errors": 0,
+        "payload_errors": 0,
+        "window_stalls": 0,
+    }
     flood = dict(tot)
     for r in results:
         for f in r["flows"]:
@@ -191,15 +208,26 @@ def throughputRun(target, o, pairs, run):
     procs = o.procs if o.procs else (1 if pairs <= 10 else 2)
     specs = []
     for part in _split(list(range(pairs)), procs):
-        specs.append({"host": target.host, "port": target.port, "token": tok, "prefix": _prefix("tput", run),
-                      "pairs": part, "floods": 0, "size": o.size, "window": o.window, "batch": o.batch,
-                      "tls": getattr(target, "tls", False)})
+        specs.append(
+            {
+                "host": target.host,
+                "port": target.port,
+                "token": tok,
+                "prefix": _prefix("tput", run),
+                "pairs": part,
+                "floods": 0,
+                "size": o.size,
+                "window": o.window,
+                "batch": o.batch,
+                "tls": getattr(target, "tls", False),
+            }
+        )
     workers = _spawnPairWorkers(specs)
     start = time.monotonic() + 0.2
     m0 = start + o.warmup
     m1 = m0 + o.duration
     sched = {"start": start, "marks": [m0, m1], "stopAt": m1, "drain": 10.0}
-    for p, conn, _ in workers:
+    for _p, conn, _ in workers:
         conn.send(("go", sched))
     _sleepUntil(m0)
     c0, t0 = _relayCpu(target), time.monotonic()
@@ -209,11 +237,17 @@ def throughputRun(target, o, pairs, run):
     tot, _ = _flowTotals(results)
     rate = _rate(results, 0, 1)
     res = {
-        "pairs": pairs, "size": o.size, "window": o.window, "procs": len(specs),
+        "pairs": pairs,
+        "size": o.size,
+        "window": o.window,
+        "procs": len(specs),
         "msgs_per_s": round(rate, 1),
         "gbit_per_s": round(rate * o.size * 8 / 1e9, 4),
         "relay_cpu": round((c1 - c0) / (t1 - t0), 3) if c0 is not None else None,
-        "loadgen_cpu": round(sum((r["snapshots"][1]["cpu"] - r["snapshots"][0]["cpu"]) for r in results) / (t1 - t0), 3),
+        "loadgen_cpu": round(
+            sum((r["snapshots"][1]["cpu"] - r["snapshots"][0]["cpu"]) for r in results) / (t1 - t0),
+            3,
+        ),
         "unexpected_msgs": sum(r["unexpected_msgs"] for r in results),
         "closed_conns": sum(r["n_closed"] for r in results),
     }
@@ -224,8 +258,15 @@ def throughputRun(target, o, pairs, run):
     closedWhy = sorted({w for r in results for w in r["closed_conns"]})
     if closedWhy:
         res["closed_why"] = closedWhy
-    res["ok"] = (tot["lost"] == 0 and tot["gap_msgs"] == 0 and tot["reordered"] == 0 and tot["id_errors"] == 0
-                 and tot["payload_errors"] == 0 and res["closed_conns"] == 0 and res["unexpected_msgs"] == 0)
+    res["ok"] = (
+        tot["lost"] == 0
+        and tot["gap_msgs"] == 0
+        and tot["reordered"] == 0
+        and tot["id_errors"] == 0
+        and tot["payload_errors"] == 0
+        and res["closed_conns"] == 0
+        and res["unexpected_msgs"] == 0
+    )
     return res
 
 
@@ -242,9 +283,19 @@ def stallRun(target, o, run):
     parts = _split(list(range(o.stall_pairs)), procs)
     specs = []
     for k, part in enumerate(parts):
-        specs.append({"host": target.host, "port": target.port, "token": tok, "prefix": _prefix("stall", run),
-                      "pairs": part, "floods": o.stall_senders if k == 0 else 0, "size": o.size,
-                      "window": o.window, "batch": o.batch})
+        specs.append(
+            {
+                "host": target.host,
+                "port": target.port,
+                "token": tok,
+                "prefix": _prefix("stall", run),
+                "pairs": part,
+                "floods": o.stall_senders if k == 0 else 0,
+                "size": o.size,
+                "window": o.window,
+                "batch": o.batch,
+            }
+        )
     workers = _spawnPairWorkers(specs)
     start = time.monotonic() + 0.2
     b0 = start + o.warmup
@@ -252,7 +303,7 @@ def stallRun(target, o, run):
     s0 = b1 + 1.0  # the relay's buffers for the stalled peer fill up
     s1 = s0 + o.stall_duration
     sched = {"start": start, "marks": [b0, b1, s0, s1], "floodAt": b1, "stopAt": s1, "drain": 15.0}
-    for p, conn, _ in workers:
+    for _p, conn, _ in workers:
         conn.send(("go", sched))
     _sleepUntil(b0)
     cb0 = _relayCpu(target)
@@ -277,28 +328,43 @@ def stallRun(target, o, run):
     base = _rate(results, 0, 1)
     during = _rate(results, 2, 3)
     res = {
-        "pairs": o.stall_pairs, "stall_senders": o.stall_senders, "size": o.size, "window": o.window,
+        "pairs": o.stall_pairs,
+        "stall_senders": o.stall_senders,
+        "size": o.size,
+        "window": o.window,
         "baseline_msgs_per_s": round(base, 1),
         "stalled_msgs_per_s": round(during, 1),
         "rate_ratio": round(during / base, 3) if base else None,
         "flood_offered_msgs_per_s": round(_rate(results, 2, 3, "flood_sent"), 1),
-        "rss_before_kib": rssBefore, "rss_peak_kib": peak, "rss_end_kib": rssEnd,
+        "rss_before_kib": rssBefore,
+        "rss_peak_kib": peak,
+        "rss_end_kib": rssEnd,
         "rss_growth_mib": round((peak - rssBefore) / 1024, 1) if rssBefore else None,
         "relay_cpu_baseline": round((cb1 - cb0) / o.stall_baseline, 3) if cb0 is not None else None,
         "relay_cpu_stalled": round((cs1 - cs0) / o.stall_duration, 3) if cs0 is not None else None,
-        "flood_sent": flood["sent"], "stalled_delivered": flood["received"],
+        "flood_sent": flood["sent"],
+        "stalled_delivered": flood["received"],
         "stalled_dropped": flood["sent"] - flood["received"],
         "stalled_payload_errors": flood["payload_errors"] + flood["id_errors"],
         "stalled_reordered": flood["reordered"],
-        "stalled_closed": next((r.get("stalled_closed") for r in results if "stalled_closed" in r), None),
+        "stalled_closed": next(
+            (r.get("stalled_closed") for r in results if "stalled_closed" in r), None
+        ),
         "unexpected_msgs": sum(r["unexpected_msgs"] for r in results),
     }
     res.update({k: v for k, v in tot.items()})
     closed = sum(r["n_closed"] for r in results) - (1 if res["stalled_closed"] else 0)
     res["closed_conns"] = closed
-    res["ok"] = (tot["lost"] == 0 and tot["gap_msgs"] == 0 and tot["reordered"] == 0 and tot["id_errors"] == 0
-                 and tot["payload_errors"] == 0 and closed == 0 and res["stalled_payload_errors"] == 0
-                 and res["stalled_reordered"] == 0)
+    res["ok"] = (
+        tot["lost"] == 0
+        and tot["gap_msgs"] == 0
+        and tot["reordered"] == 0
+        and tot["id_errors"] == 0
+        and tot["payload_errors"] == 0
+        and closed == 0
+        and res["stalled_payload_errors"] == 0
+        and res["stalled_reordered"] == 0
+    )
     return res
 
 
@@ -336,11 +402,15 @@ def _latencyFigures(s, duration):
     rt = len(s) / duration
     figures = {
         "samples": len(s),
-        "p50_us": us(wire.percentile(s, 0.5)), "p90_us": us(wire.percentile(s, 0.9)),
-        "p99_us": us(wire.percentile(s, 0.99)), "p999_us": us(wire.percentile(s, 0.999)),
-        "min_us": us(s[0] if s else None), "max_us": us(s[-1] if s else None),
+        "p50_us": us(wire.percentile(s, 0.5)),
+        "p90_us": us(wire.percentile(s, 0.9)),
+        "p99_us": us(wire.percentile(s, 0.99)),
+        "p999_us": us(wire.percentile(s, 0.999)),
+        "min_us": us(s[0] if s else None),
+        "max_us": us(s[-1] if s else None),
         "mean_us": us(sum(s) / len(s)) if s else None,
-        "round_trips_per_s": round(rt, 1), "msgs_per_s": round(2 * rt, 1),
+        "round_trips_per_s": round(rt, 1),
+        "msgs_per_s": round(2 * rt, 1),
     }
     return figures, rt
 
@@ -352,8 +422,14 @@ def latencyRun(target, o, pairs, run, targetB=None, probe=False):
     """
     tok = wire.token(target.secret)
     targetB = targetB or target
-    conns = _connectPairs((target.host, target.port), (targetB.host, targetB.port), tok, _prefix("lat", run), pairs,
-                          tls=getattr(target, "tls", False))
+    conns = _connectPairs(
+        (target.host, target.port),
+        (targetB.host, targetB.port),
+        tok,
+        _prefix("lat", run),
+        pairs,
+        tls=getattr(target, "tls", False),
+    )
     routeS = None
     if probe:
         try:
@@ -361,8 +437,11 @@ def latencyRun(target, o, pairs, run, targetB=None, probe=False):
                 t1 = probeRoute(a, b, timeout=o.crosspod_timeout)
                 t2 = probeRoute(b, a, timeout=o.crosspod_timeout) if t1 is not None else None
                 if t1 is None or t2 is None:
-                    raise Skip(f"no transport message crossed between the pods within {o.crosspod_timeout:g} s "
-                               "(both relays accepted the cluster options; the fabric does not forward yet?)")
+                    raise Skip(
+                        "no transport message crossed between the pods within "
+                        f"{o.crosspod_timeout:g} s (both relays accepted the cluster options; "
+                        "the fabric does not forward yet?)"
+                    )
                 routeS = max(routeS or 0, t1, t2)
         except BaseException:
             for a, b in conns:
@@ -380,7 +459,9 @@ def latencyRun(target, o, pairs, run, targetB=None, probe=False):
     s = r.pop("samples_ns")
     figures, _ = _latencyFigures(s, o.duration)
     res = {
-        "pairs": pairs, "size": o.size, **figures,
+        "pairs": pairs,
+        "size": o.size,
+        **figures,
         "relay_cpu": round((c1 - c0) / (w1 - w0), 3) if c0 is not None else None,
         "loadgen_cpu": round(r.pop("loadgen_cpu_s") / (w1 - w0), 3),
         "lost": r["sent"] - r["echoed"],
@@ -388,8 +469,15 @@ def latencyRun(target, o, pairs, run, targetB=None, probe=False):
     if routeS is not None:
         res["route_setup_s"] = round(routeS, 3)
     res.update(r)
-    res["ok"] = (res["lost"] == 0 and r["id_errors"] == 0 and r["payload_errors"] == 0 and r["closed_conns"] == 0
-                 and r["late"] == 0 and r["unexpected_msgs"] == 0 and bool(s))
+    res["ok"] = (
+        res["lost"] == 0
+        and r["id_errors"] == 0
+        and r["payload_errors"] == 0
+        and r["closed_conns"] == 0
+        and r["late"] == 0
+        and r["unexpected_msgs"] == 0
+        and bool(s)
+    )
     return res
 
 
@@ -412,11 +500,16 @@ def handshakeRun(target, o, run):
     lat = sorted(hs.latencies)
     ms = lambda v: None if v is None else round(v * 1000, 2)  # noqa: E731
     res = {
-        "connections": o.connections, "concurrency": o.concurrency, "ok_conns": ok,
-        "failed": o.connections - ok, "elapsed_s": round(hs.elapsed, 3),
+        "connections": o.connections,
+        "concurrency": o.concurrency,
+        "ok_conns": ok,
+        "failed": o.connections - ok,
+        "elapsed_s": round(hs.elapsed, 3),
         "handshakes_per_s": round(ok / hs.elapsed, 1),
-        "handshake_p50_ms": ms(wire.percentile(lat, 0.5)), "handshake_p90_ms": ms(wire.percentile(lat, 0.9)),
-        "handshake_p99_ms": ms(wire.percentile(lat, 0.99)), "handshake_max_ms": ms(lat[-1] if lat else None),
+        "handshake_p50_ms": ms(wire.percentile(lat, 0.5)),
+        "handshake_p90_ms": ms(wire.percentile(lat, 0.9)),
+        "handshake_p99_ms": ms(wire.percentile(lat, 0.99)),
+        "handshake_max_ms": ms(lat[-1] if lat else None),
         # a SYN the listen queue dropped is retried after 1 s: these are those
         "over_1s": sum(1 for v in lat if v >= 0.95),
         # system-wide, so other programs' drops count too; normally 0
@@ -424,7 +517,9 @@ def handshakeRun(target, o, run):
         "relay_cpu": round((c1 - c0) / (w1 - w0), 3) if c0 is not None else None,
         "loadgen_cpu": round((cpu1 - cpu0) / (w1 - w0), 3),
     }
-    res["handshakes_per_relay_cpu_s"] = round(ok / (c1 - c0), 1) if c0 is not None and c1 > c0 else None
+    res["handshakes_per_relay_cpu_s"] = (
+        round(ok / (c1 - c0), 1) if c0 is not None and c1 > c0 else None
+    )
     if hs.errors:
         res["errors"] = hs.errors
     hs.closeAll()
@@ -448,7 +543,10 @@ def idleRun(target, o, run):
     # the peers are still connected and authenticated: check one answers
     hs.closeAll()
     res = {
-        "peers": o.idle_peers, "ok_conns": ok, "rss_before_kib": before, "rss_after_kib": after,
+        "peers": o.idle_peers,
+        "ok_conns": ok,
+        "rss_before_kib": before,
+        "rss_after_kib": after,
         "kib_per_peer": round((after - before) / ok, 2) if ok else None,
         "ok": ok == o.idle_peers,
     }
@@ -476,17 +574,34 @@ def clusterRelays(o, logDir):
     clusterPort = commonPort(hosts)
     relays = []
     for h, p in zip(hosts, ports):
-        extra = ["--cluster-headless", ",".join(hosts), "--pod-ip", h, "--cluster-port", str(clusterPort),
-                 "--cluster-listen-address", f"{h}:{clusterPort}",
-                 "--cluster-auth-secret", o.cluster_secret] + list(o.crosspod_relay_arg or []) + list(o.relay_arg or [])
-        r = RelayProcess(o.secret, host=h, port=p, extra=extra, logDir=logDir, name=f"pod-{h}", root=o.relay_root)
+        extra = (
+            [
+                "--cluster-headless",
+                ",".join(hosts),
+                "--pod-ip",
+                h,
+                "--cluster-port",
+                str(clusterPort),
+                "--cluster-listen-address",
+                f"{h}:{clusterPort}",
+                "--cluster-auth-secret",
+                o.cluster_secret,
+            ]
+            + list(o.crosspod_relay_arg or [])
+            + list(o.relay_arg or [])
+        )
+        r = RelayProcess(
+            o.secret, host=h, port=p, extra=extra, logDir=logDir, name=f"pod-{h}", root=o.relay_root
+        )
         try:
             r.start()
         except RuntimeError as e:
             for x in relays:
                 x.stop()
-            raise Skip(f"the relay rejects the cluster options or cannot start in cluster mode: {_reason(str(e))} "
-                       f"(log: {r.logPath})") from None
+            raise Skip(
+                "the relay rejects the cluster options or cannot start in cluster mode: "
+                f"{_reason(str(e))} (log: {r.logPath})"
+            ) from None
         relays.append(r)
     return relays
 
@@ -498,7 +613,10 @@ def _reason(output):
     lines = [line.strip() for line in output.splitlines() if line.strip()]
     for line in reversed(lines):
         low = line.lower()
-        if any(w in low for w in ("not recognized", "error", "must", "required", "cannot", "invalid", "unknown")):
+        if any(
+            w in low
+            for w in ("not recognized", "error", "must", "required", "cannot", "invalid", "unknown")
+        ):
             return line
     return lines[-1] if lines else "no output"
 
@@ -510,12 +628,19 @@ def crosspodRun(pods, o, run):
     same = latencyRun(pods[0], o, 1, run)
     cross = latencyRun(pods[0], o, 1, run, targetB=pods[1], probe=True)
     res = {
-        "same_p50_us": same["p50_us"], "same_p99_us": same["p99_us"],
-        "cross_p50_us": cross["p50_us"], "cross_p99_us": cross["p99_us"],
-        "added_p50_us": round(cross["p50_us"] - same["p50_us"], 1) if cross["p50_us"] is not None else None,
-        "added_p99_us": round(cross["p99_us"] - same["p99_us"], 1) if cross["p99_us"] is not None else None,
+        "same_p50_us": same["p50_us"],
+        "same_p99_us": same["p99_us"],
+        "cross_p50_us": cross["p50_us"],
+        "cross_p99_us": cross["p99_us"],
+        "added_p50_us": round(cross["p50_us"] - same["p50_us"], 1)
+        if cross["p50_us"] is not None
+        else None,
+        "added_p99_us": round(cross["p99_us"] - same["p99_us"], 1)
+        if cross["p99_us"] is not None
+        else None,
         "cross_route_setup_s": cross.get("route_setup_s"),
-        "cross_lost": cross["lost"], "same_lost": same["lost"],
+        "cross_lost": cross["lost"],
+        "same_lost": same["lost"],
         "ok": same["ok"] and cross["ok"],
     }
     return res
@@ -564,9 +689,18 @@ def quicThroughputRun(target, o, transport, pairs, run, cafile):
     """
     procs = max(1, o.quic_procs)
     parts = _split(list(range(pairs)), procs)
-    common = {"host": target.host, "port": target.port, "secret": target.secret, "cafile": cafile,
-              "transport": transport, "prefix": _prefix(f"{transport}t", run), "size": o.quic_size,
-              "window": o.quic_window, "batch": o.quic_batch, "stall": o.quic_stall}
+    common = {
+        "host": target.host,
+        "port": target.port,
+        "secret": target.secret,
+        "cafile": cafile,
+        "transport": transport,
+        "prefix": _prefix(f"{transport}t", run),
+        "size": o.quic_size,
+        "window": o.quic_window,
+        "batch": o.quic_batch,
+        "stall": o.quic_stall,
+    }
     recv = _spawnRoles([dict(common, role="recv", pairs=part) for part in parts])
     workers = list(recv)
     try:
@@ -598,8 +732,16 @@ def quicThroughputRun(target, o, transport, pairs, run, cafile):
     sentBy = {}
     for r in sres:
         sentBy.update(r["flows"])
-    tot = {"sent": 0, "received": 0, "seq_gaps": 0, "gap_msgs": 0, "reordered": 0, "id_errors": 0,
-           "payload_errors": 0, "window_stalls": 0}
+    tot = {
+        "sent": 0,
+        "received": 0,
+        "seq_gaps": 0,
+        "gap_msgs": 0,
+        "reordered": 0,
+        "id_errors": 0,
+        "payload_errors": 0,
+        "window_stalls": 0,
+    }
     for i, s in sentBy.items():
         g = got.get(i, {})
         tot["sent"] += s["sent"]
@@ -611,7 +753,11 @@ def quicThroughputRun(target, o, transport, pairs, run, cafile):
     rate = delivered / dt
     relayCpu = round((c1 - c0) / dt, 3) if c0 is not None else None
     res = {
-        "transport": transport, "pairs": pairs, "size": o.quic_size, "window": o.quic_window, "procs": 2 * len(parts),
+        "transport": transport,
+        "pairs": pairs,
+        "size": o.quic_size,
+        "window": o.quic_window,
+        "procs": 2 * len(parts),
         "msgs_per_s": round(rate, 1),
         "offered_msgs_per_s": round(offered / dt, 1),
         "gbit_per_s": round(rate * o.quic_size * 8 / 1e9, 4),
@@ -640,8 +786,13 @@ def quicThroughputRun(target, o, transport, pairs, run, cafile):
     closedWhy = sorted({w for r in rres + sres for w in r["closed_conns"]})
     if closedWhy:
         res["closed_why"] = closedWhy
-    intact = (tot["id_errors"] == 0 and tot["payload_errors"] == 0 and res["closed_conns"] == 0
-              and res["unexpected_msgs"] == 0 and tot["received"] > 0)
+    intact = (
+        tot["id_errors"] == 0
+        and tot["payload_errors"] == 0
+        and res["closed_conns"] == 0
+        and res["unexpected_msgs"] == 0
+        and tot["received"] > 0
+    )
     if transport == "quic":
         res["ok"] = intact
     else:
@@ -654,9 +805,17 @@ def quicLatencyRun(target, o, transport, pairs, run, cafile):
     C{pairs} ping-pong pairs over C{transport}, both ends in one load
     process (one message in flight per pair).
     """
-    spec = {"host": target.host, "port": target.port, "secret": target.secret, "cafile": cafile,
-            "transport": transport, "prefix": _prefix(f"{transport}l", run), "size": o.quic_size,
-            "role": "echo", "pairs": list(range(pairs))}
+    spec = {
+        "host": target.host,
+        "port": target.port,
+        "secret": target.secret,
+        "cafile": cafile,
+        "transport": transport,
+        "prefix": _prefix(f"{transport}l", run),
+        "size": o.quic_size,
+        "role": "echo",
+        "pairs": list(range(pairs)),
+    }
     workers = _spawnRoles([spec])
     try:
         start = time.monotonic() + 0.2
@@ -675,7 +834,10 @@ def quicLatencyRun(target, o, transport, pairs, run, cafile):
     figures, rt = _latencyFigures(s, o.duration)
     relayCpu = round((c1 - c0) / (t1 - t0), 3) if c0 is not None else None
     res = {
-        "transport": transport, "pairs": pairs, "size": o.quic_size, **figures,
+        "transport": transport,
+        "pairs": pairs,
+        "size": o.quic_size,
+        **figures,
         "relay_cpu": relayCpu,
         "relay_us_per_msg": round(1e6 * relayCpu / (2 * rt), 1) if relayCpu and rt else None,
         "client_cpu": round(_roleCpu([r], 0, 1) / (t1 - t0), 3),
@@ -685,8 +847,13 @@ def quicLatencyRun(target, o, transport, pairs, run, cafile):
     }
     r.pop("snapshots")
     res.update(r)
-    res["ok"] = (r["id_errors"] == 0 and r["payload_errors"] == 0 and r["closed_conns"] == 0 and bool(s)
-                 and (transport == "quic" or (res["lost"] == 0 and r["late"] == 0)))
+    res["ok"] = (
+        r["id_errors"] == 0
+        and r["payload_errors"] == 0
+        and r["closed_conns"] == 0
+        and bool(s)
+        and (transport == "quic" or (res["lost"] == 0 and r["late"] == 0))
+    )
     return res
 
 
@@ -709,15 +876,32 @@ def buildGoLoad(root=ROOT):
     """
     go = shutil.which("go")
     if go is None:
-        raise Skip("the Go load needs go and quic-go (apt-get install golang-go golang-github-lucas-clemente-quic-go-dev "
-                   "golang-nhooyr-websocket-dev), or --quic-load python")
+        raise Skip(
+            "the Go load needs go and quic-go (apt-get install golang-go "
+            "golang-github-lucas-clemente-quic-go-dev golang-nhooyr-websocket-dev), or "
+            "--quic-load python"
+        )
     binary = os.path.join(root, "build", "goquic", "goquic")
-    env = dict(os.environ, GO111MODULE="off", GOPROXY="off", GOFLAGS="", GOPATH=GOPATH,
-               GOCACHE=os.environ.get("GOCACHE") or os.path.join(root, "build", "go-cache"))
-    built = subprocess.run([go, "build", "-o", binary, "."], cwd=os.path.join(root, "tests", "goquic"), env=env,
-                           capture_output=True, text=True, timeout=600)
+    env = dict(
+        os.environ,
+        GO111MODULE="off",
+        GOPROXY="off",
+        GOFLAGS="",
+        GOPATH=GOPATH,
+        GOCACHE=os.environ.get("GOCACHE") or os.path.join(root, "build", "go-cache"),
+    )
+    built = subprocess.run(
+        [go, "build", "-o", binary, "."],
+        cwd=os.path.join(root, "tests", "goquic"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if built.returncode != 0:
-        raise Skip(f"go build of tests/goquic failed: {(built.stdout + built.stderr).strip()[-2000:]}")
+        raise Skip(
+            f"go build of tests/goquic failed: {(built.stdout + built.stderr).strip()[-2000:]}"
+        )
     return binary
 
 
@@ -730,7 +914,10 @@ def _readJSONLine(proc, want, deadline):
             raise BenchError(f"Go load: no {want!r} line in time")
         line = proc.stdout.readline()
         if not line:
-            raise BenchError(f"Go load ended before {want!r} (status {proc.wait()}): {proc.stderr.read()[-2000:]}")
+            raise BenchError(
+                f"Go load ended before {want!r} (status {proc.wait()}): "
+                f"{proc.stderr.read()[-2000:]}"
+            )
         try:
             obj = json.loads(line)
         except ValueError:
@@ -745,10 +932,33 @@ def quicGoRun(target, o, transport, pairs, window, run, cafile, binary):
     C{window} messages in flight per pair (1: ping-pong, for round trips).
     The relay's CPU time is read when the load marks the measured interval.
     """
-    cmd = [binary, "-scenario", "load", "-addr", f"{target.host}:{target.port}", "-ca", cafile,
-           "-secret", target.secret, "-transport", transport, "-pairs", str(pairs), "-window", str(window),
-           "-size", str(o.quic_size), "-warmup", f"{o.warmup}s", "-duration", f"{o.duration}s",
-           "-stall", f"{o.quic_stall}s", "-tag", _prefix(f"go{transport}{window}", run)]
+    cmd = [
+        binary,
+        "-scenario",
+        "load",
+        "-addr",
+        f"{target.host}:{target.port}",
+        "-ca",
+        cafile,
+        "-secret",
+        target.secret,
+        "-transport",
+        transport,
+        "-pairs",
+        str(pairs),
+        "-window",
+        str(window),
+        "-size",
+        str(o.quic_size),
+        "-warmup",
+        f"{o.warmup}s",
+        "-duration",
+        f"{o.duration}s",
+        "-stall",
+        f"{o.quic_stall}s",
+        "-tag",
+        _prefix(f"go{transport}{window}", run),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60 + o.warmup + o.duration
@@ -773,7 +983,11 @@ def quicGoRun(target, o, transport, pairs, window, run, cafile, binary):
     rate = summary["msgs_per_s"]
     relayCpu = round((c1 - c0) / dt, 3) if c0 is not None else None
     res = {
-        "transport": transport, "pairs": pairs, "window": window, "size": o.quic_size, "load": "go",
+        "transport": transport,
+        "pairs": pairs,
+        "window": window,
+        "size": o.quic_size,
+        "load": "go",
         "msgs_per_s": round(rate, 1),
         "offered_msgs_per_s": round(summary["offered_msgs_per_s"], 1),
         "gbit_per_s": round(rate * o.quic_size * 8 / 1e9, 4),
@@ -782,11 +996,22 @@ def quicGoRun(target, o, transport, pairs, window, run, cafile, binary):
         "msgs_per_relay_cpu_s": round(rate / relayCpu, 1) if relayCpu else None,
         "client_cpu": round((l1 - l0) / dt, 3),
         "relay_runq_wait": _waitFraction(q0, q1, dt),
-        "p50_us": round(summary["rtt_p50_us"], 1), "p90_us": round(summary["rtt_p90_us"], 1),
-        "p99_us": round(summary["rtt_p99_us"], 1), "max_us": round(summary["rtt_max_us"], 1),
-        "sent": summary["sent"], "echoed": summary["echoed"], "lost": summary["lost"], "late": summary["late"],
-        "delivered_ratio": round(summary["echoed"] / summary["sent"], 5) if summary["sent"] else None,
+        "p50_us": round(summary["rtt_p50_us"], 1),
+        "p90_us": round(summary["rtt_p90_us"], 1),
+        "p99_us": round(summary["rtt_p99_us"], 1),
+        "max_us": round(summary["rtt_max_us"], 1),
+        "sent": summary["sent"],
+        "echoed": summary["echoed"],
+        "lost": summary["lost"],
+        "late": summary["late"],
+        "delivered_ratio": round(summary["echoed"] / summary["sent"], 5)
+        if summary["sent"]
+        else None,
         "failures": summary["failures"],
     }
-    res["ok"] = not summary["failures"] and summary["echoed"] > 0 and (transport == "quic" or res["lost"] == 0)
+    res["ok"] = (
+        not summary["failures"]
+        and summary["echoed"] > 0
+        and (transport == "quic" or res["lost"] == 0)
+    )
     return res

@@ -13,7 +13,6 @@ what went wrong.
 
 import os
 import select
-import socket
 import time
 
 from tests.bench import wire
@@ -31,8 +30,21 @@ class _Conn:
     that must not cut a half-written frame).
     """
 
-    __slots__ = ("peer", "sock", "fd", "out", "wantOut", "reader", "flows", "single",
-                 "unexpected", "closed", "stalled", "sendFlow", "lastData")
+    __slots__ = (
+        "peer",
+        "sock",
+        "fd",
+        "out",
+        "wantOut",
+        "reader",
+        "flows",
+        "single",
+        "unexpected",
+        "closed",
+        "stalled",
+        "sendFlow",
+        "lastData",
+    )
 
     def __init__(self, peer):
         self.peer = peer
@@ -57,9 +69,28 @@ class Flow:
     One direction of one pair: sender -> receiver, sequence numbers from 0.
     """
 
-    __slots__ = ("index", "mode", "size", "tmpl", "expect", "built", "got", "nseq", "gaps", "gapEvents",
-                 "reordered", "idErrors", "dataErrors", "sender", "receiver", "window", "stallSince",
-                 "stalls", "measured", "queued")
+    __slots__ = (
+        "index",
+        "mode",
+        "size",
+        "tmpl",
+        "expect",
+        "built",
+        "got",
+        "nseq",
+        "gaps",
+        "gapEvents",
+        "reordered",
+        "idErrors",
+        "dataErrors",
+        "sender",
+        "receiver",
+        "window",
+        "stallSince",
+        "stalls",
+        "measured",
+        "queued",
+    )
 
     def __init__(self, index, mode, sender, receiver, size, window):
         self.index = index
@@ -86,9 +117,16 @@ class Flow:
 
     def summary(self):
         return {
-            "index": self.index, "mode": self.mode, "sent": self.built, "received": self.got,
-            "lost": self.built - self.got, "seq_gaps": self.gapEvents, "gap_msgs": self.gaps,
-            "reordered": self.reordered, "id_errors": self.idErrors, "payload_errors": self.dataErrors,
+            "index": self.index,
+            "mode": self.mode,
+            "sent": self.built,
+            "received": self.got,
+            "lost": self.built - self.got,
+            "seq_gaps": self.gapEvents,
+            "gap_msgs": self.gaps,
+            "reordered": self.reordered,
+            "id_errors": self.idErrors,
+            "payload_errors": self.dataErrors,
             "window_stalls": self.stalls,
         }
 
@@ -270,8 +308,13 @@ class PairLoop:
             else:
                 flood += f.built
                 floodGot += f.got
-        return {"t": now, "msgs": msgs, "flood_sent": flood, "flood_got": floodGot,
-                "cpu": sum(os.times()[:2])}
+        return {
+            "t": now,
+            "msgs": msgs,
+            "flood_sent": flood,
+            "flood_got": floodGot,
+            "cpu": sum(os.times()[:2]),
+        }
 
     def _drained(self, now):
         for f in self.flows:
@@ -410,7 +453,10 @@ class PairLoop:
                         c.unexpected += 1
                         continue
                     f.idErrors += 1
-                if len(p) != wire.TRANSPORT_HDR + f.size or p[wire.TRANSPORT_HDR + wire.SEQ_LEN :] != f.expect.payloadTail:
+                if (
+                    len(p) != wire.TRANSPORT_HDR + f.size
+                    or p[wire.TRANSPORT_HDR + wire.SEQ_LEN :] != f.expect.payloadTail
+                ):
                     f.dataErrors += 1
                     if len(p) < wire.TRANSPORT_HDR + wire.SEQ_LEN:
                         continue
@@ -460,8 +506,13 @@ def pairWorker(conn, spec):
     while time.monotonic() < sched["start"]:
         time.sleep(min(0.01, max(0, sched["start"] - time.monotonic())))
     try:
-        res = loop.run(sched["marks"], floodAt=sched.get("floodAt"), stopAt=sched["stopAt"],
-                       drain=sched.get("drain", 10.0), batch=spec.get("batch", 16))
+        res = loop.run(
+            sched["marks"],
+            floodAt=sched.get("floodAt"),
+            stopAt=sched["stopAt"],
+            drain=sched.get("drain", 10.0),
+            batch=spec.get("batch", 16),
+        )
     except Exception as e:
         import traceback
 
@@ -477,8 +528,24 @@ def pairWorker(conn, spec):
 
 
 class EchoPair:
-    __slots__ = ("index", "a", "b", "ab", "ba", "expB", "expA", "seq", "tSent", "samples", "sent",
-                 "echoed", "timeouts", "late", "idErrors", "dataErrors")
+    __slots__ = (
+        "index",
+        "a",
+        "b",
+        "ab",
+        "ba",
+        "expB",
+        "expA",
+        "seq",
+        "tSent",
+        "samples",
+        "sent",
+        "echoed",
+        "timeouts",
+        "late",
+        "idErrors",
+        "dataErrors",
+    )
 
     def __init__(self, index, a, b, size):
         self.index = index
@@ -550,7 +617,7 @@ class EchoLoop:
         active = len(self.pairs)
         lastCheck = perf()
         while active:
-            for fd, ev in ep.poll(0.05):
+            for fd, _ev in ep.poll(0.05):
                 t = perf()
                 p, isA = self.byFd[fd]
                 c = p.a if isA else p.b
@@ -571,7 +638,11 @@ class EchoLoop:
                 reader = c.reader
                 buf = reader.buf + data if reader.buf else data
                 exp = p.expA if isA else p.expB
-                if len(buf) == exp.frameLen and reader._fragments is None and buf == exp.frames(p.seq, p.seq + 1):
+                if (
+                    len(buf) == exp.frameLen
+                    and reader._fragments is None
+                    and buf == exp.frames(p.seq, p.seq + 1)
+                ):
                     reader.buf = b""
                     seqs = (p.seq,)
                 else:
@@ -638,7 +709,11 @@ class EchoLoop:
         src = p.b.peer.id if isA else p.a.peer.id
         tail = (p.expA if isA else p.expB).payloadTail
         for op, m in messages:
-            if op == wire.OP_BINARY and m[:2] == b"\x01\x03" and len(m) >= wire.TRANSPORT_HDR + wire.SEQ_LEN:
+            if (
+                op == wire.OP_BINARY
+                and m[:2] == b"\x01\x03"
+                and len(m) >= wire.TRANSPORT_HDR + wire.SEQ_LEN
+            ):
                 if m[2:38] != src:
                     p.idErrors += 1
                 if len(m) != wire.TRANSPORT_HDR + self.size or m[46:] != tail:
@@ -676,7 +751,7 @@ def probeRoute(a, b, timeout=30.0, interval=0.25):
             while time.monotonic() < end:
                 try:
                     chunk = b.sock.recv(65536)
-                except socket.timeout:
+                except TimeoutError:
                     break
                 if not chunk:
                     raise BenchError("the receiver was disconnected while probing the route")
@@ -703,6 +778,6 @@ def _drainFor(sock, seconds):
         try:
             if not sock.recv(65536):
                 break
-        except socket.timeout:
+        except TimeoutError:
             break
     sock.settimeout(None)

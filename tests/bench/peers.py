@@ -134,7 +134,7 @@ def _recvUntil(sock, marker, limit, deadline):
         sock.settimeout(remaining)
         try:
             chunk = sock.recv(65536)
-        except socket.timeout:
+        except TimeoutError:
             raise BenchError("timed out waiting for the relay") from None
         if not chunk:
             raise BenchError("the relay closed the connection during the handshake")
@@ -172,9 +172,14 @@ def connectPeer(host, port, name, tok, timeout=10.0, tls=False):
         messages = reader.feed(rest)
         while True:
             for i, (op, payload) in enumerate(messages):
-                if op == wire.OP_BINARY and payload[:2] == bytes([wire.PROTO_VERSION, wire.T_AUTH_RESPONSE]):
+                if op == wire.OP_BINARY and payload[:2] == bytes(
+                    [wire.PROTO_VERSION, wire.T_AUTH_RESPONSE]
+                ):
                     if i + 1 < len(messages):
-                        raise BenchError("the relay sent a message right after the AuthResponse that the set-up consumed")
+                        raise BenchError(
+                            "the relay sent a message right after the AuthResponse that the "
+                            "set-up consumed"
+                        )
                     sock.settimeout(None)
                     return Peer(name, sock, key, reader.buf)
                 raise BenchError(f"expected AuthResponse, got opcode {op} {payload[:2].hex()}")
@@ -184,7 +189,7 @@ def connectPeer(host, port, name, tok, timeout=10.0, tls=False):
             sock.settimeout(remaining)
             try:
                 chunk = sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 raise BenchError("no AuthResponse in time") from None
             if not chunk:
                 raise BenchError("the relay closed the connection instead of answering Auth")
@@ -278,7 +283,7 @@ class HandshakeRun:
             if not live:
                 continue
             events = ep.poll(0.1)
-            for fd, ev in events:
+            for fd, _ev in events:
                 st = live.get(fd)
                 if st is None:
                     continue
@@ -308,7 +313,11 @@ class HandshakeRun:
                     done += 1
                     continue
                 if not chunk:
-                    finish(fd, False, "closed by the relay" if state == 2 else "closed during the upgrade")
+                    finish(
+                        fd,
+                        False,
+                        "closed by the relay" if state == 2 else "closed during the upgrade",
+                    )
                     done += 1
                     continue
                 buf += chunk

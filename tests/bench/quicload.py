@@ -56,14 +56,23 @@ def _connect(reactor, spec, name):
     if spec["transport"] == "quic":
         from relay.quicclient import connectQuic
 
-        return connectQuic(reactor, host, port, pid, secret=spec["secret"], cafile=spec["cafile"], timeout=timeout)
+        return connectQuic(
+            reactor, host, port, pid, secret=spec["secret"], cafile=spec["cafile"], timeout=timeout
+        )
     from twisted.internet import ssl
 
     from relay import client
 
     with open(spec["cafile"], "rb") as f:
         root = ssl.Certificate.loadPEM(f.read())
-    return client.connect(reactor, f"rels://{host}:{port}", pid, secret=spec["secret"], timeout=timeout, trustRoot=root)
+    return client.connect(
+        reactor,
+        f"rels://{host}:{port}",
+        pid,
+        secret=spec["secret"],
+        timeout=timeout,
+        trustRoot=root,
+    )
 
 
 def _isQuic(peer):
@@ -113,8 +122,26 @@ class _Pipe:
 
 
 class _Flow:
-    __slots__ = ("index", "src", "dst", "tail", "head", "peer", "sent", "acked", "progressAt", "stalls", "got",
-                 "nseq", "gaps", "gapEvents", "reordered", "idErrors", "dataErrors", "ackPort")
+    __slots__ = (
+        "index",
+        "src",
+        "dst",
+        "tail",
+        "head",
+        "peer",
+        "sent",
+        "acked",
+        "progressAt",
+        "stalls",
+        "got",
+        "nseq",
+        "gaps",
+        "gapEvents",
+        "reordered",
+        "idErrors",
+        "dataErrors",
+        "ackPort",
+    )
 
     def __init__(self, index, src, dst, size):
         self.index = index
@@ -163,7 +190,11 @@ class _Role:
             self.report("ready", info)
 
         def failed(f):
-            self.report("error", f"set-up ({self.spec['role']}, {self.spec['transport']}): {f.getErrorMessage() or f.type.__name__}")
+            self.report(
+                "error",
+                f"set-up ({self.spec['role']}, {self.spec['transport']}): "
+                f"{f.getErrorMessage() or f.type.__name__}",
+            )
             self.stop()
 
         d.addCallbacks(ok, failed)
@@ -206,7 +237,10 @@ class Receivers(_Role):
     def __init__(self, reactor, conn, spec):
         super().__init__(reactor, conn, spec)
         prefix = spec["prefix"]
-        self.flows = [_Flow(i, wire.peerId(f"{prefix}s{i}"), wire.peerId(f"{prefix}r{i}"), spec["size"]) for i in spec["pairs"]]
+        self.flows = [
+            _Flow(i, wire.peerId(f"{prefix}s{i}"), wire.peerId(f"{prefix}r{i}"), spec["size"])
+            for i in spec["pairs"]
+        ]
         self.dirty = []
         self.ackCall = None
         self.ackPort = None
@@ -274,27 +308,47 @@ class Receivers(_Role):
         self.at(self.stopAt, self.checkDrained)
 
     def snapInfo(self):
-        return {"t": time.monotonic(), "msgs": sum(f.got for f in self.flows), "cpu": _cpu(), "runq": _runq()}
+        return {
+            "t": time.monotonic(),
+            "msgs": sum(f.got for f in self.flows),
+            "cpu": _cpu(),
+            "runq": _runq(),
+        }
 
     def checkDrained(self):
         now = time.monotonic()
         if now < self.drainUntil and now - self.lastData < self.spec.get("quiet", 0.5):
             self.reactor.callLater(0.1, self.checkDrained)
             return
-        self.report("done", {
-            "snapshots": self.snaps,
-            "flows": {f.index: {"received": f.got, "seq_gaps": f.gapEvents, "gap_msgs": f.gaps, "reordered": f.reordered,
-                                "id_errors": f.idErrors, "payload_errors": f.dataErrors} for f in self.flows},
-            "closed_conns": sorted({c for c in (_closed(p) for p in self.peers) if c}),
-            "n_closed": sum(1 for p in self.peers if _closed(p)),
-        })
+        self.report(
+            "done",
+            {
+                "snapshots": self.snaps,
+                "flows": {
+                    f.index: {
+                        "received": f.got,
+                        "seq_gaps": f.gapEvents,
+                        "gap_msgs": f.gaps,
+                        "reordered": f.reordered,
+                        "id_errors": f.idErrors,
+                        "payload_errors": f.dataErrors,
+                    }
+                    for f in self.flows
+                },
+                "closed_conns": sorted({c for c in (_closed(p) for p in self.peers) if c}),
+                "n_closed": sum(1 for p in self.peers if _closed(p)),
+            },
+        )
 
 
 class Senders(_Role):
     def __init__(self, reactor, conn, spec):
         super().__init__(reactor, conn, spec)
         prefix = spec["prefix"]
-        self.flows = {i: _Flow(i, wire.peerId(f"{prefix}s{i}"), wire.peerId(f"{prefix}r{i}"), spec["size"]) for i in spec["pairs"]}
+        self.flows = {
+            i: _Flow(i, wire.peerId(f"{prefix}s{i}"), wire.peerId(f"{prefix}r{i}"), spec["size"])
+            for i in spec["pairs"]
+        }
         self.window = spec["window"]
         self.batch = spec["batch"]
         self.stallAfter = spec.get("stall", 0.5)
@@ -375,19 +429,30 @@ class Senders(_Role):
         self.checkStalls()
 
     def snapInfo(self):
-        return {"t": time.monotonic(), "sent": sum(f.sent for f in self.flows.values()), "cpu": _cpu(), "runq": _runq()}
+        return {
+            "t": time.monotonic(),
+            "sent": sum(f.sent for f in self.flows.values()),
+            "cpu": _cpu(),
+            "runq": _runq(),
+        }
 
     def finish(self):
         self.sending = False
         while len(self.snaps) < self.nmarks:  # a mark due at stopAt
             self.snapshot()
-        self.report("done", {
-            "snapshots": self.snaps,
-            "flows": {f.index: {"sent": f.sent, "window_stalls": f.stalls} for f in self.flows.values()},
-            "unexpected_msgs": self.unexpected,
-            "closed_conns": sorted({c for c in (_closed(p) for p in self.peers) if c}),
-            "n_closed": sum(1 for p in self.peers if _closed(p)),
-        })
+        self.report(
+            "done",
+            {
+                "snapshots": self.snaps,
+                "flows": {
+                    f.index: {"sent": f.sent, "window_stalls": f.stalls}
+                    for f in self.flows.values()
+                },
+                "unexpected_msgs": self.unexpected,
+                "closed_conns": sorted({c for c in (_closed(p) for p in self.peers) if c}),
+                "n_closed": sum(1 for p in self.peers if _closed(p)),
+            },
+        )
 
 
 class Echo(_Role):
@@ -409,9 +474,24 @@ class Echo(_Role):
             self.peers.append(b)
             a = await _connect(self.reactor, self.spec, f"a{i}")
             self.peers.append(a)
-            p = {"i": i, "a": a, "b": b, "aid": wire.peerId(f"{prefix}a{i}"), "bid": wire.peerId(f"{prefix}b{i}"),
-                 "tail": wire.payloadTail(i, size), "seq": -1, "tSent": 0, "samples": [], "sent": 0, "echoed": 0,
-                 "timeouts": 0, "late": 0, "idErrors": 0, "dataErrors": 0, "done": False}
+            p = {
+                "i": i,
+                "a": a,
+                "b": b,
+                "aid": wire.peerId(f"{prefix}a{i}"),
+                "bid": wire.peerId(f"{prefix}b{i}"),
+                "tail": wire.payloadTail(i, size),
+                "seq": -1,
+                "tSent": 0,
+                "samples": [],
+                "sent": 0,
+                "echoed": 0,
+                "timeouts": 0,
+                "late": 0,
+                "idErrors": 0,
+                "dataErrors": 0,
+                "done": False,
+            }
             p["toB"] = bytes([wire.PROTO_VERSION, wire.T_TRANSPORT]) + p["bid"]
             p["toA"] = bytes([wire.PROTO_VERSION, wire.T_TRANSPORT]) + p["aid"]
             a.onTransport = lambda msg, p=p: self.atA(p, msg)
@@ -485,17 +565,20 @@ class Echo(_Role):
         if all(p["done"] for p in self.pairs) or time.monotonic() > self.endAt:
             self.finished = True
             samples = sorted(s for p in self.pairs for s in p["samples"])
-            self.report("done", {
-                "snapshots": self.snaps,
-                "samples_ns": samples,
-                "sent": sum(p["sent"] for p in self.pairs),
-                "echoed": sum(p["echoed"] for p in self.pairs),
-                "timeouts": sum(p["timeouts"] for p in self.pairs),
-                "late": sum(p["late"] for p in self.pairs),
-                "id_errors": sum(p["idErrors"] for p in self.pairs),
-                "payload_errors": sum(p["dataErrors"] for p in self.pairs),
-                "closed_conns": sum(1 for x in self.peers if _closed(x)),
-            })
+            self.report(
+                "done",
+                {
+                    "snapshots": self.snaps,
+                    "samples_ns": samples,
+                    "sent": sum(p["sent"] for p in self.pairs),
+                    "echoed": sum(p["echoed"] for p in self.pairs),
+                    "timeouts": sum(p["timeouts"] for p in self.pairs),
+                    "late": sum(p["late"] for p in self.pairs),
+                    "id_errors": sum(p["idErrors"] for p in self.pairs),
+                    "payload_errors": sum(p["dataErrors"] for p in self.pairs),
+                    "closed_conns": sum(1 for x in self.peers if _closed(x)),
+                },
+            )
             return True
         return False
 

@@ -136,7 +136,9 @@ class RelayProcess:
     C{twistd -n --pidfile= relay ...} started from the repository root.
     """
 
-    def __init__(self, secret, host="127.0.0.1", port=None, extra=(), logDir=None, name="relay", root=None):
+    def __init__(
+        self, secret, host="127.0.0.1", port=None, extra=(), logDir=None, name="relay", root=None
+    ):
         self.root = root or ROOT
         self.host = host
         self.port = port or freePort(host)
@@ -154,10 +156,20 @@ class RelayProcess:
     def argv(self):
         address = f"{self.host}:{self.port}"
         return [
-            sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-            "-n", "--pidfile=", "relay",
-            "--listen-address", address, "--exposed-address", address,
-            "--auth-secret", self.secret, "--metrics-port", "0",
+            sys.executable,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "-n",
+            "--pidfile=",
+            "relay",
+            "--listen-address",
+            address,
+            "--exposed-address",
+            address,
+            "--auth-secret",
+            self.secret,
+            "--metrics-port",
+            "0",
         ] + self.extra
 
     def start(self, timeout=20.0):
@@ -171,21 +183,34 @@ class RelayProcess:
         if self.root != ROOT:
             # another checkout (e.g. a git worktree of an older commit): its
             # relay package and twistd plugin come first
-            env["PYTHONPATH"] = os.pathsep.join([self.root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+            env["PYTHONPATH"] = os.pathsep.join(
+                [self.root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+            )
         self._log = open(self.logPath, "ab")
-        self.proc = subprocess.Popen(self.argv, cwd=self.root, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            self.argv,
+            cwd=self.root,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"relay exited with status {self.proc.returncode} at start-up:\n{self.logTail()}")
+                raise RuntimeError(
+                    f"relay exited with status {self.proc.returncode} at start-up:\n"
+                    f"{self.logTail()}"
+                )
             try:
                 with socket.create_connection((self.host, self.port), timeout=1):
                     return self
             except OSError:
                 if time.monotonic() > deadline:
                     self.kill()
-                    raise RuntimeError(f"relay did not listen within {timeout} s:\n{self.logTail()}")
+                    raise RuntimeError(
+                        f"relay did not listen within {timeout} s:\n{self.logTail()}"
+                    ) from None
                 time.sleep(0.05)
 
     def logTail(self, n=2000):
@@ -236,7 +261,9 @@ def startRelays(secret, extra, logDir, name, cluster=False, clusterSecret=None, 
     @raise RuntimeError: a relay did not start.
     """
     if not cluster:
-        relay = RelayProcess(secret, host="127.0.0.1", extra=extra, logDir=logDir, name=f"{name}-relay")
+        relay = RelayProcess(
+            secret, host="127.0.0.1", extra=extra, logDir=logDir, name=f"{name}-relay"
+        )
         relay.start(timeout=timeout)
         return [relay], None
     clusterPort = commonPort(PODS)
@@ -245,11 +272,27 @@ def startRelays(secret, extra, logDir, name, cluster=False, clusterSecret=None, 
     try:
         for host in PODS:
             podExtra = list(extra) + [
-                "--cluster-headless", ",".join(PODS), "--pod-ip", host,
-                "--cluster-port", str(clusterPort), "--cluster-listen-address", f"{host}:{clusterPort}",
-                "--cluster-auth-secret", clusterSecret, "--cluster-discovery-interval", "1",
+                "--cluster-headless",
+                ",".join(PODS),
+                "--pod-ip",
+                host,
+                "--cluster-port",
+                str(clusterPort),
+                "--cluster-listen-address",
+                f"{host}:{clusterPort}",
+                "--cluster-auth-secret",
+                clusterSecret,
+                "--cluster-discovery-interval",
+                "1",
             ]
-            relay = RelayProcess(secret, host=host, port=peerPort, extra=podExtra, logDir=logDir, name=f"{name}-pod-{host}")
+            relay = RelayProcess(
+                secret,
+                host=host,
+                port=peerPort,
+                extra=podExtra,
+                logDir=logDir,
+                name=f"{name}-pod-{host}",
+            )
             relay.start(timeout=timeout)
             relays.append(relay)
     except Exception:
@@ -305,7 +348,7 @@ def writeCertificate(directory, name="localhost", days=2, expired=False, prefix=
 
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     if expired:
         start, end = now - datetime.timedelta(days=10), now - datetime.timedelta(days=1)
     else:
@@ -318,7 +361,12 @@ def writeCertificate(directory, name="localhost", days=2, expired=False, prefix=
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
         .not_valid_after(end)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName(name), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
@@ -330,7 +378,13 @@ def writeCertificate(directory, name="localhost", days=2, expired=False, prefix=
     fd = os.open(keyPath, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(fd, 0o600)  # an existing file keeps its mode otherwise
     with os.fdopen(fd, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
     return certPath, keyPath
 
 

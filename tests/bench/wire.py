@@ -271,7 +271,9 @@ class SendTemplate:
 
     def frames(self, a, b):
         m = self.seqMask
-        return self.head + self.sep.join([(s ^ m).to_bytes(8, "big") for s in range(a, b)]) + self.tail
+        return (
+            self.head + self.sep.join([(s ^ m).to_bytes(8, "big") for s in range(a, b)]) + self.tail
+        )
 
 
 class ExpectTemplate:
