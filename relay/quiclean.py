@@ -101,6 +101,9 @@ class LeanPath:
         self._ackDelay = internals.ackDelay(quic)
         self._onAckDelivery = internals.ackDeliveryHandler(quic)
         self._onPingDelivery = internals.pingDeliveryHandler(quic)
+        # quic._idle_timeout(), and the RTT estimate it was computed from.
+        self._idleTimeout = None
+        self._idleRtt = None
         self.received = 0
         self.messages = 0
         self.handedOver = 0
@@ -178,7 +181,7 @@ class LeanPath:
                 if not loss.peer_completed_address_validation:
                     loss.peer_completed_address_validation = True
                 loss.on_ack_received(ack_rangeset=rangeset, ack_delay=(delay << exponent) / 1000000, now=now, space=space)
-        quic._close_at = now + quic._idle_timeout()
+        quic._close_at = now + self._currentIdleTimeout()
         quic._ack_eliciting_sent_since_receipt = False
         if not space.discarded:
             if pn > space.largest_received_packet:
@@ -196,11 +199,29 @@ class LeanPath:
             else:
                 ackQueue.add(pn)
             space.received_packets.add(pn)
-            if len(ackQueue) > internals.MAX_ACK_RANGES:
+            if len(ranges) > internals.MAX_ACK_RANGES:
                 ackQueue.shift()
             if eliciting and space.ack_at is None:
                 space.ack_at = now + self._ackDelay
         return datagrams
+
+    def _currentIdleTimeout(self):
+        """
+        aioquic's C{_idle_timeout()}, computed again only when the RTT
+        estimate has changed (0.4 us of every packet otherwise): it is the
+        smaller of the two ends' idle timeouts (both fixed once the
+        handshake is done, before the lean path starts) or three probe
+        timeouts, which change only with the RTT estimate (C{_rtt_smoothed}
+        and C{_rtt_variance}, set together by loss recovery for each RTT
+        sample; kept here, the old objects cannot be mistaken for new ones).
+        """
+        loss = self._loss
+        rtt = (loss._rtt_smoothed, loss._rtt_variance)
+        cached = self._idleRtt
+        if cached is None or rtt[0] is not cached[0] or rtt[1] is not cached[1]:
+            self._idleRtt = rtt
+            self._idleTimeout = self._quic._idle_timeout()
+        return self._idleTimeout
 
     def _handOver(self):
         self.handedOver += 1
@@ -414,7 +435,7 @@ class LeanPath:
         for sent in packets:
             loss.on_packet_sent(packet=sent, space=space)
             if sent.is_ack_eliciting and not quic._ack_eliciting_sent_since_receipt:
-                quic._close_at = now + quic._idle_timeout()
+                quic._close_at = now + self._currentIdleTimeout()
                 quic._ack_eliciting_sent_since_receipt = True
         self.built += len(out)
         path = quic._network_paths[0]

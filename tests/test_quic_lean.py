@@ -117,6 +117,34 @@ class LeanPathTests(_ClockedQuicBase):
         self.assertAllAcknowledged(linkB, b)
         self.assertEqual(self.relay.counters.dropped, {})
 
+    def test_idleTimeoutFollowsRTT(self):
+        """
+        The idle timeout a lean packet restarts the idle timer with is
+        aioquic's C{_idle_timeout()} whenever the RTT estimate changes, also
+        when three probe timeouts exceed the configured idle timeout (a slow
+        path), and back; and the timer is restarted with it.
+        """
+        a = self.connected(A)
+        b = self.connected(B)
+        linkA, _ = self.links()
+        lean, loss = linkA._lean, linkA.quic._loss
+        self.exchange(a, b, 5)
+        for smoothed, variance in ((0.05, 0.01), (15.0, 0.01), (15.0, 2.0), (0.05, 0.01)):
+            # New float objects, as loss recovery makes them.
+            loss._rtt_smoothed, loss._rtt_variance = float(str(smoothed)), float(str(variance))
+            self.assertEqual(lean._currentIdleTimeout(), linkA.quic._idle_timeout())
+            if smoothed > 1:
+                self.assertGreater(lean._currentIdleTimeout(), quic.IDLE_TIMEOUT)
+        loss._rtt_smoothed = float("20.0")
+        a.send(B, b"one more")
+        a.flush()
+        received = linkA._lean.received
+        receivedAt = self.clock.seconds()
+        self.network.pump(0.002, step=0.002)
+        self.assertEqual(linkA._lean.received, received + 1)
+        self.assertEqual(linkA.quic._close_at, receivedAt + linkA.quic._idle_timeout())
+        self.assertGreater(linkA.quic._idle_timeout(), quic.IDLE_TIMEOUT)
+
     def test_sameAsAioquic(self):
         """
         One scenario, with the lean path and without: the relay sends

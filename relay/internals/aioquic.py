@@ -141,6 +141,8 @@ RECOVERY = {
     "on_packet_sent": "loss recovery and congestion control of sent packets",
     "congestion_window": "the builder's room in flight",
     "bytes_in_flight": "the builder's room in flight",
+    "_rtt_smoothed": "read (never written) by the lean path: the idle timeout is computed again only when it or _rtt_variance changes",
+    "_rtt_variance": "as _rtt_smoothed",
 }
 
 # Attributes of CryptoPair and CryptoContext.
