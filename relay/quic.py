@@ -113,6 +113,7 @@ from relay.logtext import quoted
 from relay.peer import CLOSE_REASON_SHOWN
 from relay.server import ConfigurationError
 from relay.internals import aioquic as internals
+from relay.internals.twisted import listenUDPIntoBuffer
 from relay.quiclean import LeanPath
 from relay.session import PeerSession
 
@@ -622,7 +623,9 @@ class QuicPeerLink(_QuicDriver):
             if payloads is not None:
                 self._needFlush()
                 return
-        super().receive(data, addr)
+        # aioquic keeps parts of what it is given (a memoryview of the
+        # listener's read buffer would change under it).
+        super().receive(bytes(data), addr)
 
     def _handshakeEnded(self):
         if self._handshaking:
@@ -902,6 +905,12 @@ class QuicPeerProtocol(DatagramProtocol):
         self._sender = _SocketSender(sock) if isinstance(sock, socket.socket) else None
 
     def datagramReceived(self, data, addr):
+        """
+        @param data: the datagram, as C{bytes} or (from the listener's
+            L{listenUDPIntoBuffer} port) a C{memoryview} valid only during
+            this call: a short-header packet goes to its connection's lean
+            receive as it is, everything else is copied first.
+        """
         try:
             self._dispatch(data, addr)
         except Exception:
@@ -913,7 +922,7 @@ class QuicPeerProtocol(DatagramProtocol):
             self.counters["malformed"] += 1
             return
         if not data[0] & 0x80:
-            link = self.links.get(data[1 : 1 + CONNECTION_ID_LENGTH])
+            link = self.links.get(bytes(data[1 : 1 + CONNECTION_ID_LENGTH]))
             if link is None:
                 # No stateless reset: aioquic draws its reset tokens at
                 # random per connection, so a forgotten connection cannot
@@ -922,6 +931,7 @@ class QuicPeerProtocol(DatagramProtocol):
             else:
                 link.receive(data, addr)
             return
+        data = bytes(data)
         try:
             header = pull_quic_header(Buffer(data=data), host_cid_length=CONNECTION_ID_LENGTH)
         except ValueError:
@@ -1114,7 +1124,7 @@ class QuicService(service.Service):
         """
         @raise twisted.internet.error.CannotListenError: the UDP port is taken.
         """
-        self.port = self.reactor.listenUDP(self.portNumber, self.protocol, interface=self.host, maxPacketSize=MAX_READ_SIZE)
+        self.port = listenUDPIntoBuffer(self.reactor, self.portNumber, self.protocol, interface=self.host, maxPacketSize=MAX_READ_SIZE)
         address = self.port.getHost()
         self._log.info("QUIC listening on udp {address}", address=joinAddress(address.host, address.port))
 

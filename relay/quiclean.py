@@ -101,6 +101,9 @@ class LeanPath:
         self._ackDelay = internals.ackDelay(quic)
         self._onAckDelivery = internals.ackDeliveryHandler(quic)
         self._onPingDelivery = internals.pingDeliveryHandler(quic)
+        # quic._idle_timeout(), and the RTT estimate it was computed from.
+        self._idleTimeout = None
+        self._idleRtt = None
         self.received = 0
         self.messages = 0
         self.handedOver = 0
@@ -141,9 +144,14 @@ class LeanPath:
         if first & _RESERVED_BITS or ((first & _KEY_PHASE_BIT) >> 2) != recv.key_phase:
             return self._handOver()
         pnLength = (first & 0x03) + 1
-        truncated = 0
-        for i in range(pnLength):
-            truncated = (truncated << 8) | (data[pnOffset + i] ^ mask[1 + i])
+        if pnLength == _PACKET_NUMBER_SIZE:
+            # What quic-go and aioquic send nearly always (0.3 us less than
+            # the loop).
+            truncated = ((data[pnOffset] ^ mask[1]) << 8) | (data[pnOffset + 1] ^ mask[2])
+        else:
+            truncated = 0
+            for i in range(pnLength):
+                truncated = (truncated << 8) | (data[pnOffset + i] ^ mask[1 + i])
         plainHeader = bytes((first,)) + hostCID + truncated.to_bytes(pnLength, "big")
         pn = decode_packet_number(truncated, pnLength * 8, space.expected_packet_number)
         if pn in space.received_packets:
@@ -173,20 +181,47 @@ class LeanPath:
                 if not loss.peer_completed_address_validation:
                     loss.peer_completed_address_validation = True
                 loss.on_ack_received(ack_rangeset=rangeset, ack_delay=(delay << exponent) / 1000000, now=now, space=space)
-        quic._close_at = now + quic._idle_timeout()
+        quic._close_at = now + self._currentIdleTimeout()
         quic._ack_eliciting_sent_since_receipt = False
         if not space.discarded:
             if pn > space.largest_received_packet:
                 space.largest_received_packet = pn
                 space.largest_received_time = now
             ackQueue = space.ack_queue
-            ackQueue.add(pn)
+            # RangeSet.add's result for the packet that is nearly always
+            # next, without its walk over every range (0.3 us).
+            ranges = ackQueue._RangeSet__ranges
+            last = ranges[-1] if ranges else None
+            if last is None or pn > last.stop:
+                ranges.append(range(pn, pn + 1))
+            elif pn == last.stop:
+                ranges[-1] = range(last.start, pn + 1)
+            else:
+                ackQueue.add(pn)
             space.received_packets.add(pn)
-            if len(ackQueue) > internals.MAX_ACK_RANGES:
+            if len(ranges) > internals.MAX_ACK_RANGES:
                 ackQueue.shift()
             if eliciting and space.ack_at is None:
                 space.ack_at = now + self._ackDelay
         return datagrams
+
+    def _currentIdleTimeout(self):
+        """
+        aioquic's C{_idle_timeout()}, computed again only when the RTT
+        estimate has changed (0.4 us of every packet otherwise): it is the
+        smaller of the two ends' idle timeouts (both fixed once the
+        handshake is done, before the lean path starts) or three probe
+        timeouts, which change only with the RTT estimate (C{_rtt_smoothed}
+        and C{_rtt_variance}, set together by loss recovery for each RTT
+        sample; kept here, the old objects cannot be mistaken for new ones).
+        """
+        loss = self._loss
+        rtt = (loss._rtt_smoothed, loss._rtt_variance)
+        cached = self._idleRtt
+        if cached is None or rtt[0] is not cached[0] or rtt[1] is not cached[1]:
+            self._idleRtt = rtt
+            self._idleTimeout = self._quic._idle_timeout()
+        return self._idleTimeout
 
     def _handOver(self):
         self.handedOver += 1
@@ -381,17 +416,10 @@ class LeanPath:
                 break
             inFlight = eliciting
             packet = self._protect(header, firstByte | (pair.key_phase << 2), peerCID, pn, b"".join(frames))
-            sent = QuicSentPacket(
-                epoch=_ONE_RTT,
-                in_flight=inFlight,
-                is_ack_eliciting=eliciting,
-                is_crypto_packet=False,
-                packet_number=pn,
-                packet_type=_ONE_RTT_PACKET,
-                sent_bytes=len(packet),
-                delivery_handlers=handlers,
-                quic_logger_frames=_NO_QLOG_FRAMES,
-            )
+            # Positional (half the cost of keywords, 0.2 us): the field
+            # order is internals.SENT_PACKET_FIELDS, checked by its tests.
+            # sent_time is the now _flush_builder sets.
+            sent = QuicSentPacket(_ONE_RTT, inFlight, eliciting, False, pn, _ONE_RTT_PACKET, now, len(packet), handlers, _NO_QLOG_FRAMES)
             if inFlight:
                 flight += len(packet)
             out.append(packet)
@@ -405,10 +433,9 @@ class LeanPath:
         # aioquic's _flush_builder.
         quic._packet_number = pn
         for sent in packets:
-            sent.sent_time = now
             loss.on_packet_sent(packet=sent, space=space)
             if sent.is_ack_eliciting and not quic._ack_eliciting_sent_since_receipt:
-                quic._close_at = now + quic._idle_timeout()
+                quic._close_at = now + self._currentIdleTimeout()
                 quic._ack_eliciting_sent_since_receipt = True
         self.built += len(out)
         path = quic._network_paths[0]

@@ -6,11 +6,15 @@ takes one away fails here, not in production.
 
 import inspect
 import signal
+import socket
 
 import twisted
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import defer, reactor, udp
+from twisted.internet.protocol import DatagramProtocol
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from relay.internals.twisted import forgetExitSignal
+from relay.internals.twisted import BufferedReadPort, forgetExitSignal, listenUDPIntoBuffer
 
 
 def missing(piece, user):
@@ -74,3 +78,73 @@ class ExitSignalTests(SynchronousTestCase):
         stub = _Stub()
         forgetExitSignal(stub)
         self.assertFalse(hasattr(stub, "_exitSignal"))
+
+
+class BufferedReadPortTests(TestCase):
+    """
+    L{BufferedReadPort}: C{udp.Port.doRead} with C{recvfrom_into} one
+    buffer; what its C{doRead} mirrors is still what C{udp.Port} does.
+    """
+
+    timeout = 10
+
+    def test_mirrorsPortDoRead(self):
+        """
+        C{udp.Port.doRead} still reads with C{recvfrom(self.maxPacketSize)}
+        in a C{maxThroughput} loop, and the names the copy uses are there.
+        """
+        source = inspect.getsource(udp.Port.doRead)
+        for piece in ("self.socket.recvfrom(self.maxPacketSize)", "while read < self.maxThroughput", "_sockErrReadIgnore", "_sockErrReadRefuse", "self._connectedAddr", "self.protocol.connectionRefused()", "addr = addr[:2]", "self.protocol.datagramReceived(data, addr)"):
+            self.assertIn(piece, source, missing(f"udp.Port.doRead's {piece!r}", "BufferedReadPort"))
+        for name in ("_sockErrReadIgnore", "_sockErrReadRefuse"):
+            self.assertTrue(hasattr(udp, name), missing(f"twisted.internet.udp.{name}", "BufferedReadPort"))
+        self.assertIn("udp.Port(port, protocol, interface, maxPacketSize, self)", inspect.getsource(type(reactor).listenUDP), missing("PosixReactorBase.listenUDP building udp.Port", "listenUDPIntoBuffer"))
+
+    @defer.inlineCallbacks
+    def test_delivers(self):
+        """
+        Datagrams arrive whole and in order as views of one buffer; each is
+        right during its call (the next read overwrites it), a longer one
+        than the buffer is cut as C{recvfrom} cuts it.
+        """
+        got = []
+        views = set()
+        done = defer.Deferred()
+        sent = [b"first datagram" * 10, b"2", b"third", bytes(range(256)) * 2]
+
+        class Recorder(DatagramProtocol):
+            def datagramReceived(self, data, addr):
+                views.add(type(data))
+                got.append((bytes(data), addr))
+                if len(got) == len(sent) + 1:
+                    done.callback(None)
+
+        port = listenUDPIntoBuffer(reactor, 0, Recorder(), interface="127.0.0.1", maxPacketSize=700)
+        self.addCleanup(port.stopListening)
+        self.assertIsInstance(port, BufferedReadPort)
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(sender.close)
+        sender.bind(("127.0.0.1", 0))
+        target = ("127.0.0.1", port.getHost().port)
+        for data in sent:
+            sender.sendto(data, target)
+        sender.sendto(b"x" * 1000, target)
+        yield done
+        source = sender.getsockname()
+        self.assertEqual(got, [(data, source) for data in sent] + [(b"x" * 700, source)])
+        self.assertEqual(views, {memoryview})
+
+    def test_clockGetsListenUDP(self):
+        """
+        A reactor that is not a POSIX one gets its own C{listenUDP}.
+        """
+        calls = []
+
+        class Fake(Clock):
+            def listenUDP(self, port, protocol, interface="", maxPacketSize=8192):
+                calls.append((port, protocol, interface, maxPacketSize))
+                return "port"
+
+        protocol = DatagramProtocol()
+        self.assertEqual(listenUDPIntoBuffer(Fake(), 5, protocol, interface="::1", maxPacketSize=9), "port")
+        self.assertEqual(calls, [(5, protocol, "::1", 9)])

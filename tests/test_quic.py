@@ -76,18 +76,38 @@ class Network:
 
     @ivar drop: a callable C{(source, destination, data) -> bool}; true
         drops the datagram.
+    @ivar views: endpoints given each datagram as the relay's listener
+        gives them (L{relay.internals.twisted.BufferedReadPort}): a
+        C{memoryview} of one buffer, overwritten with junk after each call,
+        so that anything kept of it shows.
     """
 
     def __init__(self, clock):
         self.clock = clock
         self.sent = deque()
         self.endpoints = {}
+        self.views = set()
+        self._buffer = bytearray(quic.MAX_READ_SIZE)
         self.drop = lambda source, destination, data: False
 
-    def attach(self, protocol, addr):
+    def attach(self, protocol, addr, views=False):
         self.endpoints[addr] = protocol
+        if views:
+            self.views.add(addr)
         protocol.makeConnection(FakeUDPTransport(self, addr))
         return protocol
+
+    def deliver(self, endpoint, destination, data, source):
+        if destination not in self.views:
+            endpoint.datagramReceived(data, source)
+            return
+        size = len(data)
+        buffer = self._buffer
+        buffer[:size] = data
+        try:
+            endpoint.datagramReceived(memoryview(buffer)[:size], source)
+        finally:
+            buffer[:size] = b"\xa5" * size
 
     def pump(self, seconds=0.2, step=0.002):
         """
@@ -99,7 +119,7 @@ class Network:
                 source, destination, data = self.sent.popleft()
                 endpoint = self.endpoints.get(destination)
                 if endpoint is not None and not endpoint.transport.stopped and not self.drop(source, destination, data):
-                    endpoint.datagramReceived(data, source)
+                    self.deliver(endpoint, destination, data, source)
                 self.clock.advance(0)
             self.clock.advance(step)
 
@@ -152,7 +172,7 @@ class _ClockedQuicBase(unittest.TestCase):
 
     def makeProtocol(self, **kwargs):
         protocol = quic.QuicPeerProtocol(self.relay, self.clock, quic.serverConfiguration(self.cert, self.key), **kwargs)
-        return self.network.attach(protocol, SERVER)
+        return self.network.attach(protocol, SERVER, views=True)
 
     def client(self, peerID, token=TOKEN, authenticate=True, versions=None, connectionIDLength=None, **options):
         options.setdefault("cafile", self.cert)
