@@ -266,12 +266,12 @@ class PeerWebSocketProtocol(_autobahn.ServerProtocol):
             return
         if self._fast:
             factory = self.factory
-            factory.reading = self
+            factory.batching = True
             size = len(data) + len(self._pending)
             try:
                 rest = self._leanFrames(data)
             finally:
-                factory.reading = None
+                factory.batching = False
                 factory.flush()
             if self._droppedBytes:
                 if self._droppedBytes * 2 > size:
@@ -286,6 +286,8 @@ class PeerWebSocketProtocol(_autobahn.ServerProtocol):
             if data is None:
                 return
         super().dataReceived(data)
+        # Only a lean read pauses its sender for what it had dropped.
+        self._droppedBytes = 0
         # Back to the lean path as soon as Autobahn is between frames; an
         # incomplete frame header it holds moves along with it.
         # (_pending is empty here: the lean path handed it to Autobahn.)
@@ -556,7 +558,8 @@ class PeerWebSocketProtocol(_autobahn.ServerProtocol):
         backlog is over the high-water mark.
 
         A WebSocket sender more than half of whose read was dropped is also
-        paused (see L{pauseReading}). Dropping alone would leave the relay
+        paused (see L{pauseReading}; the relay tells the sender of each drop
+        through L{messageDropped}). Dropping alone would leave the relay
         reading and discarding a flood at full speed: as much CPU as
         relaying it, taken from every healthy pair. Paused, the flood backs
         up in the sender's own TCP window instead. The price is head-of-line
@@ -577,20 +580,37 @@ class PeerWebSocketProtocol(_autobahn.ServerProtocol):
         if congestion.paused:
             if congestion.backlog + size > factory.highWater:
                 factory.relay.counters.dropped["slow_consumer"] += 1
-                sender = factory.reading
-                if sender is not None and sender is not self:
-                    sender._droppedBytes += size
-                    congestion.senders.add(sender)
                 return False
             congestion.backlog += size
         header = _SHORT_HEADERS[size] if size < 126 else _HEADER_16 + size.to_bytes(2, "big")
-        if factory.reading is not None:
+        if factory.batching:
             if not self._batch:
                 factory.batched.append(self)
             self._batch += (header, message)
         else:
             self.transport.write(header + message)
         return True
+
+    def messageDropped(self, destination, size):
+        """
+        A message of C{size} bytes this peer sent was refused by
+        C{destination} (an L{IPeerConnection}; see L{IRelay.route}).
+
+        A refusal by a WebSocket peer over its high-water mark counts
+        towards pausing this sender once its read is done (see
+        L{writeMessage}), and puts this sender among those the destination
+        wakes when it drains. Other refusals (a destination closing, a QUIC
+        one) do not.
+        """
+        link = getattr(destination, "link", None)
+        if (
+            link is not self
+            and isinstance(link, PeerWebSocketProtocol)
+            and link._congestion.paused
+            and link.state == link.STATE_OPEN
+        ):
+            self._droppedBytes += size
+            link._congestion.senders.add(self)
 
     def flush(self):
         """
@@ -1020,9 +1040,12 @@ class PeerWebSocketFactory(WebSocketServerFactory):
         super().__init__(server="relay", reactor=reactor)
         self.relay = relay
         self.highWater = highWater
-        # The peer whose read is being taken apart, and the peers with
-        # frames queued meanwhile (PeerWebSocketProtocol.flush).
-        self.reading = None
+        # Whether a lean read is being taken apart (its messages are then
+        # queued per destination, and written by flush once it is done),
+        # and the peers with frames queued meanwhile
+        # (PeerWebSocketProtocol.flush). The reactor runs one read at a
+        # time, so this is the factory's, not any one peer's.
+        self.batching = False
         self.batched = []
         # Both handshake timeouts run on the relay's clock instead of
         # Autobahn's (txaio's global loop): the session's 10 s limit starts at

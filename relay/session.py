@@ -70,6 +70,11 @@ class PeerSession:
         self._missed = 0
         self._bucket = None
         self._stampPrefix = None
+        # What the link is told when a Transport it carried is dropped for a
+        # congested destination (relay.peer pauses such a WebSocket sender);
+        # None for links that are never paused (QUIC: one connection, many
+        # flows).
+        self._dropped = getattr(link, "messageDropped", None)
         relay.admission.enter(self, getattr(link, "sourceHost", None))
         self._pending = True
         self._timer = relay.clock.callLater(HANDSHAKE_TIMEOUT, self._timerFired)
@@ -186,7 +191,7 @@ class PeerSession:
                 relay.counters.dropped["rate_limited"] += 1
                 return
             relay.counters.transferReceivedBytes += size
-            relay.route(message[m.HEADER_SIZE : m.TRANSPORT_HEADER_SIZE], self._stampPrefix + message[m.TRANSPORT_HEADER_SIZE:])
+            relay.route(message[m.HEADER_SIZE : m.TRANSPORT_HEADER_SIZE], self._stampPrefix + message[m.TRANSPORT_HEADER_SIZE:], self._dropped)
             return
         try:
             kind = m.messageType(message)

@@ -604,7 +604,7 @@ class BatchTests(PeerTestCase):
         self.assertEqual(b.messages(), self.expected(toB))
         self.assertEqual(c.messages(), [stamped(x, A) for x in toC])
         self.assertEqual(self.factory.batched, [])
-        self.assertIsNone(self.factory.reading)
+        self.assertFalse(self.factory.batching)
 
     def test_writesOutsideAReadAreImmediate(self):
         """
@@ -832,6 +832,22 @@ class SenderPauseTests(PeerTestCase):
         self.assertEqual(self.relay.counters.dropped["slow_consumer"], 2)
         self.assertEqual(self.relay.counters.senderPauses, 1)
         self.assertEqual(a.transport.producerState, "producing")
+
+    def test_dropsOnTheAutobahnPathPauseNobody(self):
+        """
+        A drop of a fragmented message (Autobahn's path) neither pauses its
+        sender nor counts towards the pause of its next lean read.
+        """
+        a, b, c = self.congested()
+        self.clock.advance(SENDER_PAUSE)
+        message = m.encodeTransport(B, b"x" * 1400)
+        a.protocol.dataReceived(clientFrame(message[:700], fin=False) + clientFrame(message[700:], opcode=0))
+        self.assertEqual(self.relay.counters.dropped["slow_consumer"], 2)
+        self.assertEqual(a.transport.producerState, "producing")
+        a.send(m.encodeTransport(m.peerID("peer-c"), b"y" * 1400))
+        self.assertEqual(len(c.messages()), 1)
+        self.assertEqual(a.transport.producerState, "producing")
+        self.assertEqual(self.relay.counters.senderPauses, 1)
 
 
 class BatchPropertyTests(PeerTestCase):
