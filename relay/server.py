@@ -162,17 +162,6 @@ class Relay:
     def limits(self):
         return self.admission.limits
 
-    @limits.setter
-    def limits(self, limits):
-        self.admission.limits = limits
-
-    @property
-    def pendingHandshakes(self):
-        """
-        Connections that have not authenticated yet.
-        """
-        return self.admission.pending
-
     # What a session asks during its handshake
 
     def authenticate(self, token):

@@ -306,9 +306,9 @@ class UpgradeRequestTests(PeerTestCase):
         self.assertFalse(peer.transport.disconnected, "the answer is written before the close")
         peer.protocol.dataReceived(b"p" * 100000 + b"\r\n\r\n")
         self.assertEqual(self.relay.counters.handshakeRejects["request_too_large"], 1)
-        self.assertEqual(self.relay.pendingHandshakes, 1)
+        self.assertEqual(self.relay.admission.pending, 1)
         peer.protocol.connectionLost(Failure(ConnectionLost("gone")))
-        self.assertEqual(self.relay.pendingHandshakes, 0)
+        self.assertEqual(self.relay.admission.pending, 0)
 
     def test_searchedOncePerRead(self):
         """
@@ -366,9 +366,9 @@ class ControlFrameTests(PeerTestCase):
         a.protocol.dataReceived(b"".join(clientFrame(b"", opcode=10) for _ in range(MAX_CONTROL_FRAMES_BEFORE_AUTH + 1)))
         self.assertTrue(a.closed)
         self.assertEqual(self.relay.counters.handshakeRejects["control_frames"], 1)
-        self.assertEqual(self.relay.pendingHandshakes, 1)
+        self.assertEqual(self.relay.admission.pending, 1)
         a.protocol.connectionLost(Failure(ConnectionLost("gone")))
-        self.assertEqual(self.relay.pendingHandshakes, 0)
+        self.assertEqual(self.relay.admission.pending, 0)
 
     def test_tooManyBeforeAuthInsideAMessageRefused(self):
         a = self.peer()
