@@ -24,8 +24,8 @@ from relay.peer import (
     MESSAGES_PER_TURN,
     SENDER_PAUSE,
     PeerWebSocketFactory,
-    _writeNow,
 )
+from relay.internals.twisted import writeNow as _writeNow
 from tests.helpers import authMessage, makeRelay, stamped
 
 A, B = m.peerID("peer-a"), m.peerID("peer-b")
@@ -630,7 +630,7 @@ class BatchTests(PeerTestCase):
 
 class _FakeTCP:
     """
-    The parts of L{twisted.internet.tcp.Connection} that L{_writeNow} uses;
+    The parts of L{twisted.internet.tcp.Connection} that L{relay.internals.twisted.writeNow} uses;
     the socket takes C{accept} bytes, or fails with C{error}.
     """
 
