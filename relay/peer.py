@@ -607,14 +607,11 @@ class PeerWebSocketProtocol(_autobahn.ServerProtocol):
         one) do not.
         """
         link = getattr(destination, "link", None)
-        if (
-            link is not self
-            and isinstance(link, PeerWebSocketProtocol)
-            and link._congestion.paused
-            and link.state == link.STATE_OPEN
-        ):
-            self._droppedBytes += size
-            link._congestion.senders.add(self)
+        if isinstance(link, PeerWebSocketProtocol):
+            congestion = link._congestion
+            if congestion.paused and link is not self and link.state == link.STATE_OPEN:
+                self._droppedBytes += size
+                congestion.senders.add(self)
 
     def flush(self):
         """
