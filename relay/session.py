@@ -46,7 +46,9 @@ class PeerSession:
         C{closeLink()} (abort), C{closeGracefully()} (Close message, then close),
         C{transportName} and C{peerAddress}; optionally C{maxMessageSize},
         the largest message it can carry now (a QUIC datagram's room), by
-        which id lists are split; without it, 8820 bytes (WebSocket).
+        which id lists are split; without it, 8820 bytes (WebSocket);
+        optionally C{messageDropped(destination, size)}, told of each
+        Transport it carried that a destination refused (L{IRelay.route}).
     @ivar peerID: the authenticated id, or None before Auth.
     @ivar registeredAt: when the peer was stored (unix time).
     @ivar lastTransport: when the peer last sent a Transport message.
