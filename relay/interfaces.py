@@ -168,10 +168,17 @@ class IRelay(Interface):
         A registered session ended: forget it and its subscriptions.
         """
 
-    def route(destinationID, message):
+    def route(destinationID, message, dropped=None):
         """
         Deliver a Transport message, already stamped with its source's id, to
         C{destinationID} here or on a sibling pod; count it or its drop.
+
+        @param dropped: the sender's C{dropped(destination, size)}, called
+            when a destination here refused the message (C{sendMessage}
+            returned False) with that L{IPeerConnection} and the message's
+            size, so that a sender flooding a congested peer can be slowed
+            down (L{relay.peer.PeerWebSocketProtocol.messageDropped}); None
+            for a sender that is never slowed down.
         """
 
     def admitSubscriptions(session, ids):

@@ -15,9 +15,10 @@ always whole binary frames.
 
 Messages relayed while one read is being taken apart are queued per
 destination and written once the read is done: one write per destination per
-read, straight to the socket when nothing is queued ahead (L{_writeNow});
-over TLS, one TLS write per destination per read whose records go out the
-same way (L{PeerTLSProtocol}).
+read, straight to the socket when nothing is queued ahead
+(L{relay.internals.twisted.writeNow}); over TLS, one TLS write per
+destination per read whose records go out the same way
+(L{PeerTLSProtocol}).
 
 A sender most of whose read was dropped because the destinations were over
 their high-water mark stops being read until one of them drains, or for
@@ -42,12 +43,15 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay import messages as m
 from relay.internals import autobahn as _autobahn
+from relay.internals import openssl as _openssl
+from relay.internals import twisted as _twisted
+from relay.internals.twisted import writeNow as _writeNow
 from relay.logtext import quoted
 from relay.session import PeerSession
 from relay.tcp import noDelay
@@ -197,7 +201,7 @@ class PeerWebSocketProtocol(_autobahn.ServerProtocol):
         self._congestion = _Congestion(self._writePong)
         self.transport.registerProducer(self._congestion, True)
         self._batch = []
-        # Only a plain TCP transport is written to directly (_writeNow); over
+        # Only a plain TCP transport is written to directly (writeNow); over
         # TLS, PeerTLSProtocol.writeNow does the same with the records.
         self._direct = type(self.transport) is tcp.Server
         self._tls = isinstance(self.transport, PeerTLSProtocol)
@@ -266,12 +270,12 @@ class PeerWebSocketProtocol(_autobahn.ServerProtocol):
             return
         if self._fast:
             factory = self.factory
-            factory.reading = self
+            factory.batching = True
             size = len(data) + len(self._pending)
             try:
                 rest = self._leanFrames(data)
             finally:
-                factory.reading = None
+                factory.batching = False
                 factory.flush()
             if self._droppedBytes:
                 if self._droppedBytes * 2 > size:
@@ -286,6 +290,8 @@ class PeerWebSocketProtocol(_autobahn.ServerProtocol):
             if data is None:
                 return
         super().dataReceived(data)
+        # Only a lean read pauses its sender for what it had dropped.
+        self._droppedBytes = 0
         # Back to the lean path as soon as Autobahn is between frames; an
         # incomplete frame header it holds moves along with it.
         # (_pending is empty here: the lean path handed it to Autobahn.)
@@ -556,7 +562,8 @@ class PeerWebSocketProtocol(_autobahn.ServerProtocol):
         backlog is over the high-water mark.
 
         A WebSocket sender more than half of whose read was dropped is also
-        paused (see L{pauseReading}). Dropping alone would leave the relay
+        paused (see L{pauseReading}; the relay tells the sender of each drop
+        through L{messageDropped}). Dropping alone would leave the relay
         reading and discarding a flood at full speed: as much CPU as
         relaying it, taken from every healthy pair. Paused, the flood backs
         up in the sender's own TCP window instead. The price is head-of-line
@@ -577,20 +584,34 @@ class PeerWebSocketProtocol(_autobahn.ServerProtocol):
         if congestion.paused:
             if congestion.backlog + size > factory.highWater:
                 factory.relay.counters.dropped["slow_consumer"] += 1
-                sender = factory.reading
-                if sender is not None and sender is not self:
-                    sender._droppedBytes += size
-                    congestion.senders.add(sender)
                 return False
             congestion.backlog += size
         header = _SHORT_HEADERS[size] if size < 126 else _HEADER_16 + size.to_bytes(2, "big")
-        if factory.reading is not None:
+        if factory.batching:
             if not self._batch:
                 factory.batched.append(self)
             self._batch += (header, message)
         else:
             self.transport.write(header + message)
         return True
+
+    def messageDropped(self, destination, size):
+        """
+        A message of C{size} bytes this peer sent was refused by
+        C{destination} (an L{IPeerConnection}; see L{IRelay.route}).
+
+        A refusal by a WebSocket peer over its high-water mark counts
+        towards pausing this sender once its read is done (see
+        L{writeMessage}), and puts this sender among those the destination
+        wakes when it drains. Other refusals (a destination closing, a QUIC
+        one) do not.
+        """
+        link = getattr(destination, "link", None)
+        if isinstance(link, PeerWebSocketProtocol):
+            congestion = link._congestion
+            if congestion.paused and link is not self and link.state == link.STATE_OPEN:
+                self._droppedBytes += size
+                congestion.senders.add(self)
 
     def flush(self):
         """
@@ -655,64 +676,13 @@ class PeerWebSocketProtocol(_autobahn.ServerProtocol):
 # of what is in it is not known (handshake flights, alerts; a full read asks
 # again).
 _BIO_READ = 2**15
-
-# How many bytes a memory BIO holds, read through pyOpenSSL's private
-# OpenSSL binding and Connection attributes (_into_ssl, _from_ssl): 0.2 us,
-# where asking for data that is not there costs a WantReadError, 2 us, twice
-# per read of a single message (once for the records received, once for the
-# records to send). Without it (a pyOpenSSL that changed; the tests in
-# tests/test_peer_tls.py say so) the exceptions tell, as in Twisted.
-try:
-    from OpenSSL._util import ffi as _ffi
-    from OpenSSL._util import lib as _lib
-
-    _memoryBIOLength = _lib.BIO_get_mem_data
-    _MEMORY_BIO_DATA = _ffi.new("char **")
-except (ImportError, AttributeError):
-    _memoryBIOLength = None
-
-# The records of a read decrypted by calling OpenSSL's SSL_read through the
-# same binding (on the Connection's _ssl) into one buffer, until it wants
-# more bytes: a Go agent sends one record per message, and pyOpenSSL's recv
-# costs about 1 us of Python per record on top of the decryption (a 32 KiB
-# buffer allocated, the error check, a copy), plus the checks for more;
-# this path makes one copy per read. Measured in process, 16 messages of
-# 1,400 bytes per read, one record each: 3.8 -> 2.3 us of relay CPU per
-# relayed message (plain WebSocket 1.3). The buffer is shared: the reactor
-# is one thread and it is copied out before anything is delivered.
-_RECEIVE_BUFFER_SIZE = 2**18
-try:
-    _sslRead = _lib.SSL_read
-    _sslGetError = _lib.SSL_get_error
-    _SSL_WANT_READ = _lib.SSL_ERROR_WANT_READ
-    _SSL_ZERO_RETURN = _lib.SSL_ERROR_ZERO_RETURN
-    _receiveBuffer = _ffi.new("char[]", _RECEIVE_BUFFER_SIZE)
-except (NameError, AttributeError):
-    _sslRead = None
-
-# The other way, through the same binding: cleartext encrypted with SSL_write
-# (pyOpenSSL's send wraps each call in Python: the buffer, the error check),
-# and the records read out of the send BIO into one shared buffer, sent to
-# the socket from there, copied only if the socket does not take them all
-# (pyOpenSSL's bio_read allocates a buffer of its own and copies twice).
-# Measured in process, 16 messages of 1,400 bytes per read: 2.15 -> 1.92 us
-# of relay CPU per relayed message; one message per read 8.3 -> 7.7 us
-# (plain WebSocket 1.3 and 2.3).
-_SEND_BUFFER_SIZE = 2**18
-try:
-    _sslWrite = _lib.SSL_write
-    _bioRead = _lib.BIO_read
-    _sendBuffer = _ffi.new("char[]", _SEND_BUFFER_SIZE)
-    _sendView = memoryview(_ffi.buffer(_sendBuffer))
-except (NameError, AttributeError):
-    _sslWrite = None
 # TLS 1.3 adds 22 bytes to each record of at most 16 KiB (header, content
 # type, AEAD tag); TLS 1.2 with AES-GCM 29.
 _RECORD_OVERHEAD = 64
 _RECORD_SIZE = 2**14
 
 
-class PeerTLSProtocol(TLSMemoryBIOProtocol):
+class PeerTLSProtocol(_twisted.TLSProtocol):
     """
     TLS for peers without the extra reactor turn and without copies per
     message.
@@ -728,31 +698,37 @@ class PeerTLSProtocol(TLSMemoryBIOProtocol):
     destination per read, encrypts the whole batch (one C{SSL_write} per 16
     KiB record, straight from the batch), reads all the records out of the
     send BIO in one piece (into a buffer shared by all connections) and
-    writes them as L{_writeNow} does for plain TCP: straight
-    to the socket when nothing is queued, else behind what is, so order and
-    Twisted's producer pauses stay as they were. Any other write (the
-    upgrade answer, messages relayed outside a read, PONGs) is encrypted at
-    once and left to the TCP transport's own buffering: several such writes
-    in one turn still make one C{send}.
+    writes them as L{writeNow<relay.internals.twisted.writeNow>} does for
+    plain TCP: straight to the socket when nothing is queued, else behind
+    what is, so order and Twisted's producer pauses stay as they were. Any
+    other write (the upgrade answer, messages relayed outside a read, PONGs)
+    is encrypted at once and left to the TCP transport's own buffering:
+    several such writes in one turn still make one C{send}.
 
     A read is decrypted whole before it is delivered: C{SSL_read} returns one
     record at a time, and a Go agent sends one record per message, so
     Twisted's one delivery per record would cost the lean path its batching
     per read (one write per destination per message).
 
-    This overrides private methods of Twisted's C{TLSMemoryBIOProtocol}
-    (C{_write}, C{_flushSendBIO}, C{_flushReceiveBIO}) and reads its private
-    state, and calls OpenSSL through pyOpenSSL's private binding
-    (C{SSL_read}, C{SSL_write}, C{BIO_read}, C{BIO_get_mem_data} on the
-    Connection's C{_ssl}, C{_into_ssl}, C{_from_ssl}; see the comments above
-    the class for what each is worth, and the fallbacks without them);
-    tests/test_peer_tls.py (C{TwistedInternalsTests}) fails clearly if an
-    installed Twisted or pyOpenSSL no longer has them.
+    What this takes from Twisted beyond its public API is named in
+    L{relay.internals.twisted.TLSProtocol}, what it takes from pyOpenSSL in
+    L{relay.internals.openssl} (with what each is worth); without the
+    latter it goes through pyOpenSSL's public API.
     """
 
     # Whether the records now leaving the send BIO go straight to the socket.
     _now = False
     _direct = False
+    # The OpenSSL handles of the TLS connection (L{relay.internals.openssl}),
+    # taken on first use: the connection is made inside Twisted's
+    # makeConnection, which may already send.
+    _ssl = _receiveBIO = _sendBIO = None
+
+    def _takeHandles(self):
+        connection = self.tlsConnection
+        self._ssl = _openssl.sslOf(connection)
+        self._receiveBIO = _openssl.receiveBIOOf(connection)
+        self._sendBIO = _openssl.sendBIOOf(connection)
 
     def makeConnection(self, transport):
         self._direct = type(transport) is tcp.Server
@@ -761,60 +737,64 @@ class PeerTLSProtocol(TLSMemoryBIOProtocol):
     def writeNow(self, data):
         """
         Encrypt C{data} and write the records straight to the socket if
-        nothing is queued ahead of them (as L{_writeNow}).
+        nothing is queued ahead of them (as
+        L{relay.internals.twisted.writeNow}).
         """
-        if self.disconnecting and self._producer is None:
+        if self.disconnecting and self.producer is None:
             return
         self._now = True
         try:
-            self._write(data)
+            self.encrypt(data)
         finally:
             self._now = False
 
-    def _write(self, data):
+    def encrypt(self, data):
         # As Twisted's, but without copying 16 KiB slices, and the send BIO
         # read once for the whole write instead of once per slice. pyOpenSSL
         # sets SSL_MODE_ENABLE_PARTIAL_WRITE: one SSL_write takes one record.
         size = len(data)
-        if self._lostTLSConnection or not size:
+        if self.tlsLost or not size:
             return
-        if _sslWrite is None:
-            self._writeBySend(data, size)
+        sslWrite = _openssl.sslWrite
+        if sslWrite is None:
+            self._encryptBySend(data, size)
             return
-        connection = self._tlsConnection
-        ssl = connection._ssl
+        ssl = self._ssl
+        if ssl is None:
+            self._takeHandles()
+            ssl = self._ssl
         sent = 0
-        with _ffi.from_buffer(data) as cleartext:
+        with _openssl.cleartextOf(data) as cleartext:
             while sent < size:
-                n = _sslWrite(ssl, cleartext + sent, size - sent)
+                n = sslWrite(ssl, cleartext + sent, size - sent)
                 if n <= 0:
                     break
                 sent += n
         if sent == size:
-            self._flushSendBIO(size)
+            self.sendRecords(size)
             return
         # pyOpenSSL's own exception, as its send would raise it.
         try:
-            connection._raise_ssl_error(ssl, n)
+            _openssl.raiseError(self.tlsConnection, ssl, n)
         except WantReadError:
-            self._flushSendBIO(sent)
-            self._bufferedWrite(data[sent:])
+            self.sendRecords(sent)
+            self.bufferCleartext(data[sent:])
             return
         except TLSError:
-            self._flushSendBIO(sent)
-            self._tlsShutdownFinished(Failure())
+            self.sendRecords(sent)
+            self.tlsFailed(Failure())
             return
         # Not an error after all (SSL_ERROR_NONE): what is left waits for
         # the next write, as after a WantReadError.
-        self._flushSendBIO(sent)
-        self._bufferedWrite(data[sent:])
+        self.sendRecords(sent)
+        self.bufferCleartext(data[sent:])
 
-    def _writeBySend(self, data, size):
+    def _encryptBySend(self, data, size):
         """
-        L{_write} through pyOpenSSL's C{send}, for a pyOpenSSL without the
+        L{encrypt} through pyOpenSSL's C{send}, for a pyOpenSSL without the
         binding it uses.
         """
-        connection = self._tlsConnection
+        connection = self.tlsConnection
         sent = 0
         try:
             if size <= _RECORD_SIZE:
@@ -824,47 +804,52 @@ class PeerTLSProtocol(TLSMemoryBIOProtocol):
                 while sent < size:
                     sent += connection.send(view[sent:])
         except WantReadError:
-            self._flushSendBIO(sent)
-            self._bufferedWrite(data[sent:])
+            self.sendRecords(sent)
+            self.bufferCleartext(data[sent:])
             return
         except TLSError:
-            self._flushSendBIO(sent)
-            self._tlsShutdownFinished(Failure())
+            self.sendRecords(sent)
+            self.tlsFailed(Failure())
             return
-        self._flushSendBIO(size)
+        self.sendRecords(size)
 
-    def _flushSendBIO(self, hint=0):
+    def sendRecords(self, hint=0):
         """
         Write out all the records in the send BIO.
 
         @param hint: bytes of cleartext just encrypted (0 if not known), for
             the size of the read.
         """
-        connection = self._tlsConnection
-        if _memoryBIOLength is not None:
-            ask = _memoryBIOLength(connection._from_ssl, _MEMORY_BIO_DATA)
+        memoryBIOLength = _openssl.memoryBIOLength
+        if memoryBIOLength is not None:
+            bio = self._sendBIO
+            if bio is None:
+                self._takeHandles()
+                bio = self._sendBIO
+            ask = memoryBIOLength(bio, _openssl.MEMORY_BIO_DATA)
             if ask <= 0:
                 return
-            if _sslWrite is not None and ask <= _SEND_BUFFER_SIZE:
-                got = _bioRead(connection._from_ssl, _sendBuffer, ask)
+            if _openssl.sslWrite is not None and ask <= _openssl.SEND_BUFFER_SIZE:
+                got = _openssl.bioRead(bio, _openssl.sendBuffer, ask)
                 if got <= 0:
                     return
                 if self._now and self._direct:
-                    _writeNow(self.transport, _sendView[:got])
+                    _writeNow(self.transport, _openssl.sendView[:got])
                 else:
-                    self.transport.write(_sendView[:got].tobytes())
+                    self.transport.write(_openssl.sendView[:got].tobytes())
                 return
         else:
             ask = hint + (hint // _RECORD_SIZE + 1) * _RECORD_OVERHEAD if hint else _BIO_READ
+        connection = self.tlsConnection
         try:
             data = connection.bio_read(ask)
         except WantReadError:
             return
-        if len(data) == ask and _memoryBIOLength is None:
+        if len(data) == ask and memoryBIOLength is None:
             chunks = [data]
             while True:
                 try:
-                    chunks.append(self._tlsConnection.bio_read(_BIO_READ))
+                    chunks.append(connection.bio_read(_BIO_READ))
                 except WantReadError:
                     break
             data = b"".join(chunks)
@@ -873,52 +858,57 @@ class PeerTLSProtocol(TLSMemoryBIOProtocol):
         else:
             self.transport.write(data)
 
-    def _flushReceiveBIO(self):
+    def receiveRecords(self):
         # As Twisted's, but the cleartext of all the records is delivered in
         # one dataReceived, before the end of TLS or an error is acted on.
-        if _sslRead is None or self._lostTLSConnection:
-            self._flushReceiveBIOByRecord()
+        sslRead = _openssl.sslRead
+        if sslRead is None or self.tlsLost:
+            self._receiveByRecord()
             return
-        connection = self._tlsConnection
-        ssl = connection._ssl
-        buf = _receiveBuffer
+        ssl = self._ssl
+        if ssl is None:
+            self._takeHandles()
+            ssl = self._ssl
+        buf = _openssl.receiveBuffer
+        room = _openssl.RECEIVE_BUFFER_SIZE
         chunks = []
         got = 0
         ended = failure = None
         while True:
-            n = _sslRead(ssl, buf + got, _RECEIVE_BUFFER_SIZE - got)
+            n = sslRead(ssl, buf + got, room - got)
             if n > 0:
                 got += n
-                if got == _RECEIVE_BUFFER_SIZE:
-                    chunks.append(_ffi.buffer(buf, got)[:])
+                if got == room:
+                    chunks.append(_openssl.bufferOf(buf, got)[:])
                     got = 0
                 continue
-            error = _sslGetError(ssl, n)
-            if error == _SSL_WANT_READ:
+            error = _openssl.sslGetError(ssl, n)
+            if error == _openssl.SSL_ERROR_WANT_READ:
                 break
-            if error == _SSL_ZERO_RETURN:
+            if error == _openssl.SSL_ERROR_ZERO_RETURN:
                 ended = True
                 break
             # pyOpenSSL's own exception for anything else, as its recv
             # would raise it.
             try:
-                connection._raise_ssl_error(ssl, n)
+                _openssl.raiseError(self.tlsConnection, ssl, n)
             except TLSError:
                 failure = Failure()
             break
         if got:
-            chunks.append(_ffi.buffer(buf, got)[:])
+            chunks.append(_openssl.bufferOf(buf, got)[:])
         self._delivered(chunks, ended, failure)
 
-    def _flushReceiveBIOByRecord(self):
+    def _receiveByRecord(self):
         """
-        L{_flushReceiveBIO} through pyOpenSSL's C{recv}, one record per
-        call, for a pyOpenSSL without the binding it uses.
+        L{receiveRecords} through pyOpenSSL's C{recv}, one record per call,
+        for a pyOpenSSL without the binding it uses.
         """
-        connection = self._tlsConnection
+        connection = self.tlsConnection
+        memoryBIOLength = _openssl.memoryBIOLength
         chunks = []
         ended = failure = None
-        while not self._lostTLSConnection:
+        while not self.tlsLost:
             try:
                 chunks.append(connection.recv(_BIO_READ))
             except WantReadError:
@@ -930,9 +920,9 @@ class PeerTLSProtocol(TLSMemoryBIOProtocol):
                 failure = Failure()
                 break
             if (
-                _memoryBIOLength is not None
+                memoryBIOLength is not None
                 and not connection.pending()
-                and _memoryBIOLength(connection._into_ssl, _MEMORY_BIO_DATA) <= 0
+                and memoryBIOLength(_openssl.receiveBIOOf(connection), _openssl.MEMORY_BIO_DATA) <= 0
             ):
                 break
         self._delivered(chunks, ended, failure)
@@ -942,14 +932,13 @@ class PeerTLSProtocol(TLSMemoryBIOProtocol):
         Deliver the cleartext C{chunks} of a read in one C{dataReceived},
         then act on the end of TLS (C{ended}) or an error (C{failure}).
         """
-        if chunks and not self._aborted:
+        if chunks and not self.aborted:
             ProtocolWrapper.dataReceived(self, chunks[0] if len(chunks) == 1 else b"".join(chunks))
         if ended:
-            self._shutdownTLS()
-            self._tlsShutdownFinished(None)
+            self.tlsEnded()
         elif failure is not None:
-            self._tlsShutdownFinished(failure)
-        self._flushSendBIO()
+            self.tlsFailed(failure)
+        self.sendRecords()
 
 
 class RefusableTLSFactory(TLSMemoryBIOFactory):
@@ -967,31 +956,6 @@ class RefusableTLSFactory(TLSMemoryBIOFactory):
         if protocol is None:
             return None
         return self.protocol(self, protocol)
-
-
-def _writeNow(transport, data):
-    """
-    Write C{data} to a plain TCP transport, straight to the socket if
-    nothing is queued ahead of it.
-
-    Twisted's C{write} always waits for the next reactor turn: two
-    C{epoll_ctl} calls and a wake-up per destination per read, about a fifth
-    of the relay's CPU under load. The socket accepts the write now in the
-    common case; whatever it does not take (or an error, which Twisted then
-    finds and reports the usual way) goes through C{write}. "Nothing queued"
-    is read from the two buffers of Twisted's C{FileDescriptor}, which is
-    why only a plain C{tcp.Server} transport comes here.
-
-    C{data} may be a memoryview of a buffer that is reused (the records of
-    L{PeerTLSProtocol}): what C{write} keeps is a copy.
-    """
-    if not transport.dataBuffer and not transport._tempDataLen and transport.connected and not transport.disconnecting:
-        sent = transport.writeSomeData(data)
-        if isinstance(sent, int):
-            if sent == len(data):
-                return
-            data = data[sent:]
-    transport.write(bytes(data))
 
 
 def _originHost(origin):
@@ -1020,9 +984,12 @@ class PeerWebSocketFactory(WebSocketServerFactory):
         super().__init__(server="relay", reactor=reactor)
         self.relay = relay
         self.highWater = highWater
-        # The peer whose read is being taken apart, and the peers with
-        # frames queued meanwhile (PeerWebSocketProtocol.flush).
-        self.reading = None
+        # Whether a lean read is being taken apart (its messages are then
+        # queued per destination, and written by flush once it is done),
+        # and the peers with frames queued meanwhile
+        # (PeerWebSocketProtocol.flush). The reactor runs one read at a
+        # time, so this is the factory's, not any one peer's.
+        self.batching = False
         self.batched = []
         # Both handshake timeouts run on the relay's clock instead of
         # Autobahn's (txaio's global loop): the session's 10 s limit starts at

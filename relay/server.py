@@ -162,17 +162,6 @@ class Relay:
     def limits(self):
         return self.admission.limits
 
-    @limits.setter
-    def limits(self, limits):
-        self.admission.limits = limits
-
-    @property
-    def pendingHandshakes(self):
-        """
-        Connections that have not authenticated yet.
-        """
-        return self.admission.pending
-
     # What a session asks during its handshake
 
     def authenticate(self, token):
@@ -251,14 +240,17 @@ class Relay:
             if self.forwarder is not None:
                 self.forwarder.peerDisconnected(session)
 
-    def route(self, destinationID, message):
+    def route(self, destinationID, message, dropped=None):
         """
-        Deliver a stamped Transport message to C{destinationID}.
+        Deliver a stamped Transport message to C{destinationID}; a refusal
+        by a local destination is told to C{dropped} (see L{IRelay.route}).
         """
         peer = self.store.peers.get(destinationID)
         if peer is not None:
             if peer.sendMessage(message):
                 self.counters.transferSentBytes += len(message)
+            elif dropped is not None:
+                dropped(peer, len(message))
         elif self.forwarder is not None:
             self.counters.transferSentBytes += len(message)
             self.forwarder.forward(destinationID, message)

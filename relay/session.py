@@ -46,7 +46,9 @@ class PeerSession:
         C{closeLink()} (abort), C{closeGracefully()} (Close message, then close),
         C{transportName} and C{peerAddress}; optionally C{maxMessageSize},
         the largest message it can carry now (a QUIC datagram's room), by
-        which id lists are split; without it, 8820 bytes (WebSocket).
+        which id lists are split; without it, 8820 bytes (WebSocket);
+        optionally C{messageDropped(destination, size)}, told of each
+        Transport it carried that a destination refused (L{IRelay.route}).
     @ivar peerID: the authenticated id, or None before Auth.
     @ivar registeredAt: when the peer was stored (unix time).
     @ivar lastTransport: when the peer last sent a Transport message.
@@ -70,6 +72,11 @@ class PeerSession:
         self._missed = 0
         self._bucket = None
         self._stampPrefix = None
+        # What the link is told when a Transport it carried is dropped for a
+        # congested destination (relay.peer pauses such a WebSocket sender);
+        # None for links that are never paused (QUIC: one connection, many
+        # flows).
+        self._dropped = getattr(link, "messageDropped", None)
         relay.admission.enter(self, getattr(link, "sourceHost", None))
         self._pending = True
         self._timer = relay.clock.callLater(HANDSHAKE_TIMEOUT, self._timerFired)
@@ -229,6 +236,7 @@ class PeerSession:
             relay.route(
                 message[m.HEADER_SIZE : m.TRANSPORT_HEADER_SIZE],
                 self._stampPrefix + message[m.TRANSPORT_HEADER_SIZE :],
+                self._dropped,
             )
             return
         try:

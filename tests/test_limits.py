@@ -267,7 +267,7 @@ class SessionLimitTests(unittest.TestCase):
         self.relay = makeRelay(self.clock)
 
     def test_maxPending(self):
-        self.relay.limits = Limits(maxPending=2)
+        self.relay = makeRelay(self.clock, limits=Limits(maxPending=2))
         links = [FakeLink() for _ in range(3)]
         waiting = [PeerSession(self.relay, link) for link in links[:2]]
         self.clock.advance(EVICTABLE_AFTER)
@@ -276,21 +276,21 @@ class SessionLimitTests(unittest.TestCase):
         self.assertEqual([link.aborted for link in links], [True, False, False])
         self.assertTrue(waiting[0].closed)
         self.assertEqual(self.relay.counters.handshakeRejects["pending_evicted"], 1)
-        self.assertEqual(self.relay.pendingHandshakes, 2)
+        self.assertEqual(self.relay.admission.pending, 2)
         waiting[0].linkLost()
-        self.assertEqual(self.relay.pendingHandshakes, 2)
+        self.assertEqual(self.relay.admission.pending, 2)
         # The others are unaffected and authenticate; then there is room.
         waiting[1].messageReceived(authMessage("peer-a"))
         self.assertEqual(waiting[1].peerID, A)
-        self.assertEqual(self.relay.pendingHandshakes, 1)
+        self.assertEqual(self.relay.admission.pending, 1)
         waiting[2].linkLost()
-        self.assertEqual(self.relay.pendingHandshakes, 0)
+        self.assertEqual(self.relay.admission.pending, 0)
         later = FakeLink()
         PeerSession(self.relay, later)
         self.assertFalse(later.aborted)
 
     def test_maxPeers(self):
-        self.relay.limits = Limits(maxPeers=2)
+        self.relay = makeRelay(self.clock, limits=Limits(maxPeers=2))
         a, linkA = connect(self.relay, "peer-a")
         b, linkB = connect(self.relay, "peer-b")
         link = FakeLink()
@@ -309,7 +309,7 @@ class SessionLimitTests(unittest.TestCase):
         self.assertEqual(linkB.written, [])
 
     def test_peerByteRate(self):
-        self.relay.limits = Limits(peerByteRate=10000)
+        self.relay = makeRelay(self.clock, limits=Limits(peerByteRate=10000))
         a, linkA = connect(self.relay, "peer-a")
         b, linkB = connect(self.relay, "peer-b")
         c, linkC = connect(self.relay, "peer-c")
@@ -339,7 +339,7 @@ class ConnectionLimitTests(unittest.TestCase):
         self.relay = makeRelay(self.clock)
 
     def factory(self, limits):
-        self.relay.limits = limits
+        self.relay = makeRelay(self.clock, limits=limits)
         return PeerWebSocketFactory(self.relay, self.clock)
 
     def test_perIPRefusedBeforeAnyByte(self):
@@ -441,8 +441,7 @@ class FloodTests(unittest.TestCase):
 
     def setUp(self):
         self.clock = Clock()
-        self.relay = makeRelay(self.clock)
-        self.relay.limits = Limits(maxPeers=50000, maxPending=2048)
+        self.relay = makeRelay(self.clock, limits=Limits(maxPeers=50000, maxPending=2048))
         self.factory = PeerWebSocketFactory(self.relay, self.clock)
         self.ports = iter(range(1024, 65536))
         self.open = []
@@ -459,7 +458,7 @@ class FloodTests(unittest.TestCase):
                     self.connect(host)
             self.clock.advance(step)
             self.open = [c for c in self.open if not c.reap()]
-            self.assertLessEqual(self.relay.pendingHandshakes, 2048)
+            self.assertLessEqual(self.relay.admission.pending, 2048)
 
     def agentAuthenticates(self, host, name):
         agent = self.connect(host)
@@ -474,7 +473,7 @@ class FloodTests(unittest.TestCase):
     def test_agentFromElsewhereGetsIn(self):
         sources = ["198.51.100.1", "198.51.100.2", "198.51.100.3"]
         self.flood(sources, 90, 20)
-        self.assertEqual(self.relay.pendingHandshakes, 2048)
+        self.assertEqual(self.relay.admission.pending, 2048)
         self.agentAuthenticates("203.0.113.4", "peer-a")
         self.agentAuthenticates("2001:db8:4::1", "peer-b")
         # The flood keeps going; the agents stay, and so does the bound.
@@ -495,7 +494,7 @@ class FloodTests(unittest.TestCase):
         # A /64 is one source, however many addresses it uses.
         hosts = [f"2001:db8:0:1::{i:x}" for i in range(1, 301)]
         self.flood(hosts, 1, 10, step=1)
-        self.assertEqual(self.relay.pendingHandshakes, 2048)
+        self.assertEqual(self.relay.admission.pending, 2048)
         self.assertEqual(list(self.relay.admission._bySource), ["2001:db8:0:1::/64"])
         self.agentAuthenticates("2001:db8:0:2::1", "peer-a")
 

@@ -24,8 +24,8 @@ from relay.peer import (
     MESSAGES_PER_TURN,
     SENDER_PAUSE,
     PeerWebSocketFactory,
-    _writeNow,
 )
+from relay.internals.twisted import writeNow as _writeNow
 from tests.helpers import authMessage, makeRelay, stamped
 
 A, B = m.peerID("peer-a"), m.peerID("peer-b")
@@ -306,9 +306,9 @@ class UpgradeRequestTests(PeerTestCase):
         self.assertFalse(peer.transport.disconnected, "the answer is written before the close")
         peer.protocol.dataReceived(b"p" * 100000 + b"\r\n\r\n")
         self.assertEqual(self.relay.counters.handshakeRejects["request_too_large"], 1)
-        self.assertEqual(self.relay.pendingHandshakes, 1)
+        self.assertEqual(self.relay.admission.pending, 1)
         peer.protocol.connectionLost(Failure(ConnectionLost("gone")))
-        self.assertEqual(self.relay.pendingHandshakes, 0)
+        self.assertEqual(self.relay.admission.pending, 0)
 
     def test_searchedOncePerRead(self):
         """
@@ -366,9 +366,9 @@ class ControlFrameTests(PeerTestCase):
         a.protocol.dataReceived(b"".join(clientFrame(b"", opcode=10) for _ in range(MAX_CONTROL_FRAMES_BEFORE_AUTH + 1)))
         self.assertTrue(a.closed)
         self.assertEqual(self.relay.counters.handshakeRejects["control_frames"], 1)
-        self.assertEqual(self.relay.pendingHandshakes, 1)
+        self.assertEqual(self.relay.admission.pending, 1)
         a.protocol.connectionLost(Failure(ConnectionLost("gone")))
-        self.assertEqual(self.relay.pendingHandshakes, 0)
+        self.assertEqual(self.relay.admission.pending, 0)
 
     def test_tooManyBeforeAuthInsideAMessageRefused(self):
         a = self.peer()
@@ -604,7 +604,7 @@ class BatchTests(PeerTestCase):
         self.assertEqual(b.messages(), self.expected(toB))
         self.assertEqual(c.messages(), [stamped(x, A) for x in toC])
         self.assertEqual(self.factory.batched, [])
-        self.assertIsNone(self.factory.reading)
+        self.assertFalse(self.factory.batching)
 
     def test_writesOutsideAReadAreImmediate(self):
         """
@@ -630,7 +630,7 @@ class BatchTests(PeerTestCase):
 
 class _FakeTCP:
     """
-    The parts of L{twisted.internet.tcp.Connection} that L{_writeNow} uses;
+    The parts of L{twisted.internet.tcp.Connection} that L{relay.internals.twisted.writeNow} uses;
     the socket takes C{accept} bytes, or fails with C{error}.
     """
 
@@ -832,6 +832,22 @@ class SenderPauseTests(PeerTestCase):
         self.assertEqual(self.relay.counters.dropped["slow_consumer"], 2)
         self.assertEqual(self.relay.counters.senderPauses, 1)
         self.assertEqual(a.transport.producerState, "producing")
+
+    def test_dropsOnTheAutobahnPathPauseNobody(self):
+        """
+        A drop of a fragmented message (Autobahn's path) neither pauses its
+        sender nor counts towards the pause of its next lean read.
+        """
+        a, b, c = self.congested()
+        self.clock.advance(SENDER_PAUSE)
+        message = m.encodeTransport(B, b"x" * 1400)
+        a.protocol.dataReceived(clientFrame(message[:700], fin=False) + clientFrame(message[700:], opcode=0))
+        self.assertEqual(self.relay.counters.dropped["slow_consumer"], 2)
+        self.assertEqual(a.transport.producerState, "producing")
+        a.send(m.encodeTransport(m.peerID("peer-c"), b"y" * 1400))
+        self.assertEqual(len(c.messages()), 1)
+        self.assertEqual(a.transport.producerState, "producing")
+        self.assertEqual(self.relay.counters.senderPauses, 1)
 
 
 class BatchPropertyTests(PeerTestCase):

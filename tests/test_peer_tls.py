@@ -18,12 +18,13 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
+from twisted.protocols.tls import BufferingTLSTransport
 from twisted.trial import unittest
 from websockets.asyncio.client import connect
 
 from relay import messages as m
 from relay.auth import TokenValidator
+from relay.internals import openssl
 from relay.peer import PeerTLSProtocol, PeerWebSocketFactory, PeerWebSocketProtocol, RefusableTLSFactory
 from relay.server import Relay
 from relay.store import Store
@@ -244,10 +245,8 @@ class WriteNowTests(unittest.SynchronousTestCase):
         More records than the shared send buffer holds go out as pyOpenSSL
         reads them, still in one send.
         """
-        from relay import peer
-
         pair = self.connected()
-        data = os.urandom(peer._SEND_BUFFER_SIZE + 50_000)
+        data = os.urandom(openssl.SEND_BUFFER_SIZE + 50_000)
         pair.server.writeNow(data)
         self.assertEqual((len(pair.transport.sent), pair.transport.written), (1, []))
         pair.toClient()
@@ -258,9 +257,7 @@ class WriteNowTests(unittest.SynchronousTestCase):
         Without SSL_write and BIO_read from pyOpenSSL's binding, pyOpenSSL's
         send and bio_read do the work.
         """
-        from relay import peer
-
-        self.patch(peer, "_sslWrite", None)
+        self.patch(openssl, "sslWrite", None)
         pair = self.connected(accept=1000)
         data = os.urandom(100_000)
         pair.server.writeNow(data)
@@ -482,10 +479,8 @@ class ReadTests(unittest.SynchronousTestCase):
         A read of more records than the shared receive buffer holds is
         delivered whole, in order, in one piece.
         """
-        from relay import peer
-
         pair = self.connected()
-        messages = [os.urandom(9000) for _ in range(peer._RECEIVE_BUFFER_SIZE // 9000 * 2 + 3)]
+        messages = [os.urandom(9000) for _ in range(openssl.RECEIVE_BUFFER_SIZE // 9000 * 2 + 3)]
         for msg in messages:
             pair.client.sendall(msg)
         pair.toServer()
@@ -497,9 +492,7 @@ class ReadTests(unittest.SynchronousTestCase):
         Without SSL_read from pyOpenSSL's binding the records are read with
         pyOpenSSL's recv, and still delivered in one piece.
         """
-        from relay import peer
-
-        self.patch(peer, "_sslRead", None)
+        self.patch(openssl, "sslRead", None)
         pair = self.connected()
         messages = [b"%04d" % i * 300 for i in range(50)]
         for msg in messages:
@@ -514,11 +507,9 @@ class ReadTests(unittest.SynchronousTestCase):
         Without the private binding (a changed pyOpenSSL) reads and writes
         work as before, on Twisted's exceptions.
         """
-        from relay import peer
-
-        self.patch(peer, "_memoryBIOLength", None)
-        self.patch(peer, "_sslRead", None)
-        self.patch(peer, "_sslWrite", None)
+        self.patch(openssl, "memoryBIOLength", None)
+        self.patch(openssl, "sslRead", None)
+        self.patch(openssl, "sslWrite", None)
         pair = self.connected()
         messages = [b"%04d" % i * 300 for i in range(50)]
         for msg in messages:
@@ -605,133 +596,6 @@ class TLS12Tests(unittest.SynchronousTestCase):
         pair.toServer()
         self.assertEqual(pair.app.received, [b"last words"])
         self.assertIn("lose", pair.transport.lost)
-
-
-class TwistedInternalsTests(unittest.SynchronousTestCase):
-    """
-    PeerTLSProtocol overrides and reads private parts of Twisted's
-    TLSMemoryBIOProtocol (why: its default buffers every TLS write until
-    the next reactor turn; see the class docstring and README, performance).
-    These fail clearly if an installed Twisted changes them.
-    """
-
-    def test_overriddenMethods(self):
-        import twisted
-
-        for name in ("_write", "_flushSendBIO", "_flushReceiveBIO", "_bufferedWrite", "_shutdownTLS",
-                     "_tlsShutdownFinished", "_unbufferPendingWrites"):
-            self.assertTrue(callable(getattr(TLSMemoryBIOProtocol, name, None)),
-                            f"Twisted {twisted.__version__}: TLSMemoryBIOProtocol.{name} is gone; "
-                            f"relay.peer.PeerTLSProtocol overrides or calls it")
-
-    def test_state(self):
-        import twisted
-
-        pair = _InMemory(self, _fakeTCP())
-        for name in ("_tlsConnection", "_lostTLSConnection", "_aborted", "_producer", "_appSendBuffer",
-                     "_handshakeDone"):
-            self.assertTrue(hasattr(pair.server, name),
-                            f"Twisted {twisted.__version__}: TLSMemoryBIOProtocol has no {name}; "
-                            f"relay.peer.PeerTLSProtocol reads it")
-
-    def test_writeGoesThroughOverride(self):
-        """
-        Twisted's C{write} and C{dataReceived} still call C{self._write} and
-        C{self._flushReceiveBIO}, the methods overridden.
-        """
-        calls = []
-
-        class Spy(PeerTLSProtocol):
-            def _write(self, data):
-                calls.append("_write")
-                super()._write(data)
-
-            def _flushReceiveBIO(self):
-                calls.append("_flushReceiveBIO")
-                super()._flushReceiveBIO()
-
-        pair = _InMemory(self, _fakeTCP())
-        spy = Spy(pair.factory, _Recorder())
-        pair.server = spy
-        spy.makeConnection(pair.transport)
-        pair.app = spy.wrappedProtocol
-        pair.handshake()
-        spy.write(b"x")
-        self.assertIn("_write", calls, "TLSMemoryBIOProtocol.write no longer calls self._write")
-        self.assertIn("_flushReceiveBIO", calls,
-                      "TLSMemoryBIOProtocol.dataReceived no longer calls self._flushReceiveBIO")
-
-    def test_pyOpenSSLSendTakesAMemoryview(self):
-        pair = _InMemory(self, _fakeTCP())
-        pair.handshake()
-        self.assertEqual(pair.server._tlsConnection.send(memoryview(b"abcdef")[2:]), 4)
-        pair.server._flushSendBIO()
-        pair.toClient()
-        self.assertEqual(pair.clientReceived(), b"cdef")
-
-    def test_memoryBIOLength(self):
-        """
-        PeerTLSProtocol reads how much a memory BIO holds through pyOpenSSL's
-        private binding (C{OpenSSL._util.lib.BIO_get_mem_data}) and
-        Connection attributes (C{_into_ssl}, C{_from_ssl}); without them it
-        still works, with two exceptions more per read (see relay.peer).
-        """
-        import OpenSSL
-
-        from relay import peer
-
-        self.assertIsNotNone(peer._memoryBIOLength,
-                             f"pyOpenSSL {OpenSSL.__version__}: OpenSSL._util.lib.BIO_get_mem_data is gone")
-        pair = _InMemory(self, _fakeTCP())
-        connection = pair.server._tlsConnection
-        for name in ("_into_ssl", "_from_ssl"):
-            self.assertTrue(hasattr(connection, name), f"pyOpenSSL {OpenSSL.__version__}: Connection has no {name}")
-        pair.handshake()
-        pair.wire()
-        self.assertEqual(peer._memoryBIOLength(connection._from_ssl, peer._MEMORY_BIO_DATA), 0)
-        connection.send(b"x" * 100)
-        waiting = peer._memoryBIOLength(connection._from_ssl, peer._MEMORY_BIO_DATA)
-        self.assertEqual(len(connection.bio_read(2**16)), waiting)
-        pair.client.send(b"y" * 100)
-        incoming = pair.client.bio_read(2**16)
-        connection.bio_write(incoming)
-        self.assertEqual(peer._memoryBIOLength(connection._into_ssl, peer._MEMORY_BIO_DATA), len(incoming))
-
-    def test_sslRead(self):
-        """
-        PeerTLSProtocol decrypts a read's records with SSL_read and
-        SSL_get_error from pyOpenSSL's private binding, on the Connection's
-        C{_ssl}, encrypts with SSL_write and reads the records out with
-        BIO_read, and has pyOpenSSL raise its own exception for an error
-        (C{Connection._raise_ssl_error}); without them it reads record by
-        record with C{recv} and writes with C{send} (see relay.peer).
-        """
-        import OpenSSL
-
-        from relay import peer
-
-        self.assertIsNotNone(peer._sslRead, f"pyOpenSSL {OpenSSL.__version__}: OpenSSL._util.lib.SSL_read or "
-                                            f"SSL_get_error is gone")
-        self.assertIsNotNone(peer._sslWrite, f"pyOpenSSL {OpenSSL.__version__}: OpenSSL._util.lib.SSL_write or "
-                                             f"BIO_read is gone")
-        pair = _InMemory(self, _fakeTCP())
-        connection = pair.server._tlsConnection
-        for name in ("_ssl", "_raise_ssl_error"):
-            self.assertTrue(hasattr(connection, name), f"pyOpenSSL {OpenSSL.__version__}: Connection has no {name}")
-        self.assertRaises(SSL.WantReadError, connection._raise_ssl_error, connection._ssl,
-                          peer._sslRead(connection._ssl, peer._receiveBuffer, 10))
-
-    def test_tcpServerState(self):
-        """
-        L{relay.peer._writeNow} reads C{dataBuffer} and C{_tempDataLen} of
-        Twisted's C{FileDescriptor} and calls C{writeSomeData}.
-        """
-        from twisted.internet.abstract import FileDescriptor
-
-        t = tcp.Server.__new__(tcp.Server)
-        FileDescriptor.__init__(t, Clock())
-        for name in ("dataBuffer", "_tempDataLen", "writeSomeData", "connected", "disconnecting"):
-            self.assertTrue(hasattr(t, name), f"twisted.internet.tcp.Server has no {name}; relay.peer._writeNow reads it")
 
 
 class IndependentClientTests(unittest.TestCase):

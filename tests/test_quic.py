@@ -677,7 +677,7 @@ class ClockedQuicTests(_ClockedQuicBase):
         counted and given no session; an admitted client's slot is released
         when it leaves, and the next one gets in.
         """
-        self.relay.limits = Limits(maxPerIP=1)
+        self.relay.admission.limits = Limits(maxPerIP=1)
         a = self.connected(A)
         refused = self.client(B)
         self.network.pump(1.0)
@@ -703,7 +703,7 @@ class ClockedQuicTests(_ClockedQuicBase):
         self.client(A, authenticate=False)
         self.network.pump(1.0)
         self.assertEqual(list(self.relay.admission._bySource), ["127.0.0.1"])
-        self.assertEqual(self.relay.pendingHandshakes, 1)
+        self.assertEqual(self.relay.admission.pending, 1)
 
     def test_shutdownSendsCloseThenCode0(self):
         """

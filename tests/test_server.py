@@ -13,7 +13,8 @@ from relay.auth import AuthError, generateToken
 from relay.interfaces import ILocalPeers, IRelay
 from relay.limits import Limits, LogBudget
 from relay.server import LocalPeers
-from tests.helpers import NOW, SECRET, connect, makeRelay
+from relay.session import PeerSession
+from tests.helpers import NOW, SECRET, FakeLink, authMessage, connect, makeRelay, stamped
 
 
 class _Forwarder:
@@ -110,3 +111,69 @@ class LocalPeersTests(SynchronousTestCase):
         self.assertEqual(link.take(), m.encodeIDList(m.PEERS_ONLINE, [b]))
         peers.peerGoneElsewhere(b)
         self.assertEqual(link.take(), m.encodeIDList(m.PEERS_WENT_OFFLINE, [b]))
+
+
+class _TellingLink(FakeLink):
+    """
+    A link that wants to hear of its messages dropped, as a WebSocket one.
+    """
+
+    def __init__(self, address="192.0.2.1:40000"):
+        super().__init__(address)
+        self.drops = []
+
+    def messageDropped(self, destination, size):
+        self.drops.append((destination, size))
+
+
+class RouteTests(SynchronousTestCase):
+    """
+    L{Relay.route} tells the sender's C{dropped} of a refusal by a local
+    destination, and of nothing else.
+    """
+
+    def setUp(self):
+        self.relay = makeRelay(Clock())
+        self.b, self.linkB = connect(self.relay, "peer-b")
+        self.told = []
+
+    def dropped(self, destination, size):
+        self.told.append((destination, size))
+
+    def test_refusalTold(self):
+        self.linkB.accept = False
+        self.relay.route(m.peerID("peer-b"), b"stamped", self.dropped)
+        self.assertEqual(self.told, [(self.b, 7)])
+        self.assertEqual(self.relay.counters.transferSentBytes, 0)
+
+    def test_deliveryNotTold(self):
+        self.relay.route(m.peerID("peer-b"), b"stamped", self.dropped)
+        self.assertEqual(self.told, [])
+        self.assertEqual(self.linkB.take(), [b"stamped"])
+        self.assertEqual(self.relay.counters.transferSentBytes, 7)
+
+    def test_unknownPeerNotTold(self):
+        self.relay.route(m.peerID("nobody"), b"stamped", self.dropped)
+        self.assertEqual(self.told, [])
+        self.assertEqual(self.relay.counters.dropped["unknown_peer"], 1)
+
+    def test_withoutSender(self):
+        self.linkB.accept = False
+        self.relay.route(m.peerID("peer-b"), b"stamped")
+        self.assertEqual(self.relay.counters.transferSentBytes, 0)
+
+    def test_sessionHandsItsLinksMessageDropped(self):
+        """
+        A session routes its Transport messages with its link's
+        C{messageDropped}; a link without one is told nothing.
+        """
+        link = _TellingLink()
+        a = PeerSession(self.relay, link)
+        a.messageReceived(authMessage("peer-a"))
+        self.linkB.accept = False
+        message = m.encodeTransport(m.peerID("peer-b"), b"x" * 100)
+        a.messageReceived(message)
+        self.assertEqual(link.drops, [(self.b, len(stamped(message, m.peerID("peer-a"))))])
+        plain, _ = connect(self.relay, "peer-c")
+        plain.messageReceived(message)
+        self.assertEqual(len(link.drops), 1)

@@ -1,6 +1,7 @@
 """
 What the relay takes from its libraries beyond their public API, one module
-per library (``twisted``, ``autobahn``, ``aioquic``).
+per library (``twisted``, ``openssl`` for pyOpenSSL, ``autobahn``,
+``aioquic``).
 
 Every name in these modules says what it relies on, why the public API is not
 enough, and what it is worth (the measurement). ``tests/test_internals_*.py``
