@@ -67,6 +67,7 @@ except ImportError:  # a platform without the websockets C extension
         key = int.from_bytes((mask * ((n >> 2) + 1))[:n], "little")
         return (int.from_bytes(data, "little") ^ key).to_bytes(n, "little")
 
+
 PATH = "/relay"
 DEFAULT_HIGH_WATER = 1024 * 1024
 CLOSE_TIMEOUT = 3.0
@@ -110,7 +111,10 @@ _MASKED = 0x80
 _MAX_CONTROL_PAYLOAD = 125
 _EMPTY_CONTROL_RUN = re.compile(rb"(?:[\x89\x8a]\x80....)+", re.DOTALL)
 _END_OF_HEAD = b"\r\n\r\n"
-_HEADER_TOO_LARGE = b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+_HEADER_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\nContent-Length: 0\r\n"
+    b"\r\n"
+)
 # Server frame headers for payloads under 126 bytes, built once.
 _SHORT_HEADERS = [bytes((_FIN_BINARY, n)) for n in range(126)]
 _HEADER_16 = bytes((_FIN_BINARY, 126))
@@ -247,18 +251,31 @@ class PeerWebSocketProtocol(_autobahn.ServerProtocol):
         if self._ticket is None:
             realIP = request.headers.get("x-real-ip", "").strip()
             if realIP:
-                self.peerAddress = f"{realIP}:{request.headers.get('x-real-port', '?').strip()} via {self.peerAddress}"
+                self.peerAddress = (
+                    f"{realIP}:{request.headers.get('x-real-port', '?').strip()} via "
+                    f"{self.peerAddress}"
+                )
             if not self._admit(realIP or self.transport.getPeer().host):
                 raise ConnectionDeny(429, "Too Many Requests")
             if realIP:
                 self.sourceHost = realIP
                 self.factory.relay.admission.move(self.session, realIP)
         if request.path != PATH:
-            self.factory.relay.noisyLog(self._log.info, "{where}: refused WebSocket upgrade for path {path!r}", where=self.peerAddress, path=request.path)
+            self.factory.relay.noisyLog(
+                self._log.info,
+                "{where}: refused WebSocket upgrade for path {path!r}",
+                where=self.peerAddress,
+                path=request.path,
+            )
             raise ConnectionDeny(ConnectionDeny.NOT_FOUND, "Not Found")
         origin = request.headers.get("origin")
         if origin and _originHost(origin) != request.headers.get("host", "").strip().lower():
-            self.factory.relay.noisyLog(self._log.info, "{where}: refused WebSocket upgrade from origin {origin!r}", where=self.peerAddress, origin=origin)
+            self.factory.relay.noisyLog(
+                self._log.info,
+                "{where}: refused WebSocket upgrade from origin {origin!r}",
+                where=self.peerAddress,
+                origin=origin,
+            )
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "Forbidden")
         return None
 
@@ -322,7 +339,11 @@ class PeerWebSocketProtocol(_autobahn.ServerProtocol):
             return bytes(head)
         if end >= 0 or len(head) > MAX_UPGRADE_REQUEST:
             self._head = None
-            self._refuse("request_too_large", f"upgrade request over {MAX_UPGRADE_REQUEST} bytes", _HEADER_TOO_LARGE)
+            self._refuse(
+                "request_too_large",
+                f"upgrade request over {MAX_UPGRADE_REQUEST} bytes",
+                _HEADER_TOO_LARGE,
+            )
         return None
 
     def _refuse(self, reason, detail, answer=None):
@@ -334,7 +355,12 @@ class PeerWebSocketProtocol(_autobahn.ServerProtocol):
         if self.session.closed:
             return
         relay = self.factory.relay
-        relay.noisyLog(self._log.warn, "{where}: handshake rejected: {detail}", where=self.peerAddress, detail=detail)
+        relay.noisyLog(
+            self._log.warn,
+            "{where}: handshake rejected: {detail}",
+            where=self.peerAddress,
+            detail=detail,
+        )
         relay.counters.handshakeRejects[reason] += 1
         self._answer = answer
         # After the answer Autobahn must not parse anything more.
@@ -377,7 +403,9 @@ class PeerWebSocketProtocol(_autobahn.ServerProtocol):
             first = data[pos]
             size = data[pos + 1] - _MASKED
             if first != _FIN_BINARY:
-                if (first != _FIN_PING and first != _FIN_PONG) or not 0 <= size <= _MAX_CONTROL_PAYLOAD:
+                if (
+                    first != _FIN_PING and first != _FIN_PONG
+                ) or not 0 <= size <= _MAX_CONTROL_PAYLOAD:
                     whole = False
                     break
                 # Only the latest PING is answered, once the read is done.
@@ -465,7 +493,11 @@ class PeerWebSocketProtocol(_autobahn.ServerProtocol):
                 self._refuse("control_frames", f"{self._controlFrames} control frames before Auth")
                 return True
         if ping is not None:
-            self._answerPing(apply_mask(data[ping + 6 : ping + 6 + data[ping + 1] - _MASKED], data[ping + 2 : ping + 6]))
+            self._answerPing(
+                apply_mask(
+                    data[ping + 6 : ping + 6 + data[ping + 1] - _MASKED], data[ping + 2 : ping + 6]
+                )
+            )
         return False
 
     def _answerPing(self, payload):
@@ -504,7 +536,9 @@ class PeerWebSocketProtocol(_autobahn.ServerProtocol):
     def _countMessageFrame(self):
         self._messageFrames += 1
         if self._messageFrames > MAX_FRAMES_PER_MESSAGE:
-            self._violation("fragments", f"more than {MAX_FRAMES_PER_MESSAGE} frames in one message")
+            self._violation(
+                "fragments", f"more than {MAX_FRAMES_PER_MESSAGE} frames in one message"
+            )
             return False
         return True
 
@@ -552,7 +586,9 @@ class PeerWebSocketProtocol(_autobahn.ServerProtocol):
             if code == 1006 and session.peerID is not None:
                 self._log.info(CLOSE_LINE, **fields)
             else:
-                self.factory.relay.noisyLog(self._log.info if code == 1006 else self._log.warn, CLOSE_LINE, **fields)
+                self.factory.relay.noisyLog(
+                    self._log.info if code == 1006 else self._log.warn, CLOSE_LINE, **fields
+                )
 
     # The link interface of PeerSession
 
@@ -922,7 +958,8 @@ class PeerTLSProtocol(_twisted.TLSProtocol):
             if (
                 memoryBIOLength is not None
                 and not connection.pending()
-                and memoryBIOLength(_openssl.receiveBIOOf(connection), _openssl.MEMORY_BIO_DATA) <= 0
+                and memoryBIOLength(_openssl.receiveBIOOf(connection), _openssl.MEMORY_BIO_DATA)
+                <= 0
             ):
                 break
         self._delivered(chunks, ended, failure)
@@ -1032,7 +1069,9 @@ class PeerWebSocketFactory(WebSocketServerFactory):
         return protocol
 
     def refused(self, where, reason):
-        self.relay.noisyLog(self._log.warn, "{where}: connection refused: {reason}", where=where, reason=reason)
+        self.relay.noisyLog(
+            self._log.warn, "{where}: connection refused: {reason}", where=where, reason=reason
+        )
         self.relay.counters.handshakeRejects[reason] += 1
 
     def flush(self):

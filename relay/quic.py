@@ -91,7 +91,6 @@ from aioquic.buffer import Buffer, size_uint_var
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
-from aioquic.quic.recovery import QuicPacketPacer
 from aioquic.quic.packet import (
     QuicErrorCode,
     QuicFrameType,
@@ -100,6 +99,7 @@ from aioquic.quic.packet import (
     encode_quic_version_negotiation,
     pull_quic_header,
 )
+from aioquic.quic.recovery import QuicPacketPacer
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from twisted.application import service
@@ -109,12 +109,12 @@ from twisted.logger import Logger
 
 from relay import messages as m
 from relay.addresses import joinAddress
-from relay.logtext import quoted
-from relay.peer import CLOSE_REASON_SHOWN
-from relay.server import ConfigurationError
 from relay.internals import aioquic as internals
 from relay.internals.twisted import listenUDPIntoBuffer
+from relay.logtext import quoted
+from relay.peer import CLOSE_REASON_SHOWN
 from relay.quiclean import LeanPath
+from relay.server import ConfigurationError
 from relay.session import PeerSession
 
 # aioquic reports every refused handshake through the standard library's
@@ -277,7 +277,12 @@ class _SocketSender:
                 if j - i == 1:
                     sock.sendto(data, addr)
                 else:
-                    sock.sendmsg([d for d, _ in datagrams[i:j]], [(socket.SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))], 0, addr)
+                    sock.sendmsg(
+                        [d for d, _ in datagrams[i:j]],
+                        [(socket.SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))],
+                        0,
+                        addr,
+                    )
             except OSError as e:
                 if j - i > 1 and e.errno in GSO_REFUSED:
                     self.gso = False
@@ -305,9 +310,13 @@ def serverConfiguration(certFile, keyFile):
     try:
         configuration.load_cert_chain(certFile, keyFile)
     except OSError as e:
-        raise ConfigurationError(f"cannot read TLS files {certFile!r} / {keyFile!r} for QUIC: {e.strerror}") from None
+        raise ConfigurationError(
+            f"cannot read TLS files {certFile!r} / {keyFile!r} for QUIC: {e.strerror}"
+        ) from None
     except (ValueError, TypeError, IndexError) as e:
-        raise ConfigurationError(f"invalid TLS certificate or key for QUIC in {certFile!r} / {keyFile!r}: {e}") from None
+        raise ConfigurationError(
+            f"invalid TLS certificate or key for QUIC in {certFile!r} / {keyFile!r}: {e}"
+        ) from None
     return configuration
 
 
@@ -366,7 +375,12 @@ class _QuicDriver:
         The largest payload of one DATAGRAM frame in a packet to the peer now.
         """
         quic = self.quic
-        return _payloadRoom(internals.maxDatagramSize(quic) - SHORT_HEADER_SIZE - len(internals.peerConnectionID(quic)) - AEAD_TAG_SIZE)
+        return _payloadRoom(
+            internals.maxDatagramSize(quic)
+            - SHORT_HEADER_SIZE
+            - len(internals.peerConnectionID(quic))
+            - AEAD_TAG_SIZE
+        )
 
     def _shrinkCryptoBuffers(self):
         """
@@ -417,7 +431,11 @@ class _QuicDriver:
             self.quic.receive_datagram(data, addr, self._clock.seconds())
             self._events()
         except Exception:
-            self._noisy(self._log.failure, "QUIC connection from {where}: failed handling a datagram", where=joinAddress(addr[0], addr[1]))
+            self._noisy(
+                self._log.failure,
+                "QUIC connection from {where}: failed handling a datagram",
+                where=joinAddress(addr[0], addr[1]),
+            )
             self._failed()
         self._needFlush()
 
@@ -504,7 +522,11 @@ class _QuicDriver:
                 return
         # Only when the pacer lets a packet leave now: aioquic does not pace
         # a due ACK, and one held back would be due again at once, forever.
-        if space.ack_at is not None and space.ack_at > now and internals.pacer(self.quic).next_send_time(now) is None:
+        if (
+            space.ack_at is not None
+            and space.ack_at > now
+            and internals.pacer(self.quic).next_send_time(now) is None
+        ):
             space.ack_at = now
 
     def _droppedTooLarge(self):
@@ -591,7 +613,12 @@ class QuicPeerLink(_QuicDriver):
         reason = relay.admission.admit(self.sourceHost)
         if reason is not None:
             relay.counters.handshakeRejects[reason] += 1
-            relay.noisyLog(self._log.warn, "{where}: QUIC connection refused: {reason}", where=self.peerAddress, reason=reason)
+            relay.noisyLog(
+                self._log.warn,
+                "{where}: QUIC connection refused: {reason}",
+                where=self.peerAddress,
+                reason=reason,
+            )
             self._close(CLOSE_ERROR, "refused")
             return
         self._admitted = True
@@ -617,7 +644,11 @@ class QuicPeerLink(_QuicDriver):
                         if self._open:
                             session.messageReceived(payload)
             except Exception:
-                self._noisy(self._log.failure, "QUIC connection from {where}: failed handling a datagram", where=self.peerAddress)
+                self._noisy(
+                    self._log.failure,
+                    "QUIC connection from {where}: failed handling a datagram",
+                    where=self.peerAddress,
+                )
                 self._failed()
                 return
             if payloads is not None:
@@ -651,7 +682,11 @@ class QuicPeerLink(_QuicDriver):
             # The protocol has no streams. A client that opens one is not an
             # agent; closing at once frees what aioquic would buffer for it.
             self._protocol.counters["stream_refused"] += 1
-            self._noisy(self._log.info, "{where}: QUIC client opened a stream; closing", where=self.peerAddress)
+            self._noisy(
+                self._log.info,
+                "{where}: QUIC client opened a stream; closing",
+                where=self.peerAddress,
+            )
             self._close(CLOSE_ERROR, "streams are not supported")
 
     def _eventsHandled(self):
@@ -666,7 +701,11 @@ class QuicPeerLink(_QuicDriver):
         remote = self._remoteMaxDatagramFrameSize()
         if not remote:
             self._protocol.counters["no_datagrams"] += 1
-            self._noisy(self._log.info, "{where}: QUIC client did not enable datagrams; closing", where=self.peerAddress)
+            self._noisy(
+                self._log.info,
+                "{where}: QUIC client did not enable datagrams; closing",
+                where=self.peerAddress,
+            )
             self._close(CLOSE_ERROR, "datagrams are required")
             return
         self._frameRoom = _payloadRoom(remote)
@@ -682,7 +721,9 @@ class QuicPeerLink(_QuicDriver):
             self._lean = LeanPath(self.quic)
 
     def _terminated(self, event):
-        if not self._closedHere and (event.error_code != CLOSE_NORMAL or event.reason_phrase == "Idle timeout"):
+        if not self._closedHere and (
+            event.error_code != CLOSE_NORMAL or event.reason_phrase == "Idle timeout"
+        ):
             # The reason phrase is the client's text, up to a datagram long.
             self._noisy(
                 self._log.info,
@@ -736,7 +777,9 @@ class QuicPeerLink(_QuicDriver):
         self._open = False
         self._graceful = True
         self.queueDatagram(m.CLOSE_MESSAGE)
-        self._gracefulTimer = self._clock.callLater(CLOSE_TIMEOUT, self._close, CLOSE_NORMAL, "relay shutting down")
+        self._gracefulTimer = self._clock.callLater(
+            CLOSE_TIMEOUT, self._close, CLOSE_NORMAL, "relay shutting down"
+        )
 
     def whenClosed(self):
         """
@@ -790,10 +833,17 @@ class QuicPeerLink(_QuicDriver):
         connection, whose state can no longer be trusted.
         """
         try:
-            self._close(QuicErrorCode.INTERNAL_ERROR, "internal error", frameType=QuicFrameType.PADDING)
+            self._close(
+                QuicErrorCode.INTERNAL_ERROR, "internal error", frameType=QuicFrameType.PADDING
+            )
             self._sendDatagrams(self.quic.datagrams_to_send(self._clock.seconds()))
         except Exception as e:
-            self._noisy(self._log.warn, "QUIC connection from {where}: no CONNECTION_CLOSE sent ({error!r})", where=self.peerAddress, error=e)
+            self._noisy(
+                self._log.warn,
+                "QUIC connection from {where}: no CONNECTION_CLOSE sent ({error!r})",
+                where=self.peerAddress,
+                error=e,
+            )
         self._forget()
 
     def _linkDown(self):
@@ -830,7 +880,14 @@ class _RetryTokens:
         self._aead = AESGCM(AESGCM.generate_key(bit_length=128))
 
     def create(self, addr, originalCID, retryCID):
-        plain = _addressBytes(addr) + bytes([len(originalCID)]) + originalCID + bytes([len(retryCID)]) + retryCID + struct.pack("!d", self._clock.seconds())
+        plain = (
+            _addressBytes(addr)
+            + bytes([len(originalCID)])
+            + originalCID
+            + bytes([len(retryCID)])
+            + retryCID
+            + struct.pack("!d", self._clock.seconds())
+        )
         nonce = os.urandom(12)
         return nonce + self._aead.encrypt(nonce, plain, None)
 
@@ -885,7 +942,14 @@ class QuicPeerProtocol(DatagramProtocol):
     # tests turn it off to compare with aioquic's own.
     lean = True
 
-    def __init__(self, relay, clock, configuration, highWater=DEFAULT_HIGH_WATER, retryAbove=RETRY_ABOVE_HANDSHAKES):
+    def __init__(
+        self,
+        relay,
+        clock,
+        configuration,
+        highWater=DEFAULT_HIGH_WATER,
+        retryAbove=RETRY_ABOVE_HANDSHAKES,
+    ):
         self.relay = relay
         self.clock = clock
         self.configuration = configuration
@@ -915,7 +979,11 @@ class QuicPeerProtocol(DatagramProtocol):
             self._dispatch(data, addr)
         except Exception:
             self.counters["malformed"] += 1
-            self.relay.noisyLog(self._log.failure, "QUIC: dropped a datagram from {where}", where=joinAddress(addr[0], addr[1]))
+            self.relay.noisyLog(
+                self._log.failure,
+                "QUIC: dropped a datagram from {where}",
+                where=joinAddress(addr[0], addr[1]),
+            )
 
     def _dispatch(self, data, addr):
         if not data:
@@ -1101,14 +1169,30 @@ class QuicService(service.Service):
 
     _log = Logger()
 
-    def __init__(self, relay, reactor, host, port, certFile, keyFile, highWater=DEFAULT_HIGH_WATER, retryAbove=RETRY_ABOVE_HANDSHAKES):
+    def __init__(
+        self,
+        relay,
+        reactor,
+        host,
+        port,
+        certFile,
+        keyFile,
+        highWater=DEFAULT_HIGH_WATER,
+        retryAbove=RETRY_ABOVE_HANDSHAKES,
+    ):
         self.relay = relay
         self.reactor = reactor
         self.host = host
         self.portNumber = port
         self.certFile = certFile
         self.keyFile = keyFile
-        self.protocol = QuicPeerProtocol(relay, reactor, serverConfiguration(certFile, keyFile), highWater=highWater, retryAbove=retryAbove)
+        self.protocol = QuicPeerProtocol(
+            relay,
+            reactor,
+            serverConfiguration(certFile, keyFile),
+            highWater=highWater,
+            retryAbove=retryAbove,
+        )
         self.port = None
 
     def privilegedStartService(self):
@@ -1124,9 +1208,17 @@ class QuicService(service.Service):
         """
         @raise twisted.internet.error.CannotListenError: the UDP port is taken.
         """
-        self.port = listenUDPIntoBuffer(self.reactor, self.portNumber, self.protocol, interface=self.host, maxPacketSize=MAX_READ_SIZE)
+        self.port = listenUDPIntoBuffer(
+            self.reactor,
+            self.portNumber,
+            self.protocol,
+            interface=self.host,
+            maxPacketSize=MAX_READ_SIZE,
+        )
         address = self.port.getHost()
-        self._log.info("QUIC listening on udp {address}", address=joinAddress(address.host, address.port))
+        self._log.info(
+            "QUIC listening on udp {address}", address=joinAddress(address.host, address.port)
+        )
 
     def stopService(self):
         super().stopService()

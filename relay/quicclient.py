@@ -46,7 +46,9 @@ class QuicHandshakeFailed(Exception):
     """
 
     def __init__(self, errorCode, reason):
-        super().__init__(f"QUIC connection closed before AuthResponse: code {errorCode:#x} {reason!r}")
+        super().__init__(
+            f"QUIC connection closed before AuthResponse: code {errorCode:#x} {reason!r}"
+        )
         self.errorCode = errorCode
         self.reason = reason
 
@@ -130,7 +132,11 @@ class QuicRelayClient(PeerClient, _QuicDriver, DatagramProtocol):
         waiters, self._lostWaiters = self._lostWaiters, None
         if not self.authenticated.called:
             self.authenticated.errback(QuicHandshakeFailed(event.error_code, event.reason_phrase))
-        stopped = defer.maybeDeferred(self.transport.stopListening) if self.transport is not None else defer.succeed(None)
+        stopped = (
+            defer.maybeDeferred(self.transport.stopListening)
+            if self.transport is not None
+            else defer.succeed(None)
+        )
 
         def fire(result):
             self._portStopped = None
@@ -140,7 +146,13 @@ class QuicRelayClient(PeerClient, _QuicDriver, DatagramProtocol):
         self._portStopped = stopped.addBoth(fire)
 
     def _failed(self):
-        self._lost(events.ConnectionTerminated(error_code=QuicErrorCode.INTERNAL_ERROR, frame_type=None, reason_phrase="client failure"))
+        self._lost(
+            events.ConnectionTerminated(
+                error_code=QuicErrorCode.INTERNAL_ERROR,
+                frame_type=None,
+                reason_phrase="client failure",
+            )
+        )
 
     def _scheduleFlush(self):
         if self._flushCall is None:
@@ -202,7 +214,13 @@ class QuicRelayClient(PeerClient, _QuicDriver, DatagramProtocol):
         return self.whenLost()
 
 
-def clientConfiguration(alpn=ALPN, cafile=None, serverName="localhost", maxDatagramSize=MAX_UDP_PAYLOAD, maxDatagramFrameSize=AGENT_MAX_DATAGRAM_FRAME_SIZE):
+def clientConfiguration(
+    alpn=ALPN,
+    cafile=None,
+    serverName="localhost",
+    maxDatagramSize=MAX_UDP_PAYLOAD,
+    maxDatagramFrameSize=AGENT_MAX_DATAGRAM_FRAME_SIZE,
+):
     """
     An aioquic client configuration shaped like a Go agent's: ALPN
     C{nb-quic}, 1452-byte packets, datagrams on, 4 min idle timeout.
@@ -225,7 +243,17 @@ def clientConfiguration(alpn=ALPN, cafile=None, serverName="localhost", maxDatag
     return configuration
 
 
-def connectQuic(reactor, host, port, peerID, token=None, secret=None, timeout=10.0, configuration=None, **options):
+def connectQuic(
+    reactor,
+    host,
+    port,
+    peerID,
+    token=None,
+    secret=None,
+    timeout=10.0,
+    configuration=None,
+    **options,
+):
     """
     Connect and authenticate one peer over QUIC.
 
@@ -243,7 +271,9 @@ def connectQuic(reactor, host, port, peerID, token=None, secret=None, timeout=10
     client = QuicRelayClient(reactor, (host, port), peerID, token, configuration)
     # Any local address of the server's family: the route picks the source.
     try:
-        reactor.listenUDP(0, client, interface="::" if ":" in host else "", maxPacketSize=MAX_READ_SIZE)
+        reactor.listenUDP(
+            0, client, interface="::" if ":" in host else "", maxPacketSize=MAX_READ_SIZE
+        )
     except error.CannotListenError:
         return defer.fail()
 

@@ -180,7 +180,12 @@ class LeanPath:
                 # As aioquic's ACK frame handler does.
                 if not loss.peer_completed_address_validation:
                     loss.peer_completed_address_validation = True
-                loss.on_ack_received(ack_rangeset=rangeset, ack_delay=(delay << exponent) / 1000000, now=now, space=space)
+                loss.on_ack_received(
+                    ack_rangeset=rangeset,
+                    ack_delay=(delay << exponent) / 1000000,
+                    now=now,
+                    space=space,
+                )
         quic._close_at = now + self._currentIdleTimeout()
         quic._ack_eliciting_sent_since_receipt = False
         if not space.discarded:
@@ -305,7 +310,12 @@ class LeanPath:
             return False
         if quic._probe_pending or quic._handshake_done_pending or quic._ping_pending:
             return False
-        if quic._streams or quic._streams_queue or quic._retire_connection_ids or quic._streams_blocked_pending:
+        if (
+            quic._streams
+            or quic._streams_queue
+            or quic._retire_connection_ids
+            or quic._streams_blocked_pending
+        ):
             return False
         paths = quic._network_paths
         path = paths[0]
@@ -379,7 +389,10 @@ class LeanPath:
             if ackAt is not None and ackAt <= now:
                 buf = Buffer(capacity=room)
                 buf.push_uint_var(_ACK)
-                delay = int((now - space.largest_received_time) * 1000000) >> self._localAckDelayExponent
+                delay = (
+                    int((now - space.largest_received_time) * 1000000)
+                    >> self._localAckDelayExponent
+                )
                 ranges = push_ack_frame(buf, space.ack_queue, delay, room - 1)
                 handlers.append((self._onAckDelivery, (space, space.largest_received_packet)))
                 space.ack_at = None
@@ -415,11 +428,24 @@ class LeanPath:
             if not size:
                 break
             inFlight = eliciting
-            packet = self._protect(header, firstByte | (pair.key_phase << 2), peerCID, pn, b"".join(frames))
+            packet = self._protect(
+                header, firstByte | (pair.key_phase << 2), peerCID, pn, b"".join(frames)
+            )
             # Positional (half the cost of keywords, 0.2 us): the field
             # order is internals.SENT_PACKET_FIELDS, checked by its tests.
             # sent_time is the now _flush_builder sets.
-            sent = QuicSentPacket(_ONE_RTT, inFlight, eliciting, False, pn, _ONE_RTT_PACKET, now, len(packet), handlers, _NO_QLOG_FRAMES)
+            sent = QuicSentPacket(
+                _ONE_RTT,
+                inFlight,
+                eliciting,
+                False,
+                pn,
+                _ONE_RTT_PACKET,
+                now,
+                len(packet),
+                handlers,
+                _NO_QLOG_FRAMES,
+            )
             if inFlight:
                 flight += len(packet)
             out.append(packet)
@@ -448,7 +474,6 @@ class LeanPath:
         path.bytes_sent += total
         return result
 
-
     def _headerFormat(self, cidLength):
         formats = _HEADER_FORMATS
         if cidLength not in formats:
@@ -471,7 +496,10 @@ class LeanPath:
         protected = send.aead.encrypt(payload, plain, pn)
         sample = _PN_MAX_SIZE - _PACKET_NUMBER_SIZE
         mask = send.hp._mask(protected[sample : sample + _SAMPLE_SIZE])
-        return header.pack(first ^ (mask[0] & 0x1F), cid, (pn & 0xFFFF) ^ ((mask[1] << 8) | mask[2])) + protected
+        return (
+            header.pack(first ^ (mask[0] & 0x1F), cid, (pn & 0xFFFF) ^ ((mask[1] << 8) | mask[2]))
+            + protected
+        )
 
 
 # struct formats of short headers by connection id length.

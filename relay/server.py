@@ -44,11 +44,14 @@ def instanceURL(exposedAddress, tls):
     url = exposedAddress if len(parts) == 2 else ("rels://" if tls else "rel://") + exposedAddress
     try:
         split = urlsplit(url)
-        split.port
+        split.port  # noqa: B018 (reading it is the check: urlsplit raises ValueError on a bad port)
     except ValueError as e:
         raise ConfigurationError(f"invalid exposed address {exposedAddress!r}: {e}") from None
     if split.scheme not in ("rel", "rels"):
-        raise ConfigurationError(f"invalid exposed address {exposedAddress!r}: scheme must be rel or rels, not {split.scheme!r}")
+        raise ConfigurationError(
+            f"invalid exposed address {exposedAddress!r}: scheme must be rel or rels, not "
+            f"{split.scheme!r}"
+        )
     if not split.hostname or any(c.isspace() for c in url):
         raise ConfigurationError(f"invalid exposed address {exposedAddress!r}: no host")
     return url
@@ -218,7 +221,9 @@ class Relay:
         old = self.store.add(session)
         if old is not None:
             self.counters.reconnections += 1
-            self._log.info("{peer}: reconnected, closing the previous connection {old}", peer=session, old=old)
+            self._log.info(
+                "{peer}: reconnected, closing the previous connection {old}", peer=session, old=old
+            )
             old.close()
         else:
             self._log.info("{peer}: connected", peer=session)
@@ -265,7 +270,9 @@ class Relay:
             known = set(online)
             for pid in ids:
                 if pid not in known:
-                    self.forwarder.locate(pid, session.peerID).addCallback(self._located, session, pid)
+                    self.forwarder.locate(pid, session.peerID).addCallback(
+                        self._located, session, pid
+                    )
 
     def _located(self, found, session, pid):
         if found and not session.closed and self.store.takeOnlineInterest(session, pid):

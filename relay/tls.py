@@ -13,7 +13,7 @@ touching the established ones.
 import os
 import re
 import stat
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
@@ -55,8 +55,10 @@ def loadCertificateOptions(certFile, keyFile, now=None):
     except crypto.Error as e:
         raise ConfigurationError(f"invalid TLS certificate or key: {e}") from None
     leaf = chain[0]
-    notAfter = datetime.strptime(leaf.get_notAfter().decode("ascii"), "%Y%m%d%H%M%SZ").replace(tzinfo=timezone.utc)
-    if (now or datetime.now(timezone.utc)) > notAfter:
+    notAfter = datetime.strptime(leaf.get_notAfter().decode("ascii"), "%Y%m%d%H%M%SZ").replace(
+        tzinfo=UTC
+    )
+    if (now or datetime.now(UTC)) > notAfter:
         raise ConfigurationError(f"TLS certificate in {certFile!r} expired on {notAfter:%Y-%m-%d}")
     context = SSL.Context(SSL.TLS_METHOD)
     try:
@@ -64,7 +66,9 @@ def loadCertificateOptions(certFile, keyFile, now=None):
         context.use_privatekey(key)
         context.check_privatekey()
     except SSL.Error:
-        raise ConfigurationError(f"TLS key in {keyFile!r} does not match the certificate in {certFile!r}") from None
+        raise ConfigurationError(
+            f"TLS key in {keyFile!r} does not match the certificate in {certFile!r}"
+        ) from None
     return CertificateOptions(
         privateKey=key,
         certificate=leaf,
@@ -86,7 +90,11 @@ def _checkKeyPermissions(keyFile):
     if not stat.S_ISREG(mode):
         raise ConfigurationError(f"TLS key file {keyFile!r} is not a regular file")
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        _log.warn("TLS key file {path} is readable by group or others (mode {mode:o}); 0600 is safer", path=keyFile, mode=stat.S_IMODE(mode))
+        _log.warn(
+            "TLS key file {path} is readable by group or others (mode {mode:o}); 0600 is safer",
+            path=keyFile,
+            mode=stat.S_IMODE(mode),
+        )
 
 
 @implementer(IOpenSSLServerConnectionCreator)

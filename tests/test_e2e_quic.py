@@ -39,15 +39,28 @@ class QuicEndToEndTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def quicPeer(self, pid, **options):
-        peer = yield connectQuic(reactor, "127.0.0.1", self.relay.port, pid, secret="relay-secret", cafile=self.cert, timeout=TIMEOUT, **options)
+        peer = yield connectQuic(
+            reactor,
+            "127.0.0.1",
+            self.relay.port,
+            pid,
+            secret="relay-secret",
+            cafile=self.cert,
+            timeout=TIMEOUT,
+            **options,
+        )
         self.addCleanup(lambda: peer.close())
         return peer
 
     @defer.inlineCallbacks
     def wsPeer(self, pid):
         url = self.relay.url.replace("rel://", "rels://")
-        peer = yield client.connect(reactor, url, pid, secret="relay-secret", trustRoot=ssl.Certificate.loadPEM(self.pem))
-        self.addCleanup(lambda: peer.transport.abortConnection() if peer.transport.connected else None)
+        peer = yield client.connect(
+            reactor, url, pid, secret="relay-secret", trustRoot=ssl.Certificate.loadPEM(self.pem)
+        )
+        self.addCleanup(
+            lambda: peer.transport.abortConnection() if peer.transport.connected else None
+        )
         return peer
 
     @defer.inlineCallbacks
@@ -69,14 +82,29 @@ class QuicEndToEndTests(unittest.TestCase):
                 if len(received[A]) == len(received[B]) == batch * 100 + 100:
                     break
                 yield sleep(0.01)
-        self.assertEqual(received[B], [m.encodeTransport(A, b"q->w %04d " % i + b"x" * 1000) for i in range(1000)])
-        self.assertEqual(received[A], [m.encodeTransport(B, b"w->q %04d " % i + b"y" * 1000) for i in range(1000)])
+        self.assertEqual(
+            received[B],
+            [m.encodeTransport(A, b"q->w %04d " % i + b"x" * 1000) for i in range(1000)],
+        )
+        self.assertEqual(
+            received[A],
+            [m.encodeTransport(B, b"w->q %04d " % i + b"y" * 1000) for i in range(1000)],
+        )
 
     @defer.inlineCallbacks
     def test_wrongALPNRefused(self):
         yield self.startRelay()
         with self.assertRaises(QuicHandshakeFailed):
-            yield connectQuic(reactor, "127.0.0.1", self.relay.port, A, secret="relay-secret", cafile=self.cert, timeout=TIMEOUT, alpn="h3")
+            yield connectQuic(
+                reactor,
+                "127.0.0.1",
+                self.relay.port,
+                A,
+                secret="relay-secret",
+                cafile=self.cert,
+                timeout=TIMEOUT,
+                alpn="h3",
+            )
 
     @defer.inlineCallbacks
     def test_garbageAndOversizedDatagrams(self):
@@ -90,9 +118,13 @@ class QuicEndToEndTests(unittest.TestCase):
         c = yield self.quicPeer(C)
         yield b.waitOnline(A)
         a.send(B, b"still fine")
-        self.assertEqual((yield b.transports.get().addTimeout(TIMEOUT, reactor)), (A, b"still fine"))
+        self.assertEqual(
+            (yield b.transports.get().addTimeout(TIMEOUT, reactor)), (A, b"still fine")
+        )
         c.send(B, b"new one fine")
-        self.assertEqual((yield b.transports.get().addTimeout(TIMEOUT, reactor)), (C, b"new one fine"))
+        self.assertEqual(
+            (yield b.transports.get().addTimeout(TIMEOUT, reactor)), (C, b"new one fine")
+        )
 
     @defer.inlineCallbacks
     def test_tooLargeForDatagramDroppedNotTruncated(self):
@@ -114,7 +146,9 @@ class QuicEndToEndTests(unittest.TestCase):
         yield self.startRelay()
         url = self.relay.url.replace("rel://", "rels://")
         for transport, size in (("ws", probe.DEFAULT_WS_SIZE), ("quic", probe.MAX_QUIC_SIZE)):
-            instanceURL, rtts = yield probe.probe(reactor, url, "relay-secret", 20, size, TIMEOUT, transport, cafile=self.cert)
+            instanceURL, rtts = yield probe.probe(
+                reactor, url, "relay-secret", 20, size, TIMEOUT, transport, cafile=self.cert
+            )
             self.assertEqual((instanceURL, len(rtts)), (url, 20))
         with self.assertRaises(QuicHandshakeFailed):
             yield probe.probe(reactor, url, "relay-secret", 1, 10, TIMEOUT, "quic")
@@ -124,7 +158,10 @@ class QuicEndToEndTests(unittest.TestCase):
         QUIC needs a rels:// URL and payloads that fit one datagram.
         """
         self.patch(sys, "stderr", io.StringIO())
-        for argv in (["rel://127.0.0.1:1"], ["rels://127.0.0.1:1", "--size", str(probe.MAX_QUIC_SIZE + 1)]):
+        for argv in (
+            ["rel://127.0.0.1:1"],
+            ["rels://127.0.0.1:1", "--size", str(probe.MAX_QUIC_SIZE + 1)],
+        ):
             with self.assertRaises(SystemExit) as caught:
                 probe.main([*argv, "--secret", "s", "--transport", "quic"])
             self.assertEqual(caught.exception.code, 2)
@@ -165,12 +202,17 @@ def buildGoquic():
             "GOPATH": GOPATH,
             "GOCACHE": os.environ.get("GOCACHE") or os.path.join(ROOT, "build", "go-cache"),
         }
-        d = getProcessOutputAndValue(shutil.which("go"), ["build", "-o", GOQUIC_BINARY, "."], env=env, path=GOQUIC_SOURCE)
+        d = getProcessOutputAndValue(
+            shutil.which("go"), ["build", "-o", GOQUIC_BINARY, "."], env=env, path=GOQUIC_SOURCE
+        )
 
         def built(result):
             out, err, code = result
             if code != 0:
-                raise RuntimeError(f"go build of tests/goquic failed ({code}):\n{(out + err).decode(errors='replace')}")
+                raise RuntimeError(
+                    f"go build of tests/goquic failed ({code}):\n"
+                    f"{(out + err).decode(errors='replace')}"
+                )
             return GOQUIC_BINARY
 
         _built = d.addCallback(built)
@@ -230,15 +272,30 @@ class GoQuicEndToEndTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        if shutil.which("go") is None or not os.path.isdir(QUIC_GO_SOURCE) or not os.path.isdir(WEBSOCKET_GO_SOURCE):
-            message = f"the Go test client needs Go, quic-go 0.29 and nhooyr websocket in {GOPATH}: apt-get install {GO_PACKAGES}"
+        if (
+            shutil.which("go") is None
+            or not os.path.isdir(QUIC_GO_SOURCE)
+            or not os.path.isdir(WEBSOCKET_GO_SOURCE)
+        ):
+            message = (
+                f"the Go test client needs Go, quic-go 0.29 and nhooyr websocket in {GOPATH}: "
+                f"apt-get install {GO_PACKAGES}"
+            )
             if os.environ.get("CI"):
                 self.fail(message)
             raise unittest.SkipTest(message)
         self.binary = yield buildGoquic()
         self.cert, key, self.pem = writeCertificate(os.path.abspath(self.mktemp()))
         self.metricsPort = freePort()
-        self.relay = yield startRelay(self, "--tls-cert-file", self.cert, "--tls-key-file", key, "--metrics-port", str(self.metricsPort))
+        self.relay = yield startRelay(
+            self,
+            "--tls-cert-file",
+            self.cert,
+            "--tls-key-file",
+            key,
+            "--metrics-port",
+            str(self.metricsPort),
+        )
         self.tag = os.urandom(4).hex()
 
     @defer.inlineCallbacks
@@ -249,8 +306,12 @@ class GoQuicEndToEndTests(unittest.TestCase):
         @return: the peer; C{peer.echoed} lists what it echoed.
         """
         url = self.relay.url.replace("rel://", "rels://")
-        peer = yield client.connect(reactor, url, m.peerID(name), secret=SECRET, trustRoot=ssl.Certificate.loadPEM(self.pem))
-        self.addCleanup(lambda: peer.transport.abortConnection() if peer.transport.connected else None)
+        peer = yield client.connect(
+            reactor, url, m.peerID(name), secret=SECRET, trustRoot=ssl.Certificate.loadPEM(self.pem)
+        )
+        self.addCleanup(
+            lambda: peer.transport.abortConnection() if peer.transport.connected else None
+        )
         peer.echoed = []
 
         def echo(message):
@@ -270,15 +331,23 @@ class GoQuicEndToEndTests(unittest.TestCase):
         process = GoquicProcess()
         argv = [
             self.binary,
-            "-addr", f"127.0.0.1:{self.relay.port}",
-            "-ca", self.cert,
-            "-secret", SECRET,
-            "-tag", self.tag,
-            "-scenario", scenario,
-            "-n", str(connections),
+            "-addr",
+            f"127.0.0.1:{self.relay.port}",
+            "-ca",
+            self.cert,
+            "-secret",
+            SECRET,
+            "-tag",
+            self.tag,
+            "-scenario",
+            scenario,
+            "-n",
+            str(connections),
             *flags,
         ]
-        process.transport = reactor.spawnProcess(process, self.binary, argv, env={"PATH": os.environ.get("PATH", "")})
+        process.transport = reactor.spawnProcess(
+            process, self.binary, argv, env={"PATH": os.environ.get("PATH", "")}
+        )
 
         def kill():
             if process.transport.pid is not None:
@@ -320,7 +389,11 @@ class GoQuicEndToEndTests(unittest.TestCase):
         """
         echo = yield self.echoPeer()
         summary = yield self.runScenario("first", "-echo", "echo")
-        self.assertEqual((summary["lost_auth"], summary["lost_subscribe"], summary["lost_transport"]), (0, 0, 0), json.dumps(summary))
+        self.assertEqual(
+            (summary["lost_auth"], summary["lost_subscribe"], summary["lost_transport"]),
+            (0, 0, 0),
+            json.dumps(summary),
+        )
         self.assertEqual(summary["switched_id"], CONNECTIONS)
         self.assertEqual(len(echo.echoed), CONNECTIONS)
 
@@ -335,7 +408,13 @@ class GoQuicEndToEndTests(unittest.TestCase):
         messages = 1000
         summary = yield self.runScenario("exchange", "-echo", "echo", "-messages", str(messages))
         self.assertEqual((summary["sent"], summary["received"]), (CONNECTIONS * messages,) * 2)
-        expected = [m.encodeTransport(m.peerID(f"{self.tag}-exchange-{i}"), payloadOf(i, k, exchangeSize(i, k))) for i in range(CONNECTIONS) for k in range(messages)]
+        expected = [
+            m.encodeTransport(
+                m.peerID(f"{self.tag}-exchange-{i}"), payloadOf(i, k, exchangeSize(i, k))
+            )
+            for i in range(CONNECTIONS)
+            for k in range(messages)
+        ]
         self.assertEqual(echo.echoed, expected)
         self.assertEqual((yield self.metric("relay_dropped_messages_total")), 0)
 
@@ -349,7 +428,9 @@ class GoQuicEndToEndTests(unittest.TestCase):
         summary = yield self.runScenario("cidchange", "-changes", "2")
         self.assertEqual(summary["lost"], 0)
         self.assertEqual(summary["sent"], summary["received"])
-        self.assertTrue(all(len(at) >= 2 for at in summary["changed_at_packets"]), summary["changed_at_packets"])
+        self.assertTrue(
+            all(len(at) >= 2 for at in summary["changed_at_packets"]), summary["changed_at_packets"]
+        )
 
     @defer.inlineCallbacks
     def test_datagramFrameSizes(self):
@@ -376,7 +457,10 @@ class GoQuicEndToEndTests(unittest.TestCase):
         summary = yield self.runScenario("sizes", "-echo", "echo")
         self.assertEqual(summary["received_sizes"], {"1": CONNECTIONS, "1179": CONNECTIONS})
         self.assertEqual(requests, [1180] * CONNECTIONS)
-        self.assertEqual((yield self.metric("relay_dropped_messages_total", reason="too_large_for_datagram")), 3 * CONNECTIONS)
+        self.assertEqual(
+            (yield self.metric("relay_dropped_messages_total", reason="too_large_for_datagram")),
+            3 * CONNECTIONS,
+        )
 
     @defer.inlineCallbacks
     def test_badToken(self):

@@ -27,7 +27,10 @@ class AioquicInternalsTests(_ClockedQuicBase):
 
     def failMissing(self, gaps):
         if gaps:
-            self.fail(f"{internals.LIBRARY} {internals.installedVersion()} (tested: {internals.TESTED}) lacks what the relay relies on: {', '.join(gaps)}")
+            self.fail(
+                f"{internals.LIBRARY} {internals.installedVersion()} (tested: "
+                f"{internals.TESTED}) lacks what the relay relies on: {', '.join(gaps)}"
+            )
 
     def test_presentOnLiveConnection(self):
         """
@@ -47,7 +50,10 @@ class AioquicInternalsTests(_ClockedQuicBase):
         quic = self.relay.store.peers[A].link.quic
         del quic._datagrams_pending
         del quic._spaces[tls.Epoch.ONE_RTT].ack_queue
-        self.assertEqual(internals.missing(quic), ["QuicConnection._datagrams_pending", "QuicPacketSpace.ack_queue"])
+        self.assertEqual(
+            internals.missing(quic),
+            ["QuicConnection._datagrams_pending", "QuicPacketSpace.ack_queue"],
+        )
 
     def test_testedVersion(self):
         """
@@ -55,9 +61,12 @@ class AioquicInternalsTests(_ClockedQuicBase):
         """
         self.assertTrue(
             internals.installedVersion().startswith(internals.TESTED + "."),
-            f"{internals.LIBRARY} {internals.installedVersion()} installed; the lean QUIC path mirrors {internals.TESTED}.x (relay/quiclean.py, relay/internals/aioquic.py)",
+            f"{internals.LIBRARY} {internals.installedVersion()} installed; the lean QUIC path "
+            f"mirrors {internals.TESTED}.x (relay/quiclean.py, relay/internals/aioquic.py)",
         )
-        with open(os.path.join(os.path.dirname(os.path.dirname(relay.__file__)), "pyproject.toml")) as f:
+        with open(
+            os.path.join(os.path.dirname(os.path.dirname(relay.__file__)), "pyproject.toml")
+        ) as f:
             self.assertIn(f'"aioquic>={internals.TESTED},<', f.read())
 
 
@@ -72,10 +81,21 @@ class NoUnlistedInternalsTests(unittest.TestCase):
         Every private attribute relay/quiclean.py reads or writes on
         something other than itself is listed.
         """
-        listed = set(internals.CONNECTION) | set(internals.RECOVERY) | set(internals.CRYPTO_PAIR) | set(internals.CRYPTO_CONTEXT) | set(internals.HEADER_PROTECTION) | set(internals.RANGE_SET)
+        listed = (
+            set(internals.CONNECTION)
+            | set(internals.RECOVERY)
+            | set(internals.CRYPTO_PAIR)
+            | set(internals.CRYPTO_CONTEXT)
+            | set(internals.HEADER_PROTECTION)
+            | set(internals.RANGE_SET)
+        )
         used = set()
         for node in ast.walk(ast.parse(_source("quiclean.py"))):
-            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+            ):
                 if not (isinstance(node.value, ast.Name) and node.value.id == "self"):
                     used.add(node.attr)
         self.assertGreater(len(used), 20)
@@ -90,8 +110,14 @@ class NoUnlistedInternalsTests(unittest.TestCase):
         server = _source("quic.py").split("# The client side, for tests")[0]
         direct = set()
         for node in ast.walk(ast.parse(server)):
-            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+            ):
                 value = node.value
-                if (isinstance(value, ast.Attribute) and value.attr in ("quic", "tls")) or (isinstance(value, ast.Name) and value.id in ("quic", "context", "pair", "space")):
+                if (isinstance(value, ast.Attribute) and value.attr in ("quic", "tls")) or (
+                    isinstance(value, ast.Name) and value.id in ("quic", "context", "pair", "space")
+                ):
                     direct.add(node.attr)
         self.assertEqual(direct, set())

@@ -33,7 +33,11 @@ def _missing(what):
 def _frame(payload, opcode=2, fin=True):
     mask = os.urandom(4)
     n = len(payload)
-    header = bytes((0x80 * fin | opcode, 0x80 | n)) if n < 126 else bytes((0x80 * fin | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
+    header = (
+        bytes((0x80 * fin | opcode, 0x80 | n))
+        if n < 126
+        else bytes((0x80 * fin | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
+    )
     return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
@@ -69,7 +73,13 @@ def _connected(headers=b"", **options):
     """
     factory = WebSocketServerFactory(reactor=Clock())
     factory.protocol = _Recorder
-    factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0, autoPingInterval=0, failByDrop=True, **options)
+    factory.setProtocolOptions(
+        openHandshakeTimeout=0,
+        closeHandshakeTimeout=0,
+        autoPingInterval=0,
+        failByDrop=True,
+        **options,
+    )
     transport = _Transport(peerAddress=IPv4Address("TCP", "192.0.2.1", 1))
     protocol = factory.buildProtocol(transport.getPeer())
     protocol.makeConnection(transport)
@@ -84,7 +94,10 @@ class AutobahnInternalsTests(unittest.SynchronousTestCase):
         C{pformat} its protocol module imported: replacing that global is
         what keeps a connection from paying for them.
         """
-        self.assertTrue(hasattr(autobahn.websocket.protocol, "pformat"), _missing("autobahn.websocket.protocol.pformat"))
+        self.assertTrue(
+            hasattr(autobahn.websocket.protocol, "pformat"),
+            _missing("autobahn.websocket.protocol.pformat"),
+        )
         calls = []
         self.patch(autobahn.websocket.protocol, "pformat", lambda value: calls.append(value) or "")
         _connected()
@@ -100,16 +113,25 @@ class AutobahnInternalsTests(unittest.SynchronousTestCase):
         C{opened} (from Autobahn's C{_onOpen}) is called once, after the 101
         is written and before a frame that came with the request is parsed.
         """
-        self.assertTrue(callable(getattr(WebSocketServerProtocol, "_onOpen", None)), _missing("WebSocketServerProtocol._onOpen"))
+        self.assertTrue(
+            callable(getattr(WebSocketServerProtocol, "_onOpen", None)),
+            _missing("WebSocketServerProtocol._onOpen"),
+        )
         factory = WebSocketServerFactory(reactor=Clock())
         factory.protocol = _Recorder
-        factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0, autoPingInterval=0)
+        factory.setProtocolOptions(
+            openHandshakeTimeout=0, closeHandshakeTimeout=0, autoPingInterval=0
+        )
         transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 1))
         protocol = factory.buildProtocol(transport.getPeer())
         protocol.makeConnection(transport)
         protocol.dataReceived(UPGRADE + b"\r\n" + _frame(b"with the request"))
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 101 "))
-        self.assertEqual(protocol.events, ["opened", ("message", b"with the request")], _missing("_onOpen before the frames after the request"))
+        self.assertEqual(
+            protocol.events,
+            ["opened", ("message", b"with the request")],
+            _missing("_onOpen before the frames after the request"),
+        )
 
     def test_parserState(self):
         """
@@ -122,25 +144,40 @@ class AutobahnInternalsTests(unittest.SynchronousTestCase):
         self.assertTrue(protocol.betweenFrames())
         frame = _frame(b"x" * 100)
         protocol.dataReceived(frame[:20])
-        self.assertFalse(protocol.betweenFrames(), _missing("current_frame set while a frame's payload is awaited"))
+        self.assertFalse(
+            protocol.betweenFrames(),
+            _missing("current_frame set while a frame's payload is awaited"),
+        )
         protocol.dataReceived(frame[20:])
-        self.assertTrue(protocol.betweenFrames(), _missing("current_frame None after a whole frame"))
+        self.assertTrue(
+            protocol.betweenFrames(), _missing("current_frame None after a whole frame")
+        )
         protocol.dataReceived(_frame(b"first", fin=False))
-        self.assertTrue(protocol.insideMessage(), _missing("inside_message within a fragmented message"))
+        self.assertTrue(
+            protocol.insideMessage(), _missing("inside_message within a fragmented message")
+        )
         self.assertFalse(protocol.betweenFrames())
         protocol.dataReceived(_frame(b" and last", opcode=0))
-        self.assertFalse(protocol.insideMessage(), _missing("inside_message cleared after the last fragment"))
+        self.assertFalse(
+            protocol.insideMessage(), _missing("inside_message cleared after the last fragment")
+        )
         protocol.dataReceived(b"\x82")
         self.assertTrue(protocol.betweenFrames())
-        self.assertEqual(protocol.takeBuffered(), b"\x82", _missing("an incomplete frame header kept in data"))
+        self.assertEqual(
+            protocol.takeBuffered(), b"\x82", _missing("an incomplete frame header kept in data")
+        )
         self.assertEqual(protocol.data, b"")
-        self.assertEqual(protocol.events[1:], [("message", b"x" * 100), ("message", b"first and last")])
+        self.assertEqual(
+            protocol.events[1:], [("message", b"x" * 100), ("message", b"first and last")]
+        )
 
     def test_stopParsing(self):
         protocol, _ = _connected()
         protocol.stopParsing()
         protocol.dataReceived(_frame(b"ignored"))
-        self.assertEqual(protocol.events, ["opened"], _missing("nothing parsed once state is STATE_CLOSED"))
+        self.assertEqual(
+            protocol.events, ["opened"], _missing("nothing parsed once state is STATE_CLOSED")
+        )
 
     def test_messageTooLarge(self):
         """
@@ -153,7 +190,11 @@ class AutobahnInternalsTests(unittest.SynchronousTestCase):
         )
         protocol, _ = _connected(maxFramePayloadSize=100, maxMessagePayloadSize=100)
         protocol.dataReceived(_frame(b"x" * 101))
-        self.assertEqual(protocol.events[1:2], [("too large", 101, 100)], _missing("_max_message_size_exceeded for an oversized frame"))
+        self.assertEqual(
+            protocol.events[1:2],
+            [("too large", 101, 100)],
+            _missing("_max_message_size_exceeded for an oversized frame"),
+        )
 
     def test_originRefusals(self):
         """
@@ -163,4 +204,7 @@ class AutobahnInternalsTests(unittest.SynchronousTestCase):
         protocol, _ = _connected(b"Origin: null\r\n")
         failures = [event[1] for event in protocol.events if event[0] == "failed"]
         self.assertEqual(len(failures), 1, _missing("a handshake failure for Origin: null"))
-        self.assertTrue(failures[0].startswith(internals.ORIGIN_REFUSALS), _missing(f"the reason {failures[0]!r} for Origin: null"))
+        self.assertTrue(
+            failures[0].startswith(internals.ORIGIN_REFUSALS),
+            _missing(f"the reason {failures[0]!r} for Origin: null"),
+        )

@@ -13,13 +13,20 @@ from tests.test_peer_tls import _fakeTCP, _InMemory
 
 
 def missing(piece, user):
-    return f"pyOpenSSL {openssl.VERSION}: {piece} is gone or changed; relay.internals.openssl.{user} relies on it (read its comment)"
+    return (
+        f"pyOpenSSL {openssl.VERSION}: {piece} is gone or changed; "
+        f"relay.internals.openssl.{user} relies on it (read its comment)"
+    )
 
 
 class HandleTests(SynchronousTestCase):
     def test_connectionHandles(self):
         connection = _InMemory(self, _fakeTCP()).server.tlsConnection
-        for name, user in (("_ssl", "sslOf"), ("_into_ssl", "receiveBIOOf"), ("_from_ssl", "sendBIOOf")):
+        for name, user in (
+            ("_ssl", "sslOf"),
+            ("_into_ssl", "receiveBIOOf"),
+            ("_from_ssl", "sendBIOOf"),
+        ):
             self.assertTrue(hasattr(connection, name), missing(f"Connection.{name}", user))
 
     def test_raiseError(self):
@@ -29,14 +36,26 @@ class HandleTests(SynchronousTestCase):
         """
         self.assertIsNotNone(openssl.sslRead, missing("OpenSSL._util.lib.SSL_read", "sslRead"))
         connection = _InMemory(self, _fakeTCP()).server.tlsConnection
-        self.assertTrue(hasattr(connection, "_raise_ssl_error"), missing("Connection._raise_ssl_error", "raiseError"))
+        self.assertTrue(
+            hasattr(connection, "_raise_ssl_error"),
+            missing("Connection._raise_ssl_error", "raiseError"),
+        )
         ssl = openssl.sslOf(connection)
-        self.assertRaises(SSL.WantReadError, openssl.raiseError, connection, ssl, openssl.sslRead(ssl, openssl.receiveBuffer, 10))
+        self.assertRaises(
+            SSL.WantReadError,
+            openssl.raiseError,
+            connection,
+            ssl,
+            openssl.sslRead(ssl, openssl.receiveBuffer, 10),
+        )
 
 
 class BindingTests(SynchronousTestCase):
     def test_memoryBIOLength(self):
-        self.assertIsNotNone(openssl.memoryBIOLength, missing("OpenSSL._util.lib.BIO_get_mem_data", "memoryBIOLength"))
+        self.assertIsNotNone(
+            openssl.memoryBIOLength,
+            missing("OpenSSL._util.lib.BIO_get_mem_data", "memoryBIOLength"),
+        )
         pair = _InMemory(self, _fakeTCP())
         connection = pair.server.tlsConnection
         pair.handshake()
@@ -49,15 +68,30 @@ class BindingTests(SynchronousTestCase):
         pair.client.send(b"y" * 100)
         incoming = pair.client.bio_read(2**16)
         connection.bio_write(incoming)
-        self.assertEqual(length(openssl.receiveBIOOf(connection), openssl.MEMORY_BIO_DATA), len(incoming))
+        self.assertEqual(
+            length(openssl.receiveBIOOf(connection), openssl.MEMORY_BIO_DATA), len(incoming)
+        )
 
     def test_readBinding(self):
-        for name in ("sslRead", "sslGetError", "SSL_ERROR_WANT_READ", "SSL_ERROR_ZERO_RETURN", "receiveBuffer", "bufferOf"):
-            self.assertIsNotNone(getattr(openssl, name), missing("OpenSSL._util.lib.SSL_read, SSL_get_error or ffi.new", name))
+        for name in (
+            "sslRead",
+            "sslGetError",
+            "SSL_ERROR_WANT_READ",
+            "SSL_ERROR_ZERO_RETURN",
+            "receiveBuffer",
+            "bufferOf",
+        ):
+            self.assertIsNotNone(
+                getattr(openssl, name),
+                missing("OpenSSL._util.lib.SSL_read, SSL_get_error or ffi.new", name),
+            )
 
     def test_writeBinding(self):
         for name in ("sslWrite", "bioRead", "cleartextOf", "sendBuffer", "sendView"):
-            self.assertIsNotNone(getattr(openssl, name), missing("OpenSSL._util.lib.SSL_write, BIO_read or ffi", name))
+            self.assertIsNotNone(
+                getattr(openssl, name),
+                missing("OpenSSL._util.lib.SSL_write, BIO_read or ffi", name),
+            )
 
     def test_roundTrip(self):
         """
@@ -73,11 +107,16 @@ class BindingTests(SynchronousTestCase):
         data = b"relayed" * 100
         with openssl.cleartextOf(data) as cleartext:
             self.assertEqual(openssl.sslWrite(ssl, cleartext, len(data)), len(data))
-        got = openssl.bioRead(openssl.sendBIOOf(connection), openssl.sendBuffer, openssl.SEND_BUFFER_SIZE)
+        got = openssl.bioRead(
+            openssl.sendBIOOf(connection), openssl.sendBuffer, openssl.SEND_BUFFER_SIZE
+        )
         pair.client.bio_write(openssl.sendView[:got].tobytes())
         self.assertEqual(pair.clientReceived(), data)
         pair.client.send(b"back")
         connection.bio_write(pair.client.bio_read(2**16))
         n = openssl.sslRead(ssl, openssl.receiveBuffer, openssl.RECEIVE_BUFFER_SIZE)
         self.assertEqual(openssl.bufferOf(openssl.receiveBuffer, n)[:], b"back")
-        self.assertEqual(openssl.sslGetError(ssl, openssl.sslRead(ssl, openssl.receiveBuffer, 10)), openssl.SSL_ERROR_WANT_READ)
+        self.assertEqual(
+            openssl.sslGetError(ssl, openssl.sslRead(ssl, openssl.receiveBuffer, 10)),
+            openssl.SSL_ERROR_WANT_READ,
+        )

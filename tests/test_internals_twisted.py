@@ -24,7 +24,10 @@ from relay.internals.twisted import (
 
 
 def missing(piece, user):
-    return f"Twisted {twisted.__version__}: {piece} is gone or changed; relay.internals.twisted.{user} relies on it (read its docstring)"
+    return (
+        f"Twisted {twisted.__version__}: {piece} is gone or changed; "
+        f"relay.internals.twisted.{user} relies on it (read its docstring)"
+    )
 
 
 class _Stub:
@@ -52,24 +55,49 @@ class ExitSignalTests(SynchronousTestCase):
     def test_reactorRecordsTheSignal(self):
         from twisted.internet import base
 
-        self.assertTrue(hasattr(base.ReactorBase, "_exitSignal"), missing("ReactorBase._exitSignal", "forgetExitSignal"))
+        self.assertTrue(
+            hasattr(base.ReactorBase, "_exitSignal"),
+            missing("ReactorBase._exitSignal", "forgetExitSignal"),
+        )
         stub = _Stub()
         base.ReactorBase.sigTerm(stub, signal.SIGTERM, None)
-        self.assertEqual(getattr(stub, "_exitSignal", None), signal.SIGTERM, missing("ReactorBase.sigTerm recording _exitSignal", "forgetExitSignal"))
+        self.assertEqual(
+            getattr(stub, "_exitSignal", None),
+            signal.SIGTERM,
+            missing("ReactorBase.sigTerm recording _exitSignal", "forgetExitSignal"),
+        )
 
     def test_globalReactorCaptures(self):
         from twisted.internet import interfaces, reactor
 
         capturing = getattr(interfaces, "_ISupportsExitSignalCapturing", None)
-        self.assertIsNotNone(capturing, missing("twisted.internet.interfaces._ISupportsExitSignalCapturing", "forgetExitSignal"))
-        self.assertTrue(capturing.providedBy(reactor), missing("_ISupportsExitSignalCapturing on the default reactor", "forgetExitSignal"))
+        self.assertIsNotNone(
+            capturing,
+            missing(
+                "twisted.internet.interfaces._ISupportsExitSignalCapturing", "forgetExitSignal"
+            ),
+        )
+        self.assertTrue(
+            capturing.providedBy(reactor),
+            missing("_ISupportsExitSignalCapturing on the default reactor", "forgetExitSignal"),
+        )
 
     def test_twistdReadsIt(self):
         from twisted.application import app
         from twisted.scripts import twistd
 
-        self.assertIn("reactor._exitSignal", inspect.getsource(app.ApplicationRunner.startReactor), missing("ApplicationRunner.startReactor reading reactor._exitSignal", "forgetExitSignal"))
-        self.assertIn("_exitWithSignal", inspect.getsource(twistd.runApp), missing("twistd.runApp re-raising the exit signal", "forgetExitSignal"))
+        self.assertIn(
+            "reactor._exitSignal",
+            inspect.getsource(app.ApplicationRunner.startReactor),
+            missing(
+                "ApplicationRunner.startReactor reading reactor._exitSignal", "forgetExitSignal"
+            ),
+        )
+        self.assertIn(
+            "_exitWithSignal",
+            inspect.getsource(twistd.runApp),
+            missing("twistd.runApp re-raising the exit signal", "forgetExitSignal"),
+        )
 
     def test_forgets(self):
         stub = _Stub()
@@ -100,11 +128,28 @@ class BufferedReadPortTests(TestCase):
         in a C{maxThroughput} loop, and the names the copy uses are there.
         """
         source = inspect.getsource(udp.Port.doRead)
-        for piece in ("self.socket.recvfrom(self.maxPacketSize)", "while read < self.maxThroughput", "_sockErrReadIgnore", "_sockErrReadRefuse", "self._connectedAddr", "self.protocol.connectionRefused()", "addr = addr[:2]", "self.protocol.datagramReceived(data, addr)"):
-            self.assertIn(piece, source, missing(f"udp.Port.doRead's {piece!r}", "BufferedReadPort"))
+        for piece in (
+            "self.socket.recvfrom(self.maxPacketSize)",
+            "while read < self.maxThroughput",
+            "_sockErrReadIgnore",
+            "_sockErrReadRefuse",
+            "self._connectedAddr",
+            "self.protocol.connectionRefused()",
+            "addr = addr[:2]",
+            "self.protocol.datagramReceived(data, addr)",
+        ):
+            self.assertIn(
+                piece, source, missing(f"udp.Port.doRead's {piece!r}", "BufferedReadPort")
+            )
         for name in ("_sockErrReadIgnore", "_sockErrReadRefuse"):
-            self.assertTrue(hasattr(udp, name), missing(f"twisted.internet.udp.{name}", "BufferedReadPort"))
-        self.assertIn("udp.Port(port, protocol, interface, maxPacketSize, self)", inspect.getsource(type(reactor).listenUDP), missing("PosixReactorBase.listenUDP building udp.Port", "listenUDPIntoBuffer"))
+            self.assertTrue(
+                hasattr(udp, name), missing(f"twisted.internet.udp.{name}", "BufferedReadPort")
+            )
+        self.assertIn(
+            "udp.Port(port, protocol, interface, maxPacketSize, self)",
+            inspect.getsource(type(reactor).listenUDP),
+            missing("PosixReactorBase.listenUDP building udp.Port", "listenUDPIntoBuffer"),
+        )
 
     @defer.inlineCallbacks
     def test_delivers(self):
@@ -152,7 +197,9 @@ class BufferedReadPortTests(TestCase):
                 return "port"
 
         protocol = DatagramProtocol()
-        self.assertEqual(listenUDPIntoBuffer(Fake(), 5, protocol, interface="::1", maxPacketSize=9), "port")
+        self.assertEqual(
+            listenUDPIntoBuffer(Fake(), 5, protocol, interface="::1", maxPacketSize=9), "port"
+        )
         self.assertEqual(calls, [(5, protocol, "::1", 9)])
 
 
@@ -171,7 +218,9 @@ class WriteNowTests(SynchronousTestCase):
         t = tcp.Server.__new__(tcp.Server)
         FileDescriptor.__init__(t, Clock())
         for name in ("dataBuffer", "_tempDataLen", "writeSomeData", "connected", "disconnecting"):
-            self.assertTrue(hasattr(t, name), missing(f"twisted.internet.tcp.Server.{name}", "writeNow"))
+            self.assertTrue(
+                hasattr(t, name), missing(f"twisted.internet.tcp.Server.{name}", "writeNow")
+            )
 
     def test_writeQueuesInThoseBuffers(self):
         """
@@ -187,7 +236,10 @@ class WriteNowTests(SynchronousTestCase):
         t.connected = True
         t.startWriting = lambda: None
         t.write(b"queued")
-        self.assertTrue(t.dataBuffer or t._tempDataLen, missing("FileDescriptor.write queueing in dataBuffer / _tempDataLen", "writeNow"))
+        self.assertTrue(
+            t.dataBuffer or t._tempDataLen,
+            missing("FileDescriptor.write queueing in dataBuffer / _tempDataLen", "writeNow"),
+        )
 
 
 class TLSProtocolTests(SynchronousTestCase):
@@ -199,8 +251,18 @@ class TLSProtocolTests(SynchronousTestCase):
     def test_hooksAndCalls(self):
         from twisted.protocols.tls import TLSMemoryBIOProtocol
 
-        for name in ("_write", "_flushSendBIO", "_flushReceiveBIO", "_bufferedWrite", "_shutdownTLS", "_tlsShutdownFinished"):
-            self.assertTrue(callable(getattr(TLSMemoryBIOProtocol, name, None)), missing(f"TLSMemoryBIOProtocol.{name}", "TLSProtocol"))
+        for name in (
+            "_write",
+            "_flushSendBIO",
+            "_flushReceiveBIO",
+            "_bufferedWrite",
+            "_shutdownTLS",
+            "_tlsShutdownFinished",
+        ):
+            self.assertTrue(
+                callable(getattr(TLSMemoryBIOProtocol, name, None)),
+                missing(f"TLSMemoryBIOProtocol.{name}", "TLSProtocol"),
+            )
 
     def test_twistedCallsTheHooks(self):
         """
@@ -230,16 +292,23 @@ class TLSProtocolTests(SynchronousTestCase):
         pair.server.write(b"x")
         pair.toClient()
         self.assertEqual(pair.clientReceived(), b"x")
-        for hook, private in (("encrypt", "write() calling self._write"), ("sendRecords", "self._flushSendBIO"),
-                              ("receiveRecords", "dataReceived() calling self._flushReceiveBIO")):
-            self.assertIn(hook, calls, missing(f"TLSMemoryBIOProtocol.{private}", f"TLSProtocol.{hook}"))
+        for hook, private in (
+            ("encrypt", "write() calling self._write"),
+            ("sendRecords", "self._flushSendBIO"),
+            ("receiveRecords", "dataReceived() calling self._flushReceiveBIO"),
+        ):
+            self.assertIn(
+                hook, calls, missing(f"TLSMemoryBIOProtocol.{private}", f"TLSProtocol.{hook}")
+            )
 
     def test_state(self):
         from tests.test_peer_tls import _fakeTCP, _InMemory
 
         pair = _InMemory(self, _fakeTCP())
         for name in ("_tlsConnection", "_lostTLSConnection", "_aborted", "_producer"):
-            self.assertTrue(hasattr(pair.server, name), missing(f"TLSMemoryBIOProtocol.{name}", "TLSProtocol"))
+            self.assertTrue(
+                hasattr(pair.server, name), missing(f"TLSMemoryBIOProtocol.{name}", "TLSProtocol")
+            )
         self.assertIsNotNone(pair.server.tlsConnection)
         self.assertFalse(pair.server.tlsLost)
         self.assertFalse(pair.server.aborted)
@@ -254,5 +323,11 @@ class TLSProtocolTests(SynchronousTestCase):
         pair = _InMemory(self, _fakeTCP())
         pair.handshake()
         pair.server.tlsEnded()
-        self.assertTrue(pair.server.tlsLost, missing("TLSMemoryBIOProtocol._tlsShutdownFinished setting _lostTLSConnection", "TLSProtocol.tlsEnded"))
+        self.assertTrue(
+            pair.server.tlsLost,
+            missing(
+                "TLSMemoryBIOProtocol._tlsShutdownFinished setting _lostTLSConnection",
+                "TLSProtocol.tlsEnded",
+            ),
+        )
         self.assertIn("lose", pair.transport.lost)

@@ -14,7 +14,15 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from relay import messages as m
-from relay.limits import EVICTABLE_AFTER, Admission, Limits, LogBudget, TokenBucket, parseNetworks, sourceGroup
+from relay.limits import (
+    EVICTABLE_AFTER,
+    Admission,
+    Limits,
+    LogBudget,
+    TokenBucket,
+    parseNetworks,
+    sourceGroup,
+)
 from relay.peer import PeerWebSocketFactory
 from relay.session import PeerSession
 from tests.helpers import FakeLink, authMessage, connect, hypothesisProfile, makeRelay
@@ -111,7 +119,9 @@ class GateTests(unittest.TestCase):
             self.assertIsNone(gate.accept())
             gate.enter(session, "198.51.100.1")
         self.assertIsNone(gate.accept())
-        self.assertEqual([s.evicted for s in flood], [("pending_evicted", 3, "198.51.100.1"), None, None])
+        self.assertEqual(
+            [s.evicted for s in flood], [("pending_evicted", 3, "198.51.100.1"), None, None]
+        )
         self.assertEqual((gate.connections, gate.pending), (4, 2))
         # While evicted descriptors are still being closed, half the
         # reserve at most; then nothing is left to evict.
@@ -159,7 +169,9 @@ class PendingTests(unittest.TestCase):
         self.enter("d", "192.0.2.4")
         self.assertIsNotNone(a[1].evicted)
         self.enter("e", "192.0.2.5")
-        self.assertEqual([s.evicted is not None for s in a + b], [True, True, False, False, True, False])
+        self.assertEqual(
+            [s.evicted is not None for s in a + b], [True, True, False, False, True, False]
+        )
 
     def test_youngConnectionsAreNotEvicted(self):
         # A reconnect storm from behind one NAT: more connections than slots
@@ -201,11 +213,21 @@ class PendingTests(unittest.TestCase):
         self.clock.advance(EVICTABLE_AFTER)
         self.enter("c", "192.0.2.3")
         self.admission.enter(_Waiting("d"), "192.0.2.4")
-        self.assertEqual([s.evicted is not None for s in a + b], [False, True, False, False, False, False])
+        self.assertEqual(
+            [s.evicted is not None for s in a + b], [False, True, False, False, False, False]
+        )
         self.assertEqual(self.admission._largest, 2)
         for session in list(self.admission._pendingSource):
             self.admission.leave(session)
-        self.assertEqual((self.admission.pending, self.admission._bySource, self.admission._bySize, self.admission._largest), (0, {}, {}, 0))
+        self.assertEqual(
+            (
+                self.admission.pending,
+                self.admission._bySource,
+                self.admission._bySize,
+                self.admission._largest,
+            ),
+            (0, {}, {}, 0),
+        )
 
     def test_noLimit(self):
         self.admission.limits = Limits()
@@ -214,7 +236,11 @@ class PendingTests(unittest.TestCase):
 
 
 _OPS = st.lists(
-    st.tuples(st.sampled_from(["enter", "leave", "move", "tick"]), st.integers(0, 15), st.sampled_from(["192.0.2.1", "192.0.2.2", "2001:db8::1", "2001:db8::2", None])),
+    st.tuples(
+        st.sampled_from(["enter", "leave", "move", "tick"]),
+        st.integers(0, 15),
+        st.sampled_from(["192.0.2.1", "192.0.2.2", "2001:db8::1", "2001:db8::2", None]),
+    ),
     max_size=200,
 )
 
@@ -258,7 +284,10 @@ class PendingPropertyTests(unittest.TestCase):
             sizes = {src: len(members) for src, members in admission._bySource.items()}
             self.assertNotIn(0, sizes.values())
             self.assertEqual(admission._largest, max(sizes.values(), default=0))
-            self.assertEqual({n: set(srcs) for n, srcs in admission._bySize.items()}, {n: {s for s, k in sizes.items() if k == n} for n in set(sizes.values())})
+            self.assertEqual(
+                {n: set(srcs) for n, srcs in admission._bySize.items()},
+                {n: {s for s, k in sizes.items() if k == n} for n in set(sizes.values())},
+            )
 
 
 class SessionLimitTests(unittest.TestCase):
@@ -467,7 +496,9 @@ class FloodTests(unittest.TestCase):
         self.assertIn(b" 101 ", response.split(b"\r\n")[0])
         agent.transport.clear()
         agent.protocol.dataReceived(clientFrame(authMessage(name)))
-        self.assertEqual([p for _, p in serverFrames(agent.transport.value())], [self.relay.authResponse])
+        self.assertEqual(
+            [p for _, p in serverFrames(agent.transport.value())], [self.relay.authResponse]
+        )
         return agent
 
     def test_agentFromElsewhereGetsIn(self):
@@ -518,15 +549,21 @@ class LogBudgetTests(unittest.TestCase):
         self.assertEqual(self.budget.suppressed, 7)
         self.clock.advance(10)
         summaries = [formatEvent(e) for e in events if "were not logged" in formatEvent(e)]
-        self.assertEqual(summaries, ["7 more lines about refused or ignored traffic were not logged in the last 10 s (the counters in /metrics have every event)"])
+        self.assertEqual(
+            summaries,
+            [
+                "7 more lines about refused or ignored traffic were not logged in the last 10 s "
+                "(the counters in /metrics have every event)"
+            ],
+        )
         self.budget(self.emit, "line {i}", i=10)
         self.assertEqual(self.lines[-1], "line 10")
 
     def test_newWindowNewBudget(self):
-        for i in range(3):
+        for _ in range(3):
             self.budget(self.emit, "a")
         self.clock.advance(10)
-        for i in range(3):
+        for _ in range(3):
             self.budget(self.emit, "b")
         self.assertEqual(self.lines, ["a"] * 3 + ["b"] * 3)
         self.assertEqual(self.clock.getDelayedCalls(), [])

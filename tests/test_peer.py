@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from relay import messages as m
+from relay.internals.twisted import writeNow as _writeNow
 from relay.peer import (
     MAX_CONTROL_FRAMES_BEFORE_AUTH,
     MAX_FRAMES_PER_MESSAGE,
@@ -25,7 +26,6 @@ from relay.peer import (
     SENDER_PAUSE,
     PeerWebSocketFactory,
 )
-from relay.internals.twisted import writeNow as _writeNow
 from tests.helpers import authMessage, makeRelay, stamped
 
 A, B = m.peerID("peer-a"), m.peerID("peer-b")
@@ -239,7 +239,11 @@ class WebSocketTests(PeerTestCase):
         self.assertEqual(len(b.messages()), 1)
 
     def test_slowConsumerDoesNotAffectOthers(self):
-        a, b, c = self.authenticated("peer-a"), self.authenticated("peer-b"), self.authenticated("peer-c")
+        a, b, c = (
+            self.authenticated("peer-a"),
+            self.authenticated("peer-b"),
+            self.authenticated("peer-c"),
+        )
         b.transport.producer.pauseProducing()
         for _ in range(30):
             a.send(m.encodeTransport(B, b"x" * 1400))
@@ -318,7 +322,10 @@ class UpgradeRequestTests(PeerTestCase):
         peer = self.peer()
         calls = []
         handshake = peer.protocol.processHandshake
-        peer.protocol.processHandshake = lambda: (calls.append(len(peer.protocol.data)), handshake())
+        peer.protocol.processHandshake = lambda: (
+            calls.append(len(peer.protocol.data)),
+            handshake(),
+        )
         request = self.request(8000)
         for i in range(0, len(request), 10):
             peer.protocol.dataReceived(request[i : i + 10])
@@ -331,7 +338,7 @@ class UpgradeRequestTests(PeerTestCase):
             peer = self.peer()
             peer.protocol.dataReceived(request[:-cut])
             self.assertEqual(peer.transport.value(), b"")
-            peer.protocol.dataReceived(request[-cut:] + clientFrame(authMessage("peer-%d" % cut)))
+            peer.protocol.dataReceived(request[-cut:] + clientFrame(authMessage(f"peer-{cut}")))
             frames = serverFrames(peer.transport.value().partition(b"\r\n\r\n")[2])
             self.assertEqual(frames, [(2, self.relay.authResponse)])
 
@@ -354,7 +361,10 @@ class ControlFrameTests(PeerTestCase):
     def test_runBeforeAuthCounted(self):
         a = self.peer()
         a.upgrade()
-        a.protocol.dataReceived(b"".join(clientFrame(b"", opcode=9) for _ in range(MAX_CONTROL_FRAMES_BEFORE_AUTH - 1)) + clientFrame(b"x", opcode=9))
+        a.protocol.dataReceived(
+            b"".join(clientFrame(b"", opcode=9) for _ in range(MAX_CONTROL_FRAMES_BEFORE_AUTH - 1))
+            + clientFrame(b"x", opcode=9)
+        )
         self.assertEqual(a.received(), [(10, b"x")])
         a.protocol.dataReceived(clientFrame(b"", opcode=9))
         self.assertTrue(a.closed)
@@ -363,7 +373,9 @@ class ControlFrameTests(PeerTestCase):
     def test_tooManyBeforeAuthRefused(self):
         a = self.peer()
         a.upgrade()
-        a.protocol.dataReceived(b"".join(clientFrame(b"", opcode=10) for _ in range(MAX_CONTROL_FRAMES_BEFORE_AUTH + 1)))
+        a.protocol.dataReceived(
+            b"".join(clientFrame(b"", opcode=10) for _ in range(MAX_CONTROL_FRAMES_BEFORE_AUTH + 1))
+        )
         self.assertTrue(a.closed)
         self.assertEqual(self.relay.counters.handshakeRejects["control_frames"], 1)
         self.assertEqual(self.relay.admission.pending, 1)
@@ -446,7 +458,9 @@ class ControlFrameTests(PeerTestCase):
     def test_emptyFragmentsBounded(self):
         a, b = self.pair()
         a.send(b"\x01", fin=False)
-        a.protocol.dataReceived(b"".join(clientFrame(b"", opcode=0, fin=False) for _ in range(MAX_FRAMES_PER_MESSAGE)))
+        a.protocol.dataReceived(
+            b"".join(clientFrame(b"", opcode=0, fin=False) for _ in range(MAX_FRAMES_PER_MESSAGE))
+        )
         self.assertOnlyAClosed(a, b)
         self.assertEqual(self.relay.counters.protocolErrors["fragments"], 1)
 
@@ -467,7 +481,9 @@ class ControlFrameTests(PeerTestCase):
         a, b = self.pair()
         sent = self.transports(2)
         ping = clientFrame(b"", opcode=9)
-        a.protocol.dataReceived(clientFrame(sent[0][:20], fin=False) + clientFrame(sent[0][20:], opcode=0) + ping[:3])
+        a.protocol.dataReceived(
+            clientFrame(sent[0][:20], fin=False) + clientFrame(sent[0][20:], opcode=0) + ping[:3]
+        )
         self.assertTrue(a.protocol._fast)
         a.protocol.dataReceived(ping[3:] + clientFrame(sent[1]))
         self.assertEqual(b.messages(), self.expected(sent))
@@ -505,7 +521,12 @@ class LeanPathTests(PeerTestCase):
     def test_controlFrameBetween(self):
         a, b = self.pair()
         sent = self.transports(4)
-        a.protocol.dataReceived(clientFrame(sent[0]) + clientFrame(sent[1]) + clientFrame(b"ping!", opcode=9) + clientFrame(sent[2]))
+        a.protocol.dataReceived(
+            clientFrame(sent[0])
+            + clientFrame(sent[1])
+            + clientFrame(b"ping!", opcode=9)
+            + clientFrame(sent[2])
+        )
         a.protocol.dataReceived(clientFrame(sent[3]))
         self.assertEqual(b.messages(), self.expected(sent))
         self.assertEqual(a.received(), [(10, b"ping!")])
@@ -514,7 +535,10 @@ class LeanPathTests(PeerTestCase):
         a, b = self.pair()
         sent = self.transports(3)
         a.protocol.dataReceived(
-            clientFrame(sent[0]) + clientFrame(sent[1][:20], fin=False) + clientFrame(sent[1][20:], opcode=0) + clientFrame(sent[2])
+            clientFrame(sent[0])
+            + clientFrame(sent[1][:20], fin=False)
+            + clientFrame(sent[1][20:], opcode=0)
+            + clientFrame(sent[2])
         )
         self.assertEqual(b.messages(), self.expected(sent))
 
@@ -539,7 +563,9 @@ class LeanPathTests(PeerTestCase):
     def test_framesAfterProtocolErrorIgnored(self):
         a, b = self.pair()
         sent = self.transports(2)
-        a.protocol.dataReceived(clientFrame(sent[0]) + clientFrame(b"\x02\x03" + B) + clientFrame(sent[1]))
+        a.protocol.dataReceived(
+            clientFrame(sent[0]) + clientFrame(b"\x02\x03" + B) + clientFrame(sent[1])
+        )
         self.assertEqual(b.messages(), self.expected(sent[:1]))
         self.assertTrue(a.closed)
 
@@ -704,12 +730,14 @@ class TurnTests(PeerTestCase):
         delivered = b.messages()
         self.assertEqual(delivered, self.expected(sent[:MESSAGES_PER_TURN]))
         self.assertEqual(a.transport.producerState, "paused")
-        for turn in range(3):
+        for _turn in range(3):
             self.clock.advance(0)
             delivered += b.messages()
         self.assertEqual(delivered, self.expected(sent))
         self.assertEqual(a.transport.producerState, "producing")
-        self.assertEqual([c for c in self.clock.getDelayedCalls() if c.getTime() <= self.clock.seconds()], [])
+        self.assertEqual(
+            [c for c in self.clock.getDelayedCalls() if c.getTime() <= self.clock.seconds()], []
+        )
 
     def test_wholeTurnNotPaused(self):
         a, b = self.pair()
@@ -720,7 +748,9 @@ class TurnTests(PeerTestCase):
 
     def test_senderPauseOutlastsTheTurn(self):
         a, b = self.pair()
-        a.protocol.dataReceived(b"".join(clientFrame(x) for x in self.transports(MESSAGES_PER_TURN + 1, size=10)))
+        a.protocol.dataReceived(
+            b"".join(clientFrame(x) for x in self.transports(MESSAGES_PER_TURN + 1, size=10))
+        )
         a.protocol.pauseReading()
         a.protocol.resumeReading()
         self.assertEqual(a.transport.producerState, "paused", "the turn is not done")
@@ -733,7 +763,9 @@ class TurnTests(PeerTestCase):
 
     def test_connectionLostCancelsTheTurn(self):
         a, b = self.pair()
-        a.protocol.dataReceived(b"".join(clientFrame(x) for x in self.transports(MESSAGES_PER_TURN + 1, size=10)))
+        a.protocol.dataReceived(
+            b"".join(clientFrame(x) for x in self.transports(MESSAGES_PER_TURN + 1, size=10))
+        )
         a.protocol.connectionLost(Failure(ConnectionLost("gone")))
         self.clock.advance(0)
         self.assertEqual(len(b.messages()), MESSAGES_PER_TURN)
@@ -747,7 +779,11 @@ class SenderPauseTests(PeerTestCase):
     """
 
     def congested(self):
-        a, b, c = self.authenticated("peer-a"), self.authenticated("peer-b"), self.authenticated("peer-c")
+        a, b, c = (
+            self.authenticated("peer-a"),
+            self.authenticated("peer-b"),
+            self.authenticated("peer-c"),
+        )
         b.transport.producer.pauseProducing()
         for _ in range(14):
             a.send(m.encodeTransport(B, b"x" * 1400))
@@ -812,13 +848,22 @@ class SenderPauseTests(PeerTestCase):
     def test_otherSendersUntouched(self):
         a, b, c = self.congested()
         c.send(m.encodeTransport(A, b"hello"))
-        self.assertEqual(a.messages(), [stamped(m.encodeTransport(A, b"hello"), m.peerID("peer-c"))])
+        self.assertEqual(
+            a.messages(), [stamped(m.encodeTransport(A, b"hello"), m.peerID("peer-c"))]
+        )
         self.assertEqual(c.transport.producerState, "producing")
 
     def test_senderGoneWhilePaused(self):
         a, b, c = self.congested()
         a.protocol.connectionLost(Failure(ConnectionLost("gone")))
-        self.assertEqual([call for call in self.clock.getDelayedCalls() if call.func == a.protocol.resumeReading], [])
+        self.assertEqual(
+            [
+                call
+                for call in self.clock.getDelayedCalls()
+                if call.func == a.protocol.resumeReading
+            ],
+            [],
+        )
         b.transport.producer.resumeProducing()
 
     def test_dropsOutsideAReadPauseNobody(self):
@@ -841,7 +886,9 @@ class SenderPauseTests(PeerTestCase):
         a, b, c = self.congested()
         self.clock.advance(SENDER_PAUSE)
         message = m.encodeTransport(B, b"x" * 1400)
-        a.protocol.dataReceived(clientFrame(message[:700], fin=False) + clientFrame(message[700:], opcode=0))
+        a.protocol.dataReceived(
+            clientFrame(message[:700], fin=False) + clientFrame(message[700:], opcode=0)
+        )
         self.assertEqual(self.relay.counters.dropped["slow_consumer"], 2)
         self.assertEqual(a.transport.producerState, "producing")
         a.send(m.encodeTransport(m.peerID("peer-c"), b"y" * 1400))
@@ -866,7 +913,10 @@ class BatchPropertyTests(PeerTestCase):
         a = self.authenticated("peer-a")
         names = ["peer-b", "peer-c", "peer-d"]
         receivers = [self.authenticated(name) for name in names]
-        sent = [m.encodeTransport(m.peerID(names[d]), b"%04d" % i + b"z" * size) for i, (d, size) in enumerate(plan)]
+        sent = [
+            m.encodeTransport(m.peerID(names[d]), b"%04d" % i + b"z" * size)
+            for i, (d, size) in enumerate(plan)
+        ]
         stream = b"".join(clientFrame(x) for x in sent)
         position = 0
         for cut in cuts + [len(stream)]:

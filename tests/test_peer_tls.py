@@ -25,7 +25,11 @@ from websockets.asyncio.client import connect
 from relay import messages as m
 from relay.auth import TokenValidator
 from relay.internals import openssl
-from relay.peer import PeerTLSProtocol, PeerWebSocketFactory, PeerWebSocketProtocol, RefusableTLSFactory
+from relay.peer import (
+    PeerWebSocketFactory,
+    PeerWebSocketProtocol,
+    RefusableTLSFactory,
+)
 from relay.server import Relay
 from relay.store import Store
 from relay.tls import loadCertificateOptions
@@ -118,7 +122,9 @@ class _InMemory:
         # The clock of Twisted's BufferingTLSTransport, which holds writes
         # until the next turn.
         self.clock = Clock()
-        self.factory = RefusableTLSFactory(loadCertificateOptions(cert, key), False, wrapped, clock=self.clock)
+        self.factory = RefusableTLSFactory(
+            loadCertificateOptions(cert, key), False, wrapped, clock=self.clock
+        )
         if tlsProtocol is not None:
             self.factory.protocol = tlsProtocol
         self.server = self.factory.buildProtocol(IPv4Address("TCP", "192.0.2.1", 1))
@@ -165,7 +171,9 @@ class _InMemory:
                 pass
             self.toServer()
             self.toClient()
-            if self.server._handshakeDone and self.client.get_state_string().endswith(b"SSL negotiation finished successfully"):
+            if self.server._handshakeDone and self.client.get_state_string().endswith(
+                b"SSL negotiation finished successfully"
+            ):
                 break
         # The client reads the session tickets TLS 1.3 servers send (and
         # any data already there, returned).
@@ -273,7 +281,9 @@ class WriteNowTests(unittest.SynchronousTestCase):
         pair = self.connected()
         pair.server.write(b"first ")
         t = pair.transport
-        self.assertEqual((t.sent, len(t.written)), ([], 1), "a plain write is left to Twisted's buffering")
+        self.assertEqual(
+            (t.sent, len(t.written)), ([], 1), "a plain write is left to Twisted's buffering"
+        )
         pair.server.writeNow(b"second")
         self.assertEqual((t.sent, len(t.written)), ([], 2))
         pair.toClient()
@@ -357,7 +367,9 @@ class _UpgradeOverTLS:
 
     def connected(self):
         clock = Clock()
-        pair = _InMemory(self, _fakeTCP(), PeerWebSocketFactory(makeRelay(clock), clock), self.tlsProtocol)
+        pair = _InMemory(
+            self, _fakeTCP(), PeerWebSocketFactory(makeRelay(clock), clock), self.tlsProtocol
+        )
         self.addCleanup(pair.app.session.linkLost)
         # The handshake up to the client's Finished, which waits in the
         # client's send BIO.
@@ -472,7 +484,11 @@ class ReadTests(unittest.SynchronousTestCase):
                 pair.server.dataReceived(wire[fed:step])
                 fed = step
                 self.assertTrue(b"".join(sent).startswith(b"".join(pair.app.received)))
-            self.assertEqual(b"".join(pair.app.received), b"".join(sent), f"attempt {attempt}: records left undelivered")
+            self.assertEqual(
+                b"".join(pair.app.received),
+                b"".join(sent),
+                f"attempt {attempt}: records left undelivered",
+            )
 
     def test_readLargerThanTheBuffer(self):
         """
@@ -644,9 +660,20 @@ class IndependentClientTests(unittest.TestCase):
         if receiveBuffer is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receiveBuffer)
         sock.setblocking(False)
-        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", self.port.getHost().port)), TIMEOUT)
-        ws = await connect(self.url, sock=sock, ssl=self.context, open_timeout=TIMEOUT, close_timeout=TIMEOUT,
-                           max_size=None, compression=None, ping_interval=None)
+        await asyncio.wait_for(
+            asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", self.port.getHost().port)),
+            TIMEOUT,
+        )
+        ws = await connect(
+            self.url,
+            sock=sock,
+            ssl=self.context,
+            open_timeout=TIMEOUT,
+            close_timeout=TIMEOUT,
+            max_size=None,
+            compression=None,
+            ping_interval=None,
+        )
         await ws.send(authMessage(name))
         assert await asyncio.wait_for(ws.recv(), TIMEOUT) == self.relay.authResponse
         return ws
@@ -673,7 +700,9 @@ class IndependentClientTests(unittest.TestCase):
         def check(got):
             self.assertEqual((len(got), dict(self.relay.counters.dropped)), (len(sent), {}))
             for i, (mine, theirs) in enumerate(zip(sent, got)):
-                self.assertEqual(m.decodeTransport(theirs), (A, m.decodeTransport(mine)[1]), f"message {i}")
+                self.assertEqual(
+                    m.decodeTransport(theirs), (A, m.decodeTransport(mine)[1]), f"message {i}"
+                )
             self.assertEqual(sum(self.relay.counters.dropped.values()), 0)
 
         return self.inClientThread(scenario()).addCallback(check)
@@ -697,7 +726,11 @@ class IndependentClientTests(unittest.TestCase):
             # A small send buffer on the relay's side too: what the
             # receiver does not read soon stops fitting in the kernel.
             threads.blockingCallFromThread(
-                reactor, lambda: self.receiverTransport().socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096))
+                reactor,
+                lambda: self.receiverTransport().socket.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_SNDBUF, 4096
+                ),
+            )
             for msg in sent:
                 await a.send(msg)
             # Give the relay time to route all of it, then look at the
@@ -711,7 +744,9 @@ class IndependentClientTests(unittest.TestCase):
 
         def check(result):
             queued, got = result
-            self.assertGreater(queued, 0, "the relay's sends to the stalled receiver were never partial")
+            self.assertGreater(
+                queued, 0, "the relay's sends to the stalled receiver were never partial"
+            )
             self.assertEqual(got, [m.encodeTransport(A, m.decodeTransport(x)[1]) for x in sent])
             self.assertEqual(sum(self.relay.counters.dropped.values()), 0)
 
@@ -723,6 +758,10 @@ class IndependentClientTests(unittest.TestCase):
         """
         for proto in self.port.factory.protocols:
             ws = proto.wrappedProtocol
-            if isinstance(ws, PeerWebSocketProtocol) and ws.session is not None and ws.session.peerID == B:
+            if (
+                isinstance(ws, PeerWebSocketProtocol)
+                and ws.session is not None
+                and ws.session.peerID == B
+            ):
                 return proto.transport
         raise AssertionError("peer B's connection not found")

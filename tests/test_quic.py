@@ -23,9 +23,8 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from relay import client
+from relay import client, quic, quicclient
 from relay import messages as m
-from relay import quic, quicclient
 from relay.auth import TokenValidator, generateToken
 from relay.limits import Limits
 from relay.peer import PeerWebSocketFactory
@@ -46,7 +45,10 @@ def assertTLSRefusal(test, errorCode):
     """
     test.assertIn(
         errorCode,
-        (QuicErrorCode.CRYPTO_ERROR + AlertDescription.no_application_protocol, QuicErrorCode.CRYPTO_ERROR + AlertDescription.handshake_failure),
+        (
+            QuicErrorCode.CRYPTO_ERROR + AlertDescription.no_application_protocol,
+            QuicErrorCode.CRYPTO_ERROR + AlertDescription.handshake_failure,
+        ),
     )
 
 
@@ -118,7 +120,11 @@ class Network:
             while self.sent:
                 source, destination, data = self.sent.popleft()
                 endpoint = self.endpoints.get(destination)
-                if endpoint is not None and not endpoint.transport.stopped and not self.drop(source, destination, data):
+                if (
+                    endpoint is not None
+                    and not endpoint.transport.stopped
+                    and not self.drop(source, destination, data)
+                ):
                     self.deliver(endpoint, destination, data, source)
                 self.clock.advance(0)
             self.clock.advance(step)
@@ -171,10 +177,20 @@ class _ClockedQuicBase(unittest.TestCase):
         self._nextPort = 50000
 
     def makeProtocol(self, **kwargs):
-        protocol = quic.QuicPeerProtocol(self.relay, self.clock, quic.serverConfiguration(self.cert, self.key), **kwargs)
+        protocol = quic.QuicPeerProtocol(
+            self.relay, self.clock, quic.serverConfiguration(self.cert, self.key), **kwargs
+        )
         return self.network.attach(protocol, SERVER, views=True)
 
-    def client(self, peerID, token=TOKEN, authenticate=True, versions=None, connectionIDLength=None, **options):
+    def client(
+        self,
+        peerID,
+        token=TOKEN,
+        authenticate=True,
+        versions=None,
+        connectionIDLength=None,
+        **options,
+    ):
         options.setdefault("cafile", self.cert)
         configuration = quicclient.clientConfiguration(**options)
         if versions is not None:
@@ -195,7 +211,6 @@ class _ClockedQuicBase(unittest.TestCase):
         return peer
 
 
-
 class ClockedQuicTests(_ClockedQuicBase):
     def test_authenticateAndRelay(self):
         """
@@ -213,8 +228,14 @@ class ClockedQuicTests(_ClockedQuicBase):
             a.send(B, b"ping %d" % i)
             b.send(A, b"pong %d" % i)
         self.network.pump()
-        self.assertEqual([self.successResultOf(b.transports.get()) for _ in range(50)], [(A, b"ping %d" % i) for i in range(50)])
-        self.assertEqual([self.successResultOf(a.transports.get()) for _ in range(50)], [(B, b"pong %d" % i) for i in range(50)])
+        self.assertEqual(
+            [self.successResultOf(b.transports.get()) for _ in range(50)],
+            [(A, b"ping %d" % i) for i in range(50)],
+        )
+        self.assertEqual(
+            [self.successResultOf(a.transports.get()) for _ in range(50)],
+            [(B, b"pong %d" % i) for i in range(50)],
+        )
         self.assertEqual(self.relay.counters.dropped, {})
 
     def test_idlePeerMemory(self):
@@ -225,12 +246,26 @@ class ClockedQuicTests(_ClockedQuicBase):
         """
         a = self.connected(A)
         link = self.relay.store.peers[A].link
-        self.assertEqual({buf.capacity for buf in link.quic._crypto_buffers.values()}, {quic.POST_HANDSHAKE_CRYPTO_BUFFER})
+        self.assertEqual(
+            {buf.capacity for buf in link.quic._crypto_buffers.values()},
+            {quic.POST_HANDSHAKE_CRYPTO_BUFFER},
+        )
         # The server's TLS context keeps no handshake secrets, nor anything
         # but what it reads past its handshake.
         context = link.quic.tls
         self.assertIs(context.state, tls.State.SERVER_POST_HANDSHAKE)
-        self.assertEqual(set(vars(context)), {"state", "_receive_buffer", "alpn_negotiated", "early_data_accepted", "_session_resumed", "_is_client", "_Context__logger"})
+        self.assertEqual(
+            set(vars(context)),
+            {
+                "state",
+                "_receive_buffer",
+                "alpn_negotiated",
+                "early_data_accepted",
+                "_session_resumed",
+                "_is_client",
+                "_Context__logger",
+            },
+        )
         self.assertIsNotNone(a.quic.tls.key_schedule)
         # The discarded epochs' state is shared, and only the 1-RTT space
         # is iterated by loss recovery.
@@ -312,7 +347,10 @@ class ClockedQuicTests(_ClockedQuicBase):
         for i in range(50):
             a.send(A, b"echo %d" % i)
             self.network.pump(0.01)
-        self.assertEqual([self.successResultOf(a.transports.get()) for _ in range(50)], [(A, b"echo %d" % i) for i in range(50)])
+        self.assertEqual(
+            [self.successResultOf(a.transports.get()) for _ in range(50)],
+            [(A, b"echo %d" % i) for i in range(50)],
+        )
         self.assertLessEqual(len(fromRelay), 52)
 
     def test_quicAndOtherTransport(self):
@@ -325,7 +363,10 @@ class ClockedQuicTests(_ClockedQuicBase):
         session, link = connect(self.relay, "peer-b")
         a.send(B, b"x" * (m.MAX_MESSAGE_SIZE - m.TRANSPORT_HEADER_SIZE))
         self.network.pump()
-        self.assertEqual(link.take(), [m.encodeTransport(A, b"x" * (m.MAX_MESSAGE_SIZE - m.TRANSPORT_HEADER_SIZE))])
+        self.assertEqual(
+            link.take(),
+            [m.encodeTransport(A, b"x" * (m.MAX_MESSAGE_SIZE - m.TRANSPORT_HEADER_SIZE))],
+        )
         session.messageReceived(m.encodeTransport(A, b"back"))
         self.network.pump()
         self.assertEqual(self.successResultOf(a.transports.get()), (B, b"back"))
@@ -338,7 +379,11 @@ class ClockedQuicTests(_ClockedQuicBase):
         """
         a = self.connected(A, maxDatagramSize=9100)
         b = self.connected(B)
-        a.sendRaw(bytes((m.VERSION, m.TRANSPORT)) + B + b"x" * (m.MAX_MESSAGE_SIZE - m.TRANSPORT_HEADER_SIZE + 1))
+        a.sendRaw(
+            bytes((m.VERSION, m.TRANSPORT))
+            + B
+            + b"x" * (m.MAX_MESSAGE_SIZE - m.TRANSPORT_HEADER_SIZE + 1)
+        )
         self.network.pump()
         self.assertEqual(a.closeEvent.error_code, QuicErrorCode.PROTOCOL_VIOLATION)
         self.assertNotIn(A, self.relay.store.peers)
@@ -364,8 +409,13 @@ class ClockedQuicTests(_ClockedQuicBase):
         session.messageReceived(m.encodeTransport(A, b"y" * (1422 - m.TRANSPORT_HEADER_SIZE)))
         session.messageReceived(m.encodeTransport(A, b"n" * (1423 - m.TRANSPORT_HEADER_SIZE)))
         self.network.pump()
-        self.assertEqual(self.successResultOf(small.transports.get()), (C, b"y" * (497 - m.TRANSPORT_HEADER_SIZE)))
-        self.assertEqual(self.successResultOf(a.transports.get()), (C, b"y" * (1422 - m.TRANSPORT_HEADER_SIZE)))
+        self.assertEqual(
+            self.successResultOf(small.transports.get()),
+            (C, b"y" * (497 - m.TRANSPORT_HEADER_SIZE)),
+        )
+        self.assertEqual(
+            self.successResultOf(a.transports.get()), (C, b"y" * (1422 - m.TRANSPORT_HEADER_SIZE))
+        )
         self.assertNoResult(small.transports.get())
         self.assertNoResult(a.transports.get())
         self.assertEqual(self.relay.counters.dropped["too_large_for_datagram"], 2)
@@ -382,8 +432,12 @@ class ClockedQuicTests(_ClockedQuicBase):
         for size in (1415, 1426, 1427):
             session.messageReceived(m.encodeTransport(A, b"g" * (size - m.TRANSPORT_HEADER_SIZE)))
         self.network.pump()
-        self.assertEqual(self.successResultOf(a.transports.get()), (B, b"g" * (1415 - m.TRANSPORT_HEADER_SIZE)))
-        self.assertEqual(self.successResultOf(a.transports.get()), (B, b"g" * (1426 - m.TRANSPORT_HEADER_SIZE)))
+        self.assertEqual(
+            self.successResultOf(a.transports.get()), (B, b"g" * (1415 - m.TRANSPORT_HEADER_SIZE))
+        )
+        self.assertEqual(
+            self.successResultOf(a.transports.get()), (B, b"g" * (1426 - m.TRANSPORT_HEADER_SIZE))
+        )
         self.assertNoResult(a.transports.get())
         self.assertEqual(self.relay.counters.dropped["too_large_for_datagram"], 1)
 
@@ -477,9 +531,19 @@ class ClockedQuicTests(_ClockedQuicBase):
             b"\x40" + os.urandom(1300),
             b"\xc0\x00\x00\x00\x01" + os.urandom(5),
             # Looks like a version 1 Initial of the right size, does not decrypt.
-            b"\xc3\x00\x00\x00\x01\x08" + os.urandom(8) + b"\x08" + os.urandom(8) + b"\x00\x44\xd0" + os.urandom(0x4D0),
+            b"\xc3\x00\x00\x00\x01\x08"
+            + os.urandom(8)
+            + b"\x08"
+            + os.urandom(8)
+            + b"\x00\x44\xd0"
+            + os.urandom(0x4D0),
             # The same, but not an Initial.
-            b"\xe3\x00\x00\x00\x01\x08" + os.urandom(8) + b"\x08" + os.urandom(8) + b"\x44\xd0" + os.urandom(0x4D0),
+            b"\xe3\x00\x00\x00\x01\x08"
+            + os.urandom(8)
+            + b"\x08"
+            + os.urandom(8)
+            + b"\x44\xd0"
+            + os.urandom(0x4D0),
             # A short-header packet for a live connection id, not decryptable.
             b"\x40" + next(iter(links)) + os.urandom(60),
             os.urandom(9000),
@@ -490,7 +554,9 @@ class ClockedQuicTests(_ClockedQuicBase):
         self.assertEqual(self.protocol.links, links)
         self.assertEqual(self.protocol.counters["undecryptable_initial"], 1)
         self.assertEqual(self.protocol.counters["not_initial"], 1)
-        self.assertGreaterEqual(self.protocol.counters["malformed"] + self.protocol.counters["unknown_connection"], 5)
+        self.assertGreaterEqual(
+            self.protocol.counters["malformed"] + self.protocol.counters["unknown_connection"], 5
+        )
         a.send(B, b"after garbage")
         self.network.pump()
         self.assertEqual(self.successResultOf(b.transports.get()), (A, b"after garbage"))
@@ -556,7 +622,10 @@ class ClockedQuicTests(_ClockedQuicBase):
         self.assertEqual(header.version, QuicProtocolVersion.NEGOTIATION)
         self.assertEqual(header.destination_cid, b"S" * 8)
         self.assertEqual(header.source_cid, b"D" * 8)
-        self.assertEqual(header.supported_versions, [QuicProtocolVersion.VERSION_1, QuicProtocolVersion.VERSION_2])
+        self.assertEqual(
+            header.supported_versions,
+            [QuicProtocolVersion.VERSION_1, QuicProtocolVersion.VERSION_2],
+        )
         self.assertEqual(self.protocol.links, {})
 
     def test_clientHelloOverSeveralPackets(self):
@@ -598,7 +667,9 @@ class ClockedQuicTests(_ClockedQuicBase):
         self.network.endpoints.clear()
         self.protocol = self.makeProtocol(retryAbove=1)
         stuck = self.client(B)
-        self.network.drop = lambda source, destination, data: source == stuck.addr and self.protocol.handshaking
+        self.network.drop = lambda source, destination, data: (
+            source == stuck.addr and self.protocol.handshaking
+        )
         self.network.pump(0.1)
         self.assertEqual(self.protocol.handshaking, 1)
         self.network.drop = lambda source, destination, data: source == stuck.addr
@@ -608,7 +679,16 @@ class ClockedQuicTests(_ClockedQuicBase):
         a.send(A, b"self")
         self.network.pump()
         self.assertEqual(self.successResultOf(a.transports.get()), (A, b"self"))
-        forged = b"\xc3\x00\x00\x00\x01\x08" + os.urandom(8) + b"\x08" + os.urandom(8) + b"\x10" + os.urandom(16) + b"\x44\xd0" + os.urandom(1250)
+        forged = (
+            b"\xc3\x00\x00\x00\x01\x08"
+            + os.urandom(8)
+            + b"\x08"
+            + os.urandom(8)
+            + b"\x10"
+            + os.urandom(16)
+            + b"\x44\xd0"
+            + os.urandom(1250)
+        )
         self.protocol.datagramReceived(forged, ("127.0.0.1", 40002))
         self.assertEqual(self.protocol.counters["invalid_token"], 1)
         self.network.pump(10.0)
@@ -833,9 +913,14 @@ class QuicGoLikeClientTests(_ClockedQuicBase):
         online = [self.successResultOf(peer.events.get()) for peer in peers if peer.events.pending]
         received = link.take()
         # Counted first, so that a failure says how many were lost.
-        self.assertEqual((50 - len(online), 50 - len(received)), (0, 0), "lost (subscriptions, transports) of 50")
+        self.assertEqual(
+            (50 - len(online), 50 - len(received)), (0, 0), "lost (subscriptions, transports) of 50"
+        )
         self.assertEqual(online, [("online", [B])] * 50)
-        self.assertEqual(sorted(received), sorted(m.encodeTransport(m.peerID(f"fresh-{i}"), b"first %d" % i) for i in range(50)))
+        self.assertEqual(
+            sorted(received),
+            sorted(m.encodeTransport(m.peerID(f"fresh-{i}"), b"first %d" % i) for i in range(50)),
+        )
         self.assertNoStrayPackets()
 
     def test_exchangeWithOtherTransport(self):
@@ -877,7 +962,10 @@ class QuicGoLikeClientTests(_ClockedQuicBase):
                 a.send(B, b"%d.%d" % (batch, i))
             self.network.pump(0.05)
         self.assertEqual(a.changes, 11)
-        self.assertEqual([self.successResultOf(b.transports.get()) for _ in range(1000)], [(A, b"%d.%d" % (batch, i)) for batch in range(10) for i in range(100)])
+        self.assertEqual(
+            [self.successResultOf(b.transports.get()) for _ in range(1000)],
+            [(A, b"%d.%d" % (batch, i)) for batch in range(10) for i in range(100)],
+        )
         self.assertNoStrayPackets()
         retired = set(a.usedIDs[:-1])
         self.assertEqual(retired & set(self.protocol.links), set())
@@ -900,13 +988,17 @@ class QuicGoLikeClientTests(_ClockedQuicBase):
         # test_tooLargeForDestinationDatagram).
         for peer, fits in ((A, 1217), (C, 1422)):
             for size in (fits - 1, fits, fits + 1, m.MAX_MESSAGE_SIZE):
-                session.messageReceived(m.encodeTransport(peer, b"s" * (size - m.TRANSPORT_HEADER_SIZE)))
+                session.messageReceived(
+                    m.encodeTransport(peer, b"s" * (size - m.TRANSPORT_HEADER_SIZE))
+                )
         self.network.pump()
         for peer, fits in ((small, 1217), (large, 1422)):
             got = []
             while peer.transports.pending:
                 got.append(self.successResultOf(peer.transports.get()))
-            self.assertEqual(got, [(B, b"s" * (size - m.TRANSPORT_HEADER_SIZE)) for size in (fits - 1, fits)])
+            self.assertEqual(
+                got, [(B, b"s" * (size - m.TRANSPORT_HEADER_SIZE)) for size in (fits - 1, fits)]
+            )
         self.assertEqual(self.relay.counters.dropped["too_large_for_datagram"], 4)
         self.assertNoStrayPackets()
 
@@ -928,7 +1020,9 @@ class QuicGoLikeClientTests(_ClockedQuicBase):
         peers = [self.client(m.peerID(f"intruder-{i}"), token=bad) for i in range(50)]
         self.network.pump(1.0)
         for peer in peers:
-            self.assertEqual((peer.closeEvent.error_code, peer.closeEvent.frame_type), (quic.CLOSE_ERROR, None))
+            self.assertEqual(
+                (peer.closeEvent.error_code, peer.closeEvent.frame_type), (quic.CLOSE_ERROR, None)
+            )
             self.failureResultOf(peer.authenticated, quicclient.QuicHandshakeFailed)
         self.assertEqual(link.take(), [])
         self.assertEqual(self.relay.counters.handshakeRejects["bad_signature"], 50)
@@ -1020,7 +1114,9 @@ class HelperTests(unittest.TestCase):
         self.assertFalse(quic._writeDatagram(Refusing(), b"x", ("127.0.0.1", 1)))
         self.assertTrue(quic._writeDatagram(None, b"x", ("127.0.0.1", 1)))
         network = Network(Clock())
-        self.assertTrue(quic._writeDatagram(FakeUDPTransport(network, ("127.0.0.1", 2)), b"x", ("127.0.0.1", 1)))
+        self.assertTrue(
+            quic._writeDatagram(FakeUDPTransport(network, ("127.0.0.1", 2)), b"x", ("127.0.0.1", 1))
+        )
         self.assertEqual(list(network.sent), [(("127.0.0.1", 2), ("127.0.0.1", 1), b"x")])
 
     def test_connectQuicBindsAnyAddress(self):
@@ -1175,13 +1271,28 @@ class UDPQuicTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def quicPeer(self, peerID, **options):
-        peer = yield quicclient.connectQuic(reactor, "127.0.0.1", self.quicPort, peerID, secret=SECRET, cafile=self.cert, timeout=5, **options)
+        peer = yield quicclient.connectQuic(
+            reactor,
+            "127.0.0.1",
+            self.quicPort,
+            peerID,
+            secret=SECRET,
+            cafile=self.cert,
+            timeout=5,
+            **options,
+        )
         self.peers.append(peer)
         return peer
 
     @defer.inlineCallbacks
     def webSocketPeer(self, peerID):
-        peer = yield client.connect(reactor, f"rel://127.0.0.1:{self.tcpPort.getHost().port}", peerID, secret=SECRET, timeout=5)
+        peer = yield client.connect(
+            reactor,
+            f"rel://127.0.0.1:{self.tcpPort.getHost().port}",
+            peerID,
+            secret=SECRET,
+            timeout=5,
+        )
         self.peers.append(peer)
         return peer
 
@@ -1215,7 +1326,9 @@ class UDPQuicTests(unittest.TestCase):
             w.send(A, b"w->q %d " % i + bytes(200))
             if i % 100 == 99:
                 yield task.deferLater(reactor, 0.005, lambda: None)
-        yield defer.gatherResults([done[A].addTimeout(10, reactor), done[B].addTimeout(10, reactor)])
+        yield defer.gatherResults(
+            [done[A].addTimeout(10, reactor), done[B].addTimeout(10, reactor)]
+        )
         self.assertEqual(received[B], [(A, b"q->w %d " % i + bytes(200)) for i in range(count)])
         self.assertEqual(received[A], [(B, b"w->q %d " % i + bytes(200)) for i in range(count)])
         self.assertEqual(self.relay.counters.dropped, {})
@@ -1228,7 +1341,16 @@ class UDPQuicTests(unittest.TestCase):
         Over real UDP, a client offering another ALPN is refused.
         """
         failure = yield self.assertFailure(
-            quicclient.connectQuic(reactor, "127.0.0.1", self.quicPort, A, secret=SECRET, cafile=self.cert, timeout=5, alpn="h3"),
+            quicclient.connectQuic(
+                reactor,
+                "127.0.0.1",
+                self.quicPort,
+                A,
+                secret=SECRET,
+                cafile=self.cert,
+                timeout=5,
+                alpn="h3",
+            ),
             quicclient.QuicHandshakeFailed,
         )
         assertTLSRefusal(self, failure.errorCode)
@@ -1244,7 +1366,12 @@ class UDPQuicTests(unittest.TestCase):
         w = yield self.webSocketPeer(B)
         raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.addCleanup(raw.close)
-        for data in (os.urandom(100), b"\xc3\x00\x00\x00\x01" + os.urandom(1400), os.urandom(9000), os.urandom(60000)):
+        for data in (
+            os.urandom(100),
+            b"\xc3\x00\x00\x00\x01" + os.urandom(1400),
+            os.urandom(9000),
+            os.urandom(60000),
+        ):
             raw.sendto(data, ("127.0.0.1", self.quicPort))
         yield task.deferLater(reactor, 0.1, lambda: None)
         q.send(B, b"still fine")
@@ -1264,7 +1391,10 @@ class UDPQuicTests(unittest.TestCase):
         w = yield self.webSocketPeer(B)
         w.send(A, b"n" * (1423 - m.TRANSPORT_HEADER_SIZE))
         w.send(A, b"y" * (1422 - m.TRANSPORT_HEADER_SIZE))
-        self.assertEqual((yield q.transports.get().addTimeout(5, reactor)), (B, b"y" * (1422 - m.TRANSPORT_HEADER_SIZE)))
+        self.assertEqual(
+            (yield q.transports.get().addTimeout(5, reactor)),
+            (B, b"y" * (1422 - m.TRANSPORT_HEADER_SIZE)),
+        )
         self.assertEqual(self.relay.counters.dropped["too_large_for_datagram"], 1)
 
     @defer.inlineCallbacks
@@ -1301,10 +1431,14 @@ class UDPQuicTests(unittest.TestCase):
         yield self.quicPeer(A)
         self.service.reloadCertificate(newCert, newKey)
         yield self.assertFailure(
-            quicclient.connectQuic(reactor, "127.0.0.1", self.quicPort, B, secret=SECRET, cafile=self.cert, timeout=5),
+            quicclient.connectQuic(
+                reactor, "127.0.0.1", self.quicPort, B, secret=SECRET, cafile=self.cert, timeout=5
+            ),
             quicclient.QuicHandshakeFailed,
         )
-        peer = yield quicclient.connectQuic(reactor, "127.0.0.1", self.quicPort, B, secret=SECRET, cafile=newCert, timeout=5)
+        peer = yield quicclient.connectQuic(
+            reactor, "127.0.0.1", self.quicPort, B, secret=SECRET, cafile=newCert, timeout=5
+        )
         self.peers.append(peer)
         self.assertIn(B, self.relay.store.peers)
 
@@ -1318,5 +1452,9 @@ class UDPQuicTests(unittest.TestCase):
         yield q.whenLost().addTimeout(5, reactor)
         self.assertEqual(q.closeEvent.error_code, quic.CLOSE_NORMAL)
         self.assertEqual(self.relay.counters.connections["quic"], 0)
-        port = reactor.listenUDP(self.quicPort, quic.QuicPeerProtocol(self.relay, reactor, self.service.protocol.configuration), interface="127.0.0.1")
+        port = reactor.listenUDP(
+            self.quicPort,
+            quic.QuicPeerProtocol(self.relay, reactor, self.service.protocol.configuration),
+            interface="127.0.0.1",
+        )
         yield port.stopListening()

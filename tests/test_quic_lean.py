@@ -40,7 +40,7 @@ def writeEd25519Certificate(directory):
     os.makedirs(directory)
     key = ed25519.Ed25519PrivateKey.generate()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     certificate = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -56,7 +56,13 @@ def writeEd25519Certificate(directory):
     with open(certPath, "wb") as f:
         f.write(certificate.public_bytes(serialization.Encoding.PEM))
     with open(keyPath, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
     return certPath, keyPath
 
 
@@ -76,8 +82,20 @@ class LeanPathTests(_ClockedQuicBase):
         self.network.pump(0.1)
         toB = [self.successResultOf(b.transports.get()) for _ in range(count)]
         toA = [self.successResultOf(a.transports.get()) for _ in range(count)]
-        self.assertEqual(toB, [(A, tag + b"a%d" % i + payloadOf(1, i, exchangeSize(1, i) - 10)) for i in range(count)])
-        self.assertEqual(toA, [(B, tag + b"b%d" % i + payloadOf(2, i, exchangeSize(2, i) - 10)) for i in range(count)])
+        self.assertEqual(
+            toB,
+            [
+                (A, tag + b"a%d" % i + payloadOf(1, i, exchangeSize(1, i) - 10))
+                for i in range(count)
+            ],
+        )
+        self.assertEqual(
+            toA,
+            [
+                (B, tag + b"b%d" % i + payloadOf(2, i, exchangeSize(2, i) - 10))
+                for i in range(count)
+            ],
+        )
         self.assertFalse(a.transports.pending or b.transports.pending)
 
     def links(self):
@@ -92,8 +110,13 @@ class LeanPathTests(_ClockedQuicBase):
         self.network.pump(0.5)
         space = applicationSpace(link.quic)
         # ACK-only packets are acknowledged only with later ones.
-        unacknowledged = [packet for packet in space.sent_packets.values() if packet.is_ack_eliciting]
-        self.assertEqual((unacknowledged, space.ack_eliciting_in_flight, link.quic._loss.bytes_in_flight), ([], 0, 0))
+        unacknowledged = [
+            packet for packet in space.sent_packets.values() if packet.is_ack_eliciting
+        ]
+        self.assertEqual(
+            (unacknowledged, space.ack_eliciting_in_flight, link.quic._loss.bytes_in_flight),
+            ([], 0, 0),
+        )
         received = applicationSpace(peer.quic)
         self.assertEqual(received.largest_received_packet, link.quic._packet_number - 1)
 
@@ -179,7 +202,9 @@ class LeanPathTests(_ClockedQuicBase):
             self.network.pump(0.5)
             self.exchangeWithPumps(a, b)
 
-        self.assertSameAsAioquic(lambda count, source, destination, data: False, traffic, minBuilt=600, minMessages=1000)
+        self.assertSameAsAioquic(
+            lambda count, source, destination, data: False, traffic, minBuilt=600, minMessages=1000
+        )
 
     def test_sameAsAioquicReordered(self):
         """
@@ -225,7 +250,9 @@ class LeanPathTests(_ClockedQuicBase):
             self.migrate(a, ("127.0.0.2", 40000))
             self.exchangeWithPumps(a, b)
 
-        self.assertSameAsAioquic(lambda count, source, destination, data: False, traffic, minBuilt=600, minMessages=1000)
+        self.assertSameAsAioquic(
+            lambda count, source, destination, data: False, traffic, minBuilt=600, minMessages=1000
+        )
 
     def migrate(self, peer, addr):
         del self.network.endpoints[peer.addr]
@@ -281,7 +308,10 @@ class LeanPathTests(_ClockedQuicBase):
                             loss._rtt_smoothed,
                             connection._close_at,
                             len(peer.transports.pending),
-                            [(path.addr, path.is_validated, path.bytes_sent, path.bytes_received) for path in connection._network_paths],
+                            [
+                                (path.addr, path.is_validated, path.bytes_sent, path.bytes_received)
+                                for path in connection._network_paths
+                            ],
                         )
                     )
             return sizes, state, (linkA._lean, linkB._lean)
@@ -344,8 +374,12 @@ class LeanPathTests(_ClockedQuicBase):
             if i % 10 == 9:
                 self.network.pump(0.01)
         self.network.pump(1.0)
-        toB = [self.successResultOf(b.transports.get())[1] for _ in range(len(b.transports.pending))]
-        toA = [self.successResultOf(a.transports.get())[1] for _ in range(len(a.transports.pending))]
+        toB = [
+            self.successResultOf(b.transports.get())[1] for _ in range(len(b.transports.pending))
+        ]
+        toA = [
+            self.successResultOf(a.transports.get())[1] for _ in range(len(a.transports.pending))
+        ]
         for got in (toB, toA):
             numbers = [int(message.split()[1]) for message in got]
             self.assertEqual(numbers, sorted(numbers))
@@ -379,7 +413,10 @@ class LeanPathTests(_ClockedQuicBase):
         self.assertEqual(linkA._lean.messages, 50)
         self.assertGreater(linkA._lean.received, received)
         self.assertEqual(linkA._lean.handedOver, handed + 1)
-        self.assertEqual([self.successResultOf(a.transports.get()) for _ in range(20)], [(B, b"to a %d" % i) for i in range(20)])
+        self.assertEqual(
+            [self.successResultOf(a.transports.get()) for _ in range(20)],
+            [(B, b"to a %d" % i) for i in range(20)],
+        )
         self.assertAllAcknowledged(linkA, a)
 
     def test_migration(self):
@@ -498,8 +535,17 @@ class TrimmedStateTests(_ClockedQuicBase):
         a = self.connected(A)
         self.network.drop = lambda source, destination, data: False
         link = self.relay.store.peers[A].link
-        routed = [pull_quic_header(Buffer(data=data), host_cid_length=quic.CONNECTION_ID_LENGTH) for source, data in early]
-        self.assertIn((QuicPacketType.INITIAL, True), [(header.packet_type, header.destination_cid in link.connectionIDs) for header in routed])
+        routed = [
+            pull_quic_header(Buffer(data=data), host_cid_length=quic.CONNECTION_ID_LENGTH)
+            for source, data in early
+        ]
+        self.assertIn(
+            (QuicPacketType.INITIAL, True),
+            [
+                (header.packet_type, header.destination_cid in link.connectionIDs)
+                for header in routed
+            ],
+        )
         for source, data in early:
             self.protocol.datagramReceived(data, source)
         self.network.pump()
@@ -551,10 +597,21 @@ class ParseTests(_ClockedQuicBase):
         DATAGRAM frames (1- and 2-byte lengths), PADDING runs, ACK and
         ACK_ECN frames, in any order.
         """
-        payload = b"\x31\x03abc" + b"\x00" * 5 + b"\x02\x05\x00\x00\x01" + b"\x31\x40\x41" + b"x" * 65 + b"\x03\x09\x01\x00\x00\x01\x02\x03" + b"\x00"
+        payload = (
+            b"\x31\x03abc"
+            + b"\x00" * 5
+            + b"\x02\x05\x00\x00\x01"
+            + b"\x31\x40\x41"
+            + b"x" * 65
+            + b"\x03\x09\x01\x00\x00\x01\x02\x03"
+            + b"\x00"
+        )
         datagrams, acks, eliciting = self.lean._parse(payload)
         self.assertEqual(datagrams, [b"abc", b"x" * 65])
-        self.assertEqual([(list(ranges), delay) for ranges, delay in acks], [([range(4, 6)], 0), ([range(9, 10)], 1)])
+        self.assertEqual(
+            [(list(ranges), delay) for ranges, delay in acks],
+            [([range(4, 6)], 0), ([range(9, 10)], 1)],
+        )
         self.assertTrue(eliciting)
         datagrams, acks, eliciting = self.lean._parse(b"\x02\x05\x00\x00\x00" + b"\x00" * 30)
         self.assertEqual((datagrams, eliciting), ([], False))
@@ -583,8 +640,12 @@ class ParseTests(_ClockedQuicBase):
         limit = quic.MAX_DATAGRAM_FRAME_SIZE
         # aioquic refuses a frame whose length and data reach the limit.
         fits = limit - 3
-        self.assertIsNotNone(self.lean._parse(b"\x31" + (0x4000 | fits).to_bytes(2, "big") + b"y" * fits))
-        self.assertIsNone(self.lean._parse(b"\x31" + (0x4000 | fits + 1).to_bytes(2, "big") + b"y" * (fits + 1)))
+        self.assertIsNotNone(
+            self.lean._parse(b"\x31" + (0x4000 | fits).to_bytes(2, "big") + b"y" * fits)
+        )
+        self.assertIsNone(
+            self.lean._parse(b"\x31" + (0x4000 | fits + 1).to_bytes(2, "big") + b"y" * (fits + 1))
+        )
 
 
 class HandOverTests(_ClockedQuicBase):
@@ -615,16 +676,34 @@ class HandOverTests(_ClockedQuicBase):
         self.assertEqual(len(captured), 1)
         source, data = captured[0]
         space = applicationSpace(link.quic)
-        before = (link._lean.handedOver, link._lean.received, list(space.ack_queue), space.largest_received_packet, space.expected_packet_number)
+        before = (
+            link._lean.handedOver,
+            link._lean.received,
+            list(space.ack_queue),
+            space.largest_received_packet,
+            space.expected_packet_number,
+        )
         damaged = data[:-1] + bytes([data[-1] ^ 1])
         for packet in (damaged, data[:20]):
             self.protocol.datagramReceived(packet, source)
         self.assertEqual(link._lean.handedOver, before[0] + 2)
-        self.assertEqual((link._lean.received, list(space.ack_queue), space.largest_received_packet, space.expected_packet_number), before[1:])
+        self.assertEqual(
+            (
+                link._lean.received,
+                list(space.ack_queue),
+                space.largest_received_packet,
+                space.expected_packet_number,
+            ),
+            before[1:],
+        )
         self.protocol.datagramReceived(data, source)
-        self.assertEqual((link._lean.handedOver, link._lean.received), (before[0] + 2, before[1] + 1))
+        self.assertEqual(
+            (link._lean.handedOver, link._lean.received), (before[0] + 2, before[1] + 1)
+        )
         self.protocol.datagramReceived(data, source)
-        self.assertEqual((link._lean.handedOver, link._lean.received), (before[0] + 3, before[1] + 1))
+        self.assertEqual(
+            (link._lean.handedOver, link._lean.received), (before[0] + 3, before[1] + 1)
+        )
         self.network.pump(0.1)
         self.assertEqual(self.successResultOf(a.transports.get()), (A, b"once"))
         self.assertFalse(a.transports.pending)

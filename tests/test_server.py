@@ -32,7 +32,13 @@ class CollaboratorTests(SynchronousTestCase):
     def test_givenAtConstruction(self):
         forwarder, budget, times = _Forwarder(), LogBudget(Clock()), []
         limits = Limits(maxPeers=3)
-        relay = makeRelay(Clock(), limits=limits, forwarder=forwarder, noisyLog=budget, recordAuthenticationTime=times.append)
+        relay = makeRelay(
+            Clock(),
+            limits=limits,
+            forwarder=forwarder,
+            noisyLog=budget,
+            recordAuthenticationTime=times.append,
+        )
         self.assertIs(relay.limits, limits)
         self.assertIs(relay.admission.limits, limits)
         self.assertIs(relay.noisyLog, budget)

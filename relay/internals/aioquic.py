@@ -75,25 +75,61 @@ def installedVersion():
 # Attributes of a QuicConnection, each with why the relay uses it.
 CONNECTION = {
     # Used by relay.quic (the driver of every connection).
-    "_loss": "its loss recovery: the pacer is replaced by one sized for a reactor's timers (a reactor sleeps >= 1 ms; aioquic's capped a connection at a few thousand packets a second); the lean path registers sent packets and ACKs with it",
+    "_loss": (
+        "its loss recovery: the pacer is replaced by one sized for a reactor's timers (a "
+        "reactor sleeps >= 1 ms; aioquic's capped a connection at a few thousand packets a "
+        "second); the lean path registers sent packets and ACKs with it"
+    ),
     "_max_datagram_size": "the UDP payload limit, for the pacer and the room of one DATAGRAM frame",
-    "_datagrams_pending": "the DATAGRAM send queue: its length tells which relay messages have left (for the write high-water mark); the lean send drains it",
-    "_close_event": "whether the connection is closing: aioquic raises ConnectionTerminated only when the closing period ends, the session must learn at once",
-    "_remote_max_datagram_frame_size": "the client's datagram limit (its transport parameter), which caps relay messages to it",
-    "_peer_cid": "the peer's connection id: its length sets the room of a DATAGRAM frame in a packet; the lean send writes it",
-    "_crypto_buffers": "three 16 KiB TLS output buffers kept for life: made small after the handshake (idle peer memory)",
-    "_QuicConnection__frame_handlers": "the frame handler table, whose per-connection epoch frozensets are replaced by shared ones (idle peer memory, 7 KiB)",
-    "_quic_logger": "None for the relay: then the keys' qlog callbacks are dropped, and the lean path (which logs nothing) may run",
-    "_cryptos": "the keys per epoch: qlog callbacks dropped; the lean path decrypts and encrypts with the 1-RTT pair",
+    "_datagrams_pending": (
+        "the DATAGRAM send queue: its length tells which relay messages have left (for the "
+        "write high-water mark); the lean send drains it"
+    ),
+    "_close_event": (
+        "whether the connection is closing: aioquic raises ConnectionTerminated only when the "
+        "closing period ends, the session must learn at once"
+    ),
+    "_remote_max_datagram_frame_size": (
+        "the client's datagram limit (its transport parameter), which caps relay messages to it"
+    ),
+    "_peer_cid": (
+        "the peer's connection id: its length sets the room of a DATAGRAM frame in a packet; "
+        "the lean send writes it"
+    ),
+    "_crypto_buffers": (
+        "three 16 KiB TLS output buffers kept for life: made small after the handshake (idle "
+        "peer memory)"
+    ),
+    "_QuicConnection__frame_handlers": (
+        "the frame handler table, whose per-connection epoch frozensets are replaced by shared "
+        "ones (idle peer memory, 7 KiB)"
+    ),
+    "_quic_logger": (
+        "None for the relay: then the keys' qlog callbacks are dropped, and the lean path "
+        "(which logs nothing) may run"
+    ),
+    "_cryptos": (
+        "the keys per epoch: qlog callbacks dropped; the lean path decrypts and encrypts with "
+        "the 1-RTT pair"
+    ),
     "_state": "FIRSTFLIGHT tells an undecryptable Initial; CONNECTED gates the lean path",
-    "_spaces": "the packet spaces: ack_at of the 1-RTT one is made due so ACKs ride on the same turn's datagrams; the lean path keeps its ranges",
+    "_spaces": (
+        "the packet spaces: ack_at of the 1-RTT one is made due so ACKs ride on the same turn's "
+        "datagrams; the lean path keeps its ranges"
+    ),
     # Read or written by the lean path (relay.quiclean), as receive_datagram,
     # _write_application and _flush_builder do.
     "_close_pending": "a close not sent yet: lean path off",
-    "_network_paths": "the current path (address, validation, challenges, bytes sent) and former ones: lean only on the validated current path, and while no other needs probing",
+    "_network_paths": (
+        "the current path (address, validation, challenges, bytes sent) and former ones: lean "
+        "only on the validated current path, and while no other needs probing"
+    ),
     "_spin_highest_pn": "spin bit bookkeeping of a received packet",
     "_spin_bit": "spin bit of received and sent packets",
-    "_close_at": "the idle timer, restarted by a received packet and the first ack-eliciting packet sent after it",
+    "_close_at": (
+        "the idle timer, restarted by a received packet and the first ack-eliciting packet sent"
+        " after it"
+    ),
     "_idle_timeout": "the idle timeout to restart the idle timer with",
     "_ack_eliciting_sent_since_receipt": "the idle timer's restart rule (RFC 9000 section 10.1)",
     "_handshake_confirmed": "lean send only once no INITIAL/HANDSHAKE packet can be due",
@@ -117,15 +153,22 @@ CONNECTION = {
     "_on_ack_delivery": "the delivery handler of a sent ACK frame (drops acknowledged ranges)",
     "_on_ping_delivery": "the delivery handler of an ACK-of-ACK PING",
     "_is_client": "the trims apply to the server end only",
-    "_cryptos_initial": "INITIAL keys per QUIC version, replaced by a shared key-less pair once discarded",
-    "_events": "whether a lean receive raised events (delivery handlers of acknowledged PINGs), so they are handled",
+    "_cryptos_initial": (
+        "INITIAL keys per QUIC version, replaced by a shared key-less pair once discarded"
+    ),
+    "_events": (
+        "whether a lean receive raised events (delivery handlers of acknowledged PINGs), so they "
+        "are handled"
+    ),
 }
 
 # Attributes of a QuicPacketSpace (the 1-RTT one).
 SPACE = {
     "ack_at": "ACK timer: made due in the turn's datagrams; set and cleared by the lean path",
     "ack_queue": "received packet ranges to acknowledge",
-    "discarded": "receive_datagram records nothing in a discarded space; trimDiscardedEpochs checks it",
+    "discarded": (
+        "receive_datagram records nothing in a discarded space; trimDiscardedEpochs checks it"
+    ),
     "expected_packet_number": "decoding truncated packet numbers",
     "largest_received_packet": "largest packet received, for the ACK frame",
     "largest_received_time": "its time, for the ACK delay",
@@ -134,14 +177,19 @@ SPACE = {
 
 # Attributes of QuicPacketRecovery.
 RECOVERY = {
-    "spaces": "the packet spaces loss recovery iterates: only the 1-RTT one once the others are discarded",
+    "spaces": (
+        "the packet spaces loss recovery iterates: only the 1-RTT one once the others are discarded"
+    ),
     "_pacer": "the pacer (replaced; consulted by the lean send)",
     "peer_completed_address_validation": "set by an ACK frame, as aioquic's ACK handler does",
     "on_ack_received": "loss recovery of received ACK frames",
     "on_packet_sent": "loss recovery and congestion control of sent packets",
     "congestion_window": "the builder's room in flight",
     "bytes_in_flight": "the builder's room in flight",
-    "_rtt_smoothed": "read (never written) by the lean path: the idle timeout is computed again only when it or _rtt_variance changes",
+    "_rtt_smoothed": (
+        "read (never written) by the lean path: the idle timeout is computed again only when it"
+        " or _rtt_variance changes"
+    ),
     "_rtt_variance": "as _rtt_smoothed",
 }
 
@@ -151,7 +199,9 @@ CRYPTO_PAIR = {
     "send": "the send keys",
     "key_phase": "the key phase bit of a sent packet (with a requested update)",
     "encrypt_packet": "encryption, which also carries out a requested key update",
-    "_update_key_requested": "a key update requested: the lean send leaves that packet's encryption to encrypt_packet",
+    "_update_key_requested": (
+        "a key update requested: the lean send leaves that packet's encryption to encrypt_packet"
+    ),
 }
 # HeaderProtection (aioquic._crypto): the lean path applies and removes
 # header protection on the header alone (aioquic's apply and remove copy the
@@ -205,17 +255,38 @@ FUNCTIONS = {
     (_recovery, "MAX_ACK_RANGES"): "the bound on kept ACK ranges",
     (_connection, "ACK_FRAME_CAPACITY"): "the room an ACK frame needs",
     (_recovery, "QuicPacketSpace"): "the shared discarded space",
-    (_connection.QuicConnection, "_write_application"): "the writer onlyDatagrams() mirrors (checked by name only)",
-    (_connection.QuicConnection, "_flush_builder"): "the registration transmit() mirrors (checked by name only)",
+    (
+        _connection.QuicConnection,
+        "_write_application",
+    ): "the writer onlyDatagrams() mirrors (checked by name only)",
+    (
+        _connection.QuicConnection,
+        "_flush_builder",
+    ): "the registration transmit() mirrors (checked by name only)",
 }
 
 # The fields of QuicSentPacket, in order: the lean send passes them by
 # position (a keyword call costs twice as much, 0.2 us of a packet).
-SENT_PACKET_FIELDS = ("epoch", "in_flight", "is_ack_eliciting", "is_crypto_packet", "packet_number", "packet_type", "sent_time", "sent_bytes", "delivery_handlers", "quic_logger_frames")
+SENT_PACKET_FIELDS = (
+    "epoch",
+    "in_flight",
+    "is_ack_eliciting",
+    "is_crypto_packet",
+    "packet_number",
+    "packet_type",
+    "sent_time",
+    "sent_bytes",
+    "delivery_handlers",
+    "quic_logger_frames",
+)
 
 # Attributes of a RangeSet (a packet space's ack_queue).
 RANGE_SET = {
-    "_RangeSet__ranges": "its sorted list of disjoint, non-touching ranges, changed in place only: the lean receive extends or appends the last one for the next packet as RangeSet.add would (add walks every range: 0.3 us of a packet)",
+    "_RangeSet__ranges": (
+        "its sorted list of disjoint, non-touching ranges, changed in place only: the lean "
+        "receive extends or appends the last one for the next packet as RangeSet.add would (add "
+        "walks every range: 0.3 us of a packet)"
+    ),
 }
 
 
@@ -444,7 +515,10 @@ def trimDiscardedEpochs(quic):
     early = (Epoch.INITIAL, Epoch.HANDSHAKE)
     if not all(spaces[epoch].discarded for epoch in early):
         return False
-    if any(pair.recv.is_valid() or pair.send.is_valid() for pair in [quic._cryptos[epoch] for epoch in early] + list(quic._cryptos_initial.values())):
+    if any(
+        pair.recv.is_valid() or pair.send.is_valid()
+        for pair in [quic._cryptos[epoch] for epoch in early] + list(quic._cryptos_initial.values())
+    ):
         return False
     if _DEAD_CRYPTO_PAIR is None:
         _DEAD_CRYPTO_PAIR = CryptoPair()
@@ -455,7 +529,10 @@ def trimDiscardedEpochs(quic):
         spaces[epoch] = _DISCARDED_SPACE
         quic._crypto_streams.pop(epoch, None)
         quic._crypto_buffers.pop(epoch, None)
-    if not quic._cryptos[Epoch.ZERO_RTT].recv.is_valid() and not quic._cryptos[Epoch.ZERO_RTT].send.is_valid():
+    if (
+        not quic._cryptos[Epoch.ZERO_RTT].recv.is_valid()
+        and not quic._cryptos[Epoch.ZERO_RTT].send.is_valid()
+    ):
         quic._cryptos[Epoch.ZERO_RTT] = _DEAD_CRYPTO_PAIR
     quic._cryptos_initial = {version: _DEAD_CRYPTO_PAIR for version in quic._cryptos_initial}
     quic._loss.spaces = [spaces[Epoch.ONE_RTT]]
@@ -464,7 +541,15 @@ def trimDiscardedEpochs(quic):
 
 # What a server's TLS context past its handshake still reads: it refuses
 # every message in that state (tls.Context._handle_reassembled_message).
-_POST_HANDSHAKE_TLS = ("state", "_receive_buffer", "alpn_negotiated", "early_data_accepted", "_session_resumed", "_is_client", "_Context__logger")
+_POST_HANDSHAKE_TLS = (
+    "state",
+    "_receive_buffer",
+    "alpn_negotiated",
+    "early_data_accepted",
+    "_session_resumed",
+    "_is_client",
+    "_Context__logger",
+)
 
 
 def trimServerTLS(context, postHandshakeState):

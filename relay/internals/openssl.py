@@ -81,7 +81,9 @@ try:
     receiveBuffer = _ffi.new("char[]", RECEIVE_BUFFER_SIZE)
     bufferOf = _ffi.buffer
 except AttributeError:
-    sslRead = sslGetError = SSL_ERROR_WANT_READ = SSL_ERROR_ZERO_RETURN = receiveBuffer = bufferOf = None
+    sslRead = sslGetError = SSL_ERROR_WANT_READ = SSL_ERROR_ZERO_RETURN = receiveBuffer = (
+        bufferOf
+    ) = None
 
 # The other way: cleartext encrypted with SSL_write straight from the
 # caller's bytes (C{with cleartextOf(data) as p: sslWrite(ssl, p, n)}), and

@@ -147,7 +147,12 @@ def writeNow(transport, data):
     C{data} may be a memoryview of a buffer that is reused: what C{write}
     keeps is a copy.
     """
-    if not transport.dataBuffer and not transport._tempDataLen and transport.connected and not transport.disconnecting:
+    if (
+        not transport.dataBuffer
+        and not transport._tempDataLen
+        and transport.connected
+        and not transport.disconnecting
+    ):
         sent = transport.writeSomeData(data)
         if isinstance(sent, int):
             if sent == len(data):
@@ -158,7 +163,11 @@ def writeNow(transport, data):
 
 # Twisted's private hooks of TLSMemoryBIOProtocol and the names of ours a
 # TLSProtocol subclass defines instead.
-_TLS_HOOKS = (("_write", "encrypt"), ("_flushSendBIO", "sendRecords"), ("_flushReceiveBIO", "receiveRecords"))
+_TLS_HOOKS = (
+    ("_write", "encrypt"),
+    ("_flushSendBIO", "sendRecords"),
+    ("_flushReceiveBIO", "receiveRecords"),
+)
 
 
 class TLSProtocol(TLSMemoryBIOProtocol):
@@ -190,14 +199,20 @@ class TLSProtocol(TLSMemoryBIOProtocol):
 
     # Twisted's state, read through attrgetter: no Python frame per read
     # (a PeerTLSProtocol reads them several times per message).
-    tlsConnection = property(attrgetter("_tlsConnection"), doc="The C{OpenSSL.SSL.Connection} (C{_tlsConnection}).")
+    tlsConnection = property(
+        attrgetter("_tlsConnection"), doc="The C{OpenSSL.SSL.Connection} (C{_tlsConnection})."
+    )
     tlsLost = property(
-        attrgetter("_lostTLSConnection"), doc="Whether TLS is over: closed, failed or aborted (C{_lostTLSConnection})."
+        attrgetter("_lostTLSConnection"),
+        doc="Whether TLS is over: closed, failed or aborted (C{_lostTLSConnection}).",
     )
     aborted = property(
-        attrgetter("_aborted"), doc="Whether the connection was aborted (C{_aborted}): nothing more is delivered."
+        attrgetter("_aborted"),
+        doc="Whether the connection was aborted (C{_aborted}): nothing more is delivered.",
     )
-    producer = property(attrgetter("_producer"), doc="The producer registered, or None (C{_producer}).")
+    producer = property(
+        attrgetter("_producer"), doc="The producer registered, or None (C{_producer})."
+    )
 
     def bufferCleartext(self, data):
         """
