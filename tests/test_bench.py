@@ -6,6 +6,7 @@ and one tiny real run against a real relay process.
 
 import os
 import select
+import shutil
 import socket
 
 from twisted.trial import unittest
@@ -386,6 +387,147 @@ class QuicGoLoadTests(unittest.TestCase):
                 self.assertGreater(r["relay_us_per_msg"], 0)
                 self.assertLessEqual(r["p50_us"], r["p99_us"])
         self.assertTrue(self.relay.running())
+
+    def test_plainWebSocket(self):
+        """
+        ws: plain WebSocket, against a relay without a certificate (the one
+        with a certificate speaks only TLS on its peer port).
+        """
+        plain = RelayProcess("relay-secret").start()
+        self.addCleanup(plain.stop)
+        for window in (8, 1):
+            r = cases.quicGoRun(plain, self.o, "ws", 2, window, 0, self.cert, self.binary)
+            self.assertTrue(r["ok"], r)
+            self.assertEqual((r["transport"], r["window"], r["failures"]), ("ws", window, []))
+            self.assertGreater(r["echoed"], 50)
+            self.assertEqual((r["sent"], r["lost"], r["late"]), (r["echoed"], 0, 0))
+            self.assertGreater(r["relay_us_per_msg"], 0)
+        self.assertTrue(plain.running())
+
+
+class QuicTransportsTests(unittest.TestCase):
+    """
+    --quic-transports ws,wss,quic: plain WebSocket on a relay of its own,
+    TLS WebSocket and QUIC on the relay with a certificate, taking turns run
+    by run, and the TLS / plain ratios taken run by run.
+    """
+
+    def test_options(self):
+        o = parseArgs(["quic", "--quic-transports", " ws, wss,quic"])
+        self.assertEqual((o.quic_load, o.quic_transports), ("go", " ws, wss,quic"))
+        for bad in (["--quic-transports", "ws,tcp"], ["--quic-transports", ","]):
+            self.assertRaises(SystemExit, parseArgs, ["quic"] + bad)
+        # the python load has no plain WebSocket peers
+        self.assertRaises(
+            SystemExit, parseArgs, ["quic", "--quic-load", "python", "--quic-transports", "ws"]
+        )
+        parseArgs(["quic", "--quic-load", "python", "--quic-transports", "quic,wss"])
+
+    def test_ratios(self):
+        from tests.bench.__main__ import _quicTLSRatios
+
+        def entry(*runs):
+            return {"runs": [dict(r, run=i) for i, r in enumerate(runs)]}
+
+        ratios = _quicTLSRatios(
+            {
+                "ws-tput-p10-1179": entry(
+                    {"ok": True, "msgs_per_s": 1000.0, "relay_us_per_msg": 5.0},
+                    {"ok": True, "msgs_per_s": 800.0, "relay_us_per_msg": 4.0},
+                ),
+                "wss-tput-p10-1179": entry(
+                    {"ok": True, "msgs_per_s": 900.0, "relay_us_per_msg": 6.0},
+                    {"ok": True, "msgs_per_s": 400.0, "relay_us_per_msg": 6.0},
+                ),
+                "quic-tput-p10-1179": entry({"ok": True, "msgs_per_s": 1.0}),
+                "wss-lat-p1-1179": entry({"ok": True, "p99_us": 300.0}),
+            }
+        )
+        # only the wss series with a ws twin
+        self.assertEqual(list(ratios), ["wss-tput-p10-1179-tls-ratio"])
+        r = ratios["wss-tput-p10-1179-tls-ratio"]
+        self.assertEqual(
+            [(x["run"], x["msgs_per_s"], x["relay_us_per_msg"]) for x in r["runs"]],
+            [(0, 0.9, 1.2), (1, 0.5, 1.5)],
+        )
+        self.assertEqual((r["median"]["msgs_per_s"], r["ok"]), (0.7, True))
+
+    def test_turnsAndRelays(self):
+        from tests.bench import __main__ as bench_main
+
+        bench = bench_main.Bench(
+            parseArgs(
+                [
+                    "quic",
+                    "--runs",
+                    "2",
+                    "--quic-pairs",
+                    "10",
+                    "--quic-latency-pairs",
+                    "1",
+                    "--quic-transports",
+                    "ws,wss,quic",
+                ]
+            )
+        )
+        self.addCleanup(shutil.rmtree, bench.logDir, True)
+        events = []
+
+        class FakeRelay:
+            pid = 0
+
+            def __init__(self, tls):
+                self.tls = tls
+
+            def running(self):
+                return True
+
+        def relay(tls=False):
+            events.append(("start", tls))
+            return FakeRelay(tls)
+
+        def quicRelay(cert, key):
+            self.assertTrue(os.path.exists(cert) and os.path.exists(key))
+            events.append(("start", True))
+            return FakeRelay(True)
+
+        def quicGoRun(target, o, transport, pairs, window, run, cafile, binary):
+            events.append((transport, pairs, window, run, target.tls))
+            # TLS WebSocket: 0.8 of plain's rate, 1.5 times its p99
+            slow = 1 + 0.25 * (transport == "wss")
+            return {
+                "ok": True,
+                "msgs_per_s": 1000.0 / slow,
+                "p99_us": 100.0 * (1 + 0.5 * (transport == "wss")),
+            }
+
+        self.patch(bench_main.C, "buildGoLoad", lambda: "goquic")
+        self.patch(bench_main.C, "quicGoRun", quicGoRun)
+        bench.relay = relay
+        bench.quicRelay = quicRelay
+        bench.done = lambda target: events.append(("stop", target.tls))
+        bench.quic()
+        turn = [
+            ("ws", 10, 64, 0, False),
+            ("wss", 10, 64, 0, True),
+            ("quic", 10, 64, 0, True),
+            ("ws", 1, 1, 0, False),
+            ("wss", 1, 1, 0, True),
+            ("quic", 1, 1, 0, True),
+        ]
+        self.assertEqual(
+            events,
+            [("start", False), turn[0], ("start", True)]
+            + turn[1:]
+            + [t[:3] + (1,) + t[4:] for t in turn]
+            + [("stop", False), ("stop", True)],
+        )
+        tput = bench.results["wss-tput-p10-1179-tls-ratio"]
+        lat = bench.results["wss-lat-p1-1179-tls-ratio"]
+        self.assertEqual([r["msgs_per_s"] for r in tput["runs"]], [0.8, 0.8])
+        self.assertEqual((lat["median"]["p99_us"], lat["ok"]), (1.5, True))
+        self.assertNotIn("quic-tput-p10-1179-tls-ratio", bench.results)
+        self.assertIn("wss-lat-p1-1179-tls-ratio", bench.summary())
 
 
 class TLSTinyRunTests(unittest.TestCase):

@@ -311,8 +311,10 @@ def parseArgs(argv):
         "--quic-transports",
         default="quic,wss",
         help=(
-            "quic: transports measured side by side, quic and/or wss (TLS WebSocket, same relay) "
-            "(default quic,wss)"
+            "quic: transports measured side by side, in this order every run: quic, wss (TLS "
+            "WebSocket, same relay) and/or ws (plain WebSocket, on a second relay without a "
+            "certificate; Go load only); with ws and wss, the TLS / plain ratios of each run "
+            "and their medians (wss-...-tls-ratio) (default quic,wss)"
         ),
     )
     ap.add_argument("--keep-logs", action="store_true", help="keep the relay logs (printed path)")
@@ -363,8 +365,11 @@ def parseArgs(argv):
         )
     if o.quic_window < 1 or not 1 <= o.quic_batch <= o.quic_window:
         ap.error("--quic-window must be at least 1 and --quic-batch 1..window")
-    if any(t.strip() not in ("quic", "wss") for t in o.quic_transports.split(",") if t.strip()):
-        ap.error("--quic-transports: quic and/or wss")
+    transports = [t.strip() for t in o.quic_transports.split(",") if t.strip()]
+    if not transports or any(t not in ("quic", "wss", "ws") for t in transports):
+        ap.error("--quic-transports: quic, wss and/or ws")
+    if "ws" in transports and o.quic_load != "go":
+        ap.error("--quic-transports: ws needs --quic-load go")
     return o
 
 
@@ -414,6 +419,19 @@ def _ratios(plain, tls):
         "runs": runs,
         "median": _medians(runs),
         "ok": bool(runs) and all(r["ok"] for r in runs),
+    }
+
+
+def _quicTLSRatios(entries):
+    """
+    The quic case's TLS / plain WebSocket ratios: for each C{wss-...} series
+    with a C{ws-...} twin (the same pairs and window, the runs taking turns
+    on their two relays), L{_ratios} of the two, as C{wss-...-tls-ratio}.
+    """
+    return {
+        name + "-tls-ratio": _ratios(entries["ws-" + name[4:]], entries[name])
+        for name in entries
+        if name.startswith("wss-") and "ws-" + name[4:] in entries
     }
 
 
@@ -676,7 +694,10 @@ class Bench:
     def quic(self):
         """
         QUIC and TLS WebSocket side by side on one relay started here with a
-        throwaway certificate; every run measures each transport in turn.
+        throwaway certificate, and plain WebSocket (ws) on a second relay
+        without one (with a certificate the peer listener speaks only TLS);
+        every run measures each transport in turn, so that load coming and
+        going on a shared machine weighs on all of them alike.
         """
         o = self.o
         transports = [t.strip() for t in o.quic_transports.split(",") if t.strip()]
@@ -697,6 +718,7 @@ class Bench:
                             lambda t, run, tr=tr, n=n: C.quicGoRun(
                                 t, o, tr, n, o.quic_window, run, cert, binary[0]
                             ),
+                            tr != "ws",
                         )
                     )
             for n in o.quic_latency_pairs:
@@ -708,6 +730,7 @@ class Bench:
                             lambda t, run, tr=tr, n=n: C.quicGoRun(
                                 t, o, tr, n, 1, run, cert, binary[0]
                             ),
+                            tr != "ws",
                         )
                     )
         for n in o.quic_pairs if o.quic_load == "python" else ():
@@ -717,6 +740,7 @@ class Bench:
                         f"{tr}-tput-p{n}-{o.quic_size}",
                         {"pairs": n, "size": o.quic_size, "window": o.quic_window},
                         lambda t, run, tr=tr, n=n: C.quicThroughputRun(t, o, tr, n, run, cert),
+                        True,
                     )
                 )
         for n in o.quic_latency_pairs if o.quic_load == "python" else ():
@@ -726,10 +750,11 @@ class Bench:
                         f"{tr}-lat-p{n}-{o.quic_size}",
                         {"pairs": n, "size": o.quic_size},
                         lambda t, run, tr=tr, n=n: C.quicLatencyRun(t, o, tr, n, run, cert),
+                        True,
                     )
                 )
         entries = {}
-        for name, params, _ in plan:
+        for name, params, _, _ in plan:
             entries[name] = self.results[name] = {
                 "params": dict(params, transports=transports),
                 "runs": [],
@@ -748,19 +773,13 @@ class Bench:
                 self.log(f"quic skipped: {e}")
                 return
         cert, key = writeCertificate(os.path.join(self.logDir, "quic-cert"))
-        extra = list(o.relay_arg) + ["--tls-cert-file", cert, "--tls-key-file", key]
-        target = None
+        targets = {}  # with a certificate (True) or without (False, for ws)
         try:
             for run in range(o.runs):
-                for name, _, runOnce in plan:
-                    if target is None:
-                        target = RelayProcess(
-                            o.secret,
-                            extra=extra,
-                            logDir=self.logDir,
-                            name="relay-quic",
-                            root=o.relay_root,
-                        ).start()
+                for name, _, runOnce, tls in plan:
+                    if targets.get(tls) is None:
+                        targets[tls] = self.quicRelay(cert, key) if tls else self.relay(False)
+                    target = targets[tls]
                     self.log(f"[{time.strftime('%H:%M:%S')}] {name} run {run + 1}/{o.runs} ...")
                     try:
                         r = runOnce(target, run)
@@ -781,14 +800,29 @@ class Bench:
                             f"{name}: relay (pid {target.pid}) died in run {run + 1}:\n"
                             f"{target.logTail()}"
                         )
-                        target = None
+                        targets[tls] = None
         finally:
-            if target is not None:
-                self.done(target)
+            for target in targets.values():
+                if target is not None:
+                    self.done(target)
         for e in entries.values():
             good = [r for r in e["runs"] if "error" not in r]
             e["median"] = _medians(good)
             e["ok"] = bool(e["runs"]) and all(r.get("ok") for r in e["runs"])
+        self.results.update(_quicTLSRatios(entries))
+
+    def quicRelay(self, cert, key):
+        """
+        The quic case's relay: C{cert} and C{key} for QUIC and TLS WebSocket.
+        """
+        o = self.o
+        return RelayProcess(
+            o.secret,
+            extra=list(o.relay_arg) + ["--tls-cert-file", cert, "--tls-key-file", key],
+            logDir=self.logDir,
+            name="relay-quic",
+            root=o.relay_root,
+        ).start()
 
     def crosspod(self):
         o = self.o

@@ -928,7 +928,8 @@ def _readJSONLine(proc, want, deadline):
 
 def quicGoRun(target, o, transport, pairs, window, run, cafile, binary):
     """
-    C{pairs} echo pairs of the Go load over C{transport} ("quic" or "wss"),
+    C{pairs} echo pairs of the Go load over C{transport} ("quic", "wss", or
+    "ws" against a relay without a certificate),
     C{window} messages in flight per pair (1: ping-pong, for round trips).
     The relay's CPU time is read when the load marks the measured interval.
     """

@@ -3,8 +3,9 @@ package main
 // The load scenario: the benchmark's load generator (python -m tests.bench
 // quic), in Go so that the relay, not the load, sets the pace.
 //
-// -pairs pairs of peers over -transport (quic, or wss: TLS WebSocket on the
-// same relay). In each pair A sends Transports of -size payload bytes to B,
+// -pairs pairs of peers over -transport (quic; wss: TLS WebSocket on the
+// same relay; or ws: plain WebSocket, on a relay without a certificate, so
+// that TLS WebSocket can be set against plain with the same load). In each pair A sends Transports of -size payload bytes to B,
 // at most -window unanswered; B checks each and sends it back; A checks it
 // again and times the round trip. Every byte is checked at both ends: a
 // payload is its sequence number, its pair, and a pattern of both.
@@ -34,7 +35,7 @@ import (
 )
 
 var (
-	loadTransport = flag.String("transport", "quic", "load: quic or wss (TLS WebSocket)")
+	loadTransport = flag.String("transport", "quic", "load: quic, wss (TLS WebSocket) or ws (plain WebSocket)")
 	loadPairs     = flag.Int("pairs", 10, "load: sender/echo pairs")
 	loadWindow    = flag.Int("window", 64, "load: messages in flight per pair (1: ping-pong)")
 	loadSize      = flag.Int("size", maxFittingPayload, "load: payload bytes of each Transport (16 or more)")
@@ -81,13 +82,16 @@ func (l *wsLink) close() {
 
 func dialLoad(tlsConf *tls.Config, name string) (link, error) {
 	var l link
-	if *loadTransport == "wss" {
-		conf := tlsConf.Clone()
-		conf.NextProtos = nil
-		client := &http.Client{Transport: &http.Transport{TLSClientConfig: conf}}
+	if *loadTransport == "wss" || *loadTransport == "ws" {
+		opts := &websocket.DialOptions{}
+		if *loadTransport == "wss" {
+			conf := tlsConf.Clone()
+			conf.NextProtos = nil
+			opts.HTTPClient = &http.Client{Transport: &http.Transport{TLSClientConfig: conf}}
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), *timeout)
 		defer cancel()
-		conn, _, err := websocket.Dial(ctx, "wss://"+*addr+"/relay", &websocket.DialOptions{HTTPClient: client})
+		conn, _, err := websocket.Dial(ctx, *loadTransport+"://"+*addr+"/relay", opts)
 		if err != nil {
 			return nil, err
 		}
@@ -314,8 +318,8 @@ func percentile(sorted []int64, q float64) float64 {
 }
 
 func runLoad(tlsConf *tls.Config, summary result, fail failer) {
-	if *loadSize < headerBytes || (*loadTransport != "quic" && *loadTransport != "wss") || *loadWindow < 1 {
-		fatal("load: -size at least %d, -transport quic or wss, -window at least 1", headerBytes)
+	if *loadSize < headerBytes || (*loadTransport != "quic" && *loadTransport != "wss" && *loadTransport != "ws") || *loadWindow < 1 {
+		fatal("load: -size at least %d, -transport quic, wss or ws, -window at least 1", headerBytes)
 	}
 	pairs := make([]*pair, *loadPairs)
 	var wg sync.WaitGroup
