@@ -2,7 +2,7 @@
 The peer protocol for one connection, whatever carries it.
 
 A L{PeerSession} is fed whole relay messages by its I{link} (the WebSocket
-protocol in L{relay.peer}, or a QUIC connection) and writes whole messages
+protocol in L{relay.listener.ws}, or a QUIC connection) and writes whole messages
 back through it. Keeping the protocol here, apart from the framing, means
 WebSocket and QUIC peers are the same kind of peer to the store, the
 subscriptions, the health checks and the fabric.
@@ -73,7 +73,7 @@ class PeerSession:
         self._bucket = None
         self._stampPrefix = None
         # What the link is told when a Transport it carried is dropped for a
-        # congested destination (relay.peer pauses such a WebSocket sender);
+        # congested destination (relay.listener.ws pauses such a WebSocket sender);
         # None for links that are never paused (QUIC: one connection, many
         # flows).
         self._dropped = getattr(link, "messageDropped", None)

@@ -15,7 +15,7 @@ from relay.auth import AuthError, generateToken
 from relay.clocks import useMonotonicTime, wallClock
 from relay.cluster import frames
 from relay.service import makeService
-from tests.test_cluster_transport import NOW, SECRET, dialedStream, makeTransport
+from tests.test_cluster_streams import NOW, SECRET, dialedStream, makeTransport
 from tests.test_service import REQUIRED, parse
 
 

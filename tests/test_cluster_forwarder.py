@@ -13,12 +13,12 @@ from zope.interface.verify import verifyObject
 from relay.cluster import frames
 from relay.cluster.forwarder import LOOKUPS_PER_PEER, MAX_LOOKUPS, SUBSCRIPTION_LOOKUPS, Forwarder
 from relay.cluster.locator import Locator, seqnoOf
-from relay.cluster.transport import GONE, SLOW, ClusterTransport, IStreamHandler
+from relay.cluster.streams import GONE, SLOW, ClusterTransport, IStreamHandler
 from relay.counters import ClusterCounters
 from relay.interfaces import ICrossPodForwarder
 from relay.messages import peerID
 from tests.test_cluster_locator import FakeLocalPeers, FakePeer, FakeTransport
-from tests.test_cluster_transport import FakeEndpoints, Wire
+from tests.test_cluster_streams import FakeEndpoints, Wire
 
 NOW = 1893456000
 PEER_A = peerID("peer-a")

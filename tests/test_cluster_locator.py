@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from relay.cluster import frames, locator
-from relay.cluster.transport import GONE, SENT
+from relay.cluster.streams import GONE, SENT
 from relay.interfaces import ILocalPeers, IPeerConnection
 from relay.messages import peerID
 

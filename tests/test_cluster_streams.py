@@ -1,5 +1,5 @@
 """
-Tests for L{relay.cluster.transport}: HELLO handshake and every rejection
+Tests for L{relay.cluster.streams}: HELLO handshake and every rejection
 reason, the secured handshake and sealed frames, compatibility mode, one
 stream per pod (simultaneous dials, no eviction without proof), PING/PONG
 keepalive and its compatibility rule, bounded writes, dialing, caps.
@@ -15,7 +15,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from relay.cluster import frames, transport
+from relay.cluster import frames, streams
 from relay.counters import ClusterCounters
 from relay.limits import LogBudget
 from relay.messages import peerID
@@ -28,7 +28,7 @@ PEER_B = peerID("peer-b")
 
 class RecordingHandler:
     """
-    An L{transport.IStreamHandler} that records what it is told.
+    An L{streams.IStreamHandler} that records what it is told.
     """
 
     def __init__(self):
@@ -84,20 +84,20 @@ def makeTransport(
     **settings,
 ):
     """
-    A transport on fake endpoints; C{settings} are L{transport.FabricSettings}
+    A transport on fake endpoints; C{settings} are L{streams.FabricSettings}
     fields.
     """
     if clock is None:
         clock = Clock()
         clock.advance(NOW)
-    return transport.ClusterTransport(
+    return streams.ClusterTransport(
         address,
         secret,
         clock,
         counters if counters is not None else ClusterCounters(),
         FakeEndpoints(),
         handler=handler if handler is not None else RecordingHandler(),
-        settings=transport.FabricSettings(**settings),
+        settings=streams.FabricSettings(**settings),
         compat=compat,
         wallClock=wallClock,
         noisyLog=noisyLog,
@@ -182,8 +182,8 @@ class Wire:
     def __init__(self, dialer, acceptor):
         self.dialer = dialer
         self.acceptor = acceptor
-        dialerHost = transport.splitAddress(dialer.owner.announceAddress)[0]
-        acceptorHost = transport.splitAddress(dialer.address)[0]
+        dialerHost = streams.splitAddress(dialer.owner.announceAddress)[0]
+        acceptorHost = streams.splitAddress(dialer.address)[0]
         self.dialerTransport = StringTransport(peerAddress=IPv4Address("TCP", acceptorHost, 7090))
         self.acceptorTransport = StringTransport(peerAddress=IPv4Address("TCP", dialerHost, 40000))
         self.lost = False
@@ -240,9 +240,9 @@ def dialedStream(owner, address):
 class AddressTests(SynchronousTestCase):
     def test_tcpEndpoint(self):
         reactor = MemoryReactorClock()
-        self.assertIsInstance(transport.tcpEndpoint(reactor, "10.0.0.1:7090"), TCP4ClientEndpoint)
-        self.assertIsInstance(transport.tcpEndpoint(reactor, "[fd00::1]:7090"), TCP6ClientEndpoint)
-        self.assertIsInstance(transport.tcpEndpoint(reactor, "relay-0:7090"), HostnameEndpoint)
+        self.assertIsInstance(streams.tcpEndpoint(reactor, "10.0.0.1:7090"), TCP4ClientEndpoint)
+        self.assertIsInstance(streams.tcpEndpoint(reactor, "[fd00::1]:7090"), TCP6ClientEndpoint)
+        self.assertIsInstance(streams.tcpEndpoint(reactor, "relay-0:7090"), HostnameEndpoint)
 
 
 class DialerTests(SynchronousTestCase):
@@ -333,7 +333,7 @@ class DialerTests(SynchronousTestCase):
 
     def test_badAddress(self):
         owner = makeTransport()
-        owner.endpointFactory = lambda address: transport.tcpEndpoint(MemoryReactorClock(), address)
+        owner.endpointFactory = lambda address: streams.tcpEndpoint(MemoryReactorClock(), address)
         self.failureResultOf(owner.dial("no-port"), ValueError)
         self.assertFalse(owner.isDialing("no-port"))
 
@@ -486,7 +486,7 @@ def established(owner=None, address="10.0.0.2:7090"):
     @return: C{(owner, stream, string transport, L{Remote})}.
     """
     owner = owner or makeTransport()
-    proto, tr = accept(owner, transport.splitAddress(address)[0])
+    proto, tr = accept(owner, streams.splitAddress(address)[0])
     remote = Remote(proto, tr, address)
     owner.handler.events.clear()
     return owner, proto, tr, remote
@@ -497,7 +497,7 @@ def unsecured(owner, address="10.0.0.2:7090"):
     A stream accepted by C{owner}, which has no secret, after an unsigned
     HELLO: frames are plain.
     """
-    proto, tr = accept(owner, transport.splitAddress(address)[0])
+    proto, tr = accept(owner, streams.splitAddress(address)[0])
     proto.dataReceived(frames.helloFrame(address, NOW, ""))
     owner.handler.events.clear()
     return owner, proto, tr
@@ -509,7 +509,7 @@ def legacy(owner=None, address="10.0.0.2:7090"):
     pod: a signed HELLO, then nothing within the upgrade wait.
     """
     owner = owner or makeTransport(compat=True)
-    proto, tr = accept(owner, transport.splitAddress(address)[0])
+    proto, tr = accept(owner, streams.splitAddress(address)[0])
     proto.dataReceived(frames.helloFrame(address, NOW, SECRET))
     owner.clock.advance(owner.settings.upgradeWait)
     assert owner.stream(address) is proto
@@ -739,7 +739,7 @@ class BoundedWriteTests(SynchronousTestCase):
     def test_writesThroughWhenNotPaused(self):
         owner, proto, tr = unsecured(makeTransport(secret="", highWater=100))
         fwd = frames.fwdFrame(PEER_A, b"x" * 200)
-        self.assertEqual(proto.send(fwd, droppable=True), transport.SENT)
+        self.assertEqual(proto.send(fwd, droppable=True), streams.SENT)
         self.assertEqual(tr.value(), fwd)
         self.assertIs(tr.producer, proto)
         self.assertTrue(tr.streaming)
@@ -748,19 +748,19 @@ class BoundedWriteTests(SynchronousTestCase):
         owner, proto, tr = unsecured(makeTransport(secret="", highWater=100))
         tr.producer.pauseProducing()
         fwd = frames.fwdFrame(PEER_A, b"x" * 4)  # 43 bytes
-        self.assertEqual(proto.send(fwd, droppable=True), transport.SENT)
-        self.assertEqual(proto.send(fwd, droppable=True), transport.SENT)
+        self.assertEqual(proto.send(fwd, droppable=True), streams.SENT)
+        self.assertEqual(proto.send(fwd, droppable=True), streams.SENT)
         self.assertEqual(queuedBytes(self, proto), 86)
-        self.assertEqual(proto.send(fwd, droppable=True), transport.SLOW)
+        self.assertEqual(proto.send(fwd, droppable=True), streams.SLOW)
         self.assertEqual(owner.counters.dropped["slow_stream"], 1)
         self.assertEqual(tr.value(), b"")
         whoHas = frames.whoHasFrame(PEER_B)
-        self.assertEqual(proto.send(whoHas), transport.SENT)
+        self.assertEqual(proto.send(whoHas), streams.SENT)
         self.assertEqual(queuedBytes(self, proto), 125)
         tr.producer.resumeProducing()
         self.assertEqual(tr.value(), fwd + fwd + whoHas)
         self.assertEqual(queuedBytes(self, proto), 0)
-        self.assertEqual(proto.send(fwd, droppable=True), transport.SENT)
+        self.assertEqual(proto.send(fwd, droppable=True), streams.SENT)
         self.assertEqual(tr.value(), fwd * 2 + whoHas + fwd)
 
     def test_orderKeptWhileQueued(self):
@@ -799,11 +799,11 @@ class BoundedWriteTests(SynchronousTestCase):
         proto.pauseProducing()
         who = frames.whoHasFrame(PEER_A)  # 39 bytes
         for _i in range(5):
-            self.assertEqual(proto.send(who), transport.SENT)
-        self.assertEqual(proto.send(who), transport.GONE)
+            self.assertEqual(proto.send(who), streams.SENT)
+        self.assertEqual(proto.send(who), streams.GONE)
         self.assertEqual(owner.counters.dropped["stream_overflow"], 1)
         self.assertTrue(tr.disconnecting)
-        self.assertEqual(proto.send(who), transport.GONE)
+        self.assertEqual(proto.send(who), streams.GONE)
         self.assertEqual(queuedBytes(self, proto), 0)
 
     def test_sealedQueueKeepsOrder(self):
@@ -819,7 +819,7 @@ class BoundedWriteTests(SynchronousTestCase):
             frames.pingFrame(),
         ]
         for frame in sent:
-            self.assertEqual(proto.send(frame, droppable=True), transport.SENT)
+            self.assertEqual(proto.send(frame, droppable=True), streams.SENT)
         self.assertEqual(tr.value(), b"")
         proto.resumeProducing()
         self.assertEqual(remote.received(), b"".join(sent))
@@ -827,7 +827,7 @@ class BoundedWriteTests(SynchronousTestCase):
     def test_closedStreamGone(self):
         owner, proto, tr, remote = established()
         lose(proto)
-        self.assertEqual(proto.send(frames.pingFrame()), transport.GONE)
+        self.assertEqual(proto.send(frames.pingFrame()), streams.GONE)
 
 
 class RegistryTests(SynchronousTestCase):
@@ -960,7 +960,7 @@ class RegistryTests(SynchronousTestCase):
         owner, one, tr1, _ = established()
         d = owner.stop()
         self.assertFalse(tr1.disconnected)
-        owner.clock.advance(transport.CLOSE_TIMEOUT)
+        owner.clock.advance(streams.CLOSE_TIMEOUT)
         self.assertTrue(tr1.disconnected)
         lose(one)
         self.assertIsNone(self.successResultOf(d))
@@ -1380,10 +1380,10 @@ class CapTests(SynchronousTestCase):
 
     def test_bindsToAnnouncedAddress(self):
         reactor = MemoryReactorClock()
-        endpoint = transport.tcpEndpoint(reactor, "10.0.0.2:7090", bindHost="10.0.0.1")
+        endpoint = streams.tcpEndpoint(reactor, "10.0.0.2:7090", bindHost="10.0.0.1")
         endpoint.connect(Factory())
         self.assertEqual(reactor.tcpClients[0][4], ("10.0.0.1", 0))
-        endpoint = transport.tcpEndpoint(reactor, "[fd00::2]:7090", bindHost="10.0.0.1")
+        endpoint = streams.tcpEndpoint(reactor, "[fd00::2]:7090", bindHost="10.0.0.1")
         self.assertIsNone(endpoint._bindAddress)
 
 

@@ -13,7 +13,7 @@ from twisted.python import usage
 from twisted.trial import unittest
 
 from relay.config import Options, variableFor
-from relay.server import ConfigurationError, instanceURL
+from relay.relay import ConfigurationError, instanceURL
 from relay.service import RelayService, makeLogObserver, makeService
 
 REQUIRED = ["--exposed-address", "127.0.0.1:33080", "--auth-secret", "s3cret"]

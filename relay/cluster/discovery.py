@@ -95,7 +95,7 @@ class Discovery:
         @param headless: comma-separated DNS names and/or IP literals.
         @param port: the cluster port to dial on each address.
         @param podIP: this pod's IP, never dialed.
-        @param transport: a L{relay.cluster.transport.ClusterTransport}.
+        @param transport: a L{relay.cluster.streams.ClusterTransport}.
         @param resolver: an L{IHostnameResolver} (C{reactor.nameResolver}).
         @param clock: an L{IReactorTime}.
         """

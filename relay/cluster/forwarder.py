@@ -33,7 +33,7 @@ from zope.interface import implementer
 from relay import messages
 from relay.cluster import frames
 from relay.cluster.locator import seqnoOf
-from relay.cluster.transport import GONE, SENT, IStreamHandler
+from relay.cluster.streams import GONE, SENT, IStreamHandler
 from relay.interfaces import ICrossPodForwarder
 
 FORWARD_TIMEOUT = 5.0
@@ -67,7 +67,7 @@ class _Waiting:
 @implementer(ICrossPodForwarder, IStreamHandler)
 class Forwarder:
     """
-    Local-or-remote delivery over a L{relay.cluster.transport.ClusterTransport}
+    Local-or-remote delivery over a L{relay.cluster.streams.ClusterTransport}
     and a L{relay.cluster.locator.Locator}.
     """
 

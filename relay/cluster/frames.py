@@ -22,7 +22,7 @@ followed by a 16-byte tag, HMAC-SHA256(direction key, [seqno u64][type u8]
 [length u16][payload]) truncated, seqno counting the frames sent in that
 direction from 0. Original pods ignore the three new types, and never see
 them unless they dial or are dialed by a pod in compatibility mode (see
-L{relay.cluster.transport}).
+L{relay.cluster.streams}).
 """
 
 import hashlib

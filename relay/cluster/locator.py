@@ -71,7 +71,7 @@ class _Lookup:
 
 class Locator:
     """
-    WHO_HAS / I_HAVE lookups over a L{relay.cluster.transport.ClusterTransport}.
+    WHO_HAS / I_HAVE lookups over a L{relay.cluster.streams.ClusterTransport}.
     """
 
     def __init__(

@@ -17,7 +17,7 @@ from relay.addresses import joinAddress
 from relay.cluster.discovery import Discovery
 from relay.cluster.forwarder import Forwarder
 from relay.cluster.locator import Locator
-from relay.cluster.transport import ClusterTransport, tcpEndpoint
+from relay.cluster.streams import ClusterTransport, tcpEndpoint
 from relay.endpoints import serverEndpoint
 from relay.interfaces import ICrossPodForwarder
 
@@ -57,7 +57,7 @@ class ClusterService(MultiService):
             secured handshake (Go pods) are taken, at the Go relay's level
             of trust.
         @param localPeers: the peers connected to this pod, an
-            L{relay.interfaces.ILocalPeers} (L{relay.server.LocalPeers}).
+            L{relay.interfaces.ILocalPeers} (L{relay.relay.LocalPeers}).
         @param counters: a L{relay.counters.ClusterCounters}.
         @param reactor: provides IReactorTCP, IReactorTime and a
             C{nameResolver}.

@@ -53,7 +53,7 @@ from relay.internals import openssl as _openssl
 from relay.internals import twisted as _twisted
 from relay.internals.twisted import writeNow as _writeNow
 from relay.logtext import quoted
-from relay.session import PeerSession
+from relay.peer import PeerSession
 from relay.tcp import noDelay
 
 _autobahn.formatOnlyForDebug()
@@ -1008,7 +1008,7 @@ class PeerWebSocketFactory(WebSocketServerFactory):
     """
     Serves peers at C{/relay} with the protocol's size limits.
 
-    @ivar relay: the L{relay.server.Relay} sessions talk to.
+    @ivar relay: the L{relay.relay.Relay} sessions talk to.
     @ivar highWater: bytes queued for a slow peer beyond Twisted's own buffer
         before further messages to it are dropped.
     """
