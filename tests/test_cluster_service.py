@@ -162,12 +162,12 @@ class ClusterServiceTests(SynchronousTestCase):
 
     def test_compatWarns(self):
         """
-        Compatibility mode from the configuration reaches the transport and
+        Compatibility mode from the configuration reaches the streams and
         is warned about at start.
         """
         service = self.makeService(compat=True)
-        self.assertTrue(service.transport.compat)
-        self.assertFalse(self.makeService().transport.compat)
+        self.assertTrue(service.streams.compat)
+        self.assertFalse(self.makeService().streams.compat)
         service.startService()
         [warning] = self.warnings()
         self.assertIn("compatibility mode", warning["log_format"])

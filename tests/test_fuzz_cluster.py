@@ -447,7 +447,7 @@ class RecordingHandler:
 
 class _NoEndpoints:
     def __call__(self, address):
-        raise AssertionError("the fuzzed transport never dials")
+        raise AssertionError("the fuzzed streams never dial")
 
 
 helloFrames = st.one_of(
@@ -476,7 +476,7 @@ class AcceptingStreamFuzz(unittest.SynchronousTestCase):
         clock.advance(NOW)
         self.counters = ClusterCounters()
         self.handler = RecordingHandler()
-        owner = streams.ClusterTransport(
+        owner = streams.ClusterStreams(
             "10.0.0.1:7090", SECRET, clock, self.counters, _NoEndpoints(), handler=self.handler
         )
         stream = owner.serverFactory().buildProtocol(IPv4Address("TCP", "10.0.9.9", 40000))

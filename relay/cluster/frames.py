@@ -79,7 +79,7 @@ AUTH_SIZE = NONCE_SIZE + MAC_SIZE
 TRANSPORT_HEADER = bytes((messages.VERSION, messages.TRANSPORT))
 TRANSPORT_MIN_SIZE = messages.TRANSPORT_HEADER_SIZE
 
-# HELLO rejection reasons (docs/cluster.md); the transport adds the last two.
+# HELLO rejection reasons (docs/cluster.md); relay.cluster.streams adds the last two.
 HMAC_MISMATCH = "hmac_mismatch"
 UNSIGNED_BUT_REQUIRED = "unsigned_but_required"
 SIGNED_BUT_UNSUPPORTED = "signed_but_unsupported"
