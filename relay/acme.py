@@ -85,7 +85,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from relay.server import ConfigurationError
+from relay.relay import ConfigurationError
 from relay.tls import loadCertificateOptions
 from relay.web import ConnectionCap, QuietSite
 

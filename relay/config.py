@@ -22,8 +22,8 @@ from twisted.python import usage
 
 from relay.addresses import joinAddress, splitAddress
 from relay.limits import Limits, parseNetworks
-from relay.peer import DEFAULT_HIGH_WATER
-from relay.server import ConfigurationError, instanceURL
+from relay.listener.ws import DEFAULT_HIGH_WATER
+from relay.relay import ConfigurationError, instanceURL
 
 ENV_PREFIX = "OZ_"
 HC_THRESHOLD_VARIABLE = "OZ_RELAY_HC_ATTEMPT_THRESHOLD"

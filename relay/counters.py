@@ -46,7 +46,7 @@ class RelayCounters:
         (C{method}, C{body}).
     @ivar quicRefusals: QUIC datagrams and connections the listener
         refused before any session saw them, by reason (see
-        L{relay.quic.QuicPeerProtocol}).
+        L{relay.listener.quic.QuicPeerProtocol}).
     """
 
     def __init__(self):

@@ -11,7 +11,7 @@ from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IStreamServerEndpoint
 from zope.interface import implementer
 
-from relay.peer import RefusableTLSFactory
+from relay.listener.ws import RefusableTLSFactory
 
 # Twisted's default listen queue is 50: a burst of reconnecting agents (a
 # pod restart, a network blip) overflows it and every dropped SYN costs its

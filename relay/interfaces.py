@@ -97,14 +97,14 @@ class ICrossPodForwarder(Interface):
 
 class IRelay(Interface):
     """
-    What a L{relay.session.PeerSession} may use of the relay it belongs to
-    (L{relay.server.Relay}): everything a session asks or tells about other
+    What a L{relay.peer.PeerSession} may use of the relay it belongs to
+    (L{relay.relay.Relay}): everything a session asks or tells about other
     peers goes through here, so a session can be driven by a fake of it and
     the relay's store, validator and fabric stay out of the session's reach.
 
-    The carriers' listeners (L{relay.peer}, L{relay.quic}) reach the same
+    The carriers' listeners (L{relay.listener.ws}, L{relay.listener.quic}) reach the same
     C{clock}, C{counters}, C{noisyLog} and C{admission}, and QUIC's also
-    reads L{relay.server.Relay.draining}.
+    reads L{relay.relay.Relay.draining}.
     """
 
     clock = Attribute("The IReactorTime the session's timers and rate bucket run on.")
@@ -177,7 +177,7 @@ class IRelay(Interface):
             when a destination here refused the message (C{sendMessage}
             returned False) with that L{IPeerConnection} and the message's
             size, so that a sender flooding a congested peer can be slowed
-            down (L{relay.peer.PeerWebSocketProtocol.messageDropped}); None
+            down (L{relay.listener.ws.PeerWebSocketProtocol.messageDropped}); None
             for a sender that is never slowed down.
         """
 

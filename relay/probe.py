@@ -19,8 +19,9 @@ from urllib.parse import urlsplit
 
 from twisted.internet import defer, ssl, task, threads
 
-from relay import client, quic, quicclient
+from relay import client, quicclient
 from relay import messages as m
+from relay.listener import quic
 
 # The largest payload one DATAGRAM frame carries to the probe's QUIC peers
 # (aioquic's 8-byte connection ids): larger ones would be dropped, not lost.

@@ -1,11 +1,11 @@
 """
 A peer's QUIC connection to a relay, as a Go agent makes it: the client side
-of L{relay.quic}.
+of L{relay.listener.quic}.
 
 C{python -m relay.probe --transport quic} checks a deployed relay with it,
 and the tests and the benchmark drive the relay with it. It lives apart
-from L{relay.quic} so that the relay's server imports no client code; it
-shares the server's sans-I/O driver (L{relay.quic._QuicDriver}) and sizes,
+from L{relay.listener.quic} so that the relay's server imports no client code; it
+shares the server's sans-I/O driver (L{relay.listener.quic._QuicDriver}) and sizes,
 so both ends batch, pace and bound packets the same way.
 """
 
@@ -22,7 +22,7 @@ from twisted.internet.protocol import DatagramProtocol
 from relay import messages as m
 from relay.auth import generateToken
 from relay.client import PeerClient
-from relay.quic import (
+from relay.listener.quic import (
     AGENT_MAX_DATAGRAM_FRAME_SIZE,
     ALPN,
     CLIENT_IDLE_TIMEOUT,

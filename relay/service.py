@@ -36,12 +36,12 @@ from relay.counters import ClusterCounters, RelayCounters
 from relay.endpoints import serverEndpoint
 from relay.internals.twisted import forgetExitSignal
 from relay.limits import DESCRIPTOR_RESERVE, LogBudget, descriptorsInUse, raiseDescriptorLimit
+from relay.listener.ws import PeerWebSocketFactory
 from relay.logfilter import StrangerLines
 from relay.logjson import jsonLinesFileLogObserver
 from relay.logtext import classicFileLogObserver
 from relay.metrics import RelayMetrics, splitActiveIdle
-from relay.peer import PeerWebSocketFactory
-from relay.server import ConfigurationError, LocalPeers, Relay
+from relay.relay import ConfigurationError, LocalPeers, Relay
 from relay.store import Store
 from relay.tls import ReloadableTLS, loadCertificateOptions
 from relay.web import Readiness, makeMetricsSite
@@ -295,12 +295,12 @@ class QuicCarrier(service.MultiService):
     QUIC beside WebSocket on the peer port (UDP, same host and port),
     whenever there is a certificate: from the files at once, or from ACME
     once it has one (and again after each renewal). Its one child, once
-    there is a certificate, is the L{relay.quic.QuicService}.
+    there is a certificate, is the L{relay.listener.quic.QuicService}.
 
     aioquic reads PEM files, so QUIC is told of files, not of the
     L{CertificateOptions} the TLS listener uses.
 
-    @ivar quic: the L{relay.quic.QuicService}, or None before a certificate.
+    @ivar quic: the L{relay.listener.quic.QuicService}, or None before a certificate.
     """
 
     _log = Logger()
@@ -326,7 +326,7 @@ class QuicCarrier(service.MultiService):
             renewals.add(self.certificateRenewed)
 
     def _serve(self):
-        from relay.quic import QuicService
+        from relay.listener.quic import QuicService
 
         self.quic = QuicService(
             self.relay,

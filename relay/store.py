@@ -48,7 +48,7 @@ class Store:
 
     Peers are L{relay.interfaces.IPeerConnection} providers that also have
     C{peersOnline(ids)} and C{peersWentOffline(ids)} (see
-    L{relay.session.PeerSession}).
+    L{relay.peer.PeerSession}).
     """
 
     def __init__(self, maxSubscriptions=MAX_SUBSCRIPTIONS):

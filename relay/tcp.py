@@ -1,5 +1,5 @@
 """
-TCP options shared by the relay's WebSocket server (L{relay.peer}) and its
+TCP options shared by the relay's WebSocket server (L{relay.listener.ws}) and its
 client library (L{relay.client}).
 """
 

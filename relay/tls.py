@@ -21,7 +21,7 @@ from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersi
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from relay.server import ConfigurationError
+from relay.relay import ConfigurationError
 
 # TLS 1.2 suites Go's crypto/tls offers that are forward secret and AEAD;
 # TLS 1.3 suites are all of that kind and not configured by this string.

@@ -4,8 +4,8 @@ Fakes shared by the unit tests.
 
 from relay import messages as m
 from relay.auth import TokenValidator, generateToken
-from relay.server import Relay
-from relay.session import PeerSession
+from relay.peer import PeerSession
+from relay.relay import Relay
 from relay.store import Store
 
 SECRET = "relay-secret"

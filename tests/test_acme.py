@@ -44,7 +44,7 @@ from relay.acme import (
     tlsALPNCertificate,
 )
 from relay.counters import RelayCounters
-from relay.server import ConfigurationError
+from relay.relay import ConfigurationError
 from tests.certs import writeCertificate
 from tests.pebble import SKIP, Pebble, freePort
 

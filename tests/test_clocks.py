@@ -15,7 +15,7 @@ from relay.auth import AuthError, generateToken
 from relay.clocks import useMonotonicTime, wallClock
 from relay.cluster import frames
 from relay.service import makeService
-from tests.test_cluster_transport import NOW, SECRET, dialedStream, makeTransport
+from tests.test_cluster_streams import NOW, SECRET, dialedStream, makeStreams
 from tests.test_service import REQUIRED, parse
 
 
@@ -169,9 +169,9 @@ class ServiceClockTests(unittest.TestCase):
             reactor=MemoryReactorClock(),
             wallClock=dates,
         )
-        self.assertIs(top.cluster.transport.wallClock, dates)
+        self.assertIs(top.cluster.streams.wallClock, dates)
         # One log budget for every line strangers cause, the fabric's too.
-        self.assertIs(top.cluster.transport.noisyLog, top.relay.noisyLog)
+        self.assertIs(top.cluster.streams.noisyLog, top.relay.noisyLog)
 
 
 class ClusterHelloTimeTests(unittest.TestCase):
@@ -184,7 +184,7 @@ class ClusterHelloTimeTests(unittest.TestCase):
         reactor.advance(5)
         dates = Clock()
         dates.advance(NOW)
-        owner = makeTransport(clock=reactor, wallClock=dates)
+        owner = makeStreams(clock=reactor, wallClock=dates)
         stream, _, _ = dialedStream(owner, "10.0.0.2:7090")
         tr = StringTransport()
         stream.makeConnection(tr)

@@ -49,7 +49,7 @@ class FakeResolver:
 
 class FakeStreams:
     """
-    The part of a ClusterTransport that discovery uses.
+    The part of a ClusterStreams that discovery uses.
     """
 
     def __init__(self, announceAddress="10.0.0.1:7090"):

@@ -13,12 +13,12 @@ from zope.interface.verify import verifyObject
 from relay.cluster import frames
 from relay.cluster.forwarder import LOOKUPS_PER_PEER, MAX_LOOKUPS, SUBSCRIPTION_LOOKUPS, Forwarder
 from relay.cluster.locator import Locator, seqnoOf
-from relay.cluster.transport import GONE, SLOW, ClusterTransport, IStreamHandler
+from relay.cluster.streams import GONE, SLOW, ClusterStreams, IStreamHandler
 from relay.counters import ClusterCounters
 from relay.interfaces import ICrossPodForwarder
 from relay.messages import peerID
-from tests.test_cluster_locator import FakeLocalPeers, FakePeer, FakeTransport
-from tests.test_cluster_transport import FakeEndpoints, Wire
+from tests.test_cluster_locator import FakeLocalPeers, FakePeer, FakeStreams
+from tests.test_cluster_streams import FakeEndpoints, Wire
 
 NOW = 1893456000
 PEER_A = peerID("peer-a")
@@ -68,13 +68,13 @@ class ForwarderTestMixin:
     def setUp(self):
         self.clock = Clock()
         self.clock.advance(NOW)
-        self.transport = FakeTransport(B, C)
-        self.b, self.c = self.transport.streams[B], self.transport.streams[C]
+        self.streams = FakeStreams(B, C)
+        self.b, self.c = self.streams.streams[B], self.streams.streams[C]
         self.local = FakeLocalPeers()
         self.counters = ClusterCounters()
-        self.locator = Locator(self.transport, self.local, self.clock)
+        self.locator = Locator(self.streams, self.local, self.clock)
         self.forwarder = Forwarder(
-            self.transport,
+            self.streams,
             self.locator,
             self.local,
             self.clock,
@@ -110,7 +110,7 @@ class ForwardTests(ForwarderTestMixin, SynchronousTestCase):
         self.assertEqual(dict(self.counters.forwards), {"ok": 1})
 
     def test_noStreams(self):
-        self.transport.streams.clear()
+        self.streams.streams.clear()
         self.forwarder.forward(PEER_B, transportMessage(PEER_A))
         self.assertEqual(dict(self.counters.forwards), {"peer_not_found": 1})
         self.assertEqual(waitingPackets(self.forwarder, PEER_B), 0)
@@ -171,7 +171,7 @@ class ForwardTests(ForwarderTestMixin, SynchronousTestCase):
 
     def test_concurrentLookupsBounded(self):
         forwarder = Forwarder(
-            self.transport, self.locator, self.local, self.clock, self.counters, maxLookups=2
+            self.streams, self.locator, self.local, self.clock, self.counters, maxLookups=2
         )
         for destination in (PEER_A, PEER_B, PEER_C):
             forwarder.forward(destination, transportMessage(PEER_A))
@@ -199,7 +199,7 @@ class ForwardTests(ForwarderTestMixin, SynchronousTestCase):
 
     def test_streamGone(self):
         self.locator.iHaveReceived(B, PEER_B, 1)
-        del self.transport.streams[B]
+        del self.streams.streams[B]
         self.forwarder.forward(PEER_B, transportMessage(PEER_A))
         self.assertEqual(dict(self.counters.forwards), {"stream_gone": 1})
         self.assertIsNone(self.locator.cached(PEER_B))
@@ -207,7 +207,7 @@ class ForwardTests(ForwarderTestMixin, SynchronousTestCase):
     def test_streamClosing(self):
         self.locator.iHaveReceived(B, PEER_B, 1)
         self.b.result = GONE
-        self.transport.stream = lambda address: self.b
+        self.streams.stream = lambda address: self.b
         self.forwarder.forward(PEER_B, transportMessage(PEER_A))
         self.assertEqual(dict(self.counters.forwards), {"stream_gone": 1})
         self.assertIsNone(self.locator.cached(PEER_B))
@@ -233,7 +233,7 @@ class ForwardTests(ForwarderTestMixin, SynchronousTestCase):
 
     def test_givesUpAfterFiveSeconds(self):
         never = NeverLocator()
-        forwarder = Forwarder(self.transport, never, self.local, self.clock, self.counters)
+        forwarder = Forwarder(self.streams, never, self.local, self.clock, self.counters)
         forwarder.forward(PEER_B, transportMessage(PEER_A, b"1"))
         forwarder.forward(PEER_B, transportMessage(PEER_A, b"2"))
         self.assertEqual(len(never.lookups), 1)
@@ -283,7 +283,7 @@ class LocateTests(ForwarderTestMixin, SynchronousTestCase):
         and the peer looked up again.
         """
         self.locator.iHaveReceived(B, PEER_B, 1)
-        del self.transport.streams[B]
+        del self.streams.streams[B]
         d = self.forwarder.locate(PEER_B)
         self.assertNoResult(d)
         self.assertIsNone(self.locator.cached(PEER_B))
@@ -303,11 +303,11 @@ class LocateTests(ForwarderTestMixin, SynchronousTestCase):
         self.assertIs(self.successResultOf(d), False)
 
     def test_noStreams(self):
-        self.transport.streams.clear()
+        self.streams.streams.clear()
         self.assertIs(self.successResultOf(self.forwarder.locate(PEER_B)), False)
 
     def test_timeout(self):
-        forwarder = Forwarder(self.transport, NeverLocator(), self.local, self.clock, self.counters)
+        forwarder = Forwarder(self.streams, NeverLocator(), self.local, self.clock, self.counters)
         d = forwarder.locate(PEER_B)
         self.clock.advance(4.99)
         self.assertNoResult(d)
@@ -324,12 +324,12 @@ class LookupShareTests(SynchronousTestCase):
     def setUp(self):
         self.clock = Clock()
         self.clock.advance(NOW)
-        self.transport = FakeTransport(B)
-        self.b = self.transport.streams[B]
+        self.streams = FakeStreams(B)
+        self.b = self.streams.streams[B]
         self.counters = ClusterCounters()
-        self.locator = Locator(self.transport, FakeLocalPeers(), self.clock)
+        self.locator = Locator(self.streams, FakeLocalPeers(), self.clock)
         self.forwarder = Forwarder(
-            self.transport, self.locator, FakeLocalPeers(), self.clock, self.counters
+            self.streams, self.locator, FakeLocalPeers(), self.clock, self.counters
         )
 
     def test_sprayerDoesNotStarveOthers(self):
@@ -373,7 +373,7 @@ class LookupShareTests(SynchronousTestCase):
 
     def test_slotReleasedOnGiveUp(self):
         forwarder = Forwarder(
-            self.transport,
+            self.streams,
             NeverLocator(),
             FakeLocalPeers(),
             self.clock,
@@ -435,7 +435,7 @@ class LookupShareTests(SynchronousTestCase):
 
     def test_subscriptionJoinsPendingLookupFree(self):
         forwarder = Forwarder(
-            self.transport,
+            self.streams,
             self.locator,
             FakeLocalPeers(),
             self.clock,
@@ -618,11 +618,11 @@ class PresenceTests(ForwarderTestMixin, SynchronousTestCase):
 
 def makePod(address, clock, local):
     counters = ClusterCounters()
-    transport = ClusterTransport(address, "cluster-secret", clock, counters, FakeEndpoints())
-    locator = Locator(transport, local, clock)
-    forwarder = Forwarder(transport, locator, local, clock, counters)
-    transport.handler = forwarder
-    return transport, forwarder, counters
+    streams = ClusterStreams(address, "cluster-secret", clock, counters, FakeEndpoints())
+    locator = Locator(streams, local, clock)
+    forwarder = Forwarder(streams, locator, local, clock, counters)
+    streams.handler = forwarder
+    return streams, forwarder, counters
 
 
 class TwoPodTests(SynchronousTestCase):

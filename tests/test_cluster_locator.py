@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from relay.cluster import frames, locator
-from relay.cluster.transport import GONE, SENT
+from relay.cluster.streams import GONE, SENT
 from relay.interfaces import ILocalPeers, IPeerConnection
 from relay.messages import peerID
 
@@ -36,7 +36,7 @@ class FakeStream:
         return self.result
 
 
-class FakeTransport:
+class FakeStreams:
     def __init__(self, *addresses):
         self.streams = {a: FakeStream(a) for a in addresses}
 
@@ -117,18 +117,18 @@ class SeqnoTests(SynchronousTestCase):
 class LookupTests(SynchronousTestCase):
     def setUp(self):
         self.clock = makeClock()
-        self.transport = FakeTransport("10.0.0.2:7090", "10.0.0.3:7090")
+        self.streams = FakeStreams("10.0.0.2:7090", "10.0.0.3:7090")
         self.observed = []
         self.locator = locator.Locator(
-            self.transport, FakeLocalPeers(), self.clock, lookupObserver=self.observed.append
+            self.streams, FakeLocalPeers(), self.clock, lookupObserver=self.observed.append
         )
         self.b, self.c = (
-            self.transport.streams["10.0.0.2:7090"],
-            self.transport.streams["10.0.0.3:7090"],
+            self.streams.streams["10.0.0.2:7090"],
+            self.streams.streams["10.0.0.3:7090"],
         )
 
     def test_noStreamsMissAtOnce(self):
-        self.transport.streams.clear()
+        self.streams.streams.clear()
         self.assertIsNone(self.successResultOf(self.locator.lookup(PEER_A)))
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual(self.observed, [])
@@ -220,8 +220,8 @@ class LookupTests(SynchronousTestCase):
 class SeqnoChoiceTests(SynchronousTestCase):
     def setUp(self):
         self.clock = makeClock()
-        self.transport = FakeTransport("10.0.0.2:7090", "10.0.0.3:7090")
-        self.locator = locator.Locator(self.transport, FakeLocalPeers(), self.clock)
+        self.streams = FakeStreams("10.0.0.2:7090", "10.0.0.3:7090")
+        self.locator = locator.Locator(self.streams, FakeLocalPeers(), self.clock)
 
     def test_laterHigherUpdatesCache(self):
         """
@@ -266,9 +266,9 @@ class SeqnoChoiceTests(SynchronousTestCase):
 class CacheTests(SynchronousTestCase):
     def setUp(self):
         self.clock = makeClock()
-        self.transport = FakeTransport("10.0.0.2:7090")
-        self.locator = locator.Locator(self.transport, FakeLocalPeers(), self.clock)
-        self.stream = self.transport.streams["10.0.0.2:7090"]
+        self.streams = FakeStreams("10.0.0.2:7090")
+        self.locator = locator.Locator(self.streams, FakeLocalPeers(), self.clock)
+        self.stream = self.streams.streams["10.0.0.2:7090"]
 
     def test_expiresAfterFiveMinutes(self):
         """
@@ -372,13 +372,13 @@ class CacheTests(SynchronousTestCase):
 class WhoHasTests(SynchronousTestCase):
     def test_answersForLocalPeer(self):
         peer = FakePeer(PEER_A, registeredAt=NOW + 0.42)
-        loc = locator.Locator(FakeTransport(), FakeLocalPeers(peer), makeClock())
+        loc = locator.Locator(FakeStreams(), FakeLocalPeers(peer), makeClock())
         stream = FakeStream("10.0.0.2:7090")
         loc.whoHasReceived(stream, PEER_A)
         self.assertEqual(stream.sent, [frames.iHaveFrame(PEER_A, (NOW * 100 + 42) % 2**32)])
 
     def test_silentOtherwise(self):
-        loc = locator.Locator(FakeTransport(), FakeLocalPeers(FakePeer(PEER_A)), makeClock())
+        loc = locator.Locator(FakeStreams(), FakeLocalPeers(FakePeer(PEER_A)), makeClock())
         stream = FakeStream("10.0.0.2:7090")
         loc.whoHasReceived(stream, PEER_B)
         self.assertEqual(stream.sent, [])

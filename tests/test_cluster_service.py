@@ -12,7 +12,7 @@ from zope.interface.verify import verifyObject
 from relay.cluster import frames
 from relay.cluster.locator import LOOKUP_TIMEOUT, seqnoOf
 from relay.cluster.service import ClusterService
-from relay.cluster.transport import ClusterStream
+from relay.cluster.streams import ClusterStream
 from relay.config import ClusterConfig
 from relay.counters import ClusterCounters
 from relay.endpoints import LISTEN_BACKLOG
@@ -20,7 +20,7 @@ from relay.interfaces import ICrossPodForwarder
 from tests.test_cluster_discovery import FakeResolver
 from tests.test_cluster_forwarder import NOW, PEER_A, PEER_B, PEER_C
 from tests.test_cluster_locator import FakeLocalPeers, FakePeer
-from tests.test_cluster_transport import answer
+from tests.test_cluster_streams import answer
 
 
 class ClusterServiceTests(SynchronousTestCase):
@@ -162,12 +162,12 @@ class ClusterServiceTests(SynchronousTestCase):
 
     def test_compatWarns(self):
         """
-        Compatibility mode from the configuration reaches the transport and
+        Compatibility mode from the configuration reaches the streams and
         is warned about at start.
         """
         service = self.makeService(compat=True)
-        self.assertTrue(service.transport.compat)
-        self.assertFalse(self.makeService().transport.compat)
+        self.assertTrue(service.streams.compat)
+        self.assertFalse(self.makeService().streams.compat)
         service.startService()
         [warning] = self.warnings()
         self.assertIn("compatibility mode", warning["log_format"])

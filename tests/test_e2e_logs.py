@@ -158,7 +158,7 @@ class JSONSessionTests(unittest.TestCase):
         closed = [line for line in lines if "code 4000" in line["msg"]][0]
         self.assertEqual(
             (closed["code"], closed["level"], closed["logger"]),
-            (4000, "warning", "relay.peer.PeerWebSocketProtocol"),
+            (4000, "warning", "relay.listener.ws.PeerWebSocketProtocol"),
         )
         connected = [line for line in lines if line["msg"].endswith(": connected")][0]
         self.assertIsInstance(connected["peer"], str)

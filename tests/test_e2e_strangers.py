@@ -6,7 +6,7 @@ authenticate, on the peer port and on the metrics port, is bounded.
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from relay.peer import MAX_UPGRADE_REQUEST
+from relay.listener.ws import MAX_UPGRADE_REQUEST
 from relay.web import MAX_CONNECTIONS
 from tests.e2e import freePort, rawConnect, sleep, startRelay
 from tests.test_e2e_operability import get, sample

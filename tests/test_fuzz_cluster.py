@@ -34,7 +34,7 @@ from zope.interface import implementer
 
 from relay.cluster import frames as f
 from relay.cluster import locator as loc
-from relay.cluster import transport
+from relay.cluster import streams
 from relay.counters import ClusterCounters
 from relay.interfaces import ILocalPeers
 from relay.messages import peerID
@@ -447,7 +447,7 @@ class RecordingHandler:
 
 class _NoEndpoints:
     def __call__(self, address):
-        raise AssertionError("the fuzzed transport never dials")
+        raise AssertionError("the fuzzed streams never dial")
 
 
 helloFrames = st.one_of(
@@ -476,7 +476,7 @@ class AcceptingStreamFuzz(unittest.SynchronousTestCase):
         clock.advance(NOW)
         self.counters = ClusterCounters()
         self.handler = RecordingHandler()
-        owner = transport.ClusterTransport(
+        owner = streams.ClusterStreams(
             "10.0.0.1:7090", SECRET, clock, self.counters, _NoEndpoints(), handler=self.handler
         )
         stream = owner.serverFactory().buildProtocol(IPv4Address("TCP", "10.0.9.9", 40000))
@@ -638,7 +638,7 @@ class FakeStream:
 
     def send(self, data, droppable=False):
         self.sent.append(data)
-        return transport.SENT
+        return streams.SENT
 
 
 class FakeStreams:

@@ -195,7 +195,7 @@ class SoakSmoke(unittest.SynchronousTestCase):
 
 class RefusedUpgrades(unittest.SynchronousTestCase):
     """
-    Found by the fuzzer (21:28 UTC, 2026-11-27, while relay/peer.py had an
+    Found by the fuzzer (21:28 UTC, 2026-11-27, while relay/listener/ws.py had an
     uncommitted failHandshake that called C{reason.startswith} on the None
     reason of Autobahn's ConnectionDeny): a wrong path or a foreign Origin
     got no 404 / 403 at all, only an "Unhandled error in Deferred" in the

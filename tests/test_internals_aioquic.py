@@ -62,7 +62,8 @@ class AioquicInternalsTests(_ClockedQuicBase):
         self.assertTrue(
             internals.installedVersion().startswith(internals.TESTED + "."),
             f"{internals.LIBRARY} {internals.installedVersion()} installed; the lean QUIC path "
-            f"mirrors {internals.TESTED}.x (relay/quiclean.py, relay/internals/aioquic.py)",
+            f"mirrors {internals.TESTED}.x "
+            "(relay/listener/quiclean.py, relay/internals/aioquic.py)",
         )
         with open(
             os.path.join(os.path.dirname(os.path.dirname(relay.__file__)), "pyproject.toml")
@@ -78,7 +79,7 @@ class NoUnlistedInternalsTests(unittest.TestCase):
 
     def test_leanPath(self):
         """
-        Every private attribute relay/quiclean.py reads or writes on
+        Every private attribute relay/listener/quiclean.py reads or writes on
         something other than itself is listed.
         """
         listed = (
@@ -90,7 +91,7 @@ class NoUnlistedInternalsTests(unittest.TestCase):
             | set(internals.RANGE_SET)
         )
         used = set()
-        for node in ast.walk(ast.parse(_source("quiclean.py"))):
+        for node in ast.walk(ast.parse(_source("listener/quiclean.py"))):
             if (
                 isinstance(node, ast.Attribute)
                 and node.attr.startswith("_")
@@ -103,11 +104,11 @@ class NoUnlistedInternalsTests(unittest.TestCase):
 
     def test_quicModule(self):
         """
-        relay/quic.py itself reaches aioquic's private state only through
+        relay/listener/quic.py itself reaches aioquic's private state only through
         the accessors (the client class at its end is not the relay's: it
         moves to its own module).
         """
-        server = _source("quic.py").split("# The client side, for tests")[0]
+        server = _source("listener/quic.py").split("# The client side, for tests")[0]
         direct = set()
         for node in ast.walk(ast.parse(server)):
             if (

@@ -199,7 +199,7 @@ class AutobahnInternalsTests(unittest.SynchronousTestCase):
     def test_originRefusals(self):
         """
         Autobahn refuses a "null" Origin itself, with a reason that begins
-        with one of L{ORIGIN_REFUSALS} (relay.peer answers those 403, as Go).
+        with one of L{ORIGIN_REFUSALS} (relay.listener.ws answers those 403, as Go).
         """
         protocol, _ = _connected(b"Origin: null\r\n")
         failures = [event[1] for event in protocol.events if event[0] == "failed"]

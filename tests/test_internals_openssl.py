@@ -1,7 +1,7 @@
 """
 L{relay.internals.openssl} against the installed pyOpenSSL: each test names
 the library, its version and the piece that is missing, so an upgrade that
-takes one away fails here, not as a slower relay (relay.peer falls back to
+takes one away fails here, not as a slower relay (relay.listener.ws falls back to
 pyOpenSSL's public API without them).
 """
 
@@ -9,7 +9,7 @@ from OpenSSL import SSL
 from twisted.trial.unittest import SynchronousTestCase
 
 from relay.internals import openssl
-from tests.test_peer_tls import _fakeTCP, _InMemory
+from tests.test_listener_ws_tls import _fakeTCP, _InMemory
 
 
 def missing(piece, user):

@@ -207,7 +207,7 @@ class WriteNowTests(SynchronousTestCase):
     """
     L{writeNow} reads C{dataBuffer} and C{_tempDataLen} of Twisted's
     C{FileDescriptor} and calls C{writeSomeData} (its behaviour is tested in
-    tests/test_peer.py).
+    tests/test_listener_ws.py).
     """
 
     def test_tcpServerState(self):
@@ -270,7 +270,7 @@ class TLSProtocolTests(SynchronousTestCase):
         C{receiveRecords} (through C{_write} and C{_flushReceiveBIO}), and
         C{sendRecords} (C{_flushSendBIO}) sends the handshake.
         """
-        from tests.test_peer_tls import _fakeTCP, _InMemory
+        from tests.test_listener_ws_tls import _fakeTCP, _InMemory
 
         calls = []
 
@@ -302,7 +302,7 @@ class TLSProtocolTests(SynchronousTestCase):
             )
 
     def test_state(self):
-        from tests.test_peer_tls import _fakeTCP, _InMemory
+        from tests.test_listener_ws_tls import _fakeTCP, _InMemory
 
         pair = _InMemory(self, _fakeTCP())
         for name in ("_tlsConnection", "_lostTLSConnection", "_aborted", "_producer"):
@@ -318,7 +318,7 @@ class TLSProtocolTests(SynchronousTestCase):
         """
         C{tlsEnded} answers the peer's close_notify and closes.
         """
-        from tests.test_peer_tls import _fakeTCP, _InMemory
+        from tests.test_listener_ws_tls import _fakeTCP, _InMemory
 
         pair = _InMemory(self, _fakeTCP())
         pair.handshake()

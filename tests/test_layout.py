@@ -29,7 +29,7 @@ TOOL_NAMES = {"bench", "fuzz", "soak", "lint", "loopback", "tests", "deploy"}
 # and the twistd plugin. A wheel without them is broken, not clean.
 PRODUCT_FILES = {
     "relay/service.py",
-    "relay/server.py",
+    "relay/relay.py",
     "relay/client.py",
     "relay/quicclient.py",
     "relay/probe.py",
@@ -152,7 +152,7 @@ class ImportCheckerTests(unittest.TestCase):
         self.assertEqual(
             toolFiles(
                 [
-                    "relay/peer.py",
+                    "relay/listener/ws.py",
                     "relay/bench/wire.py",
                     "relay/lint.py",
                     "relay/cluster/frames.py",

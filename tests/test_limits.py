@@ -23,10 +23,10 @@ from relay.limits import (
     parseNetworks,
     sourceGroup,
 )
-from relay.peer import PeerWebSocketFactory
-from relay.session import PeerSession
+from relay.listener.ws import PeerWebSocketFactory
+from relay.peer import PeerSession
 from tests.helpers import FakeLink, authMessage, connect, hypothesisProfile, makeRelay
-from tests.test_peer import UPGRADE, Peer, clientFrame, serverFrames
+from tests.test_listener_ws import UPGRADE, Peer, clientFrame, serverFrames
 
 A, B = m.peerID("peer-a"), m.peerID("peer-b")
 
@@ -406,7 +406,7 @@ class ConnectionLimitTests(unittest.TestCase):
         return path
 
     def test_refusedOverTLS(self):
-        from relay.peer import RefusableTLSFactory
+        from relay.listener.ws import RefusableTLSFactory
         from relay.tls import loadCertificateOptions
         from tests.certs import writeCertificate
 

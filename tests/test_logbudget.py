@@ -13,11 +13,11 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from relay.limits import LogBudget
+from relay.listener.ws import PeerWebSocketFactory
 from relay.logfilter import EMFILE_CLOSED, StrangerLines
-from relay.peer import PeerWebSocketFactory
 from relay.service import makeLogObserver
 from tests.helpers import authMessage, makeRelay
-from tests.test_peer import Peer
+from tests.test_listener_ws import Peer
 from tests.test_service import REQUIRED, config
 
 FLOOD = 500
@@ -83,7 +83,7 @@ class StrangerLinesTests(unittest.TestCase):
         relay's own noisy lines call the budget themselves).
         """
         for _ in range(FLOOD):
-            self.emit("relay.server.Relay")
+            self.emit("relay.relay.Relay")
         self.assertEqual(len(self.lines), FLOOD)
         self.assertEqual(self.budget.suppressed, 0)
 

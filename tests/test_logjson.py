@@ -47,7 +47,7 @@ def event(fmt, **kw):
         "log_format": fmt,
         "log_time": T,
         "log_level": LogLevel.info,
-        "log_namespace": "relay.session.PeerSession",
+        "log_namespace": "relay.peer.PeerSession",
         "log_source": object(),
         "log_logger": Logger(),
     }
@@ -75,7 +75,7 @@ class JSONLinesTests(unittest.TestCase):
         )
         self.assertEqual(line["msg"], "thing-7: connected after 12 ms")
         self.assertEqual(line["level"], "warning")
-        self.assertEqual(line["logger"], "relay.session.PeerSession")
+        self.assertEqual(line["logger"], "relay.peer.PeerSession")
         self.assertEqual(line["peer"], "thing-7")
         self.assertEqual(line["ms"], 12)
         for key in TWISTED_KEYS:

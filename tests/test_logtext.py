@@ -26,7 +26,7 @@ def event(fmt, **kw):
         "log_format": fmt,
         "log_time": T,
         "log_level": LogLevel.info,
-        "log_namespace": "relay.session.PeerSession",
+        "log_namespace": "relay.peer.PeerSession",
     }
     e.update(kw)
     return e
@@ -100,9 +100,9 @@ class ClassicTextTests(unittest.TestCase):
         self.assertEqual(
             lines,
             [
-                f"<{int(T)}> [relay.session.PeerSession#info] a 1\n",
-                f"<{int(T)}> [relay.session.PeerSession#info] b\n",
-                f"<{int(T) + 1}> [relay.session.PeerSession#info] c\n",
+                f"<{int(T)}> [relay.peer.PeerSession#info] a 1\n",
+                f"<{int(T)}> [relay.peer.PeerSession#info] b\n",
+                f"<{int(T) + 1}> [relay.peer.PeerSession#info] c\n",
             ],
         )
         self.assertEqual(stamps, [int(T), int(T) + 1])

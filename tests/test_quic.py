@@ -1,5 +1,5 @@
 """
-Peers over QUIC (relay.quic): aioquic connections driven by Twisted.
+Peers over QUIC (relay.listener.quic): aioquic connections driven by Twisted.
 
 Most tests run the relay's QUIC protocol and aioquic clients over an
 in-memory datagram network on a L{Clock}, so timeouts are exact and instant;
@@ -23,12 +23,13 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from relay import client, quic, quicclient
+from relay import client, quicclient
 from relay import messages as m
 from relay.auth import TokenValidator, generateToken
 from relay.limits import Limits
-from relay.peer import PeerWebSocketFactory
-from relay.server import ConfigurationError, Relay
+from relay.listener import quic
+from relay.listener.ws import PeerWebSocketFactory
+from relay.relay import ConfigurationError, Relay
 from relay.store import Store
 from tests.certs import writeCertificate
 from tests.helpers import NOW, SECRET, connect, makeRelay

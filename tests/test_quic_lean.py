@@ -1,5 +1,5 @@
 """
-The lean QUIC data path (relay.quiclean): DATAGRAM packets received and
+The lean QUIC data path (relay.listener.quiclean): DATAGRAM packets received and
 built outside aioquic's general code, on aioquic's own state.
 
 The tests prove that aioquic's state stays what it would have been: the
@@ -20,7 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import NameOID
 
 from relay import messages as m
-from relay import quic, quicclient
+from relay import quicclient
+from relay.listener import quic
 from tests.helpers import connect
 from tests.test_quic import SERVER, A, B, EagerClient, _ClockedQuicBase, exchangeSize, payloadOf
 

@@ -13,8 +13,8 @@ from websockets.sync.client import connect
 
 from relay import messages as m
 from relay.auth import TokenValidator
-from relay.peer import MAX_UPGRADE_REQUEST, PeerWebSocketFactory
-from relay.server import Relay
+from relay.listener.ws import MAX_UPGRADE_REQUEST, PeerWebSocketFactory
+from relay.relay import Relay
 from relay.store import Store
 from tests.helpers import SECRET, authMessage
 

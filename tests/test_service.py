@@ -13,7 +13,7 @@ from twisted.python import usage
 from twisted.trial import unittest
 
 from relay.config import Options, variableFor
-from relay.server import ConfigurationError, instanceURL
+from relay.relay import ConfigurationError, instanceURL
 from relay.service import RelayService, makeLogObserver, makeService
 
 REQUIRED = ["--exposed-address", "127.0.0.1:33080", "--auth-secret", "s3cret"]
@@ -512,7 +512,7 @@ class WiringTests(unittest.TestCase):
         self.assertEqual(top.cluster.announceAddress, "127.0.0.1:7090")
         self.assertIs(relay.limits, options.config.limits)
         self.assertEqual(relay.limits.maxPeers, 7)
-        self.assertIs(top.cluster.transport.noisyLog, relay.noisyLog)
+        self.assertIs(top.cluster.streams.noisyLog, relay.noisyLog)
         self.assertEqual(relay.recordAuthenticationTime, metrics.recordAuthenticationTime)
         self.assertEqual(relay.recordStoreTime, metrics.recordStoreTime)
         # The fabric, built before the metrics, reports its lookups to them.

@@ -8,7 +8,7 @@ from OpenSSL import SSL
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
-from relay.server import ConfigurationError
+from relay.relay import ConfigurationError
 from relay.tls import ReloadableTLS, loadCertificateOptions
 from tests.certs import writeCertificate
 

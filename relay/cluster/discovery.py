@@ -85,7 +85,7 @@ class Discovery:
         headless,
         port,
         podIP,
-        transport,
+        streams,
         resolver,
         clock,
         interval=DISCOVERY_INTERVAL,
@@ -95,7 +95,7 @@ class Discovery:
         @param headless: comma-separated DNS names and/or IP literals.
         @param port: the cluster port to dial on each address.
         @param podIP: this pod's IP, never dialed.
-        @param transport: a L{relay.cluster.transport.ClusterTransport}.
+        @param streams: a L{relay.cluster.streams.ClusterStreams}.
         @param resolver: an L{IHostnameResolver} (C{reactor.nameResolver}).
         @param clock: an L{IReactorTime}.
         """
@@ -103,7 +103,7 @@ class Discovery:
         self.port = port
         self.podIP = podIP
         self._podIP = _ipLiteral(podIP)
-        self.transport = transport
+        self.streams = streams
         self.resolver = resolver
         self.clock = clock
         self.interval = interval
@@ -221,7 +221,7 @@ class Discovery:
             for host in hosts:
                 if host and not self._isSelf(host):
                     addresses.add(joinAddress(host, self.port))
-        addresses.discard(self.transport.announceAddress)
+        addresses.discard(self.streams.announceAddress)
         if addresses != self.known:
             _log.info(
                 "cluster discovery: {names} lists {count} other pods: {addresses}",
@@ -235,10 +235,10 @@ class Discovery:
                 del self._redial[address]
         now = self.clock.seconds()
         for address in sorted(addresses):
-            if self.transport.stream(address) is not None:
+            if self.streams.stream(address) is not None:
                 self._redial.pop(address, None)
                 continue
-            if self.transport.isDialing(address):
+            if self.streams.isDialing(address):
                 continue
             state = self._redial.get(address)
             if state is None:
@@ -251,7 +251,7 @@ class Discovery:
             if state.failures and now < state.dialedAt + self._backoff(state.failures):
                 continue
             state.dialedAt = now
-            self.transport.dial(address).addCallbacks(
+            self.streams.dial(address).addCallbacks(
                 self._dialed, self._dialFailed, (state,), None, (address, state)
             )
 

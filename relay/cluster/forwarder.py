@@ -33,7 +33,7 @@ from zope.interface import implementer
 from relay import messages
 from relay.cluster import frames
 from relay.cluster.locator import seqnoOf
-from relay.cluster.transport import GONE, SENT, IStreamHandler
+from relay.cluster.streams import GONE, SENT, IStreamHandler
 from relay.interfaces import ICrossPodForwarder
 
 FORWARD_TIMEOUT = 5.0
@@ -67,13 +67,13 @@ class _Waiting:
 @implementer(ICrossPodForwarder, IStreamHandler)
 class Forwarder:
     """
-    Local-or-remote delivery over a L{relay.cluster.transport.ClusterTransport}
+    Local-or-remote delivery over a L{relay.cluster.streams.ClusterStreams}
     and a L{relay.cluster.locator.Locator}.
     """
 
     def __init__(
         self,
-        transport,
+        streams,
         locator,
         localPeers,
         clock,
@@ -95,7 +95,7 @@ class Forwarder:
         @param lookupsPerPeer: most of them one sending peer may hold.
         @param subscriptionLookups: most of them L{locate} may hold.
         """
-        self.transport = transport
+        self.streams = streams
         self.locator = locator
         self.localPeers = localPeers
         self.clock = clock
@@ -145,7 +145,7 @@ class Forwarder:
         if address is not None:
             self._send(destinationID, address, message)
             return
-        if not self.transport.liveStreams():
+        if not self.streams.liveStreams():
             self.counters.forwards["peer_not_found"] += 1
             return
         # The id field of a relayed Transport holds its source.
@@ -241,7 +241,7 @@ class Forwarder:
             self.counters.forwards["peer_not_found"] += len(packets)
 
     def _send(self, destinationID, address, message):
-        stream = self.transport.stream(address)
+        stream = self.streams.stream(address)
         if stream is None:
             self.locator.invalidate(destinationID)
             self.counters.forwards["stream_gone"] += 1
@@ -269,12 +269,12 @@ class Forwarder:
             return defer.succeed(True)
         address = self.locator.cached(peerID)
         if address is not None:
-            if self.transport.stream(address) is not None:
+            if self.streams.stream(address) is not None:
                 return defer.succeed(True)
             # The cached pod is unreachable: ask again instead of having
             # lookup() answer with the same stale address.
             self.locator.invalidate(peerID, address)
-        if not self.locator.pending(peerID) and self.transport.liveStreams():
+        if not self.locator.pending(peerID) and self.streams.liveStreams():
             owners = [(_SUBSCRIPTIONS, self.subscriptionLookups)]
             if requester is not None:
                 owners.append((requester, self.lookupsPerPeer))
@@ -302,7 +302,7 @@ class Forwarder:
         self._broadcast(frames.peerGoneFrame(peer.peerID))
 
     def _broadcast(self, frame):
-        for stream in self.transport.liveStreams():
+        for stream in self.streams.liveStreams():
             stream.send(frame)
 
     # IStreamHandler

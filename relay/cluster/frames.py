@@ -22,7 +22,7 @@ followed by a 16-byte tag, HMAC-SHA256(direction key, [seqno u64][type u8]
 [length u16][payload]) truncated, seqno counting the frames sent in that
 direction from 0. Original pods ignore the three new types, and never see
 them unless they dial or are dialed by a pod in compatibility mode (see
-L{relay.cluster.transport}).
+L{relay.cluster.streams}).
 """
 
 import hashlib
@@ -79,7 +79,7 @@ AUTH_SIZE = NONCE_SIZE + MAC_SIZE
 TRANSPORT_HEADER = bytes((messages.VERSION, messages.TRANSPORT))
 TRANSPORT_MIN_SIZE = messages.TRANSPORT_HEADER_SIZE
 
-# HELLO rejection reasons (docs/cluster.md); the transport adds the last two.
+# HELLO rejection reasons (docs/cluster.md); relay.cluster.streams adds the last two.
 HMAC_MISMATCH = "hmac_mismatch"
 UNSIGNED_BUT_REQUIRED = "unsigned_but_required"
 SIGNED_BUT_UNSUPPORTED = "signed_but_unsupported"

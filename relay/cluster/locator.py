@@ -71,12 +71,12 @@ class _Lookup:
 
 class Locator:
     """
-    WHO_HAS / I_HAVE lookups over a L{relay.cluster.transport.ClusterTransport}.
+    WHO_HAS / I_HAVE lookups over a L{relay.cluster.streams.ClusterStreams}.
     """
 
     def __init__(
         self,
-        transport,
+        streams,
         localPeers,
         clock,
         lookupObserver=None,
@@ -84,13 +84,13 @@ class Locator:
         cacheTTL=CACHE_TTL,
     ):
         """
-        @param transport: gives C{liveStreams()}.
+        @param streams: gives C{liveStreams()}.
         @param localPeers: an L{relay.interfaces.ILocalPeers}.
         @param clock: an L{IReactorTime}.
         @param lookupObserver: called with the duration in seconds of each
             broadcast lookup, or None.
         """
-        self.transport = transport
+        self.streams = streams
         self.localPeers = localPeers
         self.clock = clock
         self.lookupObserver = lookupObserver
@@ -196,13 +196,13 @@ class Locator:
             return defer.succeed(address)
         lookup = self._lookups.get(peerID)
         if lookup is None:
-            streams = self.transport.liveStreams()
-            if not streams:
+            live = self.streams.liveStreams()
+            if not live:
                 return defer.succeed(None)
             lookup = self._lookups[peerID] = _Lookup(self.clock.seconds())
             lookup.timer = self.clock.callLater(self.lookupTimeout, self._complete, peerID, None)
             whoHas = frames.whoHasFrame(peerID)
-            for stream in streams:
+            for stream in live:
                 stream.send(whoHas)
         d = defer.Deferred()
         lookup.waiters.append(d)

@@ -2,7 +2,7 @@
 The inter-pod fabric as one Twisted service, ready to hang under the relay's
 MultiService.
 
-It assembles the transport (streams), the locator (WHO_HAS / I_HAVE), the
+It assembles the streams (one per pod pair), the locator (WHO_HAS / I_HAVE), the
 forwarder (FWD, presence push) and discovery (headless name), listens on the
 cluster port, and is itself the relay's L{ICrossPodForwarder}.
 """
@@ -17,7 +17,7 @@ from relay.addresses import joinAddress
 from relay.cluster.discovery import Discovery
 from relay.cluster.forwarder import Forwarder
 from relay.cluster.locator import Locator
-from relay.cluster.transport import ClusterTransport, tcpEndpoint
+from relay.cluster.streams import ClusterStreams, tcpEndpoint
 from relay.endpoints import serverEndpoint
 from relay.interfaces import ICrossPodForwarder
 
@@ -30,7 +30,7 @@ class ClusterService(MultiService):
     The inter-pod fabric of one relay pod (ADR-0014; docs/cluster.md).
 
     @ivar config: the L{relay.config.ClusterConfig} it runs.
-    @ivar transport: the L{ClusterTransport}.
+    @ivar streams: the L{ClusterStreams}.
     @ivar locator: the L{Locator}.
     @ivar forwarder: the L{Forwarder}.
     @ivar discovery: the L{Discovery}.
@@ -57,7 +57,7 @@ class ClusterService(MultiService):
             secured handshake (Go pods) are taken, at the Go relay's level
             of trust.
         @param localPeers: the peers connected to this pod, an
-            L{relay.interfaces.ILocalPeers} (L{relay.server.LocalPeers}).
+            L{relay.interfaces.ILocalPeers} (L{relay.relay.LocalPeers}).
         @param counters: a L{relay.counters.ClusterCounters}.
         @param reactor: provides IReactorTCP, IReactorTime and a
             C{nameResolver}.
@@ -75,7 +75,7 @@ class ClusterService(MultiService):
         self.announceAddress = joinAddress(config.podIP, config.port)
         # Dial from the announced address: the remote checks that the HELLO
         # comes from the host it announces.
-        self.transport = ClusterTransport(
+        self.streams = ClusterStreams(
             self.announceAddress,
             config.secret,
             reactor,
@@ -85,14 +85,14 @@ class ClusterService(MultiService):
             wallClock=wallClock,
             noisyLog=noisyLog,
         )
-        self.locator = Locator(self.transport, localPeers, reactor, lookupObserver=lookupObserver)
-        self.forwarder = Forwarder(self.transport, self.locator, localPeers, reactor, counters)
-        self.transport.handler = self.forwarder
+        self.locator = Locator(self.streams, localPeers, reactor, lookupObserver=lookupObserver)
+        self.forwarder = Forwarder(self.streams, self.locator, localPeers, reactor, counters)
+        self.streams.handler = self.forwarder
         self.discovery = Discovery(
             config.headless,
             config.port,
             config.podIP,
-            self.transport,
+            self.streams,
             reactor.nameResolver,
             reactor,
             interval=config.discoveryInterval,
@@ -116,7 +116,7 @@ class ClusterService(MultiService):
             )
         outcome = []
         host, port = self.config.listen
-        serverEndpoint(self.reactor, host, port).listen(self.transport.serverFactory()).addBoth(
+        serverEndpoint(self.reactor, host, port).listen(self.streams.serverFactory()).addBoth(
             outcome.append
         )
         if not outcome or isinstance(outcome[0], Failure):
@@ -158,13 +158,13 @@ class ClusterService(MultiService):
         if self.port is not None:
             port, self.port = self.port, None
             waits.append(defer.maybeDeferred(port.stopListening))
-        waits.append(self.transport.stop())
+        waits.append(self.streams.stop())
         return defer.DeferredList(waits, consumeErrors=True).addCallback(lambda _: None)
 
     # Metrics and readiness
 
     def streamCount(self):
-        return self.transport.streamCount()
+        return self.streams.streamCount()
 
     def whenDiscoveryRan(self):
         """

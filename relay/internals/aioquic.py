@@ -1,13 +1,13 @@
 """
-What the relay takes from aioquic beyond its public API (L{relay.quic} and
-its lean data path L{relay.quiclean}).
+What the relay takes from aioquic beyond its public API (L{relay.listener.quic} and
+its lean data path L{relay.listener.quiclean}).
 
 aioquic's public API is a sans-I/O L{QuicConnection}: datagrams in, events
 out, datagrams to send. A relay needs more: some state aioquic keeps private
 (the peer's datagram limit, whether the connection is closing), control
 over its pacer and its memory, and for the packet that is nearly all of its
 traffic (a 1-RTT packet of DATAGRAM frames) a lean receive and send on
-aioquic's own keys, packet spaces and loss recovery (L{relay.quiclean}).
+aioquic's own keys, packet spaces and loss recovery (L{relay.listener.quiclean}).
 
 Each name below says what it relies on and why. What they are worth,
 measured with C{python -m tests.bench quic --runs 3 --quic-pairs 10
@@ -36,7 +36,7 @@ performance section:
     idle peer when they were added (commits 9ab936a, 648a7e8).
 L{missing} lists what an installed aioquic lacks;
 tests/test_internals_aioquic.py runs it on live connections and checks
-that relay/quiclean.py and relay/quic.py use no unlisted internal.
+that relay/listener/quiclean.py and relay/listener/quic.py use no unlisted internal.
 
 Supported: aioquic 1.7 (pyproject pins >=1.7,<1.8; tests/test_quic*.py and
 tests/test_internals_aioquic.py pass on 1.7.0, 1.7.1 and 1.7.2): the lean
@@ -74,7 +74,7 @@ def installedVersion():
 
 # Attributes of a QuicConnection, each with why the relay uses it.
 CONNECTION = {
-    # Used by relay.quic (the driver of every connection).
+    # Used by relay.listener.quic (the driver of every connection).
     "_loss": (
         "its loss recovery: the pacer is replaced by one sized for a reactor's timers (a "
         "reactor sleeps >= 1 ms; aioquic's capped a connection at a few thousand packets a "
@@ -117,7 +117,7 @@ CONNECTION = {
         "the packet spaces: ack_at of the 1-RTT one is made due so ACKs ride on the same turn's "
         "datagrams; the lean path keeps its ranges"
     ),
-    # Read or written by the lean path (relay.quiclean), as receive_datagram,
+    # Read or written by the lean path (relay.listener.quiclean), as receive_datagram,
     # _write_application and _flush_builder do.
     "_close_pending": "a close not sent yet: lean path off",
     "_network_paths": (

@@ -1,9 +1,9 @@
 """
-What L{relay.peer} takes from Autobahn beyond its public API.
+What L{relay.listener.ws} takes from Autobahn beyond its public API.
 
 Autobahn's public server API (C{onConnect}, C{onOpen}, C{onMessage},
 C{onClose}, C{sendMessage}, C{setProtocolOptions}) runs every frame through
-its own parser. relay.peer parses the frames that make up nearly all traffic
+its own parser. relay.listener.ws parses the frames that make up nearly all traffic
 itself (its lean path) and leaves the rest to Autobahn, which takes knowing
 the moment the opening handshake is done, knowing when Autobahn's parser is
 between frames, and taking back what it holds; a few hooks Autobahn only
@@ -14,7 +14,7 @@ when one is gone.
 
 Figures: this project's 2-core machine, shared with other work (so given as
 the range over two sessions, each the best of 5), Autobahn 26.11.1, a
-L{relay.peer.PeerWebSocketProtocol} over a StringTransport.
+L{relay.listener.ws.PeerWebSocketProtocol} over a StringTransport.
 """
 
 from pprint import pformat
@@ -57,7 +57,7 @@ def formatOnlyForDebug():
 
 class ServerProtocol(WebSocketServerProtocol):
     """
-    Autobahn's server protocol, with the private parts relay.peer uses
+    Autobahn's server protocol, with the private parts relay.listener.ws uses
     under names of ours.
 
     Worth of the lean path that L{opened}, L{betweenFrames} and

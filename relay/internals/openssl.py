@@ -2,7 +2,7 @@
 What the relay takes from pyOpenSSL beyond its public API (see
 L{relay.internals}).
 
-L{relay.peer.PeerTLSProtocol} calls OpenSSL through pyOpenSSL's own cffi
+L{relay.listener.ws.PeerTLSProtocol} calls OpenSSL through pyOpenSSL's own cffi
 binding (C{OpenSSL._util.lib} and C{ffi}) on the handles a
 C{OpenSSL.SSL.Connection} keeps (C{_ssl}, and its memory BIOs C{_into_ssl}
 and C{_from_ssl}). Why not the public API: C{Connection.recv}, C{send} and
@@ -12,7 +12,7 @@ BIO is empty is an exception; a relay that forwards one small TLS record
 per message pays that per message.
 
 Each group of names below is None when the installed pyOpenSSL lacks a
-piece of it; relay.peer then goes through the public API, slower, not
+piece of it; relay.listener.ws then goes through the public API, slower, not
 wrong. C{tests/test_internals_openssl.py} says which piece went missing.
 
 Figures: in process, a relayed 1,400-byte message over TLS 1.3 on this

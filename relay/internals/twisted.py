@@ -172,7 +172,7 @@ _TLS_HOOKS = (
 
 class TLSProtocol(TLSMemoryBIOProtocol):
     """
-    Twisted's TLS protocol with the private parts L{relay.peer.PeerTLSProtocol}
+    Twisted's TLS protocol with the private parts L{relay.listener.ws.PeerTLSProtocol}
     uses under names of ours.
 
     Why not the public API: Twisted's default (C{BufferingTLSTransport})

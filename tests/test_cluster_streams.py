@@ -1,5 +1,5 @@
 """
-Tests for L{relay.cluster.transport}: HELLO handshake and every rejection
+Tests for L{relay.cluster.streams}: HELLO handshake and every rejection
 reason, the secured handshake and sealed frames, compatibility mode, one
 stream per pod (simultaneous dials, no eviction without proof), PING/PONG
 keepalive and its compatibility rule, bounded writes, dialing, caps.
@@ -15,7 +15,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from relay.cluster import frames, transport
+from relay.cluster import frames, streams
 from relay.counters import ClusterCounters
 from relay.limits import LogBudget
 from relay.messages import peerID
@@ -28,7 +28,7 @@ PEER_B = peerID("peer-b")
 
 class RecordingHandler:
     """
-    An L{transport.IStreamHandler} that records what it is told.
+    An L{streams.IStreamHandler} that records what it is told.
     """
 
     def __init__(self):
@@ -72,7 +72,7 @@ class FakeEndpoints:
         return endpoint
 
 
-def makeTransport(
+def makeStreams(
     address="10.0.0.1:7090",
     secret=SECRET,
     clock=None,
@@ -84,20 +84,20 @@ def makeTransport(
     **settings,
 ):
     """
-    A transport on fake endpoints; C{settings} are L{transport.FabricSettings}
+    L{streams.ClusterStreams} on fake endpoints; C{settings} are L{streams.FabricSettings}
     fields.
     """
     if clock is None:
         clock = Clock()
         clock.advance(NOW)
-    return transport.ClusterTransport(
+    return streams.ClusterStreams(
         address,
         secret,
         clock,
         counters if counters is not None else ClusterCounters(),
         FakeEndpoints(),
         handler=handler if handler is not None else RecordingHandler(),
-        settings=transport.FabricSettings(**settings),
+        settings=streams.FabricSettings(**settings),
         compat=compat,
         wallClock=wallClock,
         noisyLog=noisyLog,
@@ -182,8 +182,8 @@ class Wire:
     def __init__(self, dialer, acceptor):
         self.dialer = dialer
         self.acceptor = acceptor
-        dialerHost = transport.splitAddress(dialer.owner.announceAddress)[0]
-        acceptorHost = transport.splitAddress(dialer.address)[0]
+        dialerHost = streams.splitAddress(dialer.owner.announceAddress)[0]
+        acceptorHost = streams.splitAddress(dialer.address)[0]
         self.dialerTransport = StringTransport(peerAddress=IPv4Address("TCP", acceptorHost, 7090))
         self.acceptorTransport = StringTransport(peerAddress=IPv4Address("TCP", dialerHost, 40000))
         self.lost = False
@@ -240,9 +240,9 @@ def dialedStream(owner, address):
 class AddressTests(SynchronousTestCase):
     def test_tcpEndpoint(self):
         reactor = MemoryReactorClock()
-        self.assertIsInstance(transport.tcpEndpoint(reactor, "10.0.0.1:7090"), TCP4ClientEndpoint)
-        self.assertIsInstance(transport.tcpEndpoint(reactor, "[fd00::1]:7090"), TCP6ClientEndpoint)
-        self.assertIsInstance(transport.tcpEndpoint(reactor, "relay-0:7090"), HostnameEndpoint)
+        self.assertIsInstance(streams.tcpEndpoint(reactor, "10.0.0.1:7090"), TCP4ClientEndpoint)
+        self.assertIsInstance(streams.tcpEndpoint(reactor, "[fd00::1]:7090"), TCP6ClientEndpoint)
+        self.assertIsInstance(streams.tcpEndpoint(reactor, "relay-0:7090"), HostnameEndpoint)
 
 
 class DialerTests(SynchronousTestCase):
@@ -252,7 +252,7 @@ class DialerTests(SynchronousTestCase):
         the stream is live under the dialed address once the acceptor has
         proved the secret (AUTH), and the dialer then proves it (CONFIRM).
         """
-        owner = makeTransport()
+        owner = makeStreams()
         stream, endpoint, d = dialedStream(owner, "10.0.0.2:7090")
         self.assertEqual(endpoint.address, "10.0.0.2:7090")
         tr = StringTransport()
@@ -276,7 +276,7 @@ class DialerTests(SynchronousTestCase):
         """
         Every dial sends another CHALLENGE nonce.
         """
-        owner = makeTransport()
+        owner = makeStreams()
         challenges = set()
         for i in range(3):
             stream, endpoint, d = dialedStream(owner, f"10.0.0.{i + 2}:7090")
@@ -286,7 +286,7 @@ class DialerTests(SynchronousTestCase):
         self.assertEqual(len(challenges), 3)
 
     def test_helloUnsigned(self):
-        owner = makeTransport(secret="")
+        owner = makeStreams(secret="")
         stream, endpoint, d = dialedStream(owner, "10.0.0.2:7090")
         tr = StringTransport()
         stream.makeConnection(tr)
@@ -297,7 +297,7 @@ class DialerTests(SynchronousTestCase):
         A second dial to an address being dialed shares the attempt; a dial
         to a live stream fires at once.
         """
-        owner = makeTransport()
+        owner = makeStreams()
         d1 = owner.dial("10.0.0.2:7090")
         d2 = owner.dial("10.0.0.2:7090")
         self.assertEqual(len(owner.endpointFactory.made), 1)
@@ -315,7 +315,7 @@ class DialerTests(SynchronousTestCase):
         self.assertEqual(len(owner.endpointFactory.made), 1)
 
     def test_dialFails(self):
-        owner = makeTransport()
+        owner = makeStreams()
         d = owner.dial("10.0.0.2:7090")
         owner.endpointFactory.made[0].result.errback(ConnectionRefusedError())
         self.failureResultOf(d, ConnectionRefusedError)
@@ -323,7 +323,7 @@ class DialerTests(SynchronousTestCase):
         self.assertEqual(owner.streamCount(), 0)
 
     def test_dialTimesOut(self):
-        owner = makeTransport(dialTimeout=5)
+        owner = makeStreams(dialTimeout=5)
         d = owner.dial("10.0.0.2:7090")
         owner.clock.advance(4.9)
         self.assertNoResult(d)
@@ -332,8 +332,8 @@ class DialerTests(SynchronousTestCase):
         self.assertFalse(owner.isDialing("10.0.0.2:7090"))
 
     def test_badAddress(self):
-        owner = makeTransport()
-        owner.endpointFactory = lambda address: transport.tcpEndpoint(MemoryReactorClock(), address)
+        owner = makeStreams()
+        owner.endpointFactory = lambda address: streams.tcpEndpoint(MemoryReactorClock(), address)
         self.failureResultOf(owner.dial("no-port"), ValueError)
         self.assertFalse(owner.isDialing("no-port"))
 
@@ -363,7 +363,7 @@ class AcceptorTests(SynchronousTestCase):
         A valid HELLO alone does not make a stream live: the acceptor waits
         for the CHALLENGE, answers AUTH, and the stream is live at CONFIRM.
         """
-        owner = makeTransport()
+        owner = makeStreams()
         proto, tr = accept(owner)
         self.assertIsNone(owner.stream("10.0.0.2:7090"))
         proto.dataReceived(frames.helloFrame("10.0.0.2:7090", NOW - 299, SECRET))
@@ -382,7 +382,7 @@ class AcceptorTests(SynchronousTestCase):
         self.assertEqual(dict(owner.counters.helloRejects), {})
 
     def test_helloAndFramesInOneChunk(self):
-        owner = makeTransport()
+        owner = makeStreams()
         proto, tr = accept(owner)
         nonce = b"\x33" * 32
         hello = frames.encodeHello("10.0.0.2:7090", NOW, SECRET)
@@ -400,7 +400,7 @@ class AcceptorTests(SynchronousTestCase):
         self.assertEqual(owner.handler.frames(), [frames.WhoHas(PEER_A), frames.IHave(PEER_B, 7)])
 
     def test_timeout(self):
-        owner = makeTransport()
+        owner = makeStreams()
         proto, tr = accept(owner)
         proto.dataReceived(frames.helloFrame("10.0.0.2:7090", NOW, SECRET)[:10])
         owner.clock.advance(9.999)
@@ -409,7 +409,7 @@ class AcceptorTests(SynchronousTestCase):
         self.assertRejected(owner, proto, tr, frames.TIMEOUT)
 
     def test_firstFrameNotHello(self):
-        owner = makeTransport()
+        owner = makeStreams()
         proto, tr = accept(owner)
         proto.dataReceived(
             frames.whoHasFrame(PEER_A) + frames.helloFrame("10.0.0.2:7090", NOW, SECRET)
@@ -419,14 +419,14 @@ class AcceptorTests(SynchronousTestCase):
         self.assertEqual(owner.counters.helloRejects[frames.TIMEOUT], 0)
 
     def test_pingFirst(self):
-        owner = makeTransport()
+        owner = makeStreams()
         proto, tr = accept(owner)
         proto.dataReceived(frames.pingFrame())
         self.assertRejected(owner, proto, tr, frames.FIRST_FRAME_NOT_HELLO)
         self.assertEqual(tr.value(), b"")
 
     def test_hmacMismatch(self):
-        owner = makeTransport()
+        owner = makeStreams()
         proto, tr = accept(owner)
         proto.dataReceived(
             frames.helloFrame("10.0.0.2:7090", NOW, "another")
@@ -435,13 +435,13 @@ class AcceptorTests(SynchronousTestCase):
         self.assertRejected(owner, proto, tr, frames.HMAC_MISMATCH)
 
     def test_unsignedButRequired(self):
-        owner = makeTransport()
+        owner = makeStreams()
         proto, tr = accept(owner)
         proto.dataReceived(frames.helloFrame("10.0.0.2:7090", NOW, ""))
         self.assertRejected(owner, proto, tr, frames.UNSIGNED_BUT_REQUIRED)
 
     def test_signedButUnsupported(self):
-        owner = makeTransport(secret="")
+        owner = makeStreams(secret="")
         proto, tr = accept(owner)
         proto.dataReceived(frames.helloFrame("10.0.0.2:7090", NOW, SECRET))
         self.assertRejected(owner, proto, tr, frames.SIGNED_BUT_UNSUPPORTED)
@@ -451,7 +451,7 @@ class AcceptorTests(SynchronousTestCase):
         Without a secret (the operator's explicit choice), an unsigned HELLO
         makes the stream live at once, and its frames are plain.
         """
-        owner = makeTransport(secret="")
+        owner = makeStreams(secret="")
         proto, tr = accept(owner)
         proto.dataReceived(frames.helloFrame("10.0.0.2:7090", NOW, "") + frames.whoHasFrame(PEER_A))
         self.assertIs(owner.stream("10.0.0.2:7090"), proto)
@@ -459,19 +459,19 @@ class AcceptorTests(SynchronousTestCase):
         self.assertEqual(owner.handler.frames(), [frames.WhoHas(PEER_A)])
 
     def test_stale(self):
-        owner = makeTransport()
+        owner = makeStreams()
         proto, tr = accept(owner)
         proto.dataReceived(frames.helloFrame("10.0.0.2:7090", NOW + 301, SECRET))
         self.assertRejected(owner, proto, tr, frames.STALE_TIMESTAMP)
 
     def test_malformed(self):
-        owner = makeTransport()
+        owner = makeStreams()
         proto, tr = accept(owner)
         proto.dataReceived(frames.encodeFrame(frames.HELLO, b"\x02\x00"))
         self.assertRejected(owner, proto, tr, frames.MALFORMED)
 
     def test_secretNotLogged(self):
-        owner = makeTransport()
+        owner = makeStreams()
         proto, tr = accept(owner)
         proto.dataReceived(frames.helloFrame("10.0.0.2:7090", NOW, "another"))
         self.assertNotEqual(self.logged, [])
@@ -485,8 +485,8 @@ def established(owner=None, address="10.0.0.2:7090"):
 
     @return: C{(owner, stream, string transport, L{Remote})}.
     """
-    owner = owner or makeTransport()
-    proto, tr = accept(owner, transport.splitAddress(address)[0])
+    owner = owner or makeStreams()
+    proto, tr = accept(owner, streams.splitAddress(address)[0])
     remote = Remote(proto, tr, address)
     owner.handler.events.clear()
     return owner, proto, tr, remote
@@ -497,7 +497,7 @@ def unsecured(owner, address="10.0.0.2:7090"):
     A stream accepted by C{owner}, which has no secret, after an unsigned
     HELLO: frames are plain.
     """
-    proto, tr = accept(owner, transport.splitAddress(address)[0])
+    proto, tr = accept(owner, streams.splitAddress(address)[0])
     proto.dataReceived(frames.helloFrame(address, NOW, ""))
     owner.handler.events.clear()
     return owner, proto, tr
@@ -508,8 +508,8 @@ def legacy(owner=None, address="10.0.0.2:7090"):
     A stream accepted by C{owner} in compatibility mode from an original
     pod: a signed HELLO, then nothing within the upgrade wait.
     """
-    owner = owner or makeTransport(compat=True)
-    proto, tr = accept(owner, transport.splitAddress(address)[0])
+    owner = owner or makeStreams(compat=True)
+    proto, tr = accept(owner, streams.splitAddress(address)[0])
     proto.dataReceived(frames.helloFrame(address, NOW, SECRET))
     owner.clock.advance(owner.settings.upgradeWait)
     assert owner.stream(address) is proto
@@ -588,7 +588,7 @@ class StreamFrameTests(SynchronousTestCase):
         A handler failing on a new stream is logged and the stream closed,
         instead of the exception escaping into the read loop.
         """
-        owner = makeTransport(pingInterval=15)
+        owner = makeStreams(pingInterval=15)
 
         def boom(stream):
             raise RuntimeError("bug")
@@ -612,7 +612,7 @@ class StreamFrameTests(SynchronousTestCase):
         self.assertEqual(owner.handler.frames(), [])
 
     def test_framesBeforeHelloNotHandled(self):
-        owner = makeTransport()
+        owner = makeStreams()
         proto, tr = accept(owner)
         proto.dataReceived(
             frames.helloFrame("10.0.0.2:7090", NOW, "bad") + frames.whoHasFrame(PEER_A)
@@ -626,7 +626,7 @@ class KeepaliveTests(SynchronousTestCase):
         A remote that never answered a PING (an original pod) loses PINGs but
         is never closed for it.
         """
-        owner, proto, tr = legacy(makeTransport(pingInterval=15, pongTimeout=10, compat=True))
+        owner, proto, tr = legacy(makeStreams(pingInterval=15, pongTimeout=10, compat=True))
         owner.clock.advance(14.9)
         self.assertEqual(tr.value(), b"")
         owner.clock.advance(0.1)
@@ -640,7 +640,7 @@ class KeepaliveTests(SynchronousTestCase):
         self.assertIs(owner.stream("10.0.0.2:7090"), proto)
 
     def test_answeringPodClosedOnMiss(self):
-        owner, proto, tr, remote = established(makeTransport(pingInterval=15, pongTimeout=10))
+        owner, proto, tr, remote = established(makeStreams(pingInterval=15, pongTimeout=10))
         owner.clock.advance(15)
         owner.clock.advance(9)
         self.assertEqual(remote.received(), frames.pingFrame())
@@ -663,7 +663,7 @@ class KeepaliveTests(SynchronousTestCase):
         """
         A remote that only starts answering later is then held to it.
         """
-        owner, proto, tr = legacy(makeTransport(pingInterval=15, pongTimeout=10, compat=True))
+        owner, proto, tr = legacy(makeStreams(pingInterval=15, pongTimeout=10, compat=True))
         owner.clock.advance(15)
         owner.clock.advance(10)
         self.assertEqual(owner.counters.pingsLost, 1)
@@ -675,7 +675,7 @@ class KeepaliveTests(SynchronousTestCase):
         self.assertTrue(tr.disconnecting)
 
     def test_dialedStreamPings(self):
-        owner = makeTransport(pingInterval=15, pongTimeout=10)
+        owner = makeStreams(pingInterval=15, pongTimeout=10)
         stream, endpoint, d = dialedStream(owner, "10.0.0.2:7090")
         tr = StringTransport()
         stream.makeConnection(tr)
@@ -696,7 +696,7 @@ class KeepaliveTests(SynchronousTestCase):
         first PING: a pod that stops answering is closed after 25 s, not
         kept "live" until the kernel gives up (about two hours).
         """
-        owner, proto, tr, remote = established(makeTransport(pingInterval=15, pongTimeout=10))
+        owner, proto, tr, remote = established(makeStreams(pingInterval=15, pongTimeout=10))
         owner.clock.advance(15)
         owner.clock.advance(9.9)
         self.assertFalse(tr.disconnecting)
@@ -709,7 +709,7 @@ class KeepaliveTests(SynchronousTestCase):
         An exception stopping the keepalive loop is logged, not left in an
         unhandled Deferred.
         """
-        owner, proto, tr, remote = established(makeTransport(pingInterval=15, pongTimeout=10))
+        owner, proto, tr, remote = established(makeStreams(pingInterval=15, pongTimeout=10))
 
         def boom(data, droppable=False):
             raise RuntimeError("bug")
@@ -719,7 +719,7 @@ class KeepaliveTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_noPingBeforeHello(self):
-        owner = makeTransport(pingInterval=15, pongTimeout=10)
+        owner = makeStreams(pingInterval=15, pongTimeout=10)
         proto, tr = accept(owner)
         owner.clock.advance(9)
         self.assertEqual(tr.value(), b"")
@@ -737,30 +737,30 @@ def queuedBytes(testCase, stream):
 
 class BoundedWriteTests(SynchronousTestCase):
     def test_writesThroughWhenNotPaused(self):
-        owner, proto, tr = unsecured(makeTransport(secret="", highWater=100))
+        owner, proto, tr = unsecured(makeStreams(secret="", highWater=100))
         fwd = frames.fwdFrame(PEER_A, b"x" * 200)
-        self.assertEqual(proto.send(fwd, droppable=True), transport.SENT)
+        self.assertEqual(proto.send(fwd, droppable=True), streams.SENT)
         self.assertEqual(tr.value(), fwd)
         self.assertIs(tr.producer, proto)
         self.assertTrue(tr.streaming)
 
     def test_slowStreamDropsFWD(self):
-        owner, proto, tr = unsecured(makeTransport(secret="", highWater=100))
+        owner, proto, tr = unsecured(makeStreams(secret="", highWater=100))
         tr.producer.pauseProducing()
         fwd = frames.fwdFrame(PEER_A, b"x" * 4)  # 43 bytes
-        self.assertEqual(proto.send(fwd, droppable=True), transport.SENT)
-        self.assertEqual(proto.send(fwd, droppable=True), transport.SENT)
+        self.assertEqual(proto.send(fwd, droppable=True), streams.SENT)
+        self.assertEqual(proto.send(fwd, droppable=True), streams.SENT)
         self.assertEqual(queuedBytes(self, proto), 86)
-        self.assertEqual(proto.send(fwd, droppable=True), transport.SLOW)
+        self.assertEqual(proto.send(fwd, droppable=True), streams.SLOW)
         self.assertEqual(owner.counters.dropped["slow_stream"], 1)
         self.assertEqual(tr.value(), b"")
         whoHas = frames.whoHasFrame(PEER_B)
-        self.assertEqual(proto.send(whoHas), transport.SENT)
+        self.assertEqual(proto.send(whoHas), streams.SENT)
         self.assertEqual(queuedBytes(self, proto), 125)
         tr.producer.resumeProducing()
         self.assertEqual(tr.value(), fwd + fwd + whoHas)
         self.assertEqual(queuedBytes(self, proto), 0)
-        self.assertEqual(proto.send(fwd, droppable=True), transport.SENT)
+        self.assertEqual(proto.send(fwd, droppable=True), streams.SENT)
         self.assertEqual(tr.value(), fwd * 2 + whoHas + fwd)
 
     def test_orderKeptWhileQueued(self):
@@ -768,7 +768,7 @@ class BoundedWriteTests(SynchronousTestCase):
         Once something is queued, later frames queue behind it even if the
         transport is no longer paused.
         """
-        owner, proto, tr = unsecured(makeTransport(secret="", highWater=1000))
+        owner, proto, tr = unsecured(makeStreams(secret="", highWater=1000))
         proto.pauseProducing()
         proto.send(b"1")
         proto._paused = False
@@ -778,7 +778,7 @@ class BoundedWriteTests(SynchronousTestCase):
         self.assertEqual(tr.value(), b"12")
 
     def test_pauseDuringFlush(self):
-        owner, proto, tr = unsecured(makeTransport(secret="", highWater=1000))
+        owner, proto, tr = unsecured(makeStreams(secret="", highWater=1000))
         proto.pauseProducing()
         for chunk in (b"a", b"b", b"c"):
             proto.send(chunk)
@@ -795,15 +795,15 @@ class BoundedWriteTests(SynchronousTestCase):
         self.assertEqual(queuedBytes(self, proto), 1)
 
     def test_stuckStreamAborted(self):
-        owner, proto, tr = unsecured(makeTransport(secret="", highWater=100))
+        owner, proto, tr = unsecured(makeStreams(secret="", highWater=100))
         proto.pauseProducing()
         who = frames.whoHasFrame(PEER_A)  # 39 bytes
         for _i in range(5):
-            self.assertEqual(proto.send(who), transport.SENT)
-        self.assertEqual(proto.send(who), transport.GONE)
+            self.assertEqual(proto.send(who), streams.SENT)
+        self.assertEqual(proto.send(who), streams.GONE)
         self.assertEqual(owner.counters.dropped["stream_overflow"], 1)
         self.assertTrue(tr.disconnecting)
-        self.assertEqual(proto.send(who), transport.GONE)
+        self.assertEqual(proto.send(who), streams.GONE)
         self.assertEqual(queuedBytes(self, proto), 0)
 
     def test_sealedQueueKeepsOrder(self):
@@ -811,7 +811,7 @@ class BoundedWriteTests(SynchronousTestCase):
         Frames queued on a secured stream are sealed in the order sent, so
         the remote opens them all after the flush.
         """
-        owner, proto, tr, remote = established(makeTransport(highWater=1000))
+        owner, proto, tr, remote = established(makeStreams(highWater=1000))
         proto.pauseProducing()
         sent = [
             frames.whoHasFrame(PEER_A),
@@ -819,7 +819,7 @@ class BoundedWriteTests(SynchronousTestCase):
             frames.pingFrame(),
         ]
         for frame in sent:
-            self.assertEqual(proto.send(frame, droppable=True), transport.SENT)
+            self.assertEqual(proto.send(frame, droppable=True), streams.SENT)
         self.assertEqual(tr.value(), b"")
         proto.resumeProducing()
         self.assertEqual(remote.received(), b"".join(sent))
@@ -827,7 +827,7 @@ class BoundedWriteTests(SynchronousTestCase):
     def test_closedStreamGone(self):
         owner, proto, tr, remote = established()
         lose(proto)
-        self.assertEqual(proto.send(frames.pingFrame()), transport.GONE)
+        self.assertEqual(proto.send(frames.pingFrame()), streams.GONE)
 
 
 class RegistryTests(SynchronousTestCase):
@@ -880,8 +880,8 @@ class RegistryTests(SynchronousTestCase):
         """
         clock = Clock()
         clock.advance(NOW)
-        low = makeTransport(lowAddress, clock=clock)
-        high = makeTransport(highAddress, clock=clock)
+        low = makeStreams(lowAddress, clock=clock)
+        high = makeStreams(highAddress, clock=clock)
         fromLow = Wire(dialedStream(low, highAddress)[0], high.serverFactory().buildProtocol(None))
         fromHigh = Wire(dialedStream(high, lowAddress)[0], low.serverFactory().buildProtocol(None))
         if order == "interleaved":
@@ -960,7 +960,7 @@ class RegistryTests(SynchronousTestCase):
         owner, one, tr1, _ = established()
         d = owner.stop()
         self.assertFalse(tr1.disconnected)
-        owner.clock.advance(transport.CLOSE_TIMEOUT)
+        owner.clock.advance(streams.CLOSE_TIMEOUT)
         self.assertTrue(tr1.disconnected)
         lose(one)
         self.assertIsNone(self.successResultOf(d))
@@ -968,7 +968,7 @@ class RegistryTests(SynchronousTestCase):
 
 class SocketOptionTests(SynchronousTestCase):
     def test_noDelayAndKeepAlive(self):
-        owner = makeTransport()
+        owner = makeStreams()
         proto = owner.serverFactory().buildProtocol(None)
         tr = StringTransport()
         options = []
@@ -984,7 +984,7 @@ class EarlyRejectTests(SynchronousTestCase):
     """
 
     def test_notHelloHeader(self):
-        owner = makeTransport()
+        owner = makeStreams()
         proto, tr = accept(owner)
         proto.dataReceived(b"\x14\xff\xff" + b"x" * 100)
         self.assertTrue(tr.disconnecting)
@@ -993,7 +993,7 @@ class EarlyRejectTests(SynchronousTestCase):
         self.assertEqual(dict(owner.counters.helloRejects), {frames.FIRST_FRAME_NOT_HELLO: 1})
 
     def test_oversizedHello(self):
-        owner = makeTransport()
+        owner = makeStreams()
         proto, tr = accept(owner)
         proto.dataReceived(b"\x00\x01")
         self.assertFalse(tr.disconnecting)
@@ -1004,7 +1004,7 @@ class EarlyRejectTests(SynchronousTestCase):
         self.assertEqual(dict(owner.counters.helloRejects), {frames.MALFORMED: 1})
 
     def test_largestHelloWaitedFor(self):
-        owner = makeTransport()
+        owner = makeStreams()
         proto, tr = accept(owner)
         hello = frames.helloFrame("h" * 250 + ":7090", NOW, SECRET)
         self.assertEqual(len(hello), 3 + frames.HELLO_MAX_PAYLOAD)
@@ -1063,7 +1063,7 @@ class AttackTests(SynchronousTestCase):
         the snapshot and had its FWD and I_HAVE handled. Now it is refused
         and the real stream stays.
         """
-        owner = makeTransport("10.0.0.3:7090")
+        owner = makeStreams("10.0.0.3:7090")
         owner.handler.streamUp = lambda stream: stream.send(frames.iHaveFrame(PEER_B, 1))
         real, endpoint, d = dialedStream(owner, "10.0.0.2:7090")
         realTransport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.2", 7090))
@@ -1087,7 +1087,7 @@ class AttackTests(SynchronousTestCase):
         Without a live stream to .2 the replay is refused the same way, so
         the real .2 is not locked out afterwards.
         """
-        owner = makeTransport()
+        owner = makeStreams()
         attacker, tr = self.replayFrom(owner, "10.0.0.9", frames.whoHasFrame(PEER_A))
         self.assertTrue(tr.disconnecting)
         self.assertIsNone(owner.stream("10.0.0.2:7090"))
@@ -1113,7 +1113,7 @@ class AttackTests(SynchronousTestCase):
         Replaying a whole captured opening (HELLO and CHALLENGE) gets a fresh
         AUTH, but the captured CONFIRM does not match it.
         """
-        owner = makeTransport()
+        owner = makeStreams()
         proto, tr = accept(owner)
         hello = frames.encodeHello("10.0.0.2:7090", NOW, SECRET)
         nonce = b"\x11" * 32
@@ -1129,7 +1129,7 @@ class AttackTests(SynchronousTestCase):
         An AUTH (at the dialer) or CONFIRM (at the acceptor) of the wrong
         size is refused as malformed, and no stream is made.
         """
-        owner = makeTransport()
+        owner = makeStreams()
         stream, endpoint, d = dialedStream(owner, "10.0.0.2:7090")
         tr = StringTransport()
         stream.makeConnection(tr)
@@ -1171,7 +1171,7 @@ class AttackTests(SynchronousTestCase):
         A dialed host that cannot prove the secret never becomes a stream:
         a wrong AUTH is refused, and so is one that stays silent.
         """
-        owner = makeTransport()
+        owner = makeStreams()
         stream, endpoint, d = dialedStream(owner, "10.0.0.2:7090")
         tr = StringTransport()
         stream.makeConnection(tr)
@@ -1196,7 +1196,7 @@ class AttackTests(SynchronousTestCase):
         A dialed host answering with fabric frames instead of AUTH (an
         impostor, or an original pod without compatibility mode) is refused.
         """
-        owner = makeTransport()
+        owner = makeStreams()
         stream, endpoint, d = dialedStream(owner, "10.0.0.2:7090")
         tr = StringTransport()
         stream.makeConnection(tr)
@@ -1211,7 +1211,7 @@ class AttackTests(SynchronousTestCase):
         right address: a spoofed source) never replaces a live stream,
         secured or not; a secured stream does replace an unsecured one.
         """
-        owner, real, realTransport, remote = established(makeTransport(compat=True))
+        owner, real, realTransport, remote = established(makeStreams(compat=True))
         second, tr2 = accept(owner)
         second.dataReceived(
             frames.helloFrame("10.0.0.2:7090", NOW - 1, SECRET) + frames.whoHasFrame(PEER_A)
@@ -1221,7 +1221,7 @@ class AttackTests(SynchronousTestCase):
         self.assertFalse(realTransport.disconnecting)
         self.assertEqual(owner.handler.events, [])
 
-        owner, old, oldTransport = legacy(makeTransport(compat=True))
+        owner, old, oldTransport = legacy(makeStreams(compat=True))
         third, tr3 = accept(owner)
         third.dataReceived(frames.helloFrame("10.0.0.2:7090", NOW - 2, SECRET))
         owner.clock.advance(owner.settings.upgradeWait)
@@ -1238,7 +1238,7 @@ class AttackTests(SynchronousTestCase):
         In compatibility mode an original pod's HELLO is taken once: the
         same HELLO again (a replay from its address) is refused.
         """
-        owner, first, tr1 = legacy(makeTransport(compat=True))
+        owner, first, tr1 = legacy(makeStreams(compat=True))
         lose(first)
         again, tr2 = accept(owner)
         again.dataReceived(
@@ -1254,7 +1254,7 @@ class AttackTests(SynchronousTestCase):
         self.assertIs(owner.stream("10.0.0.2:7090"), fresh)
 
     def test_secretNeverLogged(self):
-        owner = makeTransport()
+        owner = makeStreams()
         self.replayFrom(owner, "10.0.0.9")
         stream, endpoint, d = dialedStream(owner, "10.0.0.3:7090")
         tr = StringTransport()
@@ -1272,7 +1272,7 @@ class CompatibilityTests(SynchronousTestCase):
     """
 
     def test_originalPodDialsUs(self):
-        owner = makeTransport(compat=True)
+        owner = makeStreams(compat=True)
         proto, tr = accept(owner)
         proto.dataReceived(
             frames.helloFrame("10.0.0.2:7090", NOW, SECRET) + frames.whoHasFrame(PEER_A)
@@ -1283,7 +1283,7 @@ class CompatibilityTests(SynchronousTestCase):
         self.assertEqual(tr.value(), b"")
 
     def test_silentOriginalPodDialsUs(self):
-        owner = makeTransport(compat=True)
+        owner = makeStreams(compat=True)
         proto, tr = accept(owner)
         proto.dataReceived(frames.helloFrame("10.0.0.2:7090", NOW, SECRET))
         owner.clock.advance(owner.settings.upgradeWait - 0.01)
@@ -1297,7 +1297,7 @@ class CompatibilityTests(SynchronousTestCase):
         it); it answers nothing, so after the upgrade wait the stream is
         live with plain frames.
         """
-        owner = makeTransport(compat=True, pingInterval=15)
+        owner = makeStreams(compat=True, pingInterval=15)
         stream, endpoint, d = dialedStream(owner, "10.0.0.2:7090")
         tr = StringTransport()
         stream.makeConnection(tr)
@@ -1313,7 +1313,7 @@ class CompatibilityTests(SynchronousTestCase):
         self.assertEqual(tr.value(), frames.pingFrame())
 
     def test_originalPodAnswersFirst(self):
-        owner = makeTransport(compat=True)
+        owner = makeStreams(compat=True)
         stream, endpoint, d = dialedStream(owner, "10.0.0.2:7090")
         tr = StringTransport()
         stream.makeConnection(tr)
@@ -1325,17 +1325,17 @@ class CompatibilityTests(SynchronousTestCase):
         """
         Two pods of this kind secure their stream in compatibility mode too.
         """
-        owner = makeTransport(compat=True)
+        owner = makeStreams(compat=True)
         stream, endpoint, d = dialedStream(owner, "10.0.0.2:7090")
         tr = StringTransport()
         stream.makeConnection(tr)
         answer(stream, tr)
         self.assertTrue(stream.secured)
-        owner, proto, tr, remote = established(makeTransport(compat=True))
+        owner, proto, tr, remote = established(makeStreams(compat=True))
         self.assertTrue(proto.secured)
 
     def test_originalPodRefusedWithoutCompat(self):
-        owner = makeTransport()
+        owner = makeStreams()
         proto, tr = accept(owner)
         proto.dataReceived(frames.helloFrame("10.0.0.2:7090", NOW, SECRET))
         owner.clock.advance(owner.settings.helloTimeout)
@@ -1351,7 +1351,7 @@ class CapTests(SynchronousTestCase):
         room: idle strangers cannot keep a pod's dial out. A finished
         handshake frees its slot.
         """
-        owner = makeTransport(maxPending=2)
+        owner = makeStreams(maxPending=2)
         first, tr1 = accept(owner, "10.0.0.7")
         second, tr2 = accept(owner, "10.0.0.8")
         third, tr3 = accept(owner, "10.0.0.2")
@@ -1365,7 +1365,7 @@ class CapTests(SynchronousTestCase):
         self.assertEqual(dict(owner.counters.helloRejects), {frames.EVICTED: 1})
 
     def test_perHostCap(self):
-        owner = makeTransport(maxPendingPerHost=2)
+        owner = makeStreams(maxPendingPerHost=2)
         accept(owner, "10.0.0.7")
         accept(owner, "10.0.0.7")
         self.assertIsNone(owner.serverFactory().buildProtocol(IPv4Address("TCP", "10.0.0.7", 1)))
@@ -1373,21 +1373,21 @@ class CapTests(SynchronousTestCase):
         self.assertIsNotNone(owner.serverFactory().buildProtocol(IPv4Address("TCP", "10.0.0.2", 1)))
 
     def test_connectionCap(self):
-        owner = makeTransport(maxConnections=1)
+        owner = makeStreams(maxConnections=1)
         established(owner)
         self.assertIsNone(owner.serverFactory().buildProtocol(IPv4Address("TCP", "10.0.0.7", 1)))
         self.assertEqual(owner.counters.helloRejects[frames.CONNECTION_LIMIT], 1)
 
     def test_bindsToAnnouncedAddress(self):
         reactor = MemoryReactorClock()
-        endpoint = transport.tcpEndpoint(reactor, "10.0.0.2:7090", bindHost="10.0.0.1")
+        endpoint = streams.tcpEndpoint(reactor, "10.0.0.2:7090", bindHost="10.0.0.1")
         endpoint.connect(Factory())
         self.assertEqual(reactor.tcpClients[0][4], ("10.0.0.1", 0))
-        endpoint = transport.tcpEndpoint(reactor, "[fd00::2]:7090", bindHost="10.0.0.1")
+        endpoint = streams.tcpEndpoint(reactor, "[fd00::2]:7090", bindHost="10.0.0.1")
         self.assertIsNone(endpoint._bindAddress)
 
 
-# A transport without the relay's budget has one of its own, of the default size.
+# Streams without the relay's budget have one of their own, of the default size.
 DEFAULT_BUDGET = LogBudget(None)
 
 
@@ -1411,7 +1411,7 @@ class LogBudgetTests(SynchronousTestCase):
         all counted, give at most one budget's worth of lines and then one
         summary line with the rest.
         """
-        owner = makeTransport()
+        owner = makeStreams()
         for _i in range(1000):
             proto, tr = accept(owner)
             proto.dataReceived(frames.helloFrame("10.0.0.2:7090", NOW, "not-the-secret"))
@@ -1425,12 +1425,12 @@ class LogBudgetTests(SynchronousTestCase):
 
     def test_budgetShared(self):
         """
-        A budget given to the transport (the relay's) is the one spent.
+        A budget given to the streams (the relay's) is the one spent.
         """
         clock = Clock()
         clock.advance(NOW)
         budget = LogBudget(clock, burst=3)
-        owner = makeTransport(clock=clock, noisyLog=budget)
+        owner = makeStreams(clock=clock, noisyLog=budget)
         for _i in range(5):
             proto, tr = accept(owner)
             proto.dataReceived(b"\x7f\x00\x00")
@@ -1444,7 +1444,7 @@ class LogBudgetTests(SynchronousTestCase):
         What a stranger wrote (a 255-byte announce address with control
         characters) is quoted and cut in the reject line.
         """
-        owner = makeTransport()
+        owner = makeStreams()
         proto, tr = accept(owner, peerHost="10.0.0.9")
         address = "\x1b[31m" + "a" * 240 + "\n:7090"
         proto.dataReceived(frames.helloFrame(address, NOW, SECRET))
@@ -1461,7 +1461,7 @@ class LogBudgetTests(SynchronousTestCase):
         Forged and malformed frames on live streams: every one counted,
         lines within the budget.
         """
-        owner = makeTransport()
+        owner = makeStreams()
         for i in range(200):
             proto, tr = accept(owner)
             remote = Remote(proto, tr)

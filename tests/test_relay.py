@@ -1,5 +1,5 @@
 """
-L{relay.server}: the L{Relay}'s interface for sessions (what a handshake
+L{relay.relay}: the L{Relay}'s interface for sessions (what a handshake
 asks it), its collaborators given at construction, and L{LocalPeers}, the
 fabric's view of this pod's peers.
 """
@@ -12,8 +12,8 @@ from relay import messages as m
 from relay.auth import AuthError, generateToken
 from relay.interfaces import ILocalPeers, IRelay
 from relay.limits import Limits, LogBudget
-from relay.server import LocalPeers
-from relay.session import PeerSession
+from relay.peer import PeerSession
+from relay.relay import LocalPeers
 from tests.helpers import NOW, SECRET, FakeLink, authMessage, connect, makeRelay, stamped
 
 

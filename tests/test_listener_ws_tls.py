@@ -1,5 +1,5 @@
 """
-TLS for peers (L{relay.peer.PeerTLSProtocol}): records written in the same
+TLS for peers (L{relay.listener.ws.PeerTLSProtocol}): records written in the same
 turn, one read delivered whole, order and backpressure kept; checked against
 an independent TLS client (pyOpenSSL in memory for the unit tests, the
 C{websockets} library's asyncio client over a real socket end to end), the
@@ -25,12 +25,12 @@ from websockets.asyncio.client import connect
 from relay import messages as m
 from relay.auth import TokenValidator
 from relay.internals import openssl
-from relay.peer import (
+from relay.listener.ws import (
     PeerWebSocketFactory,
     PeerWebSocketProtocol,
     RefusableTLSFactory,
 )
-from relay.server import Relay
+from relay.relay import Relay
 from relay.store import Store
 from relay.tls import loadCertificateOptions
 from tests.certs import writeCertificate

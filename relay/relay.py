@@ -94,9 +94,9 @@ class Relay:
     """
     Peers connected here and what passes between them.
 
-    Sessions (L{relay.session.PeerSession}) see it through L{IRelay}, the
-    list of what they may use; the listeners of each carrier (L{relay.peer},
-    L{relay.quic}) use C{clock}, C{counters}, C{noisyLog}, C{admission} and
+    Sessions (L{relay.peer.PeerSession}) see it through L{IRelay}, the
+    list of what they may use; the listeners of each carrier (L{relay.listener.ws},
+    L{relay.listener.quic}) use C{clock}, C{counters}, C{noisyLog}, C{admission} and
     C{draining}. The collaborators below are given at construction and
     never replaced; the rest (store, forwarder, the metrics' recorders) is
     for the relay itself, the wiring and tests.

@@ -18,7 +18,7 @@ from twisted.trial import unittest
 
 from relay import messages as m
 from relay.internals.twisted import writeNow as _writeNow
-from relay.peer import (
+from relay.listener.ws import (
     MAX_CONTROL_FRAMES_BEFORE_AUTH,
     MAX_FRAMES_PER_MESSAGE,
     MAX_UPGRADE_REQUEST,

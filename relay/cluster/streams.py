@@ -1,7 +1,7 @@
 """
 The inter-pod TCP streams: one long-lived stream per pod pair (ADR-0014).
 
-A L{ClusterTransport} owns every stream of this pod, keyed by the remote pod's
+A L{ClusterStreams} owns every stream of this pod, keyed by the remote pod's
 announced address (C{host:port} of its inter-pod listener): the dialer's HELLO
 tells the acceptor that address, since the connection's ephemeral source port
 cannot be dialed back. L{ClusterStream} is the Twisted protocol of one stream;
@@ -101,7 +101,7 @@ _log = Logger()
 
 class IStreamHandler(Interface):
     """
-    What the transport tells the layer above it (the forwarder).
+    What L{ClusterStreams} tells the layer above it (the forwarder).
     """
 
     def streamUp(stream):
@@ -139,7 +139,7 @@ def tcpEndpoint(reactor, address, bindHost=None):
     A client endpoint for C{host:port}: plain TCP for IP literals, a
     L{HostnameEndpoint} for names.
 
-    The dial deadline is not the endpoint's: L{ClusterTransport} bounds the
+    The dial deadline is not the endpoint's: L{ClusterStreams} bounds the
     whole dial (name resolution included) with its C{dialTimeout}.
 
     @param bindHost: the source address to dial from (this pod's announced
@@ -659,12 +659,12 @@ class ClusterStream(Protocol):
 
 class _AcceptingFactory(Factory):
     """
-    Builds accepted streams within the transport's caps: a host with
-    C{maxPendingPerHost} connections in handshake, or a full transport, is
-    refused (Twisted closes the connection at once); when C{maxPending}
-    handshakes are under way the oldest is dropped for the new one, so idle
-    strangers cannot keep a pod's reconnection out: a real handshake takes
-    one round trip.
+    Builds accepted streams within L{ClusterStreams}' caps: a host with
+    C{maxPendingPerHost} connections in handshake, or C{maxConnections}
+    connections in all, is refused (Twisted closes the connection at once);
+    when C{maxPending} handshakes are under way the oldest is dropped for the
+    new one, so idle strangers cannot keep a pod's reconnection out: a real
+    handshake takes one round trip.
     """
 
     noisy = False
@@ -753,12 +753,12 @@ class FabricSettings:
     maxConnections: int = MAX_CONNECTIONS
 
 
-class ClusterTransport:
+class ClusterStreams:
     """
     Every inter-pod stream of this pod, keyed by announced address.
 
     @ivar handler: the L{IStreamHandler} told about streams and frames (set
-        after construction: the forwarder needs the transport first).
+        after construction: the forwarder needs the streams first).
     @ivar settings: the L{FabricSettings}.
     """
 
@@ -852,7 +852,7 @@ class ClusterTransport:
         if live is not None:
             return defer.succeed(live)
         if self._stopped:
-            return defer.fail(RuntimeError("cluster transport stopped"))
+            return defer.fail(RuntimeError("cluster streams stopped"))
         d = defer.Deferred()
         waiters = self._dialing.get(address)
         if waiters is not None:

@@ -71,7 +71,7 @@ piece with its reason and is tested against the installed aioquic (the
 1.7 series, which pyproject pins).
 
 The data path: once a connection is established, its DATAGRAM packets are
-received and built by L{relay.quiclean.LeanPath} on aioquic's own keys and
+received and built by L{relay.listener.quiclean.LeanPath} on aioquic's own keys and
 state, and everything else (handshake, key update, PING, loss probes,
 migration, close) goes through aioquic unchanged. Packets leave straight
 from the socket, a connection's run of one size as one C{sendmsg} with UDP
@@ -111,11 +111,11 @@ from relay import messages as m
 from relay.addresses import joinAddress
 from relay.internals import aioquic as internals
 from relay.internals.twisted import listenUDPIntoBuffer
+from relay.listener.quiclean import LeanPath
+from relay.listener.ws import CLOSE_REASON_SHOWN
 from relay.logtext import quoted
-from relay.peer import CLOSE_REASON_SHOWN
-from relay.quiclean import LeanPath
-from relay.server import ConfigurationError
-from relay.session import PeerSession
+from relay.peer import PeerSession
+from relay.relay import ConfigurationError
 
 # aioquic reports every refused handshake through the standard library's
 # logging; without a handler those lines would reach stderr through Python's
@@ -360,7 +360,7 @@ class _QuicDriver:
         self._queued = deque()
         self._queuedBytes = 0
         self._applicationSpace = None
-        # The lean data path (relay.quiclean), once the connection is
+        # The lean data path (relay.listener.quiclean), once the connection is
         # established.
         self._lean = None
 
@@ -740,7 +740,7 @@ class QuicPeerLink(_QuicDriver):
     def maxMessageSize(self):
         """
         The largest relay message one datagram to this peer carries now
-        (L{relay.session.PeerSession} splits id lists by it).
+        (L{relay.peer.PeerSession} splits id lists by it).
         """
         cidLength = len(internals.peerConnectionID(self.quic))
         if cidLength != self._cidLength:
@@ -938,7 +938,7 @@ class QuicPeerProtocol(DatagramProtocol):
 
     _log = Logger()
     noisy = False
-    # Established connections take the lean data path (relay.quiclean);
+    # Established connections take the lean data path (relay.listener.quiclean);
     # tests turn it off to compare with aioquic's own.
     lean = True
 
@@ -1158,9 +1158,9 @@ class QuicPeerProtocol(DatagramProtocol):
 class QuicService(service.Service):
     """
     The QUIC listener of the peer port (UDP, same host and port as the
-    WebSocket listener), for a L{relay.server.Relay}.
+    WebSocket listener), for a L{relay.relay.Relay}.
 
-    Stop it after L{relay.server.Relay.shutdown}, so QUIC peers receive their
+    Stop it after L{relay.relay.Relay.shutdown}, so QUIC peers receive their
     Close message first; stopping closes whatever is left and frees the port.
 
     @ivar protocol: the L{QuicPeerProtocol}.

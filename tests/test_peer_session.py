@@ -11,7 +11,7 @@ from twisted.trial import unittest
 from relay import messages as m
 from relay.auth import generateToken, tokenKey
 from relay.interfaces import IRelay
-from relay.session import PeerSession
+from relay.peer import PeerSession
 from tests.helpers import NOW, SECRET, FakeLink, authMessage, connect, makeRelay, subscriptionCount
 
 A, B, C = m.peerID("peer-a"), m.peerID("peer-b"), m.peerID("peer-c")
