@@ -939,6 +939,9 @@ class PeerTLSProtocol(_twisted.TLSProtocol):
             ssl = self._ssl
         buf = _openssl.receiveBuffer
         room = _openssl.RECEIVE_BUFFER_SIZE
+        memoryBIOLength = _openssl.memoryBIOLength
+        sslPending = _openssl.sslPending
+        bio = self._receiveBIO
         chunks = []
         got = 0
         ended = failure = None
@@ -949,6 +952,16 @@ class PeerTLSProtocol(_twisted.TLSProtocol):
                 if got == room:
                     chunks.append(_openssl.bufferOf(buf, got)[:])
                     got = 0
+                elif (
+                    sslPending is not None
+                    and memoryBIOLength(bio, _openssl.MEMORY_BIO_DATA) <= 0
+                    and sslPending(ssl) <= 0
+                ):
+                    # All decrypted: nothing of this record kept for a next
+                    # SSL_read and no byte of another in the BIO. An
+                    # SSL_read that would say so (WANT_READ) costs more
+                    # (relay.internals.openssl).
+                    break
                 continue
             error = _openssl.sslGetError(ssl, n)
             if error == _openssl.SSL_ERROR_WANT_READ:

@@ -607,6 +607,42 @@ class ReadTests(unittest.SynchronousTestCase):
         self.assertEqual(pair.app.received, [b"one", b"two", b"three"])
         self.assertEqual(len(calls), 2)
 
+    def test_oneSSLReadPerRecord(self):
+        """
+        A read of whole records is decrypted with one SSL_read per record,
+        none more to be told it is over (WANT_READ); a record split across
+        reads, or a record's cleartext larger than the room left in the
+        buffer, asks once more.
+        """
+        calls = []
+        sslRead = openssl.sslRead
+
+        def counted(ssl, buf, room):
+            n = sslRead(ssl, buf, room)
+            calls.append(n)
+            return n
+
+        self.patch(openssl, "sslRead", counted)
+        pair = self.connected()
+        del calls[:]
+        pair.client.send(b"one")
+        pair.toServer()
+        self.assertEqual(calls, [3])
+        pair.client.send(b"two")
+        pair.client.send(b"three")
+        pair.toServer()
+        self.assertEqual(calls, [3, 3, 5])
+        pair.client.send(b"split")
+        data = pair.client.bio_read(2**16)
+        pair.server.dataReceived(data[:-1])
+        pair.server.dataReceived(data[-1:])
+        self.assertEqual(calls[3:], [-1, 5])
+        self.patch(openssl, "RECEIVE_BUFFER_SIZE", 4)
+        pair.client.send(b"fill")
+        pair.toServer()
+        self.assertEqual(calls[5:], [4, -1])
+        self.assertEqual(pair.app.received, [b"one", b"twothree", b"split", b"fill"])
+
     def test_writesWaitingForTheHandshake(self):
         """
         The reads of the handshake go through Twisted's dataReceived, which
