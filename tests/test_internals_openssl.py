@@ -93,6 +93,23 @@ class BindingTests(SynchronousTestCase):
                 missing("OpenSSL._util.lib.SSL_write, BIO_read or ffi", name),
             )
 
+    def test_bioWrite(self):
+        """
+        BIO_write takes the records from a bytes object into the receive
+        BIO, and SSL_read decrypts them.
+        """
+        self.assertIsNotNone(openssl.bioWrite, missing("OpenSSL._util.lib.BIO_write", "bioWrite"))
+        pair = _InMemory(self, _fakeTCP())
+        pair.handshake()
+        connection = pair.server.tlsConnection
+        pair.client.send(b"in")
+        records = pair.client.bio_read(2**16)
+        self.assertEqual(
+            openssl.bioWrite(openssl.receiveBIOOf(connection), records, len(records)),
+            len(records),
+        )
+        self.assertEqual(connection.recv(100), b"in")
+
     def test_roundTrip(self):
         """
         Cleartext written with SSL_write from the caller's bytes and read out

@@ -305,7 +305,14 @@ class TLSProtocolTests(SynchronousTestCase):
         from tests.test_listener_ws_tls import _fakeTCP, _InMemory
 
         pair = _InMemory(self, _fakeTCP())
-        for name in ("_tlsConnection", "_lostTLSConnection", "_aborted", "_producer"):
+        for name in (
+            "_tlsConnection",
+            "_lostTLSConnection",
+            "_aborted",
+            "_producer",
+            "_handshakeDone",
+            "_appSendBuffer",
+        ):
             self.assertTrue(
                 hasattr(pair.server, name), missing(f"TLSMemoryBIOProtocol.{name}", "TLSProtocol")
             )
@@ -313,6 +320,14 @@ class TLSProtocolTests(SynchronousTestCase):
         self.assertFalse(pair.server.tlsLost)
         self.assertFalse(pair.server.aborted)
         self.assertIsNone(pair.server.producer)
+        self.assertFalse(pair.server.handshakeDone)
+        self.assertEqual(pair.server.cleartextWaiting, [])
+        # Written before the handshake: Twisted keeps it in _appSendBuffer.
+        pair.server.write(b"early")
+        self.assertEqual(pair.server.cleartextWaiting, [b"early"])
+        pair.handshake()
+        self.assertTrue(pair.server.handshakeDone)
+        self.assertEqual(pair.server.cleartextWaiting, [])
 
     def test_tlsEnded(self):
         """

@@ -213,6 +213,27 @@ class WriteNowTests(unittest.SynchronousTestCase):
         pair.toClient()
         self.assertEqual(pair.clientReceived(), data)
 
+    def test_oneRecordFromTheBytes(self):
+        """
+        A write of bytes that fits one record is encrypted straight from the
+        bytes object; a larger one, or one that is not bytes, through
+        C{from_buffer}.
+        """
+        viewed = []
+
+        def cleartextOf(data):
+            viewed.append(len(data))
+            return openssl._ffi.from_buffer(data)
+
+        self.patch(openssl, "cleartextOf", cleartextOf)
+        pair = self.connected()
+        small, large = os.urandom(2**14), os.urandom(2**14 + 1)
+        for data in (small, large, bytearray(b"not bytes")):
+            pair.server.writeNow(data)
+        self.assertEqual(viewed, [2**14 + 1, 9])
+        pair.toClient()
+        self.assertEqual(pair.clientReceived(), small + large + b"not bytes")
+
     def test_restQueuedAfterPartialSend(self):
         pair = self.connected(accept=1000)
         data = os.urandom(20_000)
@@ -551,6 +572,89 @@ class ReadTests(unittest.SynchronousTestCase):
             pair.client.send(msg)
         pair.toServer()
         self.assertEqual(pair.app.received, [b"".join(messages)])
+
+    def countBIOWrites(self):
+        """
+        Count the calls of pyOpenSSL's C{bio_write}, which the handshake
+        uses and a read of records after it does not.
+        """
+        calls = []
+        bioWrite = SSL.Connection.bio_write
+
+        def counted(connection, data):
+            calls.append(len(data))
+            return bioWrite(connection, data)
+
+        self.patch(SSL.Connection, "bio_write", counted)
+        return calls
+
+    def test_recordsIntoTheBIOWithBIOWrite(self):
+        """
+        After the handshake a read of bytes goes into the receive BIO by
+        BIO_write, not pyOpenSSL's bio_write; a read that is not bytes, or
+        without the binding, by bio_write. All are delivered.
+        """
+        pair = self.connected()
+        calls = self.countBIOWrites()
+        pair.client.send(b"one")
+        pair.toServer()
+        self.assertEqual((pair.app.received, calls), ([b"one"], []))
+        pair.client.send(b"two")
+        pair.server.dataReceived(bytearray(pair.client.bio_read(2**16)))
+        self.patch(openssl, "bioWrite", None)
+        pair.client.send(b"three")
+        pair.toServer()
+        self.assertEqual(pair.app.received, [b"one", b"two", b"three"])
+        self.assertEqual(len(calls), 2)
+
+    def test_oneSSLReadPerRecord(self):
+        """
+        A read of whole records is decrypted with one SSL_read per record,
+        none more to be told it is over (WANT_READ); a record split across
+        reads, or a record's cleartext larger than the room left in the
+        buffer, asks once more.
+        """
+        calls = []
+        sslRead = openssl.sslRead
+
+        def counted(ssl, buf, room):
+            n = sslRead(ssl, buf, room)
+            calls.append(n)
+            return n
+
+        self.patch(openssl, "sslRead", counted)
+        pair = self.connected()
+        del calls[:]
+        pair.client.send(b"one")
+        pair.toServer()
+        self.assertEqual(calls, [3])
+        pair.client.send(b"two")
+        pair.client.send(b"three")
+        pair.toServer()
+        self.assertEqual(calls, [3, 3, 5])
+        pair.client.send(b"split")
+        data = pair.client.bio_read(2**16)
+        pair.server.dataReceived(data[:-1])
+        pair.server.dataReceived(data[-1:])
+        self.assertEqual(calls[3:], [-1, 5])
+        self.patch(openssl, "RECEIVE_BUFFER_SIZE", 4)
+        pair.client.send(b"fill")
+        pair.toServer()
+        self.assertEqual(calls[5:], [4, -1])
+        self.assertEqual(pair.app.received, [b"one", b"twothree", b"split", b"fill"])
+
+    def test_writesWaitingForTheHandshake(self):
+        """
+        The reads of the handshake go through Twisted's dataReceived, which
+        sends the writes that waited for it once it is done.
+        """
+        pair = _InMemory(self, _fakeTCP())
+        pair.server.write(b"early")
+        self.assertEqual(pair.server.cleartextWaiting, [b"early"])
+        received = pair.handshake()
+        pair.toClient()
+        self.assertEqual(received + pair.clientReceived(), b"early")
+        self.assertEqual(pair.server.cleartextWaiting, [])
 
     def test_dataBeforeCloseNotify(self):
         pair = self.connected()

@@ -213,6 +213,13 @@ class TLSProtocol(TLSMemoryBIOProtocol):
     producer = property(
         attrgetter("_producer"), doc="The producer registered, or None (C{_producer})."
     )
+    handshakeDone = property(
+        attrgetter("_handshakeDone"), doc="Whether the handshake is over (C{_handshakeDone})."
+    )
+    cleartextWaiting = property(
+        attrgetter("_appSendBuffer"),
+        doc="The list of writes waiting for TLS to take them (C{_appSendBuffer}).",
+    )
 
     def bufferCleartext(self, data):
         """

@@ -770,6 +770,30 @@ class PeerTLSProtocol(_twisted.TLSProtocol):
         self._direct = type(transport) is tcp.Server
         super().makeConnection(transport)
 
+    def dataReceived(self, data):
+        # As Twisted's once the handshake is done and no write waits for
+        # TLS, with the records written into the receive BIO by BIO_write
+        # (L{relay.internals.openssl}); anything else, or a BIO_write that
+        # failed (it wrote nothing: pyOpenSSL's bio_write tries again and
+        # raises its own error), is Twisted's.
+        bioWrite = _openssl.bioWrite
+        if (
+            bioWrite is None
+            or not self.handshakeDone
+            or self.cleartextWaiting
+            or type(data) is not bytes
+        ):
+            super().dataReceived(data)
+            return
+        bio = self._receiveBIO
+        if bio is None:
+            self._takeHandles()
+            bio = self._receiveBIO
+        if bioWrite(bio, data, len(data)) < len(data):
+            super().dataReceived(data)
+            return
+        self.receiveRecords()
+
     def writeNow(self, data):
         """
         Encrypt C{data} and write the records straight to the socket if
@@ -800,12 +824,20 @@ class PeerTLSProtocol(_twisted.TLSProtocol):
             self._takeHandles()
             ssl = self._ssl
         sent = 0
-        with _openssl.cleartextOf(data) as cleartext:
-            while sent < size:
-                n = sslWrite(ssl, cleartext + sent, size - sent)
-                if n <= 0:
-                    break
-                sent += n
+        if size <= _RECORD_SIZE and type(data) is bytes:
+            # One record, from the bytes object's own buffer (cffi passes
+            # it to a C{void *}): no C{from_buffer} and its context. A
+            # record is written whole or not at all.
+            n = sslWrite(ssl, data, size)
+            if n > 0:
+                sent = n
+        else:
+            with _openssl.cleartextOf(data) as cleartext:
+                while sent < size:
+                    n = sslWrite(ssl, cleartext + sent, size - sent)
+                    if n <= 0:
+                        break
+                    sent += n
         if sent == size:
             self.sendRecords(size)
             return
@@ -907,6 +939,9 @@ class PeerTLSProtocol(_twisted.TLSProtocol):
             ssl = self._ssl
         buf = _openssl.receiveBuffer
         room = _openssl.RECEIVE_BUFFER_SIZE
+        memoryBIOLength = _openssl.memoryBIOLength
+        sslPending = _openssl.sslPending
+        bio = self._receiveBIO
         chunks = []
         got = 0
         ended = failure = None
@@ -917,6 +952,16 @@ class PeerTLSProtocol(_twisted.TLSProtocol):
                 if got == room:
                     chunks.append(_openssl.bufferOf(buf, got)[:])
                     got = 0
+                elif (
+                    sslPending is not None
+                    and memoryBIOLength(bio, _openssl.MEMORY_BIO_DATA) <= 0
+                    and sslPending(ssl) <= 0
+                ):
+                    # All decrypted: nothing of this record kept for a next
+                    # SSL_read and no byte of another in the BIO. An
+                    # SSL_read that would say so (WANT_READ) costs more
+                    # (relay.internals.openssl).
+                    break
                 continue
             error = _openssl.sslGetError(ssl, n)
             if error == _openssl.SSL_ERROR_WANT_READ:
