@@ -502,6 +502,26 @@ class Bench:
         """
         return self.interleaved([(name, params, runOnce, tls)], freshRelay)[0]
 
+    def recorded(self, name, target, run, r, entry):
+        """
+        Record C{r}, the figures of run C{run} of case C{name}, in C{entry}
+        and the log.
+
+        @return: whether C{target}, the relay measured, is still running (if
+            not, the problem is recorded with the tail of its log).
+        """
+        r["run"] = run
+        entry["runs"].append(r)
+        self.log(
+            "    " + json.dumps({k: v for k, v in r.items() if not isinstance(v, (list, dict))})
+        )
+        if target.running():
+            return True
+        self.problems.append(
+            f"{name}: relay (pid {target.pid}) died in run {run + 1}:\n{target.logTail()}"
+        )
+        return False
+
     def interleaved(self, variants, freshRelay=False):
         """
         Run each of C{variants}, C{(name, params, runOnce, tls)}, --runs
@@ -537,19 +557,7 @@ class Bench:
                         self.log(f"    skipped: {e}")
                         live.remove(i)
                         continue
-                    r["run"] = run
-                    entry["runs"].append(r)
-                    self.log(
-                        "    "
-                        + json.dumps(
-                            {k: v for k, v in r.items() if not isinstance(v, (list, dict))}
-                        )
-                    )
-                    if not target.running():
-                        self.problems.append(
-                            f"{name}: relay (pid {target.pid}) died in run {run + 1}:\n"
-                            f"{target.logTail()}"
-                        )
+                    if not self.recorded(name, target, run, r, entry):
                         targets[i] = None
                         continue
                     if freshRelay and not o.url:
@@ -787,19 +795,7 @@ class Bench:
                         r = {"ok": False, "error": f"{type(e).__name__}: {e}"}
                     except Exception:
                         r = {"ok": False, "error": "harness error: " + traceback.format_exc()}
-                    r["run"] = run
-                    entries[name]["runs"].append(r)
-                    self.log(
-                        "    "
-                        + json.dumps(
-                            {k: v for k, v in r.items() if not isinstance(v, (list, dict))}
-                        )
-                    )
-                    if not target.running():
-                        self.problems.append(
-                            f"{name}: relay (pid {target.pid}) died in run {run + 1}:\n"
-                            f"{target.logTail()}"
-                        )
+                    if not self.recorded(name, target, run, r, entries[name]):
                         targets[tls] = None
         finally:
             for target in targets.values():
