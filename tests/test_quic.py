@@ -880,6 +880,33 @@ def exchangeSize(connection, index):
     return 1 + (index * 7919 + connection * 104729) % 1179
 
 
+def exchangeWithOtherLink(case):
+    """
+    In C{case}, a L{_ClockedQuicBase}: QUIC peer A (quic-go 0.29's 1,220-byte
+    DATAGRAM frames) and peer B on another link exchange 1,000 messages of 1
+    to 1,179 bytes each way, 100 per turn of the clocked network; every
+    byte arrives, in order.
+
+    @return: A's client.
+    """
+    a = case.connected(A, maxDatagramFrameSize=1220)
+    session, link = connect(case.relay, "peer-b")
+    payloads = [payloadOf(1, k, exchangeSize(1, k)) for k in range(1000)]
+    case.assertEqual((min(map(len, payloads)), max(map(len, payloads))), (1, 1179))
+    toB, toA = [], []
+    for batch in range(10):
+        for payload in payloads[batch * 100 : batch * 100 + 100]:
+            a.send(B, payload)
+            session.messageReceived(m.encodeTransport(A, payload))
+        case.network.pump(0.05)
+        toB.extend(link.take())
+        while a.transports.pending:
+            toA.append(case.successResultOf(a.transports.get()))
+    case.assertEqual(toB, [m.encodeTransport(A, p) for p in payloads])
+    case.assertEqual(toA, [(B, p) for p in payloads])
+    return a
+
+
 class QuicGoLikeClientTests(_ClockedQuicBase):
     """
     The scenarios of issue 11 with a client that, like quic-go, switches to
@@ -930,21 +957,7 @@ class QuicGoLikeClientTests(_ClockedQuicBase):
         a peer on another link exchange 1,000 messages of 1 to 1,179 bytes
         each way: every byte arrives, in order.
         """
-        a = self.connected(A, maxDatagramFrameSize=1220)
-        session, link = connect(self.relay, "peer-b")
-        payloads = [payloadOf(1, k, exchangeSize(1, k)) for k in range(1000)]
-        self.assertEqual((min(map(len, payloads)), max(map(len, payloads))), (1, 1179))
-        toB, toA = [], []
-        for batch in range(10):
-            for payload in payloads[batch * 100 : batch * 100 + 100]:
-                a.send(B, payload)
-                session.messageReceived(m.encodeTransport(A, payload))
-            self.network.pump(0.05)
-            toB.extend(link.take())
-            while a.transports.pending:
-                toA.append(self.successResultOf(a.transports.get()))
-        self.assertEqual(toB, [m.encodeTransport(A, p) for p in payloads])
-        self.assertEqual(toA, [(B, p) for p in payloads])
+        exchangeWithOtherLink(self)
         self.assertEqual(self.relay.counters.dropped, {})
         self.assertNoStrayPackets()
 

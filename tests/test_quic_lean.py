@@ -19,11 +19,18 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import NameOID
 
-from relay import messages as m
 from relay import quicclient
 from relay.listener import quic
-from tests.helpers import connect
-from tests.test_quic import SERVER, A, B, EagerClient, _ClockedQuicBase, exchangeSize, payloadOf
+from tests.test_quic import (
+    SERVER,
+    A,
+    B,
+    EagerClient,
+    _ClockedQuicBase,
+    exchangeSize,
+    exchangeWithOtherLink,
+    payloadOf,
+)
 
 
 def applicationSpace(connection):
@@ -488,20 +495,7 @@ class LeanPathTests(_ClockedQuicBase):
         A peer on another link and a lean QUIC peer: 1,000 messages of 1 to
         1,179 bytes each way, every byte checked.
         """
-        a = self.connected(A, maxDatagramFrameSize=1220)
-        session, link = connect(self.relay, "peer-b")
-        payloads = [payloadOf(1, k, exchangeSize(1, k)) for k in range(1000)]
-        toB, toA = [], []
-        for batch in range(10):
-            for payload in payloads[batch * 100 : batch * 100 + 100]:
-                a.send(B, payload)
-                session.messageReceived(m.encodeTransport(A, payload))
-            self.network.pump(0.05)
-            toB.extend(link.take())
-            while a.transports.pending:
-                toA.append(self.successResultOf(a.transports.get()))
-        self.assertEqual(toB, [m.encodeTransport(A, p) for p in payloads])
-        self.assertEqual(toA, [(B, p) for p in payloads])
+        a = exchangeWithOtherLink(self)
         linkA = self.relay.store.peers[A].link
         self.assertGreater(linkA._lean.built, 500)
         self.assertAllAcknowledged(linkA, a)
