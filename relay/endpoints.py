@@ -6,9 +6,11 @@ gets the same listen backlog and the same reading of an empty host.
 
 import socket
 
+from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay.listener.ws import RefusableTLSFactory
@@ -40,6 +42,55 @@ def serverEndpoint(reactor, host, port, tls=None, reusePort=False):
     if tls is not None:
         endpoint = TLSEndpoint(endpoint, tls)
     return endpoint
+
+
+def listenNow(endpoint, factory):
+    """
+    Listen on C{endpoint} at once.
+
+    The relay's endpoints all listen synchronously; a port that cannot open
+    must stop the start rather than leave a relay running without it.
+
+    @return: the listening port.
+    @raise Exception: why it could not listen (C{CannotListenError} for a
+        port in use), or C{RuntimeError} if listening did not complete.
+    """
+    outcome = []
+    endpoint.listen(factory).addBoth(outcome.append)
+    if not outcome:
+        raise RuntimeError("listening did not complete")
+    if isinstance(outcome[0], Failure):
+        outcome[0].raiseException()
+    return outcome[0]
+
+
+class RequiredPortService(service.Service):
+    """
+    A listening port the relay does not run without (the metrics port):
+    opened in C{privilegedStartService}, before twistd drops privileges, and
+    a failure raised there. Twisted's C{StreamServerEndpointService} only logs
+    it, which left a relay serving peers with no C{/metrics} or
+    C{/readyz} for its probes.
+    """
+
+    def __init__(self, endpoint, factory):
+        self.endpoint = endpoint
+        self.factory = factory
+        self.port = None
+
+    def privilegedStartService(self):
+        super().privilegedStartService()
+        self.port = listenNow(self.endpoint, self.factory)
+
+    def startService(self):
+        if self.port is None:
+            self.privilegedStartService()
+        super().startService()
+
+    def stopService(self):
+        super().stopService()
+        port, self.port = self.port, None
+        return port.stopListening() if port is not None else None
 
 
 @implementer(IStreamServerEndpoint)

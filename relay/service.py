@@ -14,7 +14,6 @@ import signal
 import sys
 
 from twisted.application import service
-from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer
 from twisted.internet.error import ProcessExitedAlready
 from twisted.logger import (
@@ -24,7 +23,6 @@ from twisted.logger import (
     LogLevelFilterPredicate,
 )
 from twisted.python.components import Componentized
-from twisted.python.failure import Failure
 
 from relay import clocks
 from relay.auth import TokenValidator
@@ -33,7 +31,7 @@ from relay.clocks import useMonotonicTime
 # twistd's plugin (twisted/plugins/relay_plugin.py) finds Options here.
 from relay.config import LOG_LEVELS, Options  # noqa: F401
 from relay.counters import ClusterCounters, RelayCounters
-from relay.endpoints import serverEndpoint
+from relay.endpoints import RequiredPortService, listenNow, serverEndpoint
 from relay.internals.twisted import forgetExitSignal
 from relay.limits import DESCRIPTOR_RESERVE, LogBudget, descriptorsInUse, raiseDescriptorLimit
 from relay.listener.ws import PeerWebSocketFactory
@@ -144,13 +142,11 @@ class RelayService(service.MultiService):
         super().setServiceParent(parent)
 
     def privilegedStartService(self):
-        outcome = []
-        self.peerEndpoint.listen(self.peerFactory).addBoth(outcome.append)
-        if not outcome or isinstance(outcome[0], Failure):
-            reason = outcome[0].getErrorMessage() if outcome else "listening did not complete"
-            self._log.critical("cannot start the peer listener: {reason}", reason=reason)
-            raise SystemExit(f"relay: cannot start the peer listener: {reason}")
-        self.peerPort = outcome[0]
+        try:
+            self.peerPort = listenNow(self.peerEndpoint, self.peerFactory)
+        except Exception as e:
+            self._log.critical("cannot start the peer listener: {reason}", reason=str(e))
+            raise SystemExit(f"relay: cannot start the peer listener: {e}") from None
         try:
             super().privilegedStartService()
         except Exception as e:
@@ -551,7 +547,7 @@ def buildRelay(config, reactor, wallClock):
         site = makeMetricsSite(
             metrics.registry, readiness, reactor=reactor, refusals=counters.metricsRefusals
         )
-        StreamServerEndpointService(
+        RequiredPortService(
             serverEndpoint(reactor, config.metricsAddress, config.metricsPort), site
         ).setServiceParent(top)
     if acme is not None:

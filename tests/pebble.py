@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 
 from twisted.internet import defer, protocol
 from twisted.internet.error import CannotListenError
@@ -24,6 +23,7 @@ from twisted.names import dns, error, server
 from twisted.names.common import ResolverBase
 
 from tests.certs import writeCertificate
+from tests.loopback import freePort
 
 PEBBLE = shutil.which("pebble") or (
     "/usr/bin/pebble" if os.access("/usr/bin/pebble", os.X_OK) else None
@@ -34,15 +34,6 @@ _MISSING = "pebble is not installed (apt-get install -y pebble)"
 SKIP = None if PEBBLE or os.environ.get("CI") else _MISSING
 
 _READY = b"ACME directory available at:"
-
-
-def freePort():
-    """
-    @return: a TCP port on 127.0.0.1 that was free a moment ago.
-    """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _PebbleProcess(protocol.ProcessProtocol):

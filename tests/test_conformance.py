@@ -26,6 +26,7 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from tests import wsraw
+from tests.loopback import freePort
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -105,15 +106,6 @@ def splitIDs(body):
 
 
 # -- the relay process ----------------------------------------------------------
-
-
-def freePort():
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-    finally:
-        s.close()
 
 
 class RelayProcess:

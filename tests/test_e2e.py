@@ -203,7 +203,25 @@ class StartupErrorTests(unittest.TestCase):
             )
             self.assertNotEqual(code, 0)
             self.assertIn(b"relay: cannot start the inter-pod fabric:", output)
-        self.assertNotIn(b"Traceback", output)
+            self.assertNotIn(b"Traceback", output)
+            # Before: the relay logged an unhandled error and served peers
+            # with no /metrics, /healthz or /readyz.
+            output, code = yield self.twistd(
+                "--listen-address",
+                "127.0.0.1:0",
+                "--exposed-address",
+                "127.0.0.1:1",
+                "--auth-secret",
+                "x",
+                "--metrics-address",
+                "127.0.0.1",
+                "--metrics-port",
+                str(port),
+            )
+            self.assertNotEqual(code, 0)
+            self.assertIn(b"relay: cannot start: Couldn't listen on 127.0.0.1:", output)
+            self.assertIn(b"Address already in use", output)
+            self.assertNotIn(b"Traceback", output)
 
     @defer.inlineCallbacks
     def test_invalidExposedAddress(self):

@@ -13,6 +13,7 @@ from twisted.python import usage
 from twisted.trial import unittest
 
 from relay.config import Options, variableFor
+from relay.endpoints import RequiredPortService
 from relay.relay import ConfigurationError, instanceURL
 from relay.service import RelayService, makeLogObserver, makeService
 
@@ -467,6 +468,38 @@ class ListenerTests(unittest.TestCase):
         self.assertIn(
             (9191, "127.0.0.1"), [(port, interface) for port, _, _, interface in reactor.tcpServers]
         )
+
+    def test_metricsPortTaken(self):
+        """
+        A metrics port that cannot open raises (L{RelayService} turns it
+        into an exit naming the reason; C{test_e2e.StartupErrorTests}).
+        """
+        from twisted.internet.error import CannotListenError
+        from twisted.internet.testing import RaisingMemoryReactor
+
+        reactor = RaisingMemoryReactor(
+            listenException=CannotListenError("127.0.0.1", 9191, OSError(98, "in use"))
+        )
+        top = makeService(
+            parse(REQUIRED + ["--metrics-port", "9191", "--metrics-address", "127.0.0.1"]),
+            reactor=reactor,
+        )
+        [metrics] = [s for s in top if isinstance(s, RequiredPortService)]
+        self.assertRaises(CannotListenError, metrics.privilegedStartService)
+        self.assertIsNone(metrics.port)
+
+    def test_listenNowNeverFired(self):
+        from twisted.internet import defer
+
+        from relay.endpoints import listenNow
+
+        class Pending:
+            def listen(self, factory):
+                return defer.Deferred()
+
+        with self.assertRaises(RuntimeError) as raised:
+            listenNow(Pending(), None)
+        self.assertEqual(str(raised.exception), "listening did not complete")
 
 
 class WiringTests(unittest.TestCase):

@@ -10,7 +10,6 @@ cluster port, and is itself the relay's L{ICrossPodForwarder}.
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay.addresses import joinAddress
@@ -18,7 +17,7 @@ from relay.cluster.discovery import Discovery
 from relay.cluster.forwarder import Forwarder
 from relay.cluster.locator import Locator
 from relay.cluster.streams import ClusterStreams, tcpEndpoint
-from relay.endpoints import serverEndpoint
+from relay.endpoints import listenNow, serverEndpoint
 from relay.interfaces import ICrossPodForwarder
 
 _log = Logger()
@@ -114,25 +113,20 @@ class ClusterService(MultiService):
                 "the secured handshake (Go pods) are authenticated by their HELLO only and "
                 "their frames are not; turn it off once every pod runs this relay"
             )
-        outcome = []
         host, port = self.config.listen
-        serverEndpoint(self.reactor, host, port).listen(self.streams.serverFactory()).addBoth(
-            outcome.append
-        )
-        if not outcome or isinstance(outcome[0], Failure):
-            # Stream endpoints listen at once: refuse to start rather than
-            # run a pod its siblings cannot reach.
-            reason = outcome[0].getErrorMessage() if outcome else "listening did not complete"
+        try:
+            self.port = listenNow(
+                serverEndpoint(self.reactor, host, port), self.streams.serverFactory()
+            )
+        except Exception as e:
+            # Refuse to start rather than run a pod its siblings cannot reach.
             _log.critical(
                 "cluster: cannot listen on {listen}: {reason}",
                 listen=self._listenText(),
-                reason=reason,
+                reason=str(e),
             )
             MultiService.stopService(self)
-            if outcome:
-                outcome[0].raiseException()
-            raise RuntimeError(f"cluster: listening on {self._listenText()} did not complete")
-        self.port = outcome[0]
+            raise
         _log.info(
             "cluster: listening on {listen}, announcing {announce}, {mode}",
             listen=self._listenText(),
