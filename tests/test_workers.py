@@ -93,7 +93,7 @@ class WorkersEndToEndTests(unittest.TestCase):
             if b"[worker-1 " in relay.output and relay.output.count(b"relay listening on") >= 2:
                 break
             yield sleep(0.05)
-        self.assertEqual(relay.output.count(b"relay listening on"), 2)
+        self.assertEqual(relay.output.count(b"relay listening on"), 2, relay.output.decode())
         peers = []
         for i in range(20):
             peer = yield client.connect(
