@@ -247,6 +247,16 @@ class RelayService(service.MultiService):
         self.relay.admission.stop()
         yield self.relay.shutdown()
         yield super().stopService()
+        if self.supervisor is not None:
+            # Imported here as in _makeWorkers: procmon imports the reactor.
+            from relay.workers import workersEnded
+
+            running = yield workersEnded(self.supervisor, self.reactor)
+            if running:
+                self._log.warn(
+                    "stopping: workers {names} still running after SIGKILL",
+                    names=", ".join(running),
+                )
         # A drained relay exits normally: 0 is what Kubernetes and systemd
         # should record for a planned stop.
         forgetExitSignal(self.reactor)

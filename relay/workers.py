@@ -26,6 +26,7 @@ import os
 import sys
 
 from twisted.application.service import Service
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -36,6 +37,11 @@ from relay.config import variableFor
 
 WORKER_NETWORK = "127.0.1."
 SUPERVISOR_CHECK_INTERVAL = 1.0
+
+# How often a stopping worker 0 looks whether the others have exited, and how
+# long past the monitor's SIGKILL it waits for them.
+WORKER_EXIT_POLL = 0.1
+WORKER_EXIT_GRACE = 5.0
 
 _log = Logger()
 
@@ -138,6 +144,34 @@ class SharedOutput:
             usePTY,
             self.CHILD_FDS,
         )
+
+
+def workersEnded(monitor, clock, interval=WORKER_EXIT_POLL):
+    """
+    Wait until every worker process of C{monitor} has exited.
+
+    C{ProcessMonitor.stopService} sends SIGTERM and returns at once: worker 0
+    exited while the others still drained their peers, and a service
+    manager that kills what is left of the group (systemd's default) then
+    cut those peers off without their Close. The monitor's own timer sends
+    SIGKILL after its C{killTime}; this gives up a little after that.
+
+    @return: a Deferred firing with the names of the workers still running
+        when it gave up (an empty list once all have exited).
+    """
+    ended = defer.Deferred()
+    deadline = clock.seconds() + monitor.killTime + WORKER_EXIT_GRACE
+
+    def check():
+        running = sorted(monitor.protocols)
+        if not running or clock.seconds() >= deadline:
+            loop.stop()
+            ended.callback(running)
+
+    loop = LoopingCall(check)
+    loop.clock = clock
+    loop.start(interval, now=True)
+    return ended
 
 
 def makeSupervisor(config, reactor):

@@ -3,18 +3,21 @@ C{--workers N}: several relay processes on one host sharing the peer port.
 """
 
 import json
+import os
 import re
 import socket
 
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory
+from twisted.internet.task import Clock
 from twisted.python import usage
+from twisted.runner.procmon import ProcessMonitor
 from twisted.trial import unittest
 
 from relay import client
 from relay import messages as m
 from relay.endpoints import ReusePortEndpoint
-from relay.workers import workerAddresses, workerEnvironment
+from relay.workers import WORKER_EXIT_GRACE, workerAddresses, workerEnvironment, workersEnded
 from tests.e2e import sleep, startRelay
 from tests.test_service import REQUIRED, config
 
@@ -83,6 +86,53 @@ class ReusePortTests(unittest.TestCase):
         self.failureResultOf(ReusePortEndpoint(reactor, "192.0.2.1", 1).listen(Factory()), OSError)
 
 
+def childrenOf(pid):
+    """
+    The process ids of C{pid}'s children (Linux).
+    """
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(child) for child in f.read().split()]
+
+
+class WorkersEndedTests(unittest.TestCase):
+    """
+    L{workersEnded}: worker 0 stops after the workers it supervises.
+    """
+
+    def monitor(self, *names):
+        monitor = ProcessMonitor(reactor=Clock())
+        monitor.killTime = 35
+        monitor.protocols = dict.fromkeys(names)
+        return monitor
+
+    def test_waits(self):
+        clock, monitor = Clock(), self.monitor("relay-worker-1", "relay-worker-2")
+        ended = workersEnded(monitor, clock)
+        clock.advance(10)
+        self.assertNoResult(ended)
+        del monitor.protocols["relay-worker-2"]
+        clock.advance(10)
+        self.assertNoResult(ended)
+        del monitor.protocols["relay-worker-1"]
+        clock.advance(0.1)
+        self.assertEqual(self.successResultOf(ended), [])
+
+    def test_nothingRunning(self):
+        self.assertEqual(self.successResultOf(workersEnded(self.monitor(), Clock())), [])
+
+    def test_givesUp(self):
+        """
+        The wait ends a little after the monitor's SIGKILL, naming who is
+        left.
+        """
+        clock, monitor = Clock(), self.monitor("relay-worker-1")
+        ended = workersEnded(monitor, clock)
+        clock.pump([0.1] * int((monitor.killTime + WORKER_EXIT_GRACE) / 0.1 - 1))
+        self.assertNoResult(ended)
+        clock.advance(0.2)
+        self.assertEqual(self.successResultOf(ended), ["relay-worker-1"])
+
+
 class WorkersEndToEndTests(unittest.TestCase):
     timeout = 120
 
@@ -120,7 +170,10 @@ class WorkersEndToEndTests(unittest.TestCase):
         # one would have a 2-in-a-million chance).
         self.assertTrue(onSecond and onFirst, (len(onFirst), len(onSecond)))
         self.assertEqual(len(onFirst) + len(onSecond), 20)
+        [worker] = childrenOf(relay.transport.pid)
         self.assertEqual((yield relay.stop()), 0)
+        # Worker 0 exits after the others, not while they still drain.
+        self.assertFalse(os.path.exists(f"/proc/{worker}"), f"worker 1 ({worker}) still running")
         # Each line once, with one timestamp: the second worker writes its
         # own lines, nobody logs them again.
         for line in relay.output.splitlines():
