@@ -5,7 +5,7 @@ of L{relay.listener.quic}.
 C{python -m relay.probe --transport quic} checks a deployed relay with it,
 and the tests and the benchmark drive the relay with it. It lives apart
 from L{relay.listener.quic} so that the relay's server imports no client code; it
-shares the server's sans-I/O driver (L{relay.listener.quic._QuicDriver}) and sizes,
+shares the server's sans-I/O driver (L{relay.listener.quic.QuicDriver}) and sizes,
 so both ends batch, pace and bound packets the same way.
 """
 
@@ -31,9 +31,9 @@ from relay.listener.quic import (
     CLOSE_NORMAL,
     MAX_READ_SIZE,
     MAX_UDP_PAYLOAD,
-    _enlargeBuffers,
-    _QuicDriver,
-    _writeDatagram,
+    QuicDriver,
+    enlargeBuffers,
+    writeDatagram,
 )
 
 
@@ -53,7 +53,7 @@ class QuicHandshakeFailed(Exception):
         self.reason = reason
 
 
-class QuicRelayClient(PeerClient, _QuicDriver, DatagramProtocol):
+class QuicRelayClient(PeerClient, QuicDriver, DatagramProtocol):
     """
     One peer's QUIC connection to a relay, as a Go agent makes it.
 
@@ -71,7 +71,7 @@ class QuicRelayClient(PeerClient, _QuicDriver, DatagramProtocol):
     autoAuthenticate = True
 
     def __init__(self, clock, serverAddress, peerID, token, configuration):
-        _QuicDriver.__init__(self, QuicConnection(configuration=configuration), clock)
+        QuicDriver.__init__(self, QuicConnection(configuration=configuration), clock)
         self.serverAddress = serverAddress
         self.peerID = peerID
         self.token = token
@@ -85,7 +85,7 @@ class QuicRelayClient(PeerClient, _QuicDriver, DatagramProtocol):
         self._flushCall = None
 
     def startProtocol(self):
-        _enlargeBuffers(self.transport)
+        enlargeBuffers(self.transport)
         self.quic.connect(self.serverAddress, self._clock.seconds())
         self._needFlush()
 
@@ -165,7 +165,7 @@ class QuicRelayClient(PeerClient, _QuicDriver, DatagramProtocol):
 
     def _sendDatagrams(self, datagrams):
         for data, addr in datagrams:
-            _writeDatagram(self.transport, data, addr)
+            writeDatagram(self.transport, data, addr)
 
     # The peer protocol
 

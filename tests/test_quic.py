@@ -1125,11 +1125,11 @@ class HelperTests(unittest.TestCase):
             def write(self, data, addr):
                 raise OSError("No buffer space available")
 
-        self.assertFalse(quic._writeDatagram(Refusing(), b"x", ("127.0.0.1", 1)))
-        self.assertTrue(quic._writeDatagram(None, b"x", ("127.0.0.1", 1)))
+        self.assertFalse(quic.writeDatagram(Refusing(), b"x", ("127.0.0.1", 1)))
+        self.assertTrue(quic.writeDatagram(None, b"x", ("127.0.0.1", 1)))
         network = Network(Clock())
         self.assertTrue(
-            quic._writeDatagram(FakeUDPTransport(network, ("127.0.0.1", 2)), b"x", ("127.0.0.1", 1))
+            quic.writeDatagram(FakeUDPTransport(network, ("127.0.0.1", 2)), b"x", ("127.0.0.1", 1))
         )
         self.assertEqual(list(network.sent), [(("127.0.0.1", 2), ("127.0.0.1", 1), b"x")])
 

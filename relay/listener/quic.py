@@ -174,7 +174,7 @@ RETRY_ABOVE_HANDSHAKES = 128
 PACING_BURST = 0.002
 
 # The TLS output buffers a connection keeps after its handshake (see
-# L{_QuicDriver._shrinkCryptoBuffers}).
+# L{QuicDriver._shrinkCryptoBuffers}).
 POST_HANDSHAKE_CRYPTO_BUFFER = 64
 
 # Application error codes in CONNECTION_CLOSE. Go agents read 0 as "closed
@@ -201,7 +201,7 @@ def _payloadRoom(frameSpace):
     return best
 
 
-def _enlargeBuffers(transport):
+def enlargeBuffers(transport):
     """
     Ask for larger socket buffers (the kernel caps them at rmem_max and
     wmem_max): a burst that overflows the receive buffer is packet loss,
@@ -216,7 +216,7 @@ def _enlargeBuffers(transport):
                 pass
 
 
-def _writeDatagram(transport, data, addr):
+def writeDatagram(transport, data, addr):
     """
     Send one datagram on C{transport}, if there is one (still).
 
@@ -338,13 +338,14 @@ class _ReactorPacer(QuicPacketPacer):
             self.bucket_max = PACING_BURST
 
 
-class _QuicDriver:
+class QuicDriver:
     """
     Drives one aioquic L{QuicConnection} from Twisted: datagrams in, events
     out, datagrams to send, and its one timer on the injected clock.
 
     Subclasses implement C{_event(event)}, C{_scheduleFlush()},
-    C{_sendDatagrams(datagrams)} and C{_failed()}.
+    C{_sendDatagrams(datagrams)} and C{_failed()}: the relay's
+    L{QuicPeerLink} and the client's L{relay.quicclient.QuicRelayClient}.
     """
 
     _log = Logger()
@@ -568,7 +569,7 @@ class _QuicDriver:
             self._timer = None
 
 
-class QuicPeerLink(_QuicDriver):
+class QuicPeerLink(QuicDriver):
     """
     One client's QUIC connection, the link of its L{PeerSession}.
 
@@ -964,7 +965,7 @@ class QuicPeerProtocol(DatagramProtocol):
         self._sender = None
 
     def startProtocol(self):
-        _enlargeBuffers(self.transport)
+        enlargeBuffers(self.transport)
         sock = getattr(self.transport, "socket", None)
         self._sender = _SocketSender(sock) if isinstance(sock, socket.socket) else None
 
@@ -1121,7 +1122,7 @@ class QuicPeerProtocol(DatagramProtocol):
                 link._failed()
 
     def sendDatagram(self, data, addr):
-        if not _writeDatagram(self.transport, data, addr):
+        if not writeDatagram(self.transport, data, addr):
             self.counters["send_failed"] += 1
 
     def sendDatagrams(self, datagrams):
