@@ -40,3 +40,22 @@ def joinAddress(host, port):
     if ":" in host:
         return f"[{host}]:{port}"
     return f"{host}:{port}"
+
+
+# With --workers, worker i is a pod of a fabric on this host at 127.0.1.<i+1>
+# (relay.workers).
+WORKER_NETWORK = "127.0.1."
+
+
+def workerAddress(index):
+    """
+    The loopback address worker C{index} (0-based) announces on the fabric.
+    """
+    return f"{WORKER_NETWORK}{index + 1}"
+
+
+def workerAddresses(count):
+    """
+    The fabric's pod list of C{count} workers (C{--cluster-headless}'s form).
+    """
+    return ",".join(workerAddress(i) for i in range(count))

@@ -20,7 +20,7 @@ from types import MappingProxyType
 from twisted.logger import LogLevel
 from twisted.python import usage
 
-from relay.addresses import joinAddress, splitAddress
+from relay.addresses import joinAddress, splitAddress, workerAddress, workerAddresses
 from relay.limits import Limits, parseNetworks
 from relay.listener.ws import DEFAULT_HIGH_WATER
 from relay.relay import ConfigurationError, instanceURL
@@ -521,8 +521,6 @@ def _clusterConfig(values, environ, acme, settings):
             raise usage.UsageError(
                 "--workers and --letsencrypt-* do not mix: give the workers certificate files"
             )
-        from relay.workers import workerAddress, workerAddresses
-
         if not secret:
             secret = settings["cluster-auth-secret"] = secrets.token_hex(32)
         headless = workerAddresses(workers)

@@ -35,7 +35,6 @@ from zope.interface import implementer
 
 from relay.config import variableFor
 
-WORKER_NETWORK = "127.0.1."
 SUPERVISOR_CHECK_INTERVAL = 1.0
 
 # How often a stopping worker 0 looks whether the others have exited, and how
@@ -44,17 +43,6 @@ WORKER_EXIT_POLL = 0.1
 WORKER_EXIT_GRACE = 5.0
 
 _log = Logger()
-
-
-def workerAddress(index):
-    """
-    The loopback address worker C{index} (0-based) announces on the fabric.
-    """
-    return f"{WORKER_NETWORK}{index + 1}"
-
-
-def workerAddresses(count):
-    return ",".join(workerAddress(i) for i in range(count))
 
 
 class SupervisorWatch(Service):

@@ -16,8 +16,9 @@ from twisted.trial import unittest
 
 from relay import client
 from relay import messages as m
+from relay.addresses import workerAddresses
 from relay.endpoints import ReusePortEndpoint
-from relay.workers import WORKER_EXIT_GRACE, workerAddresses, workerEnvironment, workersEnded
+from relay.workers import WORKER_EXIT_GRACE, workerEnvironment, workersEnded
 from tests.e2e import sleep, startRelay
 from tests.test_service import REQUIRED, config
 
