@@ -56,8 +56,9 @@ def _ephemeral(host):
 
 
 def _free(host, port):
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-        with socket.socket(socket.AF_INET, kind) as s:
+        with socket.socket(family, kind) as s:
             try:
                 s.bind((host, port))
             except OSError:
