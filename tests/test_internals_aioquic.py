@@ -122,3 +122,107 @@ class NoUnlistedInternalsTests(unittest.TestCase):
                 ):
                     direct.add(node.attr)
         self.assertEqual(direct, set())
+
+
+class IdleQueueTests(_ClockedQuicBase):
+    """
+    L{internals.shrinkIdleQueues}: the deques aioquic keeps for rare events
+    become L{internals.SmallQueue}s that behave the same for what aioquic
+    does with them.
+    """
+
+    clientClass = EagerClient
+    QUEUES = ("_events", "local_challenges", "remote_challenges")
+
+    def test_aioquicKeepsDeques(self):
+        """
+        What is replaced is what aioquic makes: deques, the sent challenges
+        bounded by C{MAX_LOCAL_CHALLENGES}.
+        """
+        from collections import deque
+
+        from aioquic.quic.connection import QuicConnection, QuicNetworkPath
+
+        path = QuicNetworkPath(("127.0.0.1", 1))
+        self.assertIsInstance(path.remote_challenges, deque)
+        self.assertIsInstance(path.local_challenges, deque)
+        self.assertEqual(path.local_challenges.maxlen, internals.MAX_LOCAL_CHALLENGES)
+        self.assertIsNotNone(internals.MAX_LOCAL_CHALLENGES)
+        client = self.client(A)
+        self.assertIsInstance(client.quic, QuicConnection)
+        self.assertIsInstance(client.quic._events, deque)
+
+    def test_aioquicCallsOnlyWhatSmallQueueHas(self):
+        """
+        aioquic calls no method on these queues but those a SmallQueue has
+        as a deque has them (a new aioquic calling another fails here).
+        """
+        import inspect
+
+        from aioquic.quic import connection
+
+        called = set()
+        for node in ast.walk(ast.parse(inspect.getsource(connection))):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Attribute)
+                and node.func.value.attr in self.QUEUES
+            ):
+                called.add(node.func.attr)
+        self.assertEqual(called, {"append", "popleft", "clear"})
+
+    def test_sameAsDeque(self):
+        from collections import deque
+
+        bound = internals.MAX_LOCAL_CHALLENGES
+        for small, reference in (
+            (internals.SmallQueue(), deque()),
+            (internals._SentChallenges(), deque(maxlen=bound)),
+        ):
+            for i in range(3 * bound):
+                small.append(i)
+                reference.append(i)
+                self.assertEqual(list(small), list(reference))
+                self.assertEqual(
+                    (len(small), small[0], i in small),
+                    (len(reference), reference[0], i in reference),
+                )
+                if i % 3 == 2:
+                    self.assertEqual(small.popleft(), reference.popleft())
+            small.clear()
+            self.assertFalse(small)
+            self.assertRaises(IndexError, small.popleft)
+
+    def test_pathChallengesBothWays(self):
+        """
+        After the swap a PATH_CHALLENGE from the client is answered, and
+        one from the relay is matched to the client's PATH_RESPONSE.
+        """
+        a = self.connected(A)
+        link = self.relay.store.peers[A].link
+        [path] = link.quic._network_paths
+        self.assertIsInstance(link.quic._events, internals.SmallQueue)
+        self.assertIsInstance(path.remote_challenges, internals.SmallQueue)
+        self.assertIsInstance(path.local_challenges, internals._SentChallenges)
+        [clientPath] = a.quic._network_paths
+        # Unvalidated, as after a migration (with the credit for the
+        # anti-amplification limit a path that received much has).
+        clientPath.is_validated = False
+        clientPath.local_challenge_sent = False
+        clientPath.bytes_received = 1 << 20
+        a.send(A, b"probe")
+        self.network.pump()
+        self.assertTrue(clientPath.is_validated)
+        self.assertEqual(list(path.remote_challenges), [])
+        path.is_validated = False
+        path.local_challenge_sent = False
+        path.bytes_received = 1 << 20
+        a.send(A, b"again")
+        self.network.pump()
+        self.assertTrue(path.is_validated)
+        self.assertEqual(list(path.local_challenges), [])
+        self.assertEqual(
+            [self.successResultOf(a.transports.get()) for _ in range(2)],
+            [(A, b"probe"), (A, b"again")],
+        )

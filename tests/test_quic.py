@@ -452,6 +452,20 @@ class ClockedQuicTests(_ClockedQuicBase):
         a = self.connected(A)
         b = self.connected(B)
         self.network.drop = lambda source, destination, data: destination == b.addr
+        # The list of queued sizes is compacted under this standing queue.
+        self.patch(quic, "_QUEUED_COMPACT", 8)
+        link = self.relay.store.peers[B].link
+        compacted = []
+        transmit = link._transmit
+
+        def watched():
+            before = link._queuedHead
+            transmit()
+            if 0 == link._queuedHead < before and link._queued:
+                compacted.append(before)
+            assertQueueAccounted(self, link)
+
+        link._transmit = watched
         for i in range(2000):
             a.send(B, b"z" * 100)
             if i % 50 == 0:
@@ -459,8 +473,13 @@ class ClockedQuicTests(_ClockedQuicBase):
         self.network.pump(0.05)
         dropped = self.relay.counters.dropped["slow_consumer"]
         self.assertGreater(dropped, 1000)
-        link = self.relay.store.peers[B].link
         self.assertLessEqual(link._queuedBytes, 20000)
+        self.assertTrue(compacted)
+        # B acknowledges again: the queue drains and the accounting with it.
+        self.network.drop = lambda source, destination, data: False
+        self.network.pump(2)
+        self.assertEqual((link._queued, link._queuedHead, link._queuedBytes), ([], 0, 0))
+        self.assertEqual(len(link._pending), 0)
 
     def test_neverAuthenticates(self):
         """
@@ -861,6 +880,17 @@ class ClockedQuicTests(_ClockedQuicBase):
         self.assertIs(self.relay.store.peers[A].link.session, self.relay.store.peers[A])
         self.assertIsNone(second.closeEvent)
         self.assertEqual(self.relay.counters.connections["quic"], 1)
+
+
+def assertQueueAccounted(case, link):
+    """
+    A link's record of the messages it handed to aioquic matches what
+    aioquic still holds: one size per pending datagram, their sum in
+    C{_queuedBytes}.
+    """
+    waiting = link._queued[link._queuedHead :]
+    case.assertEqual(waiting, [len(data) for data in link._pending])
+    case.assertEqual(link._queuedBytes, sum(waiting))
 
 
 def payloadOf(connection, index, size):
