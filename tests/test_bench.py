@@ -501,8 +501,13 @@ class QuicTransportsTests(unittest.TestCase):
                 "p99_us": 100.0 * (1 + 0.5 * (transport == "wss")),
             }
 
+        def quicIdleRun(target, o, peers, run, cafile, binary):
+            events.append(("idle", peers, run, target.tls))
+            return {"ok": True, "kib_per_peer": 23.0 + run}
+
         self.patch(bench_main.C, "buildGoLoad", lambda: "goquic")
         self.patch(bench_main.C, "quicGoRun", quicGoRun)
+        self.patch(bench_main.C, "quicIdleRun", quicIdleRun)
         bench.relay = relay
         bench.quicRelay = quicRelay
         bench.done = lambda target: events.append(("stop", target.tls))
@@ -515,13 +520,18 @@ class QuicTransportsTests(unittest.TestCase):
             ("wss", 1, 1, 0, True),
             ("quic", 1, 1, 0, True),
         ]
+        # The idle peers' relay is started and stopped for each run.
+        idle = [[("start", True), ("idle", 400, run, True), ("stop", True)] for run in (0, 1)]
         self.assertEqual(
             events,
             [("start", False), turn[0], ("start", True)]
             + turn[1:]
+            + idle[0]
             + [t[:3] + (1,) + t[4:] for t in turn]
+            + idle[1]
             + [("stop", False), ("stop", True)],
         )
+        self.assertEqual(bench.results["quic-idle-400"]["median"]["kib_per_peer"], 23.5)
         tput = bench.results["wss-tput-p10-1179-tls-ratio"]
         lat = bench.results["wss-lat-p1-1179-tls-ratio"]
         self.assertEqual([r["msgs_per_s"] for r in tput["runs"]], [0.8, 0.8])

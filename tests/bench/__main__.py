@@ -277,6 +277,15 @@ def parseArgs(argv):
         "--quic-window", type=int, default=64, help="quic: messages in flight per pair (default 64)"
     )
     ap.add_argument(
+        "--quic-idle-peers",
+        type=int,
+        default=400,
+        help=(
+            "quic: idle quic-go peers per batch for the relay's RSS per idle QUIC peer, measured "
+            "over a second batch held beside a first (default 400; 0: not measured)"
+        ),
+    )
+    ap.add_argument(
         "--quic-batch",
         type=int,
         default=16,
@@ -741,6 +750,18 @@ class Bench:
                             tr != "ws",
                         )
                     )
+            if o.quic_idle_peers:
+                n = o.quic_idle_peers
+                plan.append(
+                    (
+                        f"quic-idle-{n}",
+                        {"peers": n, "load": "go"},
+                        lambda t, run, n=n: C.quicIdleRun(t, o, n, run, cert, binary[0]),
+                        # A relay of its own each run: the held connections
+                        # end only at the idle timeout.
+                        "idle",
+                    )
+                )
         for n in o.quic_pairs if o.quic_load == "python" else ():
             for tr in transports:
                 plan.append(
@@ -796,6 +817,9 @@ class Bench:
                     except Exception:
                         r = {"ok": False, "error": "harness error: " + traceback.format_exc()}
                     if not self.recorded(name, target, run, r, entries[name]):
+                        targets[tls] = None
+                    elif tls == "idle":
+                        self.done(target)
                         targets[tls] = None
         finally:
             for target in targets.values():

@@ -926,6 +926,65 @@ def _readJSONLine(proc, want, deadline):
             return obj
 
 
+def quicIdleRun(target, o, peers, run, cafile, binary):
+    """
+    The relay's RSS per idle QUIC peer: two batches of C{peers} quic-go
+    connections (the Go load's C{hold} scenario, the agents' 4 min idle
+    timeout and 30 s keepalive) held at once, the figure the second
+    batch's growth. The first batch's is lower and less steady: it reuses
+    what the relay freed since it started.
+    """
+    if target.pid is None:
+        raise Skip("needs the relay's pid to read its RSS")
+    procs = []
+    marks = []
+    try:
+        for batch in range(2):
+            if batch == 0:
+                time.sleep(o.idle_settle)
+                marks.append(rssKiB(target.pid))
+            proc = subprocess.Popen(
+                [
+                    binary,
+                    "-scenario",
+                    "hold",
+                    "-addr",
+                    f"{target.host}:{target.port}",
+                    "-ca",
+                    cafile,
+                    "-secret",
+                    target.secret,
+                    "-n",
+                    str(peers),
+                    "-tag",
+                    _prefix(f"goidle{batch}", run),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+            procs.append(proc)
+            ready = _readJSONLine(proc, "ready", time.monotonic() + 60 + peers / 20)
+            if ready.get("ready") != peers:
+                raise BenchError(f"{ready.get('ready')} of {peers} idle QUIC peers connected")
+            time.sleep(o.idle_settle)
+            marks.append(rssKiB(target.pid))
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()
+    first, second = marks[1] - marks[0], marks[2] - marks[1]
+    return {
+        "peers": peers,
+        "rss_before_kib": marks[0],
+        "rss_after_kib": marks[2],
+        "first_batch_kib_per_peer": round(first / peers, 2),
+        "kib_per_peer": round(second / peers, 2),
+        "ok": True,
+    }
+
+
 def quicGoRun(target, o, transport, pairs, window, run, cafile, binary):
     """
     C{pairs} echo pairs of the Go load over C{transport} ("quic", "wss", or
