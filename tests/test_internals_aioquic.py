@@ -124,6 +124,16 @@ class NoUnlistedInternalsTests(unittest.TestCase):
         self.assertEqual(direct, set())
 
 
+def unvalidate(path):
+    """
+    Make C{path} unvalidated, as after a migration, with the credit for the
+    anti-amplification limit a path that received much has.
+    """
+    path.is_validated = False
+    path.local_challenge_sent = False
+    path.bytes_received = 1 << 20
+
+
 class IdleQueueTests(_ClockedQuicBase):
     """
     L{internals.shrinkIdleQueues}: the deques aioquic keeps for rare events
@@ -206,18 +216,12 @@ class IdleQueueTests(_ClockedQuicBase):
         self.assertIsInstance(path.remote_challenges, internals.SmallQueue)
         self.assertIsInstance(path.local_challenges, internals._SentChallenges)
         [clientPath] = a.quic._network_paths
-        # Unvalidated, as after a migration (with the credit for the
-        # anti-amplification limit a path that received much has).
-        clientPath.is_validated = False
-        clientPath.local_challenge_sent = False
-        clientPath.bytes_received = 1 << 20
+        unvalidate(clientPath)
         a.send(A, b"probe")
         self.network.pump()
         self.assertTrue(clientPath.is_validated)
         self.assertEqual(list(path.remote_challenges), [])
-        path.is_validated = False
-        path.local_challenge_sent = False
-        path.bytes_received = 1 << 20
+        unvalidate(path)
         a.send(A, b"again")
         self.network.pump()
         self.assertTrue(path.is_validated)

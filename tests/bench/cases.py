@@ -926,6 +926,23 @@ def _readJSONLine(proc, want, deadline):
             return obj
 
 
+def _goLoad(binary, scenario, target, cafile):
+    """
+    The Go load's command line for C{scenario} against C{target}.
+    """
+    return [
+        binary,
+        "-scenario",
+        scenario,
+        "-addr",
+        f"{target.host}:{target.port}",
+        "-ca",
+        cafile,
+        "-secret",
+        target.secret,
+    ]
+
+
 def quicIdleRun(target, o, peers, run, cafile, binary):
     """
     The relay's RSS per idle QUIC peer: two batches of C{peers} quic-go
@@ -944,21 +961,8 @@ def quicIdleRun(target, o, peers, run, cafile, binary):
                 time.sleep(o.idle_settle)
                 marks.append(rssKiB(target.pid))
             proc = subprocess.Popen(
-                [
-                    binary,
-                    "-scenario",
-                    "hold",
-                    "-addr",
-                    f"{target.host}:{target.port}",
-                    "-ca",
-                    cafile,
-                    "-secret",
-                    target.secret,
-                    "-n",
-                    str(peers),
-                    "-tag",
-                    _prefix(f"goidle{batch}", run),
-                ],
+                _goLoad(binary, "hold", target, cafile)
+                + ["-n", str(peers), "-tag", _prefix(f"goidle{batch}", run)],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
                 text=True,
@@ -992,16 +996,7 @@ def quicGoRun(target, o, transport, pairs, window, run, cafile, binary):
     C{window} messages in flight per pair (1: ping-pong, for round trips).
     The relay's CPU time is read when the load marks the measured interval.
     """
-    cmd = [
-        binary,
-        "-scenario",
-        "load",
-        "-addr",
-        f"{target.host}:{target.port}",
-        "-ca",
-        cafile,
-        "-secret",
-        target.secret,
+    cmd = _goLoad(binary, "load", target, cafile) + [
         "-transport",
         transport,
         "-pairs",
