@@ -511,28 +511,12 @@ def buildRelay(config, reactor, wallClock):
     quic = None
     # With several workers only the first serves QUIC: a QUIC connection
     # must stay with one process, and UDP has no accept() to hand it over.
-    if config.workerIndex == 0:
+    if config.workerIndex == 0 and (acme is not None or tls is not None):
         if acme is not None:
-            quic = QuicCarrier(
-                relay,
-                reactor,
-                host,
-                port,
-                config.peerBufferLimit,
-                acme.certificatePath,
-                acme.keyPath,
-                renewals,
-            )
-        elif tls is not None:
-            quic = QuicCarrier(
-                relay,
-                reactor,
-                host,
-                port,
-                config.peerBufferLimit,
-                config.tlsCertFile,
-                config.tlsKeyFile,
-            )
+            files, renewed = (acme.certificatePath, acme.keyPath), renewals
+        else:
+            files, renewed = (config.tlsCertFile, config.tlsKeyFile), None
+        quic = QuicCarrier(relay, reactor, host, port, config.peerBufferLimit, *files, renewed)
     supervisor, workers = _makeWorkers(config, reactor)
 
     top = RelayService(

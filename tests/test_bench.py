@@ -49,6 +49,20 @@ def unmaskClientFrames(data):
     return out
 
 
+class FakeRelay:
+    """
+    A relay the bench's turn-taking tests start and stop: its TLS flag only.
+    """
+
+    pid = 0
+
+    def __init__(self, tls):
+        self.tls = tls
+
+    def running(self):
+        return True
+
+
 class VectorTests(unittest.TestCase):
     def test_peerId(self):
         self.assertEqual(wire.peerId("peer-a"), PEER_A)
@@ -473,15 +487,6 @@ class QuicTransportsTests(unittest.TestCase):
         self.addCleanup(shutil.rmtree, bench.logDir, True)
         events = []
 
-        class FakeRelay:
-            pid = 0
-
-            def __init__(self, tls):
-                self.tls = tls
-
-            def running(self):
-                return True
-
         def relay(tls=False):
             events.append(("start", tls))
             return FakeRelay(tls)
@@ -657,15 +662,6 @@ class InterleavedTests(unittest.TestCase):
 
         bench = Bench(parseArgs(["--tls", "both", "--runs", "3"]))
         events = []
-
-        class FakeRelay:
-            pid = 0
-
-            def __init__(self, tls):
-                self.tls = tls
-
-            def running(self):
-                return True
 
         def relay(tls=False):
             events.append(("start", tls))
