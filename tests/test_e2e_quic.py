@@ -260,6 +260,74 @@ class GoquicProcess(protocol.ProcessProtocol):
         return d
 
 
+class _Upstream(protocol.DatagramProtocol):
+    """
+    One NAT mapping of a client: its own UDP port towards the relay, which
+    forwards what comes back to the client.
+    """
+
+    def __init__(self, flow):
+        self.flow = flow
+        self.received = 0
+
+    def datagramReceived(self, data, addr):
+        self.received += 1
+        self.flow.nat.transport.write(data, self.flow.client)
+
+
+class _Flow:
+    """
+    A client's way through the NAT: its mappings, the current one last.
+    """
+
+    def __init__(self, nat, client):
+        self.nat = nat
+        self.client = client
+        self.sent = 0
+        self.upstreams = []
+        self.ports = []
+        self.rebind()
+
+    def rebind(self):
+        upstream = _Upstream(self)
+        self.ports.append(reactor.listenUDP(0, upstream, interface="127.0.0.1"))
+        self.upstreams.append(upstream)
+
+    def send(self, data):
+        self.sent += 1
+        if self.sent == self.nat.rebindAfter:
+            self.rebind()
+        self.ports[-1].write(data, self.nat.relay)
+
+
+class RebindingNAT(protocol.DatagramProtocol):
+    """
+    A NAT between quic-go and the relay that moves each client to a new
+    source port after C{rebindAfter} of its datagrams, as home routers and
+    carrier NATs do when a mapping times out.
+    """
+
+    def __init__(self, relay, rebindAfter):
+        self.relay = relay
+        self.rebindAfter = rebindAfter
+        self.flows = {}
+
+    def datagramReceived(self, data, addr):
+        flow = self.flows.get(addr)
+        if flow is None:
+            flow = self.flows[addr] = _Flow(self, addr)
+        flow.send(data)
+
+    def close(self):
+        return defer.gatherResults(
+            [
+                defer.maybeDeferred(port.stopListening)
+                for flow in self.flows.values()
+                for port in flow.ports
+            ]
+        )
+
+
 class GoQuicEndToEndTests(unittest.TestCase):
     """
     The relay through quic-go's eyes: the scenarios of issue 11 over fresh
@@ -322,9 +390,12 @@ class GoQuicEndToEndTests(unittest.TestCase):
         peer.onTransport = echo
         return peer
 
-    def goquic(self, scenario, *flags, connections=CONNECTIONS):
+    def goquic(self, scenario, *flags, connections=CONNECTIONS, port=None):
         """
         Start the Go test client.
+
+        @param port: the UDP port it sends to on 127.0.0.1 (the relay's by
+            default).
 
         @return: its L{GoquicProcess}.
         """
@@ -332,7 +403,7 @@ class GoQuicEndToEndTests(unittest.TestCase):
         argv = [
             self.binary,
             "-addr",
-            f"127.0.0.1:{self.relay.port}",
+            f"127.0.0.1:{port or self.relay.port}",
             "-ca",
             self.cert,
             "-secret",
@@ -357,13 +428,13 @@ class GoQuicEndToEndTests(unittest.TestCase):
         return process
 
     @defer.inlineCallbacks
-    def runScenario(self, scenario, *flags, limit=300):
+    def runScenario(self, scenario, *flags, limit=300, connections=CONNECTIONS, port=None):
         """
         Run one scenario to its end.
 
         @return: its summary line.
         """
-        process = self.goquic(scenario, *flags)
+        process = self.goquic(scenario, *flags, connections=connections, port=port)
         timer = reactor.callLater(limit, process.transport.signalProcess, "KILL")
         code = yield process.ended
         if timer.active():
@@ -416,6 +487,40 @@ class GoQuicEndToEndTests(unittest.TestCase):
             for k in range(messages)
         ]
         self.assertEqual(echo.echoed, expected)
+        self.assertEqual((yield self.metric("relay_dropped_messages_total")), 0)
+
+    @defer.inlineCallbacks
+    def test_natRebinding(self):
+        """
+        The NAT in front of quic-go gives each connection a new source port
+        after 300 of its datagrams (the old mapping still forwards what
+        arrives on it): the relay validates the new path with quic-go
+        (PATH_CHALLENGE, PATH_RESPONSE) and goes on sending there; 1,000
+        messages each way per connection, every byte and the order checked.
+        """
+        echo = yield self.echoPeer()
+        nat = RebindingNAT(("127.0.0.1", self.relay.port), rebindAfter=300)
+        port = reactor.listenUDP(0, nat, interface="127.0.0.1")
+        self.addCleanup(nat.close)
+        self.addCleanup(port.stopListening)
+        connections, messages = 5, 1000
+        summary = yield self.runScenario(
+            "exchange",
+            "-echo",
+            "echo",
+            "-messages",
+            str(messages),
+            connections=connections,
+            port=port.getHost().port,
+        )
+        self.assertEqual((summary["sent"], summary["received"]), (connections * messages,) * 2)
+        self.assertEqual(len(echo.echoed), connections * messages)
+        self.assertEqual(len(nat.flows), connections)
+        for flow in nat.flows.values():
+            old, new = flow.upstreams
+            # The relay moved to the new address: most of its datagrams
+            # to this connection arrived there.
+            self.assertGreater(new.received, old.received, (old.received, new.received))
         self.assertEqual((yield self.metric("relay_dropped_messages_total")), 0)
 
     @defer.inlineCallbacks
